@@ -1,0 +1,246 @@
+//! Request and response body types that stream through the gateway.
+//!
+//! Bodies are never buffered unless a plugin asks for the whole body (`core.request.get_body`,
+//! openfunction) or a `body_filter` needs it: a 1 GiB upload or download passes in chunks.
+
+use std::cell::Cell;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll};
+
+use bytes::{Bytes, BytesMut};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The request body was larger than the allowed size.
+#[derive(Debug, thiserror::Error)]
+#[error("request size {size} is greater than the maximum size {max} allowed")]
+pub struct BodyTooLarge {
+    pub size: u64,
+    pub max: u64,
+}
+
+/// Why a request body could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyReadError {
+    #[error(transparent)]
+    TooLarge(#[from] BodyTooLarge),
+    #[error("failed to read the request body: {0}")]
+    Io(String),
+}
+
+/// A request body as the proxy forwards it.
+#[derive(Debug, Default)]
+pub enum RequestBody {
+    #[default]
+    Empty,
+    /// Read whole (a plugin asked for it, or a plugin replaced it).
+    Full(Bytes),
+    /// Still on the client connection.
+    Stream(Incoming),
+}
+
+impl RequestBody {
+    /// Reads the whole body into memory (if it was not already), refusing more than `max` bytes.
+    /// The body stays available for the upstream request.
+    pub async fn read_all(&mut self, max: u64) -> Result<Option<Bytes>, BodyReadError> {
+        match self {
+            RequestBody::Empty => Ok(None),
+            RequestBody::Full(b) => {
+                if b.len() as u64 > max {
+                    return Err(BodyTooLarge {
+                        size: b.len() as u64,
+                        max,
+                    }
+                    .into());
+                }
+                Ok(Some(b.clone()))
+            }
+            RequestBody::Stream(incoming) => {
+                if let Some(len) = incoming.size_hint().exact() {
+                    if len > max {
+                        return Err(BodyTooLarge { size: len, max }.into());
+                    }
+                }
+                let mut buf = BytesMut::new();
+                while let Some(frame) = incoming.frame().await {
+                    let frame = frame.map_err(|e| BodyReadError::Io(e.to_string()))?;
+                    if let Ok(data) = frame.into_data() {
+                        if (buf.len() + data.len()) as u64 > max {
+                            return Err(BodyTooLarge {
+                                size: (buf.len() + data.len()) as u64,
+                                max,
+                            }
+                            .into());
+                        }
+                        buf.extend_from_slice(&data);
+                    }
+                }
+                let bytes = buf.freeze();
+                *self = if bytes.is_empty() {
+                    RequestBody::Empty
+                } else {
+                    RequestBody::Full(bytes.clone())
+                };
+                Ok(if bytes.is_empty() { None } else { Some(bytes) })
+            }
+        }
+    }
+
+    /// The exact length when known without reading.
+    pub fn exact_len(&self) -> Option<u64> {
+        match self {
+            RequestBody::Empty => Some(0),
+            RequestBody::Full(b) => Some(b.len() as u64),
+            RequestBody::Stream(i) => i.size_hint().exact(),
+        }
+    }
+}
+
+/// A request body on its way upstream, enforcing the client body limit while it streams.
+pub struct UpstreamRequestBody {
+    inner: RequestBody,
+    sent: u64,
+    max: Option<u64>,
+    /// Set when the limit was crossed, so the proxy can answer 413 rather than 502.
+    too_large: Rc<Cell<bool>>,
+}
+
+impl UpstreamRequestBody {
+    pub fn new(inner: RequestBody, max: Option<u64>, too_large: Rc<Cell<bool>>) -> Self {
+        UpstreamRequestBody {
+            inner,
+            sent: 0,
+            max,
+            too_large,
+        }
+    }
+}
+
+impl Body for UpstreamRequestBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        match &mut this.inner {
+            RequestBody::Empty => Poll::Ready(None),
+            RequestBody::Full(b) => {
+                let data = std::mem::take(b);
+                this.inner = RequestBody::Empty;
+                if data.is_empty() {
+                    Poll::Ready(None)
+                } else {
+                    Poll::Ready(Some(Ok(Frame::data(data))))
+                }
+            }
+            RequestBody::Stream(incoming) => match Pin::new(incoming).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let Some(data) = frame.data_ref() {
+                        this.sent += data.len() as u64;
+                        if let Some(max) = this.max {
+                            if this.sent > max {
+                                this.too_large.set(true);
+                                return Poll::Ready(Some(Err(Box::new(BodyTooLarge {
+                                    size: this.sent,
+                                    max,
+                                }))));
+                            }
+                        }
+                    }
+                    Poll::Ready(Some(Ok(frame)))
+                }
+                Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
+                Poll::Ready(None) => Poll::Ready(None),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.inner {
+            RequestBody::Empty => true,
+            RequestBody::Full(b) => b.is_empty(),
+            RequestBody::Stream(i) => i.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.inner {
+            RequestBody::Empty => SizeHint::with_exact(0),
+            RequestBody::Full(b) => SizeHint::with_exact(b.len() as u64),
+            RequestBody::Stream(i) => i.size_hint(),
+        }
+    }
+}
+
+/// A response body: from the upstream (streaming) or made by the gateway.
+#[derive(Default)]
+pub enum ResponseBody {
+    #[default]
+    Empty,
+    Full(Bytes),
+    Stream(Incoming),
+    /// Any other body (a filtered or time-limited stream).
+    Boxed(http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>),
+}
+
+impl ResponseBody {
+    pub fn boxed<B>(body: B) -> Self
+    where
+        B: Body<Data = Bytes> + 'static + Send,
+        B::Error: Into<BoxError>,
+    {
+        ResponseBody::Boxed(body.map_err(Into::into).boxed_unsync())
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        match this {
+            ResponseBody::Empty => Poll::Ready(None),
+            ResponseBody::Full(b) => {
+                let data = std::mem::take(b);
+                *this = ResponseBody::Empty;
+                if data.is_empty() {
+                    Poll::Ready(None)
+                } else {
+                    Poll::Ready(Some(Ok(Frame::data(data))))
+                }
+            }
+            ResponseBody::Stream(i) => Pin::new(i).poll_frame(cx).map_err(Into::into),
+            ResponseBody::Boxed(b) => Pin::new(b).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ResponseBody::Empty => true,
+            ResponseBody::Full(b) => b.is_empty(),
+            ResponseBody::Stream(i) => i.is_end_stream(),
+            ResponseBody::Boxed(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ResponseBody::Empty => SizeHint::with_exact(0),
+            ResponseBody::Full(b) => SizeHint::with_exact(b.len() as u64),
+            ResponseBody::Stream(i) => i.size_hint(),
+            ResponseBody::Boxed(b) => b.size_hint(),
+        }
+    }
+}

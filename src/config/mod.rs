@@ -1,0 +1,414 @@
+//! The node configuration file: node settings plus resources (routes, upstreams, services,
+//! global rules) in APISIX 3.x shapes.
+//!
+//! Loading is two steps. [`parse_document`] turns YAML or JSON into a [`Document`], collecting
+//! one [`ConfigError`] per bad resource with the path of the bad field (so `moongate check`
+//! reports every problem at once). Cross-references and plugin confs are checked later, when a
+//! snapshot is built (`crate::snapshot`), because they need the plugin registry.
+
+pub mod resources;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+pub use resources::*;
+
+/// One problem in a config, with the path of the field it is about.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigError {
+    /// e.g. `routes[1].upstream.nodes`; empty for the document as a whole.
+    pub path: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        if self.path.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+/// A list of problems; displayed one per line.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// `listen`: one address or a list.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Listen(pub Vec<SocketAddr>);
+
+impl<'de> Deserialize<'de> for Listen {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum OneOrMany {
+            One(String),
+            Many(Vec<String>),
+        }
+        let list = match OneOrMany::deserialize(d).map_err(|_| {
+            serde::de::Error::custom("expected an address like \"0.0.0.0:9080\" or a list of them")
+        })? {
+            OneOrMany::One(s) => vec![s],
+            OneOrMany::Many(v) => v,
+        };
+        let mut out = Vec::with_capacity(list.len());
+        for s in list {
+            out.push(parse_listen(&s).map_err(serde::de::Error::custom)?);
+        }
+        if out.is_empty() {
+            return Err(serde::de::Error::custom("at least one address is required"));
+        }
+        Ok(Listen(out))
+    }
+}
+
+/// Accepts `ip:port`, `[v6]:port` and a bare port (all interfaces).
+fn parse_listen(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(port) = s.parse::<u16>() {
+        return Ok(SocketAddr::from(([0, 0, 0, 0], port)));
+    }
+    s.parse()
+        .map_err(|_| format!("bad listen address {s:?}: expected \"ip:port\""))
+}
+
+impl Default for Listen {
+    fn default() -> Self {
+        Listen(vec![SocketAddr::from(([0, 0, 0, 0], 9080))])
+    }
+}
+
+/// `admin`: the Admin API listener.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    #[serde(default = "default_admin_listen")]
+    pub listen: Listen,
+    /// The `X-API-KEY` value; `MOONGATE_ADMIN_KEY` overrides it.
+    #[serde(default)]
+    pub key: Option<String>,
+}
+
+fn default_admin_listen() -> Listen {
+    Listen(vec![SocketAddr::from(([127, 0, 0, 1], 9180))])
+}
+
+/// Limits and timeouts of the client side of the proxy.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// Seconds a client has to send the request header (nginx's `client_header_timeout`).
+    #[serde(default = "sixty")]
+    pub client_header_timeout: f64,
+    /// Largest request header block in bytes; a larger one gets 431.
+    #[serde(default = "default_max_header")]
+    pub client_header_buffer_size: usize,
+    /// Largest request body in bytes; a larger one gets 413. 0 means unlimited (APISIX's default).
+    #[serde(default)]
+    pub client_max_body_size: u64,
+    /// Seconds in-flight requests get to finish on SIGTERM/Ctrl-C before the process exits.
+    #[serde(default = "default_shutdown")]
+    pub graceful_shutdown_timeout: f64,
+}
+
+fn sixty() -> f64 {
+    60.0
+}
+fn default_max_header() -> usize {
+    // nginx's large_client_header_buffers default is 4 x 8k.
+    32 * 1024
+}
+fn default_shutdown() -> f64 {
+    30.0
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            client_header_timeout: sixty(),
+            client_header_buffer_size: default_max_header(),
+            client_max_body_size: 0,
+            graceful_shutdown_timeout: default_shutdown(),
+        }
+    }
+}
+
+/// Settings of the Lua plugin runtime.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LuaConfig {
+    /// Milliseconds of CPU one plugin call may run before it is stopped (its request gets 500).
+    #[serde(default = "default_lua_budget")]
+    pub call_budget_ms: u64,
+    /// Memory cap per worker VM, in MiB.
+    #[serde(default = "default_lua_memory")]
+    pub memory_limit_mb: usize,
+}
+
+fn default_lua_budget() -> u64 {
+    1000
+}
+fn default_lua_memory() -> usize {
+    256
+}
+
+impl Default for LuaConfig {
+    fn default() -> Self {
+        LuaConfig {
+            call_budget_ms: default_lua_budget(),
+            memory_limit_mb: default_lua_memory(),
+        }
+    }
+}
+
+/// Node settings: everything in the file that is not a resource.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    #[serde(default)]
+    pub listen: Listen,
+    /// Worker threads; default: number of cores.
+    #[serde(default)]
+    pub workers: Option<usize>,
+    /// Folders searched for `NAME.lua` plugins, relative to the config file.
+    #[serde(default = "default_plugin_dirs")]
+    pub plugin_dirs: Vec<PathBuf>,
+    /// Enabled plugin names; default: every native plugin and every Lua plugin found.
+    #[serde(default)]
+    pub plugins: Option<Vec<String>>,
+    #[serde(default)]
+    pub admin: Option<AdminConfig>,
+    #[serde(default)]
+    pub data_dir: Option<PathBuf>,
+    /// Log level filter (`info`, `debug`, `moongate=debug,info`, ...); `RUST_LOG` overrides it.
+    #[serde(default)]
+    pub log_level: Option<String>,
+    /// Write one access-log line per request (default true).
+    #[serde(default = "yes")]
+    pub access_log: bool,
+    #[serde(default)]
+    pub proxy: ProxyConfig,
+    #[serde(default)]
+    pub lua: LuaConfig,
+    /// Per-plugin node attributes, APISIX's `plugin_attr`.
+    #[serde(default)]
+    pub plugin_attr: Map<String, Value>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn default_plugin_dirs() -> Vec<PathBuf> {
+    vec![PathBuf::from("plugins")]
+}
+
+/// A whole config file, parsed.
+#[derive(Debug, Clone, Default)]
+pub struct Document {
+    pub node: NodeConfig,
+    pub routes: Vec<Route>,
+    pub upstreams: Vec<Upstream>,
+    pub services: Vec<Service>,
+    pub global_rules: Vec<GlobalRule>,
+    /// The file it came from (for reload and error messages), if any.
+    pub path: Option<PathBuf>,
+}
+
+const RESOURCE_KEYS: [&str; 4] = ["routes", "upstreams", "services", "global_rules"];
+
+/// Reads and parses a config file (YAML, or JSON, which YAML accepts too).
+pub fn load_file(path: &Path) -> Result<Document, ConfigErrors> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors(vec![ConfigError::new(
+            "",
+            format!("cannot read {}: {e}", path.display()),
+        )])
+    })?;
+    let mut doc = parse_document(&text)?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    let base = if base.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        base
+    };
+    resolve_paths(&mut doc.node, base);
+    doc.path = Some(path.to_path_buf());
+    Ok(doc)
+}
+
+/// Makes the file's relative paths relative to the folder the file is in.
+fn resolve_paths(node: &mut NodeConfig, base: &Path) {
+    for dir in &mut node.plugin_dirs {
+        if dir.is_relative() {
+            *dir = base.join(&*dir);
+        }
+    }
+    if let Some(d) = &mut node.data_dir {
+        if d.is_relative() {
+            *d = base.join(&*d);
+        }
+    }
+}
+
+/// Parses config text, collecting every problem with its path.
+pub fn parse_document(text: &str) -> Result<Document, ConfigErrors> {
+    let value: Value = if text.trim().is_empty() {
+        Value::Object(Map::new())
+    } else {
+        serde_yaml_ng::from_str(text).map_err(|e| {
+            ConfigErrors(vec![ConfigError::new("", format!("not valid YAML/JSON: {e}"))])
+        })?
+    };
+    let Value::Object(mut top) = value else {
+        return Err(ConfigErrors(vec![ConfigError::new(
+            "",
+            "the config must be a mapping of settings",
+        )]));
+    };
+    let mut errors = Vec::new();
+    let mut doc = Document::default();
+
+    let mut take_list = |key: &str, errors: &mut Vec<ConfigError>| -> Vec<Value> {
+        match top.remove(key) {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(items)) => items,
+            Some(_) => {
+                errors.push(ConfigError::new(key, "expected a list of resources"));
+                Vec::new()
+            }
+        }
+    };
+    let routes = take_list("routes", &mut errors);
+    let upstreams = take_list("upstreams", &mut errors);
+    let services = take_list("services", &mut errors);
+    let global_rules = take_list("global_rules", &mut errors);
+
+    doc.routes = parse_list("routes", routes, &mut errors);
+    doc.upstreams = parse_list("upstreams", upstreams, &mut errors);
+    doc.services = parse_list("services", services, &mut errors);
+    doc.global_rules = parse_list("global_rules", global_rules, &mut errors);
+    match from_value_at::<NodeConfig>("", Value::Object(top)) {
+        Ok(node) => doc.node = node,
+        Err(e) => errors.push(e),
+    }
+    if errors.is_empty() {
+        Ok(doc)
+    } else {
+        Err(ConfigErrors(errors))
+    }
+}
+
+fn parse_list<T: DeserializeOwned>(
+    key: &str,
+    items: Vec<Value>,
+    errors: &mut Vec<ConfigError>,
+) -> Vec<T> {
+    debug_assert!(RESOURCE_KEYS.contains(&key));
+    let mut out = Vec::with_capacity(items.len());
+    for (i, item) in items.into_iter().enumerate() {
+        match from_value_at::<T>(&format!("{key}[{i}]"), item) {
+            Ok(v) => out.push(v),
+            Err(e) => errors.push(e),
+        }
+    }
+    out
+}
+
+/// Deserializes `value`, reporting the path of the bad field below `prefix`.
+pub fn from_value_at<T: DeserializeOwned>(prefix: &str, value: Value) -> Result<T, ConfigError> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let inner = e.path().to_string();
+        let path = match (prefix.is_empty(), inner == ".") {
+            (true, _) => inner,
+            (false, true) => prefix.to_string(),
+            (false, false) if inner.starts_with('[') => format!("{prefix}{inner}"),
+            (false, false) => format!("{prefix}.{inner}"),
+        };
+        let path = if path == "." { String::new() } else { path };
+        ConfigError::new(path, e.into_inner().to_string())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_nodes_named_by_path() {
+        let err = parse_document(
+            "routes:\n  - id: 1\n    uri: /a\n  - id: 2\n    uri: /b\n    upstream:\n      nodes: \"x\"\n",
+        )
+        .unwrap_err();
+        assert_eq!(err.0.len(), 1);
+        assert_eq!(err.0[0].path, "routes[1].upstream.nodes");
+        assert!(err.0[0].message.starts_with("expected a map of \"host:port\" to weight"));
+    }
+
+    #[test]
+    fn unknown_field_is_an_error() {
+        let err = parse_document("routes:\n  - id: 1\n    urii: /a\n").unwrap_err();
+        assert_eq!(err.0[0].path, "routes[0].urii");
+        assert!(err.0[0].message.contains("unknown field `urii`"), "{}", err);
+        let err = parse_document("listne: 1\n").unwrap_err();
+        assert_eq!(err.0[0].path, "listne");
+    }
+
+    #[test]
+    fn collects_every_problem() {
+        let err = parse_document(
+            "routes:\n  - uri: 5\n  - uri: /b\n    priority: x\nupstreams:\n  - nodes: {}\n    type: chash\n",
+        )
+        .unwrap_err();
+        let paths: Vec<_> = err.0.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            ["routes[0].uri", "routes[1].priority", "upstreams[0].type"]
+        );
+    }
+
+    #[test]
+    fn listen_forms() {
+        let d = parse_document("listen: 127.0.0.1:9080\n").unwrap();
+        assert_eq!(d.node.listen.0.len(), 1);
+        let d = parse_document("listen: [\"127.0.0.1:1\", \"[::1]:2\"]\n").unwrap();
+        assert_eq!(d.node.listen.0.len(), 2);
+        assert!(parse_document("listen: nowhere\n").is_err());
+    }
+
+    #[test]
+    fn json_is_accepted() {
+        let d = parse_document(r#"{"routes":[{"id":"r","uri":"/x","upstream":{"nodes":{"127.0.0.1:80":1}}}]}"#)
+            .unwrap();
+        assert_eq!(d.routes[0].uri.as_deref(), Some("/x"));
+    }
+}

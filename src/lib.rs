@@ -1,0 +1,15 @@
+//! moongate: an API gateway with APISIX's plugin API on a Rust core.
+//!
+//! The crate is laid out as the request meets it: [`config`] (what the operator wrote),
+//! [`snapshot`] (what a request reads, built and validated whole), [`router`], [`plugin`] (the
+//! interface every plugin implements), [`plugins`] (the native ones), [`proxy`] (listeners,
+//! workers, the upstream client) and [`reload`] (building snapshots).
+
+pub mod body;
+pub mod config;
+pub mod plugin;
+pub mod plugins;
+pub mod proxy;
+pub mod reload;
+pub mod router;
+pub mod snapshot;

@@ -1,0 +1,333 @@
+//! The per-request context plugins see: the request (as plugins have changed it so far), the
+//! matched route, APISIX's `ctx.var` variables, and room for plugin data.
+
+use std::any::{Any, TypeId};
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use http::{HeaderMap, Method, Version};
+
+use crate::body::RequestBody;
+use crate::router::RouteMatch;
+use crate::snapshot::RouteEntry;
+
+/// Per-request state, created when the request head has been read and dropped after `log`.
+pub struct Ctx {
+    pub method: Method,
+    /// The normalised, percent-decoded path (`ctx.var.uri`): what routes match against.
+    pub uri: String,
+    /// The raw query string, without `?`.
+    pub args: Option<String>,
+    /// The request target as the client sent it (`ctx.var.request_uri`).
+    pub request_uri: String,
+    pub version: Version,
+    /// Request headers; changes made by plugins are forwarded upstream.
+    pub headers: HeaderMap,
+    pub body: RequestBody,
+    pub remote_addr: SocketAddr,
+    pub local_addr: SocketAddr,
+    pub scheme: &'static str,
+    /// The request host, lower-cased, without port (nginx's `$host`).
+    pub host: String,
+    /// The matched route, once routing has run.
+    pub route: Option<Arc<RouteEntry>>,
+    /// What the router captured (`:name` params and the `*` tail, APISIX's `:ext`).
+    pub matched: Option<RouteMatch>,
+    /// Overrides the path and query sent upstream (`ctx.var.upstream_uri`).
+    pub upstream_uri: Option<String>,
+    /// Overrides the Host header sent upstream (`ctx.var.upstream_host`).
+    pub upstream_host: Option<String>,
+    /// The node the request went to, `host:port`.
+    pub upstream_addr: Option<String>,
+    pub upstream_status: Option<u16>,
+    /// The status sent to the client (0 until the response head is known).
+    pub status: u16,
+    /// APISIX's `conf_type`, `conf_id`, `conf_version` for the route (and service) in effect.
+    pub conf_type: &'static str,
+    pub conf_id: String,
+    pub conf_version: String,
+    pub start: Instant,
+    pub start_time: SystemTime,
+    /// Variables set by plugins (`ctx.var.NAME = v`); consulted before the built-in ones.
+    pub vars: HashMap<String, String>,
+    data: HashMap<TypeId, Box<dyn Any>>,
+}
+
+impl Ctx {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        method: Method,
+        uri: String,
+        args: Option<String>,
+        request_uri: String,
+        version: Version,
+        headers: HeaderMap,
+        body: RequestBody,
+        remote_addr: SocketAddr,
+        local_addr: SocketAddr,
+        scheme: &'static str,
+    ) -> Self {
+        let host = request_host(&headers, local_addr);
+        Ctx {
+            method,
+            uri,
+            args,
+            request_uri,
+            version,
+            headers,
+            body,
+            remote_addr,
+            local_addr,
+            scheme,
+            host,
+            route: None,
+            matched: None,
+            upstream_uri: None,
+            upstream_host: None,
+            upstream_addr: None,
+            upstream_status: None,
+            status: 0,
+            conf_type: "",
+            conf_id: String::new(),
+            conf_version: String::new(),
+            start: Instant::now(),
+            start_time: SystemTime::now(),
+            vars: HashMap::new(),
+            data: HashMap::new(),
+        }
+    }
+
+    /// Per-request data of one type (native plugins keep their state here).
+    pub fn data<T: 'static>(&self) -> Option<&T> {
+        self.data
+            .get(&TypeId::of::<T>())
+            .and_then(|b| b.downcast_ref())
+    }
+
+    pub fn data_mut<T: 'static>(&mut self) -> Option<&mut T> {
+        self.data
+            .get_mut(&TypeId::of::<T>())
+            .and_then(|b| b.downcast_mut())
+    }
+
+    pub fn set_data<T: 'static>(&mut self, value: T) {
+        self.data.insert(TypeId::of::<T>(), Box::new(value));
+    }
+
+    pub fn take_data<T: 'static>(&mut self) -> Option<T> {
+        self.data
+            .remove(&TypeId::of::<T>())
+            .and_then(|b| b.downcast().ok())
+            .map(|b| *b)
+    }
+
+    /// The route id, or "" before routing.
+    pub fn route_id(&self) -> &str {
+        self.route.as_ref().map(|r| r.id.as_str()).unwrap_or("")
+    }
+
+    /// APISIX's `:ext`: the tail matched by a route uri ending in `*`.
+    pub fn matched_ext(&self) -> Option<&str> {
+        self.matched.as_ref().and_then(|m| m.ext.as_deref())
+    }
+
+    /// One request header's value, as text (the first one if repeated).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// The path and query the upstream will be asked for.
+    pub fn effective_upstream_uri(&self) -> &str {
+        self.upstream_uri.as_deref().unwrap_or(&self.request_uri)
+    }
+
+    /// APISIX's `ctx.var.NAME`. Returns None for an unknown or unset variable.
+    pub fn var(&self, name: &str) -> Option<Cow<'_, str>> {
+        if let Some(v) = self.vars.get(name) {
+            return Some(Cow::Borrowed(v));
+        }
+        if let Some(h) = name.strip_prefix("http_") {
+            return self.header_var(h);
+        }
+        if let Some(a) = name.strip_prefix("arg_") {
+            return self.arg(a);
+        }
+        if let Some(c) = name.strip_prefix("cookie_") {
+            return self.cookie(c).map(Cow::Borrowed);
+        }
+        let v: Cow<str> = match name {
+            "uri" => Cow::Borrowed(&self.uri),
+            "request_uri" => Cow::Borrowed(&self.request_uri),
+            "args" | "query_string" => Cow::Borrowed(self.args.as_deref()?),
+            "is_args" => Cow::Borrowed(if self.args.is_some() { "?" } else { "" }),
+            "host" => Cow::Borrowed(&self.host),
+            "request_method" => Cow::Borrowed(self.method.as_str()),
+            "scheme" => Cow::Borrowed(self.scheme),
+            "server_protocol" => Cow::Borrowed(version_str(self.version)),
+            "remote_addr" => Cow::Owned(self.remote_addr.ip().to_string()),
+            "remote_port" => Cow::Owned(self.remote_addr.port().to_string()),
+            "server_addr" => Cow::Owned(self.local_addr.ip().to_string()),
+            "server_port" => Cow::Owned(self.local_addr.port().to_string()),
+            "route_id" => Cow::Borrowed(self.route.as_ref()?.id.as_str()),
+            "route_name" => Cow::Borrowed(self.route.as_ref()?.name.as_deref()?),
+            "service_id" => Cow::Borrowed(self.route.as_ref()?.service_id.as_deref()?),
+            "upstream_uri" => Cow::Borrowed(self.effective_upstream_uri()),
+            "upstream_host" => Cow::Borrowed(self.upstream_host.as_deref()?),
+            "upstream_addr" => Cow::Borrowed(self.upstream_addr.as_deref()?),
+            "upstream_status" => Cow::Owned(self.upstream_status?.to_string()),
+            "status" => Cow::Owned(self.status.to_string()),
+            "content_type" => self.header_var("content_type")?,
+            "content_length" => self.header_var("content_length")?,
+            "request_time" => Cow::Owned(format!("{:.3}", self.start.elapsed().as_secs_f64())),
+            "msec" => Cow::Owned(format!(
+                "{:.3}",
+                SystemTime::now()
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map(|d| d.as_secs_f64())
+                    .unwrap_or(0.0)
+            )),
+            _ => return None,
+        };
+        Some(v)
+    }
+
+    /// `http_NAME`: the header with `_` read as `-`, case-insensitive; repeated headers joined
+    /// with ", " as nginx does.
+    fn header_var(&self, name: &str) -> Option<Cow<'_, str>> {
+        let lookup: Cow<str> = if name.contains('_') {
+            Cow::Owned(name.replace('_', "-"))
+        } else {
+            Cow::Borrowed(name)
+        };
+        let mut values = self.headers.get_all(lookup.as_ref()).iter();
+        let first = values.next()?.to_str().ok()?;
+        match values.next() {
+            None => Some(Cow::Borrowed(first)),
+            Some(second) => {
+                let mut s = format!("{first}, {}", second.to_str().ok()?);
+                for v in values {
+                    s.push_str(", ");
+                    s.push_str(v.to_str().ok()?);
+                }
+                Some(Cow::Owned(s))
+            }
+        }
+    }
+
+    /// `arg_NAME`: the first query argument of that name, percent-decoded.
+    pub fn arg(&self, name: &str) -> Option<Cow<'_, str>> {
+        let args = self.args.as_deref()?;
+        form_urlencoded::parse(args.as_bytes())
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| Cow::Owned(v.into_owned()))
+    }
+
+    /// `cookie_NAME`.
+    pub fn cookie(&self, name: &str) -> Option<&str> {
+        for h in self.headers.get_all(http::header::COOKIE) {
+            let Ok(s) = h.to_str() else { continue };
+            for pair in s.split(';') {
+                if let Some((k, v)) = pair.trim().split_once('=') {
+                    if k == name {
+                        return Some(v);
+                    }
+                }
+            }
+        }
+        None
+    }
+}
+
+fn version_str(v: Version) -> &'static str {
+    match v {
+        Version::HTTP_09 => "HTTP/0.9",
+        Version::HTTP_10 => "HTTP/1.0",
+        Version::HTTP_2 => "HTTP/2.0",
+        Version::HTTP_3 => "HTTP/3.0",
+        _ => "HTTP/1.1",
+    }
+}
+
+/// nginx's `$host`: the Host header without port, lower-cased; the server address if absent.
+fn request_host(headers: &HeaderMap, local: SocketAddr) -> String {
+    match headers.get(http::header::HOST).and_then(|h| h.to_str().ok()) {
+        Some(h) => strip_port(h).to_ascii_lowercase(),
+        None => local.ip().to_string(),
+    }
+}
+
+/// `example.com:8080` → `example.com`; `[::1]:80` → `[::1]`.
+pub fn strip_port(host: &str) -> &str {
+    if host.starts_with('[') {
+        return match host.find(']') {
+            Some(i) => &host[..=i],
+            None => host,
+        };
+    }
+    match host.rsplit_once(':') {
+        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host,
+    }
+}
+
+/// nginx's `$uri` from a raw path: percent-decoded, `//` merged, `.` and `..` resolved.
+/// Errors (400) on a path that climbs above the root, an encoded NUL, or invalid UTF-8.
+pub fn normalize_path(raw: &str) -> Result<String, &'static str> {
+    if !raw.starts_with('/') {
+        return Err("the request path must start with /");
+    }
+    let decoded = percent_encoding::percent_decode_str(raw).collect::<Vec<u8>>();
+    if decoded.contains(&0) {
+        return Err("the request path contains a NUL byte");
+    }
+    let decoded = String::from_utf8(decoded).map_err(|_| "the request path is not valid UTF-8")?;
+    let mut segments: Vec<&str> = Vec::new();
+    for seg in decoded.split('/').skip(1) {
+        match seg {
+            "" | "." => {}
+            ".." => {
+                if segments.pop().is_none() {
+                    return Err("the request path climbs above the root");
+                }
+            }
+            s => segments.push(s),
+        }
+    }
+    let mut out = String::with_capacity(decoded.len());
+    for s in &segments {
+        out.push('/');
+        out.push_str(s);
+    }
+    // A trailing slash (or a trailing "." / "..") keeps the path a "directory", as nginx does.
+    let ends_dir = decoded.ends_with('/') || decoded.ends_with("/.") || decoded.ends_with("/..");
+    if out.is_empty() || ends_dir {
+        out.push('/');
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalize() {
+        assert_eq!(normalize_path("/").unwrap(), "/");
+        assert_eq!(normalize_path("/a//b///c").unwrap(), "/a/b/c");
+        assert_eq!(normalize_path("/a/./b/../c/").unwrap(), "/a/c/");
+        assert_eq!(normalize_path("/%41bc%2Fd").unwrap(), "/Abc/d");
+        assert_eq!(normalize_path("/hello/").unwrap(), "/hello/");
+        assert!(normalize_path("/../x").is_err());
+        assert!(normalize_path("/a%00").is_err());
+    }
+
+    #[test]
+    fn ports() {
+        assert_eq!(strip_port("Example.com:80"), "Example.com");
+        assert_eq!(strip_port("[::1]:8080"), "[::1]");
+        assert_eq!(strip_port("host"), "host");
+    }
+}

@@ -1,0 +1,12 @@
+//! Native (Rust) plugins shipped with moongate.
+
+pub mod response_headers;
+
+use std::sync::Arc;
+
+use crate::plugin::Plugin;
+
+/// Every native plugin, one instance each.
+pub fn native() -> Vec<Arc<dyn Plugin>> {
+    vec![Arc::new(response_headers::ResponseHeaders)]
+}

@@ -1,0 +1,567 @@
+//! One request, start to end: route, run the plugin phases, call the upstream, filter the
+//! response, log.
+
+use std::cell::Cell;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+
+use crate::body::{BoxError, RequestBody, ResponseBody, UpstreamRequestBody};
+use crate::config::{NodeConfig, PassHost, Timeout};
+use crate::plugin::chain::{self, Chain};
+use crate::plugin::ctx::normalize_path;
+use crate::plugin::{BodyChunk, Ctx, Flow, LocalResponse, Phase, PluginError, ResponseHead};
+use crate::proxy::client::{worker_client, ClientError, PoolOptions, Target};
+use crate::proxy::headers::{set_forwarded, strip_hop_by_hop};
+use crate::snapshot::{Gateway, RouteEntry, Snapshot};
+
+/// The `Server` header moongate sends.
+pub static SERVER: HeaderValue =
+    HeaderValue::from_static(concat!("moongate/", env!("CARGO_PKG_VERSION")));
+
+/// What a worker's request handler needs.
+pub struct WorkerEnv {
+    pub gw: Arc<Gateway>,
+    pub node: Arc<NodeConfig>,
+    pub worker_id: usize,
+}
+
+/// Serves one request. Never fails: every problem becomes a response.
+pub async fn handle(
+    env: Rc<WorkerEnv>,
+    req: Request<Incoming>,
+    remote: SocketAddr,
+    local: SocketAddr,
+) -> Response<GatewayBody> {
+    let snap = env.gw.load_full();
+    let (parts, body) = req.into_parts();
+    let request_uri = parts
+        .uri
+        .path_and_query()
+        .map(|pq| pq.as_str().to_string())
+        .unwrap_or_else(|| "/".to_string());
+    let raw_path = parts.uri.path();
+    let args = parts.uri.query().map(str::to_string);
+    let normalized = normalize_path(raw_path);
+    let mut ctx = Ctx::new(
+        parts.method,
+        normalized.as_deref().unwrap_or(raw_path).to_string(),
+        args,
+        request_uri,
+        parts.version,
+        parts.headers,
+        RequestBody::Stream(body),
+        remote,
+        local,
+        "http",
+    );
+    if let Err(why) = normalized {
+        return respond_local(
+            ctx,
+            snap,
+            LocalResponse::error(StatusCode::BAD_REQUEST, why),
+            &env.node,
+        );
+    }
+    // nginx's client_max_body_size: refused on the header, before any phase.
+    let max_body = env.node.proxy.client_max_body_size;
+    if max_body > 0 {
+        if let Some(len) = ctx.body.exact_len() {
+            if len > max_body {
+                return respond_local(
+                    ctx,
+                    snap,
+                    LocalResponse::error(StatusCode::PAYLOAD_TOO_LARGE, "413 Request Entity Too Large"),
+                    &env.node,
+                );
+            }
+        }
+    }
+
+    let matched = snap.router.find(ctx.method.as_str(), &ctx.host, &ctx.uri);
+    let Some(m) = matched else {
+        // No route: global rules still run, as in APISIX.
+        let chains = [&snap.global];
+        let local = match run_request_phases(&chains, &mut ctx).await {
+            Ok(Some(r)) => r,
+            Ok(None) => LocalResponse::error(StatusCode::NOT_FOUND, "404 Route Not Found"),
+            Err(e) => plugin_failure(&e),
+        };
+        return respond_local(ctx, snap, local, &env.node);
+    };
+    let route = snap.routes[m.index].clone();
+    ctx.conf_type = route.conf_type;
+    ctx.conf_id = route.conf_id.clone();
+    ctx.conf_version = route.conf_version.clone();
+    ctx.route = Some(route.clone());
+    ctx.matched = Some(m);
+
+    let chains = [&snap.global, &route.chain];
+    match run_request_phases(&chains, &mut ctx).await {
+        Ok(None) => {}
+        Ok(Some(local)) => return respond_local(ctx, snap, local, &env.node),
+        Err(e) => return respond_local(ctx, snap, plugin_failure(&e), &env.node),
+    }
+    proxy(env, snap, route, ctx).await
+}
+
+/// rewrite then access, each over the global rules then the route.
+async fn run_request_phases(
+    chains: &[&Chain],
+    ctx: &mut Ctx,
+) -> Result<Option<LocalResponse>, PluginError> {
+    for phase in [Phase::Rewrite, Phase::Access] {
+        if let Flow::Respond(r) = chain::run_request_phase(phase, chains, ctx).await? {
+            return Ok(Some(r));
+        }
+    }
+    Ok(None)
+}
+
+fn plugin_failure(e: &PluginError) -> LocalResponse {
+    tracing::error!(plugin = %e.plugin, phase = e.phase, "{}", e.message);
+    LocalResponse::text(StatusCode::INTERNAL_SERVER_ERROR, "")
+}
+
+fn secs(v: f64) -> Duration {
+    Duration::from_secs_f64(v.max(0.001))
+}
+
+/// Picks a node, runs before_proxy, calls the upstream (retrying the next node on a connect
+/// failure) and streams the answer back through the response phases.
+async fn proxy(
+    env: Rc<WorkerEnv>,
+    snap: Arc<Snapshot>,
+    route: Arc<RouteEntry>,
+    mut ctx: Ctx,
+) -> Response<GatewayBody> {
+    let Some(upstream) = route.upstream.clone() else {
+        tracing::error!(route = %route.id, "missing upstream configuration in Route or Service");
+        let r = LocalResponse::error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "missing upstream configuration in Route or Service",
+        );
+        return respond_local(ctx, snap, r, &env.node);
+    };
+    let order = upstream.pick_order();
+    if order.is_empty() {
+        tracing::error!(route = %route.id, "no valid upstream node");
+        let r = LocalResponse::error(StatusCode::SERVICE_UNAVAILABLE, "no valid upstream node");
+        return respond_local(ctx, snap, r, &env.node);
+    }
+    let cfg = &upstream.config;
+    let first = order[0];
+    ctx.upstream_addr = Some(node_addr(&first.host, first.port.unwrap_or(cfg.scheme.default_port())));
+
+    let chains = [&snap.global, &route.chain];
+    match chain::run_request_phase(Phase::BeforeProxy, &chains, &mut ctx).await {
+        Ok(Flow::Continue) => {}
+        Ok(Flow::Respond(r)) => return respond_local(ctx, snap, r, &env.node),
+        Err(e) => return respond_local(ctx, snap, plugin_failure(&e), &env.node),
+    }
+
+    let timeout: Timeout = cfg.timeout.unwrap_or_default();
+    let pool = match &cfg.keepalive_pool {
+        Some(p) => PoolOptions {
+            max_idle: p.size,
+            idle_timeout: secs(p.idle_timeout),
+            max_requests: p.requests,
+        },
+        None => PoolOptions {
+            max_idle: 320,
+            idle_timeout: Duration::from_secs(60),
+            max_requests: 1000,
+        },
+    };
+    let client = worker_client();
+    let tls = cfg.scheme == crate::config::Scheme::Https;
+    let verify = cfg.tls.map(|t| t.verify).unwrap_or(false);
+    let attempts = (upstream.retries() + 1).min(order.len().max(1));
+
+    let mut last_err: Option<ClientError> = None;
+    let mut conn = None;
+    for node in order.iter().take(attempts) {
+        let target = Target {
+            tls,
+            host: node.host.clone(),
+            port: node.port.unwrap_or(cfg.scheme.default_port()),
+            verify,
+        };
+        match client.checkout(&target, secs(timeout.connect), pool).await {
+            Ok(c) => {
+                ctx.upstream_addr = Some(target.addr());
+                conn = Some((c, node));
+                break;
+            }
+            Err(e) => {
+                tracing::error!(route = %route.id, node = %target.addr(), "upstream connect failed: {e}");
+                last_err = Some(e);
+            }
+        }
+    }
+    let Some((conn, node)) = conn else {
+        let status = match &last_err {
+            Some(e) if e.is_timeout() => StatusCode::GATEWAY_TIMEOUT,
+            _ => StatusCode::BAD_GATEWAY,
+        };
+        return respond_local(ctx, snap, LocalResponse::text(status, ""), &env.node);
+    };
+
+    // The upstream request: the request as plugins left it.
+    let mut headers = std::mem::take(&mut ctx.headers);
+    let client_host = headers.get(header::HOST).cloned();
+    strip_hop_by_hop(&mut headers);
+    headers.remove(header::CONTENT_LENGTH);
+    let client_ip = ctx.remote_addr.ip().to_string();
+    set_forwarded(
+        &mut headers,
+        &client_ip,
+        ctx.scheme,
+        client_host.as_ref(),
+        ctx.local_addr.port(),
+    );
+    let port = node.port.unwrap_or(cfg.scheme.default_port());
+    let host_value = match (&ctx.upstream_host, cfg.pass_host) {
+        (Some(h), _) => HeaderValue::from_str(h).ok(),
+        (None, PassHost::Pass) => client_host.clone(),
+        (None, PassHost::Node) => {
+            if port == cfg.scheme.default_port() {
+                HeaderValue::from_str(&node.host).ok()
+            } else {
+                HeaderValue::from_str(&node_addr(&node.host, port)).ok()
+            }
+        }
+        (None, PassHost::Rewrite) => cfg.upstream_host.as_deref().and_then(|h| HeaderValue::from_str(h).ok()),
+    };
+    match host_value {
+        Some(h) => {
+            headers.insert(header::HOST, h);
+        }
+        None => {
+            headers.remove(header::HOST);
+        }
+    }
+    let too_large = Rc::new(Cell::new(false));
+    let max_body = match env.node.proxy.client_max_body_size {
+        0 => None,
+        n => Some(n),
+    };
+    let body = UpstreamRequestBody::new(std::mem::take(&mut ctx.body), max_body, too_large.clone());
+    let mut builder = Request::builder()
+        .method(ctx.method.clone())
+        .uri(ctx.effective_upstream_uri());
+    if let Some(h) = builder.headers_mut() {
+        *h = headers;
+    }
+    let req = match builder.body(body) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(route = %route.id, "bad upstream request: {e}");
+            return respond_local(ctx, snap, LocalResponse::text(StatusCode::BAD_REQUEST, ""), &env.node);
+        }
+    };
+    let wait = secs(timeout.send) + secs(timeout.read);
+    let res = conn.send(&client, req, wait, pool).await;
+    let res = match res {
+        Ok(r) => r,
+        Err(e) => {
+            let status = if too_large.get() {
+                StatusCode::PAYLOAD_TOO_LARGE
+            } else if e.is_timeout() {
+                StatusCode::GATEWAY_TIMEOUT
+            } else {
+                StatusCode::BAD_GATEWAY
+            };
+            if status != StatusCode::PAYLOAD_TOO_LARGE {
+                tracing::error!(route = %route.id, node = ctx.upstream_addr.as_deref().unwrap_or(""), "upstream request failed: {e}");
+            }
+            return respond_local(ctx, snap, LocalResponse::text(status, ""), &env.node);
+        }
+    };
+    let (parts, body) = res.into_parts();
+    ctx.upstream_status = Some(parts.status.as_u16());
+    let mut head = ResponseHead {
+        status: parts.status,
+        headers: parts.headers,
+    };
+    strip_hop_by_hop(&mut head.headers);
+    respond(
+        ctx,
+        snap,
+        head,
+        ResponseBody::Stream(body),
+        Some(secs(timeout.read)),
+        &env.node,
+    )
+}
+
+fn node_addr(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+/// Sends a response the gateway made itself, through the response phases.
+pub fn respond_local(
+    ctx: Ctx,
+    snap: Arc<Snapshot>,
+    local: LocalResponse,
+    node: &NodeConfig,
+) -> Response<GatewayBody> {
+    let head = ResponseHead {
+        status: local.status,
+        headers: local.headers,
+    };
+    respond(ctx, snap, head, local.body, None, node)
+}
+
+/// header_filter now; body_filter per chunk and log at the end, inside [`GatewayBody`].
+fn respond(
+    mut ctx: Ctx,
+    snap: Arc<Snapshot>,
+    mut head: ResponseHead,
+    mut body: ResponseBody,
+    read_timeout: Option<Duration>,
+    node: &NodeConfig,
+) -> Response<GatewayBody> {
+    let route = ctx.route.clone();
+    let filter_body;
+    {
+        let empty = Chain::default();
+        let chains = [&snap.global, route.as_ref().map(|r| &r.chain).unwrap_or(&empty)];
+        ctx.status = head.status.as_u16();
+        if let Err(e) = chain::run_header_filter(&chains, &mut ctx, &mut head) {
+            tracing::error!(plugin = %e.plugin, phase = e.phase, "{}", e.message);
+            head = ResponseHead {
+                status: StatusCode::INTERNAL_SERVER_ERROR,
+                headers: HeaderMap::new(),
+            };
+            body = ResponseBody::Empty;
+        }
+        filter_body = chains.iter().any(|c| c.has(Phase::BodyFilter));
+    }
+    ctx.status = head.status.as_u16();
+    if filter_body {
+        // The body may change size: let it go out chunked.
+        head.headers.remove(header::CONTENT_LENGTH);
+    }
+    head.headers.insert(header::SERVER, SERVER.clone());
+    let mut res = Response::new(GatewayBody {
+        inner: body,
+        finish: Some(Finish {
+            ctx,
+            snap,
+            route,
+            filter_body,
+            access_log: node.access_log,
+        }),
+        read_timeout: read_timeout.map(|d| (d, None)),
+        ended: false,
+    });
+    *res.status_mut() = head.status;
+    *res.headers_mut() = head.headers;
+    res
+}
+
+struct Finish {
+    ctx: Ctx,
+    snap: Arc<Snapshot>,
+    route: Option<Arc<RouteEntry>>,
+    filter_body: bool,
+    access_log: bool,
+}
+
+impl Finish {
+    fn chains_run<R>(&mut self, f: impl FnOnce(&[&Chain], &mut Ctx) -> R) -> R {
+        let empty = Chain::default();
+        let chains = [
+            &self.snap.global,
+            self.route.as_ref().map(|r| &r.chain).unwrap_or(&empty),
+        ];
+        f(&chains, &mut self.ctx)
+    }
+
+    /// The log phase and the access-log line. Runs once, when the body has been sent (or the
+    /// client went away).
+    fn log(mut self, completed: bool) {
+        self.chains_run(chain::run_log);
+        if self.access_log {
+            let c = &self.ctx;
+            tracing::info!(
+                target: "moongate::access",
+                "{} {} {} {} route={} upstream={} {:.3}ms{}",
+                c.remote_addr.ip(),
+                c.method,
+                c.request_uri,
+                c.status,
+                c.route_id(),
+                c.upstream_addr.as_deref().unwrap_or("-"),
+                c.start.elapsed().as_secs_f64() * 1000.0,
+                if completed { "" } else { " (incomplete)" }
+            );
+        }
+    }
+}
+
+/// The response body on its way to the client: runs body_filter per chunk, enforces the
+/// upstream read timeout between chunks, and runs log when the body ends.
+pub struct GatewayBody {
+    inner: ResponseBody,
+    finish: Option<Finish>,
+    read_timeout: Option<(Duration, Option<Pin<Box<tokio::time::Sleep>>>)>,
+    ended: bool,
+}
+
+impl GatewayBody {
+    fn end(&mut self, completed: bool) {
+        self.ended = true;
+        if let Some(f) = self.finish.take() {
+            f.log(completed);
+        }
+    }
+
+    fn filter(&mut self, data: Bytes, eof: bool) -> Result<BodyChunk, PluginError> {
+        let mut chunk = BodyChunk { data, eof };
+        if let Some(f) = self.finish.as_mut() {
+            if f.filter_body {
+                f.chains_run(|chains, ctx| chain::run_body_filter(chains, ctx, &mut chunk))?;
+            }
+        }
+        Ok(chunk)
+    }
+}
+
+impl Drop for GatewayBody {
+    fn drop(&mut self) {
+        // Either the body ended without being polled to its end (an empty body), or the client
+        // went away (or the connection failed) before the end of the body.
+        let completed = !self.finish.as_ref().is_some_and(|f| f.filter_body) && self.inner.is_end_stream();
+        self.end(completed);
+    }
+}
+
+impl Body for GatewayBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        if this.ended {
+            return Poll::Ready(None);
+        }
+        loop {
+            let polled = Pin::new(&mut this.inner).poll_frame(cx);
+            match polled {
+                Poll::Pending => {
+                    if let Some((d, sleep)) = &mut this.read_timeout {
+                        let s = sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep(*d)));
+                        if s.as_mut().poll(cx).is_ready() {
+                            if let Some(f) = &this.finish {
+                                tracing::error!(
+                                    route = f.ctx.route_id(),
+                                    node = f.ctx.upstream_addr.as_deref().unwrap_or(""),
+                                    "upstream timed out while sending the response body"
+                                );
+                            }
+                            this.end(false);
+                            return Poll::Ready(Some(Err("upstream read timed out".into())));
+                        }
+                    }
+                    return Poll::Pending;
+                }
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let Some((_, sleep)) = &mut this.read_timeout {
+                        *sleep = None;
+                    }
+                    let data = match frame.into_data() {
+                        Ok(d) => d,
+                        Err(frame) => return Poll::Ready(Some(Ok(frame))),
+                    };
+                    if !this.finish.as_ref().is_some_and(|f| f.filter_body) {
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                    match this.filter(data, false) {
+                        Ok(chunk) => {
+                            if chunk.eof {
+                                // A plugin ended the body early: drop the rest.
+                                this.inner = ResponseBody::Empty;
+                                this.end(true);
+                            }
+                            if chunk.data.is_empty() {
+                                if this.ended {
+                                    return Poll::Ready(None);
+                                }
+                                continue;
+                            }
+                            return Poll::Ready(Some(Ok(Frame::data(chunk.data))));
+                        }
+                        Err(e) => {
+                            tracing::error!(plugin = %e.plugin, phase = e.phase, "{}", e.message);
+                            this.end(false);
+                            return Poll::Ready(Some(Err(e.into())));
+                        }
+                    }
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    if let Some(f) = &this.finish {
+                        tracing::error!(
+                            route = f.ctx.route_id(),
+                            node = f.ctx.upstream_addr.as_deref().unwrap_or(""),
+                            "reading the upstream response failed: {e}"
+                        );
+                    }
+                    this.end(false);
+                    return Poll::Ready(Some(Err(e)));
+                }
+                Poll::Ready(None) => {
+                    let last = if this.finish.as_ref().is_some_and(|f| f.filter_body) {
+                        match this.filter(Bytes::new(), true) {
+                            Ok(c) => c.data,
+                            Err(e) => {
+                                tracing::error!(plugin = %e.plugin, phase = e.phase, "{}", e.message);
+                                this.end(false);
+                                return Poll::Ready(Some(Err(e.into())));
+                            }
+                        }
+                    } else {
+                        Bytes::new()
+                    };
+                    this.end(true);
+                    if last.is_empty() {
+                        return Poll::Ready(None);
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(last))));
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        // With body filters a last chunk may still come at the end; never claim the end early.
+        self.ended
+            || (!self.finish.as_ref().is_some_and(|f| f.filter_body) && self.inner.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        if self.finish.as_ref().is_some_and(|f| f.filter_body) {
+            SizeHint::default()
+        } else {
+            self.inner.size_hint()
+        }
+    }
+}

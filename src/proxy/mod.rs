@@ -1,0 +1,247 @@
+//! Listeners and workers.
+//!
+//! N worker threads (default: one per core), each a current-thread tokio runtime with a
+//! `LocalSet`, its own `SO_REUSEPORT` listener on every address, its own upstream connection
+//! pool and (lazily) its own Lua VM, like nginx workers. Nothing on the request path takes a
+//! lock; the only shared state is the snapshot pointer.
+
+pub mod client;
+pub mod handler;
+pub mod headers;
+
+use std::cell::Cell;
+use std::convert::Infallible;
+use std::io;
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Notify};
+
+use crate::config::NodeConfig;
+use crate::snapshot::Gateway;
+use handler::{handle, WorkerEnv};
+
+/// Binds `addr` with `SO_REUSEPORT`, so every worker can have its own accept queue.
+fn bind_reuseport(addr: SocketAddr) -> io::Result<StdListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_nodelay(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
+}
+
+/// Binds one listener per worker per address. A port of 0 is chosen once, so all workers
+/// share it. Returns the listeners by worker and the bound addresses.
+pub fn bind_all(
+    addrs: &[SocketAddr],
+    workers: usize,
+) -> io::Result<(Vec<Vec<StdListener>>, Vec<SocketAddr>)> {
+    let mut per_worker: Vec<Vec<StdListener>> = (0..workers).map(|_| Vec::new()).collect();
+    let mut bound = Vec::new();
+    for addr in addrs {
+        let first = bind_reuseport(*addr)
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
+        let actual = first.local_addr()?;
+        bound.push(actual);
+        per_worker[0].push(first);
+        for list in per_worker.iter_mut().skip(1) {
+            list.push(bind_reuseport(actual)?);
+        }
+    }
+    Ok((per_worker, bound))
+}
+
+/// Starts the worker threads. They serve until `shutdown` turns true, then stop accepting,
+/// let in-flight requests finish for up to `graceful_shutdown_timeout`, and end.
+pub fn start_workers(
+    node: Arc<NodeConfig>,
+    gw: Arc<Gateway>,
+    listeners: Vec<Vec<StdListener>>,
+    shutdown: watch::Receiver<bool>,
+) -> io::Result<Vec<JoinHandle<()>>> {
+    let mut handles = Vec::new();
+    for (id, socks) in listeners.into_iter().enumerate() {
+        let node = node.clone();
+        let gw = gw.clone();
+        let shutdown = shutdown.clone();
+        let h = std::thread::Builder::new()
+            .name(format!("moongate-worker-{id}"))
+            .spawn(move || worker_main(id, node, gw, socks, shutdown))?;
+        handles.push(h);
+    }
+    Ok(handles)
+}
+
+fn worker_main(
+    id: usize,
+    node: Arc<NodeConfig>,
+    gw: Arc<Gateway>,
+    socks: Vec<StdListener>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(worker = id, "cannot start the worker runtime: {e}");
+            return;
+        }
+    };
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async move {
+        let env = Rc::new(WorkerEnv {
+            gw,
+            node: node.clone(),
+            worker_id: id,
+        });
+        let active = Rc::new(Cell::new(0usize));
+        let idle = Rc::new(Notify::new());
+        for sock in socks {
+            let listener = match TcpListener::from_std(sock) {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::error!(worker = id, "cannot use listener: {e}");
+                    continue;
+                }
+            };
+            tokio::task::spawn_local(accept_loop(
+                listener,
+                env.clone(),
+                shutdown.clone(),
+                active.clone(),
+                idle.clone(),
+            ));
+        }
+        let mut sd = shutdown.clone();
+        while !*sd.borrow_and_update() {
+            if sd.changed().await.is_err() {
+                break;
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs_f64(node.proxy.graceful_shutdown_timeout.max(0.0));
+        while active.get() > 0 {
+            if tokio::time::timeout_at(deadline.into(), idle.notified())
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    worker = id,
+                    connections = active.get(),
+                    "graceful shutdown deadline passed; closing remaining connections"
+                );
+                break;
+            }
+        }
+    });
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    env: Rc<WorkerEnv>,
+    mut shutdown: watch::Receiver<bool>,
+    active: Rc<Cell<usize>>,
+    idle: Rc<Notify>,
+) {
+    let local = listener.local_addr().ok();
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = shutdown.changed() => return,
+        };
+        let (stream, remote) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                // EMFILE and friends: back off briefly rather than spin.
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let local_addr = stream.local_addr().ok().or(local).unwrap_or(remote);
+        active.set(active.get() + 1);
+        let guard = ActiveGuard {
+            active: active.clone(),
+            idle: idle.clone(),
+        };
+        tokio::task::spawn_local(serve_connection(
+            stream,
+            remote,
+            local_addr,
+            env.clone(),
+            shutdown.clone(),
+            guard,
+        ));
+    }
+}
+
+/// Counts a connection as active until dropped.
+struct ActiveGuard {
+    active: Rc<Cell<usize>>,
+    idle: Rc<Notify>,
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.active.set(self.active.get().saturating_sub(1));
+        if self.active.get() == 0 {
+            self.idle.notify_waiters();
+        }
+    }
+}
+
+async fn serve_connection(
+    stream: tokio::net::TcpStream,
+    remote: SocketAddr,
+    local: SocketAddr,
+    env: Rc<WorkerEnv>,
+    mut shutdown: watch::Receiver<bool>,
+    _guard: ActiveGuard,
+) {
+    let proxy = &env.node.proxy;
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs_f64(proxy.client_header_timeout.max(0.001)))
+        .max_header_size(proxy.client_header_buffer_size)
+        .keep_alive(true);
+    let svc_env = env.clone();
+    let service = service_fn(move |req| {
+        let env = svc_env.clone();
+        async move { Ok::<_, Infallible>(handle(env, req, remote, local).await) }
+    });
+    let conn = builder.serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    if *shutdown.borrow() {
+        conn.as_mut().graceful_shutdown();
+    }
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!(%remote, "connection ended with an error: {e}");
+            }
+            return;
+        }
+        _ = shutdown.changed() => {}
+    }
+    // Finish the request in flight (if any), then close.
+    conn.as_mut().graceful_shutdown();
+    if let Err(e) = conn.await {
+        tracing::debug!(%remote, "connection ended with an error: {e}");
+    }
+}

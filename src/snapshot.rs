@@ -1,0 +1,651 @@
+//! The snapshot: everything a request reads, built whole and validated off the request path,
+//! then published atomically.
+//!
+//! A [`Snapshot`] is immutable. [`Gateway`] holds the current one behind an `ArcSwap`; a request
+//! loads it once and keeps that `Arc` until it is done, so a swap never changes a request midway.
+//! Building checks every cross-reference and every plugin conf; any problem fails the whole
+//! build with a list of [`ConfigError`]s and nothing is swapped.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use arc_swap::ArcSwap;
+use serde_json::{Map, Value};
+
+use crate::config::{ConfigError, ConfigErrors, Document, Node, PassHost, Upstream};
+use crate::plugin::chain::{Chain, ChainEntry};
+use crate::plugin::{ConfScope, Plugin, PluginConf};
+use crate::router::{RouteSpec, Router};
+
+/// The plugins available to a snapshot, by name.
+#[derive(Clone, Default)]
+pub struct Registry {
+    plugins: BTreeMap<String, Arc<dyn Plugin>>,
+    /// Where each Lua plugin came from (for status and error messages).
+    pub sources: BTreeMap<String, PathBuf>,
+}
+
+impl Registry {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn insert(&mut self, plugin: Arc<dyn Plugin>) {
+        self.plugins.insert(plugin.name().to_string(), plugin);
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<dyn Plugin>> {
+        self.plugins.get(name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.plugins.keys().map(String::as_str)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<dyn Plugin>> {
+        self.plugins.values()
+    }
+
+    /// Keeps only the named plugins (the node's `plugins` list); unknown names are errors.
+    pub fn retain_enabled(&mut self, enabled: &[String]) -> Result<(), ConfigErrors> {
+        let mut errors = Vec::new();
+        for (i, name) in enabled.iter().enumerate() {
+            if !self.plugins.contains_key(name) {
+                errors.push(ConfigError::new(
+                    format!("plugins[{i}]"),
+                    format!("unknown plugin \"{name}\": no native plugin and no {name}.lua in plugin_dirs"),
+                ));
+            }
+        }
+        if !errors.is_empty() {
+            return Err(ConfigErrors(errors));
+        }
+        let keep: HashSet<&String> = enabled.iter().collect();
+        self.plugins.retain(|k, _| keep.contains(k));
+        self.sources.retain(|k, _| keep.contains(k));
+        Ok(())
+    }
+}
+
+/// An upstream ready to serve: its config and its balancer state.
+pub struct UpstreamEntry {
+    pub id: Option<String>,
+    pub config: Upstream,
+    /// Node indices expanded by weight (divided by their gcd): weighted round-robin is one
+    /// atomic increment per pick, shared by all workers without a lock.
+    schedule: Vec<usize>,
+    next: AtomicUsize,
+}
+
+impl UpstreamEntry {
+    pub fn new(id: Option<String>, config: Upstream) -> Self {
+        let schedule = weighted_schedule(&config.nodes.0);
+        UpstreamEntry {
+            id,
+            config,
+            schedule,
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    /// The nodes to try for one request, in order: the round-robin pick first, then the others
+    /// (for retries after a connect failure).
+    pub fn pick_order(&self) -> Vec<&Node> {
+        if self.schedule.is_empty() {
+            return Vec::new();
+        }
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let first = self.schedule[n % self.schedule.len()];
+        let nodes = &self.config.nodes.0;
+        let mut out = Vec::with_capacity(nodes.len());
+        out.push(&nodes[first]);
+        for i in 1..nodes.len() {
+            let idx = (first + i) % nodes.len();
+            if nodes[idx].weight > 0 {
+                out.push(&nodes[idx]);
+            }
+        }
+        out
+    }
+
+    /// How many retries after the first try (APISIX: `retries`, default nodes - 1).
+    pub fn retries(&self) -> usize {
+        let live = self.config.nodes.0.iter().filter(|n| n.weight > 0).count();
+        match self.config.retries {
+            Some(r) => r as usize,
+            None => live.saturating_sub(1),
+        }
+    }
+}
+
+fn gcd(a: u32, b: u32) -> u32 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+/// Interleaves node indices by weight (smooth weighted round-robin over one cycle), so a
+/// weight-3/weight-1 pair gives a,a,b,a rather than bursts.
+fn weighted_schedule(nodes: &[Node]) -> Vec<usize> {
+    let g = nodes.iter().map(|n| n.weight).fold(0, gcd);
+    if g == 0 {
+        return Vec::new();
+    }
+    let mut weights: Vec<i64> = nodes.iter().map(|n| (n.weight / g) as i64).collect();
+    let total: i64 = weights.iter().sum();
+    // Cap the cycle length; very large weight ratios are scaled down proportionally.
+    const MAX_CYCLE: i64 = 4096;
+    if total > MAX_CYCLE {
+        for w in &mut weights {
+            if *w > 0 {
+                *w = (*w * MAX_CYCLE / total).max(1);
+            }
+        }
+    }
+    let total: i64 = weights.iter().sum();
+    let mut current = vec![0i64; weights.len()];
+    let mut out = Vec::with_capacity(total as usize);
+    for _ in 0..total {
+        let mut best = 0;
+        for i in 0..weights.len() {
+            current[i] += weights[i];
+            if current[i] > current[best] {
+                best = i;
+            }
+        }
+        current[best] -= total;
+        out.push(best);
+    }
+    out
+}
+
+/// A route ready to serve.
+pub struct RouteEntry {
+    pub id: String,
+    pub name: Option<String>,
+    pub service_id: Option<String>,
+    /// The route's plugins, with its service's merged in (the route's conf wins by name).
+    pub chain: Chain,
+    pub upstream: Option<Arc<UpstreamEntry>>,
+    pub conf_type: &'static str,
+    pub conf_id: String,
+    pub conf_version: String,
+}
+
+/// Everything a request reads.
+pub struct Snapshot {
+    pub generation: u64,
+    pub built_at: SystemTime,
+    pub router: Router,
+    /// Enabled routes, in the order given to the router.
+    pub routes: Vec<Arc<RouteEntry>>,
+    /// The global rules' plugins merged into one chain.
+    pub global: Chain,
+    pub registry: Arc<Registry>,
+    /// The resources it was built from.
+    pub doc: Arc<Document>,
+}
+
+impl Snapshot {
+    /// An empty snapshot (no routes): what a node serves before its first successful build.
+    pub fn empty() -> Self {
+        Snapshot {
+            generation: 0,
+            built_at: SystemTime::now(),
+            router: Router::new(&[]).expect("an empty router always builds"),
+            routes: Vec::new(),
+            global: Chain::default(),
+            registry: Arc::new(Registry::new()),
+            doc: Arc::new(Document::default()),
+        }
+    }
+}
+
+/// Builds a snapshot from resources and a plugin registry, checking everything.
+pub fn build(
+    doc: Arc<Document>,
+    registry: Arc<Registry>,
+    generation: u64,
+) -> Result<Snapshot, ConfigErrors> {
+    let mut errors = Vec::new();
+    let conf_version = generation.to_string();
+
+    // Upstreams by id.
+    let mut upstreams: HashMap<String, Arc<UpstreamEntry>> = HashMap::new();
+    for (i, u) in doc.upstreams.iter().enumerate() {
+        let path = format!("upstreams[{i}]");
+        let Some(id) = &u.id else {
+            errors.push(ConfigError::new(format!("{path}.id"), "an id is required"));
+            continue;
+        };
+        if let Err(e) = check_upstream(u) {
+            errors.push(ConfigError::new(path, e));
+            continue;
+        }
+        if upstreams
+            .insert(id.0.clone(), Arc::new(UpstreamEntry::new(Some(id.0.clone()), u.clone())))
+            .is_some()
+        {
+            errors.push(ConfigError::new(format!("{path}.id"), format!("duplicate id \"{id}\"")));
+        }
+    }
+
+    // Services by id, with their plugins checked.
+    struct ServiceEntry {
+        plugins: Vec<(String, Value)>,
+        upstream: Option<Arc<UpstreamEntry>>,
+        hosts: Option<Vec<String>>,
+    }
+    let mut services: HashMap<String, ServiceEntry> = HashMap::new();
+    for (i, s) in doc.services.iter().enumerate() {
+        let path = format!("services[{i}]");
+        let Some(id) = &s.id else {
+            errors.push(ConfigError::new(format!("{path}.id"), "an id is required"));
+            continue;
+        };
+        let upstream = resolve_upstream(
+            &path,
+            s.upstream.as_ref(),
+            s.upstream_id.as_ref().map(|i| i.0.as_str()),
+            &upstreams,
+            &mut errors,
+        );
+        let plugins = s.plugins.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        if services
+            .insert(
+                id.0.clone(),
+                ServiceEntry {
+                    plugins,
+                    upstream,
+                    hosts: s.hosts.clone(),
+                },
+            )
+            .is_some()
+        {
+            errors.push(ConfigError::new(format!("{path}.id"), format!("duplicate id \"{id}\"")));
+        }
+    }
+
+    // Global rules: one merged chain. A plugin named by two rules is an error (APISIX drops it
+    // with an error log; refusing the config is the safer choice).
+    let mut global_entries = Vec::new();
+    let mut global_seen: HashMap<String, usize> = HashMap::new();
+    let mut global_ids = HashSet::new();
+    for (i, g) in doc.global_rules.iter().enumerate() {
+        let path = format!("global_rules[{i}]");
+        match &g.id {
+            None => errors.push(ConfigError::new(format!("{path}.id"), "an id is required")),
+            Some(id) if !global_ids.insert(id.0.clone()) => errors.push(ConfigError::new(
+                format!("{path}.id"),
+                format!("duplicate id \"{id}\""),
+            )),
+            Some(_) => {}
+        }
+        for (name, conf) in &g.plugins {
+            if let Some(other) = global_seen.insert(name.clone(), i) {
+                errors.push(ConfigError::new(
+                    format!("{path}.plugins.{name}"),
+                    format!("plugin \"{name}\" is already enabled by global_rules[{other}]"),
+                ));
+                continue;
+            }
+            if let Some(e) = make_entry(&registry, &format!("{path}.plugins"), name, conf, &mut errors)
+            {
+                global_entries.push(e);
+            }
+        }
+    }
+    let global = Chain::new(global_entries);
+
+    // Routes.
+    let mut routes = Vec::new();
+    let mut specs = Vec::new();
+    let mut route_ids = HashSet::new();
+    for (i, r) in doc.routes.iter().enumerate() {
+        let path = format!("routes[{i}]");
+        let before = errors.len();
+        let Some(id) = &r.id else {
+            errors.push(ConfigError::new(format!("{path}.id"), "an id is required"));
+            continue;
+        };
+        if !route_ids.insert(id.0.clone()) {
+            errors.push(ConfigError::new(format!("{path}.id"), format!("duplicate id \"{id}\"")));
+        }
+        let uris = match (&r.uri, &r.uris) {
+            (Some(u), None) => vec![u.clone()],
+            (None, Some(us)) if !us.is_empty() => us.clone(),
+            (Some(_), Some(_)) => {
+                errors.push(ConfigError::new(path.clone(), "set either \"uri\" or \"uris\", not both"));
+                continue;
+            }
+            _ => {
+                errors.push(ConfigError::new(path.clone(), "\"uri\" or \"uris\" is required"));
+                continue;
+            }
+        };
+        if r.host.is_some() && r.hosts.is_some() {
+            errors.push(ConfigError::new(path.clone(), "set either \"host\" or \"hosts\", not both"));
+            continue;
+        }
+        if r.status > 1 {
+            errors.push(ConfigError::new(format!("{path}.status"), "expected 0 or 1"));
+        }
+        let service = match &r.service_id {
+            Some(sid) => match services.get(&sid.0) {
+                Some(s) => Some(s),
+                None => {
+                    errors.push(ConfigError::new(
+                        format!("{path}.service_id"),
+                        format!("service \"{sid}\" not found"),
+                    ));
+                    continue;
+                }
+            },
+            None => None,
+        };
+        let mut upstream = resolve_upstream(
+            &path,
+            r.upstream.as_ref(),
+            r.upstream_id.as_ref().map(|i| i.0.as_str()),
+            &upstreams,
+            &mut errors,
+        );
+        if upstream.is_none() && r.upstream.is_none() && r.upstream_id.is_none() {
+            upstream = service.and_then(|s| s.upstream.clone());
+        }
+        if r.plugins.is_empty()
+            && upstream.is_none()
+            && service.is_none()
+            && r.upstream.is_none()
+            && r.upstream_id.is_none()
+        {
+            errors.push(ConfigError::new(
+                path.clone(),
+                "a route needs \"upstream\", \"upstream_id\", \"service_id\" or \"plugins\"",
+            ));
+        }
+        // Service plugins first, then the route's own replace them by name (APISIX's merge).
+        let mut confs: Vec<(String, String, &Value)> = Vec::new();
+        if let (Some(s), Some(sid)) = (service, &r.service_id) {
+            let spath = services_path(&doc, &sid.0);
+            for (name, conf) in &s.plugins {
+                if !r.plugins.contains_key(name) {
+                    confs.push((format!("{spath}.plugins"), name.clone(), conf));
+                }
+            }
+        }
+        for (name, conf) in &r.plugins {
+            confs.push((format!("{path}.plugins"), name.clone(), conf));
+        }
+        let mut entries = Vec::new();
+        for (ppath, name, conf) in confs {
+            if let Some(e) = make_entry(&registry, &ppath, &name, conf, &mut errors) {
+                entries.push(e);
+            }
+        }
+        if errors.len() > before {
+            continue;
+        }
+        if r.status == 0 {
+            continue;
+        }
+        let mut hosts: Vec<String> = match (&r.host, &r.hosts) {
+            (Some(h), _) => vec![h.clone()],
+            (_, Some(hs)) => hs.clone(),
+            _ => service.and_then(|s| s.hosts.clone()).unwrap_or_default(),
+        };
+        for h in &mut hosts {
+            h.make_ascii_lowercase();
+        }
+        specs.push(RouteSpec {
+            id: id.0.clone(),
+            uris,
+            methods: r
+                .methods
+                .as_ref()
+                .map(|ms| ms.iter().map(|m| m.as_str().to_string()).collect())
+                .unwrap_or_default(),
+            hosts,
+            priority: r.priority,
+        });
+        let (conf_type, conf_id) = match &r.service_id {
+            Some(sid) => ("route&service", format!("{id}&{sid}")),
+            None => ("route", id.0.clone()),
+        };
+        routes.push(Arc::new(RouteEntry {
+            id: id.0.clone(),
+            name: r.name.clone(),
+            service_id: r.service_id.as_ref().map(|s| s.0.clone()),
+            chain: Chain::new(entries),
+            upstream,
+            conf_type,
+            conf_id,
+            conf_version: conf_version.clone(),
+        }));
+    }
+
+    let router = match Router::new(&specs) {
+        Ok(r) => Some(r),
+        Err(e) => {
+            errors.push(ConfigError::new("routes", e.to_string()));
+            None
+        }
+    };
+    if !errors.is_empty() {
+        return Err(ConfigErrors(errors));
+    }
+    Ok(Snapshot {
+        generation,
+        built_at: SystemTime::now(),
+        router: router.expect("router built when there are no errors"),
+        routes,
+        global,
+        registry,
+        doc,
+    })
+}
+
+fn services_path(doc: &Document, id: &str) -> String {
+    doc.services
+        .iter()
+        .position(|s| s.id.as_ref().is_some_and(|i| i.0 == id))
+        .map(|i| format!("services[{i}]"))
+        .unwrap_or_else(|| "services".to_string())
+}
+
+fn resolve_upstream(
+    path: &str,
+    inline: Option<&Upstream>,
+    id: Option<&str>,
+    upstreams: &HashMap<String, Arc<UpstreamEntry>>,
+    errors: &mut Vec<ConfigError>,
+) -> Option<Arc<UpstreamEntry>> {
+    match (inline, id) {
+        (Some(_), Some(_)) => {
+            errors.push(ConfigError::new(
+                path,
+                "set either \"upstream\" or \"upstream_id\", not both",
+            ));
+            None
+        }
+        (Some(u), None) => match check_upstream(u) {
+            Ok(()) => Some(Arc::new(UpstreamEntry::new(None, u.clone()))),
+            Err(e) => {
+                errors.push(ConfigError::new(format!("{path}.upstream"), e));
+                None
+            }
+        },
+        (None, Some(id)) => match upstreams.get(id) {
+            Some(u) => Some(u.clone()),
+            None => {
+                errors.push(ConfigError::new(
+                    format!("{path}.upstream_id"),
+                    format!("upstream \"{id}\" not found"),
+                ));
+                None
+            }
+        },
+        (None, None) => None,
+    }
+}
+
+/// Checks an upstream's fields beyond their types.
+pub fn check_upstream(u: &Upstream) -> Result<(), String> {
+    if u.pass_host == PassHost::Rewrite && u.upstream_host.as_deref().unwrap_or("").is_empty() {
+        return Err("pass_host \"rewrite\" needs \"upstream_host\"".into());
+    }
+    if let Some(t) = &u.timeout {
+        for (name, v) in [("connect", t.connect), ("send", t.send), ("read", t.read)] {
+            if !(v > 0.0) {
+                return Err(format!("timeout.{name} must be greater than 0"));
+            }
+        }
+    }
+    if let Some(p) = &u.keepalive_pool {
+        if !(p.idle_timeout >= 0.0) {
+            return Err("keepalive_pool.idle_timeout must not be negative".into());
+        }
+    }
+    Ok(())
+}
+
+/// Validates one plugin conf and makes its chain entry, or records why not.
+fn make_entry(
+    registry: &Registry,
+    path: &str,
+    name: &str,
+    conf: &Value,
+    errors: &mut Vec<ConfigError>,
+) -> Option<ChainEntry> {
+    let Some(plugin) = registry.get(name) else {
+        errors.push(ConfigError::new(
+            format!("{path}.{name}"),
+            format!("unknown plugin \"{name}\""),
+        ));
+        return None;
+    };
+    let mut conf = conf.clone();
+    if !conf.is_object() {
+        errors.push(ConfigError::new(
+            format!("{path}.{name}"),
+            format!(
+                "failed to check the configuration of plugin {name} err: wrong type: expected object, got {}",
+                json_type(&conf)
+            ),
+        ));
+        return None;
+    }
+    match plugin.check_conf(&mut conf, ConfScope::Route) {
+        Ok(compiled) => Some(ChainEntry {
+            plugin: plugin.clone(),
+            conf: Arc::new(PluginConf::new(conf, compiled)),
+        }),
+        Err(e) => {
+            errors.push(ConfigError::new(
+                format!("{path}.{name}"),
+                format!("failed to check the configuration of plugin {name} err: {e}"),
+            ));
+            None
+        }
+    }
+}
+
+/// The JSON type name as APISIX's messages spell it.
+pub fn json_type(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    }
+}
+
+/// A failed build, kept for the status endpoint and logs.
+#[derive(Debug, Clone)]
+pub struct FailedBuild {
+    pub at: SystemTime,
+    pub trigger: String,
+    pub errors: Vec<String>,
+}
+
+/// The process-wide gateway state: the current snapshot and its history.
+pub struct Gateway {
+    current: ArcSwap<Snapshot>,
+    next_generation: AtomicU64,
+    pub last_failure: Mutex<Option<FailedBuild>>,
+}
+
+impl Gateway {
+    pub fn new(initial: Snapshot) -> Self {
+        let next = initial.generation + 1;
+        Gateway {
+            current: ArcSwap::from_pointee(initial),
+            next_generation: AtomicU64::new(next),
+            last_failure: Mutex::new(None),
+        }
+    }
+
+    /// The snapshot in force now. Cheap: no lock, no allocation.
+    pub fn load(&self) -> arc_swap::Guard<Arc<Snapshot>> {
+        self.current.load()
+    }
+
+    pub fn load_full(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
+    /// Reserves the generation number for the next build.
+    pub fn next_generation(&self) -> u64 {
+        self.next_generation.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Publishes a fully built snapshot; returns the one it replaced.
+    pub fn publish(&self, snapshot: Snapshot) -> Arc<Snapshot> {
+        *self.last_failure.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.current.swap(Arc::new(snapshot))
+    }
+
+    pub fn record_failure(&self, trigger: &str, errors: &ConfigErrors) {
+        *self.last_failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(FailedBuild {
+            at: SystemTime::now(),
+            trigger: trigger.to_string(),
+            errors: errors.0.iter().map(|e| e.to_string()).collect(),
+        });
+    }
+}
+
+/// Resource JSON with APISIX's shape for a plugin map (used by listings).
+pub fn plugins_json(map: &Map<String, Value>) -> Value {
+    Value::Object(map.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(w: u32) -> Node {
+        Node {
+            host: "h".into(),
+            port: Some(1),
+            weight: w,
+        }
+    }
+
+    #[test]
+    fn schedule_is_smooth_and_weighted() {
+        let s = weighted_schedule(&[node(3), node(1)]);
+        assert_eq!(s, vec![0, 0, 1, 0]);
+        let s = weighted_schedule(&[node(2), node(2)]);
+        assert_eq!(s, vec![0, 1]);
+        assert!(weighted_schedule(&[node(0)]).is_empty());
+        let s = weighted_schedule(&[node(1_000_000), node(1)]);
+        assert!(s.len() <= 4097 && s.contains(&1));
+    }
+}
