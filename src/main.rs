@@ -10,7 +10,7 @@ use tracing_subscriber::EnvFilter;
 
 use moongate::config::{self, NodeConfig};
 use moongate::proxy;
-use moongate::reload;
+use moongate::reload::{self, Reloader};
 use moongate::snapshot::Gateway;
 
 const DEFAULT_CONFIG: &str = "conf/config.yaml";
@@ -105,6 +105,14 @@ fn run(path: &std::path::Path) -> ExitCode {
     };
     let routes = snap.routes.len();
     let gw = Arc::new(Gateway::new(snap));
+    let reloader = Arc::new(Reloader::new(
+        gw.clone(),
+        path.to_path_buf(),
+        (*node).clone(),
+    ));
+    if let Err(e) = reload::watch_files(reloader.clone()) {
+        tracing::warn!("file watching is off, changes need a restart: {e}");
+    }
     let workers = node.workers.unwrap_or_else(|| {
         std::thread::available_parallelism()
             .map(|n| n.get())

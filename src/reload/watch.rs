@@ -1,0 +1,144 @@
+//! Watching the config file and the plugin folders.
+//!
+//! Folders are watched rather than files, and their parents too: editors save by writing a
+//! temporary file and renaming it over the old one, and Kubernetes swaps a `..data` symlink,
+//! both of which replace the watched inode. Events are debounced: the first one starts a quiet
+//! period, later ones extend it, and one rebuild follows the burst.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use notify::{Event, EventKind, RecommendedWatcher, RecursiveMode, Watcher};
+
+use super::Reloader;
+
+/// Quiet time after the last event before a rebuild starts.
+pub const DEBOUNCE: Duration = Duration::from_millis(100);
+
+/// Starts watching; rebuilds through `reloader` on changes, for the life of the process.
+pub fn watch_files(reloader: Arc<Reloader>) -> notify::Result<()> {
+    let snap = reloader.gateway().load_full();
+    let config = absolute(reloader.config_path());
+    let plugin_dirs: Vec<PathBuf> = snap.doc.node.plugin_dirs.iter().map(|d| absolute(d)).collect();
+
+    let (tx, rx) = mpsc::channel::<Event>();
+    let mut watcher = notify::recommended_watcher(move |res: notify::Result<Event>| {
+        if let Ok(ev) = res {
+            let _ = tx.send(ev);
+        }
+    })?;
+
+    let mut dirs = BTreeSet::new();
+    if let Some(parent) = config.parent() {
+        dirs.insert(parent.to_path_buf());
+    }
+    for d in &plugin_dirs {
+        dirs.insert(d.clone());
+        if let Some(parent) = d.parent() {
+            dirs.insert(parent.to_path_buf());
+        }
+    }
+    let mut watched = BTreeSet::new();
+    watch_existing(&mut watcher, &dirs, &mut watched);
+
+    let relevant = Relevance {
+        config,
+        plugin_dirs,
+    };
+    std::thread::Builder::new()
+        .name("moongate-reload".into())
+        .spawn(move || debounce_loop(rx, relevant, reloader, watcher, dirs, watched))
+        .map_err(|e| notify::Error::generic(&e.to_string()))?;
+    Ok(())
+}
+
+/// Watches each folder that exists and is not watched yet. A plugin folder created after
+/// start-up is picked up on the next event in its parent.
+fn watch_existing(
+    watcher: &mut RecommendedWatcher,
+    dirs: &BTreeSet<PathBuf>,
+    watched: &mut BTreeSet<PathBuf>,
+) {
+    for d in dirs {
+        if watched.contains(d) || !d.is_dir() {
+            continue;
+        }
+        match watcher.watch(d, RecursiveMode::NonRecursive) {
+            Ok(()) => {
+                tracing::debug!(dir = %d.display(), "watching for changes");
+                watched.insert(d.clone());
+            }
+            Err(e) => tracing::warn!(dir = %d.display(), "cannot watch for changes: {e}"),
+        }
+    }
+}
+
+fn absolute(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+/// Which paths matter: the config file, anything in a plugin folder, a plugin folder itself
+/// being replaced, and Kubernetes' `..data` swap next to the config.
+struct Relevance {
+    config: PathBuf,
+    plugin_dirs: Vec<PathBuf>,
+}
+
+impl Relevance {
+    fn matters(&self, path: &Path) -> bool {
+        if path == self.config || path.file_name().is_some_and(|n| n == "..data") {
+            return true;
+        }
+        if path.parent() == self.config.parent()
+            && path.file_name() == self.config.file_name()
+        {
+            return true;
+        }
+        self.plugin_dirs
+            .iter()
+            .any(|d| path == d || path.parent() == Some(d.as_path()))
+    }
+}
+
+fn debounce_loop(
+    rx: mpsc::Receiver<Event>,
+    relevant: Relevance,
+    reloader: Arc<Reloader>,
+    mut watcher: RecommendedWatcher,
+    dirs: BTreeSet<PathBuf>,
+    mut watched: BTreeSet<PathBuf>,
+) {
+    loop {
+        // Wait for the first relevant event.
+        let Ok(ev) = rx.recv() else { return };
+        watch_existing(&mut watcher, &dirs, &mut watched);
+        if !is_change(&ev) || !ev.paths.iter().any(|p| relevant.matters(p)) {
+            continue;
+        }
+        // Drain the burst: rebuild once things have been quiet for DEBOUNCE.
+        loop {
+            match rx.recv_timeout(DEBOUNCE) {
+                Ok(_) => continue,
+                Err(mpsc::RecvTimeoutError::Timeout) => break,
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            }
+        }
+        let trigger = ev
+            .paths
+            .first()
+            .map(|p| format!("file change: {}", p.display()))
+            .unwrap_or_else(|| "file change".to_string());
+        // A failed build is logged and kept by the reloader; the next event retries.
+        let _ = reloader.rebuild(&trigger, false);
+    }
+}
+
+fn is_change(ev: &Event) -> bool {
+    matches!(
+        ev.kind,
+        EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_) | EventKind::Any
+    )
+}
