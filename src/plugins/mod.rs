@@ -1,5 +1,6 @@
 //! Native (Rust) plugins shipped with moongate.
 
+pub mod openfunction;
 pub mod response_headers;
 
 use std::sync::Arc;
@@ -8,5 +9,5 @@ use crate::plugin::Plugin;
 
 /// Every native plugin, one instance each.
 pub fn native() -> Vec<Arc<dyn Plugin>> {
-    vec![Arc::new(response_headers::ResponseHeaders)]
+    vec![Arc::new(response_headers::ResponseHeaders), Arc::new(openfunction::OpenFunction)]
 }

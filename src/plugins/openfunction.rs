@@ -1,0 +1,617 @@
+//! `openfunction`: answers a route with a function (OpenFunction, or any HTTP endpoint), the
+//! native Rust version of APISIX's `openfunction` plugin (3.18 behaviour).
+//!
+//! The plugin runs in `access` and always ends the request there: it sends the request (method,
+//! headers as earlier plugins left them, query, body) to `function_uri` and answers with the
+//! function's status, headers and body. The route's upstream, if any, is never contacted.
+//!
+//! ```yaml
+//! routes:
+//!   - uri: /hello/*
+//!     plugins:
+//!       openfunction:
+//!         function_uri: http://127.0.0.1:3233/default/function-sample
+//!         authorization: {service_token: "test:test"}
+//! ```
+//!
+//! Differences from APISIX are listed in `docs/compatibility.md` under "openfunction".
+
+use std::any::Any;
+use std::borrow::Cow;
+use std::cell::Cell;
+use std::future::Future;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use base64::Engine as _;
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, StatusCode, Uri};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use percent_encoding::{utf8_percent_encode, AsciiSet, CONTROLS};
+use serde_json::{json, Value};
+
+use crate::body::{BoxError, RequestBody, ResponseBody, UpstreamRequestBody};
+use crate::plugin::{
+    ConfScope, Ctx, Flow, LocalResponse, Phase, PhaseResult, PhaseSet, Plugin, PluginConf,
+    PluginError, Schema,
+};
+use crate::proxy::client::{worker_client, PoolOptions, Target};
+use crate::proxy::headers::strip_hop_by_hop;
+
+/// The plugin's name, as routes enable it.
+pub const NAME: &str = "openfunction";
+
+/// APISIX's priority for `openfunction` (between openwhisk -1901 and serverless-post-function).
+pub const PRIORITY: i64 = -1902;
+
+/// The `openfunction` plugin. One instance serves every route; per-route state lives in the
+/// compiled [`OpenFunctionConf`].
+pub struct OpenFunction;
+
+/// A route's `openfunction` conf, parsed once when the snapshot is built.
+#[derive(Debug, Clone)]
+pub struct OpenFunctionConf {
+    /// Where the function lives.
+    pub uri: FunctionUri,
+    /// `Basic base64(service_token)`, when `authorization.service_token` is set.
+    pub authorization: Option<HeaderValue>,
+    /// Bounds connect, send + response head, and each gap between response body chunks.
+    pub timeout: Duration,
+    /// Verify the function's TLS certificate.
+    pub ssl_verify: bool,
+    /// Connection reuse: `keepalive_pool` idle connections for `keepalive_timeout`, or none.
+    pub pool: PoolOptions,
+    /// Largest request body forwarded; larger ones get 400.
+    pub max_req_body_size: u64,
+}
+
+/// `function_uri`, split into what a request needs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FunctionUri {
+    /// `Some(true)` for https, `Some(false)` for http, `None` for a scheme-less `//host/...`
+    /// (the client's scheme is used, as lua-resty-http does).
+    pub tls: Option<bool>,
+    /// Host to connect to: lower-cased, IPv6 without brackets.
+    pub host: String,
+    /// The `Host` header sent: the host without port (IPv6 in brackets), as APISIX sends it.
+    pub host_header: HeaderValue,
+    /// The explicit port, if any (else 80 or 443).
+    pub port: Option<u16>,
+    /// The path part, `""` when the uri has none. Its query and fragment are dropped: the
+    /// client's query replaces the query.
+    pub base_path: String,
+}
+
+impl FunctionUri {
+    /// Where to connect for a request that came in with `client_scheme`.
+    fn target(&self, client_scheme: &str, verify: bool) -> Target {
+        let tls = self.tls.unwrap_or(client_scheme == "https");
+        Target {
+            tls,
+            host: self.host.clone(),
+            port: self.port.unwrap_or(if tls { 443 } else { 80 }),
+            verify,
+        }
+    }
+}
+
+fn schema() -> &'static Schema {
+    static S: OnceLock<Schema> = OnceLock::new();
+    S.get_or_init(|| {
+        // APISIX's generic-upstream schema, property for property. `authorization` is validated
+        // as an object with a string `service_token` (APISIX declares it in a way its
+        // validator ignores; see docs/compatibility.md).
+        Schema::compile(&json!({
+            "type": "object",
+            "properties": {
+                "max_req_body_size": {
+                    "type": "integer",
+                    "minimum": 1,
+                    "default": 67108864,
+                    "description": "maximum request body size in bytes buffered into memory; larger request bodies are rejected"
+                },
+                "function_uri": {"type": "string"},
+                "authorization": {
+                    "type": "object",
+                    "properties": {"service_token": {"type": "string"}}
+                },
+                "timeout": {"type": "integer", "minimum": 100, "default": 3000},
+                "ssl_verify": {"type": "boolean", "default": true},
+                "keepalive": {"type": "boolean", "default": true},
+                "keepalive_timeout": {"type": "integer", "minimum": 1000, "default": 60000},
+                "keepalive_pool": {"type": "integer", "minimum": 1, "default": 5}
+            },
+            "required": ["function_uri"]
+        }))
+        .expect("the openfunction schema compiles")
+    })
+}
+
+/// Parses `function_uri` as lua-resty-http does (`[http[s]:]//host[:port][/path][?query]`), and
+/// refuses what would fail on every request there: another scheme, user info, an empty host, a
+/// bad port, or a path that is not a valid request path.
+pub fn parse_function_uri(uri: &str) -> Result<FunctionUri, String> {
+    let bad = |why: &str| format!("bad uri \"{uri}\": {why}");
+    let (scheme, rest) = uri
+        .split_once("//")
+        .ok_or_else(|| bad("expected http://host[:port][/path] or https://..."))?;
+    let tls = match scheme.to_ascii_lowercase().as_str() {
+        "" => None,
+        "http:" => Some(false),
+        "https:" => Some(true),
+        _ => return Err(bad("only http and https are supported")),
+    };
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    if authority.contains('@') {
+        return Err(bad(
+            "user info is not supported; use authorization.service_token",
+        ));
+    }
+    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+        let (addr, after) = v6
+            .split_once(']')
+            .ok_or_else(|| bad("unclosed [ in the host"))?;
+        addr.parse::<std::net::Ipv6Addr>()
+            .map_err(|_| bad("the host is not a valid IPv6 address"))?;
+        (addr.to_ascii_lowercase(), after)
+    } else {
+        let (h, after) = match authority.find(':') {
+            Some(i) => authority.split_at(i),
+            None => (authority, ""),
+        };
+        let valid = !h.is_empty()
+            && h.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'));
+        if !valid {
+            return Err(bad("the host is missing or not a valid host name"));
+        }
+        (h.to_ascii_lowercase(), after)
+    };
+    let port = match port {
+        "" => None,
+        p => {
+            let digits = p.strip_prefix(':').unwrap_or(p);
+            match digits.parse::<u16>() {
+                Ok(n) if n > 0 && digits.bytes().all(|b| b.is_ascii_digit()) => Some(n),
+                _ => return Err(bad("the port must be a number from 1 to 65535")),
+            }
+        }
+    };
+    let path_end = tail.find(['?', '#']).unwrap_or(tail.len());
+    let base_path = tail[..path_end].to_string();
+    if !base_path.is_empty() && base_path.parse::<Uri>().is_err() {
+        return Err(bad(
+            "the path has characters that are not allowed in a URL path",
+        ));
+    }
+    let host_header = if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host.clone()
+    };
+    let host_header = HeaderValue::from_str(&host_header).map_err(|_| bad("bad host"))?;
+    Ok(FunctionUri {
+        tls,
+        host,
+        host_header,
+        port,
+        base_path,
+    })
+}
+
+/// Bytes of the (decoded) route tail that must be escaped again to form a request path.
+const PATH_ESCAPE: &AsciiSet = &CONTROLS
+    .add(b' ')
+    .add(b'"')
+    .add(b'#')
+    .add(b'%')
+    .add(b'<')
+    .add(b'>')
+    .add(b'?')
+    .add(b'`')
+    .add(b'{')
+    .add(b'}')
+    .add(b'|')
+    .add(b'\\')
+    .add(b'^');
+
+/// The path sent to the function: the base path, joined with the tail matched by a route uri
+/// ending in `*` (APISIX's `:ext`) by APISIX's rule: one `/` between them unless the base ends
+/// in `/` or the tail starts with one. The tail is decoded (it was matched against `$uri`), so
+/// it is escaped again where a path needs it.
+pub fn function_path(base: &str, ext: Option<&str>) -> String {
+    let Some(ext) = ext else {
+        return if base.is_empty() {
+            "/".to_string()
+        } else {
+            base.to_string()
+        };
+    };
+    let ext: Cow<str> = utf8_percent_encode(ext, PATH_ESCAPE).into();
+    let mut path = String::with_capacity(base.len() + ext.len() + 1);
+    path.push_str(base);
+    if !base.ends_with('/') && !ext.starts_with('/') {
+        path.push('/');
+    }
+    path.push_str(&ext);
+    path
+}
+
+/// Response headers that describe the function's connection, not the response; removed as APISIX
+/// removes them.
+const RESPONSE_DROP: [HeaderName; 5] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::UPGRADE,
+    header::TRANSFER_ENCODING,
+];
+
+fn int(conf: &Value, key: &str) -> u64 {
+    // The schema has checked the type and minimum and filled the default; integers may arrive
+    // as `100.0`, which APISIX also accepts.
+    conf.get(key)
+        .and_then(|v| v.as_u64().or_else(|| v.as_f64().map(|f| f as u64)))
+        .unwrap_or(0)
+}
+
+fn compile(conf: &Value) -> Result<OpenFunctionConf, String> {
+    let function_uri = conf
+        .get("function_uri")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let uri = parse_function_uri(function_uri)
+        .map_err(|e| format!("property \"function_uri\" validation failed: {e}"))?;
+    let authorization = conf
+        .get("authorization")
+        .and_then(|a| a.get("service_token"))
+        .and_then(Value::as_str)
+        .map(|token| {
+            let encoded = base64::engine::general_purpose::STANDARD.encode(token);
+            // Base64 output is always a valid header value.
+            HeaderValue::from_str(&format!("Basic {encoded}")).map_err(|_| {
+                "property \"authorization\" validation failed: bad service_token".to_string()
+            })
+        })
+        .transpose()?;
+    let keepalive = conf
+        .get("keepalive")
+        .and_then(Value::as_bool)
+        .unwrap_or(true);
+    let pool = if keepalive {
+        PoolOptions {
+            max_idle: usize::try_from(int(conf, "keepalive_pool")).unwrap_or(usize::MAX),
+            idle_timeout: Duration::from_millis(int(conf, "keepalive_timeout")),
+            max_requests: 0,
+        }
+    } else {
+        PoolOptions::NONE
+    };
+    Ok(OpenFunctionConf {
+        uri,
+        authorization,
+        timeout: Duration::from_millis(int(conf, "timeout")),
+        ssl_verify: conf
+            .get("ssl_verify")
+            .and_then(Value::as_bool)
+            .unwrap_or(true),
+        pool,
+        max_req_body_size: int(conf, "max_req_body_size"),
+    })
+}
+
+/// The request phase's failure modes that end in a status without a body.
+fn exit(status: StatusCode) -> PhaseResult {
+    tracing::warn!("{NAME} exits with http status code {}", status.as_u16());
+    Ok(Flow::Respond(LocalResponse::text(status, Bytes::new())))
+}
+
+#[async_trait(?Send)]
+impl Plugin for OpenFunction {
+    fn name(&self) -> &str {
+        NAME
+    }
+
+    fn priority(&self) -> i64 {
+        PRIORITY
+    }
+
+    fn version(&self) -> &str {
+        "0.1"
+    }
+
+    fn schema(&self) -> &Schema {
+        schema()
+    }
+
+    fn check_conf(
+        &self,
+        conf: &mut Value,
+        _scope: ConfScope,
+    ) -> Result<Arc<dyn Any + Send + Sync>, String> {
+        self.schema().check(conf)?;
+        Ok(Arc::new(compile(conf)?))
+    }
+
+    fn phases(&self) -> PhaseSet {
+        PhaseSet::empty().with(Phase::Access)
+    }
+
+    async fn access(&self, conf: &PluginConf, ctx: &mut Ctx) -> PhaseResult {
+        let c = conf
+            .compiled::<OpenFunctionConf>()
+            .ok_or_else(|| PluginError::new(NAME, Phase::Access, "conf was not compiled"))?;
+        let body = match ctx.body.read_all(c.max_req_body_size).await {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(
+                    route = ctx.route_id(),
+                    "error while reading request body: {e}"
+                );
+                return exit(StatusCode::BAD_REQUEST);
+            }
+        };
+        match call(c, ctx, body).await {
+            Ok(local) => {
+                if local.status.as_u16() >= 400 {
+                    tracing::warn!(
+                        "{NAME} exits with http status code {}",
+                        local.status.as_u16()
+                    );
+                }
+                Ok(Flow::Respond(local))
+            }
+            Err(reason) => {
+                tracing::error!(
+                    route = ctx.route_id(),
+                    "failed to process {NAME}, err: {reason}"
+                );
+                exit(StatusCode::SERVICE_UNAVAILABLE)
+            }
+        }
+    }
+}
+
+/// Calls the function and turns its answer into the route's response. Err is the reason, as
+/// it goes into the `failed to process openfunction, err: <reason>` log line.
+async fn call(
+    c: &OpenFunctionConf,
+    ctx: &Ctx,
+    body: Option<Bytes>,
+) -> Result<LocalResponse, String> {
+    let mut target_uri = function_path(&c.uri.base_path, ctx.matched_ext());
+    if let Some(args) = ctx.args.as_deref().filter(|a| !a.is_empty()) {
+        target_uri.push('?');
+        target_uri.push_str(args);
+    }
+    let uri: Uri = target_uri
+        .parse()
+        .map_err(|_| "invalid characters found in path".to_string())?;
+
+    // The request as the plugins before this one left it, minus what describes the client's
+    // connection or framing (hyper frames the body it sends).
+    let mut headers = ctx.headers.clone();
+    strip_hop_by_hop(&mut headers);
+    headers.remove(header::CONTENT_LENGTH);
+    headers.insert(header::HOST, c.uri.host_header.clone());
+    if let Some(auth) = &c.authorization {
+        // Always replaces the client's: an auth plugin in front may have accepted a header
+        // that was never meant for the function.
+        headers.insert(header::AUTHORIZATION, auth.clone());
+    }
+    let req_body = match body {
+        Some(b) => {
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(b.len()));
+            RequestBody::Full(b)
+        }
+        None => {
+            if matches!(ctx.method, Method::POST | Method::PUT | Method::PATCH) {
+                headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+            }
+            RequestBody::Empty
+        }
+    };
+    let mut req = Request::new(UpstreamRequestBody::new(
+        req_body,
+        None,
+        Rc::new(Cell::new(false)),
+    ));
+    *req.method_mut() = ctx.method.clone();
+    *req.uri_mut() = uri;
+    *req.headers_mut() = headers;
+
+    let client = worker_client();
+    let target = c.uri.target(ctx.scheme, c.ssl_verify);
+    let conn = client
+        .checkout(&target, c.timeout, c.pool)
+        .await
+        .map_err(|e| e.to_string())?;
+    let res = conn
+        .send(&client, req, c.timeout, c.pool)
+        .await
+        .map_err(|e| e.to_string())?;
+
+    let (parts, incoming) = res.into_parts();
+    let mut headers: HeaderMap = parts.headers;
+    for h in &RESPONSE_DROP {
+        headers.remove(h);
+    }
+    Ok(LocalResponse {
+        status: parts.status,
+        headers,
+        body: ResponseBody::boxed(IdleTimeout::new(incoming, c.timeout)),
+    })
+}
+
+/// The function's response body, failing when no data arrives for `limit`: `timeout` bounds
+/// each wait for the function, as lua-resty-http's read timeout does.
+struct IdleTimeout {
+    inner: Incoming,
+    limit: Duration,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl IdleTimeout {
+    fn new(inner: Incoming, limit: Duration) -> Self {
+        IdleTimeout {
+            inner,
+            limit,
+            sleep: None,
+        }
+    }
+}
+
+impl Body for IdleTimeout {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                this.sleep = None;
+                Poll::Ready(frame.map(|r| r.map_err(Into::into)))
+            }
+            Poll::Pending => {
+                let limit = this.limit;
+                let sleep = this
+                    .sleep
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+                if sleep.as_mut().poll(cx).is_ready() {
+                    tracing::error!(
+                        "failed to process {NAME}, err: timeout while reading the response body"
+                    );
+                    return Poll::Ready(Some(Err("timeout".into())));
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn checked(mut v: Value) -> Result<(Value, OpenFunctionConf), String> {
+        schema().check(&mut v)?;
+        let c = compile(&v)?;
+        Ok((v, c))
+    }
+
+    #[test]
+    fn defaults_are_filled() {
+        let (v, c) = checked(json!({"function_uri": "http://127.0.0.1:30585/default/test-body"}))
+            .expect("valid");
+        assert_eq!(v["timeout"], 3000);
+        assert_eq!(v["ssl_verify"], true);
+        assert_eq!(v["keepalive"], true);
+        assert_eq!(v["keepalive_timeout"], 60000);
+        assert_eq!(v["keepalive_pool"], 5);
+        assert_eq!(v["max_req_body_size"], 67108864);
+        assert_eq!(c.timeout, Duration::from_millis(3000));
+        assert_eq!(c.pool.max_idle, 5);
+        assert!(c.authorization.is_none());
+    }
+
+    #[test]
+    fn schema_errors_use_apisix_wording() {
+        let e = |v: Value| checked(v).err().unwrap_or_default();
+        assert_eq!(
+            e(json!({"timeout": 60000})),
+            "property \"function_uri\" is required"
+        );
+        assert_eq!(
+            e(json!({"function_uri": 30858})),
+            "property \"function_uri\" validation failed: wrong type: expected string, got number"
+        );
+        assert_eq!(
+            e(json!({"function_uri": "http://h", "timeout": 99})),
+            "property \"timeout\" validation failed: expected 99 to be at least 100"
+        );
+        assert_eq!(
+            e(json!({"function_uri": "http://h", "timeout": 1.5})),
+            "property \"timeout\" validation failed: wrong type: expected integer, got number"
+        );
+        assert_eq!(
+            e(json!({"function_uri": "http://h", "authorization": {"service_token": 1}})),
+            "property \"authorization\" validation failed: property \"service_token\" validation failed: wrong type: expected string, got number"
+        );
+    }
+
+    #[test]
+    fn token_is_base64_of_the_whole_string() {
+        let (_, c) = checked(
+            json!({"function_uri": "http://h", "authorization": {"service_token": "test:test"}}),
+        )
+        .expect("valid");
+        assert_eq!(
+            c.authorization.as_ref().map(|h| h.as_bytes()),
+            Some(&b"Basic dGVzdDp0ZXN0"[..])
+        );
+    }
+
+    #[test]
+    fn uris() {
+        let u = parse_function_uri("http://LocalHost:8080/Default/fn?x=1#f").expect("valid");
+        assert_eq!(u.tls, Some(false));
+        assert_eq!(u.host, "localhost");
+        assert_eq!(u.host_header, "localhost");
+        assert_eq!(u.port, Some(8080));
+        assert_eq!(u.base_path, "/Default/fn");
+        let u = parse_function_uri("https://[::1]").expect("valid");
+        assert_eq!(
+            (u.tls, u.host.as_str(), u.port, u.base_path.as_str()),
+            (Some(true), "::1", None, "")
+        );
+        assert_eq!(u.host_header, "[::1]");
+        assert_eq!(parse_function_uri("//h/x").expect("valid").tls, None);
+        for bad in [
+            "abc",
+            "ftp://h/",
+            "http://",
+            "http://u:p@h/",
+            "http://h:0/",
+            "http://h:x/",
+            "http://h:70000",
+            "http://h/a b",
+        ] {
+            assert!(parse_function_uri(bad).is_err(), "{bad} should be refused");
+        }
+    }
+
+    #[test]
+    fn paths_join_like_apisix() {
+        assert_eq!(function_path("", Some("openfunction")), "/openfunction");
+        assert_eq!(
+            function_path("/api", Some("http/trigger")),
+            "/api/http/trigger"
+        );
+        assert_eq!(function_path("/api", Some("")), "/api/");
+        assert_eq!(function_path("/api/", Some("x")), "/api/x");
+        assert_eq!(function_path("/api", Some("/x")), "/api/x");
+        assert_eq!(function_path("", Some("")), "/");
+        assert_eq!(function_path("/fn", Some("Abc/d")), "/fn/Abc/d");
+        assert_eq!(function_path("/fn", Some("a b?%")), "/fn/a%20b%3F%25");
+        assert_eq!(function_path("/fn", None), "/fn");
+        assert_eq!(function_path("", None), "/");
+    }
+}
