@@ -5,6 +5,7 @@
 //! interface every plugin implements), [`plugins`] (the native ones), [`proxy`] (listeners,
 //! workers, the upstream client) and [`reload`] (building snapshots).
 
+pub mod admin;
 pub mod body;
 pub mod config;
 pub mod plugin;
@@ -13,3 +14,4 @@ pub mod proxy;
 pub mod reload;
 pub mod router;
 pub mod snapshot;
+pub mod store;

@@ -138,6 +138,17 @@ fn run(path: &std::path::Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Before the workers start, so the stored resources serve from the first request on.
+    let _admin = match &node.admin {
+        Some(conf) => match moongate::admin::start(conf, &node, reloader.clone(), rt.handle()) {
+            Ok(a) => Some(a),
+            Err(e) => {
+                tracing::error!("{e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => None,
+    };
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let handles = match proxy::start_workers(node.clone(), gw.clone(), listeners, shutdown_rx) {
         Ok(h) => h,

@@ -1,0 +1,730 @@
+//! What each Admin API call does, independent of HTTP: requests come in as [`Call`]s and leave
+//! as [`Reply`]s with APISIX's status codes, shapes and wording.
+//!
+//! A write is validated by building a whole snapshot with the change applied
+//! (`Reloader::try_build`, the same code as config files and `moongate check`); only a build
+//! that succeeds is stored, and the store write is followed by a published rebuild before the
+//! reply, so a 2xx means "durable and serving".
+
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use serde_json::{json, Map, Value};
+
+use crate::config::{validate_id, ConfigError, ConfigErrors, Document};
+use crate::plugin::ConfScope;
+use crate::reload::Reloader;
+use crate::snapshot::json_type;
+use crate::store::{self, InsertError, InsertMode, Kind, ResourceStore};
+
+/// A reply: status and body (JSON, or plain text for `plugins/reload`'s `done`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reply {
+    pub status: u16,
+    pub body: ReplyBody,
+}
+
+/// The body of a [`Reply`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum ReplyBody {
+    Json(Value),
+    Text(&'static str),
+}
+
+impl Reply {
+    pub fn json(status: u16, body: Value) -> Reply {
+        Reply {
+            status,
+            body: ReplyBody::Json(body),
+        }
+    }
+
+    /// `{"error_msg": msg}` with `status`.
+    pub fn error(status: u16, msg: impl Into<String>) -> Reply {
+        Reply::json(status, json!({ "error_msg": msg.into() }))
+    }
+
+    /// 400 `{"error_msg": msg}`.
+    pub fn bad(msg: impl Into<String>) -> Reply {
+        Reply::error(400, msg)
+    }
+
+    /// APISIX's (etcd's) 404 for a missing key.
+    pub fn not_found() -> Reply {
+        Reply::json(404, json!({ "message": "Key not found" }))
+    }
+
+    /// The JSON body, if it has one.
+    pub fn json_body(&self) -> Option<&Value> {
+        match &self.body {
+            ReplyBody::Json(v) => Some(v),
+            ReplyBody::Text(_) => None,
+        }
+    }
+}
+
+/// One Admin API request on a resource, after HTTP parsing and authentication.
+#[derive(Debug, Clone)]
+pub enum Call {
+    List(Kind),
+    Get(Kind, String),
+    /// `PUT /KIND/ID` (id from the path) or `PUT /KIND` (id from the body).
+    Put(Kind, Option<String>, Option<Value>),
+    Post(Kind, Option<Value>),
+    /// Id, sub-path (may be empty), body.
+    Patch(Kind, String, String, Option<Value>),
+    Delete(Kind, String),
+    PluginList,
+    /// `GET /plugins` (APISIX: `?all=true`): every plugin's attributes.
+    PluginAll,
+    PluginSchema(String),
+    PluginReload,
+    Status,
+}
+
+/// The Admin API's state: the reloader every change goes through and the store.
+pub struct Admin {
+    reloader: Arc<Reloader>,
+    store: Arc<dyn ResourceStore>,
+    /// Serialises writes: validate, store and publish happen as one step per write.
+    writes: Mutex<()>,
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Admin {
+    pub fn new(reloader: Arc<Reloader>, store: Arc<dyn ResourceStore>) -> Admin {
+        Admin {
+            reloader,
+            store,
+            writes: Mutex::new(()),
+        }
+    }
+
+    /// Handles one call. Blocking (store I/O, snapshot builds): run it off the async runtime.
+    pub fn handle(&self, call: Call) -> Reply {
+        let result = match call {
+            Call::List(kind) => self.list(kind),
+            Call::Get(kind, id) => self.get(kind, &id),
+            Call::Put(kind, id, body) => self.put(kind, id, body),
+            Call::Post(kind, body) => self.post(kind, body),
+            Call::Patch(kind, id, sub, body) => self.patch(kind, &id, &sub, body),
+            Call::Delete(kind, id) => self.delete(kind, &id),
+            Call::PluginList => Ok(self.plugin_list()),
+            Call::PluginAll => Ok(self.plugin_all()),
+            Call::PluginSchema(name) => Ok(self.plugin_schema(&name)),
+            Call::PluginReload => Ok(self.plugin_reload()),
+            Call::Status => Ok(self.status()),
+        };
+        result.unwrap_or_else(|e| Reply::error(503, e.to_string()))
+    }
+
+    // ---- reads ------------------------------------------------------------------------------
+
+    fn item(kind: Kind, id: &str, value: Value, source: &str) -> Value {
+        json!({ "key": kind.key(id), "value": value, "source": source })
+    }
+
+    fn list(&self, kind: Kind) -> Result<Reply, store::StoreError> {
+        let stored = self.store.list(kind)?;
+        let snap = self.reloader.gateway().load_full();
+        let mut items: Vec<(String, Value)> = Vec::new();
+        for id in store::resource_ids(&snap.doc, kind) {
+            if stored.iter().any(|(s, _)| *s == id) {
+                continue;
+            }
+            if let Some(v) = store::resource_json(&snap.doc, kind, &id) {
+                items.push((id.clone(), Admin::item(kind, &id, v, "config_file")));
+            }
+        }
+        for (id, v) in stored {
+            let item = Admin::item(kind, &id, v, "admin_api");
+            items.push((id, item));
+        }
+        // etcd's key order, as APISIX lists.
+        items.sort_by(|a, b| a.0.cmp(&b.0));
+        let list: Vec<Value> = items.into_iter().map(|(_, v)| v).collect();
+        Ok(Reply::json(
+            200,
+            json!({ "total": list.len(), "list": list }),
+        ))
+    }
+
+    fn get(&self, kind: Kind, id: &str) -> Result<Reply, store::StoreError> {
+        if let Some(v) = self.store.get(kind, id)? {
+            return Ok(Reply::json(200, Admin::item(kind, id, v, "admin_api")));
+        }
+        let snap = self.reloader.gateway().load_full();
+        match store::resource_json(&snap.doc, kind, id) {
+            Some(v) => Ok(Reply::json(200, Admin::item(kind, id, v, "config_file"))),
+            None => Ok(Reply::not_found()),
+        }
+    }
+
+    // ---- writes -----------------------------------------------------------------------------
+
+    fn put(
+        &self,
+        kind: Kind,
+        path_id: Option<String>,
+        body: Option<Value>,
+    ) -> Result<Reply, store::StoreError> {
+        let mut conf = match object_body(body) {
+            Ok(c) => c,
+            Err(r) => return Ok(r),
+        };
+        let body_id = match body_id(&conf) {
+            Ok(i) => i,
+            Err(r) => return Ok(r),
+        };
+        let id = match (path_id, body_id) {
+            (None, None) => return Ok(Reply::bad(format!("missing {} id", kind.singular()))),
+            (Some(p), Some(b)) if p != b => {
+                return Ok(Reply::bad(format!("wrong {} id", kind.singular())))
+            }
+            (Some(p), _) => p,
+            (None, Some(b)) => b,
+        };
+        if let Err(r) = check_id(kind, &id) {
+            return Ok(r);
+        }
+        if let Some(r) = forbidden_times(&conf) {
+            return Ok(r);
+        }
+        let _guard = self.writes.lock().unwrap_or_else(|e| e.into_inner());
+        let previous = self.store.get(kind, &id)?;
+        let created = previous
+            .as_ref()
+            .and_then(|p| p.get("create_time").cloned())
+            .unwrap_or_else(|| json!(now()));
+        conf.insert("id".into(), Value::String(id.clone()));
+        conf.insert("create_time".into(), created);
+        conf.insert("update_time".into(), json!(now()));
+        let value = Value::Object(conf);
+        let status = if previous.is_some() { 200 } else { 201 };
+        self.commit(kind, &id, Some(value), previous, status)
+    }
+
+    fn post(&self, kind: Kind, body: Option<Value>) -> Result<Reply, store::StoreError> {
+        let mut conf = match object_body(body) {
+            Ok(c) => c,
+            Err(r) => return Ok(r),
+        };
+        if conf.contains_key("id") {
+            return Ok(Reply::bad(format!(
+                "wrong {} id, do not need it",
+                kind.singular()
+            )));
+        }
+        if let Some(r) = forbidden_times(&conf) {
+            return Ok(r);
+        }
+        let _guard = self.writes.lock().unwrap_or_else(|e| e.into_inner());
+        let id = self.store.generate_id(kind)?;
+        let t = now();
+        conf.insert("id".into(), Value::String(id.clone()));
+        conf.insert("create_time".into(), json!(t));
+        conf.insert("update_time".into(), json!(t));
+        self.commit(kind, &id, Some(Value::Object(conf)), None, 201)
+    }
+
+    fn patch(
+        &self,
+        kind: Kind,
+        id: &str,
+        sub_path: &str,
+        body: Option<Value>,
+    ) -> Result<Reply, store::StoreError> {
+        if let Err(r) = check_id(kind, id) {
+            return Ok(r);
+        }
+        let Some(body) = body else {
+            return Ok(Reply::bad("missing new configuration"));
+        };
+        if sub_path.is_empty() && !body.is_object() {
+            return Ok(Reply::bad("invalid configuration"));
+        }
+        let _guard = self.writes.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(previous) = self.store.get(kind, id)? else {
+            return Ok(self.missing_or_file(kind, id));
+        };
+        let mut value = previous.clone();
+        if sub_path.is_empty() {
+            merge(&mut value, body);
+        } else if let Err(msg) = patch_sub_path(&mut value, sub_path, body) {
+            return Ok(Reply::bad(msg));
+        }
+        let Value::Object(obj) = &mut value else {
+            return Ok(Reply::bad("invalid configuration"));
+        };
+        match obj.get("id").map(id_string) {
+            Some(Some(b)) if b == id => {}
+            _ => return Ok(Reply::bad(format!("wrong {} id", kind.singular()))),
+        }
+        obj.insert("id".into(), Value::String(id.to_string()));
+        obj.insert("update_time".into(), json!(now()));
+        if !obj.contains_key("create_time") {
+            obj.insert("create_time".into(), json!(now()));
+        }
+        self.commit(kind, id, Some(value), Some(previous), 200)
+    }
+
+    fn delete(&self, kind: Kind, id: &str) -> Result<Reply, store::StoreError> {
+        if let Err(r) = check_id(kind, id) {
+            return Ok(r);
+        }
+        let _guard = self.writes.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(previous) = self.store.get(kind, id)? else {
+            return Ok(self.missing_or_file(kind, id));
+        };
+        self.commit(kind, id, None, Some(previous), 200)
+    }
+
+    /// 400 for a config-file resource (read-only here), 404 otherwise.
+    fn missing_or_file(&self, kind: Kind, id: &str) -> Reply {
+        let snap = self.reloader.gateway().load_full();
+        if store::resource_ids(&snap.doc, kind).iter().any(|i| i == id) {
+            Reply::bad(file_owned(kind, id))
+        } else {
+            Reply::not_found()
+        }
+    }
+
+    /// Validates the change by a full build, stores it, publishes it. `new` None deletes.
+    /// The caller holds the write lock.
+    fn commit(
+        &self,
+        kind: Kind,
+        id: &str,
+        new: Option<Value>,
+        previous: Option<Value>,
+        status: u16,
+    ) -> Result<Reply, store::StoreError> {
+        let in_store = previous.is_some();
+        // An answer decided inside the build's edit (a file-owned id, a resource in use).
+        let mut refusal: Option<Reply> = None;
+        let mut index = None;
+        let built = self.reloader.try_build(|doc| {
+            let r = edit_document(doc, kind, id, new.clone(), in_store, &mut index);
+            if let Err(r) = r {
+                refusal = Some(r);
+                // Stops the build; the refusal above is the answer.
+                return Err(ConfigErrors(vec![ConfigError::new("", "refused")]));
+            }
+            Ok(())
+        });
+        if let Some(r) = refusal {
+            return Ok(r);
+        }
+        let snap = match built {
+            Ok(s) => s,
+            Err(errors) => return Ok(Reply::bad(api_message(&errors, kind, index))),
+        };
+        // Service plugins are only checked by a build when a route uses the service; an Admin
+        // API write checks them now so nothing invalid is stored.
+        if let (Kind::Services, Some(v)) = (kind, &new) {
+            if let Some(msg) = check_plugins(&snap, v.get("plugins")) {
+                return Ok(Reply::bad(msg));
+            }
+        }
+        drop(snap);
+
+        let started = Instant::now();
+        match &new {
+            Some(v) => {
+                self.store.put(kind, id, v)?;
+            }
+            None => {
+                self.store.delete(kind, id)?;
+            }
+        }
+        let stored = started.elapsed();
+        if let Err(errors) = self.reloader.rebuild("admin api", true) {
+            // Something changed between the check and the publish (the config file, most
+            // likely): put the store back as it was so it matches what is serving.
+            let undo = match &previous {
+                Some(p) => self.store.put(kind, id, p).map(|_| ()),
+                None => self.store.delete(kind, id).map(|_| ()),
+            };
+            if let Err(e) = undo {
+                tracing::error!(
+                    "admin api: could not undo {kind}/{id} after a failed rebuild: {e}"
+                );
+            }
+            return Ok(Reply::bad(api_message(&errors, kind, None)));
+        }
+        tracing::info!(
+            resource = %kind,
+            id,
+            store_ms = stored.as_secs_f64() * 1000.0,
+            live_ms = started.elapsed().as_secs_f64() * 1000.0,
+            "admin api write is live"
+        );
+        Ok(match new {
+            Some(v) => Reply::json(status, json!({ "key": kind.key(id), "value": v })),
+            None => Reply::json(200, json!({ "deleted": "1", "key": kind.key(id) })),
+        })
+    }
+
+    // ---- plugins and status -----------------------------------------------------------------
+
+    fn plugin_list(&self) -> Reply {
+        let snap = self.reloader.gateway().load_full();
+        let names: Vec<&str> = snap.registry.names().collect();
+        Reply::json(200, json!(names))
+    }
+
+    fn plugin_all(&self) -> Reply {
+        let snap = self.reloader.gateway().load_full();
+        let mut out = Map::new();
+        for p in snap.registry.iter() {
+            out.insert(
+                p.name().to_string(),
+                json!({
+                    "priority": p.priority(),
+                    "version": p.version(),
+                    "schema": p.schema().as_json(),
+                    "kind": match p.kind() {
+                        crate::plugin::PluginKind::Native => "native",
+                        crate::plugin::PluginKind::Lua => "lua",
+                    },
+                }),
+            );
+        }
+        Reply::json(200, Value::Object(out))
+    }
+
+    fn plugin_schema(&self, name: &str) -> Reply {
+        let snap = self.reloader.gateway().load_full();
+        match snap.registry.get(name) {
+            Some(p) => Reply::json(200, p.schema().as_json().clone()),
+            None => Reply::error(404, format!("plugin not found in subsystem http: {name}")),
+        }
+    }
+
+    fn plugin_reload(&self) -> Reply {
+        let _guard = self.writes.lock().unwrap_or_else(|e| e.into_inner());
+        match self.reloader.rebuild("reload api", true) {
+            Ok(_) => Reply {
+                status: 200,
+                body: ReplyBody::Text("done"),
+            },
+            Err(errors) => Reply::json(
+                400,
+                json!({
+                    "error_msg": format!(
+                        "reload failed, generation {} keeps serving: {}",
+                        self.reloader.gateway().load().generation,
+                        errors.0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; ")
+                    ),
+                    "errors": errors.0.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
+                }),
+            ),
+        }
+    }
+
+    fn status(&self) -> Reply {
+        let mut v = self.reloader.status().to_json();
+        if let Value::Object(m) = &mut v {
+            m.insert(
+                "current_generation".into(),
+                json!(self.reloader.gateway().load().generation),
+            );
+            m.insert("store".into(), json!(self.store.describe()));
+        }
+        Reply::json(200, v)
+    }
+}
+
+/// Applies one change to a build's document (already holding the file and the store).
+fn edit_document(
+    doc: &mut Document,
+    kind: Kind,
+    id: &str,
+    new: Option<Value>,
+    in_store: bool,
+    index: &mut Option<usize>,
+) -> Result<(), Reply> {
+    let present = store::resource_ids(doc, kind).iter().any(|i| i == id);
+    if present && !in_store {
+        return Err(Reply::bad(file_owned(kind, id)));
+    }
+    match new {
+        Some(v) => match store::insert_resource(doc, kind, id, v, InsertMode::Replace) {
+            Ok(i) => *index = Some(i),
+            Err(InsertError::Invalid(e)) => {
+                return Err(Reply::bad(if e.path.is_empty() {
+                    format!("invalid configuration: {}", e.message)
+                } else {
+                    format!("invalid configuration: {}: {}", e.path, e.message)
+                }))
+            }
+            Err(InsertError::Conflict) => return Err(Reply::bad(file_owned(kind, id))),
+        },
+        None => {
+            store::remove_resource(doc, kind, id);
+            if let Some(msg) = referrers(doc, kind, id) {
+                return Err(Reply::bad(msg));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// APISIX's refusal to delete an upstream or service still in use, naming every user.
+fn referrers(doc: &Document, kind: Kind, id: &str) -> Option<String> {
+    let mut users: Vec<String> = Vec::new();
+    let is = |v: &Option<crate::config::Id>| v.as_ref().is_some_and(|i| i.0 == id);
+    match kind {
+        Kind::Upstreams => {
+            for r in &doc.routes {
+                if is(&r.upstream_id) {
+                    users.push(format!(
+                        "route [{}]",
+                        r.id.as_ref().map(|i| i.0.as_str()).unwrap_or("")
+                    ));
+                }
+            }
+            for s in &doc.services {
+                if is(&s.upstream_id) {
+                    users.push(format!(
+                        "service [{}]",
+                        s.id.as_ref().map(|i| i.0.as_str()).unwrap_or("")
+                    ));
+                }
+            }
+        }
+        Kind::Services => {
+            for r in &doc.routes {
+                if is(&r.service_id) {
+                    users.push(format!(
+                        "route [{}]",
+                        r.id.as_ref().map(|i| i.0.as_str()).unwrap_or("")
+                    ));
+                }
+            }
+        }
+        _ => return None,
+    }
+    let first = users.first()?;
+    let what = match kind {
+        Kind::Upstreams => "can not delete this upstream",
+        _ => "can not delete this service directly",
+    };
+    let mut msg = format!("{what}, {first} is still using it now");
+    if users.len() > 1 {
+        msg.push_str(&format!(" (also: {})", users[1..].join(", ")));
+    }
+    Some(msg)
+}
+
+fn file_owned(kind: Kind, id: &str) -> String {
+    format!(
+        "{} {id} is defined in the config file and is read-only through the Admin API; \
+         change it in the config file",
+        kind.singular()
+    )
+}
+
+/// Build errors as one API message. Errors about the written resource lose their config path
+/// (`routes[3].plugins.x: failed to check ...` becomes `failed to check ...`); errors about
+/// other resources keep theirs.
+fn api_message(errors: &ConfigErrors, kind: Kind, index: Option<usize>) -> String {
+    let prefix = index.map(|i| format!("{}[{i}]", kind.as_str()));
+    let mut parts = Vec::new();
+    for e in &errors.0 {
+        let rest = prefix.as_deref().and_then(|p| {
+            let rest = e.path.strip_prefix(p)?;
+            (rest.is_empty() || rest.starts_with('.')).then(|| rest.trim_start_matches('.'))
+        });
+        parts.push(match rest {
+            Some(_)
+                if e.message
+                    .starts_with("failed to check the configuration of plugin") =>
+            {
+                e.message.clone()
+            }
+            Some("") => e.message.clone(),
+            Some(rest) => format!("invalid configuration: {rest}: {}", e.message),
+            None => e.to_string(),
+        });
+    }
+    parts.join("; ")
+}
+
+/// Checks a service's plugin confs against the registry of a successful build.
+fn check_plugins(snap: &crate::snapshot::Snapshot, plugins: Option<&Value>) -> Option<String> {
+    let Some(Value::Object(plugins)) = plugins else {
+        return None;
+    };
+    for (name, conf) in plugins {
+        let Some(p) = snap.registry.get(name) else {
+            return Some(format!("unknown plugin [{name}]"));
+        };
+        let mut conf = conf.clone();
+        if !conf.is_object() {
+            return Some(format!(
+                "failed to check the configuration of plugin {name} err: wrong type: expected object, got {}",
+                json_type(&conf)
+            ));
+        }
+        if let Err(e) = p.check_conf(&mut conf, ConfScope::Route) {
+            return Some(format!(
+                "failed to check the configuration of plugin {name} err: {e}"
+            ));
+        }
+    }
+    None
+}
+
+fn object_body(body: Option<Value>) -> Result<Map<String, Value>, Reply> {
+    match body {
+        None => Err(Reply::bad("missing configurations")),
+        Some(Value::Object(m)) => Ok(m),
+        Some(other) => Err(Reply::bad(format!(
+            "invalid configuration: wrong type: expected object, got {}",
+            json_type(&other)
+        ))),
+    }
+}
+
+/// A JSON id (string or non-negative integer) as a string; None for anything else.
+fn id_string(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) if n.is_u64() => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+fn body_id(conf: &Map<String, Value>) -> Result<Option<String>, Reply> {
+    match conf.get("id") {
+        None => Ok(None),
+        Some(v) => id_string(v).map(Some).ok_or_else(|| {
+            Reply::bad("invalid configuration: id: expected a string or integer id")
+        }),
+    }
+}
+
+fn check_id(kind: Kind, id: &str) -> Result<(), Reply> {
+    validate_id(id).map_err(|e| Reply::bad(format!("invalid {} id: {e}", kind.singular())))
+}
+
+/// APISIX refuses client-set timestamps on PUT and POST (PATCH may carry them).
+fn forbidden_times(conf: &Map<String, Value>) -> Option<Reply> {
+    for field in ["create_time", "update_time"] {
+        if conf.contains_key(field) {
+            return Some(Reply::bad(format!("the property is forbidden: {field}")));
+        }
+        if conf
+            .get("upstream")
+            .and_then(|u| u.as_object())
+            .is_some_and(|u| u.contains_key(field))
+        {
+            return Some(Reply::bad(format!(
+                "the property is forbidden: upstream.{field}"
+            )));
+        }
+    }
+    None
+}
+
+/// APISIX's PATCH merge: objects merge key by key, `null` removes a key, anything else
+/// (arrays included) replaces.
+pub fn merge(target: &mut Value, patch: Value) {
+    match (target, patch) {
+        (Value::Object(t), Value::Object(p)) => {
+            for (k, v) in p {
+                if v.is_null() {
+                    t.remove(&k);
+                } else if let Some(existing) =
+                    t.get_mut(&k).filter(|e| e.is_object() && v.is_object())
+                {
+                    merge(existing, v);
+                } else {
+                    t.insert(k, v);
+                }
+            }
+        }
+        (t, p) => *t = p,
+    }
+}
+
+/// APISIX's sub-path PATCH: `plugins/limit-count` sets that field to the body, creating
+/// missing objects on the way; a non-object on the way is `invalid sub-path`.
+pub fn patch_sub_path(target: &mut Value, sub_path: &str, body: Value) -> Result<(), String> {
+    let segs: Vec<&str> = sub_path.split('/').filter(|s| !s.is_empty()).collect();
+    let Some((last, parents)) = segs.split_last() else {
+        *target = body;
+        return Ok(());
+    };
+    let mut cur = target;
+    for (i, seg) in parents.iter().enumerate() {
+        let Value::Object(m) = cur else {
+            return Err(format!("invalid sub-path: /{}", segs[..i].join("/")));
+        };
+        cur = m
+            .entry(seg.to_string())
+            .or_insert_with(|| Value::Object(Map::new()));
+    }
+    match cur {
+        Value::Object(m) => {
+            m.insert(last.to_string(), body);
+            Ok(())
+        }
+        _ => Err(format!("invalid sub-path: /{}", segs.join("/"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merge_as_apisix() {
+        let mut v = json!({"a":{"b":1,"c":2},"l":[1,2],"x":1});
+        merge(
+            &mut v,
+            json!({"a":{"b":5,"c":null},"l":[3],"x":null,"n":true}),
+        );
+        assert_eq!(v, json!({"a":{"b":5},"l":[3],"n":true}));
+    }
+
+    #[test]
+    fn sub_path() {
+        let mut v = json!({"plugins":{"a":{}},"uri":"/x"});
+        patch_sub_path(&mut v, "plugins", json!({"b":{"k":1}})).unwrap();
+        assert_eq!(v["plugins"], json!({"b":{"k":1}}));
+        patch_sub_path(&mut v, "labels/env", json!("prod")).unwrap();
+        assert_eq!(v["labels"], json!({"env":"prod"}));
+        assert_eq!(
+            patch_sub_path(&mut v, "uri/x", json!(1)).unwrap_err(),
+            "invalid sub-path: /uri/x"
+        );
+    }
+
+    #[test]
+    fn messages_lose_the_resource_path() {
+        let errors = ConfigErrors(vec![
+            ConfigError::new(
+                "routes[2].plugins.openfunction",
+                "failed to check the configuration of plugin openfunction err: property \"function_uri\" is required",
+            ),
+            ConfigError::new("routes[2]", "\"uri\" or \"uris\" is required"),
+            ConfigError::new("routes[2].upstream_id", "upstream \"9\" not found"),
+            ConfigError::new("routes[0].upstream_id", "upstream \"9\" not found"),
+        ]);
+        assert_eq!(
+            api_message(&errors, Kind::Routes, Some(2)),
+            "failed to check the configuration of plugin openfunction err: property \"function_uri\" is required; \
+             \"uri\" or \"uris\" is required; \
+             invalid configuration: upstream_id: upstream \"9\" not found; \
+             routes[0].upstream_id: upstream \"9\" not found"
+        );
+    }
+}
