@@ -3,33 +3,89 @@
 
 /// `(module name, source)` for every module under `lua/`: `apisix.core` and its submodules,
 /// `apisix.plugin`, `apisix.schema_def`, and the OpenResty libraries plugins expect
-/// (`cjson`, `cjson.safe`, `table.*`, `tablepool`, `resty.lrucache`, `resty.ipmatcher`).
+/// (`cjson`, `cjson.safe`, `table.nkeys`/`isarray`/`isempty`/`clone`, `tablepool`,
+/// `resty.lrucache`, `resty.ipmatcher`). `table.new` and `table.clear` are LuaJIT built-ins.
 pub const MODULES: &[(&str, &str)] = &[
     ("apisix.core", include_str!("../../../lua/apisix/core.lua")),
-    ("apisix.core.config_local", include_str!("../../../lua/apisix/core/config_local.lua")),
-    ("apisix.core.ctx", include_str!("../../../lua/apisix/core/ctx.lua")),
-    ("apisix.core.ip", include_str!("../../../lua/apisix/core/ip.lua")),
-    ("apisix.core.json", include_str!("../../../lua/apisix/core/json.lua")),
-    ("apisix.core.log", include_str!("../../../lua/apisix/core/log.lua")),
-    ("apisix.core.lrucache", include_str!("../../../lua/apisix/core/lrucache.lua")),
-    ("apisix.core.request", include_str!("../../../lua/apisix/core/request.lua")),
-    ("apisix.core.response", include_str!("../../../lua/apisix/core/response.lua")),
-    ("apisix.core.schema", include_str!("../../../lua/apisix/core/schema.lua")),
-    ("apisix.core.string", include_str!("../../../lua/apisix/core/string.lua")),
-    ("apisix.core.table", include_str!("../../../lua/apisix/core/table.lua")),
-    ("apisix.core.utils", include_str!("../../../lua/apisix/core/utils.lua")),
-    ("apisix.core.version", include_str!("../../../lua/apisix/core/version.lua")),
-    ("apisix.plugin", include_str!("../../../lua/apisix/plugin.lua")),
-    ("apisix.schema_def", include_str!("../../../lua/apisix/schema_def.lua")),
+    (
+        "apisix.core.config_local",
+        include_str!("../../../lua/apisix/core/config_local.lua"),
+    ),
+    (
+        "apisix.core.ctx",
+        include_str!("../../../lua/apisix/core/ctx.lua"),
+    ),
+    (
+        "apisix.core.ip",
+        include_str!("../../../lua/apisix/core/ip.lua"),
+    ),
+    (
+        "apisix.core.json",
+        include_str!("../../../lua/apisix/core/json.lua"),
+    ),
+    (
+        "apisix.core.log",
+        include_str!("../../../lua/apisix/core/log.lua"),
+    ),
+    (
+        "apisix.core.lrucache",
+        include_str!("../../../lua/apisix/core/lrucache.lua"),
+    ),
+    (
+        "apisix.core.request",
+        include_str!("../../../lua/apisix/core/request.lua"),
+    ),
+    (
+        "apisix.core.response",
+        include_str!("../../../lua/apisix/core/response.lua"),
+    ),
+    (
+        "apisix.core.schema",
+        include_str!("../../../lua/apisix/core/schema.lua"),
+    ),
+    (
+        "apisix.core.string",
+        include_str!("../../../lua/apisix/core/string.lua"),
+    ),
+    (
+        "apisix.core.table",
+        include_str!("../../../lua/apisix/core/table.lua"),
+    ),
+    (
+        "apisix.core.utils",
+        include_str!("../../../lua/apisix/core/utils.lua"),
+    ),
+    (
+        "apisix.core.version",
+        include_str!("../../../lua/apisix/core/version.lua"),
+    ),
+    (
+        "apisix.plugin",
+        include_str!("../../../lua/apisix/plugin.lua"),
+    ),
+    (
+        "apisix.schema_def",
+        include_str!("../../../lua/apisix/schema_def.lua"),
+    ),
     ("cjson", include_str!("../../../lua/cjson.lua")),
     ("cjson.safe", include_str!("../../../lua/cjson/safe.lua")),
-    ("resty.ipmatcher", include_str!("../../../lua/resty/ipmatcher.lua")),
-    ("resty.lrucache", include_str!("../../../lua/resty/lrucache.lua")),
-    ("table.clear", include_str!("../../../lua/table/clear.lua")),
+    (
+        "resty.ipmatcher",
+        include_str!("../../../lua/resty/ipmatcher.lua"),
+    ),
+    (
+        "resty.lrucache",
+        include_str!("../../../lua/resty/lrucache.lua"),
+    ),
     ("table.clone", include_str!("../../../lua/table/clone.lua")),
-    ("table.isarray", include_str!("../../../lua/table/isarray.lua")),
-    ("table.isempty", include_str!("../../../lua/table/isempty.lua")),
-    ("table.new", include_str!("../../../lua/table/new.lua")),
+    (
+        "table.isarray",
+        include_str!("../../../lua/table/isarray.lua"),
+    ),
+    (
+        "table.isempty",
+        include_str!("../../../lua/table/isempty.lua"),
+    ),
     ("table.nkeys", include_str!("../../../lua/table/nkeys.lua")),
     ("tablepool", include_str!("../../../lua/tablepool.lua")),
 ];

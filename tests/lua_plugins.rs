@@ -1,0 +1,734 @@
+//! The project's example Lua plugins (`plugins/*.lua`) and the Lua `apisix.core` API, driven
+//! through real proxied requests: a real `moongate` process, real upstream servers on loopback.
+//!
+//! The example-plugin tests point `plugin_dirs` at the repository's own `plugins/` folder, so
+//! they test exactly the files users copy. The core-API tests write small probe plugins into a
+//! temp dir; each probe answers with what it observed, and the test checks that.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::*;
+use serde_json::{json, Value};
+
+/// The repository's `plugins/` folder.
+fn repo_plugins() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("plugins")
+}
+
+/// A config serving `routes` (YAML list items, already indented by two spaces) with the
+/// repository's plugins.
+fn example_config(routes: &str) -> String {
+    format!(
+        "workers: 1\nplugin_dirs:\n  - \"{}\"\nroutes:\n{routes}",
+        repo_plugins().display()
+    )
+}
+
+fn upstream_yaml(up: &Upstream) -> String {
+    format!(
+        "    upstream:\n      nodes:\n        \"{}\": 1\n",
+        up.node()
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Example plugins
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn example_headers_adds_request_and_response_headers() {
+    let up = Upstream::echo();
+    let gw = Gateway::start(&example_config(&format!(
+        "  - id: h
+    uri: /h/*
+    plugins:
+      example-headers:
+        request_headers:
+          X-Added: \"yes\"
+          X-Client-Addr: \"$remote_addr\"
+          X-Lang: \"${{arg_lang ?? en}}\"
+        response_headers:
+          X-Powered-By: moongate
+{}",
+        upstream_yaml(&up)
+    )));
+
+    let r = get(&gw.url("/h/one?lang=fr"));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-powered-by").as_deref(), Some("moongate"));
+    let seen = r.json();
+    assert_eq!(seen["headers"]["x-added"], "yes");
+    assert_eq!(seen["headers"]["x-client-addr"], "127.0.0.1");
+    assert_eq!(seen["headers"]["x-lang"], "fr");
+
+    let r = get(&gw.url("/h/two"));
+    assert_eq!(r.json()["headers"]["x-lang"], "en");
+}
+
+#[test]
+fn example_key_auth_answers_401_like_apisix() {
+    let up = Upstream::echo();
+    let gw = Gateway::start(&example_config(&format!(
+        "  - id: private
+    uri: /private/*
+    plugins:
+      example-key-auth:
+        key: s3cret
+        hide_credentials: true
+      example-headers:
+        response_headers:
+          X-Seen-By: example-headers
+{}",
+        upstream_yaml(&up)
+    )));
+
+    let r = get(&gw.url("/private/a"));
+    assert_eq!(r.status, 401);
+    assert_eq!(
+        r.json(),
+        json!({"message": "Missing API key found in request"})
+    );
+    assert_eq!(
+        r.text(),
+        "{\"message\":\"Missing API key found in request\"}\n"
+    );
+    // header_filter still runs on a response a plugin made itself, as in APISIX.
+    assert_eq!(r.header("x-seen-by").as_deref(), Some("example-headers"));
+
+    let r = Req::get(&gw.url("/private/a"))
+        .header("apikey", "wrong")
+        .send();
+    assert_eq!(r.status, 401);
+    assert_eq!(r.json(), json!({"message": "Invalid API key in request"}));
+
+    let r = Req::get(&gw.url("/private/a"))
+        .header("apikey", "s3cret")
+        .send();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let seen = r.json();
+    assert!(
+        seen["headers"].get("apikey").is_none(),
+        "key forwarded: {seen}"
+    );
+
+    let r = get(&gw.url("/private/b?apikey=s3cret&keep=1"));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let uri = r.json()["uri"].as_str().unwrap_or_default().to_string();
+    assert!(uri.starts_with("/private/b?"), "{uri}");
+    assert!(uri.contains("keep=1") && !uri.contains("apikey"), "{uri}");
+    assert_eq!(
+        up.requests(),
+        2,
+        "rejected requests must not reach the upstream"
+    );
+}
+
+#[test]
+fn example_key_auth_conf_errors_are_reported_by_check() {
+    let (code, out) = check(&example_config(
+        "  - id: x
+    uri: /x
+    plugins:
+      example-key-auth:
+        header: 5
+",
+    ));
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("example-key-auth"), "{out}");
+    assert!(
+        out.contains("property \"key\" is required")
+            || out.contains(
+                "property \"header\" validation failed: wrong type: expected string, got number"
+            ),
+        "{out}"
+    );
+}
+
+#[test]
+fn example_body_rewrite_replaces_text_in_the_response() {
+    let up = Upstream::text("hello world, the world says hi");
+    let gw = Gateway::start(&example_config(&format!(
+        "  - id: t
+    uri: /t
+    plugins:
+      example-body-rewrite:
+        replace:
+          - from: world
+            to: moon
+          - from: hi
+            to: bye
+{}",
+        upstream_yaml(&up)
+    )));
+    let r = get(&gw.url("/t"));
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "hello moon, the moon says bye");
+    if let Some(len) = r.header("content-length") {
+        assert_eq!(len, r.body.len().to_string());
+    }
+}
+
+#[test]
+fn example_body_rewrite_sees_a_body_that_arrives_in_many_chunks() {
+    // 300 000 bytes of "x" arrive as several 64 KiB chunks; the plugin must see them whole.
+    let up = Upstream::streaming(300_000);
+    let gw = Gateway::start(&example_config(&format!(
+        "  - id: big
+    uri: /big
+    plugins:
+      example-body-rewrite:
+        replace:
+          - from: xxx
+            to: y
+{}",
+        upstream_yaml(&up)
+    )));
+    let r = get(&gw.url("/big"));
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body.len(), 100_000);
+    assert!(r.body.iter().all(|b| *b == b'y'));
+}
+
+#[test]
+fn example_delay_waits_without_blocking_the_worker() {
+    let up = Upstream::echo();
+    let gw = Gateway::start(&example_config(&format!(
+        "  - id: slow
+    uri: /slow
+    plugins:
+      example-delay:
+        delay: 3
+{up}  - id: quick
+    uri: /quick
+    plugins:
+      example-delay:
+        delay: 0.01
+{up}",
+        up = upstream_yaml(&up)
+    )));
+
+    let slow_url = gw.url("/slow");
+    let slow = std::thread::spawn(move || get(&slow_url));
+    // Give the slow request time to reach its sleep (bounded: 50 x 20 ms).
+    for _ in 0..50 {
+        if up.requests() > 0 || slow.is_finished() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // One worker: if ngx.sleep blocked it, this request would wait for the slow one.
+    let r = get(&gw.url("/quick"));
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-delay-seconds").as_deref(), Some("0.01"));
+    assert!(
+        !slow.is_finished(),
+        "the quick request should finish while the slow one is still asleep"
+    );
+
+    let r = slow.join().expect("slow request thread");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-delay-seconds").as_deref(), Some("3"));
+    assert_eq!(r.json()["uri"], "/slow");
+}
+
+#[test]
+fn hello_answers_without_an_upstream() {
+    let gw = Gateway::start(&example_config(
+        "  - id: hello
+    uri: /hello
+    plugins:
+      hello: {}
+  - id: hi
+    uri: /hi
+    plugins:
+      hello:
+        message: hi there
+",
+    ));
+    let r = get(&gw.url("/hello"));
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json(), json!({"message": "hello from moongate"}));
+    let r = get(&gw.url("/hi"));
+    assert_eq!(r.json(), json!({"message": "hi there"}));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Core API probes
+// ---------------------------------------------------------------------------------------------
+
+/// Writes `plugins` (name, source) into a temp `plugins/` dir and starts a gateway whose
+/// `routes` use them. Returns the gateway (which keeps the temp dir alive).
+fn probe_gateway(plugins: &[(&str, &str)], routes: &str) -> (tempfile::TempDir, Gateway) {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path().join("plugins");
+    std::fs::create_dir_all(&dir).expect("plugins dir");
+    for (name, src) in plugins {
+        std::fs::write(dir.join(format!("{name}.lua")), src).expect("write plugin");
+    }
+    let yaml = format!("workers: 1\nplugin_dirs:\n  - plugins\nroutes:\n{routes}");
+    let gw = Gateway::start_in(tmp.path(), &yaml);
+    (tmp, gw)
+}
+
+/// A probe plugin whose `access` runs `body` (Lua statements filling the table `out`) and
+/// answers `200` with `out` as JSON.
+fn probe(name: &str, body: &str) -> String {
+    format!(
+        r#"local core = require("apisix.core")
+local _M = {{ version = 0.1, priority = 7, name = "{name}", schema = {{ type = "object" }} }}
+function _M.access(conf, ctx)
+    local out = {{}}
+{body}
+    return 200, out
+end
+return _M
+"#
+    )
+}
+
+fn probe_route(uri: &str, plugin: &str) -> String {
+    format!("  - id: {plugin}\n    uri: {uri}\n    plugins:\n      {plugin}: {{}}\n")
+}
+
+#[test]
+fn core_json_round_trips() {
+    let src = probe(
+        "probe-json",
+        r#"
+    local cjson = require("cjson.safe")
+    out.empty_object = core.json.encode({})
+    out.empty_array = core.json.encode(setmetatable({}, core.json.array_mt))
+    out.decoded_empty_array = core.json.encode(core.json.decode('{"a":[]}'))
+    out.decoded_empty_object = core.json.encode(core.json.decode('{"a":{}}'))
+    local d = core.json.decode('{"n":null,"l":[1,null,"x"]}')
+    out.null_is_ngx_null = d.n == ngx.null and d.n == core.json.null
+    out.null_round_trip = core.json.stably_encode(d)
+    out.null_encodes = core.json.encode({ n = core.json.null })
+    out.stable = core.json.stably_encode({ b = 1, a = { true, false }, c = "s" })
+    out.nested = core.json.encode(core.json.decode('[1,2.5,"x",true,{"k":"v"}]'))
+    out.unicode = core.json.decode('"caf\\u00e9"')
+    local v, err = core.json.decode("{oops")
+    out.bad_decode = v == nil and type(err) == "string" and #err > 0
+    out.cjson_raises = not pcall(require("cjson").decode, "{oops")
+    out.cjson_safe = cjson.encode({ 1, 2, "x" })
+    out.delay = tostring(core.json.delay_encode({ k = "v" }))
+    out.force = core.json.encode({ f = print }, true) ~= nil
+    out.plain_fails = core.json.encode({ f = print }) == nil
+    out.null_as_nil = core.json.stably_encode(core.json.decode('{"a":null,"b":1}', { null_as_nil = true }))
+"#,
+    );
+    let (_tmp, gw) = probe_gateway(&[("probe-json", &src)], &probe_route("/json", "probe-json"));
+    let r = get(&gw.url("/json"));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let out = r.json();
+    assert_eq!(out["empty_object"], "{}");
+    assert_eq!(out["empty_array"], "[]");
+    assert_eq!(out["decoded_empty_array"], "{\"a\":[]}");
+    assert_eq!(out["decoded_empty_object"], "{\"a\":{}}");
+    assert_eq!(out["null_is_ngx_null"], true);
+    assert_eq!(out["null_round_trip"], "{\"l\":[1,null,\"x\"],\"n\":null}");
+    assert_eq!(out["null_encodes"], "{\"n\":null}");
+    assert_eq!(out["stable"], "{\"a\":[true,false],\"b\":1,\"c\":\"s\"}");
+    let nested: Value =
+        serde_json::from_str(out["nested"].as_str().unwrap_or("null")).unwrap_or(Value::Null);
+    assert_eq!(nested, json!([1, 2.5, "x", true, {"k": "v"}]));
+    assert_eq!(out["unicode"], "café");
+    assert_eq!(out["bad_decode"], true);
+    assert_eq!(out["cjson_raises"], true);
+    assert_eq!(out["cjson_safe"], "[1,2,\"x\"]");
+    assert_eq!(out["delay"], "{\"k\":\"v\"}");
+    assert_eq!(out["force"], true);
+    assert_eq!(out["plain_fails"], true);
+    assert_eq!(out["null_as_nil"], "{\"b\":1}");
+}
+
+#[test]
+fn core_table_helpers() {
+    let src = probe(
+        "probe-table",
+        r#"
+    local t = core.table
+    local new_tab = require("table.new")
+    local pre = new_tab(4, 2)
+    pre[1] = "a"
+    out.new = #pre
+    out.nkeys = t.nkeys({ 1, 2, a = 3 })
+    out.nkeys_module = require("table.nkeys")({ x = 1 })
+    out.isarray = { t.isarray({ 1, 2 }), t.isarray({ a = 1 }), t.isarray({ 1, nil, 3 }) }
+    out.isempty = { t.isempty({}), t.isempty({ 0 }) }
+    local orig = { a = { b = 1 } }
+    local shallow = t.clone(orig)
+    local deep = t.deepcopy(orig)
+    out.clone_shares = shallow.a == orig.a
+    out.deepcopy_copies = deep.a ~= orig.a and deep.a.b == 1
+    local cyc = { name = "c" }
+    cyc.self = cyc
+    local cc = t.deepcopy(cyc)
+    out.deepcopy_cycle = cc.self == cc and cc ~= cyc
+    out.try_read_attr = { t.try_read_attr({ a = { b = { c = 5 } } }, "a", "b", "c"),
+                          t.try_read_attr({ a = 1 }, "a", "b") == nil }
+    out.array_find = t.array_find({ "x", "y", "z" }, "y")
+    local merged = t.merge({ a = { x = 1 }, k = 1 }, { a = { y = 2 }, k = 2 })
+    out.merge = { merged.a.x, merged.a.y, merged.k }
+    out.deep_eq = { t.deep_eq({ a = { 1, 2 } }, { a = { 1, 2 } }), t.deep_eq({ a = 1 }, { a = 2 }) }
+    out.set_eq = { t.set_eq({ 1, 2, 3 }, { 3, 2, 1 }), t.set_eq({ 1, 1 }, { 1, 2 }) }
+    local arr = { "a" }
+    out.insert_tail = t.insert_tail(arr, "b", "c")
+    t.insert(arr, "d")
+    out.concat = t.concat(arr, ",")
+    local c = { 1, 2, k = "v" }
+    t.clear(c)
+    out.clear = next(c) == nil
+    out.remove_falls_back = t.remove({ 1, 2 }) == 2
+    local pool = require("tablepool")
+    local p = pool.fetch("probe", 0, 4)
+    p.x = 1
+    pool.release("probe", p)
+    out.tablepool = next(pool.fetch("probe", 0, 4)) == nil
+    out.str = { core.string.has_prefix("/api/v1", "/api"), core.string.has_suffix("a.lua", ".lua"),
+                core.string.find("a.b", "."), core.string.rfind_char("a:b:c", ":") }
+"#,
+    );
+    let (_tmp, gw) = probe_gateway(
+        &[("probe-table", &src)],
+        &probe_route("/table", "probe-table"),
+    );
+    let r = get(&gw.url("/table"));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let out = r.json();
+    assert_eq!(out["new"], 1);
+    assert_eq!(out["nkeys"], 3);
+    assert_eq!(out["nkeys_module"], 1);
+    assert_eq!(out["isarray"], json!([true, false, false]));
+    assert_eq!(out["isempty"], json!([true, false]));
+    assert_eq!(out["clone_shares"], true);
+    assert_eq!(out["deepcopy_copies"], true);
+    assert_eq!(out["deepcopy_cycle"], true);
+    assert_eq!(out["try_read_attr"], json!([5, true]));
+    assert_eq!(out["array_find"], 2);
+    assert_eq!(out["merge"], json!([1, 2, 2]));
+    assert_eq!(out["deep_eq"], json!([true, false]));
+    assert_eq!(out["set_eq"], json!([true, false]));
+    assert_eq!(out["insert_tail"], 3);
+    assert_eq!(out["concat"], "a,b,c,d");
+    assert_eq!(out["clear"], true);
+    assert_eq!(out["remove_falls_back"], true);
+    assert_eq!(out["tablepool"], true);
+    assert_eq!(out["str"], json!([true, true, 2, 4]));
+}
+
+#[test]
+fn core_request_reads_the_client_request() {
+    let src = probe(
+        "probe-request",
+        r#"
+    local req = core.request
+    out.method = req.get_method()
+    out.header = req.header(ctx, "X-One")
+    out.header_lower = req.header(ctx, "x-one")
+    out.header_multi_first = req.header(ctx, "X-Multi")
+    out.headers_multi = req.headers(ctx)["x-multi"]
+    local args = req.get_uri_args(ctx)
+    out.arg_a = args.a
+    out.arg_flag = args.flag
+    out.arg_b = args.b
+    out.body = req.get_body()
+    local none, err = req.get_body(4, ctx)
+    out.body_too_big = { none == nil, err }
+    out.ip = req.get_ip(ctx)
+    out.remote_ip = req.get_remote_client_ip(ctx)
+    out.scheme = req.get_scheme(ctx)
+    out.host = req.get_host(ctx)
+    out.port_is_number = type(req.get_port(ctx)) == "number" and req.get_port(ctx) > 0
+    out.http_version = req.get_http_version()
+    out.var_uri = ctx.var.uri
+    out.var_arg_b = ctx.var.arg_b
+    out.var_http = ctx.var.http_x_one
+    out.route_id = ctx.route_id
+    out.conf_type = ctx.conf_type
+    out.conf_id = ctx.conf_id
+    out.has_conf_version = ctx.conf_version ~= nil
+    out.api_ctx_is_ctx = ngx.ctx.api_ctx == ctx
+    out.plugin_name = ctx._plugin_name
+"#,
+    );
+    let routes = "  - id: req-probe\n    uri: /req/*\n    plugins:\n      probe-request: {}\n";
+    let (_tmp, gw) = probe_gateway(&[("probe-request", &src)], routes);
+    let r = Req::post(&gw.url("/req/path?a=1&a=2&b=two%20words&flag"))
+        .header("host", "probe.example")
+        .header("X-One", "1")
+        .header("X-Multi", "a")
+        .header("X-Multi", "b")
+        .body("hello body")
+        .send();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let out = r.json();
+    assert_eq!(out["method"], "POST");
+    assert_eq!(out["header"], "1");
+    assert_eq!(out["header_lower"], "1");
+    assert_eq!(out["header_multi_first"], "a");
+    assert_eq!(out["headers_multi"], json!(["a", "b"]));
+    assert_eq!(out["arg_a"], json!(["1", "2"]));
+    assert_eq!(out["arg_flag"], true);
+    assert_eq!(out["arg_b"], "two words");
+    assert_eq!(out["body"], "hello body");
+    assert_eq!(
+        out["body_too_big"],
+        json!([
+            true,
+            "request size 10 is greater than the maximum size 4 allowed"
+        ])
+    );
+    assert_eq!(out["ip"], "127.0.0.1");
+    assert_eq!(out["remote_ip"], "127.0.0.1");
+    assert_eq!(out["scheme"], "http");
+    assert_eq!(out["host"], "probe.example");
+    assert_eq!(out["port_is_number"], true);
+    assert_eq!(out["http_version"], 1.1);
+    assert_eq!(out["var_uri"], "/req/path");
+    assert_eq!(out["var_arg_b"], "two words");
+    assert_eq!(out["var_http"], "1");
+    assert_eq!(out["route_id"], "req-probe");
+    assert_eq!(out["conf_type"], "route");
+    assert_eq!(out["conf_id"], "req-probe");
+    assert_eq!(out["has_conf_version"], true);
+    assert_eq!(out["api_ctx_is_ctx"], true);
+    assert_eq!(out["plugin_name"], "probe-request");
+}
+
+#[test]
+fn core_request_changes_reach_the_upstream() {
+    let src = r#"local core = require("apisix.core")
+local _M = { version = 0.1, priority = 7, name = "probe-mutate", schema = { type = "object" } }
+function _M.access(conf, ctx)
+    core.request.set_header(ctx, "X-Set", "v1")
+    core.request.add_header(ctx, "X-Added", "a")
+    core.request.add_header(ctx, "X-Added", "b")
+    core.request.set_header(ctx, "X-Drop", nil)
+    local args = core.table.clone(core.request.get_uri_args(ctx))
+    args.extra = "1"
+    args.gone = nil
+    core.request.set_uri_args(ctx, args)
+    -- the cached views follow the changes
+    ctx.seen_set = core.request.header(ctx, "x-set")
+    ctx.seen_extra = core.request.get_uri_args(ctx).extra
+end
+function _M.header_filter(conf, ctx)
+    core.response.set_header("X-Seen-Set", ctx.seen_set, "X-Seen-Extra", ctx.seen_extra)
+    core.response.add_header("X-Multi", "1")
+    core.response.add_header("X-Multi", "2")
+end
+return _M
+"#;
+    let up = Upstream::echo();
+    let routes = format!(
+        "  - id: m\n    uri: /m\n    plugins:\n      probe-mutate: {{}}\n{}",
+        upstream_yaml(&up)
+    );
+    let (_tmp, gw) = probe_gateway(&[("probe-mutate", src)], &routes);
+    let r = Req::get(&gw.url("/m?keep=1&gone=1"))
+        .header("X-Drop", "x")
+        .send();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let seen = r.json();
+    assert_eq!(seen["headers"]["x-set"], "v1");
+    assert_eq!(seen["headers"]["x-added"], "a, b");
+    assert!(seen["headers"].get("x-drop").is_none(), "{seen}");
+    let uri = seen["uri"].as_str().unwrap_or_default();
+    assert!(uri.starts_with("/m?"), "{uri}");
+    assert!(
+        uri.contains("keep=1") && uri.contains("extra=1") && !uri.contains("gone"),
+        "{uri}"
+    );
+    assert_eq!(r.header("x-seen-set").as_deref(), Some("v1"));
+    assert_eq!(r.header("x-seen-extra").as_deref(), Some("1"));
+    let multi: Vec<_> = r
+        .headers
+        .get_all("x-multi")
+        .iter()
+        .map(|v| v.to_str().unwrap_or(""))
+        .collect();
+    assert_eq!(multi, ["1", "2"]);
+}
+
+#[test]
+fn core_response_exit_sends_json_and_text() {
+    let src = r#"local core = require("apisix.core")
+local _M = { version = 0.1, priority = 7, name = "probe-exit", schema = { type = "object" } }
+function _M.access(conf, ctx)
+    local what = ctx.var.arg_what
+    if what == "table" then
+        return core.response.exit(403, { message = "forbidden" })
+    elseif what == "array" then
+        return core.response.exit(200, { list = setmetatable({}, core.json.array_mt) })
+    elseif what == "text" then
+        return 418, "short and stout"
+    elseif what == "say" then
+        core.response.set_header("X-Said", "yes")
+        core.response.say("a", "b")
+        return core.response.exit(201)
+    end
+    return 400, { error_msg = "unknown" }
+end
+return _M
+"#;
+    let (_tmp, gw) = probe_gateway(&[("probe-exit", src)], &probe_route("/exit", "probe-exit"));
+
+    let r = get(&gw.url("/exit?what=table"));
+    assert_eq!(r.status, 403);
+    assert_eq!(r.text(), "{\"message\":\"forbidden\"}\n");
+
+    let r = get(&gw.url("/exit?what=array"));
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "{\"list\":[]}\n");
+
+    let r = get(&gw.url("/exit?what=text"));
+    assert_eq!(r.status, 418);
+    assert_eq!(r.text(), "short and stout");
+
+    let r = get(&gw.url("/exit?what=say"));
+    assert_eq!(r.status, 201);
+    assert_eq!(r.text(), "ab");
+    assert_eq!(r.header("x-said").as_deref(), Some("yes"));
+
+    let r = get(&gw.url("/exit"));
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json(), json!({"error_msg": "unknown"}));
+}
+
+#[test]
+fn core_lrucache_reuses_objects_per_version() {
+    let src = r#"local core = require("apisix.core")
+local cache = core.lrucache.new({ count = 4 })
+local route_cache = core.lrucache.new({ type = "plugin" })
+local created = 0
+local function create(tag)
+    created = created + 1
+    return { id = created, tag = tag }
+end
+local _M = { version = 0.1, priority = 7, name = "probe-lru", schema = { type = "object" } }
+function _M.access(conf, ctx)
+    local obj = cache(ctx.var.arg_key or "k", ctx.var.arg_ver or "1", create, "t")
+    local per_route = core.lrucache.plugin_ctx(route_cache, ctx, nil, create, "route")
+    return 200, { id = obj.id, tag = obj.tag, route_obj = per_route.id,
+                  id_key = core.lrucache.plugin_ctx_id(ctx, "x"), created = created }
+end
+return _M
+"#;
+    let routes = "  - id: lru\n    uri: /lru\n    plugins:\n      probe-lru: {}\n";
+    let (_tmp, gw) = probe_gateway(&[("probe-lru", src)], routes);
+    let a = get(&gw.url("/lru?key=k&ver=1")).json();
+    let b = get(&gw.url("/lru?key=k&ver=1")).json();
+    assert_eq!(a["id"], b["id"], "same key and version: the cached object");
+    assert_eq!(a["tag"], "t");
+    assert_eq!(
+        a["route_obj"], b["route_obj"],
+        "plugin_ctx caches per route"
+    );
+    let c = get(&gw.url("/lru?key=k&ver=2")).json();
+    assert_ne!(c["id"], a["id"], "a new version builds a new object");
+    let d = get(&gw.url("/lru?key=other&ver=2")).json();
+    assert_ne!(d["id"], c["id"]);
+    let id_key = d["id_key"].as_str().unwrap_or_default();
+    assert!(id_key.starts_with("route#lru#x#"), "{id_key}");
+    assert_eq!(d["route_obj"], a["route_obj"]);
+}
+
+#[test]
+fn core_schema_fills_defaults_and_reports_errors() {
+    let src = r#"local core = require("apisix.core")
+local schema = {
+    type = "object",
+    properties = {
+        greeting = { type = "string", default = "hi" },
+        count = { type = "integer", default = 3 },
+    },
+}
+local _M = { version = 0.1, priority = 7, name = "probe-schema", schema = schema }
+function _M.check_schema(conf, schema_type)
+    return core.schema.check(schema, conf)
+end
+function _M.access(conf, ctx)
+    local ok, err = core.schema.check({ type = "object", properties = { n = { type = "string" } } },
+                                      { n = 1 })
+    local filled = {}
+    core.schema.check(schema, filled)
+    return 200, { greeting = conf.greeting, count = conf.count, ok = ok, err = err,
+                  filled = filled.greeting, consumer = core.schema.TYPE_CONSUMER,
+                  metadata = core.schema.TYPE_METADATA }
+end
+return _M
+"#;
+    let (_tmp, gw) = probe_gateway(
+        &[("probe-schema", src)],
+        &probe_route("/schema", "probe-schema"),
+    );
+    let out = get(&gw.url("/schema")).json();
+    assert_eq!(out["greeting"], "hi");
+    assert_eq!(out["count"], 3);
+    assert_eq!(out["ok"], false);
+    assert_eq!(
+        out["err"],
+        "property \"n\" validation failed: wrong type: expected string, got number"
+    );
+    assert_eq!(out["filled"], "hi");
+    assert_eq!(out["consumer"], 1);
+    assert_eq!(out["metadata"], 2);
+}
+
+#[test]
+fn core_utils_log_and_misc() {
+    let src = probe(
+        "probe-misc",
+        r#"
+    out.resolved = core.utils.resolve_var("$uri|${arg_x}|${arg_none ?? dflt}|$arg_none|\\$uri", ctx.var)
+    local _, _, n = core.utils.resolve_var("$uri $host", ctx.var)
+    out.resolved_n = n
+    out.captures = core.utils.resolve_var_with_captures("/new/$1/${2}", { "a", "b" })
+    out.safe = core.utils.uri_safe_encode("/a b?c")
+    local host, port = core.utils.parse_addr("127.0.0.1:8080")
+    out.addr = { host, port }
+    local m = core.ip.create_ip_matcher({ "127.0.0.0/8", "::1" })
+    out.ip_match = m:match(ctx.var.remote_addr)
+    out.ip_valid = { core.ip.validate_cidr_or_ip("10.0.0.0/8"), core.ip.validate_cidr_or_ip("nope") }
+    out.version_is_string = type(core.version.VERSION) == "string"
+    out.local_conf = type(core.config.local_conf()) == "table"
+    core.log.warn("probe marker ", 42, " ", core.json.delay_encode({ k = "v" }))
+    core.log.debug("never rendered ", core.log.delay_exec(error, "delay_exec ran at debug"))
+"#,
+    );
+    let (_tmp, gw) = probe_gateway(
+        &[("probe-misc", &src)],
+        &probe_route("/misc/*", "probe-misc"),
+    );
+    let r = get(&gw.url("/misc/p?x=1"));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let out = r.json();
+    assert_eq!(out["resolved"], "/misc/p|1|dflt||\\$uri");
+    assert_eq!(out["resolved_n"], 2);
+    assert_eq!(out["captures"], "/new/a/b");
+    assert_eq!(out["safe"], "/a%20b%3Fc");
+    assert_eq!(out["addr"], json!(["127.0.0.1", 8080]));
+    assert_eq!(out["ip_match"], true);
+    assert_eq!(out["ip_valid"], json!([true, false]));
+    assert_eq!(out["version_is_string"], true);
+    assert_eq!(out["local_conf"], true);
+    assert!(
+        gw.wait_for_log("probe marker 42 {\"k\":\"v\"}", Duration::from_secs(5)),
+        "{}",
+        gw.logs()
+    );
+    let logs = gw.logs();
+    let line = logs
+        .lines()
+        .find(|l| l.contains("probe marker"))
+        .unwrap_or_default();
+    assert!(
+        line.contains("probe-misc"),
+        "the line names the plugin: {line}"
+    );
+    assert!(!logs.contains("delay_exec ran at debug"), "{logs}");
+}
