@@ -276,9 +276,13 @@ fn config(routes: &Value) -> String {
 
 impl Gateway {
     fn start(routes: Value) -> Gateway {
+        Gateway::start_yaml(&config(&routes))
+    }
+
+    fn start_yaml(yaml: &str) -> Gateway {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("config.yaml");
-        std::fs::write(&path, config(&routes)).expect("write config");
+        std::fs::write(&path, yaml).expect("write config");
         let mut child = Command::new(env!("CARGO_BIN_EXE_moongate"))
             .args(["run", "-c"])
             .arg(&path)
@@ -1093,4 +1097,37 @@ fn keepalive_reuses_connections_and_off_opens_one_per_call() {
         reused.connections()
     );
     assert_eq!(reused.requests().len(), N);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The walkthrough in examples/
+// ---------------------------------------------------------------------------------------------
+
+/// `examples/openfunction.yaml` with a function that answers like `examples/function_sample.rs`
+/// (the ports moved to free ones).
+#[test]
+fn walkthrough_example_config() {
+    let f = FnServer::start(|s| {
+        let path = s.target.split('?').next().unwrap_or("");
+        Reply::ok(format!(
+            "Hello, {}!\n",
+            path.rsplit('/').find(|p| !p.is_empty()).unwrap_or("")
+        ))
+    });
+    let yaml = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/openfunction.yaml"
+    ))
+    .expect("read examples/openfunction.yaml");
+    assert!(yaml.contains("listen: 127.0.0.1:9080") && yaml.contains("127.0.0.1:3233"));
+    let yaml = yaml
+        .replace("listen: 127.0.0.1:9080", "listen: 127.0.0.1:0\nworkers: 1")
+        .replace("127.0.0.1:3233", &f.addr.to_string());
+    let gw = Gateway::start_yaml(&yaml);
+    let r = gw.get("/hello");
+    assert_eq!((r.status, r.text().as_str()), (200, "Hello, test!\n"));
+    assert_eq!(f.last().headers["authorization"], "Basic dGVzdDp0ZXN0");
+    let r = gw.get("/hello/123");
+    assert_eq!((r.status, r.text().as_str()), (200, "Hello, 123!\n"));
+    assert_eq!(f.last().target, "/default/function-sample/123");
 }
