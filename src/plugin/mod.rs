@@ -7,6 +7,7 @@
 
 pub mod chain;
 pub mod ctx;
+pub mod lua;
 pub mod schema;
 
 use std::any::Any;

@@ -29,6 +29,7 @@ pub fn build_registry(node: &NodeConfig) -> Result<Registry, ConfigErrors> {
     for p in crate::plugins::native() {
         registry.insert(p);
     }
+    crate::plugin::lua::add_to_registry(&mut registry, node)?;
     if let Some(enabled) = &node.plugins {
         registry.retain_enabled(enabled)?;
     }

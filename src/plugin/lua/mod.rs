@@ -1,0 +1,454 @@
+//! Lua plugins: APISIX plugin modules run on LuaJIT, behind the same [`Plugin`] trait as the
+//! native ones.
+//!
+//! A file `NAME.lua` in one of the node's `plugin_dirs` is a plugin named `NAME`. At snapshot
+//! build time [`load_plugins`] reads each file, runs it once in a scratch VM to read the module
+//! fields (`priority`, `version`, `schema`, which phases it defines), and keeps the source text:
+//! a [`LuaPlugin`] is one immutable *version* of a plugin, with a process-unique `version_id`.
+//! Worker threads compile that stored source into their own VM on first use (see `runtime.rs`),
+//! so a file edited on disk changes nothing until the next snapshot is built from it.
+//!
+//! Failures are contained: a Lua error, a runaway loop (stopped by the per-call time budget, see
+//! `watchdog.rs`) or an allocation past the VM's memory cap fails that plugin call (its request
+//! gets 500, the error is logged with plugin, phase and traceback) and the VM keeps serving.
+
+pub mod api;
+mod convert;
+pub mod embedded;
+mod prelude;
+pub mod runtime;
+mod watchdog;
+
+use std::any::Any;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use mlua::{Table, Value};
+use serde_json::Value as Json;
+
+use crate::config::{ConfigError, ConfigErrors, LuaConfig, NodeConfig};
+use crate::plugin::{
+    BodyChunk, ConfScope, Ctx, Phase, PhaseResult, PhaseSet, Plugin, PluginConf, PluginError,
+    PluginKind, ResponseHead, Schema,
+};
+use crate::snapshot::Registry;
+
+pub use runtime::LuaRuntime;
+pub use watchdog::BUDGET_EXCEEDED;
+
+/// Runtime settings shared by every plugin version loaded by one build.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// How long one call may run Lua code (`lua.call_budget_ms`).
+    pub call_budget: Duration,
+    /// The VM's memory cap in bytes (`lua.memory_limit_mb`).
+    pub memory_limit: usize,
+    /// Where `require("apisix.plugins.NAME")` looks.
+    pub plugin_dirs: Vec<PathBuf>,
+}
+
+impl Settings {
+    /// Settings from the node config's `lua` section.
+    pub fn new(cfg: &LuaConfig, plugin_dirs: &[PathBuf]) -> Settings {
+        Settings {
+            call_budget: Duration::from_millis(cfg.call_budget_ms.max(1)),
+            memory_limit: cfg.memory_limit_mb.max(1).saturating_mul(1024 * 1024),
+            plugin_dirs: plugin_dirs.to_vec(),
+        }
+    }
+}
+
+static NEXT_VERSION: AtomicU64 = AtomicU64::new(1);
+static NEXT_CONF: AtomicU64 = AtomicU64::new(1);
+static WORKERS: AtomicUsize = AtomicUsize::new(0);
+
+/// `ngx.worker.count()`.
+pub(crate) fn worker_count() -> usize {
+    match WORKERS.load(Ordering::Relaxed) {
+        0 => std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
+        n => n,
+    }
+}
+
+/// One version of a Lua plugin: what the module declared, and its source.
+pub struct LuaPlugin {
+    name: String,
+    priority: i64,
+    version: String,
+    schema: Schema,
+    /// The phases the module defines.
+    lua_phases: PhaseSet,
+    has_check_schema: bool,
+    path: PathBuf,
+    source: Arc<str>,
+    /// Unique per loaded version for the life of the process: VMs key their modules on it.
+    version_id: u64,
+    settings: Arc<Settings>,
+    /// Dropped with this version; VMs hold a `Weak` to notice.
+    live: Arc<()>,
+}
+
+impl Drop for LuaPlugin {
+    fn drop(&mut self) {
+        runtime::retire();
+    }
+}
+
+impl std::fmt::Debug for LuaPlugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LuaPlugin")
+            .field("name", &self.name)
+            .field("priority", &self.priority)
+            .field("path", &self.path)
+            .field("version_id", &self.version_id)
+            .finish()
+    }
+}
+
+impl LuaPlugin {
+    /// The file it was loaded from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Process-unique id of this loaded version.
+    pub fn version_id(&self) -> u64 {
+        self.version_id
+    }
+
+    /// Loads one plugin file: runs the module in a scratch VM and reads its fields.
+    /// Errors read `file:line: message` for syntax and runtime errors.
+    pub fn load(path: &Path, settings: Arc<Settings>) -> Result<LuaPlugin, String> {
+        let source = std::fs::read_to_string(path)
+            .map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+        let name = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .ok_or_else(|| format!("{}: the file name is not valid UTF-8", path.display()))?
+            .to_string();
+        Self::from_source(&name, path, source.into(), settings)
+    }
+
+    /// Like [`LuaPlugin::load`], from source text already read.
+    pub fn from_source(
+        name: &str,
+        path: &Path,
+        source: Arc<str>,
+        settings: Arc<Settings>,
+    ) -> Result<LuaPlugin, String> {
+        let rt = LuaRuntime::new(&settings).map_err(|e| format!("cannot start a Lua VM: {e}"))?;
+        let lua = rt.lua();
+        let frame = runtime::Frame {
+            plugin: name as *const str,
+            ..runtime::Frame::NONE
+        };
+        let module: Table = rt
+            .guarded(frame, || {
+                let f = lua
+                    .load(&*source)
+                    .set_name(format!("@{}", path.display()))
+                    .into_function()?;
+                match f.call::<Value>(())? {
+                    Value::Table(t) => Ok(t),
+                    other => Err(mlua::Error::runtime(format!(
+                        "the module returned {} instead of a table",
+                        other.type_name()
+                    ))),
+                }
+            })
+            .map_err(|e| lua_load_error(path, &e))?;
+        let priority = match module.get::<Value>("priority") {
+            Ok(Value::Integer(i)) => i,
+            Ok(Value::Number(n)) => n as i64,
+            _ => {
+                return Err(format!(
+                    "{}: invalid plugin: missing or non-number \"priority\"",
+                    path.display()
+                ))
+            }
+        };
+        let version = match module.get::<Value>("version") {
+            Ok(Value::Integer(i)) => i.to_string(),
+            Ok(Value::Number(n)) => convert::fmt_g14(n),
+            Ok(Value::String(s)) => s.to_string_lossy(),
+            _ => {
+                return Err(format!(
+                    "{}: invalid plugin: missing \"version\"",
+                    path.display()
+                ))
+            }
+        };
+        let schema_json = match module.get::<Value>("schema") {
+            Ok(Value::Table(t)) => convert::schema_to_json(lua, &t)
+                .map_err(|e| format!("{}: invalid schema: {e}", path.display()))?,
+            _ => {
+                return Err(format!(
+                    "{}: invalid plugin: \"schema\" must be a table",
+                    path.display()
+                ))
+            }
+        };
+        if schema_json.pointer("/properties/_meta").is_some() {
+            return Err(format!(
+                "{}: invalid plugin: the schema must not define \"_meta\"",
+                path.display()
+            ));
+        }
+        let schema = Schema::compile(&schema_json)
+            .map_err(|e| format!("{}: invalid schema: {e}", path.display()))?;
+        if let Ok(Value::String(declared)) = module.get::<Value>("name") {
+            let declared = declared.to_string_lossy();
+            if declared != name {
+                tracing::warn!(
+                    "{}: the module's name \"{declared}\" differs from its file name; it is enabled as \"{name}\" (as APISIX does)",
+                    path.display()
+                );
+            }
+        }
+        let mut lua_phases = PhaseSet::empty();
+        for phase in Phase::ALL {
+            if matches!(module.get::<Value>(phase.as_str()), Ok(Value::Function(_))) {
+                lua_phases = lua_phases.with(phase);
+            }
+        }
+        let has_check_schema =
+            matches!(module.get::<Value>("check_schema"), Ok(Value::Function(_)));
+        Ok(LuaPlugin {
+            name: name.to_string(),
+            priority,
+            version,
+            schema,
+            lua_phases,
+            has_check_schema,
+            path: path.to_path_buf(),
+            source,
+            version_id: NEXT_VERSION.fetch_add(1, Ordering::Relaxed),
+            settings,
+            live: Arc::new(()),
+        })
+    }
+}
+
+/// `file:line: message` from a load failure (the traceback is dropped: it only shows the
+/// loader).
+fn lua_load_error(path: &Path, e: &mlua::Error) -> String {
+    let msg = match e {
+        mlua::Error::SyntaxError { message, .. } => message.clone(),
+        mlua::Error::CallbackError { cause, .. } => return lua_load_error(path, cause),
+        other => other.to_string(),
+    };
+    let first = msg.lines().next().unwrap_or("").trim().to_string();
+    let first = first
+        .strip_prefix("runtime error: ")
+        .unwrap_or(&first)
+        .to_string();
+    let first = first
+        .strip_prefix("syntax error: ")
+        .unwrap_or(&first)
+        .to_string();
+    if first.starts_with(&path.display().to_string()) {
+        first
+    } else {
+        format!("{}: {first}", path.display())
+    }
+}
+
+/// What `check_conf` keeps for a Lua plugin's conf: an id that VMs key the conf table on, and
+/// a liveness token they watch.
+pub(crate) struct LuaConf {
+    pub id: u64,
+    pub live: Arc<()>,
+}
+
+impl Drop for LuaConf {
+    fn drop(&mut self) {
+        runtime::retire();
+    }
+}
+
+#[async_trait(?Send)]
+impl Plugin for LuaPlugin {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn priority(&self) -> i64 {
+        self.priority
+    }
+
+    fn version(&self) -> &str {
+        &self.version
+    }
+
+    fn kind(&self) -> PluginKind {
+        PluginKind::Lua
+    }
+
+    fn schema(&self) -> &Schema {
+        &self.schema
+    }
+
+    fn check_conf(
+        &self,
+        conf: &mut Json,
+        scope: ConfScope,
+    ) -> Result<Arc<dyn Any + Send + Sync>, String> {
+        if scope == ConfScope::Route || !self.has_check_schema {
+            self.schema.check(conf)?;
+        }
+        if self.has_check_schema {
+            let schema_type = match scope {
+                ConfScope::Route => None,
+                ConfScope::Consumer => Some(1),
+                ConfScope::Metadata => Some(2),
+            };
+            runtime::check_conf_lua(self, conf, schema_type)?;
+        }
+        Ok(Arc::new(LuaConf {
+            id: NEXT_CONF.fetch_add(1, Ordering::Relaxed),
+            live: Arc::new(()),
+        }))
+    }
+
+    /// The module's phases, plus `header_filter` always: headers a request phase set with
+    /// `ngx.header` (or `core.response.set_header`) are applied to the response there.
+    fn phases(&self) -> PhaseSet {
+        self.lua_phases.with(Phase::HeaderFilter)
+    }
+
+    async fn rewrite(&self, conf: &PluginConf, ctx: &mut Ctx) -> PhaseResult {
+        runtime::request_phase(self, Phase::Rewrite, conf, ctx).await
+    }
+
+    async fn access(&self, conf: &PluginConf, ctx: &mut Ctx) -> PhaseResult {
+        runtime::request_phase(self, Phase::Access, conf, ctx).await
+    }
+
+    async fn before_proxy(&self, conf: &PluginConf, ctx: &mut Ctx) -> PhaseResult {
+        runtime::request_phase(self, Phase::BeforeProxy, conf, ctx).await
+    }
+
+    fn header_filter(
+        &self,
+        conf: &PluginConf,
+        ctx: &mut Ctx,
+        head: &mut ResponseHead,
+    ) -> Result<(), PluginError> {
+        runtime::header_filter(self, conf, ctx, head)
+    }
+
+    fn body_filter(
+        &self,
+        conf: &PluginConf,
+        ctx: &mut Ctx,
+        chunk: &mut BodyChunk,
+    ) -> Result<(), PluginError> {
+        runtime::body_filter(self, conf, ctx, chunk)
+    }
+
+    fn log(&self, conf: &PluginConf, ctx: &mut Ctx) {
+        runtime::log(self, conf, ctx)
+    }
+}
+
+/// Finds and loads every `NAME.lua` in `dirs` (the first directory wins for a name found twice).
+/// A missing directory is skipped. Every bad file is reported, as `file:line: message`.
+pub fn load_plugins(
+    dirs: &[PathBuf],
+    lua_cfg: &LuaConfig,
+) -> Result<Vec<Arc<dyn Plugin>>, Vec<ConfigError>> {
+    load_filtered(dirs, lua_cfg, None)
+}
+
+fn load_filtered(
+    dirs: &[PathBuf],
+    lua_cfg: &LuaConfig,
+    enabled: Option<&[String]>,
+) -> Result<Vec<Arc<dyn Plugin>>, Vec<ConfigError>> {
+    let settings = Arc::new(Settings::new(lua_cfg, dirs));
+    let mut seen: std::collections::HashMap<String, PathBuf> = std::collections::HashMap::new();
+    let mut plugins: Vec<Arc<dyn Plugin>> = Vec::new();
+    let mut errors = Vec::new();
+    for dir in dirs {
+        let entries = match std::fs::read_dir(dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                tracing::debug!("plugin dir {} does not exist", dir.display());
+                continue;
+            }
+            Err(e) => {
+                errors.push(ConfigError::new(
+                    "plugin_dirs",
+                    format!("cannot read {}: {e}", dir.display()),
+                ));
+                continue;
+            }
+        };
+        let mut files: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "lua"))
+            .collect();
+        files.sort();
+        for path in files {
+            let Some(name) = path
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .map(str::to_string)
+            else {
+                continue;
+            };
+            if enabled.is_some_and(|list| !list.contains(&name)) {
+                continue;
+            }
+            if let Some(first) = seen.get(&name) {
+                tracing::warn!("{} is shadowed by {}", path.display(), first.display());
+                continue;
+            }
+            seen.insert(name.clone(), path.clone());
+            match LuaPlugin::load(&path, settings.clone()) {
+                Ok(p) => plugins.push(Arc::new(p)),
+                Err(e) => errors.push(ConfigError::new("", e)),
+            }
+        }
+    }
+    if errors.is_empty() {
+        Ok(plugins)
+    } else {
+        Err(errors)
+    }
+}
+
+/// Adds the node's Lua plugins to a registry (only the enabled ones when the node lists them).
+/// A Lua file named like a native plugin is skipped with a warning: the native one stays.
+pub fn add_to_registry(registry: &mut Registry, node: &NodeConfig) -> Result<(), ConfigErrors> {
+    if let Some(n) = node.workers {
+        WORKERS.store(n, Ordering::Relaxed);
+    }
+    let plugins = load_filtered(&node.plugin_dirs, &node.lua, node.plugins.as_deref())
+        .map_err(ConfigErrors)?;
+    for p in plugins {
+        if registry.get(p.name()).is_some() {
+            tracing::warn!(
+                "Lua plugin \"{}\" has the name of a native plugin and is not used",
+                p.name()
+            );
+            continue;
+        }
+        let path = node
+            .plugin_dirs
+            .iter()
+            .map(|d| d.join(format!("{}.lua", p.name())))
+            .find(|f| f.is_file());
+        if let Some(path) = path {
+            registry.sources.insert(p.name().to_string(), path);
+        }
+        registry.insert(p);
+    }
+    Ok(())
+}
