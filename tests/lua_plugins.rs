@@ -696,9 +696,19 @@ fn core_utils_log_and_misc() {
     out.ip_valid = { core.ip.validate_cidr_or_ip("10.0.0.0/8"), core.ip.validate_cidr_or_ip("nope") }
     out.version_is_string = type(core.version.VERSION) == "string"
     out.local_conf = type(core.config.local_conf()) == "table"
+    out.registered = { ctx.var.probe_upper_uri, ctx.var.probe_upper_uri, ctx.var.probe_count,
+                       ctx.var.probe_count }
     core.log.warn("probe marker ", 42, " ", core.json.delay_encode({ k = "v" }))
     core.log.debug("never rendered ", core.log.delay_exec(error, "delay_exec ran at debug"))
 "#,
+    );
+    // Module-level code runs once per VM: register the variables there, as APISIX plugins do.
+    let src = format!(
+        "local core = require(\"apisix.core\")
+local n = 0
+core.ctx.register_var(\"probe_upper_uri\", function(ctx) n = n + 1; return ctx.var.uri:upper() end)
+core.ctx.register_var(\"probe_count\", function(ctx) n = n + 1; return n end, {{ no_cacheable = true }})
+{src}"
     );
     let (_tmp, gw) = probe_gateway(
         &[("probe-misc", &src)],
@@ -716,6 +726,8 @@ fn core_utils_log_and_misc() {
     assert_eq!(out["ip_valid"], json!([true, false]));
     assert_eq!(out["version_is_string"], true);
     assert_eq!(out["local_conf"], true);
+    // probe_upper_uri is computed once (n = 1), probe_count on every read (2, then 3).
+    assert_eq!(out["registered"], json!(["/MISC/P", "/MISC/P", 2, 3]));
     assert!(
         gw.wait_for_log("probe marker 42 {\"k\":\"v\"}", Duration::from_secs(5)),
         "{}",

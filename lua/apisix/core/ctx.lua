@@ -1,8 +1,12 @@
 --- core.ctx: request-context helpers. `register_var(name, getter, opts)` adds a variable that
 -- `ctx.var.NAME` computes as `getter(ctx)`; with `opts.no_cacheable` it is recomputed on every
 -- read, otherwise the first value is kept for the rest of the request.
+local mg = __moongate
+local ngx = ngx
 local type = type
 local error = error
+local rawget = rawget
+local rawset = rawset
 
 local _M = { version = 0.3 }
 
@@ -15,9 +19,49 @@ local builtin = {
     upstream_host = true, status = true, upstream_status = true,
 }
 
--- name -> {getter = fn, no_cacheable = bool}; the runtime's `ctx.var` consults it.
+-- name -> {getter = fn, no_cacheable = bool}
 local registered = {}
 _M.registered_var = registered
+
+-- Per-request cache of registered values, stored in the ctx.var table under a private key.
+local cache_key = {}
+
+-- Makes `ctx.var` consult the registered variables first. Installed on the first
+-- register_var, so requests pay nothing while no plugin registers one.
+local hooked = false
+local function hook_ctx_var()
+    local mt = mg and mg.VAR_MT
+    if hooked or type(mt) ~= "table" then
+        return
+    end
+    hooked = true
+    local orig = mt.__index
+    mt.__index = function(t, k)
+        local reg = registered[k]
+        if not reg then
+            if type(orig) == "function" then
+                return orig(t, k)
+            end
+            return orig and orig[k]
+        end
+        local nctx = ngx.ctx
+        local api_ctx = nctx and nctx.api_ctx
+        if reg.no_cacheable then
+            return reg.getter(api_ctx)
+        end
+        local cache = rawget(t, cache_key)
+        if not cache then
+            cache = {}
+            rawset(t, cache_key, cache)
+        end
+        local v = cache[k]
+        if v == nil then
+            v = reg.getter(api_ctx)
+            cache[k] = v
+        end
+        return v
+    end
+end
 
 --- Registers a computed variable for `ctx.var`.
 function _M.register_var(name, getter, opts)
@@ -31,25 +75,7 @@ function _M.register_var(name, getter, opts)
         error("can't override the built-in variable " .. name, 2)
     end
     registered[name] = { getter = getter, no_cacheable = opts and opts.no_cacheable or false }
-end
-
---- The value of a registered variable for this request, or nil when `name` is not registered.
--- Caches it in `cache` (a table the caller keeps per request) unless it is `no_cacheable`.
-function _M.get_registered_var(ctx, name, cache)
-    local reg = registered[name]
-    if not reg then
-        return nil
-    end
-    if not reg.no_cacheable and cache then
-        local v = cache[name]
-        if v ~= nil then
-            return v
-        end
-        v = reg.getter(ctx)
-        cache[name] = v
-        return v
-    end
-    return reg.getter(ctx)
+    hook_ctx_var()
 end
 
 return _M
