@@ -251,7 +251,7 @@ pub fn insert_resource(
 pub fn remove_resource(doc: &mut Document, kind: Kind, id: &str) -> bool {
     fn remove<T>(list: &mut Vec<T>, id: &str, id_of: fn(&T) -> Option<&Id>) -> bool {
         let before = list.len();
-        list.retain(|r| !id_of(r).is_some_and(|i| i.0 == id));
+        list.retain(|r| id_of(r).is_none_or(|i| i.0 != id));
         list.len() != before
     }
     match kind {
