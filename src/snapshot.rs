@@ -495,6 +495,8 @@ fn resolve_upstream(
 }
 
 /// Checks an upstream's fields beyond their types.
+// `!(v > 0.0)` on purpose: NaN must be refused too.
+#[allow(clippy::neg_cmp_op_on_partial_ord)]
 pub fn check_upstream(u: &Upstream) -> Result<(), String> {
     if u.pass_host == PassHost::Rewrite && u.upstream_host.as_deref().unwrap_or("").is_empty() {
         return Err("pass_host \"rewrite\" needs \"upstream_host\"".into());

@@ -242,7 +242,28 @@ impl<'de> Deserialize<'de> for Nodes {
         impl<'de> Visitor<'de> for NodesVisitor {
             type Value = Nodes;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str(NODES_EXPECTED)
+                // serde prefixes this with "expected ".
+                f.write_str(NODES_EXPECTED.trim_start_matches("expected "))
+            }
+            // Scalars get the plain message (not serde's "invalid type: ..."), so `check`
+            // prints `...nodes: expected a map of "host:port" to weight, ...`.
+            fn visit_str<E: de::Error>(self, _: &str) -> Result<Nodes, E> {
+                Err(E::custom(NODES_EXPECTED))
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Nodes, E> {
+                Err(E::custom(NODES_EXPECTED))
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Nodes, E> {
+                Err(E::custom(NODES_EXPECTED))
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Nodes, E> {
+                Err(E::custom(NODES_EXPECTED))
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Nodes, E> {
+                Err(E::custom(NODES_EXPECTED))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Nodes, E> {
+                Err(E::custom(NODES_EXPECTED))
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Nodes, A::Error> {
                 let mut out = Vec::new();

@@ -218,7 +218,8 @@ async fn proxy(
     };
 
     // The upstream request: the request as plugins left it.
-    let mut headers = std::mem::take(&mut ctx.headers);
+    // A copy, not a take: header_filter, body_filter and log still read `$http_*`.
+    let mut headers = ctx.headers.clone();
     let client_host = headers.get(header::HOST).cloned();
     strip_hop_by_hop(&mut headers);
     headers.remove(header::CONTENT_LENGTH);
