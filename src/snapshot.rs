@@ -15,7 +15,7 @@ use std::time::SystemTime;
 use arc_swap::ArcSwap;
 use serde_json::{Map, Value};
 
-use crate::config::{ConfigError, ConfigErrors, Document, Node, PassHost, Upstream};
+use crate::config::{ConfigError, ConfigErrors, Document, Node, PassHost, Timeout, Upstream};
 use crate::plugin::chain::{Chain, ChainEntry};
 use crate::plugin::{ConfScope, Plugin, PluginConf};
 use crate::router::{RouteSpec, Router};
@@ -172,6 +172,8 @@ pub struct RouteEntry {
     /// The route's plugins, with its service's merged in (the route's conf wins by name).
     pub chain: Chain,
     pub upstream: Option<Arc<UpstreamEntry>>,
+    /// The route's own `timeout`; when set it replaces the upstream's (as in APISIX).
+    pub timeout: Option<Timeout>,
     pub conf_type: &'static str,
     pub conf_id: String,
     pub conf_version: String,
@@ -423,6 +425,7 @@ pub fn build(
             service_id: r.service_id.as_ref().map(|s| s.0.clone()),
             chain: Chain::new(entries),
             upstream,
+            timeout: r.timeout,
             conf_type,
             conf_id,
             conf_version: conf_version.clone(),

@@ -268,6 +268,7 @@ fn large_bodies_stream_both_ways_with_bounded_memory() {
     assert_eq!(n, BIG);
 
     let peak_kib = gw.peak_rss_kib();
+    eprintln!("gateway peak RSS {peak_kib} KiB after {} MiB each way", BIG >> 20);
     assert!(
         peak_kib < 64 * 1024,
         "gateway peak RSS {peak_kib} KiB while streaming {} MiB",
@@ -341,6 +342,16 @@ fn slow_upstream_is_504() {
         "{}",
         gw.logs()
     );
+}
+
+#[test]
+fn route_timeout_overrides_the_upstreams() {
+    let up = Upstream::slow(Duration::from_secs(3));
+    let gw = Gateway::start(&format!(
+        "routes:\n  - id: rt\n    uri: /slow\n    timeout: {{connect: 1, send: 1, read: 0.5}}\n    upstream:\n      timeout: {{connect: 60, send: 60, read: 60}}\n      nodes:\n        \"{}\": 1\n",
+        up.node()
+    ));
+    assert_eq!(get(&gw.url("/slow")).status, 504);
 }
 
 #[test]

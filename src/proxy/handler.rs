@@ -170,7 +170,7 @@ async fn proxy(
         Err(e) => return respond_local(ctx, snap, plugin_failure(&e), &env.node),
     }
 
-    let timeout: Timeout = cfg.timeout.unwrap_or_default();
+    let timeout: Timeout = route.timeout.or(cfg.timeout).unwrap_or_default();
     let pool = match &cfg.keepalive_pool {
         Some(p) => PoolOptions {
             max_idle: p.size,
