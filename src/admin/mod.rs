@@ -17,7 +17,7 @@ use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::Value;
 use subtle::ConstantTimeEq;
 
@@ -176,7 +176,10 @@ async fn accept_loop(listener: tokio::net::TcpListener, admin: Arc<Admin>, key: 
                 let key = key.clone();
                 async move { Ok::<_, Infallible>(serve(req, admin, key).await) }
             });
+            // A client that never finishes its header must not hold a connection forever.
             if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(30))
                 .serve_connection(TokioIo::new(stream), service)
                 .await
             {
