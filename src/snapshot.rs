@@ -230,16 +230,23 @@ pub fn build(
             continue;
         }
         if upstreams
-            .insert(id.0.clone(), Arc::new(UpstreamEntry::new(Some(id.0.clone()), u.clone())))
+            .insert(
+                id.0.clone(),
+                Arc::new(UpstreamEntry::new(Some(id.0.clone()), u.clone())),
+            )
             .is_some()
         {
-            errors.push(ConfigError::new(format!("{path}.id"), format!("duplicate id \"{id}\"")));
+            errors.push(ConfigError::new(
+                format!("{path}.id"),
+                format!("duplicate id \"{id}\""),
+            ));
         }
     }
 
-    // Services by id, with their plugins checked.
+    // Services by id, with their plugin confs checked once here (whether or not a route uses
+    // the service) and shared by the routes that name it.
     struct ServiceEntry {
-        plugins: Vec<(String, Value)>,
+        plugins: Vec<ChainEntry>,
         upstream: Option<Arc<UpstreamEntry>>,
         hosts: Option<Vec<String>>,
     }
@@ -257,7 +264,11 @@ pub fn build(
             &upstreams,
             &mut errors,
         );
-        let plugins = s.plugins.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let plugins = s
+            .plugins
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         if services
             .insert(
                 id.0.clone(),
@@ -269,7 +280,10 @@ pub fn build(
             )
             .is_some()
         {
-            errors.push(ConfigError::new(format!("{path}.id"), format!("duplicate id \"{id}\"")));
+            errors.push(ConfigError::new(
+                format!("{path}.id"),
+                format!("duplicate id \"{id}\""),
+            ));
         }
     }
 
@@ -296,8 +310,13 @@ pub fn build(
                 ));
                 continue;
             }
-            if let Some(e) = make_entry(&registry, &format!("{path}.plugins"), name, conf, &mut errors)
-            {
+            if let Some(e) = make_entry(
+                &registry,
+                &format!("{path}.plugins"),
+                name,
+                conf,
+                &mut errors,
+            ) {
                 global_entries.push(e);
             }
         }
@@ -316,26 +335,41 @@ pub fn build(
             continue;
         };
         if !route_ids.insert(id.0.clone()) {
-            errors.push(ConfigError::new(format!("{path}.id"), format!("duplicate id \"{id}\"")));
+            errors.push(ConfigError::new(
+                format!("{path}.id"),
+                format!("duplicate id \"{id}\""),
+            ));
         }
         let uris = match (&r.uri, &r.uris) {
             (Some(u), None) => vec![u.clone()],
             (None, Some(us)) if !us.is_empty() => us.clone(),
             (Some(_), Some(_)) => {
-                errors.push(ConfigError::new(path.clone(), "set either \"uri\" or \"uris\", not both"));
+                errors.push(ConfigError::new(
+                    path.clone(),
+                    "set either \"uri\" or \"uris\", not both",
+                ));
                 continue;
             }
             _ => {
-                errors.push(ConfigError::new(path.clone(), "\"uri\" or \"uris\" is required"));
+                errors.push(ConfigError::new(
+                    path.clone(),
+                    "\"uri\" or \"uris\" is required",
+                ));
                 continue;
             }
         };
         if r.host.is_some() && r.hosts.is_some() {
-            errors.push(ConfigError::new(path.clone(), "set either \"host\" or \"hosts\", not both"));
+            errors.push(ConfigError::new(
+                path.clone(),
+                "set either \"host\" or \"hosts\", not both",
+            ));
             continue;
         }
         if r.status > 1 {
-            errors.push(ConfigError::new(format!("{path}.status"), "expected 0 or 1"));
+            errors.push(ConfigError::new(
+                format!("{path}.status"),
+                "expected 0 or 1",
+            ));
         }
         let service = match &r.service_id {
             Some(sid) => match services.get(&sid.0) {
@@ -371,22 +405,18 @@ pub fn build(
                 "a route needs \"upstream\", \"upstream_id\", \"service_id\" or \"plugins\"",
             ));
         }
-        // Service plugins first, then the route's own replace them by name (APISIX's merge).
-        let mut confs: Vec<(String, String, &Value)> = Vec::new();
-        if let (Some(s), Some(sid)) = (service, &r.service_id) {
-            let spath = services_path(&doc, &sid.0);
-            for (name, conf) in &s.plugins {
-                if !r.plugins.contains_key(name) {
-                    confs.push((format!("{spath}.plugins"), name.clone(), conf));
-                }
-            }
-        }
+        // The service's plugins, then the route's own replace them by name (APISIX's merge).
+        let mut entries: Vec<ChainEntry> = service
+            .map(|s| {
+                s.plugins
+                    .iter()
+                    .filter(|e| !r.plugins.contains_key(e.plugin.name()))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
         for (name, conf) in &r.plugins {
-            confs.push((format!("{path}.plugins"), name.clone(), conf));
-        }
-        let mut entries = Vec::new();
-        for (ppath, name, conf) in confs {
-            if let Some(e) = make_entry(&registry, &ppath, &name, conf, &mut errors) {
+            if let Some(e) = make_entry(&registry, &format!("{path}.plugins"), name, conf, &mut errors) {
                 entries.push(e);
             }
         }
@@ -451,14 +481,6 @@ pub fn build(
         registry,
         doc,
     })
-}
-
-fn services_path(doc: &Document, id: &str) -> String {
-    doc.services
-        .iter()
-        .position(|s| s.id.as_ref().is_some_and(|i| i.0 == id))
-        .map(|i| format!("services[{i}]"))
-        .unwrap_or_else(|| "services".to_string())
 }
 
 fn resolve_upstream(

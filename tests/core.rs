@@ -268,7 +268,10 @@ fn large_bodies_stream_both_ways_with_bounded_memory() {
     assert_eq!(n, BIG);
 
     let peak_kib = gw.peak_rss_kib();
-    eprintln!("gateway peak RSS {peak_kib} KiB after {} MiB each way", BIG >> 20);
+    eprintln!(
+        "gateway peak RSS {peak_kib} KiB after {} MiB each way",
+        BIG >> 20
+    );
     assert!(
         peak_kib < 64 * 1024,
         "gateway peak RSS {peak_kib} KiB while streaming {} MiB",

@@ -286,7 +286,10 @@ pub fn parse_document(text: &str) -> Result<Document, ConfigErrors> {
         Value::Object(Map::new())
     } else {
         serde_yaml_ng::from_str(text).map_err(|e| {
-            ConfigErrors(vec![ConfigError::new("", format!("not valid YAML/JSON: {e}"))])
+            ConfigErrors(vec![ConfigError::new(
+                "",
+                format!("not valid YAML/JSON: {e}"),
+            )])
         })?
     };
     let Value::Object(mut top) = value else {
@@ -371,7 +374,9 @@ mod tests {
         .unwrap_err();
         assert_eq!(err.0.len(), 1);
         assert_eq!(err.0[0].path, "routes[1].upstream.nodes");
-        assert!(err.0[0].message.starts_with("expected a map of \"host:port\" to weight"));
+        assert!(err.0[0]
+            .message
+            .starts_with("expected a map of \"host:port\" to weight"));
     }
 
     #[test]
@@ -407,8 +412,10 @@ mod tests {
 
     #[test]
     fn json_is_accepted() {
-        let d = parse_document(r#"{"routes":[{"id":"r","uri":"/x","upstream":{"nodes":{"127.0.0.1:80":1}}}]}"#)
-            .unwrap();
+        let d = parse_document(
+            r#"{"routes":[{"id":"r","uri":"/x","upstream":{"nodes":{"127.0.0.1:80":1}}}]}"#,
+        )
+        .unwrap();
         assert_eq!(d.routes[0].uri.as_deref(), Some("/x"));
     }
 }

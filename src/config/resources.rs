@@ -218,7 +218,8 @@ pub struct Node {
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Nodes(pub Vec<Node>);
 
-const NODES_EXPECTED: &str = "expected a map of \"host:port\" to weight, or a list of {host, port, weight}";
+const NODES_EXPECTED: &str =
+    "expected a map of \"host:port\" to weight, or a list of {host, port, weight}";
 
 impl Serialize for Nodes {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
@@ -318,7 +319,12 @@ pub fn parse_host_port(s: &str) -> Result<(String, Option<u16>), String> {
         let (host, after) = rest.split_once(']').ok_or_else(bad)?;
         let port = match after {
             "" => None,
-            p => Some(p.strip_prefix(':').ok_or_else(bad)?.parse().map_err(|_| bad())?),
+            p => Some(
+                p.strip_prefix(':')
+                    .ok_or_else(bad)?
+                    .parse()
+                    .map_err(|_| bad())?,
+            ),
         };
         return Ok((host.to_string(), port));
     }

@@ -253,7 +253,10 @@ fn version_str(v: Version) -> &'static str {
 
 /// nginx's `$host`: the Host header without port, lower-cased; the server address if absent.
 fn request_host(headers: &HeaderMap, local: SocketAddr) -> String {
-    match headers.get(http::header::HOST).and_then(|h| h.to_str().ok()) {
+    match headers
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+    {
         Some(h) => strip_port(h).to_ascii_lowercase(),
         None => local.ip().to_string(),
     }

@@ -81,7 +81,10 @@ pub async fn handle(
                 return respond_local(
                     ctx,
                     snap,
-                    LocalResponse::error(StatusCode::PAYLOAD_TOO_LARGE, "413 Request Entity Too Large"),
+                    LocalResponse::error(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "413 Request Entity Too Large",
+                    ),
                     &env.node,
                 );
             }
@@ -161,7 +164,10 @@ async fn proxy(
     }
     let cfg = &upstream.config;
     let first = order[0];
-    ctx.upstream_addr = Some(node_addr(&first.host, first.port.unwrap_or(cfg.scheme.default_port())));
+    ctx.upstream_addr = Some(node_addr(
+        &first.host,
+        first.port.unwrap_or(cfg.scheme.default_port()),
+    ));
 
     let chains = [&snap.global, &route.chain];
     match chain::run_request_phase(Phase::BeforeProxy, &chains, &mut ctx).await {
@@ -242,7 +248,10 @@ async fn proxy(
                 HeaderValue::from_str(&node_addr(&node.host, port)).ok()
             }
         }
-        (None, PassHost::Rewrite) => cfg.upstream_host.as_deref().and_then(|h| HeaderValue::from_str(h).ok()),
+        (None, PassHost::Rewrite) => cfg
+            .upstream_host
+            .as_deref()
+            .and_then(|h| HeaderValue::from_str(h).ok()),
     };
     match host_value {
         Some(h) => {
@@ -268,7 +277,12 @@ async fn proxy(
         Ok(r) => r,
         Err(e) => {
             tracing::error!(route = %route.id, "bad upstream request: {e}");
-            return respond_local(ctx, snap, LocalResponse::text(StatusCode::BAD_REQUEST, ""), &env.node);
+            return respond_local(
+                ctx,
+                snap,
+                LocalResponse::text(StatusCode::BAD_REQUEST, ""),
+                &env.node,
+            );
         }
     };
     let wait = secs(timeout.send) + secs(timeout.read);
@@ -341,7 +355,10 @@ fn respond(
     let filter_body;
     {
         let empty = Chain::default();
-        let chains = [&snap.global, route.as_ref().map(|r| &r.chain).unwrap_or(&empty)];
+        let chains = [
+            &snap.global,
+            route.as_ref().map(|r| &r.chain).unwrap_or(&empty),
+        ];
         ctx.status = head.status.as_u16();
         if let Err(e) = chain::run_header_filter(&chains, &mut ctx, &mut head) {
             tracing::error!(plugin = %e.plugin, phase = e.phase, "{}", e.message);
@@ -448,7 +465,8 @@ impl Drop for GatewayBody {
     fn drop(&mut self) {
         // Either the body ended without being polled to its end (an empty body), or the client
         // went away (or the connection failed) before the end of the body.
-        let completed = !self.finish.as_ref().is_some_and(|f| f.filter_body) && self.inner.is_end_stream();
+        let completed =
+            !self.finish.as_ref().is_some_and(|f| f.filter_body) && self.inner.is_end_stream();
         self.end(completed);
     }
 }

@@ -133,7 +133,8 @@ fn worker_main(
                 break;
             }
         }
-        let deadline = Instant::now() + Duration::from_secs_f64(node.proxy.graceful_shutdown_timeout.max(0.0));
+        let deadline =
+            Instant::now() + Duration::from_secs_f64(node.proxy.graceful_shutdown_timeout.max(0.0));
         while active.get() > 0 {
             if tokio::time::timeout_at(deadline.into(), idle.notified())
                 .await
@@ -217,7 +218,9 @@ async fn serve_connection(
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs_f64(proxy.client_header_timeout.max(0.001)))
+        .header_read_timeout(Duration::from_secs_f64(
+            proxy.client_header_timeout.max(0.001),
+        ))
         .max_header_size(proxy.client_header_buffer_size)
         .keep_alive(true);
     let svc_env = env.clone();
