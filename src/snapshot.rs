@@ -267,7 +267,15 @@ pub fn build(
         let plugins = s
             .plugins
             .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
+            .filter_map(|(name, conf)| {
+                make_entry(
+                    &registry,
+                    &format!("{path}.plugins"),
+                    name,
+                    conf,
+                    &mut errors,
+                )
+            })
             .collect();
         if services
             .insert(
@@ -416,7 +424,13 @@ pub fn build(
             })
             .unwrap_or_default();
         for (name, conf) in &r.plugins {
-            if let Some(e) = make_entry(&registry, &format!("{path}.plugins"), name, conf, &mut errors) {
+            if let Some(e) = make_entry(
+                &registry,
+                &format!("{path}.plugins"),
+                name,
+                conf,
+                &mut errors,
+            ) {
                 entries.push(e);
             }
         }
@@ -674,5 +688,45 @@ mod tests {
         assert!(weighted_schedule(&[node(0)]).is_empty());
         let s = weighted_schedule(&[node(1_000_000), node(1)]);
         assert!(s.len() <= 4097 && s.contains(&1));
+    }
+}
+
+#[cfg(test)]
+mod build_tests {
+    use super::*;
+
+    fn registry() -> Arc<Registry> {
+        let mut r = Registry::new();
+        for p in crate::plugins::native() {
+            r.insert(p);
+        }
+        Arc::new(r)
+    }
+
+    #[test]
+    fn an_unused_service_with_a_bad_plugin_conf_is_refused() {
+        let doc = crate::config::parse_document(
+            "services:\n  - id: s1\n    plugins:\n      response-headers: {set: {X-A: 1}}\n",
+        )
+        .expect("parses");
+        let errors = build(Arc::new(doc), registry(), 1).err().expect("refused");
+        assert_eq!(errors.0.len(), 1);
+        assert_eq!(errors.0[0].path, "services[0].plugins.response-headers");
+        assert!(errors.0[0]
+            .message
+            .starts_with("failed to check the configuration of plugin response-headers err: "));
+    }
+
+    #[test]
+    fn a_route_overrides_its_service_plugin_by_name() {
+        let doc = crate::config::parse_document(
+            "services:\n  - id: s1\n    plugins:\n      response-headers: {set: {X-From: service}}\nroutes:\n  - id: r1\n    uri: /a\n    service_id: s1\n    plugins:\n      response-headers: {set: {X-From: route}}\n    upstream: {nodes: {\"127.0.0.1:1\": 1}}\n",
+        )
+        .expect("parses");
+        let snap = build(Arc::new(doc), registry(), 1).ok().expect("builds");
+        let entries = &snap.routes[0].chain.entries;
+        assert_eq!(entries.len(), 1);
+        assert_eq!(entries[0].conf.value["set"]["X-From"], "route");
+        assert_eq!(snap.routes[0].conf_type, "route&service");
     }
 }
