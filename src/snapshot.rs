@@ -723,7 +723,7 @@ mod build_tests {
             "services:\n  - id: s1\n    plugins:\n      response-headers: {set: {X-From: service}}\nroutes:\n  - id: r1\n    uri: /a\n    service_id: s1\n    plugins:\n      response-headers: {set: {X-From: route}}\n    upstream: {nodes: {\"127.0.0.1:1\": 1}}\n",
         )
         .expect("parses");
-        let snap = build(Arc::new(doc), registry(), 1).ok().expect("builds");
+        let snap = build(Arc::new(doc), registry(), 1).expect("builds");
         let entries = &snap.routes[0].chain.entries;
         assert_eq!(entries.len(), 1);
         assert_eq!(entries[0].conf.value["set"]["X-From"], "route");
