@@ -34,13 +34,19 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 /// Sends requests from `threads` client threads for `dur`; returns (requests, failures).
-fn load(url: &str, threads: usize, dur: Duration, during: impl FnOnce(&AtomicBool) + Send) -> (u64, u64) {
+fn load(
+    url: &str,
+    threads: usize,
+    dur: Duration,
+    during: impl FnOnce(&AtomicBool) + Send,
+) -> (u64, u64) {
     let stop = Arc::new(AtomicBool::new(false));
     let ok = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
     let handles: Vec<_> = (0..threads)
         .map(|_| {
-            let (url, stop, ok, failed) = (url.to_string(), stop.clone(), ok.clone(), failed.clone());
+            let (url, stop, ok, failed) =
+                (url.to_string(), stop.clone(), ok.clone(), failed.clone());
             std::thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
                     if get(&url).status == 200 {
@@ -68,7 +74,10 @@ fn load(url: &str, threads: usize, dur: Duration, during: impl FnOnce(&AtomicBoo
 
 fn main() {
     // `cargo bench` passes `--bench`; a filter argument that does not match skips the run.
-    if std::env::args().skip(1).any(|a| !a.starts_with('-') && !"reload".contains(a.as_str())) {
+    if std::env::args()
+        .skip(1)
+        .any(|a| !a.starts_with('-') && !"reload".contains(a.as_str()))
+    {
         return;
     }
     let up = Upstream::echo();
@@ -95,7 +104,10 @@ fn main() {
             if get(&url).header("x-probe-version").as_deref() == Some(v.as_str()) {
                 break;
             }
-            assert!(t0.elapsed() < Duration::from_secs(10), "edit {i} never served");
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "edit {i} never served"
+            );
         }
         lat.push(t0.elapsed().as_secs_f64() * 1000.0);
     }

@@ -4,7 +4,8 @@
 -- The default config's demo route uses it, so a fresh `moongate run` serves something.
 --
 --   routes:
---     - uri: /hello
+--     - id: hello
+--       uri: /hello
 --       plugins:
 --         hello: {}            # or: hello: {message: "hi"}
 --

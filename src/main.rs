@@ -16,7 +16,11 @@ use moongate::snapshot::Gateway;
 const DEFAULT_CONFIG: &str = "conf/config.yaml";
 
 #[derive(Parser)]
-#[command(name = "moongate", version, about = "An API gateway with APISIX's plugin API")]
+#[command(
+    name = "moongate",
+    version,
+    about = "An API gateway with APISIX's plugin API"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -138,15 +142,31 @@ fn run(path: &std::path::Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // etcd: a full read and the first build with it, then the watch; before the workers
+    // start, like the embedded store below.
+    let etcd_store: Option<Arc<dyn moongate::store::ResourceStore>> = match node.config_provider {
+        config::ConfigProvider::Etcd => {
+            match moongate::store::etcd::start(&node, reloader.clone(), rt.handle()) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    tracing::error!("{e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+        config::ConfigProvider::Embedded => None,
+    };
     // Before the workers start, so the stored resources serve from the first request on.
     let _admin = match &node.admin {
-        Some(conf) => match moongate::admin::start(conf, &node, reloader.clone(), rt.handle()) {
-            Ok(a) => Some(a),
-            Err(e) => {
-                tracing::error!("{e}");
-                return ExitCode::FAILURE;
+        Some(conf) => {
+            match moongate::admin::start(conf, &node, reloader.clone(), rt.handle(), etcd_store) {
+                Ok(a) => Some(a),
+                Err(e) => {
+                    tracing::error!("{e}");
+                    return ExitCode::FAILURE;
+                }
             }
-        },
+        }
         None => None,
     };
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);

@@ -56,7 +56,7 @@ impl Registry {
             if !self.plugins.contains_key(name) {
                 errors.push(ConfigError::new(
                     format!("plugins[{i}]"),
-                    format!("unknown plugin \"{name}\": no native plugin and no {name}.lua in plugin_dirs"),
+                    format!("unknown plugin [{name}]: no native plugin and no {name}.lua in plugin_dirs"),
                 ));
             }
         }
@@ -566,7 +566,7 @@ fn make_entry(
     let Some(plugin) = registry.get(name) else {
         errors.push(ConfigError::new(
             format!("{path}.{name}"),
-            format!("unknown plugin \"{name}\""),
+            format!("unknown plugin [{name}]"),
         ));
         return None;
     };

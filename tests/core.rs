@@ -575,7 +575,7 @@ fn check_unknown_plugin_and_upstream_id() {
     assert_eq!(
         lines,
         [
-            "routes[0].plugins.no-such-plugin: unknown plugin \"no-such-plugin\"",
+            "routes[0].plugins.no-such-plugin: unknown plugin [no-such-plugin]",
             "routes[1].upstream_id: upstream \"missing\" not found",
         ],
         "{out}"

@@ -351,7 +351,9 @@ mod tests {
     fn json_exit_has_trailing_newline() {
         let r = LocalResponse::error(StatusCode::NOT_FOUND, "404 Route Not Found");
         match r.body {
-            ResponseBody::Full(b) => assert_eq!(&b[..], b"{\"error_msg\":\"404 Route Not Found\"}\n"),
+            ResponseBody::Full(b) => {
+                assert_eq!(&b[..], b"{\"error_msg\":\"404 Route Not Found\"}\n")
+            }
             _ => panic!("expected a full body"),
         }
     }

@@ -9,5 +9,8 @@ use crate::plugin::Plugin;
 
 /// Every native plugin, one instance each.
 pub fn native() -> Vec<Arc<dyn Plugin>> {
-    vec![Arc::new(response_headers::ResponseHeaders), Arc::new(openfunction::OpenFunction)]
+    vec![
+        Arc::new(response_headers::ResponseHeaders),
+        Arc::new(openfunction::OpenFunction),
+    ]
 }

@@ -18,7 +18,9 @@ use std::sync::{Arc, OnceLock};
 use http::header::{HeaderName, HeaderValue};
 use serde_json::{json, Value};
 
-use crate::plugin::{ConfScope, Ctx, Phase, PhaseSet, Plugin, PluginConf, PluginError, ResponseHead, Schema};
+use crate::plugin::{
+    ConfScope, Ctx, Phase, PhaseSet, Plugin, PluginConf, PluginError, ResponseHead, Schema,
+};
 
 pub struct ResponseHeaders;
 
@@ -135,7 +137,11 @@ impl Plugin for ResponseHeaders {
         schema()
     }
 
-    fn check_conf(&self, conf: &mut Value, _scope: ConfScope) -> Result<Arc<dyn Any + Send + Sync>, String> {
+    fn check_conf(
+        &self,
+        conf: &mut Value,
+        _scope: ConfScope,
+    ) -> Result<Arc<dyn Any + Send + Sync>, String> {
         self.schema().check(conf)?;
         let remove = conf
             .get("remove")
@@ -162,10 +168,15 @@ impl Plugin for ResponseHeaders {
         PhaseSet::empty().with(Phase::HeaderFilter)
     }
 
-    fn header_filter(&self, conf: &PluginConf, ctx: &mut Ctx, head: &mut ResponseHead) -> Result<(), PluginError> {
-        let c = conf
-            .compiled::<Compiled>()
-            .ok_or_else(|| PluginError::new(self.name(), Phase::HeaderFilter, "conf was not compiled"))?;
+    fn header_filter(
+        &self,
+        conf: &PluginConf,
+        ctx: &mut Ctx,
+        head: &mut ResponseHead,
+    ) -> Result<(), PluginError> {
+        let c = conf.compiled::<Compiled>().ok_or_else(|| {
+            PluginError::new(self.name(), Phase::HeaderFilter, "conf was not compiled")
+        })?;
         for name in &c.remove {
             head.headers.remove(name);
         }
@@ -174,7 +185,9 @@ impl Plugin for ResponseHeaders {
                 Some(v) => {
                     head.headers.insert(name.clone(), v);
                 }
-                None => tracing::warn!(plugin = "response-headers", header = %name, "value is not a valid header value; skipped"),
+                None => {
+                    tracing::warn!(plugin = "response-headers", header = %name, "value is not a valid header value; skipped")
+                }
             }
         }
         for (name, parts) in &c.add {
@@ -201,10 +214,16 @@ mod tests {
     #[test]
     fn conf_is_checked() {
         let mut bad = json!({"set": {"X-A": 1}});
-        assert!(ResponseHeaders.check_conf(&mut bad, ConfScope::Route).is_err());
+        assert!(ResponseHeaders
+            .check_conf(&mut bad, ConfScope::Route)
+            .is_err());
         let mut empty = json!({});
-        assert!(ResponseHeaders.check_conf(&mut empty, ConfScope::Route).is_err());
+        assert!(ResponseHeaders
+            .check_conf(&mut empty, ConfScope::Route)
+            .is_err());
         let mut ok = json!({"set": {"X-A": "$route_id"}, "remove": ["server"]});
-        assert!(ResponseHeaders.check_conf(&mut ok, ConfScope::Route).is_ok());
+        assert!(ResponseHeaders
+            .check_conf(&mut ok, ConfScope::Route)
+            .is_ok());
     }
 }

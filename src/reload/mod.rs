@@ -234,7 +234,11 @@ impl Reloader {
             }
             Err(errors) => {
                 for e in &errors.0 {
-                    tracing::error!(trigger, "reload refused, generation {} keeps serving: {e}", state.status.generation);
+                    tracing::error!(
+                        trigger,
+                        "reload refused, generation {} keeps serving: {e}",
+                        state.status.generation
+                    );
                 }
                 self.gw.record_failure(trigger, &errors);
                 state.status.failures += 1;

@@ -22,7 +22,13 @@ pub const DEBOUNCE: Duration = Duration::from_millis(100);
 pub fn watch_files(reloader: Arc<Reloader>) -> notify::Result<()> {
     let snap = reloader.gateway().load_full();
     let config = absolute(reloader.config_path());
-    let plugin_dirs: Vec<PathBuf> = snap.doc.node.plugin_dirs.iter().map(|d| absolute(d)).collect();
+    let plugin_dirs: Vec<PathBuf> = snap
+        .doc
+        .node
+        .plugin_dirs
+        .iter()
+        .map(|d| absolute(d))
+        .collect();
 
     let (tx, rx) = mpsc::channel::<Event>();
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<Event>| {
@@ -92,9 +98,7 @@ impl Relevance {
         if path == self.config || path.file_name().is_some_and(|n| n == "..data") {
             return true;
         }
-        if path.parent() == self.config.parent()
-            && path.file_name() == self.config.file_name()
-        {
+        if path.parent() == self.config.parent() && path.file_name() == self.config.file_name() {
             return true;
         }
         self.plugin_dirs
