@@ -74,6 +74,8 @@ type Handler = Arc<dyn Fn(&Seen) -> Reply + Send + Sync>;
 struct FnServer {
     addr: SocketAddr,
     conns: Arc<AtomicUsize>,
+    /// Connections the gateway has closed (or that failed).
+    closed: Arc<AtomicUsize>,
     seen: Arc<Mutex<Vec<Seen>>>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -141,11 +143,13 @@ impl FnServer {
         let addr = listener.local_addr().expect("local addr");
         let conns = Arc::new(AtomicUsize::new(0));
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let (c, s) = (conns.clone(), seen.clone());
+        let closed = Arc::new(AtomicUsize::new(0));
+        let (c, s, done) = (conns.clone(), seen.clone(), closed.clone());
         let task = rt().spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
                 let conn = c.fetch_add(1, Ordering::SeqCst) + 1;
-                let (handler, seen, tls) = (handler.clone(), s.clone(), tls.clone());
+                let (handler, seen, tls, done) =
+                    (handler.clone(), s.clone(), tls.clone(), done.clone());
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req| {
                         let (handler, seen) = (handler.clone(), seen.clone());
@@ -162,12 +166,14 @@ impl FnServer {
                             }
                         }
                     }
+                    done.fetch_add(1, Ordering::SeqCst);
                 });
             }
         });
         FnServer {
             addr,
             conns,
+            closed,
             seen,
             task,
         }
@@ -1130,4 +1136,26 @@ fn walkthrough_example_config() {
     let r = gw.get("/hello/123");
     assert_eq!((r.status, r.text().as_str()), (200, "Hello, 123!\n"));
     assert_eq!(f.last().target, "/default/function-sample/123");
+}
+
+/// An idle kept-alive connection is closed after `keepalive_timeout`; the next call opens a new one.
+#[test]
+fn keepalive_timeout_closes_idle_connections() {
+    let f = FnServer::recorder();
+    let gw = Gateway::start(json!([
+        {"uri": "/ka", "plugins": openfunction(json!({"function_uri": f.uri("/fn"), "keepalive_timeout": 1000}))},
+    ]));
+    assert_eq!(gw.get("/ka").status, 200);
+    // Bounded wait: the pool's sweeper closes it a little after the idle timeout.
+    let mut closed = false;
+    for _ in 0..100 {
+        if f.closed.load(Ordering::SeqCst) == 1 {
+            closed = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(closed, "the idle connection was never closed");
+    assert_eq!(gw.get("/ka").status, 200);
+    assert_eq!(f.connections(), 2);
 }
