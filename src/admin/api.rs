@@ -436,6 +436,9 @@ impl Admin {
                 json!(self.reloader.gateway().load().generation),
             );
             m.insert("store".into(), json!(self.store.describe()));
+            if let Some(st) = self.store.status() {
+                m.insert("store_status".into(), st);
+            }
         }
         Reply::json(200, v)
     }

@@ -114,14 +114,20 @@ pub struct AdminHandle {
 }
 
 /// Starts the Admin API: key check, store, overlay + first build with the stored resources,
-/// listeners on `rt`. Prints `admin API listening on http://ADDR` per listener.
+/// listeners on `rt`. Prints `admin API listening on http://ADDR` per listener. `external`
+/// is a store already joined to the builds (etcd); None opens the embedded store.
 pub fn start(
     conf: &AdminConfig,
     node: &NodeConfig,
     reloader: Arc<Reloader>,
     rt: &tokio::runtime::Handle,
+    external: Option<Arc<dyn ResourceStore>>,
 ) -> Result<AdminHandle, AdminError> {
     let key = resolve_key(conf, std::env::var(KEY_ENV).ok())?;
+    if let Some(store) = external {
+        let admin = Arc::new(Admin::new(reloader, store));
+        return serve_on(conf, admin, key, rt);
+    }
     let dir = data_dir(node, reloader.config_path());
     std::fs::create_dir_all(&dir)
         .map_err(|e| AdminError::Store(format!("cannot create data_dir {}: {e}", dir.display())))?;
@@ -136,6 +142,16 @@ pub fn start(
         });
     }
     let admin = Arc::new(Admin::new(reloader, store));
+    serve_on(conf, admin, key, rt)
+}
+
+/// Binds the admin listeners and serves `admin` on `rt`.
+fn serve_on(
+    conf: &AdminConfig,
+    admin: Arc<Admin>,
+    key: String,
+    rt: &tokio::runtime::Handle,
+) -> Result<AdminHandle, AdminError> {
     let key: Arc<str> = Arc::from(key);
     let mut addrs = Vec::new();
     for addr in &conf.listen.0 {

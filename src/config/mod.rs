@@ -190,6 +190,57 @@ impl Default for LuaConfig {
     }
 }
 
+/// `config_provider`: where the resources written through the Admin API live.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ConfigProvider {
+    /// One redb file under `data_dir`: a single node.
+    #[default]
+    Embedded,
+    /// An etcd cluster in APISIX's key layout, shared by every node (see docs/deployment.md).
+    Etcd,
+}
+
+/// `etcd`: the cluster a `config_provider: etcd` node reads, watches and writes.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdConfig {
+    /// Client URLs, `http://127.0.0.1:2379` or `https://...`; `host` is accepted as in APISIX.
+    #[serde(alias = "host")]
+    pub endpoints: Vec<String>,
+    /// Key prefix of every resource, as APISIX's `etcd.prefix`.
+    #[serde(default = "default_etcd_prefix")]
+    pub prefix: String,
+    /// Seconds one etcd request may take before the next endpoint is tried.
+    #[serde(default = "default_etcd_timeout")]
+    pub timeout: f64,
+    /// etcd user for authentication (with `password`).
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Password of `user`.
+    #[serde(default)]
+    pub password: Option<String>,
+    /// TLS settings for `https://` endpoints.
+    #[serde(default)]
+    pub tls: Option<EtcdTls>,
+}
+
+/// `etcd.tls`: how `https://` endpoints are verified (always verified).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdTls {
+    /// A PEM file of CA certificates trusted besides the Mozilla roots (a private CA).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+}
+
+fn default_etcd_prefix() -> String {
+    "/apisix".to_string()
+}
+fn default_etcd_timeout() -> f64 {
+    30.0
+}
+
 /// Node settings: everything in the file that is not a resource.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Default)]
 #[serde(deny_unknown_fields)]
@@ -209,6 +260,12 @@ pub struct NodeConfig {
     pub admin: Option<AdminConfig>,
     #[serde(default)]
     pub data_dir: Option<PathBuf>,
+    /// Where Admin API resources live: the embedded store (default) or etcd.
+    #[serde(default)]
+    pub config_provider: ConfigProvider,
+    /// The etcd cluster, for `config_provider: etcd`.
+    #[serde(default)]
+    pub etcd: Option<EtcdConfig>,
     /// Log level filter (`info`, `debug`, `moongate=debug,info`, ...); `RUST_LOG` overrides it.
     #[serde(default)]
     pub log_level: Option<String>,
@@ -271,6 +328,16 @@ fn resolve_paths(node: &mut NodeConfig, base: &Path) {
     for dir in &mut node.plugin_dirs {
         if dir.is_relative() {
             *dir = base.join(&*dir);
+        }
+    }
+    if let Some(ca) = node
+        .etcd
+        .as_mut()
+        .and_then(|e| e.tls.as_mut())
+        .and_then(|t| t.ca_file.as_mut())
+    {
+        if ca.is_relative() {
+            *ca = base.join(&*ca);
         }
     }
     if let Some(d) = &mut node.data_dir {

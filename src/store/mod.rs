@@ -5,6 +5,7 @@
 //! default is [`RedbStore`] (one crash-safe file under `data_dir`); a distributed backend (etcd,
 //! as APISIX uses) can implement the same trait.
 
+pub mod etcd;
 mod redb_store;
 
 use std::fmt;
@@ -101,6 +102,12 @@ pub trait ResourceStore: Send + Sync {
 
     /// A human-readable location for messages (a file path, an etcd endpoint).
     fn describe(&self) -> String;
+
+    /// The backend's health for the status endpoint (etcd: connection, revision, skipped
+    /// values); None when there is nothing to report.
+    fn status(&self) -> Option<Value> {
+        None
+    }
 }
 
 /// Adds a store's resources to every build. A resource id defined both in the config file and

@@ -1,0 +1,509 @@
+//! A cluster of moongate nodes on a real etcd (Debian's `etcd-server`, `/usr/bin/etcd`)
+//! started by each test on loopback ports with a temp data dir: writes through one node serve
+//! on the others, etcd restarts do not fail traffic, bad values written straight into etcd are
+//! skipped and reported, late nodes see everything.
+//!
+//! These tests need the etcd binary; without it they fail (CI installs `etcd-server`).
+
+mod common;
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use common::*;
+use serde_json::{json, Value};
+
+const KEY: &str = "etcd-test-admin-key-0123";
+const ETCD_BIN: &str = "/usr/bin/etcd";
+
+// ---------------------------------------------------------------------------------------------
+// etcd
+// ---------------------------------------------------------------------------------------------
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// A single-member etcd on loopback with its own data dir.
+struct Etcd {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    client_port: u16,
+    peer_port: u16,
+}
+
+impl Etcd {
+    fn start() -> Etcd {
+        assert!(
+            std::path::Path::new(ETCD_BIN).exists(),
+            "{ETCD_BIN} is missing: these tests need a real etcd (apt-get install etcd-server)"
+        );
+        let mut etcd = Etcd {
+            child: None,
+            dir: tempfile::tempdir().expect("temp dir"),
+            client_port: free_port(),
+            peer_port: free_port(),
+        };
+        etcd.spawn();
+        etcd
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+
+    fn spawn(&mut self) {
+        let client = self.url();
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let log = std::fs::File::create(self.dir.path().join("etcd.log")).expect("etcd log");
+        let child = Command::new(ETCD_BIN)
+            .arg("--name=t")
+            .arg(format!("--data-dir={}", self.data_dir().display()))
+            .arg(format!("--listen-client-urls={client}"))
+            .arg(format!("--advertise-client-urls={client}"))
+            .arg(format!("--listen-peer-urls={peer}"))
+            .arg(format!("--initial-advertise-peer-urls={peer}"))
+            .arg(format!("--initial-cluster=t={peer}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start etcd");
+        self.child = Some(child);
+        let addr: SocketAddr = ([127, 0, 0, 1], self.client_port).into();
+        let ready = poll(Duration::from_secs(30), || {
+            if !accepts_connections(addr) {
+                return false;
+            }
+            let r = Req::post(&format!("{}/v3/kv/range", self.url()))
+                .body(json!({"key": B64.encode("/")}).to_string())
+                .send();
+            r.status == 200
+        });
+        assert!(
+            ready,
+            "etcd did not answer within 30s; its log:\n{}",
+            std::fs::read_to_string(self.dir.path().join("etcd.log")).unwrap_or_default()
+        );
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the same member again on the same ports and data.
+    fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    fn call(&self, path: &str, body: Value) -> Value {
+        let r = Req::post(&format!("{}{path}", self.url()))
+            .body(body.to_string())
+            .send();
+        assert_eq!(r.status, 200, "etcd {path}: {}", r.text());
+        r.json()
+    }
+
+    /// Writes a raw value, as `etcdctl put` would.
+    fn put(&self, key: &str, value: &str) {
+        self.call(
+            "/v3/kv/put",
+            json!({"key": B64.encode(key), "value": B64.encode(value)}),
+        );
+    }
+
+    /// The value at `key` as text, if any.
+    fn get(&self, key: &str) -> Option<String> {
+        let v = self.call("/v3/kv/range", json!({"key": B64.encode(key)}));
+        let kv = v["kvs"].as_array()?.first()?.clone();
+        let bytes = B64.decode(kv["value"].as_str()?).ok()?;
+        Some(String::from_utf8_lossy(&bytes).into_owned())
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// nodes
+// ---------------------------------------------------------------------------------------------
+
+/// Calls `f` every 50 ms until it returns true; false after `bound`.
+fn poll(bound: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + bound;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn node_yaml(etcd: &Etcd) -> String {
+    format!(
+        "workers: 1\nconfig_provider: etcd\netcd:\n  endpoints: [\"{}\"]\n  prefix: /apisix\n  timeout: 3\nadmin:\n  listen: 127.0.0.1:0\n  key: {KEY}\n",
+        etcd.url()
+    )
+}
+
+struct Node {
+    gw: Gateway,
+    admin: String,
+}
+
+impl Node {
+    fn start(etcd: &Etcd) -> Node {
+        let gw = Gateway::start(&node_yaml(etcd));
+        assert!(
+            gw.wait_for_log("admin API listening on http://", Duration::from_secs(20)),
+            "no admin listener; log:\n{}",
+            gw.logs()
+        );
+        let addr: SocketAddr = gw
+            .logs()
+            .lines()
+            .find_map(|l| {
+                let rest = l.split("admin API listening on http://").nth(1)?;
+                rest.split_whitespace().next()?.parse().ok()
+            })
+            .expect("admin address");
+        Node {
+            gw,
+            admin: format!("http://{addr}/apisix/admin"),
+        }
+    }
+
+    fn call(&self, method: &str, path: &str, body: Option<Value>) -> Resp {
+        let mut req = Req::new(method, &format!("{}{path}", self.admin)).header("X-API-KEY", KEY);
+        if let Some(b) = body {
+            req = req
+                .header("content-type", "application/json")
+                .body(b.to_string());
+        }
+        req.send()
+    }
+
+    fn put(&self, path: &str, body: Value) -> Resp {
+        self.call("PUT", path, Some(body))
+    }
+
+    fn status(&self) -> Value {
+        let r = self.call("GET", "/moongate/status", None);
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()["store_status"].clone()
+    }
+
+    fn get(&self, path: &str) -> Resp {
+        get(&self.gw.url(path))
+    }
+}
+
+fn route(uri: &str, up: &Upstream) -> Value {
+    json!({"uri": uri, "upstream": {"type": "roundrobin", "nodes": {up.node(): 1}}})
+}
+
+/// Polls `node` until `path` answers `status`; panics with the node's log after `bound`.
+fn wait_status(node: &Node, path: &str, status: u16, bound: Duration) -> Duration {
+    let started = Instant::now();
+    let ok = poll(bound, || node.get(path).status == status);
+    assert!(
+        ok,
+        "{path} did not answer {status} within {bound:?}; log:\n{}",
+        node.gw.logs()
+    );
+    started.elapsed()
+}
+
+// ---------------------------------------------------------------------------------------------
+// tests
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn a_write_through_one_node_serves_on_the_other() {
+    let etcd = Etcd::start();
+    let up = Upstream::echo();
+    let a = Node::start(&etcd);
+    let b = Node::start(&etcd);
+    assert_eq!(b.get("/shared").status, 404);
+
+    let r = a.put("/routes/shared", route("/shared", &up));
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert_eq!(r.json()["key"], "/apisix/routes/shared");
+    // Live on A when the write answered; on B through the watch.
+    assert_eq!(a.get("/shared").status, 200);
+    let took = wait_status(&b, "/shared", 200, Duration::from_secs(10));
+    eprintln!("PUT on node A served on node B after {took:?}");
+    assert_eq!(b.get("/shared").json()["uri"], "/shared");
+
+    // APISIX's layout: the route JSON at /apisix/routes/ID with id and the times.
+    let stored: Value = serde_json::from_str(&etcd.get("/apisix/routes/shared").expect("stored"))
+        .expect("JSON value");
+    assert_eq!(stored["id"], "shared");
+    assert_eq!(stored["uri"], "/shared");
+    assert!(stored["create_time"].is_u64() && stored["update_time"].is_u64());
+
+    // B's Admin API reads it; a POST on B gets an id from etcd's revision; A serves that too.
+    let r = b.call("GET", "/routes/shared", None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = b.call("POST", "/routes", Some(route("/posted", &up)));
+    assert_eq!(r.status, 201, "{}", r.text());
+    let id = r.json()["value"]["id"].as_str().expect("id").to_string();
+    assert_eq!(id.len(), 20, "{id}");
+    wait_status(&a, "/posted", 200, Duration::from_secs(10));
+
+    // A delete on B disappears from A; an update on A changes B.
+    let r = b.call("DELETE", "/routes/shared", None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    wait_status(&a, "/shared", 404, Duration::from_secs(10));
+    let r = a.put(
+        &format!("/routes/{id}"),
+        json!({"uri": "/posted", "upstream": {"nodes": {up.node(): 1}},
+               "plugins": {"response-headers": {"set": {"X-From": "a"}}}}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let ok = poll(Duration::from_secs(10), || {
+        b.get("/posted").header("x-from").as_deref() == Some("a")
+    });
+    assert!(ok, "update did not reach B; log:\n{}", b.gw.logs());
+}
+
+#[test]
+fn etcd_restart_while_both_nodes_serve() {
+    let mut etcd = Etcd::start();
+    let up = Upstream::echo();
+    let a = Node::start(&etcd);
+    let b = Node::start(&etcd);
+    let r = a.put("/routes/steady", route("/steady", &up));
+    assert_eq!(r.status, 201, "{}", r.text());
+    wait_status(&b, "/steady", 200, Duration::from_secs(10));
+
+    // Traffic on both nodes for the whole outage.
+    let stop = Arc::new(AtomicBool::new(false));
+    let served = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let mut clients = Vec::new();
+    for url in [a.gw.url("/steady"), b.gw.url("/steady")] {
+        let (stop, served, failed) = (stop.clone(), served.clone(), failed.clone());
+        clients.push(std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                if get(&url).status == 200 {
+                    served.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }));
+    }
+
+    etcd.stop();
+    for n in [&a, &b] {
+        let down = poll(Duration::from_secs(20), || {
+            n.status()["connected"] == json!(false)
+        });
+        assert!(
+            down,
+            "status never said etcd is down; log:\n{}",
+            n.gw.logs()
+        );
+        assert!(
+            n.gw.wait_for_log(
+                "serving the last good configuration",
+                Duration::from_secs(5)
+            ),
+            "{}",
+            n.gw.logs()
+        );
+    }
+    // Nothing is acknowledged that etcd did not store.
+    let r = a.put("/routes/lost", route("/lost", &up));
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(
+        r.json()["error_msg"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("etcd is unreachable"),
+        "{}",
+        r.text()
+    );
+    assert_eq!(a.get("/lost").status, 404);
+    let st = a.status();
+    assert!(st["last_error"].is_string(), "{st}");
+
+    etcd.restart();
+    for n in [&a, &b] {
+        let up_again = poll(Duration::from_secs(20), || {
+            n.status()["connected"] == json!(true)
+        });
+        assert!(up_again, "never reconnected; log:\n{}", n.gw.logs());
+    }
+    let r = a.put("/routes/after", route("/after", &up));
+    assert_eq!(r.status, 201, "{}", r.text());
+    wait_status(&b, "/after", 200, Duration::from_secs(10));
+    // Also a write through B after the restart reaches A.
+    let r = b.put("/routes/after-b", route("/after-b", &up));
+    assert_eq!(r.status, 201, "{}", r.text());
+    wait_status(&a, "/after-b", 200, Duration::from_secs(10));
+
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.join().expect("client thread");
+    }
+    let (ok, bad) = (
+        served.load(Ordering::Relaxed),
+        failed.load(Ordering::Relaxed),
+    );
+    eprintln!("during the etcd outage and restart: {ok} requests served, {bad} failed");
+    assert!(ok > 0);
+    assert_eq!(bad, 0, "proxied requests failed during the etcd outage");
+}
+
+#[test]
+fn invalid_values_written_into_etcd_are_skipped_and_reported() {
+    let etcd = Etcd::start();
+    let up = Upstream::echo();
+    // Present before the node starts: the start-up read skips it too.
+    etcd.put(
+        "/apisix/routes/bad-plugin",
+        &json!({"uri": "/bad", "plugins": {"no-such-plugin": {}},
+                "upstream": {"nodes": {up.node(): 1}}})
+        .to_string(),
+    );
+    etcd.put("/apisix/routes/good", &route("/good", &up).to_string());
+    let n = Node::start(&etcd);
+    assert_eq!(n.get("/good").status, 200);
+    assert_eq!(n.get("/bad").status, 404);
+    assert!(
+        n.gw.wait_for_log("/apisix/routes/bad-plugin", Duration::from_secs(5)),
+        "{}",
+        n.gw.logs()
+    );
+
+    // Written while the node runs: a field moongate does not know, a value that is not JSON,
+    // and a route naming a missing upstream.
+    etcd.put("/apisix/routes/typo", r#"{"urii": "/typo"}"#);
+    etcd.put("/apisix/routes/not-json", "{this is not json");
+    etcd.put(
+        "/apisix/routes/dangling",
+        &json!({"uri": "/dangling", "upstream_id": "nope"}).to_string(),
+    );
+    etcd.put("/apisix/routes/later", &route("/later", &up).to_string());
+    wait_status(&n, "/later", 200, Duration::from_secs(10));
+    assert_eq!(n.get("/good").status, 200);
+    assert_eq!(n.get("/dangling").status, 404);
+
+    let skipped = |n: &Node| -> Vec<String> {
+        n.status()["skipped"]
+            .as_array()
+            .map(|l| {
+                l.iter()
+                    .map(|s| format!("{} {}", s["key"].as_str().unwrap_or(""), s["error"]))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let all_reported = poll(Duration::from_secs(10), || skipped(&n).len() == 4);
+    let list = skipped(&n);
+    assert!(all_reported, "{list:?}\n{}", n.gw.logs());
+    let find = |key: &str| list.iter().find(|s| s.starts_with(key)).cloned();
+    assert!(
+        find("/apisix/routes/bad-plugin ").is_some_and(|s| s.contains("no-such-plugin")),
+        "{list:?}"
+    );
+    assert!(
+        find("/apisix/routes/typo ").is_some_and(|s| s.contains("urii")),
+        "{list:?}"
+    );
+    assert!(
+        find("/apisix/routes/not-json ").is_some_and(|s| s.contains("not JSON")),
+        "{list:?}"
+    );
+    assert!(
+        find("/apisix/routes/dangling ").is_some_and(|s| s.contains("nope")),
+        "{list:?}"
+    );
+    for key in [
+        "/apisix/routes/typo",
+        "/apisix/routes/not-json",
+        "/apisix/routes/dangling",
+    ] {
+        assert!(
+            n.gw.logs().contains(key),
+            "no log line names {key}:\n{}",
+            n.gw.logs()
+        );
+    }
+
+    // Fixing the data heals the node: the upstream appears, the typo is corrected.
+    etcd.put(
+        "/apisix/upstreams/nope",
+        &json!({"nodes": {up.node(): 1}, "type": "roundrobin"}).to_string(),
+    );
+    etcd.put("/apisix/routes/typo", &route("/typo", &up).to_string());
+    wait_status(&n, "/dangling", 200, Duration::from_secs(10));
+    wait_status(&n, "/typo", 200, Duration::from_secs(10));
+    let healed = poll(Duration::from_secs(10), || skipped(&n).len() == 2);
+    assert!(healed, "{:?}", skipped(&n));
+}
+
+#[test]
+fn a_node_started_after_many_writes_sees_them_all() {
+    let etcd = Etcd::start();
+    let up = Upstream::echo();
+    let a = Node::start(&etcd);
+    let r = a.put(
+        "/upstreams/u",
+        json!({"type": "roundrobin", "nodes": {up.node(): 1}}),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    for i in 0..60 {
+        let r = a.put(
+            &format!("/routes/r{i}"),
+            json!({"uri": format!("/r{i}"), "upstream_id": "u"}),
+        );
+        assert_eq!(r.status, 201, "{}", r.text());
+    }
+    for i in 0..10 {
+        let r = a.call("DELETE", &format!("/routes/r{i}"), None);
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    // Compaction of everything so far: the late node reads the current state, not history.
+    let rev = a.status()["revision"].as_i64().expect("revision");
+    etcd.call("/v3/kv/compaction", json!({"revision": rev.to_string()}));
+
+    let b = Node::start(&etcd);
+    let r = b.call("GET", "/routes", None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["total"], 50, "{}", r.text());
+    for i in 0..60 {
+        let want = if i < 10 { 404 } else { 200 };
+        assert_eq!(b.get(&format!("/r{i}")).status, want, "/r{i}");
+    }
+    // And it keeps watching.
+    let r = a.put("/routes/r0", json!({"uri": "/r0", "upstream_id": "u"}));
+    assert_eq!(r.status, 201, "{}", r.text());
+    wait_status(&b, "/r0", 200, Duration::from_secs(10));
+}
