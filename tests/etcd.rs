@@ -507,3 +507,29 @@ fn a_node_started_after_many_writes_sees_them_all() {
     assert_eq!(r.status, 201, "{}", r.text());
     wait_status(&b, "/r0", 200, Duration::from_secs(10));
 }
+
+#[test]
+fn a_node_without_a_reachable_etcd_does_not_start() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("config.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen: 127.0.0.1:0\nworkers: 1\nconfig_provider: etcd\netcd:\n  endpoints: [\"http://127.0.0.1:{}\"]\n  timeout: 1\n",
+            closed_port()
+        ),
+    )
+    .expect("write config");
+    let out = Command::new(env!("CARGO_BIN_EXE_moongate"))
+        .args(["run", "-c"])
+        .arg(&config)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run moongate");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{log}");
+    assert!(
+        log.contains("moongate does not start without its etcd data"),
+        "{log}"
+    );
+}

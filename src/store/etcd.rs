@@ -85,6 +85,10 @@ struct State {
     skipped: BTreeMap<Slot, (i64, String)>,
     /// Keys under the prefix that cannot be resources at all (not JSON, a bad id).
     unreadable: BTreeMap<String, (i64, String)>,
+    /// This node's own writes not yet seen on the watch, by revision: a full read that
+    /// started before such a write keeps it (once) instead of dropping it until the watch
+    /// catches up.
+    pending: BTreeMap<Slot, i64>,
     /// The revision the copy is complete up to.
     revision: i64,
     connected: bool,
@@ -503,9 +507,13 @@ impl Shared {
         }
         let mut st = lock(&self.state);
         // A write this node made after the read's revision stays (the watch confirms it).
-        for (slot, e) in &st.entries {
-            if e.mod_rev > revision {
-                entries.insert(slot.clone(), e.clone());
+        // Only once: etcd restored from a backup with lower revisions must not keep
+        // resurrecting it.
+        for (slot, rev) in std::mem::take(&mut st.pending) {
+            if rev > revision {
+                if let Some(e) = st.entries.get(&slot).filter(|e| e.mod_rev == rev) {
+                    entries.insert(slot, e.clone());
+                }
             }
         }
         for (key, (rev, why)) in &unreadable {
@@ -573,6 +581,9 @@ impl Shared {
                 KeyKind::Resource(kind, id) => (kind, id),
             };
             let slot = (kind, id);
+            if st.pending.get(&slot).is_some_and(|r| *r <= mod_rev) {
+                st.pending.remove(&slot);
+            }
             if st.entries.get(&slot).is_some_and(|e| e.mod_rev >= mod_rev) {
                 // This node's own write, already in the copy.
                 continue;
@@ -710,12 +721,13 @@ impl ResourceStore for EtcdStore {
         let previous = st.entries.get(&slot).and_then(|e| e.value.clone());
         if st.entries.get(&slot).is_none_or(|e| e.mod_rev < rev) {
             st.entries.insert(
-                slot,
+                slot.clone(),
                 Entry {
                     value: Some(value.clone()),
                     mod_rev: rev,
                 },
             );
+            st.pending.insert(slot, rev);
         }
         st.unreadable.remove(&key);
         Ok(previous)
@@ -730,12 +742,13 @@ impl ResourceStore for EtcdStore {
         let previous = st.entries.get(&slot).and_then(|e| e.value.clone());
         if st.entries.get(&slot).is_none_or(|e| e.mod_rev < rev) {
             st.entries.insert(
-                slot,
+                slot.clone(),
                 Entry {
                     value: None,
                     mod_rev: rev,
                 },
             );
+            st.pending.insert(slot, rev);
         }
         Ok(previous)
     }
