@@ -635,7 +635,7 @@ impl Shared {
         let mut st = lock(&self.state);
         if st.connected || st.unreachable_since.is_none() {
             tracing::error!(
-                "etcd: {err}; serving the last good configuration and reconnecting (next try in {:.1}s)",
+                "{err}; serving the last good configuration and reconnecting (next try in {:.1}s)",
                 retry_in.as_secs_f64()
             );
             st.unreachable_since = Some(SystemTime::now());
