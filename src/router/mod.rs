@@ -152,7 +152,8 @@ struct Candidate {
 
 /// Groups with at least this many candidates get a [`HostIndex`].
 const HOST_INDEX_MIN: usize = 8;
-/// Longest host the index path handles (longer hosts fall back to a scan).
+/// Longest mixed-case host the index path handles (longer ones that need
+/// lower-casing fall back to a scan).
 const HOST_BUF: usize = 256;
 /// Most candidate lists merged by an indexed lookup.
 const MAX_LISTS: usize = 12;
@@ -447,8 +448,15 @@ impl Router {
     /// if routes should see a decoded path). Allocates only for the returned
     /// captures.
     pub fn find(&self, method: &str, host: &str, path: &str) -> Option<RouteMatch> {
-        let mut buf = [0u8; HOST_BUF];
-        let host_lower = if self.indexed && host.len() <= HOST_BUF {
+        // Lower-cased host for the host indexes; copied only if it has
+        // upper-case letters (initialised in that branch only).
+        let mut buf: [u8; HOST_BUF];
+        let host_lower = if !self.indexed {
+            None
+        } else if !host.bytes().any(|b| b.is_ascii_uppercase()) {
+            Some(host.as_bytes())
+        } else if host.len() <= HOST_BUF {
+            buf = [0u8; HOST_BUF];
             let b = &mut buf[..host.len()];
             b.copy_from_slice(host.as_bytes());
             b.make_ascii_lowercase();

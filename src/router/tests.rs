@@ -635,3 +635,33 @@ fn many_mixed_routes() {
         assert_eq!(r.find("GET", "", &format!("/svc{i}/other")), None);
     }
 }
+
+#[test]
+fn host_index_fallbacks() {
+    // 15 nested wildcard levels: a deep host hits more suffix lists than an
+    // indexed lookup merges on the stack, so it falls back to a scan.
+    let mut rs = Vec::new();
+    let mut suffix = String::from("x");
+    for i in 0..15 {
+        suffix = format!("l{i}.{suffix}");
+        rs.push(with_hosts(
+            route(&format!("w{i:02}"), &["/*"]),
+            &[&format!("*.{suffix}")],
+        ));
+    }
+    rs.push(route("any", &["/*"]));
+    let r = router(&rs);
+    assert!(r.indexed);
+    let deep = format!("a.{suffix}");
+    // w00 (`*.l0.x`) sorts first by id and accepts every deeper host.
+    assert_eq!(hit(&rs, &r, "GET", &deep, "/"), Some("w00"));
+    assert_eq!(hit(&rs, &r, "GET", &deep.to_uppercase(), "/"), Some("w00"));
+    assert_eq!(hit(&rs, &r, "GET", "a.l3.l2.l1.l0.x", "/"), Some("w00"));
+    assert_eq!(hit(&rs, &r, "GET", "l0.x", "/"), Some("any"));
+
+    // A mixed-case host too long for the lower-casing buffer is scanned.
+    let long = format!("{}.L0.X", "A".repeat(300));
+    assert_eq!(hit(&rs, &r, "GET", &long, "/"), Some("w00"));
+    let long = format!("{}.Y", "A".repeat(300));
+    assert_eq!(hit(&rs, &r, "GET", &long, "/"), Some("any"));
+}
