@@ -32,6 +32,8 @@ struct SlotState {
     /// The VM's main `lua_State`, null once the VM is gone.
     lua: *mut ffi::lua_State,
     deadline: Option<Instant>,
+    /// How long one stretch of Lua may run.
+    limit: Duration,
     /// The watchdog set the hook during the current call.
     fired: bool,
 }
@@ -43,7 +45,6 @@ unsafe impl Send for SlotState {}
 /// One VM's deadline, shared with the watchdog.
 pub struct Budget {
     state: Mutex<SlotState>,
-    limit: Duration,
 }
 
 impl Budget {
@@ -53,9 +54,9 @@ impl Budget {
             state: Mutex::new(SlotState {
                 lua,
                 deadline: None,
+                limit,
                 fired: false,
             }),
-            limit,
         });
         let wd = watchdog();
         let mut slots = wd.slots.lock().unwrap_or_else(|e| e.into_inner());
@@ -64,11 +65,21 @@ impl Budget {
         slot
     }
 
+    /// Changes the budget (a reload changed `lua.call_budget_ms`).
+    pub fn set_limit(&self, limit: Duration) {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.limit = limit;
+    }
+
+    fn limit(&self) -> Duration {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).limit
+    }
+
     /// Lua is about to run: arm the deadline.
     #[inline]
     pub fn start(&self) {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        s.deadline = Some(Instant::now() + self.limit);
+        s.deadline = Some(Instant::now() + s.limit);
     }
 
     /// Lua has stopped running (returned, failed or yielded): disarm, and remove the hook if the
@@ -160,7 +171,7 @@ fn run(wd: &'static Watchdog) {
         // Tick: a twentieth of the smallest budget, between 1 and 25 ms.
         let tick = slots
             .iter()
-            .map(|s| s.limit / 20)
+            .map(|s| s.limit() / 20)
             .min()
             .unwrap_or(Duration::from_millis(25))
             .clamp(Duration::from_millis(1), Duration::from_millis(25));
