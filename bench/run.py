@@ -1,0 +1,489 @@
+#!/usr/bin/env python3
+"""Load test: moongate against nginx proxy_pass and nginx + lua-nginx-module, on loopback.
+
+One run starts every server, then measures all targets interleaved, repetition after
+repetition (the order flips every other repetition so slow drift of the machine hits both
+sides alike). Placement as in the method notes ("A"): wrk alone on CPU0, every server (the
+upstream, the function server, nginx, moongate) on CPU1, one worker each, keep-alive on both
+sides. For each target: requests/s (median, min, max), p50/p99 latency, the gateway's CPU
+microseconds per request (utime+stime delta from /proc/PID/stat over the requests wrk
+completed) and its peak RSS (VmHWM). Per-repetition ratios moongate/nginx are the figures to
+trust; absolute rps on a shared VM drift by tens of percent.
+
+    python3 bench/run.py            # 5 reps x 5 s, 1 s warm-up per target and rep
+    python3 bench/run.py --quick    # 2 reps x 2 s
+    python3 bench/run.py --only nginx,moongate --reps 9
+
+Output: a table on stdout and bench/out/results.json. Every server it started is stopped by
+PID at the end, also on Ctrl-C or error.
+"""
+
+import argparse
+import base64
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "bench")
+OUT = os.path.join(BENCH, "out")
+RUN = os.path.join(OUT, "run")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+NGINX_MODULES = "/usr/lib/nginx/modules"
+FN_TOKEN = "test:test"
+
+# name, server that answers, path, the gateway whose CPU is charged, the upstream behind it
+TARGETS = [
+    ("upstream", "upstream", "/", "upstream", None),
+    ("nginx", "nginx", "/", "nginx", "upstream"),
+    ("moongate", "moongate", "/", "moongate", "upstream"),
+    ("nginx_lua", "nginx", "/lua/", "nginx", "upstream"),
+    ("moongate_lua", "moongate", "/lua/", "moongate", "upstream"),
+    ("fn_direct", "function", "/default/function-sample/test", "function", None),
+    ("nginx_fn", "nginx", "/fn/test", "nginx", "function"),
+    ("moongate_fn", "moongate", "/fn/test", "moongate", "function"),
+]
+
+# (label, numerator, denominator): per-repetition ratios
+PAIRS = [
+    ("moongate/nginx", "moongate", "nginx"),
+    ("moongate_lua/nginx_lua", "moongate_lua", "nginx_lua"),
+    ("moongate_fn/nginx_fn", "moongate_fn", "nginx_fn"),
+    ("moongate_lua/moongate", "moongate_lua", "moongate"),
+    ("nginx_lua/nginx", "nginx_lua", "nginx"),
+]
+
+started = []  # (name, Popen)
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def sh(cmd, **kw):
+    log("+ " + " ".join(cmd))
+    subprocess.run(cmd, check=True, **kw)
+
+
+def ensure_tools():
+    have_lua = os.path.exists(os.path.join(NGINX_MODULES, "ngx_http_lua_module.so"))
+    if shutil.which("nginx") and shutil.which("wrk") and have_lua:
+        return
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    sh(["apt-get", "update"], env=env)
+    sh(["apt-get", "install", "-y", "nginx", "libnginx-mod-http-lua", "wrk"], env=env)
+
+
+def build():
+    sh(["cargo", "build", "--release"], cwd=ROOT)
+    sh(["cargo", "build", "--release", "--example", "function_sample"], cwd=ROOT)
+
+
+def free_ports(n):
+    socks, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
+
+
+def upstream_conf(port):
+    return f"""
+worker_processes 1;
+daemon off;
+pid {RUN}/upstream.pid;
+error_log {RUN}/upstream.err warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    keepalive_requests 1000000;
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location / {{ return 200 "hello"; }}
+        location /check {{ return 200 "x-gw=$http_x_gw"; }}
+        location /lua/check {{ return 200 "x-gw=$http_x_gw"; }}
+    }}
+}}
+"""
+
+
+def nginx_conf(port, up_port, fn_port):
+    auth = base64.b64encode(FN_TOKEN.encode()).decode()
+    return f"""
+load_module {NGINX_MODULES}/ndk_http_module.so;
+load_module {NGINX_MODULES}/ngx_http_lua_module.so;
+worker_processes 1;
+daemon off;
+pid {RUN}/nginx.pid;
+error_log {RUN}/nginx.err warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    keepalive_requests 1000000;
+    upstream backend {{
+        server 127.0.0.1:{up_port};
+        keepalive 128;
+        keepalive_requests 1000000;
+    }}
+    upstream function {{
+        server 127.0.0.1:{fn_port};
+        keepalive 128;
+        keepalive_requests 1000000;
+    }}
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+        location / {{
+            proxy_pass http://backend;
+        }}
+        location /lua/ {{
+            access_by_lua_block {{ ngx.req.set_header("X-Gw", "1") }}
+            proxy_pass http://backend;
+        }}
+        location /fn/ {{
+            # proxy_set_header at this level replaces the server's: repeat Connection "".
+            proxy_set_header Connection "";
+            proxy_set_header Authorization "Basic {auth}";
+            proxy_pass http://function/default/function-sample/;
+        }}
+    }}
+}}
+"""
+
+
+def moongate_conf(port, up_port, fn_port):
+    pool = "{size: 128, idle_timeout: 60, requests: 1000000}"
+    return f"""
+listen: 127.0.0.1:{port}
+workers: 1
+plugin_dirs: [{BENCH}/plugins]
+log_level: warn
+access_log: false
+routes:
+  - id: plain
+    uri: /*
+    upstream:
+      type: roundrobin
+      nodes: {{"127.0.0.1:{up_port}": 1}}
+      keepalive_pool: {pool}
+  - id: lua
+    uri: /lua/*
+    plugins:
+      bench-set-header: {{}}
+    upstream:
+      type: roundrobin
+      nodes: {{"127.0.0.1:{up_port}": 1}}
+      keepalive_pool: {pool}
+  - id: fn
+    uri: /fn/*
+    plugins:
+      openfunction:
+        function_uri: http://127.0.0.1:{fn_port}/default/function-sample
+        authorization:
+          service_token: "{FN_TOKEN}"
+        keepalive_pool: 128
+"""
+
+
+def start(name, cmd, stderr_path):
+    err = open(stderr_path, "wb")
+    p = subprocess.Popen(
+        ["taskset", "-c", "1"] + cmd,
+        stdout=subprocess.DEVNULL,
+        stderr=err,
+        start_new_session=True,
+    )
+    started.append((name, p))
+    return p
+
+
+def stop_all():
+    for name, p in reversed(started):
+        if p.poll() is None:
+            try:
+                # nginx: QUIT is a graceful stop; moongate treats TERM as one.
+                p.send_signal(signal.SIGQUIT if name in ("upstream", "nginx") else signal.SIGTERM)
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+            except ProcessLookupError:
+                pass
+    started.clear()
+
+
+def wait_http(url, expect=None, tries=100):
+    last = None
+    for _ in range(tries):
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                body = r.read().decode(errors="replace")
+                if expect is None or expect in body:
+                    return body
+                last = f"unexpected body {body!r}"
+        except Exception as e:  # not up yet
+            last = e
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} did not answer as expected: {last}")
+
+
+def tree(pid):
+    """pid and its children (nginx: master and its worker)."""
+    pids = [pid]
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            pids += [int(c) for c in f.read().split()]
+    except OSError:
+        pass
+    return pids
+
+
+def cpu_ticks(pid):
+    total = 0
+    for p in tree(pid):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        except OSError:
+            pass
+    return total
+
+
+def status_kb(pid, key):
+    """Largest `key` (VmHWM, VmRSS) over the process tree, in KiB."""
+    best = 0
+    for p in tree(pid):
+        try:
+            with open(f"/proc/{p}/status") as f:
+                for line in f:
+                    if line.startswith(key + ":"):
+                        best = max(best, int(line.split()[1]))
+        except OSError:
+            pass
+    return best
+
+
+def loadavg():
+    with open("/proc/loadavg") as f:
+        return [float(x) for x in f.read().split()[:3]]
+
+
+def to_ms(v):
+    m = re.match(r"([\d.]+)(us|ms|s|m)", v)
+    if not m:
+        return None
+    n, u = float(m.group(1)), m.group(2)
+    return {"us": n / 1000, "ms": n, "s": n * 1000, "m": n * 60000}[u]
+
+
+def parse_wrk(text):
+    r = {}
+    m = re.search(r"(\d+) requests in ([\d.]+)(\w+)", text)
+    r["requests"] = int(m.group(1)) if m else 0
+    m = re.search(r"Requests/sec:\s+([\d.]+)", text)
+    r["rps"] = float(m.group(1)) if m else 0.0
+    for pct in ("50", "99"):
+        m = re.search(rf"^\s+{pct}(?:\.000)?%\s+(\S+)", text, re.M)
+        r[f"p{pct}_ms"] = to_ms(m.group(1)) if m else None
+    m = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    r["non2xx"] = int(m.group(1)) if m else 0
+    m = re.search(r"Socket errors: (.*)", text)
+    r["socket_errors"] = m.group(1).strip() if m else ""
+    return r
+
+
+def wrk(url, seconds, conns):
+    cmd = ["taskset", "-c", "0", "wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--latency", url]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return out
+
+
+def measure(url, seconds, conns, gw_pid, up_pid):
+    g0 = cpu_ticks(gw_pid)
+    u0 = cpu_ticks(up_pid) if up_pid else 0
+    out = wrk(url, seconds, conns)
+    g1 = cpu_ticks(gw_pid)
+    u1 = cpu_ticks(up_pid) if up_pid else 0
+    r = parse_wrk(out)
+    n = max(r["requests"], 1)
+    r["cpu_us_per_req"] = (g1 - g0) * 1e6 / CLK_TCK / n
+    r["upstream_cpu_us_per_req"] = (u1 - u0) * 1e6 / CLK_TCK / n if up_pid else None
+    r["peak_rss_kb"] = status_kb(gw_pid, "VmHWM")
+    return r
+
+
+def summary(vals):
+    vals = [v for v in vals if v is not None]
+    if not vals:
+        return None
+    return {"median": statistics.median(vals), "min": min(vals), "max": max(vals)}
+
+
+def fmt(v, nd=1):
+    return "-" if v is None else f"{v:.{nd}f}"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="2 reps x 2 s")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--duration", type=int, default=5, help="seconds per measured run")
+    ap.add_argument("--warmup", type=int, default=1, help="seconds of warm-up per target and rep")
+    ap.add_argument("--conns", type=int, default=64)
+    ap.add_argument("--only", help="comma-separated target names")
+    ap.add_argument("--no-build", action="store_true")
+    ap.add_argument("--no-install", action="store_true")
+    ap.add_argument("--out", default=os.path.join(OUT, "results.json"))
+    args = ap.parse_args()
+    if args.quick:
+        args.reps, args.duration = 2, 2
+
+    targets = TARGETS
+    if args.only:
+        want = set(args.only.split(","))
+        targets = [t for t in TARGETS if t[0] in want]
+
+    if not args.no_install:
+        ensure_tools()
+    if not args.no_build:
+        build()
+    os.makedirs(RUN, exist_ok=True)
+
+    up_port, ngx_port, mg_port, fn_port = free_ports(4)
+    files = {
+        "upstream.conf": upstream_conf(up_port),
+        "nginx.conf": nginx_conf(ngx_port, up_port, fn_port),
+        "moongate.yaml": moongate_conf(mg_port, up_port, fn_port),
+    }
+    for name, text in files.items():
+        with open(os.path.join(RUN, name), "w") as f:
+            f.write(text)
+
+    mg_bin = os.path.join(ROOT, "target/release/moongate")
+    fn_bin = os.path.join(ROOT, "target/release/examples/function_sample")
+    procs = {
+        "upstream": start("upstream", ["nginx", "-p", RUN, "-c", f"{RUN}/upstream.conf"], f"{RUN}/upstream.stderr"),
+        "function": start("function", [fn_bin, "--listen", f"127.0.0.1:{fn_port}"], f"{RUN}/function.stderr"),
+        "nginx": start("nginx", ["nginx", "-p", RUN, "-c", f"{RUN}/nginx.conf"], f"{RUN}/nginx.stderr"),
+        "moongate": start("moongate", [mg_bin, "run", "-c", f"{RUN}/moongate.yaml"], f"{RUN}/moongate.stderr"),
+    }
+    base = {
+        "upstream": f"http://127.0.0.1:{up_port}",
+        "function": f"http://127.0.0.1:{fn_port}",
+        "nginx": f"http://127.0.0.1:{ngx_port}",
+        "moongate": f"http://127.0.0.1:{mg_port}",
+    }
+    # Up, and doing what the table says: the Lua rows really set the header.
+    wait_http(base["upstream"] + "/", "hello")
+    wait_http(base["function"] + "/default/function-sample/x", "Hello, x!")
+    wait_http(base["nginx"] + "/", "hello")
+    wait_http(base["moongate"] + "/", "hello")
+    wait_http(base["nginx"] + "/lua/check", "x-gw=1")
+    wait_http(base["moongate"] + "/lua/check", "x-gw=1")
+    wait_http(base["nginx"] + "/fn/test", "Hello, test!")
+    wait_http(base["moongate"] + "/fn/test", "Hello, test!")
+    time.sleep(0.5)
+    idle_rss = {k: status_kb(p.pid, "VmRSS") for k, p in procs.items()}
+
+    meta = {
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "nproc": os.cpu_count(),
+        "cpu": next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), ""),
+        "kernel": os.uname().release,
+        "nginx": subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip(),
+        "moongate_commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip(),
+        "reps": args.reps, "duration_s": args.duration, "warmup_s": args.warmup, "conns": args.conns,
+        "placement": "wrk -t1 on CPU0; upstream, function server, nginx (1 worker), moongate (1 worker) on CPU1",
+        "idle_rss_kb": idle_rss,
+        "load_before_reps": [],
+    }
+    log(f"nproc={meta['nproc']} load={loadavg()} idle RSS KiB={idle_rss}")
+
+    runs = {t[0]: [] for t in targets}
+    for rep in range(args.reps):
+        order = targets if rep % 2 == 0 else list(reversed(targets))
+        meta["load_before_reps"].append(loadavg())
+        for name, server, path, gw, up in order:
+            url = base[server] + path
+            gw_pid = procs[gw].pid
+            up_pid = procs[up].pid if up else None
+            if args.warmup > 0:
+                wrk(url, args.warmup, args.conns)
+            r = measure(url, args.duration, args.conns, gw_pid, up_pid)
+            r["rep"] = rep
+            r["load"] = loadavg()
+            runs[name].append(r)
+            log(f"rep {rep} {name:13} {r['rps']:9.0f} rps  p50 {fmt(r['p50_ms'], 2)} ms  p99 {fmt(r['p99_ms'], 2)} ms  "
+                f"cpu {r['cpu_us_per_req']:.1f} us/req  errors {r['non2xx']} {r['socket_errors']}")
+        for name, p in procs.items():
+            if p.poll() is not None:
+                raise RuntimeError(f"{name} exited with {p.returncode}; see {RUN}/{name}.stderr")
+
+    table = {}
+    for name, rs in runs.items():
+        table[name] = {
+            "rps": summary([r["rps"] for r in rs]),
+            "p50_ms": summary([r["p50_ms"] for r in rs]),
+            "p99_ms": summary([r["p99_ms"] for r in rs]),
+            "cpu_us_per_req": summary([r["cpu_us_per_req"] for r in rs]),
+            "upstream_cpu_us_per_req": summary([r["upstream_cpu_us_per_req"] for r in rs]),
+            "peak_rss_kb": max((r["peak_rss_kb"] for r in rs), default=None),
+            "errors": sum(r["non2xx"] for r in rs),
+        }
+    ratios = {}
+    for label, a, b in PAIRS:
+        if a not in runs or b not in runs:
+            continue
+        by_rep = {r["rep"]: r for r in runs[b]}
+        rps = [r["rps"] / by_rep[r["rep"]]["rps"] for r in runs[a] if by_rep.get(r["rep"], {}).get("rps")]
+        cpu = [r["cpu_us_per_req"] / by_rep[r["rep"]]["cpu_us_per_req"] for r in runs[a]
+               if by_rep.get(r["rep"], {}).get("cpu_us_per_req")]
+        ratios[label] = {"rps": summary(rps), "cpu": summary(cpu), "rps_per_rep": rps, "cpu_per_rep": cpu}
+
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"meta": meta, "targets": table, "ratios": ratios, "runs": runs}, f, indent=1)
+
+    print(f"\nmoongate bench  {meta['date']}  nproc={meta['nproc']}  {args.reps} reps x {args.duration}s, "
+          f"c={args.conns}  load before reps: {' '.join(str(l[0]) for l in meta['load_before_reps'])}")
+    print(f"{'target':14} {'rps median':>10} {'(min-max)':>15} {'p50 ms':>7} {'p99 ms':>7} "
+          f"{'gw cpu us/req':>13} {'(min)':>6} {'up cpu':>7} {'peak RSS MB':>11}")
+    for name, t in table.items():
+        rps, cpu, up = t["rps"], t["cpu_us_per_req"], t["upstream_cpu_us_per_req"]
+        print(f"{name:14} {rps['median']:10.0f} {rps['min']:7.0f}-{rps['max']:<7.0f} "
+              f"{fmt(t['p50_ms'] and t['p50_ms']['median'], 2):>7} {fmt(t['p99_ms'] and t['p99_ms']['median'], 2):>7} "
+              f"{cpu['median']:13.1f} {cpu['min']:6.1f} {fmt(up and up['median']):>7} "
+              f"{t['peak_rss_kb'] / 1024:11.1f}")
+    print("\nper-rep ratios (median, min-max)")
+    for label, r in ratios.items():
+        if r["rps"] and r["cpu"]:
+            print(f"  {label:24} rps {r['rps']['median']:.2f} ({r['rps']['min']:.2f}-{r['rps']['max']:.2f})   "
+                  f"cpu/req {r['cpu']['median']:.2f} ({r['cpu']['min']:.2f}-{r['cpu']['max']:.2f})")
+    print("\nidle RSS MB: " + ", ".join(f"{k} {v / 1024:.1f}" for k, v in idle_rss.items()))
+    print(f"json: {os.path.relpath(args.out, ROOT)}")
+
+
+if __name__ == "__main__":
+    # Ctrl-C and TERM both end in stop_all() through the finally below.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        main()
+    except KeyboardInterrupt:
+        log("interrupted")
+        sys.exit(130)
+    finally:
+        stop_all()
