@@ -261,7 +261,10 @@ impl Reloader {
             ("proxy", node.proxy != old.proxy),
             ("lua", node.lua != old.lua),
             ("data_dir", node.data_dir != old.data_dir),
-            ("config_provider", node.config_provider != old.config_provider),
+            (
+                "config_provider",
+                node.config_provider != old.config_provider,
+            ),
             ("etcd", node.etcd != old.etcd),
         ] {
             if changed {
