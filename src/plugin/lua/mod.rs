@@ -16,6 +16,7 @@ pub mod api;
 mod convert;
 pub mod embedded;
 mod prelude;
+mod re;
 pub mod runtime;
 mod watchdog;
 
