@@ -2,6 +2,9 @@
 -- `plugin_attr(name)` is the node config's `plugin_attr.NAME` table (or nil).
 local config_local = require("apisix.core.config_local")
 local type = type
+local tostring = tostring
+local pcall = pcall
+local require = require
 
 local _M = { version = 0.3 }
 
@@ -18,6 +21,41 @@ end
 --- Plugin metadata is not stored by moongate yet: always nil.
 function _M.plugin_metadata(name) -- luacheck: ignore
     return nil
+end
+
+--- A version string for a conf table: a crc32 of its key-sorted JSON, cached on the conf
+-- (`conf._version`), as APISIX computes it. Limiters use it in their cache keys.
+function _M.conf_version(conf)
+    if type(conf) ~= "table" then
+        return nil
+    end
+    if conf._version then
+        return conf._version
+    end
+    local json = require("apisix.core.json")
+    local saved = conf._version
+    local text = json.stably_encode(conf) or ""
+    conf._version = saved
+    local v = tostring(ngx.crc32_short(text))
+    conf._version = v
+    return v
+end
+
+--- The loaded module of plugin `name`, or nil.
+function _M.get(name)
+    local ok, mod = pcall(require, "apisix.plugins." .. name)
+    if ok then
+        return mod
+    end
+    return nil
+end
+
+--- APISIX's workflow plugin marks plugins to skip for this request.
+function _M.skip_plugin(ctx, name)
+    if ctx then
+        ctx._skip_plugins = ctx._skip_plugins or {}
+        ctx._skip_plugins[name] = true
+    end
 end
 
 return _M

@@ -56,4 +56,20 @@ _M.plugin_injected_schema = {
     },
 }
 
+--- The `realm` property of auth plugins, with `default` as its default.
+function _M.get_realm_schema(default)
+    return {
+        type = "string",
+        default = default,
+        minLength = 1,
+        maxLength = 4096,
+        description = "realm attribute in the WWW-Authenticate header",
+    }
+end
+
+_M.anonymous_consumer_schema = {
+    type = "string",
+    minLength = 1,
+}
+
 return _M

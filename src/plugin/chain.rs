@@ -3,9 +3,11 @@
 
 use std::sync::Arc;
 
+use serde_json::Value;
+
 use super::{
-    BodyChunk, Ctx, Flow, Phase, PhaseResult, PhaseSet, Plugin, PluginConf, PluginError,
-    ResponseHead,
+    BodyChunk, Ctx, Flow, LocalResponse, Phase, PhaseResult, PhaseSet, Plugin, PluginConf,
+    PluginError, ResponseHead,
 };
 
 /// One enabled plugin with its conf.
@@ -25,10 +27,19 @@ pub struct Chain {
 
 impl Chain {
     pub fn new(mut entries: Vec<ChainEntry>) -> Self {
+        // APISIX's `_meta`: `disable: true` takes the plugin out of every phase, and
+        // `priority` overrides the plugin's own for this conf.
+        entries.retain(|e| e.conf.value.pointer("/_meta/disable") != Some(&Value::Bool(true)));
+        let prio = |e: &ChainEntry| {
+            e.conf
+                .value
+                .pointer("/_meta/priority")
+                .and_then(Value::as_i64)
+                .unwrap_or_else(|| e.plugin.priority())
+        };
         entries.sort_by(|a, b| {
-            b.plugin
-                .priority()
-                .cmp(&a.plugin.priority())
+            prio(b)
+                .cmp(&prio(a))
                 .then_with(|| a.plugin.name().cmp(b.plugin.name()))
         });
         let phases = entries
@@ -67,12 +78,44 @@ pub async fn run_request_phase(phase: Phase, chains: &[&Chain], ctx: &mut Ctx) -
                 Phase::BeforeProxy => e.plugin.before_proxy(&e.conf, ctx).await?,
                 _ => unreachable!("{phase:?} is not a request phase"),
             };
-            if let Flow::Respond(r) = flow {
+            if let Flow::Respond(mut r) = flow {
+                // APISIX's `_meta.error_response` replaces the body of any >= 400 answer.
+                if r.status.as_u16() >= 400 {
+                    if let Some(er) = e.conf.value.pointer("/_meta/error_response") {
+                        r = error_response(r, er);
+                    }
+                }
                 return Ok(Flow::Respond(r));
             }
         }
     }
     Ok(Flow::Continue)
+}
+
+/// The answer with its body replaced by `_meta.error_response` (a string as it is, anything
+/// else as JSON with a trailing newline, as `core.response.exit` sends it).
+fn error_response(r: LocalResponse, er: &Value) -> LocalResponse {
+    match er {
+        Value::String(s) => {
+            let mut headers = r.headers;
+            headers.remove(http::header::CONTENT_LENGTH);
+            headers.remove(http::header::CONTENT_TYPE);
+            LocalResponse {
+                status: r.status,
+                headers,
+                body: crate::body::ResponseBody::Full(bytes::Bytes::from(s.clone())),
+            }
+        }
+        other => {
+            let mut j = LocalResponse::json(r.status, other);
+            for (k, v) in r.headers.iter() {
+                if k != http::header::CONTENT_LENGTH && k != http::header::CONTENT_TYPE {
+                    j.headers.append(k.clone(), v.clone());
+                }
+            }
+            j
+        }
+    }
 }
 
 /// Runs `header_filter` over each chain.

@@ -8,6 +8,8 @@
 local mg = __moongate
 local schema_def = require("apisix.schema_def")
 local type = type
+local rawget = rawget
+local tostring = tostring
 
 local _M = {
     version = 0.3,
@@ -21,6 +23,24 @@ setmetatable(_M, { __index = schema_def })
 function _M.check(schema, conf)
     if type(schema) ~= "table" then
         return false, "schema must be a table"
+    end
+    -- APISIX injects `_meta` into every plugin schema; here a conf's `_meta` is checked on
+    -- its own against the injected schema and hidden while the plugin's schema is checked,
+    -- so schemas with `additionalProperties = false` accept it too.
+    local meta = type(conf) == "table" and rawget(conf, "_meta") or nil
+    local props = schema.properties
+    if meta ~= nil and type(props) == "table" and props._meta == nil then
+        local ok, err = mg.schema_check(schema_def.plugin_injected_schema._meta, meta)
+        if not ok then
+            return false, 'property "_meta" validation failed: ' .. tostring(err)
+        end
+        conf._meta = nil
+        ok, err = mg.schema_check(schema, conf)
+        conf._meta = meta
+        if ok then
+            return true
+        end
+        return false, err
     end
     local ok, err = mg.schema_check(schema, conf)
     if ok then

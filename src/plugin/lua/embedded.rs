@@ -88,6 +88,25 @@ pub const MODULES: &[(&str, &str)] = &[
     ),
     ("table.nkeys", include_str!("../../../lua/table/nkeys.lua")),
     ("tablepool", include_str!("../../../lua/tablepool.lua")),
+    (
+        "apisix.secret",
+        include_str!("../../../lua/apisix/secret.lua"),
+    ),
+    (
+        "apisix.utils.auth",
+        include_str!("../../../lua/apisix/utils/auth.lua"),
+    ),
+    ("ngx.re", include_str!("../../../lua/ngx/re.lua")),
+    ("resty.core", include_str!("../../../lua/resty/core.lua")),
+    (
+        "resty.core.regex",
+        include_str!("../../../lua/resty/core/regex.lua"),
+    ),
+    (
+        "resty.expr.v1",
+        include_str!("../../../lua/resty/expr/v1.lua"),
+    ),
+    ("xml2lua", include_str!("../../../lua/xml2lua.lua")),
 ];
 
 #[cfg(test)]

@@ -200,6 +200,8 @@ impl LuaPlugin {
                 path.display()
             ));
         }
+        let mut schema_json = schema_json;
+        inject_meta(&mut schema_json);
         let schema = Schema::compile(&schema_json)
             .map_err(|e| format!("{}: invalid schema: {e}", path.display()))?;
         if let Ok(Value::String(declared)) = module.get::<Value>("name") {
@@ -232,6 +234,33 @@ impl LuaPlugin {
             settings,
             live: Arc::new(()),
         })
+    }
+}
+
+/// Adds APISIX's common `_meta` property (`disable`, `error_response`, `priority`, `filter`,
+/// `pre_function`) to a plugin's schema, as APISIX's plugin loader does, so confs carrying
+/// `_meta` validate.
+fn inject_meta(schema: &mut Json) {
+    let Some(obj) = schema.as_object_mut() else {
+        return;
+    };
+    let props = obj
+        .entry("properties")
+        .or_insert_with(|| Json::Object(Default::default()));
+    if let Some(props) = props.as_object_mut() {
+        props.insert(
+            "_meta".to_string(),
+            serde_json::json!({
+                "type": "object",
+                "properties": {
+                    "disable": { "type": "boolean" },
+                    "error_response": { "oneOf": [ { "type": "string" }, { "type": "object" } ] },
+                    "priority": { "type": "integer" },
+                    "filter": { "type": "array" },
+                    "pre_function": { "type": "string" }
+                }
+            }),
+        );
     }
 }
 

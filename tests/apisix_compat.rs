@@ -1,0 +1,699 @@
+//! APISIX compatibility of the Lua layer.
+//!
+//! Two halves:
+//! - Always (CI): the project's own Lua plugins, written below, use the same APIs APISIX's
+//!   bundled plugins use (`ngx.re` with PCRE features, `resty.core.regex`, `resty.expr.v1`,
+//!   `core.lrucache`, the IP matcher, `apisix.secret`, `apisix.plugin.conf_version`,
+//!   `xml2lua`, `_meta`), through a real gateway and real requests.
+//! - With `APISIX_SRC=/path/to/apisix` (see `scripts/apisix-compat`): APISIX's own plugin files
+//!   are copied, unmodified, into a temporary `plugins/` dir and checked against behaviour taken
+//!   from APISIX's docs and `t/plugin/*.t` files, restated here as request → expected response.
+//!   No APISIX file is part of this repository.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::*;
+
+fn upstream_yaml(up: &Upstream) -> String {
+    format!(
+        "    upstream:\n      nodes:\n        \"{}\": 1\n",
+        up.node()
+    )
+}
+
+fn gateway_with(plugins: &[(&str, &str)], routes: &str) -> (tempfile::TempDir, Gateway) {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path().join("plugins");
+    std::fs::create_dir_all(&dir).expect("plugins dir");
+    for (name, src) in plugins {
+        std::fs::write(dir.join(format!("{name}.lua")), src).expect("write plugin");
+    }
+    let yaml = format!("workers: 1\nplugin_dirs:\n  - plugins\nroutes:\n{routes}");
+    let gw = Gateway::start_in(tmp.path(), &yaml);
+    (tmp, gw)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The project's own plugins, exercising the APIs the APISIX targets use
+// ---------------------------------------------------------------------------------------------
+
+/// Answers with what the APIs return, so the test can check each one.
+const API_PROBE: &str = r#"
+local core = require("apisix.core")
+local plugin = require("apisix.plugin")
+local secret = require("apisix.secret")
+local expr = require("resty.expr.v1")
+local re_compile = require("resty.core.regex").re_match_compile
+local ngx_re = require("ngx.re")
+local xml2lua = require("xml2lua")
+
+local lru = core.lrucache.new({ type = "plugin" })
+local built = 0
+
+local schema = {
+    type = "object",
+    properties = { allow = { type = "array", items = { type = "string" } } },
+    additionalProperties = false,
+}
+
+local _M = { version = 0.1, priority = 11, name = "api-probe", schema = schema }
+
+function _M.check_schema(conf)
+    return core.schema.check(schema, conf)
+end
+
+function _M.access(conf, ctx)
+    local out = {}
+    -- look-behind and captures, as core.utils.resolve_var's pattern needs
+    local m = ngx.re.match([[a\$b $name]], [[(?<!\\)\$(\w+)]], "jo")
+    out.lookbehind = m and m[1]
+    local m2 = ngx.re.match("Version: 3.18", [[(?<major>\d+)\.(?<minor>\d+)]], "jo")
+    out.named = m2.major .. "/" .. m2.minor
+    out.sub = ngx.re.sub("/api/users/7", [[^/api/(\w+)/(\d+)]], "/v2/$1?id=${2}", "jo")
+    out.gsub = ngx.re.gsub("a-b-c", "-", "+")
+    local f = ngx.re.gsub("x1y22", [[\d+]], function(c) return "<" .. c[0] .. ">" end, "jo")
+    out.gsub_fn = f
+    local from, to = ngx.re.find("hello WORLD", "world", "ji")
+    out.find = from .. ":" .. to
+    local parts = {}
+    for mm in ngx.re.gmatch("http://a.com, http://b.com", "([^,]+)", "jiox") do
+        parts[#parts + 1] = mm[1]
+    end
+    out.gmatch = table.concat(parts, "|")
+    out.split = table.concat(ngx_re.split("a;b;;c", ";"), "|")
+    local _, err = re_compile("([a-z", "j")
+    out.bad_regex = err
+    out.good_regex = re_compile([[.*\.example\.com$]], "j") and true or false
+    local _, _, sub_err = ngx.re.sub("x", "(", "")
+    out.sub_err = sub_err ~= nil
+
+    -- lrucache keyed by a conf sub-table: built once per conf version
+    local matcher = lru(conf.allow, nil, function()
+        built = built + 1
+        return core.ip.create_ip_matcher(conf.allow)
+    end)
+    out.ip_allowed = matcher:match(ctx.var.remote_addr) and true or false
+    out.ip_v6 = matcher:match("2001:db8::1") and true or false
+    out.built = built
+
+    local e = expr.new({ { "arg_who", "==", "jack" }, { "http_x_n", ">", 3 } })
+    out.expr = e:eval(ctx.var)
+    local bad_e, e_err = expr.new({ { "arg_who", "===", "x" } })
+    out.expr_err = bad_e == nil and e_err
+    out.secret = secret.is_secret_ref("$secret://vault/1/k") and not secret.is_secret_ref("k")
+    out.conf_version = type(plugin.conf_version(conf)) == "string"
+    out.xml = xml2lua.toXml({ a = "1<2" }, "data")
+    return 200, out
+end
+
+return _M
+"#;
+
+#[test]
+fn lua_layer_provides_the_apis_apisix_plugins_use() {
+    let up = Upstream::echo();
+    let routes = format!(
+        "  - id: probe\n    uri: /probe\n    plugins:\n      api-probe:\n        allow: [\"127.0.0.0/8\", \"2001:db8::/32\"]\n{}",
+        upstream_yaml(&up)
+    );
+    let (_tmp, gw) = gateway_with(&[("api-probe", API_PROBE)], &routes);
+    let r = Req::get(&gw.url("/probe?who=jack"))
+        .header("x-n", "5")
+        .send();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["lookbehind"], "name");
+    assert_eq!(v["named"], "3/18");
+    assert_eq!(v["sub"], "/v2/users?id=7");
+    assert_eq!(v["gsub"], "a+b+c");
+    assert_eq!(v["gsub_fn"], "x<1>y<22>");
+    assert_eq!(v["find"], "7:11");
+    assert_eq!(v["gmatch"], "http://a.com| http://b.com");
+    assert_eq!(v["split"], "a|b||c");
+    assert_eq!(
+        v["bad_regex"],
+        "pcre2_compile() failed: missing terminating ] for character class in \"([a-z\""
+    );
+    assert_eq!(v["good_regex"], true);
+    assert_eq!(v["sub_err"], true);
+    assert_eq!(v["ip_allowed"], true);
+    assert_eq!(v["ip_v6"], true);
+    assert_eq!(v["expr"], true);
+    assert_eq!(v["expr_err"], "invalid operator '==='");
+    assert_eq!(v["secret"], true);
+    assert_eq!(v["conf_version"], true);
+    assert_eq!(v["xml"], "<data>\n  <a>1&lt;2</a>\n</data>\n");
+    // The matcher is cached on the conf's `allow` table: a second request does not rebuild it.
+    let again = Req::get(&gw.url("/probe?who=bob")).send().json();
+    assert_eq!(again["built"], 1);
+    assert_eq!(again["expr"], false);
+}
+
+/// Refuses requests without `x-token` in rewrite, like an auth plugin.
+const GUARD: &str = r#"
+local core = require("apisix.core")
+local _M = { version = 0.1, priority = 2500, name = "guard",
+             schema = { type = "object", properties = {}, additionalProperties = false } }
+function _M.check_schema(conf) return core.schema.check(_M.schema, conf) end
+function _M.rewrite(conf, ctx)
+    if not core.request.header(ctx, "x-token") then
+        return 401, { message = "Missing token" }
+    end
+end
+return _M
+"#;
+
+/// Adds a header in header_filter, like cors.
+const STAMP: &str = r#"
+local core = require("apisix.core")
+local _M = { version = 0.1, priority = 4000, name = "stamp", schema = { type = "object" } }
+function _M.check_schema(conf) return core.schema.check(_M.schema, conf) end
+function _M.header_filter(conf, ctx)
+    core.response.set_header("X-Stamp", "on")
+end
+return _M
+"#;
+
+/// Answers with the order in which plugins ran (ctx.order).
+const ORDER_A: &str = r#"
+local _M = { version = 0.1, priority = 30, name = "order-a", schema = { type = "object" } }
+function _M.access(conf, ctx)
+    ctx.order = (ctx.order or "") .. "a"
+    if #ctx.order == 2 then
+        return 200, { order = ctx.order }
+    end
+end
+return _M
+"#;
+const ORDER_B: &str = r#"
+local _M = { version = 0.1, priority = 20, name = "order-b", schema = { type = "object" } }
+function _M.access(conf, ctx)
+    ctx.order = (ctx.order or "") .. "b"
+    if #ctx.order == 2 then
+        return 200, { order = ctx.order }
+    end
+end
+return _M
+"#;
+
+#[test]
+fn meta_and_local_responses_behave_as_in_apisix() {
+    let up = Upstream::echo();
+    let u = upstream_yaml(&up);
+    let routes = format!(
+        "  - id: guarded\n    uri: /guarded\n    plugins:\n      guard: {{}}\n      stamp: {{}}\n{u}\
+         \x20 - id: disabled\n    uri: /disabled\n    plugins:\n      guard:\n        _meta:\n          disable: true\n{u}\
+         \x20 - id: errresp\n    uri: /errresp\n    plugins:\n      guard:\n        _meta:\n          error_response:\n            msg: denied\n{u}\
+         \x20 - id: errtext\n    uri: /errtext\n    plugins:\n      guard:\n        _meta:\n          error_response: \"no entry\"\n{u}\
+         \x20 - id: order\n    uri: /order\n    plugins:\n      order-a: {{}}\n      order-b: {{}}\n{u}\
+         \x20 - id: reorder\n    uri: /reorder\n    plugins:\n      order-a: {{}}\n      order-b:\n        _meta:\n          priority: 40\n{u}"
+    );
+    let (_tmp, gw) = gateway_with(
+        &[
+            ("guard", GUARD),
+            ("stamp", STAMP),
+            ("order-a", ORDER_A),
+            ("order-b", ORDER_B),
+        ],
+        &routes,
+    );
+    // header_filter of another plugin runs on the guard's local 401.
+    let r = get(&gw.url("/guarded"));
+    assert_eq!(r.status, 401);
+    assert_eq!(r.text(), "{\"message\":\"Missing token\"}\n");
+    assert_eq!(r.header("x-stamp").as_deref(), Some("on"));
+    let ok = Req::get(&gw.url("/guarded")).header("x-token", "t").send();
+    assert_eq!(ok.status, 200);
+    assert_eq!(ok.header("x-stamp").as_deref(), Some("on"));
+    // `_meta.disable` accepts a conf with `_meta` despite additionalProperties=false, and
+    // skips the plugin.
+    assert_eq!(get(&gw.url("/disabled")).status, 200);
+    // `_meta.error_response` replaces the body of the >= 400 answer.
+    let r = get(&gw.url("/errresp"));
+    assert_eq!(r.status, 401);
+    assert_eq!(r.text(), "{\"msg\":\"denied\"}\n");
+    let r = get(&gw.url("/errtext"));
+    assert_eq!(r.status, 401);
+    assert_eq!(r.text(), "no entry");
+    // `_meta.priority` changes the order.
+    assert_eq!(get(&gw.url("/order")).json()["order"], "ab");
+    assert_eq!(get(&gw.url("/reorder")).json()["order"], "ba");
+}
+
+#[test]
+fn a_bad_meta_is_refused_with_apisix_wording() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path().join("plugins");
+    std::fs::create_dir_all(&dir).expect("plugins dir");
+    std::fs::write(dir.join("guard.lua"), GUARD).expect("write plugin");
+    let yaml = "workers: 1\nplugin_dirs:\n  - plugins\nroutes:\n  - id: r\n    uri: /r\n    plugins:\n      guard:\n        _meta:\n          disable: \"yes\"\n";
+    let cfg = tmp.path().join("config.yaml");
+    std::fs::write(&cfg, yaml).expect("write config");
+    let (code, out) = check_file(&cfg);
+    assert_ne!(code, 0, "{out}");
+    assert!(
+        out.contains("property \"_meta\" validation failed: property \"disable\" validation failed: wrong type: expected boolean, got string"),
+        "{out}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// APISIX's own plugin files (APISIX_SRC)
+// ---------------------------------------------------------------------------------------------
+
+/// The target plugins and the files each one needs.
+const TARGETS: &[(&str, &[&str])] = &[
+    ("echo", &["echo.lua"]),
+    ("mocking", &["mocking.lua"]),
+    (
+        "ip-restriction",
+        &["ip-restriction.lua", "ip-restriction/init.lua"],
+    ),
+    ("cors", &["cors.lua"]),
+    ("fault-injection", &["fault-injection.lua"]),
+    ("redirect", &["redirect.lua"]),
+    ("proxy-rewrite", &["proxy-rewrite.lua"]),
+];
+
+/// One behaviour check: the route's plugin conf (YAML, indented for `plugins:`), whether it
+/// proxies to the echo upstream, the request, and what the client must see.
+struct Check {
+    plugin: &'static str,
+    what: &'static str,
+    plugins_yaml: &'static str,
+    upstream: bool,
+    method: &'static str,
+    path: &'static str,
+    headers: &'static [(&'static str, &'static str)],
+    status: u16,
+    /// Exact body, when Some.
+    body: Option<&'static str>,
+    /// Substrings the body must contain.
+    body_has: &'static [&'static str],
+    /// Response headers that must have these values.
+    resp_headers: &'static [(&'static str, &'static str)],
+}
+
+const fn check(plugin: &'static str, what: &'static str, plugins_yaml: &'static str) -> Check {
+    Check {
+        plugin,
+        what,
+        plugins_yaml,
+        upstream: true,
+        method: "GET",
+        path: "/",
+        headers: &[],
+        status: 200,
+        body: None,
+        body_has: &[],
+        resp_headers: &[],
+    }
+}
+
+/// Behaviour from APISIX's docs and `t/plugin/NAME.t`, in this project's words. The echo
+/// upstream answers with JSON describing what it received (`uri`, `method`, `headers`).
+fn checks() -> Vec<Check> {
+    vec![
+        Check {
+            path: "/echo",
+            body: Some("before the body|replaced body|after the body"),
+            resp_headers: &[("x-echo", "yes")],
+            ..check(
+                "echo",
+                "body, before_body, after_body and headers replace the upstream's response",
+                "echo:\n        before_body: \"before the body|\"\n        body: \"replaced body\"\n        after_body: \"|after the body\"\n        headers:\n          X-Echo: \"yes\"",
+            )
+        },
+        Check {
+            path: "/mock",
+            upstream: false,
+            status: 201,
+            body: Some("{\"a\":1}"),
+            resp_headers: &[("content-type", "application/json;charset=utf8")],
+            ..check(
+                "mocking",
+                "response_example is sent with the configured status and content type",
+                "mocking:\n        response_status: 201\n        content_type: \"application/json;charset=utf8\"\n        response_example: '{\"a\":1}'",
+            )
+        },
+        Check {
+            path: "/mock-headers",
+            upstream: false,
+            body: Some("hello"),
+            resp_headers: &[("x-route", "mock-headers")],
+            ..check(
+                "mocking",
+                "response_headers are added and may use $variables",
+                "mocking:\n        content_type: \"text/plain\"\n        response_example: \"hello\"\n        response_headers:\n          X-Route: \"$route_id\"",
+            )
+        },
+        Check {
+            path: "/mock-schema",
+            upstream: false,
+            body_has: &["\"field\":"],
+            ..check(
+                "mocking",
+                "response_schema generates a JSON example",
+                "mocking:\n        response_schema:\n          type: object\n          properties:\n            field:\n              type: string\n          required: [field]",
+            )
+        },
+        Check {
+            path: "/ip-deny",
+            status: 403,
+            body: Some("{\"message\":\"Your IP address is not allowed\"}\n"),
+            ..check(
+                "ip-restriction",
+                "a client outside the whitelist gets 403 with APISIX's message",
+                "ip-restriction:\n        whitelist: [\"10.0.0.0/8\", \"fe80::/64\"]",
+            )
+        },
+        Check {
+            path: "/ip-allow",
+            body_has: &["\"uri\":\"/ip-allow\""],
+            ..check(
+                "ip-restriction",
+                "a client inside a whitelisted CIDR is proxied",
+                "ip-restriction:\n        whitelist: [\"127.0.0.0/24\", \"::1\"]",
+            )
+        },
+        Check {
+            path: "/ip-black",
+            status: 403,
+            body: Some("{\"message\":\"go away\"}\n"),
+            ..check(
+                "ip-restriction",
+                "a blacklisted client gets the configured message",
+                "ip-restriction:\n        blacklist: [\"127.0.0.1\"]\n        message: \"go away\"",
+            )
+        },
+        Check {
+            path: "/ip-meta",
+            status: 403,
+            body: Some("{\"error\":\"blocked\"}\n"),
+            ..check(
+                "ip-restriction",
+                "_meta.error_response replaces the 403 body",
+                "ip-restriction:\n        blacklist: [\"127.0.0.1\"]\n        _meta:\n          error_response:\n            error: blocked",
+            )
+        },
+        Check {
+            path: "/cors",
+            headers: &[("Origin", "http://sub.example.com")],
+            resp_headers: &[
+                ("access-control-allow-origin", "*"),
+                ("access-control-allow-methods", "*"),
+                ("access-control-max-age", "5"),
+            ],
+            ..check("cors", "defaults allow any origin", "cors: {}")
+        },
+        Check {
+            path: "/cors",
+            method: "OPTIONS",
+            headers: &[("Origin", "http://sub.example.com")],
+            body: Some(""),
+            resp_headers: &[("access-control-allow-origin", "*")],
+            ..check(
+                "cors",
+                "a preflight OPTIONS is answered by the gateway",
+                "cors: {}",
+            )
+        },
+        Check {
+            path: "/cors-list",
+            headers: &[("Origin", "http://b.com")],
+            resp_headers: &[
+                ("access-control-allow-origin", "http://b.com"),
+                ("vary", "Origin"),
+                ("access-control-allow-methods", "GET,POST"),
+            ],
+            ..check(
+                "cors",
+                "an origin from the allow_origins list is echoed",
+                "cors:\n        allow_origins: \"http://a.com,http://b.com\"\n        allow_methods: \"GET,POST\"",
+            )
+        },
+        Check {
+            path: "/cors-regex",
+            headers: &[("Origin", "https://x.test.com")],
+            resp_headers: &[("access-control-allow-origin", "https://x.test.com")],
+            ..check(
+                "cors",
+                "allow_origins_by_regex matches with PCRE",
+                "cors:\n        allow_origins: \"http://none.com\"\n        allow_origins_by_regex: [\"^https://.*\\\\.test\\\\.com$\"]",
+            )
+        },
+        Check {
+            path: "/cors-401",
+            headers: &[("Origin", "http://sub.example.com")],
+            status: 403,
+            resp_headers: &[("access-control-allow-origin", "*")],
+            ..check(
+                "cors",
+                "cors headers are added to another plugin's refusal",
+                "cors: {}\n      ip-restriction:\n        blacklist: [\"127.0.0.1\"]",
+            )
+        },
+        Check {
+            path: "/fault",
+            status: 403,
+            body: Some("Fault Injection!\n"),
+            ..check(
+                "fault-injection",
+                "abort answers with the configured status and body",
+                "fault-injection:\n        abort:\n          http_status: 403\n          body: \"Fault Injection!\\n\"",
+            )
+        },
+        Check {
+            path: "/fault-vars?name=jack",
+            status: 403,
+            body: Some("name is jack"),
+            ..check(
+                "fault-injection",
+                "abort with vars applies when the expression matches",
+                "fault-injection:\n        abort:\n          http_status: 403\n          body: \"name is $arg_name\"\n          vars:\n            - - [\"arg_name\", \"==\", \"jack\"]",
+            )
+        },
+        Check {
+            path: "/fault-vars?name=rose",
+            body_has: &["\"uri\":\"/fault-vars?name=rose\""],
+            ..check(
+                "fault-injection",
+                "abort with vars does not apply when the expression fails",
+                "fault-injection:\n        abort:\n          http_status: 403\n          body: \"name is $arg_name\"\n          vars:\n            - - [\"arg_name\", \"==\", \"jack\"]",
+            )
+        },
+        Check {
+            path: "/fault-delay",
+            body_has: &["\"uri\":\"/fault-delay\""],
+            ..check(
+                "fault-injection",
+                "delay then proxies",
+                "fault-injection:\n        delay:\n          duration: 0.01",
+            )
+        },
+        Check {
+            path: "/redir",
+            status: 301,
+            resp_headers: &[("location", "/test/default.html")],
+            upstream: false,
+            ..check(
+                "redirect",
+                "uri redirects with ret_code",
+                "redirect:\n        uri: \"/test/default.html\"\n        ret_code: 301",
+            )
+        },
+        Check {
+            path: "/redir-vars?x=1",
+            status: 302,
+            resp_headers: &[("location", "/new/redir-vars?x=1")],
+            upstream: false,
+            ..check(
+                "redirect",
+                "uri may use $variables; 302 is the default",
+                "redirect:\n        uri: \"/new$uri\"\n        append_query_string: true",
+            )
+        },
+        Check {
+            path: "/redir-re/abc",
+            status: 301,
+            resp_headers: &[("location", "/new/abc")],
+            upstream: false,
+            ..check(
+                "redirect",
+                "regex_uri rewrites with captures",
+                "redirect:\n        regex_uri: [\"^/redir-re/(.*)\", \"/new/$1\"]\n        ret_code: 301",
+            )
+        },
+        Check {
+            path: "/redir-https",
+            headers: &[("Host", "foo.com")],
+            status: 301,
+            resp_headers: &[("location", "https://foo.com/redir-https")],
+            upstream: false,
+            ..check(
+                "redirect",
+                "http_to_https sends http clients to https",
+                "redirect:\n        http_to_https: true",
+            )
+        },
+        Check {
+            path: "/pr?a=1",
+            body_has: &[
+                "\"uri\":\"/new/path?a=1\"",
+                "\"x-api\":\"v1\"",
+                "\"host\":\"example.com\"",
+            ],
+            ..check(
+                "proxy-rewrite",
+                "uri, host and headers.set change the upstream request",
+                "proxy-rewrite:\n        uri: \"/new/path\"\n        host: \"example.com\"\n        headers:\n          set:\n            X-Api: \"v1\"",
+            )
+        },
+        Check {
+            path: "/pr-re/users/7",
+            body_has: &["\"uri\":\"/v2/users?id=7\""],
+            ..check(
+                "proxy-rewrite",
+                "regex_uri rewrites with captures",
+                "proxy-rewrite:\n        regex_uri: [\"^/pr-re/(\\\\w+)/(\\\\d+)\", \"/v2/$1?id=$2\"]",
+            )
+        },
+        Check {
+            path: "/pr-method",
+            body_has: &["\"method\":\"POST\"", "\"x-from\":\"/pr-method\""],
+            ..check(
+                "proxy-rewrite",
+                "method changes, and headers.add values may use $variables",
+                "proxy-rewrite:\n        method: POST\n        headers:\n          add:\n            X-From: \"$uri\"",
+            )
+        },
+        Check {
+            path: "/pr-remove",
+            headers: &[("X-Secret", "s")],
+            body_has: &["\"uri\":\"/pr-remove\""],
+            ..check(
+                "proxy-rewrite",
+                "headers.remove drops a client header",
+                "proxy-rewrite:\n        headers:\n          remove: [\"X-Secret\"]",
+            )
+        },
+    ]
+}
+
+/// (plugin, check, what went wrong).
+type Failure = (String, String, String);
+
+/// Runs every check against a gateway serving `plugin_dir`; returns (plugin, what, error) for
+/// the failures and the number of checks per plugin.
+fn run_checks(plugin_dir: &Path) -> (Vec<Failure>, Vec<(String, usize)>) {
+    let up = Upstream::echo();
+    let all = checks();
+    let mut routes = String::new();
+    let mut seen = std::collections::HashSet::new();
+    for c in &all {
+        let path = c.path.split('?').next().unwrap_or(c.path);
+        if !seen.insert(path.to_string()) {
+            continue;
+        }
+        // The regex_uri checks need a prefix route; the others match exactly.
+        let uri = match path {
+            "/pr-re/users/7" => "/pr-re/*",
+            "/redir-re/abc" => "/redir-re/*",
+            p => p,
+        };
+        routes.push_str(&format!(
+            "  - id: \"{}\"\n    uri: \"{}\"\n    plugins:\n      {}\n",
+            path.trim_start_matches('/').replace('/', "-"),
+            uri,
+            c.plugins_yaml
+        ));
+        if c.upstream {
+            routes.push_str(&upstream_yaml(&up));
+        }
+    }
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let yaml = format!(
+        "workers: 1\nplugin_dirs:\n  - \"{}\"\nroutes:\n{routes}",
+        plugin_dir.display()
+    );
+    let gw = Gateway::start_in(tmp.path(), &yaml);
+    let mut failures = Vec::new();
+    let mut counts: Vec<(String, usize)> = Vec::new();
+    for c in &all {
+        match counts.iter_mut().find(|(p, _)| p == c.plugin) {
+            Some((_, n)) => *n += 1,
+            None => counts.push((c.plugin.to_string(), 1)),
+        }
+        let mut req = Req::new(c.method, &gw.url(c.path));
+        for (k, v) in c.headers {
+            req = req.header(k, v);
+        }
+        let r = req.send();
+        let mut errs = Vec::new();
+        if r.status != c.status {
+            errs.push(format!("status {} (want {})", r.status, c.status));
+        }
+        if let Some(b) = c.body {
+            if r.text() != b {
+                errs.push(format!("body {:?} (want {b:?})", r.text()));
+            }
+        }
+        for s in c.body_has {
+            if !r.text().contains(s) {
+                errs.push(format!("body {:?} lacks {s:?}", r.text()));
+            }
+        }
+        for (k, v) in c.resp_headers {
+            if r.header(k).as_deref() != Some(*v) {
+                errs.push(format!("header {k}: {:?} (want {v:?})", r.header(k)));
+            }
+        }
+        if !errs.is_empty() {
+            failures.push((c.plugin.to_string(), c.what.to_string(), errs.join("; ")));
+        }
+    }
+    if !failures.is_empty() {
+        eprintln!("gateway log:\n{}", gw.logs());
+    }
+    (failures, counts)
+}
+
+/// Copies the target plugins from an APISIX checkout into `dir`.
+fn copy_targets(src: &Path, dir: &Path) {
+    for (_, files) in TARGETS {
+        for f in *files {
+            let from = src.join("apisix/plugins").join(f);
+            let to = dir.join(f);
+            if let Some(parent) = to.parent() {
+                std::fs::create_dir_all(parent).expect("plugin sub dir");
+            }
+            std::fs::copy(&from, &to)
+                .unwrap_or_else(|e| panic!("cannot copy {}: {e}", from.display()));
+        }
+    }
+}
+
+#[test]
+fn real_apisix_plugins_behave_as_documented() {
+    let Some(src) = std::env::var_os("APISIX_SRC") else {
+        eprintln!("APISIX_SRC is not set: skipping the checks against APISIX's own plugin files");
+        return;
+    };
+    let src = PathBuf::from(src);
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path().join("plugins");
+    std::fs::create_dir_all(&dir).expect("plugins dir");
+    copy_targets(&src, &dir);
+    let (failures, counts) = run_checks(&dir);
+    println!("\nplugin               checks  passed");
+    for (p, n) in &counts {
+        let failed = failures.iter().filter(|(fp, _, _)| fp == p).count();
+        println!("{p:<20} {n:>6}  {:>6}", n - failed);
+    }
+    for (p, what, err) in &failures {
+        println!("FAIL {p}: {what}: {err}");
+    }
+    assert!(failures.is_empty(), "{} checks failed", failures.len());
+}
