@@ -275,6 +275,8 @@ const TARGETS: &[(&str, &[&str])] = &[
     ("fault-injection", &["fault-injection.lua"]),
     ("redirect", &["redirect.lua"]),
     ("proxy-rewrite", &["proxy-rewrite.lua"]),
+    ("key-auth", &["key-auth.lua"]),
+    ("consumer-restriction", &["consumer-restriction.lua"]),
 ];
 
 /// One behaviour check: the route's plugin conf (YAML, indented for `plugins:`), whether it
@@ -577,6 +579,39 @@ fn checks() -> Vec<Check> {
                 "proxy-rewrite",
                 "headers.remove drops a client header",
                 "proxy-rewrite:\n        headers:\n          remove: [\"X-Secret\"]",
+            )
+        },
+        Check {
+            path: "/ka",
+            status: 401,
+            body: Some("{\"message\":\"Missing API key in request\"}\n"),
+            resp_headers: &[("www-authenticate", "apikey realm=\"key\"")],
+            ..check(
+                "key-auth",
+                "a request without a key gets 401 (no consumer store yet)",
+                "key-auth: {}",
+            )
+        },
+        Check {
+            path: "/ka-cors",
+            headers: &[("apikey", "nope"), ("Origin", "http://a.com")],
+            status: 401,
+            body: Some("{\"message\":\"Invalid API key in request\"}\n"),
+            resp_headers: &[("access-control-allow-origin", "*")],
+            ..check(
+                "key-auth",
+                "an unknown key gets 401, and cors adds its headers to it",
+                "key-auth: {}\n      cors: {}",
+            )
+        },
+        Check {
+            path: "/cr",
+            status: 401,
+            body: Some("{\"message\":\"The request is rejected, please check the consumer_name for this request\"}\n"),
+            ..check(
+                "consumer-restriction",
+                "without an authenticated consumer the request is refused",
+                "consumer-restriction:\n        whitelist: [\"jack\"]",
             )
         },
     ]

@@ -89,6 +89,10 @@ pub const MODULES: &[(&str, &str)] = &[
     ("table.nkeys", include_str!("../../../lua/table/nkeys.lua")),
     ("tablepool", include_str!("../../../lua/tablepool.lua")),
     (
+        "apisix.consumer",
+        include_str!("../../../lua/apisix/consumer.lua"),
+    ),
+    (
         "apisix.secret",
         include_str!("../../../lua/apisix/secret.lua"),
     ),
