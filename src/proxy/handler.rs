@@ -205,7 +205,10 @@ async fn proxy(
         };
         match client.checkout(&target, secs(timeout.connect), pool).await {
             Ok(c) => {
-                ctx.upstream_addr = Some(target.addr());
+                // The first node's address is already in ctx; only a retry changes it.
+                if !std::ptr::eq(*node, first) {
+                    ctx.upstream_addr = Some(target.addr());
+                }
                 conn = Some((c, node));
                 break;
             }
@@ -226,6 +229,8 @@ async fn proxy(
     // The upstream request: the request as plugins left it.
     // A copy, not a take: header_filter, body_filter and log still read `$http_*`.
     let mut headers = ctx.headers.clone();
+    // Room for the forwarding headers below, so inserting them does not grow the map twice.
+    headers.reserve(6);
     let client_host = headers.get(header::HOST).cloned();
     strip_hop_by_hop(&mut headers);
     headers.remove(header::CONTENT_LENGTH);
@@ -321,11 +326,7 @@ async fn proxy(
 }
 
 fn node_addr(host: &str, port: u16) -> String {
-    if host.contains(':') {
-        format!("[{host}]:{port}")
-    } else {
-        format!("{host}:{port}")
-    }
+    crate::proxy::client::host_port(host, port)
 }
 
 /// Sends a response the gateway made itself, through the response phases.
