@@ -458,6 +458,25 @@ def main():
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "targets": table, "ratios": ratios, "runs": runs}, f, indent=1)
 
+    md = [f"{meta['date']}, commit {meta['moongate_commit']}, nproc {meta['nproc']}, {args.reps} reps x "
+          f"{args.duration} s, c={args.conns}, load (1 min) before each rep: "
+          + " ".join(str(l[0]) for l in meta["load_before_reps"]), "",
+          "| target | rps median (min-max) | p50 / p99 ms | gateway CPU µs/req median (min) | upstream CPU µs/req | peak RSS MB |",
+          "|---|---|---|---|---|---|"]
+    for name, t in table.items():
+        rps, cpu, up = t["rps"], t["cpu_us_per_req"], t["upstream_cpu_us_per_req"]
+        md.append(f"| {name} | {rps['median']:.0f} ({rps['min']:.0f}-{rps['max']:.0f}) | "
+                  f"{fmt(t['p50_ms'] and t['p50_ms']['median'], 2)} / {fmt(t['p99_ms'] and t['p99_ms']['median'], 2)} | "
+                  f"{cpu['median']:.1f} ({cpu['min']:.1f}) | {fmt(up and up['median'])} | {t['peak_rss_kb'] / 1024:.1f} |")
+    md += ["", "| per-rep ratio | rps median (min-max) | CPU/req median (min-max) |", "|---|---|---|"]
+    for label, r in ratios.items():
+        if r["rps"] and r["cpu"]:
+            md.append(f"| {label} | {r['rps']['median']:.2f} ({r['rps']['min']:.2f}-{r['rps']['max']:.2f}) | "
+                      f"{r['cpu']['median']:.2f} ({r['cpu']['min']:.2f}-{r['cpu']['max']:.2f}) |")
+    md += ["", "Idle RSS MB: " + ", ".join(f"{k} {v / 1024:.1f}" for k, v in idle_rss.items())]
+    with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
+        f.write("\n".join(md) + "\n")
+
     print(f"\nmoongate bench  {meta['date']}  nproc={meta['nproc']}  {args.reps} reps x {args.duration}s, "
           f"c={args.conns}  load before reps: {' '.join(str(l[0]) for l in meta['load_before_reps'])}")
     print(f"{'target':14} {'rps median':>10} {'(min-max)':>15} {'p50 ms':>7} {'p99 ms':>7} "
@@ -474,7 +493,7 @@ def main():
             print(f"  {label:24} rps {r['rps']['median']:.2f} ({r['rps']['min']:.2f}-{r['rps']['max']:.2f})   "
                   f"cpu/req {r['cpu']['median']:.2f} ({r['cpu']['min']:.2f}-{r['cpu']['max']:.2f})")
     print("\nidle RSS MB: " + ", ".join(f"{k} {v / 1024:.1f}" for k, v in idle_rss.items()))
-    print(f"json: {os.path.relpath(args.out, ROOT)}")
+    print(f"json: {os.path.relpath(args.out, ROOT)} (markdown table beside it)")
 
 
 if __name__ == "__main__":
