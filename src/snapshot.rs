@@ -177,6 +177,36 @@ pub struct RouteEntry {
     pub conf_type: &'static str,
     pub conf_id: String,
     pub conf_version: String,
+    /// The snapshot's consumers (shared by every route of it), for auth plugins.
+    pub consumers: Arc<Consumers>,
+}
+
+/// One consumer as auth plugins see it: its fields and its plugin confs, each checked with the
+/// plugin's consumer schema (defaults filled in).
+#[derive(Debug)]
+pub struct ConsumerEntry {
+    pub username: String,
+    pub desc: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    pub group_id: Option<String>,
+    pub plugins: Map<String, Value>,
+}
+
+/// A snapshot's consumers, indexed by the plugins they configure, so an auth plugin asks for
+/// its own consumers only (APISIX's `consumer.plugin(name)`). Lua keys them on the credential.
+#[derive(Debug, Default)]
+pub struct Consumers {
+    /// The snapshot generation they belong to: Lua caches its indexes per generation.
+    pub generation: u64,
+    pub all: Vec<Arc<ConsumerEntry>>,
+    pub by_plugin: HashMap<String, Vec<Arc<ConsumerEntry>>>,
+}
+
+impl Consumers {
+    /// The consumer named `username`.
+    pub fn get(&self, username: &str) -> Option<&Arc<ConsumerEntry>> {
+        self.all.iter().find(|c| c.username == username)
+    }
 }
 
 /// Everything a request reads.
@@ -189,6 +219,7 @@ pub struct Snapshot {
     /// The global rules' plugins merged into one chain.
     pub global: Chain,
     pub registry: Arc<Registry>,
+    pub consumers: Arc<Consumers>,
     /// The resources it was built from.
     pub doc: Arc<Document>,
 }
@@ -203,6 +234,7 @@ impl Snapshot {
             routes: Vec::new(),
             global: Chain::default(),
             registry: Arc::new(Registry::new()),
+            consumers: Arc::new(Consumers::default()),
             doc: Arc::new(Document::default()),
         }
     }
@@ -330,6 +362,8 @@ pub fn build(
         }
     }
     let global = Chain::new(global_entries);
+
+    let consumers = Arc::new(build_consumers(&doc, &registry, generation, &mut errors));
 
     // Routes.
     let mut routes = Vec::new();
@@ -473,6 +507,7 @@ pub fn build(
             conf_type,
             conf_id,
             conf_version: conf_version.clone(),
+            consumers: consumers.clone(),
         }));
     }
 
@@ -493,8 +528,77 @@ pub fn build(
         routes,
         global,
         registry,
+        consumers,
         doc,
     })
+}
+
+/// Checks every consumer (unique username, each plugin conf against the plugin's consumer
+/// schema) and indexes them by plugin name.
+fn build_consumers(
+    doc: &Document,
+    registry: &Registry,
+    generation: u64,
+    errors: &mut Vec<ConfigError>,
+) -> Consumers {
+    let mut out = Consumers {
+        generation,
+        ..Consumers::default()
+    };
+    let mut names = HashSet::new();
+    for (i, c) in doc.consumers.iter().enumerate() {
+        let path = format!("consumers[{i}]");
+        if !names.insert(c.username.0.clone()) {
+            errors.push(ConfigError::new(
+                format!("{path}.username"),
+                format!("duplicate username \"{}\"", c.username),
+            ));
+            continue;
+        }
+        let mut plugins = Map::new();
+        for (name, conf) in &c.plugins {
+            let at = format!("{path}.plugins.{name}");
+            let Some(plugin) = registry.get(name) else {
+                errors.push(ConfigError::new(at, format!("unknown plugin [{name}]")));
+                continue;
+            };
+            let mut conf = conf.clone();
+            if !conf.is_object() {
+                errors.push(ConfigError::new(
+                    at,
+                    format!(
+                        "failed to check the configuration of plugin {name} err: wrong type: expected object, got {}",
+                        json_type(&conf)
+                    ),
+                ));
+                continue;
+            }
+            match plugin.check_conf(&mut conf, ConfScope::Consumer) {
+                Ok(_) => {
+                    plugins.insert(name.clone(), conf);
+                }
+                Err(e) => errors.push(ConfigError::new(
+                    at,
+                    format!("failed to check the configuration of plugin {name} err: {e}"),
+                )),
+            }
+        }
+        let entry = Arc::new(ConsumerEntry {
+            username: c.username.0.clone(),
+            desc: c.desc.clone(),
+            labels: c.labels.clone().unwrap_or_default(),
+            group_id: c.group_id.as_ref().map(|g| g.0.clone()),
+            plugins,
+        });
+        for name in entry.plugins.keys() {
+            out.by_plugin
+                .entry(name.clone())
+                .or_default()
+                .push(entry.clone());
+        }
+        out.all.push(entry);
+    }
+    out
 }
 
 fn resolve_upstream(

@@ -260,6 +260,222 @@ fn a_bad_meta_is_refused_with_apisix_wording() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Consumers: the project's own auth plugin, built on apisix.consumer as key-auth is
+// ---------------------------------------------------------------------------------------------
+
+/// An auth plugin: `X-Token` must be the `token` of a consumer that configures `token-auth`.
+const TOKEN_AUTH: &str = r#"
+local core = require("apisix.core")
+local consumer_mod = require("apisix.consumer")
+
+local schema = { type = "object", properties = { header = { type = "string", default = "X-Token" } } }
+local consumer_schema = {
+    type = "object",
+    properties = { token = { type = "string", minLength = 3 } },
+    required = { "token" },
+}
+
+local _M = { version = 0.1, priority = 2600, type = "auth", name = "token-auth", schema = schema }
+
+function _M.check_schema(conf, schema_type)
+    if schema_type == core.schema.TYPE_CONSUMER then
+        return core.schema.check(consumer_schema, conf)
+    end
+    return core.schema.check(schema, conf)
+end
+
+function _M.rewrite(conf, ctx)
+    local token = core.request.header(ctx, conf.header)
+    if not token then
+        return 401, { message = "Missing token" }
+    end
+    local consumer, consumer_conf, err = consumer_mod.find_consumer("token-auth", "token", token)
+    if not consumer then
+        return 401, { message = "Invalid token", reason = err }
+    end
+    consumer_mod.attach_consumer(ctx, consumer, consumer_conf)
+end
+
+return _M
+"#;
+
+/// After auth: refuses consumers not labelled `team: core`, and reports what auth attached.
+const TEAM_ONLY: &str = r#"
+local core = require("apisix.core")
+local _M = { version = 0.1, priority = 2400, name = "team-only", schema = { type = "object" } }
+
+function _M.access(conf, ctx)
+    local labels = ctx.consumer and ctx.consumer.labels or {}
+    if labels.team ~= "core" then
+        return 403, { message = "not in team core", consumer = ctx.consumer_name }
+    end
+    core.response.set_header("X-Seen-Consumer", ctx.consumer_name)
+    core.response.set_header("X-Seen-Group", ctx.consumer_group_id)
+    core.response.set_header("X-Seen-Ver", tostring(ctx.consumer_ver ~= nil))
+end
+
+return _M
+"#;
+
+const CONSUMERS_YAML: &str = "consumers:\n  - username: jack\n    desc: core team\n    group_id: g1\n    labels:\n      team: core\n      custom_id: \"42\"\n    plugins:\n      token-auth:\n        token: jack-token\n  - username: rose\n    plugins:\n      token-auth:\n        token: rose-token\n";
+
+#[test]
+fn consumers_from_the_config_file_authenticate_requests() {
+    let up = Upstream::echo();
+    let u = upstream_yaml(&up);
+    let routes = format!(
+        "  - id: auth\n    uri: /auth\n    plugins:\n      token-auth: {{}}\n{u}\
+         \x20 - id: team\n    uri: /team\n    plugins:\n      token-auth: {{}}\n      team-only: {{}}\n{u}"
+    );
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path().join("plugins");
+    std::fs::create_dir_all(&dir).expect("plugins dir");
+    std::fs::write(dir.join("token-auth.lua"), TOKEN_AUTH).expect("write plugin");
+    std::fs::write(dir.join("team-only.lua"), TEAM_ONLY).expect("write plugin");
+    let yaml = format!("workers: 1\nplugin_dirs:\n  - plugins\nroutes:\n{routes}{CONSUMERS_YAML}");
+    let gw = Gateway::start_in(tmp.path(), &yaml);
+
+    // The consumer's headers reach the upstream; a client's own X-Consumer-* are replaced.
+    let r = Req::get(&gw.url("/auth"))
+        .header("X-Token", "jack-token")
+        .header("X-Consumer-Username", "forged")
+        .send();
+    assert_eq!(r.status, 200, "{}\n{}", r.text(), gw.logs());
+    let seen = r.json();
+    assert_eq!(seen["headers"]["x-consumer-username"], "jack");
+    assert_eq!(seen["headers"]["x-consumer-custom-id"], "42");
+    let r = Req::get(&gw.url("/auth"))
+        .header("X-Token", "rose-token")
+        .send();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["headers"]["x-consumer-username"], "rose");
+    assert!(r.json()["headers"].get("x-consumer-custom-id").is_none());
+
+    let r = Req::get(&gw.url("/auth"))
+        .header("X-Token", "nobody")
+        .send();
+    assert_eq!(r.status, 401);
+    assert_eq!(r.json()["message"], "Invalid token");
+
+    // Later plugins see ctx.consumer, consumer_name, consumer_group_id and consumer_ver.
+    let r = Req::get(&gw.url("/team"))
+        .header("X-Token", "jack-token")
+        .send();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-seen-consumer").as_deref(), Some("jack"));
+    assert_eq!(r.header("x-seen-group").as_deref(), Some("g1"));
+    assert_eq!(r.header("x-seen-ver").as_deref(), Some("true"));
+    let r = Req::get(&gw.url("/team"))
+        .header("X-Token", "rose-token")
+        .send();
+    assert_eq!(r.status, 403);
+    assert_eq!(r.json()["consumer"], "rose");
+}
+
+#[test]
+fn a_consumer_conf_is_checked_with_the_plugins_consumer_schema() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path().join("plugins");
+    std::fs::create_dir_all(&dir).expect("plugins dir");
+    std::fs::write(dir.join("token-auth.lua"), TOKEN_AUTH).expect("write plugin");
+    let yaml = "workers: 1\nplugin_dirs:\n  - plugins\nconsumers:\n  - username: jack\n    plugins:\n      token-auth:\n        header: X-Other\n  - username: jack\n";
+    let cfg = tmp.path().join("config.yaml");
+    std::fs::write(&cfg, yaml).expect("write config");
+    let (code, out) = check_file(&cfg);
+    assert_ne!(code, 0, "{out}");
+    assert!(
+        out.contains("consumers[0].plugins.token-auth: failed to check the configuration of plugin token-auth err: property \"token\" is required"),
+        "{out}"
+    );
+    assert!(
+        out.contains("consumers[1].username: duplicate username \"jack\""),
+        "{out}"
+    );
+}
+
+#[test]
+fn consumers_written_through_the_admin_api_take_effect() {
+    const KEY: &str = "compat-admin-key-0123456789";
+    let up = Upstream::echo();
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path().join("plugins");
+    std::fs::create_dir_all(&dir).expect("plugins dir");
+    std::fs::write(dir.join("token-auth.lua"), TOKEN_AUTH).expect("write plugin");
+    let yaml = format!(
+        "workers: 1\nplugin_dirs:\n  - plugins\ndata_dir: data\nadmin:\n  listen: 127.0.0.1:0\n  key: {KEY}\nroutes:\n  - id: auth\n    uri: /auth\n    plugins:\n      token-auth: {{}}\n{}",
+        upstream_yaml(&up)
+    );
+    let gw = Gateway::start_in(tmp.path(), &yaml);
+    assert!(
+        gw.wait_for_log(
+            "admin API listening on http://",
+            std::time::Duration::from_secs(20)
+        ),
+        "{}",
+        gw.logs()
+    );
+    let admin = gw
+        .logs()
+        .lines()
+        .find_map(|l| {
+            let rest = l.split("admin API listening on http://").nth(1)?;
+            rest.split_whitespace().next().map(str::to_string)
+        })
+        .expect("admin address");
+    let call = |method: &str, path: &str, body: Option<&str>| {
+        let mut req = Req::new(method, &format!("http://{admin}/apisix/admin{path}"))
+            .header("X-API-KEY", KEY);
+        if let Some(b) = body {
+            req = req
+                .header("content-type", "application/json")
+                .body(b.to_string());
+        }
+        req.send()
+    };
+    let send = || {
+        Req::get(&gw.url("/auth"))
+            .header("X-Token", "tom-token")
+            .send()
+    };
+    assert_eq!(send().status, 401);
+
+    let r = call(
+        "PUT",
+        "/consumers/tom",
+        Some(r#"{"plugins":{"token-auth":{"token":"tom-token"}}}"#),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert_eq!(r.json()["key"], "/apisix/consumers/tom");
+    assert_eq!(r.json()["value"]["username"], "tom");
+    let r = send();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["headers"]["x-consumer-username"], "tom");
+
+    // A bad credential conf is refused with the plugin's consumer-schema message.
+    let r = call(
+        "PUT",
+        "/consumers/bad",
+        Some(r#"{"plugins":{"token-auth":{}}}"#),
+    );
+    assert_eq!(r.status, 400);
+    assert_eq!(
+        r.json()["error_msg"],
+        "failed to check the configuration of plugin token-auth err: property \"token\" is required"
+    );
+    let r = call("GET", "/consumers/tom", None);
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.json()["value"]["plugins"]["token-auth"]["token"],
+        "tom-token"
+    );
+    assert_eq!(call("GET", "/consumers", None).json()["total"], 1);
+
+    assert_eq!(call("DELETE", "/consumers/tom", None).status, 200);
+    assert_eq!(send().status, 401);
+    assert_eq!(call("GET", "/consumers/tom", None).status, 404);
+}
+
+// ---------------------------------------------------------------------------------------------
 // APISIX's own plugin files (APISIX_SRC)
 // ---------------------------------------------------------------------------------------------
 
@@ -294,6 +510,8 @@ struct Check {
     body: Option<&'static str>,
     /// Substrings the body must contain.
     body_has: &'static [&'static str],
+    /// Substrings the body must not contain.
+    body_lacks: &'static [&'static str],
     /// Response headers that must have these values.
     resp_headers: &'static [(&'static str, &'static str)],
 }
@@ -310,6 +528,7 @@ const fn check(plugin: &'static str, what: &'static str, plugins_yaml: &'static 
         status: 200,
         body: None,
         body_has: &[],
+        body_lacks: &[],
         resp_headers: &[],
     }
 }
@@ -588,7 +807,7 @@ fn checks() -> Vec<Check> {
             resp_headers: &[("www-authenticate", "apikey realm=\"key\"")],
             ..check(
                 "key-auth",
-                "a request without a key gets 401 (no consumer store yet)",
+                "a request without a key gets 401",
                 "key-auth: {}",
             )
         },
@@ -605,6 +824,79 @@ fn checks() -> Vec<Check> {
             )
         },
         Check {
+            path: "/ka-ok",
+            headers: &[("apikey", "jack-key")],
+            body_has: &["\"x-consumer-username\":\"jack\"", "\"x-consumer-custom-id\":\"j-1\""],
+            ..check(
+                "key-auth",
+                "a consumer's key is accepted and the upstream sees X-Consumer-Username",
+                "key-auth: {}",
+            )
+        },
+        Check {
+            path: "/ka-ok?apikey=rose-key",
+            body_has: &["\"x-consumer-username\":\"rose\""],
+            ..check(
+                "key-auth",
+                "the key may come in the query string",
+                "key-auth: {}",
+            )
+        },
+        Check {
+            path: "/ka-ok",
+            headers: &[("apikey", "wrong-key")],
+            status: 401,
+            body: Some("{\"message\":\"Invalid API key in request\"}\n"),
+            ..check(
+                "key-auth",
+                "a key no consumer has gets 401",
+                "key-auth: {}",
+            )
+        },
+        Check {
+            path: "/ka-hide",
+            headers: &[("apikey", "jack-key")],
+            body_has: &["\"x-consumer-username\":\"jack\""],
+            body_lacks: &["\"apikey\""],
+            ..check(
+                "key-auth",
+                "hide_credentials removes the key before proxying",
+                "key-auth:\n        hide_credentials: true",
+            )
+        },
+        Check {
+            path: "/cr-wl",
+            headers: &[("apikey", "jack-key")],
+            body_has: &["\"x-consumer-username\":\"jack\""],
+            ..check(
+                "consumer-restriction",
+                "a whitelisted consumer passes",
+                "key-auth: {}\n      consumer-restriction:\n        whitelist: [\"jack\"]",
+            )
+        },
+        Check {
+            path: "/cr-wl",
+            headers: &[("apikey", "rose-key")],
+            status: 403,
+            body: Some("{\"message\":\"The consumer_name is forbidden.\"}\n"),
+            ..check(
+                "consumer-restriction",
+                "a consumer not on the whitelist gets 403",
+                "key-auth: {}\n      consumer-restriction:\n        whitelist: [\"jack\"]",
+            )
+        },
+        Check {
+            path: "/cr-bl",
+            headers: &[("apikey", "rose-key")],
+            status: 401,
+            body: Some("{\"message\":\"go away\"}\n"),
+            ..check(
+                "consumer-restriction",
+                "a blacklisted consumer gets rejected_code and rejected_msg",
+                "key-auth: {}\n      consumer-restriction:\n        blacklist: [\"rose\"]\n        rejected_code: 401\n        rejected_msg: \"go away\"",
+            )
+        },
+        Check {
             path: "/cr",
             status: 401,
             body: Some("{\"message\":\"The request is rejected, please check the consumer_name for this request\"}\n"),
@@ -616,6 +908,9 @@ fn checks() -> Vec<Check> {
         },
     ]
 }
+
+/// The consumers the key-auth and consumer-restriction checks authenticate as.
+const KEY_AUTH_CONSUMERS: &str = "consumers:\n  - username: jack\n    labels:\n      custom_id: j-1\n    plugins:\n      key-auth:\n        key: jack-key\n  - username: rose\n    plugins:\n      key-auth:\n        key: rose-key\n";
 
 /// (plugin, check, what went wrong).
 type Failure = (String, String, String);
@@ -650,7 +945,7 @@ fn run_checks(plugin_dir: &Path) -> (Vec<Failure>, Vec<(String, usize)>) {
     }
     let tmp = tempfile::tempdir().expect("temp dir");
     let yaml = format!(
-        "workers: 1\nplugin_dirs:\n  - \"{}\"\nroutes:\n{routes}",
+        "workers: 1\nplugin_dirs:\n  - \"{}\"\nroutes:\n{routes}{KEY_AUTH_CONSUMERS}",
         plugin_dir.display()
     );
     let gw = Gateway::start_in(tmp.path(), &yaml);
@@ -678,6 +973,11 @@ fn run_checks(plugin_dir: &Path) -> (Vec<Failure>, Vec<(String, usize)>) {
         for s in c.body_has {
             if !r.text().contains(s) {
                 errs.push(format!("body {:?} lacks {s:?}", r.text()));
+            }
+        }
+        for s in c.body_lacks {
+            if r.text().contains(s) {
+                errs.push(format!("body {:?} has {s:?}", r.text()));
             }
         }
         for (k, v) in c.resp_headers {

@@ -178,7 +178,7 @@ impl Admin {
             Ok(c) => c,
             Err(r) => return Ok(r),
         };
-        let body_id = match body_id(&conf) {
+        let body_id = match body_id(&conf, id_field(kind)) {
             Ok(i) => i,
             Err(r) => return Ok(r),
         };
@@ -202,7 +202,7 @@ impl Admin {
             .as_ref()
             .and_then(|p| p.get("create_time").cloned())
             .unwrap_or_else(|| json!(now()));
-        conf.insert("id".into(), Value::String(id.clone()));
+        conf.insert(id_field(kind).into(), Value::String(id.clone()));
         conf.insert("create_time".into(), created);
         conf.insert("update_time".into(), json!(now()));
         let value = Value::Object(conf);
@@ -215,6 +215,10 @@ impl Admin {
             Ok(c) => c,
             Err(r) => return Ok(r),
         };
+        if kind == Kind::Consumers {
+            // APISIX names consumers by `username`; there is no generated id.
+            return Ok(Reply::bad("missing consumer name"));
+        }
         if conf.contains_key("id") {
             return Ok(Reply::bad(format!(
                 "wrong {} id, do not need it",
@@ -262,11 +266,11 @@ impl Admin {
         let Value::Object(obj) = &mut value else {
             return Ok(Reply::bad("invalid configuration"));
         };
-        match obj.get("id").map(id_string) {
+        match obj.get(id_field(kind)).map(id_string) {
             Some(Some(b)) if b == id => {}
             _ => return Ok(Reply::bad(format!("wrong {} id", kind.singular()))),
         }
-        obj.insert("id".into(), Value::String(id.to_string()));
+        obj.insert(id_field(kind).into(), Value::String(id.to_string()));
         obj.insert("update_time".into(), json!(now()));
         if !obj.contains_key("create_time") {
             obj.insert("create_time".into(), json!(now()));
@@ -605,12 +609,22 @@ fn id_string(v: &Value) -> Option<String> {
     }
 }
 
-fn body_id(conf: &Map<String, Value>) -> Result<Option<String>, Reply> {
-    match conf.get("id") {
+fn body_id(conf: &Map<String, Value>, field: &str) -> Result<Option<String>, Reply> {
+    match conf.get(field) {
         None => Ok(None),
         Some(v) => id_string(v).map(Some).ok_or_else(|| {
-            Reply::bad("invalid configuration: id: expected a string or integer id")
+            Reply::bad(format!(
+                "invalid configuration: {field}: expected a string or integer id"
+            ))
         }),
+    }
+}
+
+/// The body field that holds a resource's id: a consumer's is `username`, as in APISIX.
+fn id_field(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Consumers => "username",
+        _ => "id",
     }
 }
 

@@ -351,7 +351,7 @@ pub fn route(method: &Method, segs: &[String], body: Option<Value>) -> Result<Ca
                 return Err(Reply::error(
                     404,
                     format!(
-                        "unknown resource type \"{res}\": moongate serves routes, upstreams, services, global_rules, plugins"
+                        "unknown resource type \"{res}\": moongate serves routes, upstreams, services, global_rules, consumers, plugins"
                     ),
                 ));
             };
@@ -461,8 +461,12 @@ mod tests {
             route(&Method::PATCH, &segs("routes/1/plugins"), None),
             Ok(Call::Patch(Kind::Routes, ref id, ref sub, None)) if id == "1" && sub == "plugins"
         ));
+        assert!(matches!(
+            route(&Method::GET, &segs("consumers/jack"), None),
+            Ok(Call::Get(Kind::Consumers, ref id)) if id == "jack"
+        ));
         assert_eq!(
-            route(&Method::GET, &segs("consumers/1"), None)
+            route(&Method::GET, &segs("ssls/1"), None)
                 .unwrap_err()
                 .status,
             404

@@ -297,11 +297,18 @@ pub struct Document {
     pub upstreams: Vec<Upstream>,
     pub services: Vec<Service>,
     pub global_rules: Vec<GlobalRule>,
+    pub consumers: Vec<Consumer>,
     /// The file it came from (for reload and error messages), if any.
     pub path: Option<PathBuf>,
 }
 
-const RESOURCE_KEYS: [&str; 4] = ["routes", "upstreams", "services", "global_rules"];
+const RESOURCE_KEYS: [&str; 5] = [
+    "routes",
+    "upstreams",
+    "services",
+    "global_rules",
+    "consumers",
+];
 
 /// Reads and parses a config file (YAML, or JSON, which YAML accepts too).
 pub fn load_file(path: &Path) -> Result<Document, ConfigErrors> {
@@ -382,11 +389,13 @@ pub fn parse_document(text: &str) -> Result<Document, ConfigErrors> {
     let upstreams = take_list("upstreams", &mut errors);
     let services = take_list("services", &mut errors);
     let global_rules = take_list("global_rules", &mut errors);
+    let consumers = take_list("consumers", &mut errors);
 
     doc.routes = parse_list("routes", routes, &mut errors);
     doc.upstreams = parse_list("upstreams", upstreams, &mut errors);
     doc.services = parse_list("services", services, &mut errors);
     doc.global_rules = parse_list("global_rules", global_rules, &mut errors);
+    doc.consumers = parse_list("consumers", consumers, &mut errors);
     match from_value_at::<NodeConfig>("", Value::Object(top)) {
         Ok(node) => doc.node = node,
         Err(e) => errors.push(e),

@@ -1,4 +1,4 @@
-//! Resource shapes: routes, upstreams, services and global rules, with APISIX 3.x field names.
+//! Resource shapes: routes, upstreams, services, global rules and consumers, with APISIX 3.x field names.
 //!
 //! Every struct denies unknown fields: a typo in a config file or an Admin API body must be an
 //! error that names the field, never a setting that silently does nothing.
@@ -454,6 +454,29 @@ pub struct GlobalRule {
     pub id: Option<Id>,
     #[serde(default)]
     pub plugins: Map<String, Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub create_time: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub update_time: Option<u64>,
+}
+
+/// A consumer, as APISIX 3.x's `/apisix/admin/consumers/{username}` body: who a request is,
+/// once an auth plugin has recognised its credential.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Consumer {
+    /// The consumer's name, which is its id (APISIX's `username`).
+    pub username: Id,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desc: Option<String>,
+    /// Free labels; `custom_id` becomes the upstream header `X-Consumer-Custom-ID`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<BTreeMap<String, String>>,
+    /// Auth plugin confs (checked with the plugin's consumer schema) and other plugins.
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub plugins: Map<String, Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group_id: Option<Id>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub create_time: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -545,9 +545,15 @@ impl Shared {
             .unwrap_or_default();
         let parsed = match serde_json::from_slice::<Value>(&raw) {
             Ok(Value::Object(mut m)) => {
-                if let KeyKind::Resource(_, id) = self.classify(&key) {
-                    // The key names the resource, as in APISIX (which sets `value.id = key`).
-                    m.insert("id".into(), Value::String(id));
+                if let KeyKind::Resource(kind, id) = self.classify(&key) {
+                    // The key names the resource, as in APISIX (which sets `value.id = key`;
+                    // a consumer's id field is `username`).
+                    let field = if kind == Kind::Consumers {
+                        "username"
+                    } else {
+                        "id"
+                    };
+                    m.insert(field.into(), Value::String(id));
                 }
                 Parsed::Value(Value::Object(m))
             }
@@ -1214,7 +1220,11 @@ mod tests {
             KeyKind::Resource(Kind::Routes, "1".into())
         );
         assert_eq!(s.classify("/apisix/routes/"), KeyKind::Ignored);
-        assert_eq!(s.classify("/apisix/consumers/jack"), KeyKind::Ignored);
+        assert_eq!(
+            s.classify("/apisix/consumers/jack"),
+            KeyKind::Resource(Kind::Consumers, "jack".into())
+        );
+        assert_eq!(s.classify("/apisix/ssls/1"), KeyKind::Ignored);
         assert_eq!(s.classify("/apisix/gen_id"), KeyKind::Ignored);
         assert!(matches!(s.classify("/apisix/routes/a/b"), KeyKind::Bad(_)));
         // APISIX's `host` spelling is accepted.

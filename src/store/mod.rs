@@ -14,7 +14,7 @@ use std::sync::Arc;
 use serde_json::Value;
 
 use crate::config::{
-    self, ConfigError, ConfigErrors, Document, GlobalRule, Id, Route, Service, Upstream,
+    self, ConfigError, ConfigErrors, Consumer, Document, GlobalRule, Id, Route, Service, Upstream,
 };
 use crate::reload::ResourceOverlay;
 
@@ -27,15 +27,17 @@ pub enum Kind {
     Upstreams,
     Services,
     GlobalRules,
+    Consumers,
 }
 
 impl Kind {
     /// Every kind, in the order builds see them.
-    pub const ALL: [Kind; 4] = [
+    pub const ALL: [Kind; 5] = [
         Kind::Routes,
         Kind::Upstreams,
         Kind::Services,
         Kind::GlobalRules,
+        Kind::Consumers,
     ];
 
     /// The path segment and config-file key: `routes`, `global_rules`, ...
@@ -45,6 +47,7 @@ impl Kind {
             Kind::Upstreams => "upstreams",
             Kind::Services => "services",
             Kind::GlobalRules => "global_rules",
+            Kind::Consumers => "consumers",
         }
     }
 
@@ -55,6 +58,7 @@ impl Kind {
             Kind::Upstreams => "upstream",
             Kind::Services => "service",
             Kind::GlobalRules => "global rule",
+            Kind::Consumers => "consumer",
         }
     }
 
@@ -251,6 +255,14 @@ pub fn insert_resource(
             |r: &GlobalRule| r.id.as_ref(),
             |v| config::from_value_at("", v),
         ),
+        Kind::Consumers => put(
+            &mut doc.consumers,
+            id,
+            value,
+            mode,
+            |c: &Consumer| Some(&c.username),
+            |v| config::from_value_at("", v),
+        ),
     }
 }
 
@@ -266,6 +278,7 @@ pub fn remove_resource(doc: &mut Document, kind: Kind, id: &str) -> bool {
         Kind::Upstreams => remove(&mut doc.upstreams, id, |r| r.id.as_ref()),
         Kind::Services => remove(&mut doc.services, id, |r| r.id.as_ref()),
         Kind::GlobalRules => remove(&mut doc.global_rules, id, |r| r.id.as_ref()),
+        Kind::Consumers => remove(&mut doc.consumers, id, |c| Some(&c.username)),
     }
 }
 
@@ -281,6 +294,7 @@ pub fn resource_ids(doc: &Document, kind: Kind) -> Vec<String> {
         Kind::Upstreams => ids(&doc.upstreams, |r| r.id.as_ref()),
         Kind::Services => ids(&doc.services, |r| r.id.as_ref()),
         Kind::GlobalRules => ids(&doc.global_rules, |r| r.id.as_ref()),
+        Kind::Consumers => ids(&doc.consumers, |c| Some(&c.username)),
     }
 }
 
@@ -300,6 +314,7 @@ pub fn resource_json(doc: &Document, kind: Kind, id: &str) -> Option<Value> {
         Kind::Upstreams => find(&doc.upstreams, id, |r| r.id.as_ref()),
         Kind::Services => find(&doc.services, id, |r| r.id.as_ref()),
         Kind::GlobalRules => find(&doc.global_rules, id, |r| r.id.as_ref()),
+        Kind::Consumers => find(&doc.consumers, id, |c| Some(&c.username)),
     }
 }
 

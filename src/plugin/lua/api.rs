@@ -323,7 +323,7 @@ fn install_misc(lua: &Lua, ngx: &Table, _mg: &Table) -> mlua::Result<()> {
     )?;
     ngx.set(
         "sleep",
-        lua.create_async_function(|_, secs: f64| async move {
+        runtime::create_waiting_function(lua, |_, secs: f64| async move {
             if tokio::runtime::Handle::try_current().is_err() {
                 return Err(err(
                     "API disabled in the current context: ngx.sleep needs a request",
@@ -461,7 +461,7 @@ fn install_req(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
     )?;
     req.set(
         "read_body",
-        lua.create_async_function(|_, ()| async move {
+        runtime::create_waiting_function(lua, |_, ()| async move {
             let mut body = with_ctx(|c| std::mem::take(&mut c.body))?;
             let r = body.read_all(u64::MAX).await;
             // The request may have moved on to another poll; put the body back through the
@@ -865,7 +865,7 @@ fn install_internal(lua: &Lua, mg: &Table) -> mlua::Result<()> {
     )?;
     mg.set(
         "exit_async",
-        lua.create_async_function(|_, status: i64| {
+        runtime::create_waiting_function(lua, |_, status: i64| {
             // Runs now, inside the request's poll: record the exit. The future never completes;
             // the runtime sees the flag when the coroutine yields and ends the call.
             let recorded = with_ctx(|c| lua_request(c).exit = Some(status));

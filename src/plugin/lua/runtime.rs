@@ -6,11 +6,12 @@
 //! `check_schema`. Nothing here is `Send`: a VM never leaves its thread.
 //!
 //! Request access from Lua: while a phase runs, a thread-local [`Frame`] points at the request's
-//! `Ctx` (and, in the filter phases, at the response head or body chunk). Async phases are
-//! polled many times, and other requests' coroutines run on the same VM in between, so the frame
-//! is set around *each poll* of one request's call ([`RequestCall`]) and restored after. Every
-//! `ngx`/`ctx` function reads the request through [`with_ctx`] and friends, which fail with a Lua
-//! error when no request is running.
+//! `Ctx` (and, in the filter phases, at the response head or body chunk). The request phases
+//! (rewrite, access, before_proxy) run in a runner thread (coroutine) that may wait: it is
+//! resumed many times, and other requests' runners run on the same VM in between, so the frame
+//! is set around *each resume* (and each poll of what it waits for, see [`request_phase`]) and
+//! restored after. Every `ngx`/`ctx` function reads the request through [`with_ctx`] and
+//! friends, which fail with a Lua error when no request is running.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -24,7 +25,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, StatusCode};
-use mlua::{Function, Lua, LuaOptions, MultiValue, StdLib, Table, Value};
+use mlua::{Function, LightUserData, Lua, LuaOptions, MultiValue, StdLib, Table, Thread, Value};
 
 use super::convert::{self, Unsupported};
 use super::watchdog::Budget;
@@ -70,6 +71,122 @@ impl Frame {
 thread_local! {
     static FRAME: Cell<Frame> = const { Cell::new(Frame::NONE) };
     static RUNTIME: RefCell<Option<Rc<LuaRuntime>>> = const { RefCell::new(None) };
+    /// The runner thread being resumed (null when none): waiting functions may yield only
+    /// from it.
+    static RUNNER: Cell<*mut mlua::ffi::lua_State> = const { Cell::new(std::ptr::null_mut()) };
+    /// The future a waiting function handed over during the current resume.
+    static PENDING: RefCell<Option<Pending>> = const { RefCell::new(None) };
+}
+
+/// What a waiting API function waits for; its output is what the function returns to Lua.
+pub(crate) type Pending = Pin<Box<dyn Future<Output = mlua::Result<MultiValue>>>>;
+
+/// Light userdata a runner thread yields: its phase function returned (followed by its first
+/// two values)...
+static DONE_TAG: u8 = 1;
+/// ...or a waiting function handed a [`Pending`] over and waits for its result.
+static WAIT_TAG: u8 = 2;
+
+fn tag(t: &'static u8) -> LightUserData {
+    LightUserData(t as *const u8 as *mut std::ffi::c_void)
+}
+
+/// Idle runner threads kept per VM; more are made while many requests wait at once.
+const MAX_IDLE_RUNNERS: usize = 64;
+
+/// The body of a runner thread: parks at a yield, runs the phase call it is resumed with,
+/// yields its first two results, again. The call's arguments live in `run`'s frame only, so a
+/// parked runner keeps no request's tables alive (only the last call's two results).
+const RUNNER_SRC: &str = r#"
+local DONE, yield = ...
+local function run(f, name, conf, ctx)
+    ctx._plugin_name = name
+    return f(conf, ctx)
+end
+return function()
+    local r1, r2
+    while true do
+        r1, r2 = run(yield(DONE, r1, r2))
+    end
+end
+"#;
+
+/// Wraps a waiting function's Rust half: call it, yield to the runtime, return what it sends
+/// back or raise its error at the caller's line.
+const WAITING_SRC: &str = r#"
+local start, yield, WAIT, error = ...
+local function resumed(ok, ...)
+    if ok then return ... end
+    error((...), 2)
+end
+return function(...)
+    start(...)
+    return resumed(yield(WAIT))
+end
+"#;
+
+/// Sets the runner for a resume; the previous one comes back on drop.
+struct RunnerGuard(*mut mlua::ffi::lua_State);
+
+impl RunnerGuard {
+    fn set(l: *mut mlua::ffi::lua_State) -> RunnerGuard {
+        RunnerGuard(RUNNER.with(|c| c.replace(l)))
+    }
+}
+
+impl Drop for RunnerGuard {
+    fn drop(&mut self) {
+        RUNNER.with(|c| c.set(self.0));
+    }
+}
+
+/// A Lua function that waits, like `create_async_function` but driven by the request runtime:
+/// `func` runs at once (with the request's frame in place) and returns the future to wait
+/// for; the runner thread yields, [`request_phase`] awaits the future outside the time budget
+/// and resumes the thread with its output (or raises its error in Lua).
+///
+/// Only the rewrite, access and before_proxy phase functions can wait, and only from their
+/// own thread (not from a coroutine the plugin made): elsewhere this raises an error.
+pub(crate) fn create_waiting_function<A, F, FR, R>(lua: &Lua, func: F) -> mlua::Result<Function>
+where
+    A: mlua::FromLuaMulti,
+    F: Fn(Lua, A) -> FR + 'static,
+    FR: Future<Output = mlua::Result<R>> + 'static,
+    R: mlua::IntoLuaMulti,
+{
+    let start = lua.create_function(move |lua, args: A| {
+        let runner = RUNNER.with(|c| c.get());
+        if runner.is_null() {
+            let phase = frame().phase.map(Phase::as_str).unwrap_or("init");
+            return Err(mlua::Error::runtime(format!(
+                "API disabled in the context of {phase}"
+            )));
+        }
+        if lua.current_thread().state() != runner {
+            return Err(mlua::Error::runtime(
+                "cannot wait inside a coroutine: call it from the phase function itself",
+            ));
+        }
+        let weak = lua.weak();
+        let fut = func(lua.clone(), args);
+        let pending: Pending = Box::pin(async move {
+            let r = fut.await?;
+            let lua = weak
+                .try_upgrade()
+                .ok_or_else(|| mlua::Error::runtime("the Lua VM is gone"))?;
+            r.into_lua_multi(&lua)
+        });
+        PENDING.with(|p| *p.borrow_mut() = Some(pending));
+        Ok(())
+    })?;
+    let co: Table = lua.globals().get("coroutine")?;
+    let error: Function = lua.globals().get("error")?;
+    lua.load(WAITING_SRC).set_name("=moongate.wait").call((
+        start,
+        co.get::<Function>("yield")?,
+        tag(&WAIT_TAG),
+        error,
+    ))
 }
 
 /// Sets the frame for a scope; the previous one comes back on drop (also on panic).
@@ -196,6 +313,11 @@ pub struct LuaRuntime {
     /// `function(f, name, conf, ctx) ctx._plugin_name = name return f(conf, ctx) end`: setting
     /// the field from Lua costs nanoseconds, from Rust a protected call (about a microsecond).
     trampoline: Function,
+    /// The body of runner threads ([`RUNNER_SRC`]).
+    runner_fn: Function,
+    /// Runner threads parked between request-phase calls: reused, since making a thread
+    /// costs more than the call itself.
+    runners: RefCell<Vec<Thread>>,
 }
 
 impl Drop for LuaRuntime {
@@ -233,6 +355,11 @@ impl LuaRuntime {
             .load("return function(f, name, conf, ctx) ctx._plugin_name = name return f(conf, ctx) end")
             .set_name("=moongate.call")
             .eval()?;
+        let co: Table = lua.globals().get("coroutine")?;
+        let runner_fn: Function = lua
+            .load(RUNNER_SRC)
+            .set_name("=moongate.runner")
+            .call((tag(&DONE_TAG), co.get::<Function>("yield")?))?;
         Ok(LuaRuntime {
             lua,
             budget,
@@ -242,6 +369,8 @@ impl LuaRuntime {
             memory_limit: Cell::new(limit),
             ctx_mt,
             trampoline,
+            runner_fn,
+            runners: RefCell::new(Vec::new()),
         })
     }
 
@@ -534,71 +663,108 @@ fn plugin_error(p: &LuaPlugin, phase: Phase, e: &mlua::Error) -> PluginError {
     PluginError::new(&p.name, phase, one_line(&e.to_string()))
 }
 
-/// How a request-phase call ended.
-enum Outcome {
-    Returned(mlua::Result<MultiValue>),
-    Exit(i64),
+/// What resuming a runner thread passes in: a new phase call, or a waiting function's result.
+enum Resume {
+    Call(Call),
+    /// `(true, results...)` or `(false, message)`.
+    Wake(MultiValue),
 }
 
-/// One request's async phase call: sets the frame and the budget around each poll.
-struct RequestCall<'a, F> {
-    rt: &'a LuaRuntime,
+/// Where a resume stopped.
+enum Stop {
+    /// The phase function returned (its first two values).
+    Done(Value, Value),
+    /// A waiting API function yielded; the future it handed over decides what comes next.
+    Wait(Pending),
+}
+
+/// Awaits a waiting function's future with the request's frame in place on each poll (the
+/// future may touch the request when it completes, e.g. `ngx.req.read_body` puts the body
+/// back), without the time budget: waiting is not running.
+struct Framed<'a> {
+    fut: Pending,
     ctx: &'a mut Ctx,
-    fut: Option<F>,
     phase: Phase,
     plugin: &'a str,
 }
 
-impl<F: Future<Output = mlua::Result<MultiValue>> + Unpin> Future for RequestCall<'_, F> {
-    type Output = Outcome;
+impl Future for Framed<'_> {
+    type Output = mlua::Result<MultiValue>;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Outcome> {
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
-        let Some(fut) = this.fut.as_mut() else {
-            return Poll::Ready(Outcome::Exit(0));
-        };
-        let fr = Frame {
+        let _g = FrameGuard::set(Frame {
             ctx: &mut *this.ctx as *mut Ctx,
             phase: Some(this.phase),
             plugin: this.plugin as *const str,
             ..Frame::NONE
-        };
-        let polled = {
-            let _g = FrameGuard::set(fr);
-            this.rt.budget.start();
-            let r = Pin::new(fut).poll(cx);
-            this.rt.budget.stop();
+        });
+        this.fut.as_mut().poll(cx)
+    }
+}
+
+impl LuaRuntime {
+    /// An idle runner thread, or a new one parked at its first yield.
+    fn runner(&self) -> mlua::Result<Thread> {
+        if let Some(t) = self.runners.borrow_mut().pop() {
+            return Ok(t);
+        }
+        let t = self.lua.create_thread(self.runner_fn.clone())?;
+        t.resume::<()>(())?;
+        Ok(t)
+    }
+
+    /// Keeps a runner that finished its call cleanly for the next one.
+    fn recycle(&self, t: Thread) {
+        let mut idle = self.runners.borrow_mut();
+        if idle.len() < MAX_IDLE_RUNNERS {
+            idle.push(t);
+        }
+    }
+
+    /// Resumes `runner` until it yields, with the frame set and the budget armed.
+    fn resume(&self, runner: &Thread, frame: Frame, input: Resume) -> mlua::Result<Stop> {
+        let r = {
+            let _g = FrameGuard::set(frame);
+            let _r = RunnerGuard::set(runner.state());
+            self.budget.start();
+            let r = match input {
+                Resume::Call(args) => runner.resume::<(Value, Value, Value)>(args),
+                Resume::Wake(values) => runner.resume::<(Value, Value, Value)>(values),
+            };
+            self.budget.stop();
             r
         };
-        match polled {
-            Poll::Ready(r) => {
-                this.fut = None;
-                if let Err(e) = &r {
-                    this.rt.after_error(e);
-                }
-                Poll::Ready(Outcome::Returned(r))
+        // Taken whatever happened, so a future never outlives the resume that made it unless
+        // the runtime awaits it.
+        let pending = PENDING.with(|p| p.borrow_mut().take());
+        match r {
+            Err(e) => {
+                self.after_error(&e);
+                Err(e)
             }
-            Poll::Pending => {
-                let exit = this
-                    .ctx
-                    .data_mut::<LuaRequest>()
-                    .and_then(|r| r.exit.take());
-                match exit {
-                    Some(status) => {
-                        // Drop the suspended coroutine with the frame in place (mlua resumes
-                        // it once to let it unwind).
-                        let _g = FrameGuard::set(fr);
-                        this.fut = None;
-                        Poll::Ready(Outcome::Exit(status))
-                    }
-                    None => Poll::Pending,
-                }
-            }
+            Ok((Value::LightUserData(t), a, b)) if t == tag(&DONE_TAG) => Ok(Stop::Done(a, b)),
+            Ok((Value::LightUserData(t), _, _)) if t == tag(&WAIT_TAG) => match pending {
+                Some(fut) => Ok(Stop::Wait(fut)),
+                None => Err(mlua::Error::runtime(
+                    "a waiting function yielded without handing over what it waits for",
+                )),
+            },
+            // A bare coroutine.yield in the phase function itself: there is no coroutine of
+            // the plugin's to yield to.
+            Ok(_) => Err(mlua::Error::runtime(
+                "attempt to yield from outside a coroutine",
+            )),
         }
     }
 }
 
 /// rewrite / access / before_proxy.
+///
+/// The phase function runs in a runner thread resumed synchronously: a call that does not wait
+/// completes inside the first poll with no future machinery. A waiting API function yields
+/// [`WAIT_TAG`] after handing its future over ([`create_waiting_function`]); this awaits the
+/// future (frame set, budget not armed) and resumes the runner with the result.
 pub(crate) async fn request_phase(
     p: &LuaPlugin,
     phase: Phase,
@@ -612,46 +778,84 @@ pub(crate) async fn request_phase(
     else {
         return Ok(Flow::Continue);
     };
-    let fut = rt.trampoline.call_async::<MultiValue>(args);
-    let outcome = RequestCall {
-        rt: &rt,
-        ctx: &mut *ctx,
-        fut: Some(fut),
-        phase,
-        plugin: &p.name,
-    }
-    .await;
-    match outcome {
-        Outcome::Exit(status) => Ok(exit_flow(ctx, status)),
-        Outcome::Returned(Err(e)) => Err(plugin_error(p, phase, &e)),
-        Outcome::Returned(Ok(values)) => {
-            let mut it = values.into_iter();
-            let code = it.next().unwrap_or(Value::Nil);
-            let body = it.next().unwrap_or(Value::Nil);
-            let code = match code {
-                Value::Integer(i) => Some(i),
-                Value::Number(n) => Some(n as i64),
-                _ => None,
-            };
-            match code {
-                Some(code) => local_response(&rt, ctx, code, &body)
-                    .map(Flow::Respond)
-                    .map_err(|e| PluginError::new(&p.name, phase, e)),
-                None if body != Value::Nil => local_response(&rt, ctx, 200, &body)
-                    .map(Flow::Respond)
-                    .map_err(|e| PluginError::new(&p.name, phase, e)),
-                None => {
-                    // Output without exit still ends the request, as in OpenResty once the
-                    // response has started.
-                    let has_output = ctx
-                        .data::<LuaRequest>()
-                        .is_some_and(|r| !r.output.is_empty());
-                    if has_output {
-                        Ok(exit_flow(ctx, 200))
-                    } else {
-                        Ok(Flow::Continue)
+    let runner = rt.runner().map_err(|e| plugin_error(p, phase, &e))?;
+    let name: &str = &p.name;
+    let mut input = Resume::Call(args);
+    let (code, body) = loop {
+        let fr = Frame {
+            ctx: &mut *ctx as *mut Ctx,
+            phase: Some(phase),
+            plugin: name as *const str,
+            ..Frame::NONE
+        };
+        // On an error the runner is dead (or stuck in a yield it cannot leave): dropped.
+        match rt
+            .resume(&runner, fr, input)
+            .map_err(|e| plugin_error(p, phase, &e))?
+        {
+            Stop::Done(code, body) => {
+                rt.recycle(runner);
+                break (code, body);
+            }
+            Stop::Wait(fut) => {
+                let exit = ctx.data_mut::<LuaRequest>().and_then(|r| r.exit.take());
+                if let Some(status) = exit {
+                    // ngx.exit: the suspended runner is dropped, never resumed, so no pcall
+                    // in the plugin can catch the exit.
+                    return Ok(exit_flow(ctx, status));
+                }
+                let woke = Framed {
+                    fut,
+                    ctx: &mut *ctx,
+                    phase,
+                    plugin: name,
+                }
+                .await;
+                let mut values = MultiValue::new();
+                match woke {
+                    Ok(v) => {
+                        values = v;
+                        values.push_front(Value::Boolean(true));
+                    }
+                    Err(e) => {
+                        let msg = match &e {
+                            mlua::Error::RuntimeError(m) => m.clone(),
+                            other => other.to_string(),
+                        };
+                        values.push_back(Value::Boolean(false));
+                        values.push_back(Value::String(
+                            rt.lua
+                                .create_string(&msg)
+                                .map_err(|e| plugin_error(p, phase, &e))?,
+                        ));
                     }
                 }
+                input = Resume::Wake(values);
+            }
+        }
+    };
+    let code = match code {
+        Value::Integer(i) => Some(i),
+        Value::Number(n) => Some(n as i64),
+        _ => None,
+    };
+    match code {
+        Some(code) => local_response(&rt, ctx, code, &body)
+            .map(Flow::Respond)
+            .map_err(|e| PluginError::new(&p.name, phase, e)),
+        None if body != Value::Nil => local_response(&rt, ctx, 200, &body)
+            .map(Flow::Respond)
+            .map_err(|e| PluginError::new(&p.name, phase, e)),
+        None => {
+            // Output without exit still ends the request, as in OpenResty once the response
+            // has started.
+            let has_output = ctx
+                .data::<LuaRequest>()
+                .is_some_and(|r| !r.output.is_empty());
+            if has_output {
+                Ok(exit_flow(ctx, 200))
+            } else {
+                Ok(Flow::Continue)
             }
         }
     }
@@ -854,4 +1058,148 @@ pub(crate) fn check_conf_lua(
 /// How long a plugin call may run (for the docs and benches).
 pub fn call_budget(settings: &Settings) -> Duration {
     settings.call_budget
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+    use std::path::Path;
+
+    use http::{Method, Version};
+
+    use super::*;
+    use crate::body::RequestBody;
+    use crate::config::LuaConfig;
+    use crate::plugin::{ConfScope, Plugin};
+
+    fn ctx() -> Ctx {
+        Ctx::new(
+            Method::GET,
+            "/t".into(),
+            None,
+            "/t".into(),
+            Version::HTTP_11,
+            HeaderMap::new(),
+            RequestBody::Empty,
+            SocketAddr::from(([127, 0, 0, 1], 40000)),
+            SocketAddr::from(([127, 0, 0, 1], 9080)),
+            "http",
+        )
+    }
+
+    fn plugin(access: &str) -> (LuaPlugin, PluginConf) {
+        let src = format!(
+            "return {{ version = 0.1, priority = 1, schema = {{ type = \"object\" }},\n\
+             access = function(conf, ctx)\n{access}\nend,\n\
+             header_filter = function(conf, ctx) ngx.sleep(0) end }}"
+        );
+        let settings = Arc::new(Settings::new(&LuaConfig::default(), &[]));
+        let p = LuaPlugin::from_source("t", Path::new("t.lua"), src.into(), settings)
+            .expect("plugin loads");
+        let mut conf = serde_json::json!({});
+        let compiled = p
+            .check_conf(&mut conf, ConfScope::Route)
+            .expect("conf checks");
+        (p, PluginConf::new(conf, compiled))
+    }
+
+    fn access(p: &LuaPlugin, conf: &PluginConf, ctx: &mut Ctx) -> PhaseResult {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("tokio runtime");
+        rt.block_on(p.access(conf, ctx))
+    }
+
+    /// Status and body of a local response.
+    fn response(r: PhaseResult) -> (u16, String) {
+        match r {
+            Ok(Flow::Respond(resp)) => {
+                let body = match resp.body {
+                    ResponseBody::Full(b) => String::from_utf8_lossy(&b).into_owned(),
+                    _ => String::new(),
+                };
+                (resp.status.as_u16(), body)
+            }
+            Ok(Flow::Continue) => (0, String::new()),
+            Err(e) => panic!("the call failed: {}", e.message),
+        }
+    }
+
+    #[test]
+    fn sleep_resumes_with_the_request_and_the_runner_is_reused() {
+        let (p, conf) = plugin(
+            "ngx.sleep(0.001)\n\
+             local ok = pcall(ngx.sleep, 0)\n\
+             return 201, ctx.var.uri .. tostring(ok)",
+        );
+        for _ in 0..3 {
+            let mut c = ctx();
+            assert_eq!(response(access(&p, &conf, &mut c)), (201, "/ttrue".into()));
+        }
+    }
+
+    #[test]
+    fn exit_is_not_caught_by_pcall() {
+        let (p, conf) = plugin(
+            "pcall(function() ngx.say(\"bye\") ngx.exit(403) end)\n\
+             ngx.say(\"not reached\")",
+        );
+        let mut c = ctx();
+        assert_eq!(response(access(&p, &conf, &mut c)), (403, "bye\n".into()));
+        // The next request gets a fresh runner and runs normally.
+        let mut c = ctx();
+        assert_eq!(response(access(&p, &conf, &mut c)), (403, "bye\n".into()));
+    }
+
+    #[test]
+    fn errors_carry_a_traceback_and_the_next_call_works() {
+        let (p, conf) = plugin("if ctx.var.uri == \"/t\" then error(\"boom\") end");
+        let mut c = ctx();
+        let Err(e) = access(&p, &conf, &mut c) else {
+            panic!("the call should fail")
+        };
+        assert!(e.message.contains("boom"), "{}", e.message);
+        assert!(e.message.contains("stack traceback"), "{}", e.message);
+        let mut c = ctx();
+        c.uri = "/other".into();
+        assert_eq!(response(access(&p, &conf, &mut c)), (0, String::new()));
+    }
+
+    #[test]
+    fn waiting_outside_the_phase_thread_is_an_error() {
+        let (p, conf) = plugin(
+            "local ok, err = pcall(coroutine.wrap(function() ngx.sleep(0) end))\n\
+             return 200, err",
+        );
+        let mut c = ctx();
+        let (status, body) = response(access(&p, &conf, &mut c));
+        assert_eq!(status, 200);
+        assert!(body.contains("cannot wait inside a coroutine"), "{body}");
+
+        let mut c = ctx();
+        let mut head = crate::plugin::ResponseHead {
+            status: StatusCode::OK,
+            headers: HeaderMap::new(),
+        };
+        let Err(e) = header_filter(&p, &conf, &mut c, &mut head) else {
+            panic!("the call should fail")
+        };
+        assert!(
+            e.message
+                .contains("API disabled in the context of header_filter"),
+            "{}",
+            e.message
+        );
+    }
+
+    #[test]
+    fn a_bare_yield_in_a_phase_fails_the_call() {
+        let (p, conf) = plugin("coroutine.yield(1)");
+        let mut c = ctx();
+        let Err(e) = access(&p, &conf, &mut c) else {
+            panic!("the call should fail")
+        };
+        assert!(e.message.contains("attempt to yield"), "{}", e.message);
+    }
 }
