@@ -282,6 +282,17 @@ pub fn normalize_path(raw: &str) -> Result<String, &'static str> {
     if !raw.starts_with('/') {
         return Err("the request path must start with /");
     }
+    // The usual path is already normal: nothing encoded, no empty, "." or ".." segment. Skip the
+    // decode/split/join (three allocations) and copy it as it is.
+    if !raw.contains('%')
+        && !raw.contains("//")
+        && !raw.contains("/./")
+        && !raw.contains("/../")
+        && !raw.ends_with("/.")
+        && !raw.ends_with("/..")
+    {
+        return Ok(raw.to_string());
+    }
     let decoded = percent_encoding::percent_decode_str(raw).collect::<Vec<u8>>();
     if decoded.contains(&0) {
         return Err("the request path contains a NUL byte");
@@ -325,6 +336,11 @@ mod tests {
         assert_eq!(normalize_path("/hello/").unwrap(), "/hello/");
         assert!(normalize_path("/../x").is_err());
         assert!(normalize_path("/a%00").is_err());
+        assert_eq!(normalize_path("/a/b.c/d").unwrap(), "/a/b.c/d");
+        assert_eq!(normalize_path("/a/..b/.c/").unwrap(), "/a/..b/.c/");
+        assert_eq!(normalize_path("/a/.").unwrap(), "/a/");
+        assert_eq!(normalize_path("/a/b/..").unwrap(), "/a/");
+        assert_eq!(normalize_path("/.").unwrap(), "/");
     }
 
     #[test]

@@ -52,10 +52,15 @@ pub async fn handle(
         .unwrap_or_else(|| "/".to_string());
     let raw_path = parts.uri.path();
     let args = parts.uri.query().map(str::to_string);
-    let normalized = normalize_path(raw_path);
+    // The normalised path moves into ctx (no second copy); a bad path keeps the raw one for
+    // the log and gets its 400 below.
+    let (uri, bad_path) = match normalize_path(raw_path) {
+        Ok(u) => (u, None),
+        Err(why) => (raw_path.to_string(), Some(why)),
+    };
     let mut ctx = Ctx::new(
         parts.method,
-        normalized.as_deref().unwrap_or(raw_path).to_string(),
+        uri,
         args,
         request_uri,
         parts.version,
@@ -65,7 +70,7 @@ pub async fn handle(
         local,
         "http",
     );
-    if let Err(why) = normalized {
+    if let Some(why) = bad_path {
         return respond_local(
             ctx,
             snap,
