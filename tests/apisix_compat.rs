@@ -4,7 +4,8 @@
 //! - Always (CI): the project's own Lua plugins, written below, use the same APIs APISIX's
 //!   bundled plugins use (`ngx.re` with PCRE features, `resty.core.regex`, `resty.expr.v1`,
 //!   `core.lrucache`, the IP matcher, `apisix.secret`, `apisix.plugin.conf_version`,
-//!   `xml2lua`, `_meta`), through a real gateway and real requests.
+//!   `xml2lua`, `_meta`, `apisix.consumer` with consumers from the config file and the Admin
+//!   API), through a real gateway and real requests.
 //! - With `APISIX_SRC=/path/to/apisix` (see `scripts/apisix-compat`): APISIX's own plugin files
 //!   are copied, unmodified, into a temporary `plugins/` dir and checked against behaviour taken
 //!   from APISIX's docs and `t/plugin/*.t` files, restated here as request → expected response.
@@ -469,6 +470,20 @@ fn consumers_written_through_the_admin_api_take_effect() {
         "tom-token"
     );
     assert_eq!(call("GET", "/consumers", None).json()["total"], 1);
+
+    // APISIX's other spelling: the name in the body only. POST has no name to give.
+    let r = call(
+        "PUT",
+        "/consumers",
+        Some(r#"{"username":"ann","plugins":{"token-auth":{"token":"ann-token"}}}"#),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert_eq!(r.json()["key"], "/apisix/consumers/ann");
+    let r = call("POST", "/consumers", Some(r#"{"plugins":{}}"#));
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["error_msg"], "missing consumer name");
+    assert_eq!(call("GET", "/consumers", None).json()["total"], 2);
+    assert_eq!(call("DELETE", "/consumers/ann", None).status, 200);
 
     assert_eq!(call("DELETE", "/consumers/tom", None).status, 200);
     assert_eq!(send().status, 401);

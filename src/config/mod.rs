@@ -1,5 +1,5 @@
 //! The node configuration file: node settings plus resources (routes, upstreams, services,
-//! global rules) in APISIX 3.x shapes.
+//! global rules, consumers) in APISIX 3.x shapes.
 //!
 //! Loading is two steps. [`parse_document`] turns YAML or JSON into a [`Document`], collecting
 //! one [`ConfigError`] per bad resource with the path of the bad field (so `moongate check`

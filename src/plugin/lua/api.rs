@@ -155,6 +155,7 @@ pub fn install(lua: &Lua, settings: &Settings) -> mlua::Result<()> {
     install_resp(lua, &ngx)?;
     install_internal(lua, &mg)?;
     super::re::install(lua, &ngx, &mg)?;
+    install_consumers(lua, &mg)?;
     install_require(lua, settings)?;
 
     g.set("ngx", &ngx)?;
@@ -1333,6 +1334,68 @@ fn http_time(t: i64) -> String {
         d,
         MONTHS[(mo - 1) as usize]
     )
+}
+
+/// `__moongate.consumers_version()` and `__moongate.consumers(plugin_name)`: the matched
+/// route's snapshot consumers, for `apisix.consumer`. The version is the snapshot generation
+/// (nil outside a routed request); `apisix.consumer` caches what it builds per version, so the
+/// tables below are made once per plugin per snapshot in each VM.
+fn install_consumers(lua: &Lua, mg: &Table) -> mlua::Result<()> {
+    fn current() -> Option<std::sync::Arc<crate::snapshot::Consumers>> {
+        with_ctx(|c| c.route.as_ref().map(|r| r.consumers.clone()))
+            .ok()
+            .flatten()
+    }
+    mg.set(
+        "consumers_version",
+        lua.create_function(|_, ()| Ok(current().map(|c| c.generation)))?,
+    )?;
+    // An array of APISIX-shaped consumer tables; with a plugin name, only the consumers that
+    // configure it, each with that conf as `auth_conf`.
+    mg.set(
+        "consumers",
+        lua.create_function(|lua, plugin: Option<String>| {
+            let Some(all) = current() else {
+                return Ok(Value::Nil);
+            };
+            let list: &[std::sync::Arc<crate::snapshot::ConsumerEntry>] = match &plugin {
+                Some(p) => all.by_plugin.get(p).map(Vec::as_slice).unwrap_or(&[]),
+                None => &all.all,
+            };
+            let out = lua.create_table()?;
+            for (i, c) in list.iter().enumerate() {
+                let t = lua.create_table()?;
+                t.set("username", c.username.as_str())?;
+                t.set("consumer_name", c.username.as_str())?;
+                t.set("id", c.username.as_str())?;
+                if let Some(d) = &c.desc {
+                    t.set("desc", d.as_str())?;
+                }
+                if !c.labels.is_empty() {
+                    let labels = lua.create_table()?;
+                    for (k, v) in &c.labels {
+                        labels.set(k.as_str(), v.as_str())?;
+                    }
+                    t.set("labels", labels)?;
+                    if let Some(id) = c.labels.get("custom_id") {
+                        t.set("custom_id", id.as_str())?;
+                    }
+                }
+                if let Some(g) = &c.group_id {
+                    t.set("group_id", g.as_str())?;
+                }
+                let plugins = serde_json::Value::Object(c.plugins.clone());
+                t.set("plugins", convert::json_to_lua(lua, &plugins)?)?;
+                if let Some(conf) = plugin.as_ref().and_then(|p| c.plugins.get(p)) {
+                    t.set("auth_conf", convert::json_to_lua(lua, conf)?)?;
+                }
+                t.set("modifiedIndex", all.generation)?;
+                out.raw_set(i + 1, t)?;
+            }
+            Ok(Value::Table(out))
+        })?,
+    )?;
+    Ok(())
 }
 
 /// `require` for the embedded `lua/` tree (package.preload) and for `apisix.plugins.NAME`
