@@ -4,9 +4,11 @@
 //! openfunction) or a `body_filter` needs it: a 1 GiB upload or download passes in chunks.
 
 use std::cell::Cell;
+use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
@@ -180,6 +182,77 @@ impl Body for UpstreamRequestBody {
     }
 }
 
+/// No response body data arrived from the peer within the read timeout.
+#[derive(Debug, thiserror::Error)]
+#[error("timeout while reading the response body")]
+pub struct ReadTimeout;
+
+/// A peer's response body that fails with [`ReadTimeout`] when no data arrives for `limit`:
+/// the read timeout bounds each wait for data, as nginx's `proxy_read_timeout` does.
+pub struct IdleTimeout {
+    inner: Incoming,
+    limit: Duration,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Called once when the timeout fires (a plugin's own log line).
+    on_timeout: Option<fn()>,
+}
+
+impl IdleTimeout {
+    pub fn new(inner: Incoming, limit: Duration) -> Self {
+        IdleTimeout {
+            inner,
+            limit,
+            sleep: None,
+            on_timeout: None,
+        }
+    }
+
+    /// Runs `f` when the timeout fires.
+    pub fn on_timeout(mut self, f: fn()) -> Self {
+        self.on_timeout = Some(f);
+        self
+    }
+}
+
+impl Body for IdleTimeout {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                this.sleep = None;
+                Poll::Ready(frame.map(|r| r.map_err(Into::into)))
+            }
+            Poll::Pending => {
+                let limit = this.limit;
+                let sleep = this
+                    .sleep
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+                if sleep.as_mut().poll(cx).is_ready() {
+                    if let Some(f) = this.on_timeout {
+                        f();
+                    }
+                    return Poll::Ready(Some(Err(Box::new(ReadTimeout))));
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// A response body: from the upstream (streaming) or made by the gateway.
 #[derive(Default)]
 pub enum ResponseBody {
@@ -187,6 +260,8 @@ pub enum ResponseBody {
     Empty,
     Full(Bytes),
     Stream(Incoming),
+    /// A peer's body under a read timeout.
+    Timed(IdleTimeout),
     /// Any other body (a filtered or time-limited stream).
     Boxed(http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>),
 }
@@ -222,6 +297,7 @@ impl Body for ResponseBody {
                 }
             }
             ResponseBody::Stream(i) => Pin::new(i).poll_frame(cx).map_err(Into::into),
+            ResponseBody::Timed(t) => Pin::new(t).poll_frame(cx),
             ResponseBody::Boxed(b) => Pin::new(b).poll_frame(cx),
         }
     }
@@ -231,6 +307,7 @@ impl Body for ResponseBody {
             ResponseBody::Empty => true,
             ResponseBody::Full(b) => b.is_empty(),
             ResponseBody::Stream(i) => i.is_end_stream(),
+            ResponseBody::Timed(t) => t.is_end_stream(),
             ResponseBody::Boxed(b) => b.is_end_stream(),
         }
     }
@@ -240,6 +317,7 @@ impl Body for ResponseBody {
             ResponseBody::Empty => SizeHint::with_exact(0),
             ResponseBody::Full(b) => SizeHint::with_exact(b.len() as u64),
             ResponseBody::Stream(i) => i.size_hint(),
+            ResponseBody::Timed(t) => t.size_hint(),
             ResponseBody::Boxed(b) => b.size_hint(),
         }
     }

@@ -19,11 +19,8 @@
 use std::any::Any;
 use std::borrow::Cow;
 use std::cell::Cell;
-use std::future::Future;
-use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::{Arc, OnceLock};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -31,12 +28,10 @@ use base64::Engine as _;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, StatusCode, Uri};
-use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 use percent_encoding::{utf8_percent_encode, AsciiSet, CONTROLS};
 use serde_json::{json, Value};
 
-use crate::body::{BoxError, RequestBody, ResponseBody, UpstreamRequestBody};
+use crate::body::{IdleTimeout, RequestBody, ResponseBody, UpstreamRequestBody};
 use crate::plugin::{
     ConfScope, Ctx, Flow, LocalResponse, Phase, PhaseResult, PhaseSet, Plugin, PluginConf,
     PluginError, Schema,
@@ -446,65 +441,16 @@ async fn call(
     Ok(LocalResponse {
         status: parts.status,
         headers,
-        body: ResponseBody::boxed(IdleTimeout::new(incoming, c.timeout)),
+        // `timeout` bounds each wait for the function, as lua-resty-http's read timeout does.
+        body: ResponseBody::Timed(
+            IdleTimeout::new(incoming, c.timeout).on_timeout(log_body_timeout),
+        ),
     })
 }
 
-/// The function's response body, failing when no data arrives for `limit`: `timeout` bounds
-/// each wait for the function, as lua-resty-http's read timeout does.
-struct IdleTimeout {
-    inner: Incoming,
-    limit: Duration,
-    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
-}
-
-impl IdleTimeout {
-    fn new(inner: Incoming, limit: Duration) -> Self {
-        IdleTimeout {
-            inner,
-            limit,
-            sleep: None,
-        }
-    }
-}
-
-impl Body for IdleTimeout {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.get_mut();
-        match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(frame) => {
-                this.sleep = None;
-                Poll::Ready(frame.map(|r| r.map_err(Into::into)))
-            }
-            Poll::Pending => {
-                let limit = this.limit;
-                let sleep = this
-                    .sleep
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
-                if sleep.as_mut().poll(cx).is_ready() {
-                    tracing::error!(
-                        "failed to process {NAME}, err: timeout while reading the response body"
-                    );
-                    return Poll::Ready(Some(Err("timeout".into())));
-                }
-                Poll::Pending
-            }
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
+/// The log line APISIX writes when a function call fails, for a body that stalls.
+fn log_body_timeout() {
+    tracing::error!("failed to process {NAME}, err: timeout while reading the response body");
 }
 
 #[cfg(test)]

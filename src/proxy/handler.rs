@@ -2,7 +2,6 @@
 //! response, log.
 
 use std::cell::Cell;
-use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -16,7 +15,7 @@ use http::{HeaderMap, Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
-use crate::body::{BoxError, RequestBody, ResponseBody, UpstreamRequestBody};
+use crate::body::{BoxError, IdleTimeout, RequestBody, ResponseBody, UpstreamRequestBody};
 use crate::config::{NodeConfig, PassHost, Timeout};
 use crate::plugin::chain::{self, Chain};
 use crate::plugin::ctx::normalize_path;
@@ -324,8 +323,7 @@ async fn proxy(
         ctx,
         snap,
         head,
-        ResponseBody::Stream(body),
-        Some(secs(timeout.read)),
+        ResponseBody::Timed(IdleTimeout::new(body, secs(timeout.read))),
         &env.node,
     )
 }
@@ -345,7 +343,7 @@ pub fn respond_local(
         status: local.status,
         headers: local.headers,
     };
-    respond(ctx, snap, head, local.body, None, node)
+    respond(ctx, snap, head, local.body, node)
 }
 
 /// header_filter now; body_filter per chunk and log at the end, inside [`GatewayBody`].
@@ -354,7 +352,6 @@ fn respond(
     snap: Arc<Snapshot>,
     mut head: ResponseHead,
     mut body: ResponseBody,
-    read_timeout: Option<Duration>,
     node: &NodeConfig,
 ) -> Response<GatewayBody> {
     let route = ctx.route.clone();
@@ -391,7 +388,6 @@ fn respond(
             filter_body,
             access_log: node.access_log,
         }),
-        read_timeout: read_timeout.map(|d| (d, None)),
         ended: false,
     });
     *res.status_mut() = head.status;
@@ -444,7 +440,6 @@ impl Finish {
 pub struct GatewayBody {
     inner: ResponseBody,
     finish: Option<Finish>,
-    read_timeout: Option<(Duration, Option<Pin<Box<tokio::time::Sleep>>>)>,
     ended: bool,
 }
 
@@ -492,27 +487,8 @@ impl Body for GatewayBody {
         loop {
             let polled = Pin::new(&mut this.inner).poll_frame(cx);
             match polled {
-                Poll::Pending => {
-                    if let Some((d, sleep)) = &mut this.read_timeout {
-                        let s = sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep(*d)));
-                        if s.as_mut().poll(cx).is_ready() {
-                            if let Some(f) = &this.finish {
-                                tracing::error!(
-                                    route = f.ctx.route_id(),
-                                    node = f.ctx.upstream_addr.as_deref().unwrap_or(""),
-                                    "upstream timed out while sending the response body"
-                                );
-                            }
-                            this.end(false);
-                            return Poll::Ready(Some(Err("upstream read timed out".into())));
-                        }
-                    }
-                    return Poll::Pending;
-                }
+                Poll::Pending => return Poll::Pending,
                 Poll::Ready(Some(Ok(frame))) => {
-                    if let Some((_, sleep)) = &mut this.read_timeout {
-                        *sleep = None;
-                    }
                     let data = match frame.into_data() {
                         Ok(d) => d,
                         Err(frame) => return Poll::Ready(Some(Ok(frame))),
