@@ -102,6 +102,25 @@ impl RequestBody {
     }
 }
 
+/// Reads a refused request body to its end (up to 64 MiB and 5 seconds) and drops it, so the
+/// client reads the refusal (413) instead of a connection reset mid-upload: nginx's lingering
+/// close.
+pub async fn drain(mut body: Incoming) {
+    const LIMIT: u64 = 64 * 1024 * 1024;
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut seen = 0u64;
+        while let Some(Ok(frame)) = body.frame().await {
+            if let Some(d) = frame.data_ref() {
+                seen += d.len() as u64;
+                if seen > LIMIT {
+                    break;
+                }
+            }
+        }
+    })
+    .await;
+}
+
 /// A request body on its way upstream, enforcing the client body limit while it streams.
 pub struct UpstreamRequestBody {
     inner: RequestBody,

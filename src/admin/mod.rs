@@ -265,7 +265,7 @@ async fn serve(req: Request<Incoming>, admin: Arc<Admin>, key: Arc<str>) -> Resp
     if too_large {
         // Read and drop what the client is still sending (bounded), so it reads the 413 rather
         // than a connection reset mid-upload: nginx's lingering close.
-        drain(req.into_body()).await;
+        crate::body::drain(req.into_body()).await;
         return respond(body_too_large());
     }
     let bytes = match Limited::new(req.into_body(), MAX_BODY).collect().await {
@@ -297,23 +297,6 @@ async fn serve(req: Request<Incoming>, admin: Arc<Admin>, key: Arc<str>) -> Resp
         Err(e) => Reply::error(500, format!("admin API call failed: {e}")),
     };
     respond(reply)
-}
-
-/// Reads a refused request body to its end, up to 64 MiB and 5 seconds, discarding it.
-async fn drain(mut body: Incoming) {
-    const LIMIT: u64 = 64 * 1024 * 1024;
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async {
-        let mut seen = 0u64;
-        while let Some(Ok(frame)) = body.frame().await {
-            if let Some(d) = frame.data_ref() {
-                seen += d.len() as u64;
-                if seen > LIMIT {
-                    break;
-                }
-            }
-        }
-    })
-    .await;
 }
 
 fn unauthorized(why: &str) -> Reply {

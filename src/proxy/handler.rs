@@ -82,6 +82,9 @@ pub async fn handle(
     if max_body > 0 {
         if let Some(len) = ctx.body.exact_len() {
             if len > max_body {
+                if let RequestBody::Stream(incoming) = std::mem::take(&mut ctx.body) {
+                    crate::body::drain(incoming).await;
+                }
                 return respond_local(
                     ctx,
                     snap,
