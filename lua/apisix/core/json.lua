@@ -127,6 +127,10 @@ local function encode_string(s)
     return '"' .. str_gsub(s, '[%c"\\]', escape_char) .. '"'
 end
 
+local isarray = require("table.isarray")
+
+-- Encodes as a JSON array: tables marked with array_mt, and non-empty tables whose keys are
+-- exactly 1..n (an empty table stays an object, as cjson does).
 local function is_array(t)
     if getmetatable(t) == array_mt then
         return true
@@ -134,19 +138,7 @@ local function is_array(t)
     if next(t) == nil then
         return false
     end
-    local n = 0
-    for k in pairs(t) do
-        if type(k) ~= "number" or k < 1 or k % 1 ~= 0 then
-            return false
-        end
-        n = n + 1
-    end
-    for i = 1, n do
-        if t[i] == nil then
-            return false
-        end
-    end
-    return true
+    return isarray(t)
 end
 
 local function key_less(a, b)
