@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod body;
 pub mod config;
+pub mod http1;
 pub mod plugin;
 pub mod plugins;
 pub mod proxy;

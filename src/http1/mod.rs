@@ -1,0 +1,4 @@
+//! HTTP/1.1 wire code of our own: the chunked transfer coding and the upstream client connection
+//! the proxy drives inline from the request future.
+
+pub mod chunked;
