@@ -15,6 +15,8 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
+use crate::http1::server::RecvBody;
+
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The request body was larger than the allowed size.
@@ -42,7 +44,7 @@ pub enum RequestBody {
     /// Read whole (a plugin asked for it, or a plugin replaced it).
     Full(Bytes),
     /// Still on the client connection.
-    Stream(Incoming),
+    Stream(RecvBody),
 }
 
 impl RequestBody {
@@ -105,7 +107,7 @@ impl RequestBody {
 /// Reads a refused request body to its end (up to 64 MiB and 5 seconds) and drops it, so the
 /// client reads the refusal (413) instead of a connection reset mid-upload: nginx's lingering
 /// close.
-pub async fn drain(mut body: Incoming) {
+pub async fn drain<B: Body<Data = Bytes> + Unpin>(mut body: B) {
     const LIMIT: u64 = 64 * 1024 * 1024;
     let _ = tokio::time::timeout(Duration::from_secs(5), async {
         let mut seen = 0u64;

@@ -2,3 +2,5 @@
 //! the proxy drives inline from the request future.
 
 pub mod chunked;
+
+pub mod server;

@@ -13,10 +13,10 @@ use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{HeaderMap, Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 
 use crate::body::{BoxError, IdleTimeout, RequestBody, ResponseBody, UpstreamRequestBody};
 use crate::config::{NodeConfig, PassHost, Timeout};
+use crate::http1::server::RecvBody;
 use crate::plugin::chain::{self, Chain};
 use crate::plugin::ctx::normalize_path;
 use crate::plugin::{BodyChunk, Ctx, Flow, LocalResponse, Phase, PluginError, ResponseHead};
@@ -38,7 +38,7 @@ pub struct WorkerEnv {
 /// Serves one request. Never fails: every problem becomes a response.
 pub async fn handle(
     env: Rc<WorkerEnv>,
-    req: Request<Incoming>,
+    req: Request<RecvBody>,
     remote: SocketAddr,
     local: SocketAddr,
 ) -> Response<GatewayBody> {

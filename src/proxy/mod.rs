@@ -10,7 +10,6 @@ pub mod handler;
 pub mod headers;
 
 use std::cell::Cell;
-use std::convert::Infallible;
 use std::io;
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::rc::Rc;
@@ -18,13 +17,12 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
 
 use crate::config::NodeConfig;
+use crate::http1::server;
 use crate::snapshot::Gateway;
 use handler::{handle, WorkerEnv};
 
@@ -211,40 +209,18 @@ async fn serve_connection(
     remote: SocketAddr,
     local: SocketAddr,
     env: Rc<WorkerEnv>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
     _guard: ActiveGuard,
 ) {
     let proxy = &env.node.proxy;
-    let mut builder = hyper::server::conn::http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs_f64(
-            proxy.client_header_timeout.max(0.001),
-        ))
-        .max_header_size(proxy.client_header_buffer_size)
-        .keep_alive(true);
-    let svc_env = env.clone();
-    let service = service_fn(move |req| {
-        let env = svc_env.clone();
-        async move { Ok::<_, Infallible>(handle(env, req, remote, local).await) }
-    });
-    let conn = builder.serve_connection(TokioIo::new(stream), service);
-    tokio::pin!(conn);
-    if *shutdown.borrow() {
-        conn.as_mut().graceful_shutdown();
-    }
-    tokio::select! {
-        r = conn.as_mut() => {
-            if let Err(e) = r {
-                tracing::debug!(%remote, "connection ended with an error: {e}");
-            }
-            return;
-        }
-        _ = shutdown.changed() => {}
-    }
-    // Finish the request in flight (if any), then close.
-    conn.as_mut().graceful_shutdown();
-    if let Err(e) = conn.await {
-        tracing::debug!(%remote, "connection ended with an error: {e}");
-    }
+    let cfg = server::Config {
+        header_timeout: Duration::from_secs_f64(proxy.client_header_timeout.max(0.001)),
+        max_header_size: proxy.client_header_buffer_size.min(u32::MAX as usize),
+        server: handler::SERVER.clone(),
+    };
+    let h_env = env.clone();
+    server::serve(stream, &cfg, shutdown, move |req| {
+        handle(h_env.clone(), req, remote, local)
+    })
+    .await;
 }
