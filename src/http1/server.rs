@@ -454,6 +454,8 @@ fn parse_length(s: &[u8]) -> Option<u64> {
 }
 
 /// How the next request head ended up.
+// Made once per request and moved once: boxing the head would cost an allocation instead.
+#[allow(clippy::large_enum_variant)]
 enum HeadRead {
     Head(Head),
     /// Close quietly: end of stream, timeout, idle at shutdown, a read error.

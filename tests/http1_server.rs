@@ -1,0 +1,492 @@
+//! The proxy listener's HTTP/1.1 server, byte for byte: raw TCP clients against the real
+//! gateway and real upstreams.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use http::{Response, StatusCode};
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use http_body_util::BodyExt;
+
+fn route(id: &str, uri: &str, node: &str) -> String {
+    format!(
+        "  - id: \"{id}\"\n    uri: {uri}\n    upstream:\n      nodes:\n        \"{node}\": 1\n"
+    )
+}
+
+/// An upstream answering with the request body it received, as is.
+fn body_echo() -> Upstream {
+    Upstream::start(|req| async move {
+        let body = req
+            .into_body()
+            .collect()
+            .await
+            .map(|c| c.to_bytes())
+            .unwrap_or_default();
+        Response::new(full(body))
+    })
+}
+
+/// A body of three frames with no size known up front.
+struct Unsized(u8);
+
+impl HttpBody for Unsized {
+    type Data = Bytes;
+    type Error = std::io::Error;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        if self.0 == 3 {
+            return Poll::Ready(None);
+        }
+        self.0 += 1;
+        Poll::Ready(Some(Ok(Frame::data(Bytes::from(format!(
+            "part{};",
+            self.0
+        ))))))
+    }
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::default()
+    }
+}
+
+fn unsized_upstream() -> Upstream {
+    Upstream::start(|_req| async move { Response::new(Unsized(0).map_err(Into::into).boxed()) })
+}
+
+/// One response as read off the wire.
+#[derive(Debug)]
+struct RawResp {
+    status: u16,
+    head: String,
+    body: Vec<u8>,
+}
+
+impl RawResp {
+    fn header(&self, name: &str) -> Option<String> {
+        self.head.lines().skip(1).find_map(|l| {
+            let (n, v) = l.split_once(':')?;
+            n.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+        })
+    }
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// A raw client connection that reads responses with their exact framing.
+struct Wire {
+    s: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Wire {
+    fn open(addr: SocketAddr) -> Wire {
+        let s = TcpStream::connect(addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        Wire { s, buf: Vec::new() }
+    }
+
+    fn send(&mut self, bytes: &[u8]) {
+        self.s.write_all(bytes).expect("write");
+    }
+
+    /// Reads more; false on EOF, reset or timeout.
+    fn fill(&mut self) -> bool {
+        let mut b = [0u8; 16 * 1024];
+        match self.s.read(&mut b) {
+            Ok(0) | Err(_) => false,
+            Ok(n) => {
+                self.buf.extend_from_slice(&b[..n]);
+                true
+            }
+        }
+    }
+
+    fn take_until(&mut self, pat: &[u8]) -> Option<Vec<u8>> {
+        loop {
+            if let Some(i) = self.buf.windows(pat.len()).position(|w| w == pat) {
+                let out: Vec<u8> = self.buf.drain(..i + pat.len()).collect();
+                return Some(out);
+            }
+            if !self.fill() {
+                return None;
+            }
+        }
+    }
+
+    fn take(&mut self, n: usize) -> Option<Vec<u8>> {
+        while self.buf.len() < n {
+            if !self.fill() {
+                return None;
+            }
+        }
+        Some(self.buf.drain(..n).collect())
+    }
+
+    /// The next interim or final response head, as text.
+    fn head(&mut self) -> Option<String> {
+        let head = self.take_until(b"\r\n\r\n")?;
+        Some(String::from_utf8_lossy(&head).into_owned())
+    }
+
+    /// The next response; `no_body` for the answer to HEAD.
+    fn response(&mut self, no_body: bool) -> Option<RawResp> {
+        let head = self.head()?;
+        let status = raw_status(&head);
+        let mut r = RawResp {
+            status,
+            head,
+            body: Vec::new(),
+        };
+        if no_body || status == 204 || status == 304 {
+            return Some(r);
+        }
+        if let Some(len) = r.header("content-length") {
+            r.body = self.take(len.parse().expect("content-length"))?;
+        } else if r.header("transfer-encoding").as_deref() == Some("chunked") {
+            loop {
+                let line = self.take_until(b"\r\n")?;
+                let size = std::str::from_utf8(&line).expect("size line").trim();
+                let size = usize::from_str_radix(size, 16).expect("hex size");
+                if size == 0 {
+                    assert_eq!(self.take(2)?, b"\r\n", "no trailers expected");
+                    break;
+                }
+                r.body.extend(self.take(size)?);
+                assert_eq!(self.take(2)?, b"\r\n");
+            }
+        } else {
+            while self.fill() {}
+            r.body = std::mem::take(&mut self.buf);
+        }
+        Some(r)
+    }
+
+    /// Whether the gateway closed the connection (EOF or reset) within `wait`.
+    fn closed_within(&mut self, wait: Duration) -> bool {
+        self.s.set_read_timeout(Some(wait)).expect("timeout");
+        let mut b = [0u8; 1024];
+        loop {
+            match self.s.read(&mut b) {
+                Ok(0) => return true,
+                Ok(n) => self.buf.extend_from_slice(&b[..n]),
+                Err(e) => {
+                    return !matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    )
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn pipelined_requests_are_answered_in_order() {
+    let up = Upstream::echo();
+    let gw = Gateway::start(&format!("routes:\n{}", route("1", "/p", &up.node())));
+    let mut w = Wire::open(gw.addr());
+    let mut all = Vec::new();
+    for n in 1..=3 {
+        all.extend_from_slice(format!("GET /p?n={n} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes());
+    }
+    // A POST with a body in the same write, then one more GET.
+    all.extend_from_slice(b"POST /p?n=4 HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nhello");
+    all.extend_from_slice(b"GET /p?n=5 HTTP/1.1\r\nHost: t\r\n\r\n");
+    w.send(&all);
+    for n in 1..=5 {
+        let r = w.response(false).expect("response");
+        assert_eq!(r.status, 200, "{}", r.head);
+        let v: serde_json::Value = serde_json::from_slice(&r.body).expect("json");
+        assert_eq!(v["uri"], format!("/p?n={n}"));
+        if n == 4 {
+            assert_eq!(v["body_len"], 5);
+        }
+    }
+    assert_eq!(up.requests(), 5);
+}
+
+#[test]
+fn chunked_request_body_with_extensions_and_trailers() {
+    let up = body_echo();
+    let gw = Gateway::start(&format!("routes:\n{}", route("1", "/c", &up.node())));
+    let mut w = Wire::open(gw.addr());
+    w.send(
+        b"POST /c HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n\
+          5;name=value\r\nhello\r\n6;a;b=\"q\"\r\n world\r\n0\r\nX-Trailer: t\r\nX-Other: u\r\n\r\n",
+    );
+    let r = w.response(false).expect("response");
+    assert_eq!(r.status, 200, "{}", r.head);
+    assert_eq!(r.text(), "hello world");
+    // The trailers were consumed: the connection serves the next request.
+    w.send(b"POST /c HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\n\r\nabc");
+    let r = w.response(false).expect("second response");
+    assert_eq!(r.text(), "abc");
+
+    // A broken chunked body fails that request only.
+    let mut w = Wire::open(gw.addr());
+    w.send(b"POST /c HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n");
+    if let Some(r) = w.response(false) {
+        assert_ne!(r.status, 200, "{}", r.head);
+    }
+    assert!(w.closed_within(Duration::from_secs(5)));
+    let r = Wire::open(gw.addr());
+    drop(r);
+    assert_eq!(get(&gw.url("/c")).status, 200);
+}
+
+#[test]
+fn expect_100_continue() {
+    let up = body_echo();
+    let gw = Gateway::start(&format!("routes:\n{}", route("1", "/e", &up.node())));
+    let mut w = Wire::open(gw.addr());
+    w.send(b"POST /e HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n");
+    // The client waits for the interim response before it sends the body.
+    let interim = w.head().expect("100 Continue");
+    assert_eq!(interim, "HTTP/1.1 100 Continue\r\n\r\n");
+    w.send(b"hello");
+    let r = w.response(false).expect("response");
+    assert_eq!(r.status, 200, "{}", r.head);
+    assert_eq!(r.text(), "hello");
+    assert_eq!(r.header("connection"), None);
+
+    // Refused before the body is needed: no 100, and the connection closes after the answer
+    // (the client may never send the body).
+    let mut w = Wire::open(gw.addr());
+    w.send(b"POST /nope HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n");
+    let r = w.response(false).expect("response");
+    assert_eq!(r.status, 404, "{}", r.head);
+    assert_eq!(r.header("connection").as_deref(), Some("close"));
+    assert!(w.closed_within(Duration::from_secs(5)));
+}
+
+#[test]
+fn http_1_0_clients() {
+    let up = Upstream::text("hello");
+    let unsized_up = unsized_upstream();
+    let gw = Gateway::start(&format!(
+        "routes:\n{}{}",
+        route("1", "/t", &up.node()),
+        route("2", "/u", &unsized_up.node())
+    ));
+    // No keep-alive: answered, then closed.
+    let mut w = Wire::open(gw.addr());
+    w.send(b"GET /t HTTP/1.0\r\nHost: t\r\n\r\n");
+    let r = w.response(false).expect("response");
+    assert!(r.head.starts_with("HTTP/1.1 200 OK\r\n"), "{}", r.head);
+    assert_eq!(r.header("content-length").as_deref(), Some("5"));
+    assert_eq!(r.header("connection").as_deref(), Some("close"));
+    assert_eq!(r.text(), "hello");
+    assert!(w.closed_within(Duration::from_secs(5)));
+
+    // Keep-alive asked for: kept, and said so.
+    let mut w = Wire::open(gw.addr());
+    for _ in 0..2 {
+        w.send(b"GET /t HTTP/1.0\r\nHost: t\r\nConnection: keep-alive\r\n\r\n");
+        let r = w.response(false).expect("response");
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("connection").as_deref(), Some("keep-alive"));
+        assert_eq!(r.text(), "hello");
+    }
+    // A body of unknown length: no chunked coding for HTTP/1.0, it ends with the connection.
+    w.send(b"GET /u HTTP/1.0\r\nHost: t\r\nConnection: keep-alive\r\n\r\n");
+    let r = w.response(false).expect("response");
+    assert_eq!(r.header("transfer-encoding"), None, "{}", r.head);
+    assert_eq!(r.header("content-length"), None, "{}", r.head);
+    assert_eq!(r.header("connection").as_deref(), Some("close"));
+    assert_eq!(r.text(), "part1;part2;part3;");
+
+    // The same for HTTP/1.1 goes out chunked, and the connection stays.
+    let mut w = Wire::open(gw.addr());
+    for _ in 0..2 {
+        w.send(b"GET /u HTTP/1.1\r\nHost: t\r\n\r\n");
+        let r = w.response(false).expect("response");
+        assert_eq!(r.header("transfer-encoding").as_deref(), Some("chunked"));
+        assert_eq!(r.text(), "part1;part2;part3;");
+    }
+}
+
+#[test]
+fn request_smuggling_is_refused() {
+    let up = Upstream::echo();
+    let gw = Gateway::start(&format!("routes:\n{}", route("1", "/s", &up.node())));
+    let cases: &[&[u8]] = &[
+        // Both framings.
+        b"POST /s HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"POST /s HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n0\r\n\r\n",
+        // Two different lengths, in two lines or one.
+        b"POST /s HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
+        b"POST /s HTTP/1.1\r\nHost: t\r\nContent-Length: 3, 4\r\n\r\nabcd",
+        // Not a number.
+        b"POST /s HTTP/1.1\r\nHost: t\r\nContent-Length: +3\r\n\r\nabc",
+        b"POST /s HTTP/1.1\r\nHost: t\r\nContent-Length: 0x3\r\n\r\nabc",
+        // A transfer coding other than chunked, or chunked twice.
+        b"POST /s HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+        b"POST /s HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        // Chunked from an HTTP/1.0 client.
+        b"POST /s HTTP/1.0\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        // Malformed heads.
+        b"GET /s HTTP/1.1\r\nHost: t\r\nBad Header: x\r\n\r\n",
+        b"GET /s HTTP/1.1\r\nHost: t\r\n: novalue\r\n\r\n",
+        b"GET /s HTTX/1.1\r\nHost: t\r\n\r\n",
+        b"GET  HTTP/1.1\r\nHost: t\r\n\r\n",
+    ];
+    for case in cases {
+        let mut w = Wire::open(gw.addr());
+        w.send(case);
+        let r = w.response(false).expect("an answer");
+        assert_eq!(
+            r.status,
+            400,
+            "{}\n{}",
+            String::from_utf8_lossy(case),
+            r.head
+        );
+        assert_eq!(r.header("connection").as_deref(), Some("close"));
+        assert!(w.closed_within(Duration::from_secs(5)));
+    }
+    assert_eq!(up.requests(), 0);
+    // The same length twice is one length.
+    let mut w = Wire::open(gw.addr());
+    w.send(b"POST /s HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc");
+    let r = w.response(false).expect("response");
+    assert_eq!(r.status, 200, "{}", r.head);
+}
+
+#[test]
+fn too_many_header_lines_is_431() {
+    let up = Upstream::echo();
+    let gw = Gateway::start(&format!("routes:\n{}", route("1", "/h", &up.node())));
+    let mut req = String::from("GET /h HTTP/1.1\r\nHost: t\r\n");
+    for i in 0..200 {
+        req.push_str(&format!("X-H{i}: v\r\n"));
+    }
+    req.push_str("\r\n");
+    let mut w = Wire::open(gw.addr());
+    w.send(req.as_bytes());
+    let r = w.response(false).expect("answer");
+    assert_eq!(r.status, 431, "{}", r.head);
+    assert_eq!(up.requests(), 0);
+}
+
+#[test]
+fn idle_keep_alive_connection_closes_after_the_header_timeout() {
+    let up = Upstream::text("hello");
+    let gw = Gateway::start(&format!(
+        "proxy:\n  client_header_timeout: 1\nroutes:\n{}",
+        route("1", "/t", &up.node())
+    ));
+    let mut w = Wire::open(gw.addr());
+    w.send(b"GET /t HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert_eq!(w.response(false).expect("response").status, 200);
+    let start = Instant::now();
+    assert!(w.closed_within(Duration::from_secs(10)), "still open");
+    let waited = start.elapsed();
+    assert!(
+        waited >= Duration::from_millis(800),
+        "closed after {waited:?}"
+    );
+}
+
+#[test]
+fn head_and_bodiless_responses_are_framed_without_a_body() {
+    let up = Upstream::text("hello");
+    let no_content = Upstream::start(|_req| async move {
+        let mut r = Response::new(empty());
+        *r.status_mut() = StatusCode::NO_CONTENT;
+        r
+    });
+    let gw = Gateway::start(&format!(
+        "routes:\n{}{}",
+        route("1", "/t", &up.node()),
+        route("2", "/n", &no_content.node())
+    ));
+    let mut w = Wire::open(gw.addr());
+    w.send(b"HEAD /t HTTP/1.1\r\nHost: t\r\n\r\n");
+    let r = w.response(true).expect("response");
+    assert_eq!(r.status, 200, "{}", r.head);
+    // The length the body would have, and no body: the next response follows at once.
+    assert_eq!(
+        r.header("content-length").as_deref(),
+        Some("5"),
+        "{}",
+        r.head
+    );
+    assert!(r.header("date").is_some());
+    w.send(b"HEAD /nope HTTP/1.1\r\nHost: t\r\n\r\n");
+    let r = w.response(true).expect("response");
+    assert_eq!(r.status, 404, "{}", r.head);
+    w.send(b"GET /n HTTP/1.1\r\nHost: t\r\n\r\n");
+    let r = w.response(false).expect("response");
+    assert_eq!(r.status, 204, "{}", r.head);
+    assert_eq!(r.header("content-length"), None, "{}", r.head);
+    assert_eq!(r.header("transfer-encoding"), None, "{}", r.head);
+    w.send(b"GET /t HTTP/1.1\r\nHost: t\r\n\r\n");
+    let r = w.response(false).expect("response");
+    assert_eq!(r.text(), "hello");
+    assert!(w.buf.is_empty(), "stray bytes: {:?}", w.buf);
+}
+
+#[test]
+fn client_closing_mid_body_costs_only_its_request() {
+    let up = body_echo();
+    let gw = Gateway::start(&format!("routes:\n{}", route("1", "/b", &up.node())));
+    for _ in 0..5 {
+        let mut w = Wire::open(gw.addr());
+        w.send(b"POST /b HTTP/1.1\r\nHost: t\r\nContent-Length: 100000\r\n\r\nonly a few bytes");
+        std::thread::sleep(Duration::from_millis(50));
+        drop(w);
+        let mut w = Wire::open(gw.addr());
+        w.send(b"POST /b HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n10\r\nshort");
+        drop(w);
+    }
+    let r = Req::post(&gw.url("/b")).body("whole").send();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "whole");
+}
+
+#[test]
+fn unread_request_body_is_drained_and_the_connection_reused() {
+    let up = Upstream::text("hello");
+    let gw = Gateway::start(&format!("routes:\n{}", route("1", "/t", &up.node())));
+    let mut w = Wire::open(gw.addr());
+    // A 404 never reads the body; it is drained, and the next request on the connection works.
+    let body = "x".repeat(100_000);
+    w.send(
+        format!(
+            "POST /nope HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    );
+    let r = w.response(false).expect("response");
+    assert_eq!(r.status, 404);
+    assert_eq!(r.header("connection"), None, "{}", r.head);
+    w.send(b"POST /nope HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n");
+    assert_eq!(w.response(false).expect("response").status, 404);
+    w.send(b"GET /t HTTP/1.1\r\nHost: t\r\n\r\n");
+    let r = w.response(false).expect("response");
+    assert_eq!(r.text(), "hello");
+}
+
+#[test]
+fn connection_close_from_the_client_is_honoured() {
+    let up = Upstream::text("hello");
+    let gw = Gateway::start(&format!("routes:\n{}", route("1", "/t", &up.node())));
+    let mut w = Wire::open(gw.addr());
+    w.send(b"GET /t HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+    let r = w.response(false).expect("response");
+    assert_eq!(r.text(), "hello");
+    assert_eq!(r.header("connection").as_deref(), Some("close"));
+    assert!(w.closed_within(Duration::from_secs(5)));
+}
