@@ -183,29 +183,52 @@ pub struct RouteEntry {
 
 /// One consumer as auth plugins see it: its fields and its plugin confs, each checked with the
 /// plugin's consumer schema (defaults filled in).
-#[derive(Debug)]
 pub struct ConsumerEntry {
     pub username: String,
     pub desc: Option<String>,
     pub labels: BTreeMap<String, String>,
     pub group_id: Option<String>,
     pub plugins: Map<String, Value>,
+    /// Its plugins other than auth ones, compiled: what it merges into a route's plugins once
+    /// an auth plugin identified it (APISIX's `merge_consumer_route`).
+    pub entries: Vec<ChainEntry>,
+    /// The consumer group `group_id` names.
+    pub group: Option<Arc<GroupEntry>>,
 }
 
-/// A snapshot's consumers, indexed by the plugins they configure, so an auth plugin asks for
-/// its own consumers only (APISIX's `consumer.plugin(name)`). Lua keys them on the credential.
-#[derive(Debug, Default)]
+/// A consumer group: plugins merged for each of its consumers, below the consumer's own.
+pub struct GroupEntry {
+    pub id: String,
+    pub plugins: Map<String, Value>,
+    pub entries: Vec<ChainEntry>,
+}
+
+/// One way to be recognised by an auth plugin: a consumer's own conf of the plugin, or one of
+/// its credentials (`credential_id` set).
+pub struct AuthEntry {
+    pub consumer: Arc<ConsumerEntry>,
+    pub credential_id: Option<String>,
+    /// The plugin's conf (the credential).
+    pub conf: Value,
+}
+
+/// A snapshot's consumers, indexed by the auth plugins they configure (in their own plugins or
+/// in credentials), so an auth plugin asks for its own consumers only (APISIX's
+/// `consumer.plugin(name)`). Lua keys them on the credential.
+#[derive(Default)]
 pub struct Consumers {
     /// The snapshot generation they belong to: Lua caches its indexes per generation.
     pub generation: u64,
     pub all: Vec<Arc<ConsumerEntry>>,
-    pub by_plugin: HashMap<String, Vec<Arc<ConsumerEntry>>>,
+    pub by_name: HashMap<String, Arc<ConsumerEntry>>,
+    pub by_plugin: HashMap<String, Vec<AuthEntry>>,
+    pub groups: HashMap<String, Arc<GroupEntry>>,
 }
 
 impl Consumers {
     /// The consumer named `username`.
     pub fn get(&self, username: &str) -> Option<&Arc<ConsumerEntry>> {
-        self.all.iter().find(|c| c.username == username)
+        self.by_name.get(username)
     }
 }
 
@@ -533,8 +556,51 @@ pub fn build(
     })
 }
 
-/// Checks every consumer (unique username, each plugin conf against the plugin's consumer
-/// schema) and indexes them by plugin name.
+/// Checks a plugin conf of a consumer, group or credential; the compiled entry, or None with
+/// the problem in `errors`.
+fn consumer_plugin(
+    registry: &Registry,
+    at: String,
+    name: &str,
+    conf: &Value,
+    scope: ConfScope,
+    errors: &mut Vec<ConfigError>,
+) -> Option<(Value, ChainEntry)> {
+    let Some(plugin) = registry.get(name) else {
+        errors.push(ConfigError::new(at, format!("unknown plugin [{name}]")));
+        return None;
+    };
+    let mut conf = conf.clone();
+    if !conf.is_object() {
+        errors.push(ConfigError::new(
+            at,
+            format!(
+                "failed to check the configuration of plugin {name} err: wrong type: expected object, got {}",
+                json_type(&conf)
+            ),
+        ));
+        return None;
+    }
+    match plugin.check_conf(&mut conf, scope) {
+        Ok(compiled) => Some((
+            conf.clone(),
+            ChainEntry {
+                plugin: plugin.clone(),
+                conf: Arc::new(PluginConf::new(conf, compiled)),
+            },
+        )),
+        Err(e) => {
+            errors.push(ConfigError::new(
+                at,
+                format!("failed to check the configuration of plugin {name} err: {e}"),
+            ));
+            None
+        }
+    }
+}
+
+/// Checks every consumer group, consumer (unique username, each plugin conf against the
+/// plugin's consumer schema, `group_id` known) and credential, and indexes them by auth plugin.
 fn build_consumers(
     doc: &Document,
     registry: &Registry,
@@ -545,42 +611,77 @@ fn build_consumers(
         generation,
         ..Consumers::default()
     };
-    let mut names = HashSet::new();
+    // Groups: their plugins are checked as a route's are (APISIX's `plugin_checker`).
+    for (i, g) in doc.consumer_groups.iter().enumerate() {
+        let path = format!("consumer_groups[{i}]");
+        let Some(id) = &g.id else {
+            errors.push(ConfigError::new(format!("{path}.id"), "an id is required"));
+            continue;
+        };
+        if out.groups.contains_key(&id.0) {
+            errors.push(ConfigError::new(
+                format!("{path}.id"),
+                format!("duplicate id \"{id}\""),
+            ));
+            continue;
+        }
+        let mut plugins = Map::new();
+        let mut entries = Vec::new();
+        for (name, conf) in &g.plugins {
+            let at = format!("{path}.plugins.{name}");
+            if let Some((conf, entry)) =
+                consumer_plugin(registry, at, name, conf, ConfScope::Route, errors)
+            {
+                plugins.insert(name.clone(), conf);
+                entries.push(entry);
+            }
+        }
+        out.groups.insert(
+            id.0.clone(),
+            Arc::new(GroupEntry {
+                id: id.0.clone(),
+                plugins,
+                entries,
+            }),
+        );
+    }
+    let mut auth_of: HashMap<String, Vec<(String, Value)>> = HashMap::new();
     for (i, c) in doc.consumers.iter().enumerate() {
         let path = format!("consumers[{i}]");
-        if !names.insert(c.username.0.clone()) {
+        if out.by_name.contains_key(&c.username.0) {
             errors.push(ConfigError::new(
                 format!("{path}.username"),
                 format!("duplicate username \"{}\"", c.username),
             ));
             continue;
         }
+        let group = match &c.group_id {
+            None => None,
+            Some(g) => match out.groups.get(&g.0) {
+                Some(g) => Some(g.clone()),
+                None => {
+                    errors.push(ConfigError::new(
+                        format!("{path}.group_id"),
+                        format!("consumer group \"{g}\" not found"),
+                    ));
+                    continue;
+                }
+            },
+        };
         let mut plugins = Map::new();
+        let mut entries = Vec::new();
+        let mut auth = Vec::new();
         for (name, conf) in &c.plugins {
             let at = format!("{path}.plugins.{name}");
-            let Some(plugin) = registry.get(name) else {
-                errors.push(ConfigError::new(at, format!("unknown plugin [{name}]")));
-                continue;
-            };
-            let mut conf = conf.clone();
-            if !conf.is_object() {
-                errors.push(ConfigError::new(
-                    at,
-                    format!(
-                        "failed to check the configuration of plugin {name} err: wrong type: expected object, got {}",
-                        json_type(&conf)
-                    ),
-                ));
-                continue;
-            }
-            match plugin.check_conf(&mut conf, ConfScope::Consumer) {
-                Ok(_) => {
-                    plugins.insert(name.clone(), conf);
+            if let Some((conf, entry)) =
+                consumer_plugin(registry, at, name, conf, ConfScope::Consumer, errors)
+            {
+                if entry.plugin.is_auth() {
+                    auth.push((name.clone(), conf.clone()));
+                } else {
+                    entries.push(entry);
                 }
-                Err(e) => errors.push(ConfigError::new(
-                    at,
-                    format!("failed to check the configuration of plugin {name} err: {e}"),
-                )),
+                plugins.insert(name.clone(), conf);
             }
         }
         let entry = Arc::new(ConsumerEntry {
@@ -589,14 +690,87 @@ fn build_consumers(
             labels: c.labels.clone().unwrap_or_default(),
             group_id: c.group_id.as_ref().map(|g| g.0.clone()),
             plugins,
+            entries,
+            group,
         });
-        for name in entry.plugins.keys() {
-            out.by_plugin
-                .entry(name.clone())
-                .or_default()
-                .push(entry.clone());
+        out.by_name.insert(entry.username.clone(), entry.clone());
+        out.all.push(entry.clone());
+        auth_of.insert(entry.username.clone(), auth);
+    }
+    // Credentials: one auth plugin conf each, for a consumer that exists.
+    let mut creds: BTreeMap<String, Vec<(String, String, Value)>> = BTreeMap::new();
+    let mut cred_ids = HashSet::new();
+    for (i, cr) in doc.credentials.iter().enumerate() {
+        let path = format!("credentials[{i}]");
+        let (user, cid) = cr.split_id();
+        if !cred_ids.insert(cr.id.clone()) {
+            errors.push(ConfigError::new(
+                format!("{path}.id"),
+                format!("duplicate credential id \"{}\"", cr.id),
+            ));
+            continue;
         }
-        out.all.push(entry);
+        if !out.by_name.contains_key(user) {
+            errors.push(ConfigError::new(
+                format!("{path}.id"),
+                format!("credential \"{}\": consumer \"{user}\" not found", cr.id),
+            ));
+            continue;
+        }
+        if cr.plugins.len() > 1 {
+            errors.push(ConfigError::new(
+                path.clone(),
+                "invalid configuration: property \"plugins\" validation failed: expect object to have at most 1 properties",
+            ));
+            continue;
+        }
+        for (name, conf) in &cr.plugins {
+            let at = format!("{path}.plugins.{name}");
+            if registry.get(name).is_some_and(|p| !p.is_auth()) {
+                errors.push(ConfigError::new(
+                    at,
+                    "only supports auth type plugins in consumer credential",
+                ));
+                continue;
+            }
+            if let Some((conf, _)) =
+                consumer_plugin(registry, at, name, conf, ConfScope::Consumer, errors)
+            {
+                creds.entry(user.to_string()).or_default().push((
+                    cid.to_string(),
+                    name.clone(),
+                    conf,
+                ));
+            }
+        }
+    }
+    // APISIX's order (etcd's key order): each consumer, then its credentials by id; a later
+    // duplicate credential value wins in the plugins' indexes, as there.
+    for list in creds.values_mut() {
+        list.sort_by(|a, b| a.0.cmp(&b.0));
+    }
+    let mut order: Vec<&Arc<ConsumerEntry>> = out.all.iter().collect();
+    order.sort_by(|a, b| a.username.cmp(&b.username));
+    for consumer in order {
+        if let Some(auth) = auth_of.remove(&consumer.username) {
+            for (name, conf) in auth {
+                out.by_plugin
+                    .entry(name.clone())
+                    .or_default()
+                    .push(AuthEntry {
+                        consumer: consumer.clone(),
+                        credential_id: None,
+                        conf,
+                    });
+            }
+        }
+        for (cid, name, conf) in creds.remove(&consumer.username).unwrap_or_default() {
+            out.by_plugin.entry(name).or_default().push(AuthEntry {
+                consumer: consumer.clone(),
+                credential_id: Some(cid),
+                conf,
+            });
+        }
     }
     out
 }

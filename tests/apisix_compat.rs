@@ -318,7 +318,7 @@ end
 return _M
 "#;
 
-const CONSUMERS_YAML: &str = "consumers:\n  - username: jack\n    desc: core team\n    group_id: g1\n    labels:\n      team: core\n      custom_id: \"42\"\n    plugins:\n      token-auth:\n        token: jack-token\n  - username: rose\n    plugins:\n      token-auth:\n        token: rose-token\n";
+const CONSUMERS_YAML: &str = "consumer_groups:\n  - id: g1\n    plugins: {}\nconsumers:\n  - username: jack\n    desc: core team\n    group_id: g1\n    labels:\n      team: core\n      custom_id: \"42\"\n    plugins:\n      token-auth:\n        token: jack-token\n  - username: rose\n    plugins:\n      token-auth:\n        token: rose-token\n";
 
 #[test]
 fn consumers_from_the_config_file_authenticate_requests() {
@@ -488,6 +488,378 @@ fn consumers_written_through_the_admin_api_take_effect() {
     assert_eq!(call("DELETE", "/consumers/tom", None).status, 200);
     assert_eq!(send().status, 401);
     assert_eq!(call("GET", "/consumers/tom", None).status, 404);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Consumer plugins, consumer groups and credentials (APISIX's merge_consumer_route)
+// ---------------------------------------------------------------------------------------------
+
+/// Not an auth plugin: stamps `tag` on the upstream request in rewrite (`X-Stamp-Rewrite`) and
+/// access (`X-Stamp`), and reports the conf_* fields on the response.
+const TAG_STAMP: &str = r#"
+local core = require("apisix.core")
+local schema = {
+    type = "object",
+    properties = { tag = { type = "string" } },
+    required = { "tag" },
+}
+local _M = { version = 0.1, priority = 1000, name = "stamp", schema = schema }
+
+function _M.check_schema(conf)
+    return core.schema.check(schema, conf)
+end
+
+function _M.rewrite(conf, ctx)
+    core.request.set_header(ctx, "X-Stamp-Rewrite", conf.tag)
+end
+
+function _M.access(conf, ctx)
+    core.request.set_header(ctx, "X-Stamp", conf.tag)
+end
+
+function _M.header_filter(conf, ctx)
+    core.response.set_header("X-Stamp-Resp", conf.tag)
+    core.response.set_header("X-Conf-Type", ctx.conf_type)
+    core.response.set_header("X-Conf-Id", ctx.conf_id)
+    core.response.set_header("X-Conf-Version", ctx.conf_version)
+end
+
+return _M
+"#;
+
+/// Starts a gateway with token-auth and stamp, the given routes and resources, and an Admin
+/// API; returns the admin address too.
+fn consumer_gateway(
+    extra_plugins: &[(&str, &str)],
+    routes: &str,
+    resources: &str,
+) -> (tempfile::TempDir, Gateway, String) {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path().join("plugins");
+    std::fs::create_dir_all(&dir).expect("plugins dir");
+    std::fs::write(dir.join("token-auth.lua"), TOKEN_AUTH).expect("write plugin");
+    std::fs::write(dir.join("stamp.lua"), TAG_STAMP).expect("write plugin");
+    for (name, src) in extra_plugins {
+        std::fs::write(dir.join(format!("{name}.lua")), src).expect("write plugin");
+    }
+    let yaml = format!(
+        "workers: 1\nplugin_dirs:\n  - plugins\ndata_dir: data\nadmin:\n  listen: 127.0.0.1:0\n  key: {ADMIN_KEY}\nroutes:\n{routes}{resources}"
+    );
+    let gw = Gateway::start_in(tmp.path(), &yaml);
+    assert!(
+        gw.wait_for_log(
+            "admin API listening on http://",
+            std::time::Duration::from_secs(20)
+        ),
+        "{}",
+        gw.logs()
+    );
+    let admin = gw
+        .logs()
+        .lines()
+        .find_map(|l| {
+            let rest = l.split("admin API listening on http://").nth(1)?;
+            rest.split_whitespace().next().map(str::to_string)
+        })
+        .expect("admin address");
+    (tmp, gw, admin)
+}
+
+const ADMIN_KEY: &str = "compat-admin-key-0123456789";
+
+fn admin_call(admin: &str, method: &str, path: &str, body: Option<&str>) -> Resp {
+    let mut req = Req::new(method, &format!("http://{admin}/apisix/admin{path}"))
+        .header("X-API-KEY", ADMIN_KEY);
+    if let Some(b) = body {
+        req = req
+            .header("content-type", "application/json")
+            .body(b.to_string());
+    }
+    req.send()
+}
+
+#[test]
+fn consumer_and_group_plugins_merge_into_the_route_after_auth() {
+    let up = Upstream::echo();
+    let u = upstream_yaml(&up);
+    let routes = format!(
+        "  - id: merge\n    uri: /merge\n    plugins:\n      token-auth: {{}}\n{u}\
+         \x20 - id: override\n    uri: /override\n    plugins:\n      token-auth: {{}}\n      stamp:\n        tag: route\n{u}\
+         \x20 - id: open\n    uri: /open\n    plugins:\n      stamp:\n        tag: open\n{u}"
+    );
+    let resources = "consumer_groups:\n  - id: g1\n    plugins:\n      stamp:\n        tag: group\n      response-headers:\n        set:\n          X-Group: g1\n\
+consumers:\n\
+\x20 - username: jack\n    group_id: g1\n    plugins:\n      token-auth:\n        token: jack-token\n      stamp:\n        tag: jack\n      response-headers:\n        set:\n          X-Who: jack\n\
+\x20 - username: ann\n    group_id: g1\n    plugins:\n      token-auth:\n        token: ann-token\n\
+\x20 - username: rose\n    plugins:\n      token-auth:\n        token: rose-token\n";
+    let (_tmp, gw, _admin) = consumer_gateway(&[], &routes, resources);
+    let get = |path: &str, token: Option<&str>| {
+        let mut r = Req::get(&gw.url(path));
+        if let Some(t) = token {
+            r = r.header("X-Token", t);
+        }
+        r.send()
+    };
+
+    // A consumer's own plugins join after auth: the Lua one runs its rewrite (it came only
+    // from the consumer) and access, the native response-headers runs; the consumer's
+    // response-headers conf replaces the group's.
+    let r = get("/merge", Some("jack-token"));
+    assert_eq!(r.status, 200, "{}\n{}", r.text(), gw.logs());
+    let seen = r.json();
+    assert_eq!(seen["headers"]["x-stamp-rewrite"], "jack");
+    assert_eq!(seen["headers"]["x-stamp"], "jack");
+    assert_eq!(r.header("x-stamp-resp").as_deref(), Some("jack"));
+    assert_eq!(r.header("x-who").as_deref(), Some("jack"));
+    assert_eq!(r.header("x-group"), None);
+    assert_eq!(
+        r.header("x-conf-type").as_deref(),
+        Some("route&consumer&consumer_group")
+    );
+    assert_eq!(r.header("x-conf-id").as_deref(), Some("merge&jack&g1"));
+    let version = r.header("x-conf-version").unwrap_or_default();
+    let parts: Vec<&str> = version.split('&').collect();
+    assert_eq!(parts.len(), 3, "{version}");
+
+    // A group member without its own conf gets the group's plugins.
+    let r = get("/merge", Some("ann-token"));
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["headers"]["x-stamp"], "group");
+    assert_eq!(r.header("x-group").as_deref(), Some("g1"));
+    assert_eq!(r.header("x-who"), None);
+
+    // The consumer's conf replaces the route's for access and later phases; the route's
+    // rewrite ran before auth and is not run again.
+    let r = get("/override", Some("jack-token"));
+    assert_eq!(r.status, 200);
+    let seen = r.json();
+    assert_eq!(seen["headers"]["x-stamp-rewrite"], "route");
+    assert_eq!(seen["headers"]["x-stamp"], "jack");
+    assert_eq!(r.header("x-stamp-resp").as_deref(), Some("jack"));
+    assert_eq!(r.header("x-who").as_deref(), Some("jack"));
+
+    // Without consumer plugins the route's own run; conf_type still names the consumer.
+    let r = get("/override", Some("rose-token"));
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["headers"]["x-stamp"], "route");
+    assert_eq!(r.header("x-conf-type").as_deref(), Some("route&consumer"));
+    assert_eq!(r.header("x-conf-id").as_deref(), Some("override&rose"));
+    assert_eq!(r.header("x-who"), None);
+
+    // No auth plugin, no consumer: nothing merged.
+    let r = get("/open", Some("jack-token"));
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["headers"]["x-stamp"], "open");
+    assert_eq!(r.header("x-conf-type").as_deref(), Some("route"));
+    assert_eq!(r.header("x-who"), None);
+    assert_eq!(get("/merge", None).status, 401);
+}
+
+#[test]
+fn consumer_groups_and_credentials_through_the_admin_api() {
+    let up = Upstream::echo();
+    let u = upstream_yaml(&up);
+    let routes = format!("  - id: auth\n    uri: /auth\n    plugins:\n      token-auth: {{}}\n{u}");
+    let (_tmp, gw, admin) = consumer_gateway(&[], &routes, "");
+    let call = |m: &str, p: &str, b: Option<&str>| admin_call(&admin, m, p, b);
+    let send = |token: &str| Req::get(&gw.url("/auth")).header("X-Token", token).send();
+
+    // A consumer naming an unknown group is refused with the field's path.
+    let r = call(
+        "PUT",
+        "/consumers/tom",
+        Some(r#"{"group_id":"gold","plugins":{"token-auth":{"token":"tom-token"}}}"#),
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(
+        r.json()["error_msg"],
+        "invalid configuration: group_id: consumer group \"gold\" not found"
+    );
+    let r = call(
+        "PUT",
+        "/consumer_groups/gold",
+        Some(r#"{"plugins":{"stamp":{"tag":"gold"}}}"#),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert_eq!(r.json()["key"], "/apisix/consumer_groups/gold");
+    let r = call(
+        "PUT",
+        "/consumer_groups/bad",
+        Some(r#"{"plugins":{"stamp":{}}}"#),
+    );
+    assert_eq!(r.status, 400);
+    assert_eq!(
+        r.json()["error_msg"],
+        "failed to check the configuration of plugin stamp err: property \"tag\" is required"
+    );
+    assert_eq!(
+        call("POST", "/consumer_groups", Some(r#"{"plugins":{}}"#)).status,
+        405
+    );
+    let r = call(
+        "PUT",
+        "/consumers/tom",
+        Some(r#"{"group_id":"gold","plugins":{"token-auth":{"token":"tom-token"}}}"#),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let r = send("tom-token");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["headers"]["x-stamp"], "gold");
+
+    // A group in use cannot go.
+    let r = call("DELETE", "/consumer_groups/gold", None);
+    assert_eq!(r.status, 400);
+    assert_eq!(
+        r.json()["error_msg"],
+        "can not delete this consumer group, consumer [tom] is still using it now"
+    );
+
+    // Credentials: auth plugin confs only, for a consumer that exists.
+    let r = call(
+        "PUT",
+        "/consumers/tom/credentials/second",
+        Some(r#"{"plugins":{"token-auth":{"token":"tom-second"}}}"#),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert_eq!(r.json()["key"], "/apisix/consumers/tom/credentials/second");
+    assert_eq!(r.json()["value"]["id"], "second");
+    let r = send("tom-second");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["headers"]["x-consumer-username"], "tom");
+    assert_eq!(r.json()["headers"]["x-credential-identifier"], "second");
+    assert_eq!(r.json()["headers"]["x-stamp"], "gold");
+    // The consumer's own credential still works.
+    assert_eq!(send("tom-token").status, 200);
+
+    let r = call(
+        "PUT",
+        "/consumers/tom/credentials/x",
+        Some(r#"{"plugins":{"stamp":{"tag":"a"}}}"#),
+    );
+    assert_eq!(r.status, 400);
+    assert_eq!(
+        r.json()["error_msg"],
+        "only supports auth type plugins in consumer credential"
+    );
+    let r = call(
+        "PUT",
+        "/consumers/tom/credentials/x",
+        Some(r#"{"plugins":{"token-auth":{"token":"a1a"},"stamp":{"tag":"a"}}}"#),
+    );
+    assert_eq!(r.status, 400);
+    assert_eq!(
+        r.json()["error_msg"],
+        "invalid configuration: property \"plugins\" validation failed: expect object to have at most 1 properties"
+    );
+    let r = call(
+        "PUT",
+        "/consumers/tom/credentials/x",
+        Some(r#"{"plugins":{"token-auth":{}}}"#),
+    );
+    assert_eq!(r.status, 400);
+    assert_eq!(
+        r.json()["error_msg"],
+        "failed to check the configuration of plugin token-auth err: property \"token\" is required"
+    );
+    let r = call(
+        "PUT",
+        "/consumers/nobody/credentials/x",
+        Some(r#"{"plugins":{"token-auth":{"token":"abc"}}}"#),
+    );
+    assert_eq!(r.status, 404);
+    assert_eq!(r.json()["error_msg"], "consumer not found");
+    assert_eq!(
+        call("PUT", "/consumers/tom/credentials", Some("{}")).json()["error_msg"],
+        "missing credential id"
+    );
+    assert_eq!(
+        call("POST", "/consumers/tom/credentials", Some("{}")).status,
+        405
+    );
+
+    let r = call("GET", "/consumers/tom/credentials", None);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["total"], 1);
+    assert_eq!(
+        r.json()["list"][0]["key"],
+        "/apisix/consumers/tom/credentials/second"
+    );
+    let r = call("GET", "/consumers/tom/credentials/second", None);
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.json()["value"]["plugins"]["token-auth"]["token"],
+        "tom-second"
+    );
+    // Consumers are listed without their credentials.
+    assert_eq!(call("GET", "/consumers", None).json()["total"], 1);
+
+    assert_eq!(
+        call("DELETE", "/consumers/tom/credentials/second", None).status,
+        200
+    );
+    assert_eq!(send("tom-second").status, 401);
+    assert_eq!(send("tom-token").status, 200);
+
+    // Deleting a consumer takes its credentials with it; then the group can go.
+    let r = call(
+        "PUT",
+        "/consumers/tom/credentials/third",
+        Some(r#"{"plugins":{"token-auth":{"token":"tom-third"}}}"#),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert_eq!(call("DELETE", "/consumers/tom", None).status, 200);
+    assert_eq!(send("tom-third").status, 401);
+    assert_eq!(
+        call("GET", "/consumers/tom/credentials/third", None).status,
+        404
+    );
+    assert_eq!(call("DELETE", "/consumer_groups/gold", None).status, 200);
+}
+
+#[test]
+fn credentials_and_groups_in_the_config_file() {
+    let up = Upstream::echo();
+    let u = upstream_yaml(&up);
+    let routes = format!("  - id: auth\n    uri: /auth\n    plugins:\n      token-auth: {{}}\n{u}");
+    let resources = "consumer_groups:\n  - id: g1\n    plugins:\n      stamp:\n        tag: g1\n\
+consumers:\n\
+\x20 - username: jack\n    group_id: g1\n\
+\x20 - id: jack/credentials/one\n    plugins:\n      token-auth:\n        token: jack-one\n\
+\x20 - id: jack/credentials/two\n    plugins:\n      token-auth:\n        token: jack-two\n";
+    let (_tmp, gw, admin) = consumer_gateway(&[], &routes, resources);
+    for (token, cred) in [("jack-one", "one"), ("jack-two", "two")] {
+        let r = Req::get(&gw.url("/auth")).header("X-Token", token).send();
+        assert_eq!(r.status, 200, "{}\n{}", r.text(), gw.logs());
+        assert_eq!(r.json()["headers"]["x-consumer-username"], "jack");
+        assert_eq!(r.json()["headers"]["x-credential-identifier"], cred);
+        assert_eq!(r.json()["headers"]["x-stamp"], "g1");
+    }
+    let r = admin_call(&admin, "GET", "/consumers/jack/credentials", None);
+    assert_eq!(r.json()["total"], 2, "{}", r.text());
+
+    // Bad files: an unknown group, a credential of an unknown consumer, a non-auth plugin.
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path().join("plugins");
+    std::fs::create_dir_all(&dir).expect("plugins dir");
+    std::fs::write(dir.join("token-auth.lua"), TOKEN_AUTH).expect("write plugin");
+    std::fs::write(dir.join("stamp.lua"), TAG_STAMP).expect("write plugin");
+    let yaml = "workers: 1\nplugin_dirs:\n  - plugins\nconsumers:\n  - username: jack\n    group_id: nope\n  - id: rose/credentials/a\n    plugins:\n      token-auth:\n        token: abc\n  - username: ann\n  - id: ann/credentials/b\n    plugins:\n      stamp:\n        tag: x\n";
+    let cfg = tmp.path().join("config.yaml");
+    std::fs::write(&cfg, yaml).expect("write config");
+    let (code, out) = check_file(&cfg);
+    assert_ne!(code, 0, "{out}");
+    assert!(
+        out.contains("consumers[0].group_id: consumer group \"nope\" not found"),
+        "{out}"
+    );
+    assert!(
+        out.contains("credential \"rose/credentials/a\": consumer \"rose\" not found"),
+        "{out}"
+    );
+    assert!(
+        out.contains(".plugins.stamp: only supports auth type plugins in consumer credential"),
+        "{out}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -28,8 +28,9 @@ local function current()
     return cache, ver
 end
 
---- Consumers configured for `plugin_name`: `{nodes = {consumer...}, len = n, conf_version = v}`
--- (each consumer carries the plugin's conf as `auth_conf`), or nil when none has it.
+--- Consumers configured for the auth plugin `plugin_name`, by their own plugins or by
+-- credentials: `{nodes = {consumer...}, len = n, conf_version = v}` (each node carries the
+-- plugin's conf as `auth_conf`, and `credential_id` when it comes from a credential), or nil.
 function _M.plugin(plugin_name)
     local c, ver = current()
     if not c then
@@ -87,7 +88,7 @@ function _M.find_consumer(plugin_name, key_attr, key_value)
 end
 
 --- Every consumer of the current snapshot (a list of `{key, value}` items as APISIX's config
--- store gives them) and the version.
+-- store gives them, credentials left out) and the version.
 function _M.consumers()
     local c, ver = current()
     if not c then
@@ -126,12 +127,14 @@ function _M.attach_consumer(ctx, consumer, conf)
     ctx.consumer_name = consumer.consumer_name or consumer.username
     ctx.consumer_group_id = consumer.group_id
     ctx.consumer_ver = conf and conf.conf_version
+    -- The gateway merges the consumer's plugins (and its group's) after rewrite.
+    mg.attach_consumer(consumer.username)
     core.request.set_header(ctx, "X-Consumer-Username", consumer.username)
     core.request.set_header(ctx, "X-Credential-Identifier", consumer.credential_id)
     core.request.set_header(ctx, "X-Consumer-Custom-ID", consumer.custom_id)
 end
 
---- Consumer credentials do not exist as separate resources here; no duplicate can be found.
+--- The Admin API checks credentials when it builds; nothing to check from Lua.
 function _M.check_duplicate_key()
     return true
 end

@@ -80,6 +80,14 @@ pub enum Call {
     PluginSchema(String),
     PluginReload,
     Status,
+    /// `GET /consumers/USERNAME/credentials`.
+    CredentialList(String),
+    /// `GET /consumers/USERNAME/credentials/ID`.
+    CredentialGet(String, String),
+    /// `PUT /consumers/USERNAME/credentials/ID`.
+    CredentialPut(String, String, Option<Value>),
+    /// `DELETE /consumers/USERNAME/credentials/ID`.
+    CredentialDelete(String, String),
 }
 
 /// The Admin API's state: the reloader every change goes through and the store.
@@ -120,6 +128,10 @@ impl Admin {
             Call::PluginSchema(name) => Ok(self.plugin_schema(&name)),
             Call::PluginReload => Ok(self.plugin_reload()),
             Call::Status => Ok(self.status()),
+            Call::CredentialList(user) => self.credential_list(&user),
+            Call::CredentialGet(user, id) => self.credential_get(&user, &id),
+            Call::CredentialPut(user, id, body) => self.credential_put(&user, &id, body),
+            Call::CredentialDelete(user, id) => self.credential_delete(&user, &id),
         };
         result.unwrap_or_else(|e| Reply::error(503, e.to_string()))
     }
@@ -131,10 +143,23 @@ impl Admin {
     }
 
     fn list(&self, kind: Kind) -> Result<Reply, store::StoreError> {
-        let stored = self.store.list(kind)?;
+        self.list_where(kind, |_| true)
+    }
+
+    /// The resources of `kind` whose id passes `keep`, from the file and the store.
+    fn list_where(
+        &self,
+        kind: Kind,
+        keep: impl Fn(&str) -> bool,
+    ) -> Result<Reply, store::StoreError> {
+        let mut stored = self.store.list(kind)?;
+        stored.retain(|(id, _)| keep(id));
         let snap = self.reloader.gateway().load_full();
         let mut items: Vec<(String, Value)> = Vec::new();
         for id in store::resource_ids(&snap.doc, kind) {
+            if !keep(&id) {
+                continue;
+            }
             if stored.iter().any(|(s, _)| *s == id) {
                 continue;
             }
@@ -286,7 +311,116 @@ impl Admin {
         let Some(previous) = self.store.get(kind, id)? else {
             return Ok(self.missing_or_file(kind, id));
         };
-        self.commit(kind, id, None, Some(previous), 200)
+        // APISIX deletes a consumer's credentials with it.
+        let mut cascade = Vec::new();
+        if kind == Kind::Consumers {
+            let prefix = format!("{id}/credentials/");
+            for (cid, v) in self.store.list(Kind::Credentials)? {
+                if cid.starts_with(&prefix) {
+                    cascade.push((Kind::Credentials, cid, v));
+                }
+            }
+        }
+        self.commit_with(kind, id, None, Some(previous), 200, cascade)
+    }
+
+    // ---- credentials ------------------------------------------------------------------------
+
+    fn credential_list(&self, user: &str) -> Result<Reply, store::StoreError> {
+        let prefix = format!("{user}/credentials/");
+        self.list_where(Kind::Credentials, |id| id.starts_with(&prefix))
+    }
+
+    fn credential_get(&self, user: &str, id: &str) -> Result<Reply, store::StoreError> {
+        self.get(Kind::Credentials, &format!("{user}/credentials/{id}"))
+    }
+
+    fn credential_put(
+        &self,
+        user: &str,
+        id: &str,
+        body: Option<Value>,
+    ) -> Result<Reply, store::StoreError> {
+        let mut conf = match object_body(body) {
+            Ok(c) => c,
+            Err(r) => return Ok(r),
+        };
+        if let Err(e) = validate_id(user).and_then(|_| validate_id(id)) {
+            return Ok(Reply::bad(format!("invalid credential id: {e}")));
+        }
+        match body_id(&conf, "id") {
+            Ok(Some(b)) if b != id => return Ok(Reply::bad("wrong credential id")),
+            Ok(_) => {}
+            Err(r) => return Ok(r),
+        }
+        if let Some(r) = forbidden_times(&conf) {
+            return Ok(r);
+        }
+        // APISIX's own checks, with its wording: one plugin, known, of type auth.
+        match conf.get("plugins") {
+            None => {}
+            Some(Value::Object(plugins)) => {
+                if plugins.len() > 1 {
+                    return Ok(Reply::bad(
+                        "invalid configuration: property \"plugins\" validation failed: expect object to have at most 1 properties",
+                    ));
+                }
+                let snap = self.reloader.gateway().load_full();
+                for name in plugins.keys() {
+                    match snap.registry.get(name) {
+                        None => return Ok(Reply::bad(format!("unknown plugin {name}"))),
+                        Some(p) if !p.is_auth() => {
+                            return Ok(Reply::bad(
+                                "only supports auth type plugins in consumer credential",
+                            ))
+                        }
+                        Some(_) => {}
+                    }
+                }
+            }
+            Some(other) => {
+                return Ok(Reply::bad(format!(
+                    "invalid configuration: property \"plugins\" validation failed: wrong type: expected object, got {}",
+                    json_type(other)
+                )))
+            }
+        }
+        let _guard = self.writes.lock().unwrap_or_else(|e| e.into_inner());
+        let consumer_known = self.store.get(Kind::Consumers, user)?.is_some() || {
+            let snap = self.reloader.gateway().load_full();
+            store::resource_ids(&snap.doc, Kind::Consumers)
+                .iter()
+                .any(|u| u == user)
+        };
+        if !consumer_known {
+            return Ok(Reply::error(404, "consumer not found"));
+        }
+        let key = format!("{user}/credentials/{id}");
+        let previous = self.store.get(Kind::Credentials, &key)?;
+        let created = previous
+            .as_ref()
+            .and_then(|p| p.get("create_time").cloned())
+            .unwrap_or_else(|| json!(now()));
+        conf.insert("id".into(), Value::String(id.to_string()));
+        conf.insert("create_time".into(), created);
+        conf.insert("update_time".into(), json!(now()));
+        let status = if previous.is_some() { 200 } else { 201 };
+        self.commit(
+            Kind::Credentials,
+            &key,
+            Some(Value::Object(conf)),
+            previous,
+            status,
+        )
+    }
+
+    fn credential_delete(&self, user: &str, id: &str) -> Result<Reply, store::StoreError> {
+        let key = format!("{user}/credentials/{id}");
+        let _guard = self.writes.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(previous) = self.store.get(Kind::Credentials, &key)? else {
+            return Ok(self.missing_or_file(Kind::Credentials, &key));
+        };
+        self.commit(Kind::Credentials, &key, None, Some(previous), 200)
     }
 
     /// 400 for a config-file resource (read-only here), 404 otherwise.
@@ -308,6 +442,20 @@ impl Admin {
         new: Option<Value>,
         previous: Option<Value>,
         status: u16,
+    ) -> Result<Reply, store::StoreError> {
+        self.commit_with(kind, id, new, previous, status, Vec::new())
+    }
+
+    /// [`Admin::commit`], also deleting the stored resources in `cascade` (a consumer's
+    /// credentials); they come back if the publish fails.
+    fn commit_with(
+        &self,
+        kind: Kind,
+        id: &str,
+        new: Option<Value>,
+        previous: Option<Value>,
+        status: u16,
+        cascade: Vec<(Kind, String, Value)>,
     ) -> Result<Reply, store::StoreError> {
         let in_store = previous.is_some();
         // An answer decided inside the build's edit (a file-owned id, a resource in use).
@@ -347,6 +495,9 @@ impl Admin {
                 self.store.delete(kind, id)?;
             }
         }
+        for (k, i, _) in &cascade {
+            self.store.delete(*k, i)?;
+        }
         let stored = started.elapsed();
         if let Err(errors) = self.reloader.rebuild("admin api", true) {
             // Something changed between the check and the publish (the config file, most
@@ -359,6 +510,13 @@ impl Admin {
                 tracing::error!(
                     "admin api: could not undo {kind}/{id} after a failed rebuild: {e}"
                 );
+            }
+            for (k, i, v) in &cascade {
+                if let Err(e) = self.store.put(*k, i, v) {
+                    tracing::error!(
+                        "admin api: could not undo {k}/{i} after a failed rebuild: {e}"
+                    );
+                }
             }
             return Ok(Reply::bad(api_message(&errors, kind, None)));
         }
@@ -475,6 +633,10 @@ fn edit_document(
         },
         None => {
             store::remove_resource(doc, kind, id);
+            if kind == Kind::Consumers {
+                let prefix = format!("{id}/credentials/");
+                doc.credentials.retain(|c| !c.id.starts_with(&prefix));
+            }
             if let Some(msg) = referrers(doc, kind, id) {
                 return Err(Reply::bad(msg));
             }
@@ -516,11 +678,19 @@ fn referrers(doc: &Document, kind: Kind, id: &str) -> Option<String> {
                 }
             }
         }
+        Kind::ConsumerGroups => {
+            for c in &doc.consumers {
+                if is(&c.group_id) {
+                    users.push(format!("consumer [{}]", c.username));
+                }
+            }
+        }
         _ => return None,
     }
     let first = users.first()?;
     let what = match kind {
         Kind::Upstreams => "can not delete this upstream",
+        Kind::ConsumerGroups => "can not delete this consumer group",
         _ => "can not delete this service directly",
     };
     let mut msg = format!("{what}, {first} is still using it now");

@@ -349,17 +349,56 @@ pub fn route(method: &Method, segs: &[String], body: Option<Value>) -> Result<Ca
             Method::GET => Ok(Call::Status),
             _ => Err(method_not_allowed(method, "GET")),
         },
+        ("consumers", [user, cred, rest @ ..]) if cred == "credentials" => {
+            credential_call(method, user, rest, body)
+        }
+        ("consumer_groups", _) if *method == Method::POST => Err(Reply::error(
+            405,
+            "not supported `POST` method for consumer group",
+        )),
         (res, rest) => {
-            let Some(kind) = Kind::parse(res) else {
+            let Some(kind) = Kind::parse(res).filter(|k| *k != Kind::Credentials) else {
                 return Err(Reply::error(
                     404,
                     format!(
-                        "unknown resource type \"{res}\": moongate serves routes, upstreams, services, global_rules, consumers, plugins"
+                        "unknown resource type \"{res}\": moongate serves routes, upstreams, services, global_rules, consumers, consumer_groups, plugins"
                     ),
                 ));
             };
             resource_call(kind, method, rest, body)
         }
+    }
+}
+
+/// `/consumers/USERNAME/credentials[/ID]` (APISIX 3.8+): GET, PUT and DELETE.
+fn credential_call(
+    method: &Method,
+    user: &str,
+    rest: &[String],
+    body: Option<Value>,
+) -> Result<Call, Reply> {
+    let id = match rest {
+        [] => None,
+        [id] => Some(id.clone()),
+        _ => return Err(Reply::bad(format!(
+            "invalid credential id: id \"{}\" may only contain letters, digits, '-', '_' and '.'",
+            rest.join("/")
+        ))),
+    };
+    let missing = || Reply::bad("missing credential id");
+    let user = user.to_string();
+    match *method {
+        Method::GET => Ok(match id {
+            None => Call::CredentialList(user),
+            Some(id) => Call::CredentialGet(user, id),
+        }),
+        Method::PUT => Ok(Call::CredentialPut(user, id.ok_or_else(missing)?, body)),
+        Method::DELETE => Ok(Call::CredentialDelete(user, id.ok_or_else(missing)?)),
+        Method::POST | Method::PATCH => Err(Reply::error(
+            405,
+            format!("not supported `{method}` method for credential"),
+        )),
+        _ => Err(method_not_allowed(method, "GET, PUT, DELETE")),
     }
 }
 

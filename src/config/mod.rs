@@ -298,16 +298,21 @@ pub struct Document {
     pub services: Vec<Service>,
     pub global_rules: Vec<GlobalRule>,
     pub consumers: Vec<Consumer>,
+    pub consumer_groups: Vec<ConsumerGroup>,
+    /// Consumer credentials: in a config file, `consumers:` items whose `id` reads
+    /// `USERNAME/credentials/ID` (APISIX's standalone form).
+    pub credentials: Vec<Credential>,
     /// The file it came from (for reload and error messages), if any.
     pub path: Option<PathBuf>,
 }
 
-const RESOURCE_KEYS: [&str; 5] = [
+const RESOURCE_KEYS: [&str; 6] = [
     "routes",
     "upstreams",
     "services",
     "global_rules",
     "consumers",
+    "consumer_groups",
 ];
 
 /// Reads and parses a config file (YAML, or JSON, which YAML accepts too).
@@ -390,12 +395,32 @@ pub fn parse_document(text: &str) -> Result<Document, ConfigErrors> {
     let services = take_list("services", &mut errors);
     let global_rules = take_list("global_rules", &mut errors);
     let consumers = take_list("consumers", &mut errors);
+    let consumer_groups = take_list("consumer_groups", &mut errors);
 
     doc.routes = parse_list("routes", routes, &mut errors);
     doc.upstreams = parse_list("upstreams", upstreams, &mut errors);
     doc.services = parse_list("services", services, &mut errors);
     doc.global_rules = parse_list("global_rules", global_rules, &mut errors);
-    doc.consumers = parse_list("consumers", consumers, &mut errors);
+    // A `consumers:` item whose id reads `USERNAME/credentials/ID` is a credential.
+    for (i, item) in consumers.into_iter().enumerate() {
+        let is_credential = item
+            .get("id")
+            .and_then(Value::as_str)
+            .is_some_and(|id| id.contains("/credentials/"));
+        let at = format!("consumers[{i}]");
+        if is_credential {
+            match from_value_at::<Credential>(&at, item) {
+                Ok(c) => doc.credentials.push(c),
+                Err(e) => errors.push(e),
+            }
+        } else {
+            match from_value_at::<Consumer>(&at, item) {
+                Ok(c) => doc.consumers.push(c),
+                Err(e) => errors.push(e),
+            }
+        }
+    }
+    doc.consumer_groups = parse_list("consumer_groups", consumer_groups, &mut errors);
     match from_value_at::<NodeConfig>("", Value::Object(top)) {
         Ok(node) => doc.node = node,
         Err(e) => errors.push(e),

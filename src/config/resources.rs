@@ -483,6 +483,78 @@ pub struct Consumer {
     pub update_time: Option<u64>,
 }
 
+/// A consumer group, as APISIX 3.x's `/apisix/admin/consumer_groups/{id}` body: plugins shared
+/// by the consumers whose `group_id` names it (a consumer's own conf of a plugin wins).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsumerGroup {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<Id>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desc: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<BTreeMap<String, String>>,
+    pub plugins: Map<String, Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub create_time: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub update_time: Option<u64>,
+}
+
+/// A consumer credential (APISIX 3.8+): one auth plugin conf that identifies its consumer, as
+/// `/apisix/admin/consumers/{username}/credentials/{id}` holds it. `id` is the whole
+/// `USERNAME/credentials/ID`, the form APISIX's standalone file uses in its `consumers:` list.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Credential {
+    #[serde(deserialize_with = "credential_id")]
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desc: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    pub plugins: Map<String, Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub create_time: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub update_time: Option<u64>,
+}
+
+impl Credential {
+    /// The consumer's username and the credential's own id.
+    pub fn split_id(&self) -> (&str, &str) {
+        split_credential_id(&self.id).unwrap_or((&self.id, ""))
+    }
+}
+
+/// `USERNAME/credentials/ID` -> (username, id); None when the id has another shape.
+pub fn split_credential_id(id: &str) -> Option<(&str, &str)> {
+    let (user, cred) = id.split_once("/credentials/")?;
+    Some((user, cred))
+}
+
+/// Checks a credential id of the form `USERNAME/credentials/ID`.
+pub fn validate_credential_id(id: &str) -> Result<(), String> {
+    let Some((user, cred)) = split_credential_id(id) else {
+        return Err(format!(
+            "credential id {id:?} must read USERNAME/credentials/ID"
+        ));
+    };
+    validate_id(user).map_err(|e| format!("consumer name: {e}"))?;
+    validate_id(cred)
+}
+
+fn credential_id<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let s = String::deserialize(d)?;
+    validate_credential_id(&s).map_err(serde::de::Error::custom)?;
+    Ok(s)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,8 +11,9 @@ use std::time::{Instant, SystemTime};
 use http::{HeaderMap, Method, Version};
 
 use crate::body::RequestBody;
+use crate::plugin::chain::Chain;
 use crate::router::RouteMatch;
-use crate::snapshot::RouteEntry;
+use crate::snapshot::{ConsumerEntry, RouteEntry};
 
 /// Per-request state, created when the request head has been read and dropped after `log`.
 pub struct Ctx {
@@ -53,6 +54,11 @@ pub struct Ctx {
     pub start_time: SystemTime,
     /// Variables set by plugins (`ctx.var.NAME = v`); consulted before the built-in ones.
     pub vars: HashMap<String, String>,
+    /// The consumer an auth plugin identified (APISIX's `ctx.consumer`), once one has.
+    pub consumer: Option<Arc<ConsumerEntry>>,
+    /// The route's plugins with the consumer's (and its group's) merged in: set after rewrite
+    /// when a consumer brings plugins, and run instead of the route's own from then on.
+    pub plugins: Option<Arc<Chain>>,
     data: HashMap<TypeId, Box<dyn Any>>,
 }
 
@@ -96,6 +102,8 @@ impl Ctx {
             start: Instant::now(),
             start_time: SystemTime::now(),
             vars: HashMap::new(),
+            consumer: None,
+            plugins: None,
             data: HashMap::new(),
         }
     }

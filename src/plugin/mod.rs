@@ -268,6 +268,12 @@ pub trait Plugin: Send + Sync + 'static {
         PluginKind::Native
     }
 
+    /// An authentication plugin (APISIX's `type = "auth"`): it identifies consumers, so a
+    /// consumer's conf of it is a credential, not a plugin to merge into the route.
+    fn is_auth(&self) -> bool {
+        false
+    }
+
     /// The conf schema (JSON Schema), also served by the Admin API's `/plugins/{name}`.
     fn schema(&self) -> &Schema;
 

@@ -116,13 +116,41 @@ pub async fn handle(
     ctx.route = Some(route.clone());
     ctx.matched = Some(m);
 
-    let chains = [&snap.global, &route.chain];
-    match run_request_phases(&chains, &mut ctx).await {
+    match run_route_phases(&snap.global, &route, &mut ctx).await {
         Ok(None) => {}
         Ok(Some(local)) => return respond_local(ctx, snap, local, &env.node),
         Err(e) => return respond_local(ctx, snap, plugin_failure(&e), &env.node),
     }
     proxy(env, snap, route, ctx).await
+}
+
+/// A matched route's rewrite then access, each over the global rules then the route. Between
+/// them, a consumer an auth plugin attached brings its plugins (APISIX's `http_access_phase`):
+/// the ones only it brings run their rewrite, then access runs over the merged set.
+async fn run_route_phases(
+    global: &Chain,
+    route: &RouteEntry,
+    ctx: &mut Ctx,
+) -> Result<Option<LocalResponse>, PluginError> {
+    let chains = [global, &route.chain];
+    if let Flow::Respond(r) = chain::run_request_phase(Phase::Rewrite, &chains, ctx).await? {
+        return Ok(Some(r));
+    }
+    if ctx.consumer.is_some() {
+        if let Some(added) = super::consumer::merge(ctx, route) {
+            if let Flow::Respond(r) =
+                chain::run_request_phase(Phase::Rewrite, &[&added], ctx).await?
+            {
+                return Ok(Some(r));
+            }
+        }
+    }
+    let merged = ctx.plugins.clone();
+    let chains = [global, merged.as_deref().unwrap_or(&route.chain)];
+    if let Flow::Respond(r) = chain::run_request_phase(Phase::Access, &chains, ctx).await? {
+        return Ok(Some(r));
+    }
+    Ok(None)
 }
 
 /// rewrite then access, each over the global rules then the route.
@@ -176,7 +204,8 @@ async fn proxy(
         first.port.unwrap_or(cfg.scheme.default_port()),
     ));
 
-    let chains = [&snap.global, &route.chain];
+    let merged = ctx.plugins.clone();
+    let chains = [&snap.global, merged.as_deref().unwrap_or(&route.chain)];
     match chain::run_request_phase(Phase::BeforeProxy, &chains, &mut ctx).await {
         Ok(Flow::Continue) => {}
         Ok(Flow::Respond(r)) => return respond_local(ctx, snap, r, &env.node),
@@ -358,12 +387,13 @@ fn respond(
     node: &NodeConfig,
 ) -> Response<GatewayBody> {
     let route = ctx.route.clone();
+    let merged = ctx.plugins.clone();
     let filter_body;
     {
         let empty = Chain::default();
         let chains = [
             &snap.global,
-            route.as_ref().map(|r| &r.chain).unwrap_or(&empty),
+            route_chain(merged.as_deref(), route.as_deref(), &empty),
         ];
         ctx.status = head.status.as_u16();
         if let Err(e) = chain::run_header_filter(&chains, &mut ctx, &mut head) {
@@ -388,6 +418,7 @@ fn respond(
             ctx,
             snap,
             route,
+            merged,
             filter_body,
             access_log: node.access_log,
         }),
@@ -398,10 +429,21 @@ fn respond(
     res
 }
 
+/// The plugins in effect after rewrite: the consumer-merged set, else the route's.
+fn route_chain<'a>(
+    merged: Option<&'a Chain>,
+    route: Option<&'a RouteEntry>,
+    empty: &'a Chain,
+) -> &'a Chain {
+    merged.or(route.map(|r| &r.chain)).unwrap_or(empty)
+}
+
 struct Finish {
     ctx: Ctx,
     snap: Arc<Snapshot>,
     route: Option<Arc<RouteEntry>>,
+    /// `ctx.plugins`, held here so the body and log phases need not borrow the ctx for it.
+    merged: Option<Arc<Chain>>,
     filter_body: bool,
     access_log: bool,
 }
@@ -411,7 +453,7 @@ impl Finish {
         let empty = Chain::default();
         let chains = [
             &self.snap.global,
-            self.route.as_ref().map(|r| &r.chain).unwrap_or(&empty),
+            route_chain(self.merged.as_deref(), self.route.as_deref(), &empty),
         ];
         f(&chains, &mut self.ctx)
     }

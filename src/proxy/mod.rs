@@ -6,6 +6,7 @@
 //! lock; the only shared state is the snapshot pointer.
 
 pub mod client;
+mod consumer;
 pub mod handler;
 pub mod headers;
 

@@ -327,7 +327,7 @@ fn tls_config(conf: &EtcdConfig) -> Result<rustls::ClientConfig, StoreError> {
 
 impl Shared {
     fn key(&self, kind: Kind, id: &str) -> String {
-        format!("{}/{}/{id}", self.prefix, kind.as_str())
+        format!("{}/{}/{id}", self.prefix, kind.dir())
     }
 
     fn classify(&self, key: &str) -> KeyKind {
@@ -340,12 +340,19 @@ impl Shared {
         let Some((kind, id)) = rest.split_once('/') else {
             return KeyKind::Ignored;
         };
-        let Some(kind) = Kind::parse(kind) else {
+        let Some(kind) = Kind::parse(kind).filter(|k| *k != Kind::Credentials) else {
             return KeyKind::Ignored;
         };
         if id.is_empty() {
             // APISIX's `init_dir` marker of the folder.
             return KeyKind::Ignored;
+        }
+        if kind == Kind::Consumers && id.contains("/credentials/") {
+            // `consumers/jack/credentials/1`: a credential of consumer jack.
+            return match crate::config::validate_credential_id(id) {
+                Ok(()) => KeyKind::Resource(Kind::Credentials, id.to_string()),
+                Err(e) => KeyKind::Bad(format!("invalid credential id: {e}")),
+            };
         }
         match validate_id(id) {
             Ok(()) => KeyKind::Resource(kind, id.to_string()),
@@ -552,6 +559,11 @@ impl Shared {
                         "username"
                     } else {
                         "id"
+                    };
+                    // A credential's `id` is its own, the key's last segment.
+                    let id = match crate::config::split_credential_id(&id) {
+                        Some((_, cred)) if kind == Kind::Credentials => cred.to_string(),
+                        _ => id,
                     };
                     m.insert(field.into(), Value::String(id));
                 }
@@ -1224,6 +1236,22 @@ mod tests {
             s.classify("/apisix/consumers/jack"),
             KeyKind::Resource(Kind::Consumers, "jack".into())
         );
+        assert_eq!(
+            s.classify("/apisix/consumers/jack/credentials/k1"),
+            KeyKind::Resource(Kind::Credentials, "jack/credentials/k1".into())
+        );
+        assert_eq!(
+            s.key(Kind::Credentials, "jack/credentials/k1"),
+            "/apisix/consumers/jack/credentials/k1"
+        );
+        assert_eq!(
+            s.classify("/apisix/consumer_groups/g1"),
+            KeyKind::Resource(Kind::ConsumerGroups, "g1".into())
+        );
+        assert!(matches!(
+            s.classify("/apisix/consumers/jack/credentials/a/b"),
+            KeyKind::Bad(_)
+        ));
         assert_eq!(s.classify("/apisix/ssls/1"), KeyKind::Ignored);
         assert_eq!(s.classify("/apisix/gen_id"), KeyKind::Ignored);
         assert!(matches!(s.classify("/apisix/routes/a/b"), KeyKind::Bad(_)));

@@ -14,7 +14,8 @@ use std::sync::Arc;
 use serde_json::Value;
 
 use crate::config::{
-    self, ConfigError, ConfigErrors, Consumer, Document, GlobalRule, Id, Route, Service, Upstream,
+    self, ConfigError, ConfigErrors, Consumer, ConsumerGroup, Credential, Document, GlobalRule, Id,
+    Route, Service, Upstream,
 };
 use crate::reload::ResourceOverlay;
 
@@ -28,16 +29,21 @@ pub enum Kind {
     Services,
     GlobalRules,
     Consumers,
+    ConsumerGroups,
+    /// Consumer credentials; the id is `USERNAME/credentials/ID` (the key under `consumers`).
+    Credentials,
 }
 
 impl Kind {
     /// Every kind, in the order builds see them.
-    pub const ALL: [Kind; 5] = [
+    pub const ALL: [Kind; 7] = [
         Kind::Routes,
         Kind::Upstreams,
         Kind::Services,
         Kind::GlobalRules,
         Kind::Consumers,
+        Kind::ConsumerGroups,
+        Kind::Credentials,
     ];
 
     /// The path segment and config-file key: `routes`, `global_rules`, ...
@@ -48,6 +54,16 @@ impl Kind {
             Kind::Services => "services",
             Kind::GlobalRules => "global_rules",
             Kind::Consumers => "consumers",
+            Kind::ConsumerGroups => "consumer_groups",
+            Kind::Credentials => "credentials",
+        }
+    }
+
+    /// The folder its keys live in: a credential's is its consumer's (`consumers/jack/credentials/1`).
+    pub fn dir(self) -> &'static str {
+        match self {
+            Kind::Credentials => "consumers",
+            k => k.as_str(),
         }
     }
 
@@ -59,6 +75,8 @@ impl Kind {
             Kind::Services => "service",
             Kind::GlobalRules => "global rule",
             Kind::Consumers => "consumer",
+            Kind::ConsumerGroups => "consumer group",
+            Kind::Credentials => "credential",
         }
     }
 
@@ -69,7 +87,7 @@ impl Kind {
 
     /// APISIX's etcd-style key: `/apisix/routes/1`.
     pub fn key(self, id: &str) -> String {
-        format!("/apisix/{}/{id}", self.as_str())
+        format!("/apisix/{}/{id}", self.dir())
     }
 }
 
@@ -263,6 +281,34 @@ pub fn insert_resource(
             |c: &Consumer| Some(&c.username),
             |v| config::from_value_at("", v),
         ),
+        Kind::ConsumerGroups => put(
+            &mut doc.consumer_groups,
+            id,
+            value,
+            mode,
+            |g: &ConsumerGroup| g.id.as_ref(),
+            |v| config::from_value_at("", v),
+        ),
+        Kind::Credentials => {
+            // The store keeps APISIX's value (`id` is the credential's own); the document's
+            // id is the whole `USERNAME/credentials/ID`.
+            let mut value = value;
+            if let Value::Object(m) = &mut value {
+                m.insert("id".into(), Value::String(id.to_string()));
+            }
+            let existing = doc.credentials.iter().position(|c| c.id == id);
+            match (existing, mode) {
+                (Some(_), InsertMode::Append) => return Err(InsertError::Conflict),
+                (Some(i), InsertMode::Replace) => {
+                    doc.credentials.remove(i);
+                }
+                (None, _) => {}
+            }
+            let item: Credential =
+                config::from_value_at("", value).map_err(InsertError::Invalid)?;
+            doc.credentials.push(item);
+            Ok(doc.credentials.len() - 1)
+        }
     }
 }
 
@@ -279,6 +325,12 @@ pub fn remove_resource(doc: &mut Document, kind: Kind, id: &str) -> bool {
         Kind::Services => remove(&mut doc.services, id, |r| r.id.as_ref()),
         Kind::GlobalRules => remove(&mut doc.global_rules, id, |r| r.id.as_ref()),
         Kind::Consumers => remove(&mut doc.consumers, id, |c| Some(&c.username)),
+        Kind::ConsumerGroups => remove(&mut doc.consumer_groups, id, |g| g.id.as_ref()),
+        Kind::Credentials => {
+            let before = doc.credentials.len();
+            doc.credentials.retain(|c| c.id != id);
+            doc.credentials.len() != before
+        }
     }
 }
 
@@ -295,6 +347,8 @@ pub fn resource_ids(doc: &Document, kind: Kind) -> Vec<String> {
         Kind::Services => ids(&doc.services, |r| r.id.as_ref()),
         Kind::GlobalRules => ids(&doc.global_rules, |r| r.id.as_ref()),
         Kind::Consumers => ids(&doc.consumers, |c| Some(&c.username)),
+        Kind::ConsumerGroups => ids(&doc.consumer_groups, |g| g.id.as_ref()),
+        Kind::Credentials => doc.credentials.iter().map(|c| c.id.clone()).collect(),
     }
 }
 
@@ -315,6 +369,12 @@ pub fn resource_json(doc: &Document, kind: Kind, id: &str) -> Option<Value> {
         Kind::Services => find(&doc.services, id, |r| r.id.as_ref()),
         Kind::GlobalRules => find(&doc.global_rules, id, |r| r.id.as_ref()),
         Kind::Consumers => find(&doc.consumers, id, |c| Some(&c.username)),
+        Kind::ConsumerGroups => find(&doc.consumer_groups, id, |g| g.id.as_ref()),
+        Kind::Credentials => doc
+            .credentials
+            .iter()
+            .find(|c| c.id == id)
+            .and_then(|c| serde_json::to_value(c).ok()),
     }
 }
 

@@ -1336,6 +1336,38 @@ fn http_time(t: i64) -> String {
     )
 }
 
+/// One consumer as an APISIX-shaped Lua table (without `auth_conf`).
+fn consumer_table(
+    lua: &Lua,
+    c: &crate::snapshot::ConsumerEntry,
+    generation: u64,
+) -> mlua::Result<Table> {
+    let t = lua.create_table()?;
+    t.set("username", c.username.as_str())?;
+    t.set("consumer_name", c.username.as_str())?;
+    t.set("id", c.username.as_str())?;
+    if let Some(d) = &c.desc {
+        t.set("desc", d.as_str())?;
+    }
+    if !c.labels.is_empty() {
+        let labels = lua.create_table()?;
+        for (k, v) in &c.labels {
+            labels.set(k.as_str(), v.as_str())?;
+        }
+        t.set("labels", labels)?;
+        if let Some(id) = c.labels.get("custom_id") {
+            t.set("custom_id", id.as_str())?;
+        }
+    }
+    if let Some(g) = &c.group_id {
+        t.set("group_id", g.as_str())?;
+    }
+    let plugins = serde_json::Value::Object(c.plugins.clone());
+    t.set("plugins", convert::json_to_lua(lua, &plugins)?)?;
+    t.set("modifiedIndex", generation)?;
+    Ok(t)
+}
+
 /// `__moongate.consumers_version()` and `__moongate.consumers(plugin_name)`: the matched
 /// route's snapshot consumers, for `apisix.consumer`. The version is the snapshot generation
 /// (nil outside a routed request); `apisix.consumer` caches what it builds per version, so the
@@ -1350,49 +1382,48 @@ fn install_consumers(lua: &Lua, mg: &Table) -> mlua::Result<()> {
         "consumers_version",
         lua.create_function(|_, ()| Ok(current().map(|c| c.generation)))?,
     )?;
-    // An array of APISIX-shaped consumer tables; with a plugin name, only the consumers that
-    // configure it, each with that conf as `auth_conf`.
+    // An array of APISIX-shaped consumer tables; with a plugin name, one per consumer conf or
+    // credential of that auth plugin, each with the conf as `auth_conf` (and `credential_id`
+    // for a credential), as APISIX's consumer.lua builds them.
     mg.set(
         "consumers",
         lua.create_function(|lua, plugin: Option<String>| {
             let Some(all) = current() else {
                 return Ok(Value::Nil);
             };
-            let list: &[std::sync::Arc<crate::snapshot::ConsumerEntry>] = match &plugin {
-                Some(p) => all.by_plugin.get(p).map(Vec::as_slice).unwrap_or(&[]),
-                None => &all.all,
-            };
             let out = lua.create_table()?;
-            for (i, c) in list.iter().enumerate() {
-                let t = lua.create_table()?;
-                t.set("username", c.username.as_str())?;
-                t.set("consumer_name", c.username.as_str())?;
-                t.set("id", c.username.as_str())?;
-                if let Some(d) = &c.desc {
-                    t.set("desc", d.as_str())?;
-                }
-                if !c.labels.is_empty() {
-                    let labels = lua.create_table()?;
-                    for (k, v) in &c.labels {
-                        labels.set(k.as_str(), v.as_str())?;
-                    }
-                    t.set("labels", labels)?;
-                    if let Some(id) = c.labels.get("custom_id") {
-                        t.set("custom_id", id.as_str())?;
+            match &plugin {
+                Some(p) => {
+                    for (i, a) in all.by_plugin.get(p).into_iter().flatten().enumerate() {
+                        let t = consumer_table(lua, &a.consumer, all.generation)?;
+                        t.set("auth_conf", convert::json_to_lua(lua, &a.conf)?)?;
+                        if let Some(id) = &a.credential_id {
+                            t.set("credential_id", id.as_str())?;
+                        }
+                        out.raw_set(i + 1, t)?;
                     }
                 }
-                if let Some(g) = &c.group_id {
-                    t.set("group_id", g.as_str())?;
+                None => {
+                    for (i, c) in all.all.iter().enumerate() {
+                        out.raw_set(i + 1, consumer_table(lua, c, all.generation)?)?;
+                    }
                 }
-                let plugins = serde_json::Value::Object(c.plugins.clone());
-                t.set("plugins", convert::json_to_lua(lua, &plugins)?)?;
-                if let Some(conf) = plugin.as_ref().and_then(|p| c.plugins.get(p)) {
-                    t.set("auth_conf", convert::json_to_lua(lua, conf)?)?;
-                }
-                t.set("modifiedIndex", all.generation)?;
-                out.raw_set(i + 1, t)?;
             }
             Ok(Value::Table(out))
+        })?,
+    )?;
+    // `attach_consumer`: the Rust side learns who the request is, to merge the consumer's
+    // plugins (and its group's) into the route's after rewrite.
+    mg.set(
+        "attach_consumer",
+        lua.create_function(|_, username: String| {
+            with_ctx(|c| {
+                let found = c
+                    .route
+                    .as_ref()
+                    .and_then(|r| r.consumers.get(&username).cloned());
+                c.consumer = found;
+            })
         })?,
     )?;
     Ok(())

@@ -85,6 +85,8 @@ pub struct LuaPlugin {
     /// The phases the module defines.
     lua_phases: PhaseSet,
     has_check_schema: bool,
+    /// The module's `type` is `"auth"`.
+    auth: bool,
     path: PathBuf,
     source: Arc<str>,
     /// Unique per loaded version for the life of the process: VMs key their modules on it.
@@ -221,6 +223,8 @@ impl LuaPlugin {
         }
         let has_check_schema =
             matches!(module.get::<Value>("check_schema"), Ok(Value::Function(_)));
+        let auth =
+            matches!(module.get::<Value>("type"), Ok(Value::String(t)) if t.as_bytes() == b"auth");
         Ok(LuaPlugin {
             name: name.to_string(),
             priority,
@@ -228,6 +232,7 @@ impl LuaPlugin {
             schema,
             lua_phases,
             has_check_schema,
+            auth,
             path: path.to_path_buf(),
             source,
             version_id: NEXT_VERSION.fetch_add(1, Ordering::Relaxed),
@@ -317,6 +322,10 @@ impl Plugin for LuaPlugin {
 
     fn kind(&self) -> PluginKind {
         PluginKind::Lua
+    }
+
+    fn is_auth(&self) -> bool {
+        self.auth
     }
 
     fn schema(&self) -> &Schema {

@@ -58,6 +58,7 @@ local LAZY = {
     conf_type = true, conf_id = true, conf_version = true, matched_route = true,
     curr_req_matched = true, matched_params = true, ngx_ctx = true,
 }
+local CONF_FIELD = { conf_type = true, conf_id = true, conf_version = true }
 mg.CTX_MT = {
     __index = function(t, k)
         if k == "var" then
@@ -67,7 +68,8 @@ mg.CTX_MT = {
         end
         if LAZY[k] then
             local v = ctx_field(k)
-            if v ~= nil then rawset(t, k, v) end
+            -- conf_* change when a consumer's plugins are merged in: never cached.
+            if v ~= nil and not CONF_FIELD[k] then rawset(t, k, v) end
             return v
         end
         return nil

@@ -1,0 +1,66 @@
+//! APISIX's consumer merge: once an auth plugin identified a consumer, the consumer's plugins
+//! (and its consumer group's) join the route's, as `plugin.merge_consumer_route` does.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use crate::plugin::chain::{Chain, ChainEntry};
+use crate::plugin::Ctx;
+use crate::snapshot::RouteEntry;
+
+/// Runs after the rewrite phase when `ctx.consumer` is set. Composes `conf_type`, `conf_id`
+/// and `conf_version` as APISIX does (`route&consumer`, `ROUTE&USERNAME`, ...; with a group,
+/// `&consumer_group` and its id), and, when the consumer or its group has plugins other than
+/// auth ones, puts the merged set in `ctx.plugins`: the group's confs replace the route's by
+/// name, the consumer's replace both, ordered by priority. Returns the plugins that came only
+/// from the consumer or group, whose rewrite phase has not run yet (APISIX's
+/// `rewrite_in_consumer`).
+pub fn merge(ctx: &mut Ctx, route: &RouteEntry) -> Option<Chain> {
+    let consumer = ctx.consumer.clone()?;
+    let group = consumer.group.as_ref();
+    let generation = route.consumers.generation;
+    ctx.conf_type = match (ctx.conf_type, group.is_some()) {
+        ("route", false) => "route&consumer",
+        ("route", true) => "route&consumer&consumer_group",
+        ("route&service", false) => "route&service&consumer",
+        ("route&service", true) => "route&service&consumer&consumer_group",
+        (other, _) => other,
+    };
+    ctx.conf_id = format!("{}&{}", ctx.conf_id, consumer.username);
+    ctx.conf_version = format!("{}&{generation}", ctx.conf_version);
+    if let Some(g) = group {
+        ctx.conf_id = format!("{}&{}", ctx.conf_id, g.id);
+        ctx.conf_version = format!("{}&{generation}", ctx.conf_version);
+    }
+    let group_entries = group.map(|g| g.entries.as_slice()).unwrap_or(&[]);
+    if consumer.entries.is_empty() && group_entries.is_empty() {
+        return None;
+    }
+    let own: HashSet<&str> = consumer.entries.iter().map(|e| e.plugin.name()).collect();
+    let from_group: HashSet<&str> = group_entries
+        .iter()
+        .map(|e| e.plugin.name())
+        .filter(|n| !own.contains(n))
+        .collect();
+    let mut merged: Vec<ChainEntry> = route
+        .chain
+        .entries
+        .iter()
+        .filter(|e| !own.contains(e.plugin.name()) && !from_group.contains(e.plugin.name()))
+        .cloned()
+        .collect();
+    let on_route = |name: &str| route.chain.get(name).is_some();
+    let mut added: Vec<ChainEntry> = Vec::new();
+    for e in group_entries
+        .iter()
+        .filter(|e| from_group.contains(e.plugin.name()))
+        .chain(consumer.entries.iter())
+    {
+        if !on_route(e.plugin.name()) {
+            added.push(e.clone());
+        }
+        merged.push(e.clone());
+    }
+    ctx.plugins = Some(Arc::new(Chain::new(merged)));
+    Some(Chain::new(added))
+}
