@@ -1252,6 +1252,59 @@ fn checks() -> Vec<Check> {
             )
         },
         Check {
+            path: "/ka-ok",
+            headers: &[("apikey", "jack-second")],
+            body_has: &["\"x-consumer-username\":\"jack\"", "\"x-credential-identifier\":\"second\""],
+            ..check(
+                "key-auth",
+                "a credential's key identifies its consumer, and the upstream sees X-Credential-Identifier",
+                "key-auth: {}",
+            )
+        },
+        Check {
+            path: "/ka-merge",
+            headers: &[("apikey", "kate-key")],
+            body_has: &["\"x-consumer-username\":\"kate\"", "\"x-kate\":\"consumer\""],
+            resp_headers: &[("x-group", "gold")],
+            ..check(
+                "key-auth",
+                "the consumer's and its group's plugins join the route after auth (proxy-rewrite runs its rewrite)",
+                "key-auth: {}",
+            )
+        },
+        Check {
+            path: "/ka-merge-pr",
+            headers: &[("apikey", "kate-key")],
+            body_has: &["\"x-kate\":\"route\""],
+            resp_headers: &[("x-group", "gold")],
+            ..check(
+                "key-auth",
+                "a plugin on both the route and the consumer keeps the rewrite the route already ran",
+                "key-auth: {}\n      proxy-rewrite:\n        headers:\n          set:\n            X-Kate: route",
+            )
+        },
+        Check {
+            path: "/cr-group",
+            headers: &[("apikey", "kate-key")],
+            body_has: &["\"x-consumer-username\":\"kate\""],
+            ..check(
+                "consumer-restriction",
+                "a consumer of a whitelisted consumer group passes",
+                "key-auth: {}\n      consumer-restriction:\n        type: consumer_group_id\n        whitelist: [\"gold\"]",
+            )
+        },
+        Check {
+            path: "/cr-group",
+            headers: &[("apikey", "jack-key")],
+            status: 401,
+            body: Some("{\"message\":\"The request is rejected, please check the consumer_group_id for this request\"}\n"),
+            ..check(
+                "consumer-restriction",
+                "a consumer in no group is refused by a group whitelist",
+                "key-auth: {}\n      consumer-restriction:\n        type: consumer_group_id\n        whitelist: [\"gold\"]",
+            )
+        },
+        Check {
             path: "/cr-wl",
             headers: &[("apikey", "jack-key")],
             body_has: &["\"x-consumer-username\":\"jack\""],
@@ -1297,7 +1350,12 @@ fn checks() -> Vec<Check> {
 }
 
 /// The consumers the key-auth and consumer-restriction checks authenticate as.
-const KEY_AUTH_CONSUMERS: &str = "consumers:\n  - username: jack\n    labels:\n      custom_id: j-1\n    plugins:\n      key-auth:\n        key: jack-key\n  - username: rose\n    plugins:\n      key-auth:\n        key: rose-key\n";
+/// kate brings plugins of her own and her group's; jack has a second key as a credential.
+const KEY_AUTH_CONSUMERS: &str = "consumer_groups:\n  - id: gold\n    plugins:\n      response-headers:\n        set:\n          X-Group: gold\n\
+consumers:\n  - username: jack\n    labels:\n      custom_id: j-1\n    plugins:\n      key-auth:\n        key: jack-key\n\
+\x20 - id: jack/credentials/second\n    plugins:\n      key-auth:\n        key: jack-second\n\
+\x20 - username: rose\n    plugins:\n      key-auth:\n        key: rose-key\n\
+\x20 - username: kate\n    group_id: gold\n    plugins:\n      key-auth:\n        key: kate-key\n      proxy-rewrite:\n        headers:\n          set:\n            X-Kate: consumer\n";
 
 /// (plugin, check, what went wrong).
 type Failure = (String, String, String);

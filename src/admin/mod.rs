@@ -380,10 +380,12 @@ fn credential_call(
     let id = match rest {
         [] => None,
         [id] => Some(id.clone()),
-        _ => return Err(Reply::bad(format!(
+        _ => {
+            return Err(Reply::bad(format!(
             "invalid credential id: id \"{}\" may only contain letters, digits, '-', '_' and '.'",
             rest.join("/")
-        ))),
+        )))
+        }
     };
     let missing = || Reply::bad("missing credential id");
     let user = user.to_string();
