@@ -15,6 +15,11 @@ use moongate::snapshot::Gateway;
 
 const DEFAULT_CONFIG: &str = "conf/config.yaml";
 
+/// mimalloc instead of glibc's malloc: a proxied request makes dozens of small, short-lived
+/// allocations, and glibc's malloc/free were about a tenth of a worker's CPU (BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "moongate",
