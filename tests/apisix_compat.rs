@@ -1455,6 +1455,103 @@ fn copy_targets(src: &Path, dir: &Path) {
     }
 }
 
+/// APISIX's own key-auth with consumers, credentials and consumer plugins written through the
+/// Admin API (APISIX_SRC): APISIX's `t/admin/credentials.t` and `t/node/consumer-plugin*.t`
+/// behaviour, restated.
+#[test]
+fn real_key_auth_with_admin_api_credentials_and_consumer_plugins() {
+    let Some(src) = std::env::var_os("APISIX_SRC") else {
+        eprintln!("APISIX_SRC is not set: skipping the Admin API checks with APISIX's key-auth");
+        return;
+    };
+    let key_auth = std::fs::read_to_string(PathBuf::from(src).join("apisix/plugins/key-auth.lua"))
+        .expect("key-auth.lua");
+    let up = Upstream::echo();
+    let u = upstream_yaml(&up);
+    let routes = format!("  - id: ka\n    uri: /ka\n    plugins:\n      key-auth: {{}}\n{u}");
+    let (_tmp, gw, admin) = consumer_gateway(&[("key-auth", key_auth.as_str())], &routes, "");
+    let call = |m: &str, p: &str, b: Option<&str>| admin_call(&admin, m, p, b);
+    let send = |key: &str| Req::get(&gw.url("/ka")).header("apikey", key).send();
+
+    let r = call(
+        "PUT",
+        "/consumers/jack",
+        Some(
+            r#"{"plugins":{"key-auth":{"key":"jack-key"},"response-headers":{"set":{"X-Who":"jack"}},"stamp":{"tag":"jack"}}}"#,
+        ),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let r = call(
+        "PUT",
+        "/consumers/jack/credentials/c2",
+        Some(r#"{"plugins":{"key-auth":{"key":"jack-two"}}}"#),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    for (key, cred) in [("jack-key", None), ("jack-two", Some("c2"))] {
+        let r = send(key);
+        assert_eq!(r.status, 200, "{}\n{}", r.text(), gw.logs());
+        let seen = r.json();
+        assert_eq!(seen["headers"]["x-consumer-username"], "jack");
+        assert_eq!(
+            seen["headers"]
+                .get("x-credential-identifier")
+                .and_then(|v| v.as_str()),
+            cred
+        );
+        // The consumer's plugins run after key-auth: native and Lua.
+        assert_eq!(r.header("x-who").as_deref(), Some("jack"));
+        assert_eq!(seen["headers"]["x-stamp"], "jack");
+        assert_eq!(r.header("x-conf-type").as_deref(), Some("route&consumer"));
+    }
+    assert_eq!(send("nobody").status, 401);
+
+    // APISIX's duplicate-key refusals, with its wording.
+    let r = call(
+        "PUT",
+        "/consumers/bob",
+        Some(r#"{"plugins":{"key-auth":{"key":"jack-two"}}}"#),
+    );
+    assert_eq!(r.status, 400);
+    assert_eq!(
+        r.json()["error_msg"],
+        "duplicate key of plugin key-auth found with credential: c2 of consumer: jack"
+    );
+    let r = call(
+        "PUT",
+        "/consumers/jack/credentials/c3",
+        Some(r#"{"plugins":{"key-auth":{"key":"jack-key"}}}"#),
+    );
+    assert_eq!(r.status, 400);
+    assert_eq!(
+        r.json()["error_msg"],
+        "duplicate key of plugin key-auth found with consumer: jack"
+    );
+    // Rewriting a consumer or a credential with its own key is fine.
+    let r = call(
+        "PUT",
+        "/consumers/jack",
+        Some(r#"{"plugins":{"key-auth":{"key":"jack-key"}}}"#),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = call(
+        "PUT",
+        "/consumers/jack/credentials/c2",
+        Some(r#"{"plugins":{"key-auth":{"key":"jack-two"}}}"#),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    // A consumer does not conflict with its own credentials.
+    let r = call(
+        "PUT",
+        "/consumers/jack",
+        Some(r#"{"plugins":{"key-auth":{"key":"jack-two"}}}"#),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    // Without its plugins now, jack's requests run the route's alone.
+    let r = send("jack-two");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-who"), None);
+}
+
 #[test]
 fn real_apisix_plugins_behave_as_documented() {
     let Some(src) = std::env::var_os("APISIX_SRC") else {

@@ -484,6 +484,11 @@ impl Admin {
                 return Ok(Reply::bad(msg));
             }
         }
+        if new.is_some() && matches!(kind, Kind::Consumers | Kind::Credentials) {
+            if let Some(msg) = duplicate_key(&snap.consumers, kind, id) {
+                return Ok(Reply::bad(msg));
+            }
+        }
         drop(snap);
 
         let started = Instant::now();
@@ -732,6 +737,63 @@ fn api_message(errors: &ConfigErrors, kind: Kind, index: Option<usize>) -> Strin
         });
     }
     parts.join("; ")
+}
+
+/// The attribute each auth plugin finds its consumer by (APISIX's
+/// `plugin_unique_key_attrs` in `apisix/consumer.lua`).
+const UNIQUE_KEY_ATTRS: [(&str, &str); 6] = [
+    ("key-auth", "key"),
+    ("basic-auth", "username"),
+    ("jwt-auth", "key"),
+    ("hmac-auth", "key_id"),
+    ("ldap-auth", "user_dn"),
+    ("ldap-auth-advanced", "user_dn"),
+];
+
+/// APISIX's `check_duplicate_key`: a consumer or credential just written may not use an auth
+/// key another consumer or credential already has (the runtime lookup could not tell them
+/// apart). A consumer does not conflict with its own credentials; a credential only with itself.
+fn duplicate_key(consumers: &crate::snapshot::Consumers, kind: Kind, id: &str) -> Option<String> {
+    let (user, cred) = match kind {
+        Kind::Credentials => {
+            let (u, c) = crate::config::split_credential_id(id)?;
+            (u, Some(c))
+        }
+        _ => (id, None),
+    };
+    for (plugin, attr) in UNIQUE_KEY_ATTRS {
+        let Some(entries) = consumers.by_plugin.get(plugin) else {
+            continue;
+        };
+        let is_written = |e: &crate::snapshot::AuthEntry| {
+            e.consumer.username == user && e.credential_id.as_deref() == cred
+        };
+        for written in entries.iter().filter(|e| is_written(e)) {
+            let Some(Value::String(value)) = written.conf.get(attr) else {
+                continue;
+            };
+            if value.starts_with("$secret://") || value.starts_with("$env://") {
+                continue;
+            }
+            let owner = entries.iter().find(|e| {
+                let same_owner = match cred {
+                    Some(_) => is_written(e),
+                    None => e.consumer.username == user,
+                };
+                !same_owner && e.conf.get(attr) == Some(&Value::String(value.clone()))
+            });
+            if let Some(o) = owner {
+                let desc = match &o.credential_id {
+                    Some(c) => format!("credential: {c} of consumer: {}", o.consumer.username),
+                    None => format!("consumer: {}", o.consumer.username),
+                };
+                return Some(format!(
+                    "duplicate {attr} of plugin {plugin} found with {desc}"
+                ));
+            }
+        }
+    }
+    None
 }
 
 /// Checks a service's plugin confs against the registry of a successful build.
