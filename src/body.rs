@@ -13,9 +13,9 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 
 use crate::http1::server::RecvBody;
+use crate::proxy::client::UpstreamBody;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -143,6 +143,24 @@ impl UpstreamRequestBody {
     }
 }
 
+impl UpstreamRequestBody {
+    /// A second copy of a body that is in memory (empty or read whole), for sending the
+    /// request again; None for a body still streaming from the client.
+    pub fn replay(&self) -> Option<Self> {
+        let inner = match &self.inner {
+            RequestBody::Empty => RequestBody::Empty,
+            RequestBody::Full(b) => RequestBody::Full(b.clone()),
+            RequestBody::Stream(_) => return None,
+        };
+        Some(UpstreamRequestBody {
+            inner,
+            sent: 0,
+            max: self.max,
+            too_large: self.too_large.clone(),
+        })
+    }
+}
+
 impl Body for UpstreamRequestBody {
     type Data = Bytes;
     type Error = BoxError;
@@ -211,7 +229,7 @@ pub struct ReadTimeout;
 /// A peer's response body that fails with [`ReadTimeout`] when no data arrives for `limit`:
 /// the read timeout bounds each wait for data, as nginx's `proxy_read_timeout` does.
 pub struct IdleTimeout {
-    inner: Incoming,
+    inner: UpstreamBody,
     limit: Duration,
     sleep: Option<Pin<Box<tokio::time::Sleep>>>,
     /// Called once when the timeout fires (a plugin's own log line).
@@ -219,7 +237,7 @@ pub struct IdleTimeout {
 }
 
 impl IdleTimeout {
-    pub fn new(inner: Incoming, limit: Duration) -> Self {
+    pub fn new(inner: UpstreamBody, limit: Duration) -> Self {
         IdleTimeout {
             inner,
             limit,
@@ -275,12 +293,14 @@ impl Body for IdleTimeout {
 }
 
 /// A response body: from the upstream (streaming) or made by the gateway.
+// An upstream body owns its connection and buffers inline (a few hundred bytes): moving it a
+// few times per request costs less than boxing it, a heap allocation per request.
+#[allow(clippy::large_enum_variant)]
 #[derive(Default)]
 pub enum ResponseBody {
     #[default]
     Empty,
     Full(Bytes),
-    Stream(Incoming),
     /// A peer's body under a read timeout.
     Timed(IdleTimeout),
     /// Any other body (a filtered or time-limited stream).
@@ -317,7 +337,6 @@ impl Body for ResponseBody {
                     Poll::Ready(Some(Ok(Frame::data(data))))
                 }
             }
-            ResponseBody::Stream(i) => Pin::new(i).poll_frame(cx).map_err(Into::into),
             ResponseBody::Timed(t) => Pin::new(t).poll_frame(cx),
             ResponseBody::Boxed(b) => Pin::new(b).poll_frame(cx),
         }
@@ -327,7 +346,6 @@ impl Body for ResponseBody {
         match self {
             ResponseBody::Empty => true,
             ResponseBody::Full(b) => b.is_empty(),
-            ResponseBody::Stream(i) => i.is_end_stream(),
             ResponseBody::Timed(t) => t.is_end_stream(),
             ResponseBody::Boxed(b) => b.is_end_stream(),
         }
@@ -337,7 +355,6 @@ impl Body for ResponseBody {
         match self {
             ResponseBody::Empty => SizeHint::with_exact(0),
             ResponseBody::Full(b) => SizeHint::with_exact(b.len() as u64),
-            ResponseBody::Stream(i) => i.size_hint(),
             ResponseBody::Timed(t) => t.size_hint(),
             ResponseBody::Boxed(b) => b.size_hint(),
         }

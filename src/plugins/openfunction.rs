@@ -391,7 +391,7 @@ async fn call(
         .map_err(|_| "invalid characters found in path".to_string())?;
 
     // The request as the plugins before this one left it, minus what describes the client's
-    // connection or framing (hyper frames the body it sends).
+    // connection or framing (the client frames the body it sends).
     let mut headers = ctx.headers.clone();
     strip_hop_by_hop(&mut headers);
     headers.remove(header::CONTENT_LENGTH);

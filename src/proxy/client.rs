@@ -3,7 +3,9 @@
 //!
 //! Connecting and sending are separate steps so the proxy can retry the next node after a
 //! connect failure without having consumed the request body. Each worker thread owns its pool
-//! (no lock on the hot path); connections are tasks on that worker's `LocalSet`.
+//! (no lock on the hot path). A connection is driven by the request's own future
+//! ([`crate::http1::client`]): no task per connection; the response body puts it back into the
+//! pool when it has been read to its end.
 
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
@@ -14,16 +16,14 @@ use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use hyper::body::Incoming;
-use hyper::client::conn::http1::SendRequest;
-use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
+use http::{Request, Response};
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
 use crate::body::UpstreamRequestBody;
+use crate::http1::client::{self as h1, Connection, Recycle, RequestHead};
 
 /// Why an upstream call failed; the caller picks the status code and whether to retry.
 #[derive(Debug, thiserror::Error)]
@@ -39,8 +39,9 @@ pub enum ClientError {
     /// No response head within the send + read timeout.
     #[error("timeout")]
     Timeout,
-    #[error("{0}")]
-    Protocol(String),
+    /// The exchange failed: send error, reset, malformed response.
+    #[error(transparent)]
+    Http(#[from] h1::Error),
 }
 
 impl ClientError {
@@ -126,15 +127,17 @@ impl PoolOptions {
 }
 
 struct Idle {
-    sender: SendRequest<UpstreamRequestBody>,
+    conn: Connection<Stream>,
     /// When the idle timeout closes it.
     deadline: Instant,
     requests: u64,
 }
 
 impl Idle {
-    fn usable(&self, now: Instant) -> bool {
-        now < self.deadline && !self.sender.is_closed()
+    /// Within its idle timeout and not closed (or written to) by the upstream meanwhile.
+    fn usable(&mut self, now: Instant) -> bool {
+        // Only a socket that became readable needs the read that tells close from quiet.
+        now < self.deadline && (self.conn.io().quiet() || self.conn.idle_alive())
     }
 }
 
@@ -161,11 +164,38 @@ pub fn worker_client() -> Client {
 
 /// A connection ready for one request.
 pub struct Conn {
-    sender: SendRequest<UpstreamRequestBody>,
+    conn: Connection<Stream>,
     target: Target,
     requests: u64,
+    /// For a fresh connection when a reused one turns out closed.
+    connect_timeout: Duration,
     /// True when it came from the pool.
     pub reused: bool,
+}
+
+/// An upstream response body: streams from the connection and returns it to the pool at its end.
+pub type UpstreamBody = h1::ResponseBody<Stream, PoolReturn>;
+
+/// Where a connection goes when its response has been read: back to its worker's pool.
+pub struct PoolReturn {
+    client: Client,
+    target: Target,
+    pool: PoolOptions,
+    requests: u64,
+}
+
+impl Recycle<Stream> for PoolReturn {
+    fn recycle(self, conn: Connection<Stream>) {
+        self.client.put_idle(
+            self.target,
+            Idle {
+                conn,
+                deadline: Instant::now() + self.pool.idle_timeout,
+                requests: self.requests,
+            },
+            self.pool,
+        );
+    }
 }
 
 impl Client {
@@ -177,31 +207,33 @@ impl Client {
         pool: PoolOptions,
     ) -> Result<Conn, ClientError> {
         if pool.max_idle > 0 {
-            if let Some(conn) = self.take_idle(target) {
+            if let Some(conn) = self.take_idle(target, connect_timeout) {
                 return Ok(conn);
             }
         }
-        let sender = connect(target, connect_timeout).await?;
+        let conn = connect(target, connect_timeout).await?;
         Ok(Conn {
-            sender,
+            conn,
             target: target.clone(),
             requests: 0,
+            connect_timeout,
             reused: false,
         })
     }
 
-    fn take_idle(&self, target: &Target) -> Option<Conn> {
+    fn take_idle(&self, target: &Target, connect_timeout: Duration) -> Option<Conn> {
         let mut state = self.state.borrow_mut();
         let list = state.idle.get_mut(target)?;
         let now = Instant::now();
-        while let Some(idle) = list.pop_back() {
-            if !idle.usable(now) || !idle.sender.is_ready() {
+        while let Some(mut idle) = list.pop_back() {
+            if !idle.usable(now) {
                 continue;
             }
             return Some(Conn {
-                sender: idle.sender,
+                conn: idle.conn,
                 target: target.clone(),
                 requests: idle.requests,
+                connect_timeout,
                 reused: true,
             });
         }
@@ -236,7 +268,7 @@ impl Client {
                     let Some(state) = weak.upgrade() else { return };
                     let now = Instant::now();
                     state.borrow_mut().idle.retain(|_, list| {
-                        list.retain(|i| i.usable(now));
+                        list.retain_mut(|i| i.usable(now));
                         !list.is_empty()
                     });
                 }
@@ -248,64 +280,67 @@ impl Client {
 impl Conn {
     /// Sends one request and waits for the response head for at most `timeout`. When the
     /// response body has been read to the end, the connection goes back to the pool (if
-    /// keep-alive is on and the server did not close it).
+    /// keep-alive is on, the upstream allows it and `max_requests` is not reached).
+    ///
+    /// A reused connection can have been closed by the upstream just before this request was
+    /// written: when it fails before any response byte arrived and the body is in memory, the
+    /// request is sent once more on a fresh connection (nginx's `proxy_next_upstream error`
+    /// does the same for keep-alive connections).
     pub async fn send(
-        mut self,
+        self,
         client: &Client,
         req: Request<UpstreamRequestBody>,
         timeout: Duration,
         pool: PoolOptions,
-    ) -> Result<Response<Incoming>, ClientError> {
-        let fut = self.sender.send_request(req);
-        let res = match tokio::time::timeout(timeout, fut).await {
-            Err(_) => return Err(ClientError::Timeout),
-            Ok(Err(e)) => return Err(ClientError::Protocol(describe_hyper_error(&e))),
-            Ok(Ok(res)) => res,
+    ) -> Result<Response<UpstreamBody>, ClientError> {
+        let Conn {
+            mut conn,
+            target,
+            mut requests,
+            connect_timeout,
+            reused,
+        } = self;
+        let (parts, body) = req.into_parts();
+        let head = RequestHead {
+            method: &parts.method,
+            target: parts.uri.path_and_query().map_or("/", |p| p.as_str()),
+            headers: &parts.headers,
         };
-        self.requests += 1;
-        let limit_reached = pool.max_requests > 0 && self.requests >= pool.max_requests;
-        if pool.max_idle > 0 && !limit_reached {
-            let client = client.clone();
-            let Conn {
-                mut sender,
-                target,
-                requests,
-                ..
-            } = self;
-            tokio::task::spawn_local(async move {
-                // Ready again once the response body has been read to its end.
-                if sender.ready().await.is_ok() {
-                    client.put_idle(
-                        target,
-                        Idle {
-                            sender,
-                            deadline: Instant::now() + pool.idle_timeout,
-                            requests,
-                        },
-                        pool,
-                    );
+        let exchange = async {
+            let replay = if reused { body.replay() } else { None };
+            match conn.send_request(&head, body).await {
+                Ok(res) => Ok(res),
+                Err(e) if e.before_response() && replay.is_some() => {
+                    tracing::debug!(node = %target.addr(), "reused upstream connection failed ({e}); retrying on a new one");
+                    conn = connect(&target, connect_timeout).await?;
+                    requests = 0;
+                    let body = replay.expect("checked above");
+                    Ok(conn.send_request(&head, body).await?)
                 }
-            });
-        }
+                Err(e) => Err(ClientError::from(e)),
+            }
+        };
+        let mut head = match tokio::time::timeout(timeout, exchange).await {
+            Err(_) => return Err(ClientError::Timeout),
+            Ok(r) => r?,
+        };
+        requests += 1;
+        let limit_reached = pool.max_requests > 0 && requests >= pool.max_requests;
+        let recycle = (pool.max_idle > 0 && !limit_reached).then(|| PoolReturn {
+            client: client.clone(),
+            target,
+            pool,
+            requests,
+        });
+        let mut res = Response::new(h1::ResponseBody::new(conn, &mut head, recycle));
+        *res.status_mut() = head.status;
+        *res.version_mut() = head.version;
+        *res.headers_mut() = head.headers;
         Ok(res)
     }
 }
 
-/// Walks a hyper error's sources for the most specific message.
-pub fn describe_hyper_error(e: &hyper::Error) -> String {
-    let mut msg = e.to_string();
-    let mut src = std::error::Error::source(e);
-    while let Some(s) = src {
-        msg = s.to_string();
-        src = s.source();
-    }
-    msg
-}
-
-async fn connect(
-    target: &Target,
-    timeout: Duration,
-) -> Result<SendRequest<UpstreamRequestBody>, ClientError> {
+async fn connect(target: &Target, timeout: Duration) -> Result<Connection<Stream>, ClientError> {
     let deadline = Instant::now() + timeout;
     let attempt = async {
         let addrs: Vec<std::net::SocketAddr> = match target.host.parse::<std::net::IpAddr>() {
@@ -355,14 +390,7 @@ async fn connect(
         } else {
             Stream::Plain(stream)
         };
-        let (sender, conn) = hyper::client::conn::http1::Builder::new()
-            .handshake(TokioIo::new(io))
-            .await
-            .map_err(|e| ClientError::Connect(describe_hyper_error(&e)))?;
-        tokio::task::spawn_local(async move {
-            let _ = conn.await;
-        });
-        Ok(sender)
+        Ok(Connection::new(io))
     };
     match tokio::time::timeout_at(deadline.into(), attempt).await {
         Ok(r) => r,
@@ -465,9 +493,22 @@ impl rustls::client::danger::ServerCertVerifier for NoVerify {
 }
 
 /// A plain or TLS upstream stream.
-enum Stream {
+pub enum Stream {
     Plain(TcpStream),
     Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl Stream {
+    /// True when nothing arrived on the socket since the last read drained it, as the reactor
+    /// knows without a system call. False means "maybe": the upstream may have closed it.
+    fn quiet(&self) -> bool {
+        let tcp = match self {
+            Stream::Plain(s) => s,
+            Stream::Tls(s) => s.get_ref().0,
+        };
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        tcp.poll_read_ready(&mut cx).is_pending()
+    }
 }
 
 impl AsyncRead for Stream {
