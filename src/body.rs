@@ -150,6 +150,8 @@ impl UpstreamRequestBody {
         let inner = match &self.inner {
             RequestBody::Empty => RequestBody::Empty,
             RequestBody::Full(b) => RequestBody::Full(b.clone()),
+            // A request without a body still arrives as a (finished) stream.
+            RequestBody::Stream(i) if i.is_end_stream() => RequestBody::Empty,
             RequestBody::Stream(_) => return None,
         };
         Some(UpstreamRequestBody {

@@ -390,6 +390,7 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<ResponseH
             parsed = res.parse(buf);
         }
         let len = match parsed {
+            Ok(httparse::Status::Complete(n)) if n > MAX_HEAD => return Err(Error::HeadTooLarge),
             Ok(httparse::Status::Complete(n)) => n,
             Ok(httparse::Status::Partial) => return Ok(None),
             Err(e) => return Err(Error::InvalidHead(parse_error_text(e))),
@@ -431,7 +432,7 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<ResponseH
                     .map_err(|_| Error::InvalidHead("invalid header value"))?;
             headers.append(name, value);
         }
-        let (framing, keep_alive) = framing(status, version, &headers, head_request)?;
+        let (framing, keep_alive) = framing(status, version, &mut headers, head_request)?;
         return Ok(Some(ResponseHead {
             status,
             version,
@@ -458,7 +459,7 @@ fn parse_error_text(e: httparse::Error) -> &'static str {
 fn framing(
     status: StatusCode,
     version: Version,
-    headers: &HeaderMap,
+    headers: &mut HeaderMap,
     head_request: bool,
 ) -> Result<(Framing, bool), Error> {
     let mut keep_alive = version == Version::HTTP_11;
@@ -478,21 +479,22 @@ fn framing(
     if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
         return Ok((Framing::Empty, keep_alive));
     }
-    let mut te = headers.get_all(header::TRANSFER_ENCODING).iter().peekable();
-    if te.peek().is_some() {
-        let last = te
-            .last()
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        let last = headers
+            .get_all(header::TRANSFER_ENCODING)
+            .iter()
+            .next_back()
             .and_then(|v| v.as_bytes().rsplit(|&b| b == b',').next())
             .map(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"))
             .unwrap_or(false);
+        // A Content-Length next to Transfer-Encoding is void (and must not reach the client).
+        // Its presence is what a smuggling attempt sends: the connection is not reused.
+        if headers.remove(header::CONTENT_LENGTH).is_some() {
+            keep_alive = false;
+        }
         if !last {
             // Not chunked last: the body ends with the connection.
             return Ok((Framing::Close, false));
-        }
-        // Both framings present: trust chunked, but do not reuse a connection whose peer
-        // sent something a smuggling attempt would.
-        if headers.contains_key(header::CONTENT_LENGTH) {
-            keep_alive = false;
         }
         return Ok((Framing::Chunked(ChunkedDecoder::new()), keep_alive));
     }
@@ -701,6 +703,7 @@ mod tests {
         .unwrap();
         assert!(matches!(h.framing, Framing::Chunked(_)));
         assert!(!h.keep_alive);
+        assert!(!h.headers.contains_key(header::CONTENT_LENGTH));
 
         let h = parse(b"HTTP/1.1 200 OK\r\n\r\n", false).unwrap().unwrap();
         assert!(matches!(h.framing, Framing::Close));
