@@ -172,6 +172,77 @@ pub struct LuaConfig {
     /// Memory cap per worker VM, in MiB.
     #[serde(default = "default_lua_memory")]
     pub memory_limit_mb: usize,
+    /// `ngx.shared` dictionaries in addition to (or resizing) the built-in ones: name -> size
+    /// (`"10m"`, `"512k"`), like nginx's `lua_shared_dict`.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub shared_dicts: std::collections::BTreeMap<String, ShmSize>,
+}
+
+/// A shared dictionary's size in bytes, written as nginx sizes are: a number of bytes with an
+/// optional `k` or `m` suffix (`"10m"`, `"512k"`, `65536`). At least 8k, as nginx requires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShmSize(pub usize);
+
+impl ShmSize {
+    /// The smallest zone nginx accepts.
+    pub const MIN: usize = 8 * 1024;
+
+    /// Parses `"10m"`, `"512k"`, `"65536"`.
+    pub fn parse(s: &str) -> Result<ShmSize, String> {
+        let t = s.trim();
+        let (digits, unit) = match t.char_indices().last() {
+            Some((i, c)) if c.is_ascii_alphabetic() => (&t[..i], c.to_ascii_lowercase()),
+            _ => (t, 'b'),
+        };
+        let mult: usize = match unit {
+            'b' => 1,
+            'k' => 1024,
+            'm' => 1024 * 1024,
+            _ => {
+                return Err(format!(
+                    "invalid size {s:?}: use a number of bytes with k or m"
+                ))
+            }
+        };
+        let n: usize = digits
+            .parse()
+            .map_err(|_| format!("invalid size {s:?}: use a number of bytes with k or m"))?;
+        let bytes = n
+            .checked_mul(mult)
+            .ok_or_else(|| format!("size {s:?} is too large"))?;
+        if bytes < Self::MIN {
+            return Err(format!("size {s:?} is too small: at least 8k"));
+        }
+        Ok(ShmSize(bytes))
+    }
+}
+
+impl<'de> Deserialize<'de> for ShmSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        let s = match Raw::deserialize(d)? {
+            Raw::N(n) => n.to_string(),
+            Raw::S(s) => s,
+        };
+        ShmSize::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for ShmSize {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if self.0 % (1024 * 1024) == 0 {
+            s.serialize_str(&format!("{}m", self.0 / (1024 * 1024)))
+        } else if self.0 % 1024 == 0 {
+            s.serialize_str(&format!("{}k", self.0 / 1024))
+        } else {
+            s.serialize_u64(self.0 as u64)
+        }
+    }
 }
 
 fn default_lua_budget() -> u64 {
@@ -186,6 +257,7 @@ impl Default for LuaConfig {
         LuaConfig {
             call_budget_ms: default_lua_budget(),
             memory_limit_mb: default_lua_memory(),
+            shared_dicts: Default::default(),
         }
     }
 }

@@ -103,6 +103,7 @@ fn worker_main(
     };
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
+        crate::plugin::lua::timer::enable();
         let env = Rc::new(WorkerEnv {
             gw,
             node: node.clone(),
@@ -132,6 +133,7 @@ fn worker_main(
                 break;
             }
         }
+        crate::plugin::lua::timer::shutdown();
         let deadline =
             Instant::now() + Duration::from_secs_f64(node.proxy.graceful_shutdown_timeout.max(0.0));
         while active.get() > 0 {
@@ -147,6 +149,7 @@ fn worker_main(
                 break;
             }
         }
+        crate::plugin::lua::timer::drain(deadline.into()).await;
     });
 }
 

@@ -209,7 +209,8 @@ fn constants(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
     worker.set("pid", lua.create_function(|_, ()| Ok(std::process::id()))?)?;
     worker.set("exiting", lua.create_function(|_, ()| Ok(false))?)?;
     ngx.set("worker", worker)?;
-    ngx.set("shared", lua.create_table()?)?;
+    super::shared_dict::install(lua, ngx)?;
+    super::timer::install(lua, ngx)?;
     Ok(())
 }
 
@@ -277,6 +278,13 @@ fn install_misc(lua: &Lua, ngx: &Table, _mg: &Table) -> mlua::Result<()> {
         "md5_bin",
         lua.create_function(|lua, s: mlua::String| {
             lua.create_string(Md5::digest(&*s.as_bytes()).as_slice())
+        })?,
+    )?;
+    ngx.set(
+        "sha1_bin",
+        lua.create_function(|lua, s: mlua::String| {
+            let d = ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, &s.as_bytes());
+            lua.create_string(d.as_ref())
         })?,
     )?;
     let crc = lua.create_function(|_, s: mlua::String| Ok(crc32(&s.as_bytes())))?;

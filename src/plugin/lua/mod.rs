@@ -18,6 +18,8 @@ pub mod embedded;
 mod prelude;
 mod re;
 pub mod runtime;
+pub mod shared_dict;
+pub mod timer;
 mod watchdog;
 
 use std::any::Any;
@@ -53,7 +55,9 @@ pub struct Settings {
 
 impl Settings {
     /// Settings from the node config's `lua` section.
+    /// Also declares the config's `lua.shared_dicts` (dictionaries are process-wide).
     pub fn new(cfg: &LuaConfig, plugin_dirs: &[PathBuf]) -> Settings {
+        shared_dict::configure(&cfg.shared_dicts);
         Settings {
             call_budget: Duration::from_millis(cfg.call_budget_ms.max(1)),
             memory_limit: cfg.memory_limit_mb.max(1).saturating_mul(1024 * 1024),

@@ -91,6 +91,12 @@ fn tag(t: &'static u8) -> LightUserData {
     LightUserData(t as *const u8 as *mut std::ffi::c_void)
 }
 
+/// What a detached thread (a timer's, see `timer.rs`) returns when its function is done, so
+/// [`LuaRuntime::resume`] reports [`Stop::Done`].
+pub(crate) fn done_tag() -> LightUserData {
+    tag(&DONE_TAG)
+}
+
 /// Idle runner threads kept per VM; more are made while many requests wait at once.
 const MAX_IDLE_RUNNERS: usize = 64;
 
@@ -574,6 +580,9 @@ impl LuaRuntime {
         if let Ok(Err(msg)) = self.check_schema(p, &t, None, frame) {
             tracing::warn!(plugin = %p.name, "check_schema refused a conf the snapshot accepted: {msg}");
         }
+        if let Some(parent) = &conf.parent {
+            convert::set_meta_parent(&self.lua, &t, parent, conf.key)?;
+        }
         if let Some(lc) = lc {
             self.confs.borrow_mut().insert(
                 lc.id,
@@ -647,6 +656,11 @@ pub(crate) fn one_line(s: &str) -> String {
         .join(" | ")
 }
 
+/// This thread's runtime if it has one (for `ngx.timer`, called from Lua running in it).
+pub(crate) fn current_runtime() -> Option<Rc<LuaRuntime>> {
+    RUNTIME.with(|r| r.borrow().clone())
+}
+
 /// This thread's runtime, created on first use.
 pub(crate) fn runtime(settings: &Settings) -> mlua::Result<Rc<LuaRuntime>> {
     RUNTIME.with(|r| {
@@ -664,14 +678,14 @@ fn plugin_error(p: &LuaPlugin, phase: Phase, e: &mlua::Error) -> PluginError {
 }
 
 /// What resuming a runner thread passes in: a new phase call, or a waiting function's result.
-enum Resume {
+pub(crate) enum Resume {
     Call(Call),
     /// `(true, results...)` or `(false, message)`.
     Wake(MultiValue),
 }
 
 /// Where a resume stopped.
-enum Stop {
+pub(crate) enum Stop {
     /// The phase function returned (its first two values).
     Done(Value, Value),
     /// A waiting API function yielded; the future it handed over decides what comes next.
@@ -723,7 +737,12 @@ impl LuaRuntime {
     }
 
     /// Resumes `runner` until it yields, with the frame set and the budget armed.
-    fn resume(&self, runner: &Thread, frame: Frame, input: Resume) -> mlua::Result<Stop> {
+    pub(crate) fn resume(
+        &self,
+        runner: &Thread,
+        frame: Frame,
+        input: Resume,
+    ) -> mlua::Result<Stop> {
         let r = {
             let _g = FrameGuard::set(frame);
             let _r = RunnerGuard::set(runner.state());
