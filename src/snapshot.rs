@@ -326,6 +326,7 @@ pub fn build(
                 make_entry(
                     &registry,
                     &format!("{path}.plugins"),
+                    &format!("/apisix/services/{id}"),
                     name,
                     conf,
                     &mut errors,
@@ -373,9 +374,14 @@ pub fn build(
                 ));
                 continue;
             }
+            let parent = match &g.id {
+                Some(id) => format!("/apisix/global_rules/{id}"),
+                None => format!("/apisix/global_rules/{i}"),
+            };
             if let Some(e) = make_entry(
                 &registry,
                 &format!("{path}.plugins"),
+                &parent,
                 name,
                 conf,
                 &mut errors,
@@ -484,6 +490,7 @@ pub fn build(
             if let Some(e) = make_entry(
                 &registry,
                 &format!("{path}.plugins"),
+                &format!("/apisix/routes/{id}"),
                 name,
                 conf,
                 &mut errors,
@@ -834,9 +841,12 @@ pub fn check_upstream(u: &Upstream) -> Result<(), String> {
 }
 
 /// Validates one plugin conf and makes its chain entry, or records why not.
+/// `parent` is the owning resource's key in APISIX's layout (`/apisix/routes/ID`): plugins read
+/// it as `conf._meta.parent.resource_key`.
 fn make_entry(
     registry: &Registry,
     path: &str,
+    parent: &str,
     name: &str,
     conf: &Value,
     errors: &mut Vec<ConfigError>,
@@ -862,7 +872,7 @@ fn make_entry(
     match plugin.check_conf(&mut conf, ConfScope::Route) {
         Ok(compiled) => Some(ChainEntry {
             plugin: plugin.clone(),
-            conf: Arc::new(PluginConf::new(conf, compiled)),
+            conf: Arc::new(PluginConf::new(conf, compiled).with_parent(parent)),
         }),
         Err(e) => {
             errors.push(ConfigError::new(

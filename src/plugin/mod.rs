@@ -111,6 +111,9 @@ pub struct PluginConf {
     /// Unique per conf object for the life of the process: the Lua runtime keys its per-VM conf
     /// tables on it, so a plugin that caches data on its conf table keeps it across requests.
     pub key: u64,
+    /// The key of the resource that holds this conf, in APISIX's layout
+    /// (`/apisix/routes/ID`): Lua plugins see it as `conf._meta.parent.resource_key`.
+    pub parent: Option<Arc<str>>,
 }
 
 impl PluginConf {
@@ -119,7 +122,14 @@ impl PluginConf {
             value,
             compiled,
             key: NEXT_CONF_KEY.fetch_add(1, Ordering::Relaxed),
+            parent: None,
         }
+    }
+
+    /// Records the resource that holds this conf.
+    pub fn with_parent(mut self, parent: &str) -> Self {
+        self.parent = Some(Arc::from(parent));
+        self
     }
 
     /// The compiled conf as the plugin's own type.

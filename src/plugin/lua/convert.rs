@@ -26,6 +26,33 @@ fn is_null(v: &Value) -> bool {
     matches!(v, Value::LightUserData(p) if p.0.is_null())
 }
 
+/// Gives a conf table APISIX's `_meta.parent` (`{resource_key, resource_version}`) the way
+/// APISIX does: through `_meta`'s metatable, so encoding the conf does not show it.
+pub fn set_meta_parent(
+    lua: &Lua,
+    conf: &Table,
+    resource_key: &str,
+    version: u64,
+) -> mlua::Result<()> {
+    let meta = match conf.raw_get::<Value>("_meta")? {
+        Value::Table(t) => t,
+        _ => {
+            let t = lua.create_table()?;
+            conf.raw_set("_meta", &t)?;
+            t
+        }
+    };
+    let parent = lua.create_table()?;
+    parent.set("resource_key", resource_key)?;
+    parent.set("resource_version", version.to_string())?;
+    let index = lua.create_table()?;
+    index.set("parent", parent)?;
+    let mt = lua.create_table()?;
+    mt.set("__index", index)?;
+    meta.set_metatable(Some(mt))?;
+    Ok(())
+}
+
 /// JSON → Lua. Arrays carry the array metatable; null becomes `ngx.null`.
 pub fn json_to_lua(lua: &Lua, v: &Json) -> mlua::Result<Value> {
     let mt = array_mt(lua)?;
