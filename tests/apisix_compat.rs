@@ -880,6 +880,47 @@ const TARGETS: &[(&str, &[&str])] = &[
     ("proxy-rewrite", &["proxy-rewrite.lua"]),
     ("key-auth", &["key-auth.lua"]),
     ("consumer-restriction", &["consumer-restriction.lua"]),
+    (
+        "limit-count",
+        &[
+            "limit-count.lua",
+            "limit-count/init.lua",
+            "limit-count/limit-count-local.lua",
+            "limit-count/limit-count-redis.lua",
+            "limit-count/limit-count-redis-cluster.lua",
+            "limit-count/limit-count-redis-sentinel.lua",
+            "limit-count/util.lua",
+            "limit-count/delayed-syncer.lua",
+            "limit-count/sliding-window/sliding-window.lua",
+            "limit-count/sliding-window/store/shared-dict.lua",
+            "limit-count/sliding-window/store/redis.lua",
+            "workflow.lua",
+            "apisix/utils/redis-schema.lua",
+            "apisix/utils/redis.lua",
+            "apisix/utils/rediscluster.lua",
+        ],
+    ),
+    (
+        "limit-req",
+        &[
+            "limit-req.lua",
+            "limit-req/util.lua",
+            "limit-req/limit-req-redis.lua",
+            "limit-req/limit-req-redis-cluster.lua",
+        ],
+    ),
+    (
+        "limit-conn",
+        &[
+            "limit-conn.lua",
+            "limit-conn/init.lua",
+            "limit-conn/util.lua",
+            "limit-conn/limit-conn-redis.lua",
+            "limit-conn/limit-conn-redis-cluster.lua",
+        ],
+    ),
+    ("ua-restriction", &["ua-restriction.lua"]),
+    ("referer-restriction", &["referer-restriction.lua"]),
 ];
 
 /// One behaviour check: the route's plugin conf (YAML, indented for `plugins:`), whether it
@@ -1346,6 +1387,184 @@ fn checks() -> Vec<Check> {
                 "consumer-restriction:\n        whitelist: [\"jack\"]",
             )
         },
+        // limit-count (t/plugin/limit-count.t): the local policy counts per route and key.
+        Check {
+            path: "/lc",
+            resp_headers: &[
+                ("x-ratelimit-limit", "2"),
+                ("x-ratelimit-remaining", "1"),
+                ("x-ratelimit-reset", "60"),
+            ],
+            ..check("limit-count", "the first request of a window is counted", "limit-count:\n        count: 2\n        time_window: 60")
+        },
+        Check {
+            path: "/lc",
+            resp_headers: &[("x-ratelimit-limit", "2"), ("x-ratelimit-remaining", "0")],
+            ..check("limit-count", "the second request uses the last one", "limit-count:\n        count: 2\n        time_window: 60")
+        },
+        Check {
+            path: "/lc",
+            status: 503,
+            resp_headers: &[("x-ratelimit-limit", "2"), ("x-ratelimit-remaining", "0")],
+            ..check("limit-count", "beyond count the request gets 503", "limit-count:\n        count: 2\n        time_window: 60")
+        },
+        Check {
+            path: "/lc-msg",
+            ..check("limit-count", "rejected_code: a request within count passes", "limit-count:\n        count: 1\n        time_window: 60\n        rejected_code: 429\n        rejected_msg: \"too many requests\"")
+        },
+        Check {
+            path: "/lc-msg",
+            status: 429,
+            body: Some("{\"error_msg\":\"too many requests\"}\n"),
+            ..check("limit-count", "rejected_code and rejected_msg answer the excess", "limit-count:\n        count: 1\n        time_window: 60\n        rejected_code: 429\n        rejected_msg: \"too many requests\"")
+        },
+        Check {
+            path: "/lc-key",
+            headers: &[("x-user", "a")],
+            ..check("limit-count", "key from a header: user a's first request", "limit-count:\n        count: 1\n        time_window: 60\n        key: http_x_user\n        key_type: var")
+        },
+        Check {
+            path: "/lc-key",
+            headers: &[("x-user", "b")],
+            ..check("limit-count", "key from a header: user b has a counter of its own", "limit-count:\n        count: 1\n        time_window: 60\n        key: http_x_user\n        key_type: var")
+        },
+        Check {
+            path: "/lc-key",
+            headers: &[("x-user", "a")],
+            status: 503,
+            ..check("limit-count", "key from a header: user a's second request is refused", "limit-count:\n        count: 1\n        time_window: 60\n        key: http_x_user\n        key_type: var")
+        },
+        Check {
+            path: "/lc-redis",
+            status: 500,
+            body_has: &["failed to limit count"],
+            ..check(
+                "limit-count",
+                "policy redis without cosockets fails the request with 500, not the worker",
+                "limit-count:\n        count: 1\n        time_window: 60\n        policy: redis\n        redis_host: 127.0.0.1",
+            )
+        },
+        Check {
+            path: "/lc-redis-degrade",
+            ..check(
+                "limit-count",
+                "policy redis with allow_degradation lets the request through",
+                "limit-count:\n        count: 1\n        time_window: 60\n        policy: redis\n        redis_host: 127.0.0.1\n        allow_degradation: true",
+            )
+        },
+        // limit-req (t/plugin/limit-req.t)
+        Check {
+            path: "/lr",
+            ..check("limit-req", "a first request within the rate passes", "limit-req:\n        rate: 1\n        burst: 0\n        key: remote_addr")
+        },
+        Check {
+            path: "/lr",
+            status: 503,
+            ..check("limit-req", "an immediate second request beyond rate + burst gets 503", "limit-req:\n        rate: 1\n        burst: 0\n        key: remote_addr")
+        },
+        Check {
+            path: "/lr-burst",
+            ..check("limit-req", "burst: the first request passes", "limit-req:\n        rate: 0.1\n        burst: 1\n        nodelay: true\n        key: remote_addr\n        rejected_code: 429\n        rejected_msg: \"slow down\"")
+        },
+        Check {
+            path: "/lr-burst",
+            ..check("limit-req", "burst: one excess request passes at once with nodelay", "limit-req:\n        rate: 0.1\n        burst: 1\n        nodelay: true\n        key: remote_addr\n        rejected_code: 429\n        rejected_msg: \"slow down\"")
+        },
+        Check {
+            path: "/lr-burst",
+            status: 429,
+            body: Some("{\"error_msg\":\"slow down\"}\n"),
+            ..check("limit-req", "beyond the burst: rejected_code and rejected_msg", "limit-req:\n        rate: 0.1\n        burst: 1\n        nodelay: true\n        key: remote_addr\n        rejected_code: 429\n        rejected_msg: \"slow down\"")
+        },
+        // limit-conn (t/plugin/limit-conn.t): one at a time, so sequential requests all pass
+        // (the concurrent case is `real_limit_conn_refuses_concurrent_requests`).
+        Check {
+            path: "/lconn",
+            ..check("limit-conn", "a request within conn passes", "limit-conn:\n        conn: 1\n        burst: 0\n        default_conn_delay: 0.1\n        key: remote_addr")
+        },
+        Check {
+            path: "/lconn",
+            ..check("limit-conn", "the connection is released when the request ends", "limit-conn:\n        conn: 1\n        burst: 0\n        default_conn_delay: 0.1\n        key: remote_addr")
+        },
+        // ua-restriction (t/plugin/ua-restriction.t)
+        Check {
+            path: "/ua-allow",
+            headers: &[("user-agent", "Baiduspider/3.0")],
+            ..check("ua-restriction", "a User-Agent matching the allowlist passes", "ua-restriction:\n        allowlist: [\"my-bot1\", \"(Baiduspider)/(\\\\d+)\\\\.(\\\\d+)\"]")
+        },
+        Check {
+            path: "/ua-allow",
+            headers: &[("user-agent", "curl/8.0")],
+            status: 403,
+            body: Some("{\"message\":\"Not allowed\"}\n"),
+            ..check("ua-restriction", "a User-Agent outside the allowlist gets 403", "ua-restriction:\n        allowlist: [\"my-bot1\", \"(Baiduspider)/(\\\\d+)\\\\.(\\\\d+)\"]")
+        },
+        Check {
+            path: "/ua-deny",
+            headers: &[("user-agent", "  Twitterspider/2.0  ")],
+            status: 403,
+            body: Some("{\"message\":\"go away bot\"}\n"),
+            ..check("ua-restriction", "a denylisted User-Agent (stripped) gets the message", "ua-restriction:\n        denylist: [\"my-bot2\", \"(Twitterspider)/(\\\\d+)\\\\.(\\\\d+)\"]\n        message: \"go away bot\"")
+        },
+        Check {
+            path: "/ua-deny",
+            headers: &[("user-agent", "Mozilla/5.0")],
+            ..check("ua-restriction", "a User-Agent not on the denylist passes", "ua-restriction:\n        denylist: [\"my-bot2\", \"(Twitterspider)/(\\\\d+)\\\\.(\\\\d+)\"]\n        message: \"go away bot\"")
+        },
+        Check {
+            path: "/ua-deny",
+            status: 403,
+            ..check("ua-restriction", "no User-Agent is refused without bypass_missing", "ua-restriction:\n        denylist: [\"my-bot2\", \"(Twitterspider)/(\\\\d+)\\\\.(\\\\d+)\"]\n        message: \"go away bot\"")
+        },
+        Check {
+            path: "/ua-bypass",
+            ..check("ua-restriction", "no User-Agent passes with bypass_missing", "ua-restriction:\n        denylist: [\"my-bot2\"]\n        bypass_missing: true")
+        },
+        // referer-restriction (t/plugin/referer-restriction.t)
+        Check {
+            path: "/ref-wl",
+            headers: &[("referer", "http://www.xx.com/page")],
+            ..check("referer-restriction", "a referer matching a wildcard passes", "referer-restriction:\n        whitelist: [\"*.xx.com\", \"yy.com\"]")
+        },
+        Check {
+            path: "/ref-wl",
+            headers: &[("referer", "https://yy.com:8443/x?y=1")],
+            ..check("referer-restriction", "an exact host passes (port and path ignored)", "referer-restriction:\n        whitelist: [\"*.xx.com\", \"yy.com\"]")
+        },
+        Check {
+            path: "/ref-wl",
+            headers: &[("referer", "http://zz.com/")],
+            status: 403,
+            body: Some("{\"message\":\"Your referer host is not allowed\"}\n"),
+            ..check("referer-restriction", "a referer outside the whitelist gets 403", "referer-restriction:\n        whitelist: [\"*.xx.com\", \"yy.com\"]")
+        },
+        Check {
+            path: "/ref-wl",
+            status: 403,
+            ..check("referer-restriction", "no referer is refused without bypass_missing", "referer-restriction:\n        whitelist: [\"*.xx.com\", \"yy.com\"]")
+        },
+        Check {
+            path: "/ref-wl",
+            headers: &[("referer", "not a url")],
+            status: 403,
+            ..check("referer-restriction", "a malformed referer counts as missing", "referer-restriction:\n        whitelist: [\"*.xx.com\", \"yy.com\"]")
+        },
+        Check {
+            path: "/ref-bypass",
+            ..check("referer-restriction", "no referer passes with bypass_missing", "referer-restriction:\n        whitelist: [\"yy.com\"]\n        bypass_missing: true")
+        },
+        Check {
+            path: "/ref-bl",
+            headers: &[("referer", "http://a.bad.com/")],
+            status: 403,
+            body: Some("{\"message\":\"no bad referers\"}\n"),
+            ..check("referer-restriction", "a blacklisted referer gets the message", "referer-restriction:\n        blacklist: [\"*.bad.com\"]\n        message: \"no bad referers\"")
+        },
+        Check {
+            path: "/ref-bl",
+            headers: &[("referer", "http://good.com/")],
+            ..check("referer-restriction", "another referer passes the blacklist", "referer-restriction:\n        blacklist: [\"*.bad.com\"]\n        message: \"no bad referers\"")
+        },
     ]
 }
 
@@ -1440,11 +1659,17 @@ fn run_checks(plugin_dir: &Path) -> (Vec<Failure>, Vec<(String, usize)>) {
     (failures, counts)
 }
 
-/// Copies the target plugins from an APISIX checkout into `dir`.
+/// Copies the target plugins from an APISIX checkout into `dir`. A file named `apisix/...` is
+/// a module outside `apisix/plugins` (e.g. `apisix.utils.redis-schema`): it goes to the same
+/// path under `dir`, which is on `package.path`.
 fn copy_targets(src: &Path, dir: &Path) {
     for (_, files) in TARGETS {
         for f in *files {
-            let from = src.join("apisix/plugins").join(f);
+            let from = if f.starts_with("apisix/") {
+                src.join(f)
+            } else {
+                src.join("apisix/plugins").join(f)
+            };
             let to = dir.join(f);
             if let Some(parent) = to.parent() {
                 std::fs::create_dir_all(parent).expect("plugin sub dir");

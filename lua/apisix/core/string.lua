@@ -49,6 +49,13 @@ function _M.rfind_char(s, ch, idx)
     return nil
 end
 
+--- A script with each line's leading blanks removed (APISIX sends Redis scripts this way).
+function _M.compress_script(s)
+    s = s:gsub("^%s+", "")
+    s = s:gsub("\n%s+", "\n")
+    return s
+end
+
 --- `ngx.decode_args` / `ngx.encode_args`.
 function _M.decode_args(args)
     return ngx.decode_args(args)

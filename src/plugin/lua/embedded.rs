@@ -4,7 +4,9 @@
 /// `(module name, source)` for every module under `lua/`: `apisix.core` and its submodules,
 /// `apisix.plugin`, `apisix.schema_def`, and the OpenResty libraries plugins expect
 /// (`cjson`, `cjson.safe`, `table.nkeys`/`isarray`/`isempty`/`clone`, `tablepool`,
-/// `resty.lrucache`, `resty.ipmatcher`). `table.new` and `table.clear` are LuaJIT built-ins.
+/// `resty.lrucache`, `resty.ipmatcher`, `resty.limit.count`/`req`/`conn`, `resty.lock`,
+/// `resty.string`, `resty.jit-uuid`, `pl.stringx`, and cosocket clients that load but refuse to
+/// connect: `resty.redis`, `resty.rediscluster`, `resty.redis.connector`, `resty.http`). `table.new` and `table.clear` are LuaJIT built-ins.
 pub const MODULES: &[(&str, &str)] = &[
     ("apisix.core", include_str!("../../../lua/apisix/core.lua")),
     (
@@ -109,6 +111,42 @@ pub const MODULES: &[(&str, &str)] = &[
     (
         "resty.expr.v1",
         include_str!("../../../lua/resty/expr/v1.lua"),
+    ),
+    ("pl.stringx", include_str!("../../../lua/pl/stringx.lua")),
+    (
+        "resty.cosocket_stub",
+        include_str!("../../../lua/resty/cosocket_stub.lua"),
+    ),
+    ("resty.http", include_str!("../../../lua/resty/http.lua")),
+    (
+        "resty.jit-uuid",
+        include_str!("../../../lua/resty/jit-uuid.lua"),
+    ),
+    (
+        "resty.limit.conn",
+        include_str!("../../../lua/resty/limit/conn.lua"),
+    ),
+    (
+        "resty.limit.count",
+        include_str!("../../../lua/resty/limit/count.lua"),
+    ),
+    (
+        "resty.limit.req",
+        include_str!("../../../lua/resty/limit/req.lua"),
+    ),
+    ("resty.lock", include_str!("../../../lua/resty/lock.lua")),
+    ("resty.redis", include_str!("../../../lua/resty/redis.lua")),
+    (
+        "resty.redis.connector",
+        include_str!("../../../lua/resty/redis/connector.lua"),
+    ),
+    (
+        "resty.rediscluster",
+        include_str!("../../../lua/resty/rediscluster.lua"),
+    ),
+    (
+        "resty.string",
+        include_str!("../../../lua/resty/string.lua"),
     ),
     ("xml2lua", include_str!("../../../lua/xml2lua.lua")),
 ];
