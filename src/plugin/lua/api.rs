@@ -328,7 +328,13 @@ fn install_misc(lua: &Lua, ngx: &Table, _mg: &Table) -> mlua::Result<()> {
     )?;
     ngx.set(
         "get_phase",
-        lua.create_function(|_, ()| Ok(phase_name(frame().phase)))?,
+        lua.create_function(|_, ()| {
+            Ok(if super::timer::in_timer() {
+                "timer"
+            } else {
+                phase_name(frame().phase)
+            })
+        })?,
     )?;
     ngx.set(
         "sleep",

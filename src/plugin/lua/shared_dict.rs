@@ -176,13 +176,10 @@ impl Inner {
         Some(e)
     }
 
-    /// A live (unexpired) entry; an expired one is dropped on the way.
+    /// A live (unexpired) entry. Expired ones stay (for `get_stale`) until a write needs their
+    /// room or `flush_expired` drops them, as in OpenResty.
     fn live(&mut self, key: &[u8], now: Instant) -> Option<&mut Entry> {
-        if self.map.get(key).is_some_and(|e| e.expired(now)) {
-            self.remove(key);
-            return None;
-        }
-        self.map.get_mut(key)
+        self.map.get_mut(key).filter(|e| !e.expired(now))
     }
 
     /// Makes room for `need` more bytes: expired entries first, then (in Evict mode) the least

@@ -36,6 +36,13 @@ struct State {
 
 thread_local! {
     static STATE: RefCell<Option<Rc<State>>> = const { RefCell::new(None) };
+    /// A timer callback is running (`ngx.get_phase()` says "timer").
+    static IN_TIMER: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Whether the Lua code running now is a timer's callback.
+pub(crate) fn in_timer() -> bool {
+    IN_TIMER.with(|c| c.get())
 }
 
 fn state() -> Option<Rc<State>> {
@@ -176,7 +183,10 @@ async fn run(
     first.extend(args.iter().cloned());
     let mut input = Resume::Wake(first);
     loop {
-        match rt.resume(&thread, Frame::NONE, input) {
+        IN_TIMER.with(|c| c.set(true));
+        let stop = rt.resume(&thread, Frame::NONE, input);
+        IN_TIMER.with(|c| c.set(false));
+        match stop {
             Ok(Stop::Done(..)) => return,
             Ok(Stop::Wait(fut)) => {
                 let mut values = MultiValue::new();
