@@ -533,3 +533,123 @@ fn a_node_without_a_reachable_etcd_does_not_start() {
         "{log}"
     );
 }
+
+/// An auth plugin written for this test: `X-Token` must be the `token` of a consumer conf or
+/// credential of `token-auth`.
+const TOKEN_AUTH: &str = r#"
+local core = require("apisix.core")
+local consumer_mod = require("apisix.consumer")
+local consumer_schema = {
+    type = "object",
+    properties = { token = { type = "string" } },
+    required = { "token" },
+}
+local _M = { version = 0.1, priority = 2600, type = "auth", name = "token-auth",
+             schema = { type = "object" } }
+
+function _M.check_schema(conf, schema_type)
+    if schema_type == core.schema.TYPE_CONSUMER then
+        return core.schema.check(consumer_schema, conf)
+    end
+    return core.schema.check(_M.schema, conf)
+end
+
+function _M.rewrite(conf, ctx)
+    local consumer, consumer_conf = consumer_mod.find_consumer("token-auth", "token",
+        core.request.header(ctx, "X-Token"))
+    if not consumer then
+        return 401, { message = "Invalid token" }
+    end
+    consumer_mod.attach_consumer(ctx, consumer, consumer_conf)
+end
+
+return _M
+"#;
+
+#[test]
+fn consumers_groups_and_credentials_in_apisix_key_layout() {
+    let etcd = Etcd::start();
+    let up = Upstream::echo();
+    let plugins = tempfile::tempdir().expect("plugins dir");
+    std::fs::write(plugins.path().join("token-auth.lua"), TOKEN_AUTH).expect("write plugin");
+    // Written as APISIX's tooling writes them: a group, a consumer naming it, a credential
+    // under the consumer's key.
+    etcd.put(
+        "/apisix/consumer_groups/gold",
+        &json!({"plugins": {"response-headers": {"set": {"X-Group": "gold"}}}}).to_string(),
+    );
+    etcd.put(
+        "/apisix/consumers/jack",
+        &json!({"username": "jack", "group_id": "gold"}).to_string(),
+    );
+    etcd.put(
+        "/apisix/consumers/jack/credentials/k1",
+        &json!({"id": "k1", "plugins": {"token-auth": {"token": "jack-k1"}}}).to_string(),
+    );
+    let yaml = format!(
+        "{}plugin_dirs:\n  - \"{}\"\n",
+        node_yaml(&etcd),
+        plugins.path().display()
+    );
+    let gw = Gateway::start(&yaml);
+    assert!(
+        gw.wait_for_log("admin API listening on http://", Duration::from_secs(20)),
+        "{}",
+        gw.logs()
+    );
+    let admin = gw
+        .logs()
+        .lines()
+        .find_map(|l| {
+            let rest = l.split("admin API listening on http://").nth(1)?;
+            rest.split_whitespace().next().map(str::to_string)
+        })
+        .expect("admin address");
+    let call = |method: &str, path: &str, body: Option<Value>| {
+        let mut req = Req::new(method, &format!("http://{admin}/apisix/admin{path}"))
+            .header("X-API-KEY", KEY);
+        if let Some(b) = body {
+            req = req
+                .header("content-type", "application/json")
+                .body(b.to_string());
+        }
+        req.send()
+    };
+    let r = call(
+        "PUT",
+        "/routes/auth",
+        Some(json!({"uri": "/auth", "plugins": {"token-auth": {}},
+                    "upstream": {"nodes": {up.node(): 1}}})),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let send = |token: &str| Req::get(&gw.url("/auth")).header("X-Token", token).send();
+    let r = send("jack-k1");
+    assert_eq!(r.status, 200, "{}\n{}", r.text(), gw.logs());
+    assert_eq!(r.json()["headers"]["x-credential-identifier"], "k1");
+    assert_eq!(r.header("x-group").as_deref(), Some("gold"));
+
+    // A credential written through the Admin API lands under the consumer's key.
+    let r = call(
+        "PUT",
+        "/consumers/jack/credentials/k2",
+        Some(json!({"plugins": {"token-auth": {"token": "jack-k2"}}})),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let stored: Value = serde_json::from_str(
+        &etcd
+            .get("/apisix/consumers/jack/credentials/k2")
+            .expect("stored credential"),
+    )
+    .expect("JSON value");
+    assert_eq!(stored["id"], "k2");
+    assert_eq!(send("jack-k2").status, 200);
+    let r = call("GET", "/consumers/jack/credentials", None);
+    assert_eq!(r.json()["total"], 2, "{}", r.text());
+
+    // Deleting the consumer deletes its credentials in etcd too.
+    let r = call("DELETE", "/consumers/jack", None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(etcd.get("/apisix/consumers/jack/credentials/k1"), None);
+    assert_eq!(etcd.get("/apisix/consumers/jack/credentials/k2"), None);
+    assert_eq!(send("jack-k1").status, 401);
+}

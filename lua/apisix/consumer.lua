@@ -128,7 +128,7 @@ function _M.attach_consumer(ctx, consumer, conf)
     ctx.consumer_group_id = consumer.group_id
     ctx.consumer_ver = conf and conf.conf_version
     -- The gateway merges the consumer's plugins (and its group's) after rewrite.
-    mg.attach_consumer(consumer.username)
+    mg.attach_consumer(type(consumer.username) == "string" and consumer.username or nil)
     core.request.set_header(ctx, "X-Consumer-Username", consumer.username)
     core.request.set_header(ctx, "X-Credential-Identifier", consumer.credential_id)
     core.request.set_header(ctx, "X-Consumer-Custom-ID", consumer.custom_id)

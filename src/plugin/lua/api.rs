@@ -1430,12 +1430,14 @@ fn install_consumers(lua: &Lua, mg: &Table) -> mlua::Result<()> {
     // plugins (and its group's) into the route's after rewrite.
     mg.set(
         "attach_consumer",
-        lua.create_function(|_, username: String| {
+        lua.create_function(|_, username: Option<mlua::String>| {
+            let username = username.map(|u| u.to_string_lossy());
             with_ctx(|c| {
-                let found = c
-                    .route
-                    .as_ref()
-                    .and_then(|r| r.consumers.get(&username).cloned());
+                // A consumer the snapshot does not know (a table a plugin made up) brings no
+                // plugins.
+                let found = username
+                    .as_deref()
+                    .and_then(|u| c.route.as_ref().and_then(|r| r.consumers.get(u).cloned()));
                 c.consumer = found;
             })
         })?,
