@@ -640,7 +640,11 @@ fn build_consumers(
                 consumer_plugin(registry, at, name, conf, ConfScope::Route, errors)
             {
                 plugins.insert(name.clone(), conf);
-                entries.push(entry);
+                // An auth plugin's conf has nothing to add to a recognised consumer (APISIX
+                // skips its rewrite in the consumer pass).
+                if !entry.plugin.is_auth() {
+                    entries.push(entry);
+                }
             }
         }
         out.groups.insert(

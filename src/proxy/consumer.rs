@@ -1,7 +1,6 @@
 //! APISIX's consumer merge: once an auth plugin identified a consumer, the consumer's plugins
 //! (and its consumer group's) join the route's, as `plugin.merge_consumer_route` does.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 
 use crate::plugin::chain::{Chain, ChainEntry};
@@ -36,27 +35,28 @@ pub fn merge(ctx: &mut Ctx, route: &RouteEntry) -> Option<Chain> {
     if consumer.entries.is_empty() && group_entries.is_empty() {
         return None;
     }
-    let own: HashSet<&str> = consumer.entries.iter().map(|e| e.plugin.name()).collect();
-    let from_group: HashSet<&str> = group_entries
-        .iter()
-        .map(|e| e.plugin.name())
-        .filter(|n| !own.contains(n))
-        .collect();
-    let mut merged: Vec<ChainEntry> = route
-        .chain
-        .entries
-        .iter()
-        .filter(|e| !own.contains(e.plugin.name()) && !from_group.contains(e.plugin.name()))
-        .cloned()
-        .collect();
-    let on_route = |name: &str| route.chain.get(name).is_some();
+    // A handful of plugins each: linear scans, no per-request sets.
+    let own = |name: &str| consumer.entries.iter().any(|e| e.plugin.name() == name);
+    let from_group =
+        |name: &str| !own(name) && group_entries.iter().any(|e| e.plugin.name() == name);
+    let mut merged: Vec<ChainEntry> = Vec::with_capacity(
+        route.chain.entries.len() + group_entries.len() + consumer.entries.len(),
+    );
+    merged.extend(
+        route
+            .chain
+            .entries
+            .iter()
+            .filter(|e| !own(e.plugin.name()) && !from_group(e.plugin.name()))
+            .cloned(),
+    );
     let mut added: Vec<ChainEntry> = Vec::new();
     for e in group_entries
         .iter()
-        .filter(|e| from_group.contains(e.plugin.name()))
+        .filter(|e| !own(e.plugin.name()))
         .chain(consumer.entries.iter())
     {
-        if !on_route(e.plugin.name()) {
+        if route.chain.get(e.plugin.name()).is_none() {
             added.push(e.clone());
         }
         merged.push(e.clone());
