@@ -1476,6 +1476,14 @@ fn checks() -> Vec<Check> {
             body: Some("{\"error_msg\":\"slow down\"}\n"),
             ..check("limit-req", "beyond the burst: rejected_code and rejected_msg", "limit-req:\n        rate: 0.1\n        burst: 1\n        nodelay: true\n        key: remote_addr\n        rejected_code: 429\n        rejected_msg: \"slow down\"")
         },
+        Check {
+            path: "/lr-delay",
+            ..check("limit-req", "without nodelay: a first request passes", "limit-req:\n        rate: 4\n        burst: 1\n        key: remote_addr")
+        },
+        Check {
+            path: "/lr-delay",
+            ..check("limit-req", "without nodelay: an excess request within burst is delayed, then passes", "limit-req:\n        rate: 4\n        burst: 1\n        key: remote_addr")
+        },
         // limit-conn (t/plugin/limit-conn.t): one at a time, so sequential requests all pass
         // (the concurrent case is `real_limit_conn_refuses_concurrent_requests`).
         Check {
@@ -1798,4 +1806,50 @@ fn real_apisix_plugins_behave_as_documented() {
         println!("FAIL {p}: {what}: {err}");
     }
     assert!(failures.is_empty(), "{} checks failed", failures.len());
+}
+
+/// limit-conn with concurrent requests (t/plugin/limit-conn.t: conn + burst at once pass, the
+/// rest get `rejected_code`), against a slow upstream so the requests overlap.
+#[test]
+fn real_limit_conn_refuses_concurrent_requests() {
+    let Some(src) = std::env::var_os("APISIX_SRC") else {
+        eprintln!("APISIX_SRC is not set: skipping the checks against APISIX's own plugin files");
+        return;
+    };
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path().join("plugins");
+    std::fs::create_dir_all(&dir).expect("plugins dir");
+    copy_targets(&PathBuf::from(src), &dir);
+    let up = Upstream::slow(std::time::Duration::from_millis(800));
+    let yaml = format!(
+        "workers: 2\nplugin_dirs:\n  - \"{}\"\nroutes:\n  - id: lc\n    uri: /slow\n    plugins:\n      limit-conn:\n        conn: 1\n        burst: 1\n        default_conn_delay: 0.1\n        key: route_id\n        rejected_code: 429\n        rejected_msg: busy\n{}",
+        dir.display(),
+        upstream_yaml(&up)
+    );
+    let gw = Gateway::start_in(tmp.path(), &yaml);
+    let url = gw.url("/slow");
+    let clients: Vec<_> = (0..5)
+        .map(|_| {
+            let u = url.clone();
+            std::thread::spawn(move || {
+                let r = Req::get(&u).send();
+                (r.status, r.text())
+            })
+        })
+        .collect();
+    let mut got: Vec<(u16, String)> = clients
+        .into_iter()
+        .map(|c| c.join().expect("client"))
+        .collect();
+    got.sort();
+    let statuses: Vec<u16> = got.iter().map(|(s, _)| *s).collect();
+    assert_eq!(
+        statuses,
+        vec![200, 200, 429, 429, 429],
+        "{got:?}\n{}",
+        gw.logs()
+    );
+    assert_eq!(got[2].1, "{\"error_msg\":\"busy\"}\n");
+    // The log phase gave the slots back.
+    assert_eq!(Req::get(&url).send().status, 200);
 }
