@@ -52,6 +52,9 @@ pub const DEFAULT_DICTS: &[(&str, usize)] = &[
 const ENTRY_OVERHEAD: usize = 64;
 /// What one list element costs besides its bytes.
 const LIST_NODE_OVERHEAD: usize = 24;
+/// How many of the least recently used entries a full dictionary checks for expired ones
+/// before evicting live ones.
+const EXPIRED_SCAN: usize = 30;
 /// OpenResty's key length limit.
 const MAX_KEY_LEN: usize = 65535;
 
@@ -182,9 +185,10 @@ impl Inner {
         self.map.get_mut(key).filter(|e| !e.expired(now))
     }
 
-    /// Makes room for `need` more bytes: expired entries first, then (in Evict mode) the least
-    /// recently used ones, never `keep`. Returns whether live entries were evicted, or None when
-    /// it does not fit.
+    /// Makes room for `need` more bytes, never evicting `keep`: expired entries among the least
+    /// recently used first, then (in Evict mode) the least recently used ones. Returns whether
+    /// live entries were evicted, or None when it does not fit. Bounded work per write: only
+    /// the LRU tail is looked at, as OpenResty does.
     fn make_room(
         &mut self,
         need: usize,
@@ -197,10 +201,11 @@ impl Inner {
             return Some(false);
         }
         let expired: Vec<Vec<u8>> = self
-            .map
-            .iter()
-            .filter(|(k, e)| e.expired(now) && k.as_slice() != keep)
-            .map(|(k, _)| k.clone())
+            .lru
+            .values()
+            .take(EXPIRED_SCAN)
+            .filter(|k| k.as_slice() != keep && self.map.get(*k).is_some_and(|e| e.expired(now)))
+            .cloned()
             .collect();
         for k in expired {
             self.remove(&k);
@@ -214,8 +219,9 @@ impl Inner {
         let mut forcible = false;
         while self.used + need > capacity {
             let victim = self.lru.values().find(|k| k.as_slice() != keep).cloned()?;
-            self.remove(&victim);
-            forcible = true;
+            if let Some(e) = self.remove(&victim) {
+                forcible |= !e.expired(now);
+            }
         }
         Some(forcible)
     }
@@ -1048,6 +1054,22 @@ mod tests {
         // More than the whole dict never fits.
         let huge = "y".repeat(9000);
         assert_eq!(d.set(b"h", s(&huge), 0.0, 0), Err(DictError::NoMemory));
+    }
+
+    #[test]
+    fn a_full_dict_drops_expired_entries_before_live_ones() {
+        let d = SharedDict::new("t", 8 * 1024);
+        let big = "x".repeat(1000);
+        d.set(b"old", s(&big), 0.01, 0).unwrap();
+        for i in 0..6 {
+            d.set(format!("k{i}").as_bytes(), s(&big), 0.0, 0).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(30));
+        // The expired entry makes the room: nothing live is evicted, so forcible is false,
+        // and safe_set succeeds too.
+        assert_eq!(d.safe_set(b"new", s(&big), 0.0, 0), Ok(false));
+        assert_eq!(d.get_stale(b"old"), None);
+        assert!((0..6).all(|i| d.get(format!("k{i}").as_bytes()).is_some()));
     }
 
     #[test]
