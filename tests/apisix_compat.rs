@@ -1452,6 +1452,21 @@ fn checks() -> Vec<Check> {
                 "limit-count:\n        count: 1\n        time_window: 60\n        policy: redis\n        redis_host: 127.0.0.1\n        allow_degradation: true",
             )
         },
+        Check {
+            path: "/lc-sliding",
+            resp_headers: &[("x-ratelimit-limit", "2"), ("x-ratelimit-remaining", "1")],
+            ..check("limit-count", "window_type sliding: the first request is counted", "limit-count:\n        count: 2\n        time_window: 60\n        window_type: sliding")
+        },
+        Check {
+            path: "/lc-sliding",
+            resp_headers: &[("x-ratelimit-remaining", "0")],
+            ..check("limit-count", "window_type sliding: the second uses the last one", "limit-count:\n        count: 2\n        time_window: 60\n        window_type: sliding")
+        },
+        Check {
+            path: "/lc-sliding",
+            status: 503,
+            ..check("limit-count", "window_type sliding: beyond count the request gets 503", "limit-count:\n        count: 2\n        time_window: 60\n        window_type: sliding")
+        },
         // limit-req (t/plugin/limit-req.t)
         Check {
             path: "/lr",
