@@ -68,9 +68,12 @@ impl Plugin for Noop {
 fn chain_of(n: usize) -> Chain {
     Chain::new(
         (0..n)
-            .map(|i| ChainEntry {
-                plugin: Arc::new(Noop(format!("noop-{i:02}"))),
-                conf: Arc::new(PluginConf::new(json!({}), Arc::new(()))),
+            .map(|i| {
+                ChainEntry::new(
+                    Arc::new(Noop(format!("noop-{i:02}"))),
+                    Arc::new(PluginConf::new(json!({}), Arc::new(()))),
+                )
+                .expect("no filter")
             })
             .collect(),
     )

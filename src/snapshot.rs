@@ -17,6 +17,7 @@ use serde_json::{Map, Value};
 
 use crate::config::{ConfigError, ConfigErrors, Document, Node, PassHost, Timeout, Upstream};
 use crate::plugin::chain::{Chain, ChainEntry};
+use crate::plugin::metadata::{MetadataEntry, PluginMetadata};
 use crate::plugin::{ConfScope, Plugin, PluginConf};
 use crate::router::{RouteSpec, Router};
 
@@ -243,6 +244,8 @@ pub struct Snapshot {
     pub global: Chain,
     pub registry: Arc<Registry>,
     pub consumers: Arc<Consumers>,
+    /// Plugin metadata by plugin name (published process-wide with the snapshot).
+    pub plugin_metadata: Arc<PluginMetadata>,
     /// The resources it was built from.
     pub doc: Arc<Document>,
 }
@@ -258,6 +261,7 @@ impl Snapshot {
             global: Chain::default(),
             registry: Arc::new(Registry::new()),
             consumers: Arc::new(Consumers::default()),
+            plugin_metadata: Arc::new(PluginMetadata::default()),
             doc: Arc::new(Document::default()),
         }
     }
@@ -393,6 +397,7 @@ pub fn build(
     let global = Chain::new(global_entries);
 
     let consumers = Arc::new(build_consumers(&doc, &registry, generation, &mut errors));
+    let plugin_metadata = Arc::new(build_plugin_metadata(&doc, &registry, &mut errors));
 
     // Routes.
     let mut routes = Vec::new();
@@ -559,6 +564,7 @@ pub fn build(
         global,
         registry,
         consumers,
+        plugin_metadata,
         doc,
     })
 }
@@ -589,13 +595,22 @@ fn consumer_plugin(
         return None;
     }
     match plugin.check_conf(&mut conf, scope) {
-        Ok(compiled) => Some((
-            conf.clone(),
-            ChainEntry {
-                plugin: plugin.clone(),
-                conf: Arc::new(PluginConf::new(conf, compiled)),
-            },
-        )),
+        Ok(compiled) => {
+            let entry = ChainEntry::new(
+                plugin.clone(),
+                Arc::new(PluginConf::new(conf.clone(), compiled)),
+            );
+            match entry {
+                Ok(entry) => Some((conf, entry)),
+                Err(e) => {
+                    errors.push(ConfigError::new(
+                        format!("{at}._meta.filter"),
+                        format!("failed to validate the 'vars' expression: {e}"),
+                    ));
+                    None
+                }
+            }
+        }
         Err(e) => {
             errors.push(ConfigError::new(
                 at,
@@ -786,6 +801,52 @@ fn build_consumers(
     out
 }
 
+/// Checks every plugin metadata entry against its plugin's metadata schema (defaults filled).
+/// An entry for a plugin that is not enabled is an error, as is one plugin named twice.
+fn build_plugin_metadata(
+    doc: &Document,
+    registry: &Registry,
+    errors: &mut Vec<ConfigError>,
+) -> PluginMetadata {
+    let mut out = PluginMetadata::default();
+    for (i, m) in doc.plugin_metadata.iter().enumerate() {
+        let path = format!("plugin_metadata[{i}]");
+        let name = m.id.0.as_str();
+        let Some(plugin) = registry.get(name) else {
+            errors.push(ConfigError::new(
+                format!("{path}.id"),
+                format!("unknown plugin [{name}]: metadata needs an enabled plugin of that name"),
+            ));
+            continue;
+        };
+        if out.entries.contains_key(name) {
+            errors.push(ConfigError::new(
+                format!("{path}.id"),
+                format!("duplicate id \"{name}\""),
+            ));
+            continue;
+        }
+        // The stored timestamps are not part of the conf the schema sees.
+        let mut conf = m.conf.clone();
+        conf.remove("create_time");
+        conf.remove("update_time");
+        let mut conf = Value::Object(conf);
+        if let Err(e) = plugin.check_metadata(&mut conf) {
+            errors.push(ConfigError::new(
+                path,
+                format!("invalid configuration: {e}"),
+            ));
+            continue;
+        }
+        if let Value::Object(o) = &mut conf {
+            o.insert("id".into(), Value::String(name.to_string()));
+        }
+        out.entries
+            .insert(name.to_string(), Arc::new(MetadataEntry::new(name, conf)));
+    }
+    out
+}
+
 fn resolve_upstream(
     path: &str,
     inline: Option<&Upstream>,
@@ -874,10 +935,22 @@ fn make_entry(
         return None;
     }
     match plugin.check_conf(&mut conf, ConfScope::Route) {
-        Ok(compiled) => Some(ChainEntry {
-            plugin: plugin.clone(),
-            conf: Arc::new(PluginConf::new(conf, compiled).with_parent(parent)),
-        }),
+        Ok(compiled) => {
+            match ChainEntry::new(
+                plugin.clone(),
+                Arc::new(PluginConf::new(conf, compiled).with_parent(parent)),
+            ) {
+                Ok(e) => Some(e),
+                Err(e) => {
+                    // APISIX's check of `_meta.filter` (lua-resty-expr's `new`).
+                    errors.push(ConfigError::new(
+                        format!("{path}.{name}._meta.filter"),
+                        format!("failed to validate the 'vars' expression: {e}"),
+                    ));
+                    None
+                }
+            }
+        }
         Err(e) => {
             errors.push(ConfigError::new(
                 format!("{path}.{name}"),
@@ -918,6 +991,7 @@ pub struct Gateway {
 impl Gateway {
     pub fn new(initial: Snapshot) -> Self {
         let next = initial.generation + 1;
+        crate::plugin::metadata::publish(initial.plugin_metadata.clone());
         Gateway {
             current: ArcSwap::from_pointee(initial),
             next_generation: AtomicU64::new(next),
@@ -942,6 +1016,7 @@ impl Gateway {
     /// Publishes a fully built snapshot; returns the one it replaced.
     pub fn publish(&self, snapshot: Snapshot) -> Arc<Snapshot> {
         *self.last_failure.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        crate::plugin::metadata::publish(snapshot.plugin_metadata.clone());
         self.current.swap(Arc::new(snapshot))
     }
 

@@ -1,6 +1,8 @@
 --- apisix.plugin: the parts of APISIX's plugin manager that plugins call.
--- `plugin_attr(name)` is the node config's `plugin_attr.NAME` table (or nil).
+-- `plugin_attr(name)` is the node config's `plugin_attr.NAME` table (or nil);
+-- `plugin_metadata(name)` the plugin's metadata item (or nil).
 local config_local = require("apisix.core.config_local")
+local mg = __moongate
 local type = type
 local tostring = tostring
 local pcall = pcall
@@ -18,9 +20,40 @@ function _M.plugin_attr(name)
     return attrs[name]
 end
 
---- Plugin metadata is not stored by moongate yet: always nil.
-function _M.plugin_metadata(name) -- luacheck: ignore
-    return nil
+-- Plugin metadata converted in this VM, by plugin name: the `plugin_metadata` item for the
+-- `modifiedIndex` it was built from.
+local metadata_cache = {}
+
+--- The metadata of plugin `name` (config file `plugin_metadata:` or
+-- `/apisix/admin/plugin_metadata/NAME`) as APISIX returns it: `{key, value, modifiedIndex,
+-- createdIndex}` where `value` is the conf with schema defaults filled and `id` = name; nil
+-- when the plugin has none. The same table is returned until the metadata changes.
+function _M.plugin_metadata(name)
+    if type(name) ~= "string" then
+        return nil
+    end
+    local index = mg.plugin_metadata_index(name)
+    if index == nil then
+        metadata_cache[name] = nil
+        return nil
+    end
+    local item = metadata_cache[name]
+    if item and item.modifiedIndex == index then
+        return item
+    end
+    local value, idx = mg.plugin_metadata(name)
+    if value == nil then
+        metadata_cache[name] = nil
+        return nil
+    end
+    item = {
+        key = "/apisix/plugin_metadata/" .. name,
+        value = value,
+        modifiedIndex = idx,
+        createdIndex = idx,
+    }
+    metadata_cache[name] = item
+    return item
 end
 
 --- A version string for a conf table: a crc32 of its key-sorted JSON, cached on the conf

@@ -199,6 +199,9 @@ impl Admin {
         path_id: Option<String>,
         body: Option<Value>,
     ) -> Result<Reply, store::StoreError> {
+        if kind == Kind::PluginMetadata {
+            return self.put_metadata(path_id, body);
+        }
         let mut conf = match object_body(body) {
             Ok(c) => c,
             Err(r) => return Ok(r),
@@ -236,6 +239,9 @@ impl Admin {
     }
 
     fn post(&self, kind: Kind, body: Option<Value>) -> Result<Reply, store::StoreError> {
+        if kind == Kind::PluginMetadata {
+            return Ok(metadata_unsupported("POST"));
+        }
         let mut conf = match object_body(body) {
             Ok(c) => c,
             Err(r) => return Ok(r),
@@ -269,6 +275,9 @@ impl Admin {
         sub_path: &str,
         body: Option<Value>,
     ) -> Result<Reply, store::StoreError> {
+        if kind == Kind::PluginMetadata {
+            return Ok(metadata_unsupported("PATCH"));
+        }
         if let Err(r) = check_id(kind, id) {
             return Ok(r);
         }
@@ -421,6 +430,37 @@ impl Admin {
             return Ok(self.missing_or_file(Kind::Credentials, &key));
         };
         self.commit(Kind::Credentials, &key, None, Some(previous), 200)
+    }
+
+    /// `PUT /plugin_metadata/NAME`: the body is the metadata conf of plugin NAME (an enabled
+    /// plugin), checked against its metadata schema by the build; stored with `id` = NAME and
+    /// no timestamps, as APISIX stores it.
+    fn put_metadata(
+        &self,
+        name: Option<String>,
+        body: Option<Value>,
+    ) -> Result<Reply, store::StoreError> {
+        let kind = Kind::PluginMetadata;
+        let Some(name) = name else {
+            return Ok(Reply::bad("missing plugin name"));
+        };
+        let mut conf = match object_body(body) {
+            Ok(c) => c,
+            Err(r) => return Ok(r),
+        };
+        if let Some(r) = forbidden_times(&conf) {
+            return Ok(r);
+        }
+        if validate_id(&name).is_err()
+            || self.reloader.gateway().load().registry.get(&name).is_none()
+        {
+            return Ok(Reply::bad("invalid plugin name"));
+        }
+        let _guard = self.writes.lock().unwrap_or_else(|e| e.into_inner());
+        let previous = self.store.get(kind, &name)?;
+        conf.insert("id".into(), Value::String(name.clone()));
+        let status = if previous.is_some() { 200 } else { 201 };
+        self.commit(kind, &name, Some(Value::Object(conf)), previous, status)
     }
 
     /// 400 for a config-file resource (read-only here), 404 otherwise.
@@ -703,6 +743,14 @@ fn referrers(doc: &Document, kind: Kind, id: &str) -> Option<String> {
         msg.push_str(&format!(" (also: {})", users[1..].join(", ")));
     }
     Some(msg)
+}
+
+/// APISIX's answer to a method plugin metadata does not have.
+fn metadata_unsupported(method: &str) -> Reply {
+    Reply::error(
+        405,
+        format!("not supported `{method}` method for plugin_metadata"),
+    )
 }
 
 fn file_owned(kind: Kind, id: &str) -> String {

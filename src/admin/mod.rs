@@ -361,7 +361,7 @@ pub fn route(method: &Method, segs: &[String], body: Option<Value>) -> Result<Ca
                 return Err(Reply::error(
                     404,
                     format!(
-                        "unknown resource type \"{res}\": moongate serves routes, upstreams, services, global_rules, consumers, consumer_groups, plugins"
+                        "unknown resource type \"{res}\": moongate serves routes, upstreams, services, global_rules, consumers, consumer_groups, plugin_metadata, plugins"
                     ),
                 ));
             };

@@ -374,17 +374,20 @@ pub struct Document {
     /// Consumer credentials: in a config file, `consumers:` items whose `id` reads
     /// `USERNAME/credentials/ID` (APISIX's standalone form).
     pub credentials: Vec<Credential>,
+    /// Plugin metadata (`plugin_metadata:`), one per plugin name.
+    pub plugin_metadata: Vec<PluginMetadataConf>,
     /// The file it came from (for reload and error messages), if any.
     pub path: Option<PathBuf>,
 }
 
-const RESOURCE_KEYS: [&str; 6] = [
+const RESOURCE_KEYS: [&str; 7] = [
     "routes",
     "upstreams",
     "services",
     "global_rules",
     "consumers",
     "consumer_groups",
+    "plugin_metadata",
 ];
 
 /// Reads and parses a config file (YAML, or JSON, which YAML accepts too).
@@ -468,6 +471,7 @@ pub fn parse_document(text: &str) -> Result<Document, ConfigErrors> {
     let global_rules = take_list("global_rules", &mut errors);
     let consumers = take_list("consumers", &mut errors);
     let consumer_groups = take_list("consumer_groups", &mut errors);
+    let plugin_metadata = take_list("plugin_metadata", &mut errors);
 
     doc.routes = parse_list("routes", routes, &mut errors);
     doc.upstreams = parse_list("upstreams", upstreams, &mut errors);
@@ -493,6 +497,7 @@ pub fn parse_document(text: &str) -> Result<Document, ConfigErrors> {
         }
     }
     doc.consumer_groups = parse_list("consumer_groups", consumer_groups, &mut errors);
+    doc.plugin_metadata = parse_list("plugin_metadata", plugin_metadata, &mut errors);
     match from_value_at::<NodeConfig>("", Value::Object(top)) {
         Ok(node) => doc.node = node,
         Err(e) => errors.push(e),

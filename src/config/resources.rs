@@ -1,4 +1,5 @@
-//! Resource shapes: routes, upstreams, services, global rules and consumers, with APISIX 3.x field names.
+//! Resource shapes: routes, upstreams, services, global rules, consumers and plugin metadata,
+//! with APISIX 3.x field names.
 //!
 //! Every struct denies unknown fields: a typo in a config file or an Admin API body must be an
 //! error that names the field, never a setting that silently does nothing.
@@ -553,6 +554,18 @@ fn credential_id<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Er
     let s = String::deserialize(d)?;
     validate_credential_id(&s).map_err(serde::de::Error::custom)?;
     Ok(s)
+}
+
+/// Plugin metadata, as APISIX's `/apisix/admin/plugin_metadata/{plugin name}` body: a
+/// node-wide conf of one plugin, checked against the plugin's `metadata_schema`. In a config
+/// file (as in APISIX's standalone `apisix.yaml`) the plugin name is `id`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct PluginMetadataConf {
+    /// The plugin's name.
+    pub id: Id,
+    /// The metadata conf (every other field).
+    #[serde(flatten)]
+    pub conf: Map<String, Value>,
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
+use super::expr::Expr;
 use super::{
     BodyChunk, Ctx, Flow, LocalResponse, Phase, PhaseResult, PhaseSet, Plugin, PluginConf,
     PluginError, ResponseHead,
@@ -15,6 +16,54 @@ use super::{
 pub struct ChainEntry {
     pub plugin: Arc<dyn Plugin>,
     pub conf: Arc<PluginConf>,
+    /// The conf's `_meta.filter`, compiled: the plugin runs only for requests it matches.
+    pub filter: Option<Arc<Expr>>,
+}
+
+impl ChainEntry {
+    /// An entry for a checked conf; compiles its `_meta.filter` (the error is lua-resty-expr's
+    /// wording, for the `_meta.filter` path).
+    pub fn new(plugin: Arc<dyn Plugin>, conf: Arc<PluginConf>) -> Result<Self, String> {
+        let filter = match conf.value.pointer("/_meta/filter") {
+            None | Some(Value::Null) => None,
+            Some(f) => Some(Arc::new(Expr::compile(f)?)),
+        };
+        Ok(ChainEntry {
+            plugin,
+            conf,
+            filter,
+        })
+    }
+
+    /// APISIX's `meta_filter`: true when the plugin runs for this request. The first answer
+    /// for a conf is kept for the rest of the request, so every phase agrees (as APISIX caches
+    /// it in `ctx`), even when a plugin changes a variable in between.
+    #[inline]
+    fn runs(&self, ctx: &mut Ctx) -> bool {
+        match &self.filter {
+            None => true,
+            Some(f) => filter_matches(f, self.conf.key, ctx),
+        }
+    }
+}
+
+/// Per-request answers of `_meta.filter`, by conf key.
+#[derive(Default)]
+struct FilterMemo(Vec<(u64, bool)>);
+
+fn filter_matches(f: &Expr, key: u64, ctx: &mut Ctx) -> bool {
+    if let Some(&(_, hit)) = ctx
+        .data::<FilterMemo>()
+        .and_then(|m| m.0.iter().find(|(k, _)| *k == key))
+    {
+        return hit;
+    }
+    let hit = f.eval(&|name: &str| ctx.var(name));
+    match ctx.data_mut::<FilterMemo>() {
+        Some(m) => m.0.push((key, hit)),
+        None => ctx.set_data(FilterMemo(vec![(key, hit)])),
+    }
+    hit
 }
 
 /// Plugins in run order: descending priority, ties by name; the same order in every phase.
@@ -69,7 +118,7 @@ pub async fn run_request_phase(phase: Phase, chains: &[&Chain], ctx: &mut Ctx) -
             continue;
         }
         for e in &chain.entries {
-            if !e.plugin.phases().contains(phase) {
+            if !e.plugin.phases().contains(phase) || !e.runs(ctx) {
                 continue;
             }
             let flow = match phase {
@@ -129,7 +178,7 @@ pub fn run_header_filter(
             continue;
         }
         for e in &chain.entries {
-            if e.plugin.phases().contains(Phase::HeaderFilter) {
+            if e.plugin.phases().contains(Phase::HeaderFilter) && e.runs(ctx) {
                 e.plugin.header_filter(&e.conf, ctx, head)?;
             }
         }
@@ -148,7 +197,7 @@ pub fn run_body_filter(
             continue;
         }
         for e in &chain.entries {
-            if e.plugin.phases().contains(Phase::BodyFilter) {
+            if e.plugin.phases().contains(Phase::BodyFilter) && e.runs(ctx) {
                 e.plugin.body_filter(&e.conf, ctx, chunk)?;
             }
         }
@@ -163,7 +212,7 @@ pub fn run_log(chains: &[&Chain], ctx: &mut Ctx) {
             continue;
         }
         for e in &chain.entries {
-            if e.plugin.phases().contains(Phase::Log) {
+            if e.plugin.phases().contains(Phase::Log) && e.runs(ctx) {
                 e.plugin.log(&e.conf, ctx);
             }
         }

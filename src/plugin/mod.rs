@@ -7,7 +7,9 @@
 
 pub mod chain;
 pub mod ctx;
+pub mod expr;
 pub mod lua;
+pub mod metadata;
 pub mod schema;
 
 use std::any::Any;
@@ -301,6 +303,21 @@ pub trait Plugin: Send + Sync + 'static {
         let _ = scope;
         self.schema().check(conf)?;
         Ok(Arc::new(()))
+    }
+
+    /// The schema of the plugin's metadata (APISIX's `metadata_schema`), if it declares one.
+    fn metadata_schema(&self) -> Option<&Schema> {
+        None
+    }
+
+    /// Validates plugin metadata (`/apisix/admin/plugin_metadata/NAME`) and fills in schema
+    /// defaults. The default checks [`Plugin::metadata_schema`]; without one any object is
+    /// accepted, as APISIX injects an empty object schema. Errors use APISIX's wording.
+    fn check_metadata(&self, conf: &mut Value) -> Result<(), String> {
+        match self.metadata_schema() {
+            Some(s) => s.check(conf),
+            None => Ok(()),
+        }
     }
 
     /// The phases this plugin implements.

@@ -15,7 +15,7 @@ use serde_json::Value;
 
 use crate::config::{
     self, ConfigError, ConfigErrors, Consumer, ConsumerGroup, Credential, Document, GlobalRule, Id,
-    Route, Service, Upstream,
+    PluginMetadataConf, Route, Service, Upstream,
 };
 use crate::reload::ResourceOverlay;
 
@@ -32,11 +32,12 @@ pub enum Kind {
     ConsumerGroups,
     /// Consumer credentials; the id is `USERNAME/credentials/ID` (the key under `consumers`).
     Credentials,
+    PluginMetadata,
 }
 
 impl Kind {
     /// Every kind, in the order builds see them.
-    pub const ALL: [Kind; 7] = [
+    pub const ALL: [Kind; 8] = [
         Kind::Routes,
         Kind::Upstreams,
         Kind::Services,
@@ -44,6 +45,7 @@ impl Kind {
         Kind::Consumers,
         Kind::ConsumerGroups,
         Kind::Credentials,
+        Kind::PluginMetadata,
     ];
 
     /// The path segment and config-file key: `routes`, `global_rules`, ...
@@ -56,6 +58,7 @@ impl Kind {
             Kind::Consumers => "consumers",
             Kind::ConsumerGroups => "consumer_groups",
             Kind::Credentials => "credentials",
+            Kind::PluginMetadata => "plugin_metadata",
         }
     }
 
@@ -77,6 +80,7 @@ impl Kind {
             Kind::Consumers => "consumer",
             Kind::ConsumerGroups => "consumer group",
             Kind::Credentials => "credential",
+            Kind::PluginMetadata => "plugin_metadata",
         }
     }
 
@@ -309,6 +313,14 @@ pub fn insert_resource(
             doc.credentials.push(item);
             Ok(doc.credentials.len() - 1)
         }
+        Kind::PluginMetadata => put(
+            &mut doc.plugin_metadata,
+            id,
+            value,
+            mode,
+            |m: &PluginMetadataConf| Some(&m.id),
+            |v| config::from_value_at("", v),
+        ),
     }
 }
 
@@ -331,6 +343,7 @@ pub fn remove_resource(doc: &mut Document, kind: Kind, id: &str) -> bool {
             doc.credentials.retain(|c| c.id != id);
             doc.credentials.len() != before
         }
+        Kind::PluginMetadata => remove(&mut doc.plugin_metadata, id, |m| Some(&m.id)),
     }
 }
 
@@ -349,6 +362,7 @@ pub fn resource_ids(doc: &Document, kind: Kind) -> Vec<String> {
         Kind::Consumers => ids(&doc.consumers, |c| Some(&c.username)),
         Kind::ConsumerGroups => ids(&doc.consumer_groups, |g| g.id.as_ref()),
         Kind::Credentials => doc.credentials.iter().map(|c| c.id.clone()).collect(),
+        Kind::PluginMetadata => ids(&doc.plugin_metadata, |m| Some(&m.id)),
     }
 }
 
@@ -375,6 +389,7 @@ pub fn resource_json(doc: &Document, kind: Kind, id: &str) -> Option<Value> {
             .iter()
             .find(|c| c.id == id)
             .and_then(|c| serde_json::to_value(c).ok()),
+        Kind::PluginMetadata => find(&doc.plugin_metadata, id, |m| Some(&m.id)),
     }
 }
 

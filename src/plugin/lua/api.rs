@@ -156,6 +156,7 @@ pub fn install(lua: &Lua, settings: &Settings) -> mlua::Result<()> {
     install_internal(lua, &mg)?;
     super::re::install(lua, &ngx, &mg)?;
     install_consumers(lua, &mg)?;
+    install_plugin_metadata(lua, &mg)?;
     install_require(lua, settings)?;
 
     g.set("ngx", &ngx)?;
@@ -1515,4 +1516,30 @@ mod tests {
         assert_eq!(http_time(1290079655), "Thu, 18 Nov 2010 11:27:35 GMT");
         assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
     }
+}
+
+/// `__moongate.plugin_metadata_index(name)` and `__moongate.plugin_metadata(name)`: the published
+/// plugin metadata (see `plugin::metadata`), for `apisix.plugin.plugin_metadata`. The index is
+/// APISIX's `modifiedIndex` (nil when the plugin has no metadata); `apisix.plugin` converts the
+/// value once per index in each VM.
+fn install_plugin_metadata(lua: &Lua, mg: &Table) -> mlua::Result<()> {
+    mg.set(
+        "plugin_metadata_index",
+        lua.create_function(|_, name: String| {
+            Ok(crate::plugin::metadata::get(&name).map(|m| m.modified_index))
+        })?,
+    )?;
+    mg.set(
+        "plugin_metadata",
+        lua.create_function(
+            |lua, name: String| match crate::plugin::metadata::get(&name) {
+                Some(m) => Ok((
+                    convert::json_to_lua(lua, &m.value)?,
+                    Value::Number(m.modified_index as f64),
+                )),
+                None => Ok((Value::Nil, Value::Nil)),
+            },
+        )?,
+    )?;
+    Ok(())
 }

@@ -86,6 +86,8 @@ pub struct LuaPlugin {
     priority: i64,
     version: String,
     schema: Schema,
+    /// The module's `metadata_schema`, if it has one.
+    metadata_schema: Option<Schema>,
     /// The phases the module defines.
     lua_phases: PhaseSet,
     has_check_schema: bool,
@@ -229,11 +231,29 @@ impl LuaPlugin {
             matches!(module.get::<Value>("check_schema"), Ok(Value::Function(_)));
         let auth =
             matches!(module.get::<Value>("type"), Ok(Value::String(t)) if t.as_bytes() == b"auth");
+        let metadata_schema = match module.get::<Value>("metadata_schema") {
+            Ok(Value::Table(t)) => {
+                let json = convert::schema_to_json(lua, &t)
+                    .map_err(|e| format!("{}: invalid metadata_schema: {e}", path.display()))?;
+                Some(
+                    Schema::compile(&json)
+                        .map_err(|e| format!("{}: invalid metadata_schema: {e}", path.display()))?,
+                )
+            }
+            Ok(Value::Nil) | Err(_) => None,
+            Ok(_) => {
+                return Err(format!(
+                    "{}: invalid plugin: \"metadata_schema\" must be a table",
+                    path.display()
+                ))
+            }
+        };
         Ok(LuaPlugin {
             name: name.to_string(),
             priority,
             version,
             schema,
+            metadata_schema,
             lua_phases,
             has_check_schema,
             auth,
@@ -360,6 +380,23 @@ impl Plugin for LuaPlugin {
 
     /// The module's phases, plus `header_filter` always: headers a request phase set with
     /// `ngx.header` (or `core.response.set_header`) are applied to the response there.
+    fn metadata_schema(&self) -> Option<&Schema> {
+        self.metadata_schema.as_ref()
+    }
+
+    /// As APISIX's Admin API: no `metadata_schema` accepts any object; otherwise the module's
+    /// `check_schema(conf, core.schema.TYPE_METADATA)` when it has one, else the schema.
+    fn check_metadata(&self, conf: &mut Json) -> Result<(), String> {
+        let Some(schema) = &self.metadata_schema else {
+            return Ok(());
+        };
+        if self.has_check_schema {
+            runtime::check_conf_lua(self, conf, Some(2))
+        } else {
+            schema.check(conf)
+        }
+    }
+
     fn phases(&self) -> PhaseSet {
         self.lua_phases.with(Phase::HeaderFilter)
     }
