@@ -1498,26 +1498,6 @@ fn install_require(lua: &Lua, settings: &Settings) -> mlua::Result<()> {
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn uri_escaping() {
-        assert_eq!(escape_uri(b"a b/c", 2), b"a%20b%2Fc");
-        assert_eq!(escape_uri(b"/a b/c", 0), b"/a%20b/c");
-        assert_eq!(unescape_uri(b"b%20r56+7"), b"b r56 7");
-        assert_eq!(unescape_uri(b"100%"), b"100%");
-        assert_eq!(unescape_uri(b"%4"), b"%4");
-    }
-
-    #[test]
-    fn dates() {
-        assert_eq!(http_time(1290079655), "Thu, 18 Nov 2010 11:27:35 GMT");
-        assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
-    }
-}
-
 /// `__moongate.plugin_metadata_index(name)` and `__moongate.plugin_metadata(name)`: the published
 /// plugin metadata (see `plugin::metadata`), for `apisix.plugin.plugin_metadata`. The index is
 /// APISIX's `modifiedIndex` (nil when the plugin has no metadata); `apisix.plugin` converts the
@@ -1542,4 +1522,24 @@ fn install_plugin_metadata(lua: &Lua, mg: &Table) -> mlua::Result<()> {
         )?,
     )?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uri_escaping() {
+        assert_eq!(escape_uri(b"a b/c", 2), b"a%20b%2Fc");
+        assert_eq!(escape_uri(b"/a b/c", 0), b"/a%20b/c");
+        assert_eq!(unescape_uri(b"b%20r56+7"), b"b r56 7");
+        assert_eq!(unescape_uri(b"100%"), b"100%");
+        assert_eq!(unescape_uri(b"%4"), b"%4");
+    }
+
+    #[test]
+    fn dates() {
+        assert_eq!(http_time(1290079655), "Thu, 18 Nov 2010 11:27:35 GMT");
+        assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
+    }
 }
