@@ -1800,6 +1800,96 @@ fn real_key_auth_with_admin_api_credentials_and_consumer_plugins() {
     assert_eq!(r.header("x-who"), None);
 }
 
+/// APISIX's own cors with `allow_origins_by_metadata` (APISIX_SRC): its plugin metadata
+/// written through `/apisix/admin/plugin_metadata/cors`, checked against cors's
+/// `metadata_schema` by its `check_schema(conf, TYPE_METADATA)`; `t/plugin/cors3.t` behaviour,
+/// restated.
+#[test]
+fn real_cors_allow_origins_by_metadata() {
+    let Some(src) = std::env::var_os("APISIX_SRC") else {
+        eprintln!("APISIX_SRC is not set: skipping cors with plugin metadata");
+        return;
+    };
+    let cors = std::fs::read_to_string(PathBuf::from(src).join("apisix/plugins/cors.lua"))
+        .expect("cors.lua");
+    let up = Upstream::echo();
+    let u = upstream_yaml(&up);
+    let routes = format!(
+        "  - id: one\n    uri: /one\n    plugins:\n      cors:\n        allow_origins: \"https://test.com\"\n        allow_origins_by_metadata: [key_1]\n{u}\
+         \x20 - id: two\n    uri: /two\n    plugins:\n      cors:\n        allow_origins_by_metadata: [key_1, key_2]\n{u}\
+         \x20 - id: star\n    uri: /star\n    plugins:\n      cors:\n        allow_origins_by_metadata: [key_3]\n{u}"
+    );
+    let (_tmp, gw, admin) = consumer_gateway(&[("cors", cors.as_str())], &routes, "");
+    let call = |m: &str, p: &str, b: Option<&str>| admin_call(&admin, m, p, b);
+    let origin = |path: &str, o: &str| {
+        Req::get(&gw.url(path))
+            .header("Origin", o)
+            .send()
+            .header("access-control-allow-origin")
+    };
+
+    // No metadata yet: only the conf's own allow_origins.
+    assert_eq!(origin("/one", "https://domain.com"), None);
+    assert_eq!(
+        origin("/one", "https://test.com").as_deref(),
+        Some("https://test.com")
+    );
+
+    // The metadata schema refuses an origin that is not one (cors's origins_pattern).
+    let r = call(
+        "PUT",
+        "/plugin_metadata/cors",
+        Some(r#"{"allow_origins": {"key_1": "x.com"}}"#),
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(
+        r.json()["error_msg"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("invalid configuration: property \"allow_origins\" validation failed"),
+        "{}",
+        r.text()
+    );
+
+    let r = call(
+        "PUT",
+        "/plugin_metadata/cors",
+        Some(
+            r#"{"allow_origins": {"key_1": "https://domain.com", "key_2": "https://sub.domain.com,https://sub2.domain.com", "key_3": "*"}}"#,
+        ),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert_eq!(
+        origin("/one", "https://domain.com").as_deref(),
+        Some("https://domain.com")
+    );
+    assert_eq!(origin("/one", "http://foo.example.org"), None);
+    assert_eq!(
+        origin("/two", "https://sub.domain.com").as_deref(),
+        Some("https://sub.domain.com")
+    );
+    assert_eq!(
+        origin("/star", "http://foo.example.org").as_deref(),
+        Some("http://foo.example.org")
+    );
+
+    // A change is seen by the next request (cors caches per modifiedIndex).
+    let r = call(
+        "PUT",
+        "/plugin_metadata/cors",
+        Some(r#"{"allow_origins": {"key_1": "https://other.com"}}"#),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(origin("/one", "https://domain.com"), None);
+    assert_eq!(
+        origin("/one", "https://other.com").as_deref(),
+        Some("https://other.com")
+    );
+    let r = call("DELETE", "/plugin_metadata/cors", None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(origin("/one", "https://other.com"), None);
+}
+
 #[test]
 fn real_apisix_plugins_behave_as_documented() {
     let Some(src) = std::env::var_os("APISIX_SRC") else {
