@@ -653,3 +653,91 @@ fn consumers_groups_and_credentials_in_apisix_key_layout() {
     assert_eq!(etcd.get("/apisix/consumers/jack/credentials/k2"), None);
     assert_eq!(send("jack-k1").status, 401);
 }
+
+/// A plugin that puts its metadata's `greeting` into `X-Greeting` (`none` without metadata).
+const GREETER: &str = r#"
+local core = require("apisix.core")
+local plugin = require("apisix.plugin")
+local _M = {
+    version = 0.1, priority = 12, name = "greeter", schema = { type = "object" },
+    metadata_schema = {
+        type = "object",
+        properties = { greeting = { type = "string", default = "hello" } },
+    },
+}
+function _M.header_filter(conf, ctx)
+    local m = plugin.plugin_metadata("greeter")
+    core.response.set_header("X-Greeting", m and m.value.greeting or "none")
+end
+return _M
+"#;
+
+#[test]
+fn plugin_metadata_in_apisix_key_layout() {
+    let etcd = Etcd::start();
+    let up = Upstream::echo();
+    let plugins = tempfile::tempdir().expect("plugins dir");
+    std::fs::write(plugins.path().join("greeter.lua"), GREETER).expect("write plugin");
+    // Written as APISIX's tooling writes it: the key names the plugin.
+    etcd.put(
+        "/apisix/plugin_metadata/greeter",
+        &json!({"greeting": "from etcd"}).to_string(),
+    );
+    let yaml = format!(
+        "{}plugin_dirs:\n  - \"{}\"\n",
+        node_yaml(&etcd),
+        plugins.path().display()
+    );
+    let start = || {
+        let gw = Gateway::start(&yaml);
+        assert!(
+            gw.wait_for_log("admin API listening on http://", Duration::from_secs(20)),
+            "{}",
+            gw.logs()
+        );
+        let addr: SocketAddr = gw
+            .logs()
+            .lines()
+            .find_map(|l| {
+                let rest = l.split("admin API listening on http://").nth(1)?;
+                rest.split_whitespace().next()?.parse().ok()
+            })
+            .expect("admin address");
+        Node {
+            gw,
+            admin: format!("http://{addr}/apisix/admin"),
+        }
+    };
+    let a = start();
+    let b = start();
+    let r = a.put(
+        "/routes/g",
+        json!({"uri": "/g", "plugins": {"greeter": {}}, "upstream": {"nodes": {up.node(): 1}}}),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    wait_status(&b, "/g", 200, Duration::from_secs(10));
+    assert_eq!(
+        b.get("/g").header("x-greeting").as_deref(),
+        Some("from etcd")
+    );
+
+    // Through node a's Admin API: stored under APISIX's key, seen by node b.
+    let r = a.put("/plugin_metadata/greeter", json!({}));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let stored: Value =
+        serde_json::from_str(&etcd.get("/apisix/plugin_metadata/greeter").expect("stored"))
+            .expect("JSON");
+    assert_eq!(stored, json!({"id": "greeter"}));
+    assert!(
+        poll(Duration::from_secs(10), || {
+            b.get("/g").header("x-greeting").as_deref() == Some("hello")
+        }),
+        "node b did not see the metadata change; log:\n{}",
+        b.gw.logs()
+    );
+    let r = b.call("DELETE", "/plugin_metadata/greeter", None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(poll(Duration::from_secs(10), || {
+        a.get("/g").header("x-greeting").as_deref() == Some("none")
+    }));
+}
