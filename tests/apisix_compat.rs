@@ -1958,3 +1958,33 @@ fn real_limit_conn_refuses_concurrent_requests() {
     // The log phase gave the slots back.
     assert_eq!(Req::get(&url).send().status, 200);
 }
+
+/// limit-count's header names from its plugin metadata (t/plugin/limit-count*.t with
+/// `plugin_metadata/limit-count`: `limit_header`, `remaining_header`, `reset_header`).
+#[test]
+fn real_limit_count_takes_header_names_from_its_metadata() {
+    let Some(src) = std::env::var_os("APISIX_SRC") else {
+        eprintln!("APISIX_SRC is not set: skipping the checks against APISIX's own plugin files");
+        return;
+    };
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path().join("plugins");
+    std::fs::create_dir_all(&dir).expect("plugins dir");
+    copy_targets(&PathBuf::from(src), &dir);
+    let up = Upstream::echo();
+    let yaml = format!(
+        "workers: 1\nplugin_dirs:\n  - \"{}\"\nplugin_metadata:\n  - id: limit-count\n    limit_header: X-Quota\n    remaining_header: X-Quota-Left\n    reset_header: X-Quota-Reset\nroutes:\n  - id: q\n    uri: /q\n    plugins:\n      limit-count:\n        count: 1\n        time_window: 30\n{}",
+        dir.display(),
+        upstream_yaml(&up)
+    );
+    let gw = Gateway::start_in(tmp.path(), &yaml);
+    let r = Req::get(&gw.url("/q")).send();
+    assert_eq!(r.status, 200, "{}", gw.logs());
+    assert_eq!(r.header("x-quota").as_deref(), Some("1"));
+    assert_eq!(r.header("x-quota-left").as_deref(), Some("0"));
+    assert_eq!(r.header("x-quota-reset").as_deref(), Some("30"));
+    assert_eq!(r.header("x-ratelimit-limit"), None);
+    let r = Req::get(&gw.url("/q")).send();
+    assert_eq!(r.status, 503);
+    assert_eq!(r.header("x-quota-left").as_deref(), Some("0"));
+}
