@@ -705,12 +705,10 @@ where
     B: Body<Data = Bytes>,
     B::Error: fmt::Display,
 {
-    let (mut parts, body) = res.into_parts();
+    let (parts, body) = res.into_parts();
     let mut body = pin!(body);
     let status = parts.status;
-    let headers = &mut parts.headers;
-    headers.remove(header::TRANSFER_ENCODING);
-    headers.remove(header::CONNECTION);
+    let headers = &parts.headers;
 
     // A body that is already complete goes out with the head.
     let no_body = head_request
@@ -735,17 +733,11 @@ where
         }
     }
     let first_len = first.as_ref().map_or(0, |d| d.len() as u64);
+    // The handler's framing headers are replaced by ours (skipped while writing the head).
+    let mut head_length: Option<u64> = None;
     let framing = if no_body {
-        if status == StatusCode::NO_CONTENT || status.is_informational() {
-            headers.remove(header::CONTENT_LENGTH);
-        } else if head_request && !headers.contains_key(header::CONTENT_LENGTH) {
-            if let Some(n) = body.size_hint().exact() {
-                let mut b = Vec::with_capacity(20);
-                push_u64(&mut b, n);
-                if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(b)) {
-                    headers.insert(header::CONTENT_LENGTH, v);
-                }
-            }
+        if head_request && !headers.contains_key(header::CONTENT_LENGTH) {
+            head_length = body.size_hint().exact();
         }
         Framing::None
     } else if ended {
@@ -763,9 +755,9 @@ where
         *keep_alive = false;
         Framing::Close
     };
-    if let Framing::Length(_) = framing {
-        headers.remove(header::CONTENT_LENGTH);
-    }
+    let skip_length = matches!(framing, Framing::Length(_))
+        || status == StatusCode::NO_CONTENT
+        || status.is_informational();
     // A client that asked for 100-continue and was not sent it may still be waiting to send
     // the body: it cannot be drained, so the connection closes after the response.
     let cont = {
@@ -786,14 +778,27 @@ where
         }
     }
     push_status(wbuf, status);
+    let mut has_date = false;
     for (name, value) in headers.iter() {
+        if name == header::TRANSFER_ENCODING
+            || name == header::CONNECTION
+            || (skip_length && name == header::CONTENT_LENGTH)
+        {
+            continue;
+        }
+        has_date |= name == header::DATE;
         wbuf.extend_from_slice(name.as_str().as_bytes());
         wbuf.extend_from_slice(b": ");
         wbuf.extend_from_slice(value.as_bytes());
         wbuf.extend_from_slice(b"\r\n");
     }
-    if !headers.contains_key(header::DATE) {
+    if !has_date {
         push_date(wbuf);
+    }
+    if let Some(n) = head_length {
+        wbuf.extend_from_slice(b"content-length: ");
+        push_u64(wbuf, n);
+        wbuf.extend_from_slice(b"\r\n");
     }
     match framing {
         Framing::Length(n) => {
