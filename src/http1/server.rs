@@ -589,6 +589,7 @@ pub async fn serve<H, F, B>(
             Ok(()) => {}
             Err(e) => {
                 tracing::debug!("writing a response failed: {e}");
+                lp.conn.st.borrow_mut().gen += 1;
                 return;
             }
         }
