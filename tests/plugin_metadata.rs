@@ -512,3 +512,63 @@ fn a_bad_filter_is_refused_with_its_path() {
     );
     assert_eq!(admin(&gw, "GET", "/routes/f", None).status, 404);
 }
+
+/// Editing `plugin_metadata:` in the config file: the plugin sees the new value on the next
+/// requests without a restart; a bad edit keeps the last good metadata serving.
+#[test]
+fn config_file_metadata_edits_are_live_and_bad_edits_change_nothing() {
+    let up = Upstream::echo();
+    let routes = format!("routes:\n{}", route(&up, "/m", "      meta-probe: {}\n"));
+    let (_tmp, gw) = start(
+        &format!("plugin_metadata:\n  - id: meta-probe\n    level: 1\n{routes}"),
+        false,
+    );
+    let level = || get(&gw.url("/m")).header("x-meta-level");
+    assert_eq!(level().as_deref(), Some("1"));
+
+    let write = |body: &str| {
+        let text = format!(
+            "listen: {}\nworkers: 2\nplugin_dirs:\n  - plugins\n{body}{routes}",
+            gw.addr()
+        );
+        let path = gw.config_path();
+        let tmp = path.with_extension("tmp~");
+        std::fs::write(&tmp, text).expect("write config");
+        std::fs::rename(&tmp, path).expect("rename config");
+    };
+    let eventually = |f: &dyn Fn() -> bool| {
+        let end = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < end {
+            if f() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    };
+
+    write("plugin_metadata:\n  - id: meta-probe\n    level: 4\n");
+    assert!(
+        eventually(&|| (0..4).all(|_| level().as_deref() == Some("4"))),
+        "log:\n{}",
+        gw.logs()
+    );
+
+    write("plugin_metadata:\n  - id: meta-probe\n    level: -1\n");
+    assert!(
+        gw.wait_for_log(
+            "plugin_metadata[0]: invalid configuration",
+            Duration::from_secs(10)
+        ),
+        "log:\n{}",
+        gw.logs()
+    );
+    assert_eq!(level().as_deref(), Some("4"));
+
+    write("");
+    assert!(
+        eventually(&|| get(&gw.url("/m")).header("x-meta").as_deref() == Some("none")),
+        "log:\n{}",
+        gw.logs()
+    );
+}
