@@ -490,3 +490,17 @@ fn connection_close_from_the_client_is_honoured() {
     assert_eq!(r.header("connection").as_deref(), Some("close"));
     assert!(w.closed_within(Duration::from_secs(5)));
 }
+
+#[test]
+fn absolute_form_request_target_is_routed_by_its_path() {
+    let up = Upstream::echo();
+    let gw = Gateway::start(&format!("routes:\n{}", route("1", "/abs", &up.node())));
+    let mut w = Wire::open(gw.addr());
+    w.send(b"GET http://example.com/abs?x=1 HTTP/1.1\r\nHost: example.com\r\n\r\n");
+    let r = w.response(false).expect("response");
+    assert_eq!(r.status, 200, "{}", r.head);
+    let v: serde_json::Value = serde_json::from_slice(&r.body).expect("json");
+    // The upstream gets the origin form.
+    assert_eq!(v["uri"], "/abs?x=1");
+    assert_eq!(v["headers"]["host"], "example.com");
+}
