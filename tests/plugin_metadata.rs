@@ -303,6 +303,13 @@ fn admin_api_metadata_is_live_on_the_next_request_and_refusals_change_nothing() 
     let r = admin(&gw, "GET", "/plugin_metadata", None);
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["total"], 1);
+    // Every plugin's attributes carry its metadata schema, as APISIX's `/plugins?all=true`.
+    let r = admin(&gw, "GET", "/plugins", None);
+    assert_eq!(
+        r.json()["meta-probe"]["metadata_schema"]["required"],
+        json!(["level"])
+    );
+    assert!(r.json()["tagger"].get("metadata_schema").is_none());
 
     // Refusals, in APISIX's wording; what serves stays as it was.
     let r = admin(

@@ -590,18 +590,19 @@ impl Admin {
         let snap = self.reloader.gateway().load_full();
         let mut out = Map::new();
         for p in snap.registry.iter() {
-            out.insert(
-                p.name().to_string(),
-                json!({
-                    "priority": p.priority(),
-                    "version": p.version(),
-                    "schema": p.schema().as_json(),
-                    "kind": match p.kind() {
-                        crate::plugin::PluginKind::Native => "native",
-                        crate::plugin::PluginKind::Lua => "lua",
-                    },
-                }),
-            );
+            let mut attrs = json!({
+                "priority": p.priority(),
+                "version": p.version(),
+                "schema": p.schema().as_json(),
+                "kind": match p.kind() {
+                    crate::plugin::PluginKind::Native => "native",
+                    crate::plugin::PluginKind::Lua => "lua",
+                },
+            });
+            if let (Some(m), Value::Object(a)) = (p.metadata_schema(), &mut attrs) {
+                a.insert("metadata_schema".into(), m.as_json().clone());
+            }
+            out.insert(p.name().to_string(), attrs);
         }
         Reply::json(200, Value::Object(out))
     }
