@@ -10,6 +10,7 @@
 
 use std::future::Future;
 use std::io::{self, IoSlice};
+use std::mem::MaybeUninit;
 use std::pin::{pin, Pin};
 use std::task::{Context, Poll, Waker};
 
@@ -23,7 +24,7 @@ use super::chunked::{self, ChunkedDecoder, ChunkedError, Decoded};
 /// The largest response head accepted (status line and headers).
 pub const MAX_HEAD: usize = 64 * 1024;
 /// Headers parsed without a heap allocation; more fall back to a heap array.
-const STACK_HEADERS: usize = 64;
+const STACK_HEADERS: usize = 32;
 /// Upper bound of headers in one head (`MAX_HEAD` could not hold many more real ones).
 const MAX_HEADERS: usize = 4096;
 /// Bytes made free in the read buffer before each read.
@@ -380,14 +381,16 @@ struct HeaderIndex {
 /// response other than 101 is consumed and parsing goes on with what follows it.
 fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<ResponseHead>, Error> {
     loop {
-        let mut stack = [httparse::EMPTY_HEADER; STACK_HEADERS];
+        // Uninitialised header slots: httparse writes only the ones it fills.
+        let mut stack = [MaybeUninit::<httparse::Header<'_>>::uninit(); STACK_HEADERS];
         let mut heap;
-        let mut res = httparse::Response::new(&mut stack);
-        let mut parsed = res.parse(buf);
+        let config = httparse::ParserConfig::default();
+        let mut res = httparse::Response::new(&mut []);
+        let mut parsed = config.parse_response_with_uninit_headers(&mut res, buf, &mut stack);
         if matches!(parsed, Err(httparse::Error::TooManyHeaders)) {
-            heap = vec![httparse::EMPTY_HEADER; MAX_HEADERS];
-            res = httparse::Response::new(&mut heap);
-            parsed = res.parse(buf);
+            heap = vec![MaybeUninit::uninit(); MAX_HEADERS];
+            res = httparse::Response::new(&mut []);
+            parsed = config.parse_response_with_uninit_headers(&mut res, buf, &mut heap);
         }
         let len = match parsed {
             Ok(httparse::Status::Complete(n)) if n > MAX_HEAD => return Err(Error::HeadTooLarge),
@@ -424,15 +427,18 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<ResponseH
         }
         let head = buf.split_to(len).freeze();
         let mut headers = HeaderMap::with_capacity(count);
+        // The framing headers are noted on the way (a name comparison, no lookups after).
+        let mut seen = FramingHeaders::default();
         for i in index.iter() {
             let name = HeaderName::from_bytes(&head[i.name.0..i.name.0 + i.name.1])
                 .map_err(|_| Error::InvalidHead("invalid header name"))?;
             let value =
                 HeaderValue::from_maybe_shared(head.slice(i.value.0..i.value.0 + i.value.1))
                     .map_err(|_| Error::InvalidHead("invalid header value"))?;
+            seen.note(&name, &value, version)?;
             headers.append(name, value);
         }
-        let (framing, keep_alive) = framing(status, version, &mut headers, head_request)?;
+        let (framing, keep_alive) = framing(status, version, &seen, &mut headers, head_request);
         return Ok(Some(ResponseHead {
             status,
             version,
@@ -455,68 +461,90 @@ fn parse_error_text(e: httparse::Error) -> &'static str {
     }
 }
 
+/// What the headers say about framing and keep-alive, noted while they are parsed.
+#[derive(Default)]
+struct FramingHeaders {
+    /// `Connection: close` (or, for HTTP/1.0, the absence of `keep-alive`) seen.
+    close: bool,
+    keep_alive_token: bool,
+    /// Some: `Transfer-Encoding` present; true when its last coding is `chunked`.
+    chunked_last: Option<bool>,
+    length: Option<u64>,
+}
+
+impl FramingHeaders {
+    fn note(
+        &mut self,
+        name: &HeaderName,
+        value: &HeaderValue,
+        version: Version,
+    ) -> Result<(), Error> {
+        if name == header::CONTENT_LENGTH {
+            for part in value.as_bytes().split(|&b| b == b',') {
+                let part = part.trim_ascii();
+                if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
+                    return Err(Error::InvalidHead("invalid Content-Length"));
+                }
+                let n = part.iter().fold(0u64, |n, &d| n * 10 + u64::from(d - b'0'));
+                if self.length.is_some_and(|l| l != n) {
+                    return Err(Error::InvalidHead("conflicting Content-Length values"));
+                }
+                self.length = Some(n);
+            }
+        } else if name == header::TRANSFER_ENCODING {
+            let last = value
+                .as_bytes()
+                .rsplit(|&b| b == b',')
+                .next()
+                .unwrap_or(b"");
+            self.chunked_last = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        } else if name == header::CONNECTION {
+            for token in value.as_bytes().split(|&b| b == b',') {
+                let token = token.trim_ascii();
+                if token.eq_ignore_ascii_case(b"close") {
+                    self.close = true;
+                } else if token.eq_ignore_ascii_case(b"keep-alive") && version == Version::HTTP_10 {
+                    self.keep_alive_token = true;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The response body's framing and whether the connection may carry another request.
 fn framing(
     status: StatusCode,
     version: Version,
+    seen: &FramingHeaders,
     headers: &mut HeaderMap,
     head_request: bool,
-) -> Result<(Framing, bool), Error> {
-    let mut keep_alive = version == Version::HTTP_11;
-    for v in headers.get_all(header::CONNECTION) {
-        for token in v.as_bytes().split(|&b| b == b',') {
-            let token = token.trim_ascii();
-            if token.eq_ignore_ascii_case(b"close") {
-                keep_alive = false;
-            } else if token.eq_ignore_ascii_case(b"keep-alive") && version == Version::HTTP_10 {
-                keep_alive = true;
-            }
-        }
-    }
+) -> (Framing, bool) {
+    let mut keep_alive = !seen.close && (version == Version::HTTP_11 || seen.keep_alive_token);
     if status == StatusCode::SWITCHING_PROTOCOLS {
-        return Ok((Framing::Empty, false));
+        return (Framing::Empty, false);
     }
     if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
-        return Ok((Framing::Empty, keep_alive));
+        return (Framing::Empty, keep_alive);
     }
-    if headers.contains_key(header::TRANSFER_ENCODING) {
-        let last = headers
-            .get_all(header::TRANSFER_ENCODING)
-            .iter()
-            .next_back()
-            .and_then(|v| v.as_bytes().rsplit(|&b| b == b',').next())
-            .map(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"))
-            .unwrap_or(false);
+    if let Some(chunked_last) = seen.chunked_last {
         // A Content-Length next to Transfer-Encoding is void (and must not reach the client).
         // Its presence is what a smuggling attempt sends: the connection is not reused.
-        if headers.remove(header::CONTENT_LENGTH).is_some() {
+        if seen.length.is_some() {
+            headers.remove(header::CONTENT_LENGTH);
             keep_alive = false;
         }
-        if !last {
+        if !chunked_last {
             // Not chunked last: the body ends with the connection.
-            return Ok((Framing::Close, false));
+            return (Framing::Close, false);
         }
-        return Ok((Framing::Chunked(ChunkedDecoder::new()), keep_alive));
+        return (Framing::Chunked(ChunkedDecoder::new()), keep_alive);
     }
-    let mut length: Option<u64> = None;
-    for v in headers.get_all(header::CONTENT_LENGTH) {
-        for part in v.as_bytes().split(|&b| b == b',') {
-            let part = part.trim_ascii();
-            if part.is_empty() || !part.iter().all(u8::is_ascii_digit) || part.len() > 19 {
-                return Err(Error::InvalidHead("invalid Content-Length"));
-            }
-            let n = part.iter().fold(0u64, |n, &d| n * 10 + u64::from(d - b'0'));
-            if length.is_some_and(|l| l != n) {
-                return Err(Error::InvalidHead("conflicting Content-Length values"));
-            }
-            length = Some(n);
-        }
-    }
-    Ok(match length {
+    match seen.length {
         Some(0) => (Framing::Empty, keep_alive),
         Some(n) => (Framing::Length(n), keep_alive),
         None => (Framing::Close, false),
-    })
+    }
 }
 
 /// A response body read from the connection it owns. Read to its end on a reusable
