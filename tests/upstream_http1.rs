@@ -294,3 +294,22 @@ fn connection_close_and_both_framings_are_not_reused() {
     assert_eq!(get(&gw.url("/both")).text(), "ok");
     assert_eq!(up.connections(), 3);
 }
+
+#[test]
+fn early_answer_to_an_upload_reaches_the_client() {
+    // The upstream refuses the upload after the head, without reading the body, and closes.
+    let up = RawUpstream::start(|s, _, _| {
+        let _ = s.write_all(
+            b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\nConnection: close\r\n\r\ntoo big!",
+        );
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        std::thread::sleep(Duration::from_millis(300));
+        false
+    });
+    let gw = gateway_for(&up);
+    let r = Req::post(&gw.url("/upload"))
+        .body_stream(generated(64 * 1024 * 1024))
+        .send();
+    assert_eq!(r.status, 413);
+    assert_eq!(r.text(), "too big!");
+}

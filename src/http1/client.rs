@@ -150,8 +150,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         B: Body<Data = Bytes>,
         B::Error: Into<BoxError>,
     {
-        self.write_request(head, body).await?;
-        self.read_response_head(head.method == Method::HEAD).await
+        let head_request = head.method == Method::HEAD;
+        if let Err(e) = self.write_request(head, body).await {
+            // An upstream may answer before it has read the whole body (a 413, a 401) and
+            // close: that answer is what the client should get, not a send error.
+            if matches!(e, Error::Write(_)) {
+                if let Ok(mut early) = self.read_response_head(head_request).await {
+                    early.keep_alive = false;
+                    return Ok(early);
+                }
+            }
+            return Err(e);
+        }
+        self.read_response_head(head_request).await
     }
 
     async fn write_request<B>(&mut self, head: &RequestHead<'_>, body: B) -> Result<(), Error>
