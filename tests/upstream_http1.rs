@@ -313,3 +313,41 @@ fn early_answer_to_an_upload_reaches_the_client() {
     assert_eq!(r.status, 413);
     assert_eq!(r.text(), "too big!");
 }
+
+#[test]
+fn in_memory_body_is_sent_again_after_a_keep_alive_race() {
+    // openfunction sends the request body read whole: a body that can be sent twice. The
+    // function server answers the first request on each connection, then closes the
+    // connection on reading the second.
+    let up = RawUpstream::start(|s, head, nth| {
+        let len = head
+            .lines()
+            .find_map(|l| {
+                let l = l.to_ascii_lowercase();
+                l.strip_prefix("content-length:")
+                    .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+            })
+            .unwrap_or(0);
+        let mut body = vec![0u8; len];
+        if s.read_exact(&mut body).is_err() || nth > 0 {
+            return false;
+        }
+        let mut reply = format!("HTTP/1.1 200 OK\r\nContent-Length: {len}\r\n\r\n").into_bytes();
+        reply.extend_from_slice(&body);
+        s.write_all(&reply).is_ok()
+    });
+    let gw = Gateway::start(&format!(
+        "workers: 1\nroutes:\n  - id: \"fn\"\n    uri: \"/fn\"\n    plugins:\n      openfunction:\n        function_uri: \"http://{}/fn\"\n",
+        up.node()
+    ));
+    for i in 0..3 {
+        let r = Req::post(&gw.url("/fn"))
+            .body(format!("payload {i}"))
+            .send();
+        assert_eq!(r.status, 200, "{}", gw.logs());
+        assert_eq!(r.text(), format!("payload {i}"));
+    }
+    // Calls 2 and 3 each found their pooled connection closed and went again on a new one.
+    assert_eq!(up.connections(), 3);
+    assert_eq!(up.requests(), 5);
+}
