@@ -16,6 +16,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::future::Future;
+use std::hash::BuildHasherDefault;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,6 +32,7 @@ use super::convert::{self, Unsupported};
 use super::watchdog::Budget;
 use super::{api, LuaConf, LuaPlugin, Settings};
 use crate::body::ResponseBody;
+use crate::plugin::ctx::IdHasher;
 use crate::plugin::{
     BodyChunk, Ctx, Flow, LocalResponse, Phase, PhaseResult, PluginConf, PluginError, ResponseHead,
 };
@@ -100,21 +102,35 @@ pub(crate) fn done_tag() -> LightUserData {
 /// Idle runner threads kept per VM; more are made while many requests wait at once.
 const MAX_IDLE_RUNNERS: usize = 64;
 
-/// The body of a runner thread: parks at a yield, runs the phase call it is resumed with,
-/// yields its first two results, again. The call's arguments live in `run`'s frame only, so a
-/// parked runner keeps no request's tables alive (only the last call's two results).
+/// The phase-call trampoline and the body of runner threads.
+///
+/// `call` takes either a binding id and the ctx table (the common case: the function, plugin
+/// name and conf table were stored in `BOUND[id]` once per conf and phase, so a call pushes one
+/// integer and one table instead of four references), or the function, plugin name, conf table
+/// and ctx table (a conf without an id). It sets `ctx._plugin_name` (from Lua that costs
+/// nanoseconds, from Rust a protected call) and calls the phase function.
+///
+/// A runner parks at a yield, runs the call it is resumed with, yields its first two results,
+/// again. The call's arguments live in `call`'s frame only, so a parked runner keeps no
+/// request's tables alive (only the last call's two results).
 const RUNNER_SRC: &str = r#"
-local DONE, yield = ...
-local function run(f, name, conf, ctx)
+local DONE, yield, BOUND = ...
+local function call(f, name, conf, ctx)
+    if ctx == nil then
+        local b = BOUND[f]
+        name._plugin_name = b[2]
+        return b[1](b[3], name)
+    end
     ctx._plugin_name = name
     return f(conf, ctx)
 end
-return function()
+local function runner()
     local r1, r2
     while true do
-        r1, r2 = run(yield(DONE, r1, r2))
+        r1, r2 = call(yield(DONE, r1, r2))
     end
 end
+return call, runner
 "#;
 
 /// Wraps a waiting function's Rust half: call it, yield to the runtime, return what it sends
@@ -286,9 +302,18 @@ pub(crate) fn lua_request(ctx: &mut Ctx) -> &mut LuaRequest {
     ctx.data_mut::<LuaRequest>().expect("inserted just above")
 }
 
-/// What a phase call passes to the trampoline: the phase function, the plugin name, the conf
-/// table and the ctx table.
-type Call = (Function, mlua::String, Table, Table);
+/// What a phase call passes to the trampoline (see [`RUNNER_SRC`]).
+enum Call {
+    /// A binding id and the ctx table.
+    Bound(i64, Table),
+    /// The phase function, the plugin name, the conf table and the ctx table.
+    Full(Function, mlua::String, Table, Table),
+}
+
+/// Number of [`Phase`]s, for per-phase arrays.
+const PHASES: usize = Phase::ALL.len();
+
+type IdMap<V> = HashMap<u64, V, BuildHasherDefault<IdHasher>>;
 
 /// One plugin version loaded in a VM.
 struct Module {
@@ -301,23 +326,32 @@ struct Module {
     name_lua: mlua::String,
 }
 
-/// One conf table in a VM.
+/// One conf table in a VM, and the phase calls bound to it.
 struct ConfEntry {
     live: Weak<()>,
     table: Table,
+    /// The plugin version the bindings are for.
+    version_id: u64,
+    /// Per phase, the id of `BOUND[id] = {f, name, conf}` (0: not bound yet; the module has no
+    /// such phase function is also 0, and costs a lookup in `prepare`'s slow path).
+    bound: [i64; PHASES],
 }
 
 /// A thread's LuaJIT VM with the API installed and its caches.
 pub struct LuaRuntime {
     lua: Lua,
     budget: Arc<Budget>,
-    modules: RefCell<HashMap<u64, Module>>,
-    confs: RefCell<HashMap<u64, ConfEntry>>,
+    modules: RefCell<IdMap<Module>>,
+    confs: RefCell<IdMap<ConfEntry>>,
+    /// `BOUND`: binding id -> `{phase function, plugin name, conf table}`.
+    bound: Table,
+    /// Binding ids freed by [`LuaRuntime::sweep`], for reuse.
+    free_ids: RefCell<Vec<i64>>,
+    next_id: Cell<i64>,
     retired_seen: Cell<u64>,
     memory_limit: Cell<usize>,
     ctx_mt: Table,
-    /// `function(f, name, conf, ctx) ctx._plugin_name = name return f(conf, ctx) end`: setting
-    /// the field from Lua costs nanoseconds, from Rust a protected call (about a microsecond).
+    /// `call` of [`RUNNER_SRC`], for the sync phases.
     trampoline: Function,
     /// The body of runner threads ([`RUNNER_SRC`]).
     runner_fn: Function,
@@ -357,20 +391,20 @@ impl LuaRuntime {
         api::install(&lua, settings)?;
         let mg: Table = lua.globals().get("__moongate")?;
         let ctx_mt: Table = mg.get("CTX_MT")?;
-        let trampoline: Function = lua
-            .load("return function(f, name, conf, ctx) ctx._plugin_name = name return f(conf, ctx) end")
-            .set_name("=moongate.call")
-            .eval()?;
         let co: Table = lua.globals().get("coroutine")?;
-        let runner_fn: Function = lua
+        let bound = lua.create_table()?;
+        let (trampoline, runner_fn): (Function, Function) = lua
             .load(RUNNER_SRC)
-            .set_name("=moongate.runner")
-            .call((tag(&DONE_TAG), co.get::<Function>("yield")?))?;
+            .set_name("=moongate.call")
+            .call((tag(&DONE_TAG), co.get::<Function>("yield")?, &bound))?;
         Ok(LuaRuntime {
             lua,
             budget,
-            modules: RefCell::new(HashMap::new()),
-            confs: RefCell::new(HashMap::new()),
+            modules: RefCell::new(IdMap::default()),
+            confs: RefCell::new(IdMap::default()),
+            bound,
+            free_ids: RefCell::new(Vec::new()),
+            next_id: Cell::new(1),
             retired_seen: Cell::new(RETIRED.load(Ordering::Acquire)),
             memory_limit: Cell::new(limit),
             ctx_mt,
@@ -466,9 +500,39 @@ impl LuaRuntime {
                 }
             }
         }
-        self.confs
-            .borrow_mut()
-            .retain(|_, c| c.live.strong_count() > 0);
+        let mut freed = Vec::new();
+        {
+            let mods = self.modules.borrow();
+            self.confs.borrow_mut().retain(|_, c| {
+                let keep = c.live.strong_count() > 0 && mods.contains_key(&c.version_id);
+                if !keep {
+                    freed.extend(c.bound.iter().copied().filter(|&id| id != 0));
+                }
+                keep
+            });
+        }
+        for id in &freed {
+            let _ = self.bound.raw_set(*id, Value::Nil);
+        }
+        self.free_ids.borrow_mut().extend(freed);
+    }
+
+    /// Stores `{f, name, conf}` in `BOUND` under a fresh id.
+    fn bind(&self, f: Function, name: mlua::String, conf: Table) -> mlua::Result<i64> {
+        let id = match self.free_ids.borrow_mut().pop() {
+            Some(id) => id,
+            None => {
+                let id = self.next_id.get();
+                self.next_id.set(id + 1);
+                id
+            }
+        };
+        let b = self.lua.create_table()?;
+        b.raw_set(1, f)?;
+        b.raw_set(2, name)?;
+        b.raw_set(3, conf)?;
+        self.bound.raw_set(id, b)?;
+        Ok(id)
     }
 
     /// The plugin version's module, loading it (and calling `init()`) on first use.
@@ -589,6 +653,8 @@ impl LuaRuntime {
                 ConfEntry {
                     live: Arc::downgrade(&lc.live),
                     table: t.clone(),
+                    version_id: p.version_id,
+                    bound: [0; PHASES],
                 },
             );
         }
@@ -606,8 +672,8 @@ impl LuaRuntime {
         Ok(t)
     }
 
-    /// Everything a phase call needs: the function (None when the module has no such phase),
-    /// the conf table and the ctx table.
+    /// Everything a phase call needs (None when the module has no such phase function): after
+    /// the first call for a conf and phase, one id lookup and the ctx table.
     fn prepare(
         &self,
         p: &LuaPlugin,
@@ -616,6 +682,17 @@ impl LuaRuntime {
         ctx: &mut Ctx,
     ) -> mlua::Result<Option<Call>> {
         self.sweep();
+        let idx = phase as usize;
+        let lc = conf.compiled::<LuaConf>();
+        if let Some(lc) = lc {
+            let id = match self.confs.borrow().get(&lc.id) {
+                Some(e) if e.version_id == p.version_id => e.bound[idx],
+                _ => 0,
+            };
+            if id != 0 {
+                return Ok(Some(Call::Bound(id, self.ctx_table(ctx)?)));
+            }
+        }
         let Some(f) = self.func(p, phase)? else {
             return Ok(None);
         };
@@ -634,7 +711,32 @@ impl LuaRuntime {
             .get(&p.version_id)
             .map(|m| m.name_lua.clone())
             .ok_or_else(|| mlua::Error::runtime("the plugin module is not loaded"))?;
-        Ok(Some((f, name_lua, conf_t, ctx_t)))
+        if let Some(lc) = lc {
+            let stale = match self.confs.borrow().get(&lc.id) {
+                Some(e) if e.version_id == p.version_id => None,
+                Some(e) => Some(e.bound),
+                None => None,
+            };
+            if let Some(old) = stale {
+                // A conf met with another version of its plugin: rebind every phase.
+                for id in old.into_iter().filter(|&id| id != 0) {
+                    self.bound.raw_set(id, Value::Nil)?;
+                    self.free_ids.borrow_mut().push(id);
+                }
+                if let Some(e) = self.confs.borrow_mut().get_mut(&lc.id) {
+                    e.version_id = p.version_id;
+                    e.bound = [0; PHASES];
+                }
+            }
+            if self.confs.borrow().contains_key(&lc.id) {
+                let id = self.bind(f, name_lua, conf_t)?;
+                if let Some(e) = self.confs.borrow_mut().get_mut(&lc.id) {
+                    e.bound[idx] = id;
+                }
+                return Ok(Some(Call::Bound(id, ctx_t)));
+            }
+        }
+        Ok(Some(Call::Full(f, name_lua, conf_t, ctx_t)))
     }
 }
 
@@ -748,7 +850,12 @@ impl LuaRuntime {
             let _r = RunnerGuard::set(runner.state());
             self.budget.start();
             let r = match input {
-                Resume::Call(args) => runner.resume::<(Value, Value, Value)>(args),
+                Resume::Call(Call::Bound(id, ctx_t)) => {
+                    runner.resume::<(Value, Value, Value)>((id, ctx_t))
+                }
+                Resume::Call(Call::Full(f, name, conf, ctx_t)) => {
+                    runner.resume::<(Value, Value, Value)>((f, name, conf, ctx_t))
+                }
                 Resume::Wake(values) => runner.resume::<(Value, Value, Value)>(values),
             };
             self.budget.stop();
@@ -1042,8 +1149,11 @@ fn sync_phase(
         head,
         chunk,
     };
-    rt.guarded(fr, || rt.trampoline.call::<()>(args))
-        .map_err(|e| plugin_error(p, phase, &e))
+    rt.guarded(fr, || match args {
+        Call::Bound(id, ctx_t) => rt.trampoline.call::<()>((id, ctx_t)),
+        Call::Full(f, name, conf, ctx_t) => rt.trampoline.call::<()>((f, name, conf, ctx_t)),
+    })
+    .map_err(|e| plugin_error(p, phase, &e))
 }
 
 /// check_conf's Lua half, on the snapshot-building thread: `check_schema(conf, schema_type)` on
@@ -1209,6 +1319,26 @@ mod tests {
                 .contains("API disabled in the context of header_filter"),
             "{}",
             e.message
+        );
+    }
+
+    #[test]
+    fn get_headers_groups_repeats_and_truncates() {
+        let (p, conf) = plugin(
+            "local h, err = ngx.req.get_headers()\n\
+             local raw = ngx.req.get_headers(0, true)\n\
+             local cut, cut_err = ngx.req.get_headers(2)\n\
+             return 200, table.concat({ h[\"x-a\"][1], h[\"x-a\"][2], h.X_B, tostring(raw.X_B),\n\
+               tostring(err), tostring(cut[\"x-a\"][2]), tostring(cut[\"x-b\"]),\n\
+               tostring(cut_err) }, \",\")",
+        );
+        let mut c = ctx();
+        c.headers.append("x-a", HeaderValue::from_static("1"));
+        c.headers.append("x-b", HeaderValue::from_static("two"));
+        c.headers.append("x-a", HeaderValue::from_static("3"));
+        assert_eq!(
+            response(access(&p, &conf, &mut c)),
+            (200, "1,3,two,nil,nil,3,nil,truncated".into())
         );
     }
 
