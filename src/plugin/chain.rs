@@ -7,8 +7,8 @@ use serde_json::Value;
 
 use super::expr::Expr;
 use super::{
-    BodyChunk, Ctx, Flow, LocalResponse, Phase, PhaseResult, PhaseSet, Plugin, PluginConf,
-    PluginError, ResponseHead,
+    BodyChunk, Ctx, Flow, LocalResponse, Phase, PhaseCall, PhaseResult, PhaseSet, Plugin,
+    PluginConf, PluginError, ResponseHead,
 };
 
 /// One enabled plugin with its conf.
@@ -121,11 +121,9 @@ pub async fn run_request_phase(phase: Phase, chains: &[&Chain], ctx: &mut Ctx) -
             if !e.plugin.phases().contains(phase) || !e.runs(ctx) {
                 continue;
             }
-            let flow = match phase {
-                Phase::Rewrite => e.plugin.rewrite(&e.conf, ctx).await?,
-                Phase::Access => e.plugin.access(&e.conf, ctx).await?,
-                Phase::BeforeProxy => e.plugin.before_proxy(&e.conf, ctx).await?,
-                _ => unreachable!("{phase:?} is not a request phase"),
+            let flow = match e.plugin.start_phase(phase, &e.conf, ctx) {
+                PhaseCall::Ready(r) => r?,
+                PhaseCall::Wait(f) => f.await?,
             };
             if let Flow::Respond(mut r) = flow {
                 // APISIX's `_meta.error_response` replaces the body of any >= 400 answer.

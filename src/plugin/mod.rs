@@ -14,6 +14,8 @@ pub mod schema;
 
 use std::any::Any;
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -253,6 +255,13 @@ impl PluginError {
 /// Result of a request phase.
 pub type PhaseResult = Result<Flow, PluginError>;
 
+/// A request phase call as [`Plugin::start_phase`] hands it to the chain: finished already, or
+/// the future to await because it waits for something.
+pub enum PhaseCall<'a> {
+    Ready(PhaseResult),
+    Wait(Pin<Box<dyn Future<Output = PhaseResult> + 'a>>),
+}
+
 /// Is it a native Rust plugin or a Lua module?
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PluginKind {
@@ -340,6 +349,23 @@ pub trait Plugin: Send + Sync + 'static {
     async fn before_proxy(&self, conf: &PluginConf, ctx: &mut Ctx) -> PhaseResult {
         let _ = (conf, ctx);
         Ok(Flow::Continue)
+    }
+
+    /// Runs a request phase (rewrite, access, before_proxy) as far as it goes without waiting.
+    /// The default hands over the phase method's future; a plugin whose calls usually finish
+    /// at once (Lua) overrides it so that such a call costs no boxed future.
+    fn start_phase<'a>(
+        &'a self,
+        phase: Phase,
+        conf: &'a PluginConf,
+        ctx: &'a mut Ctx,
+    ) -> PhaseCall<'a> {
+        PhaseCall::Wait(match phase {
+            Phase::Rewrite => self.rewrite(conf, ctx),
+            Phase::Access => self.access(conf, ctx),
+            Phase::BeforeProxy => self.before_proxy(conf, ctx),
+            _ => return PhaseCall::Ready(Ok(Flow::Continue)),
+        })
     }
 
     /// APISIX's `header_filter`: the response status and headers, from the upstream or a local

@@ -34,8 +34,8 @@ use serde_json::Value as Json;
 
 use crate::config::{ConfigError, ConfigErrors, LuaConfig, NodeConfig};
 use crate::plugin::{
-    BodyChunk, ConfScope, Ctx, Phase, PhaseResult, PhaseSet, Plugin, PluginConf, PluginError,
-    PluginKind, ResponseHead, Schema,
+    BodyChunk, ConfScope, Ctx, Phase, PhaseCall, PhaseResult, PhaseSet, Plugin, PluginConf,
+    PluginError, PluginKind, ResponseHead, Schema,
 };
 use crate::snapshot::Registry;
 
@@ -399,6 +399,20 @@ impl Plugin for LuaPlugin {
 
     fn phases(&self) -> PhaseSet {
         self.lua_phases.with(Phase::HeaderFilter)
+    }
+
+    fn start_phase<'a>(
+        &'a self,
+        phase: Phase,
+        conf: &'a PluginConf,
+        ctx: &'a mut Ctx,
+    ) -> PhaseCall<'a> {
+        match phase {
+            Phase::Rewrite | Phase::Access | Phase::BeforeProxy => {
+                runtime::start_request_phase(self, phase, conf, ctx)
+            }
+            _ => PhaseCall::Ready(Ok(crate::plugin::Flow::Continue)),
+        }
     }
 
     async fn rewrite(&self, conf: &PluginConf, ctx: &mut Ctx) -> PhaseResult {

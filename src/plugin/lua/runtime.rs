@@ -34,7 +34,8 @@ use super::{api, LuaConf, LuaPlugin, Settings};
 use crate::body::ResponseBody;
 use crate::plugin::ctx::IdHasher;
 use crate::plugin::{
-    BodyChunk, Ctx, Flow, LocalResponse, Phase, PhaseResult, PluginConf, PluginError, ResponseHead,
+    BodyChunk, Ctx, Flow, LocalResponse, Phase, PhaseCall, PhaseResult, PluginConf, PluginError,
+    ResponseHead,
 };
 
 /// Bumped whenever a plugin version or a conf dies: workers then sweep their caches.
@@ -885,91 +886,148 @@ impl LuaRuntime {
     }
 }
 
-/// rewrite / access / before_proxy.
-///
-/// The phase function runs in a runner thread resumed synchronously: a call that does not wait
-/// completes inside the first poll with no future machinery. A waiting API function yields
-/// [`WAIT_TAG`] after handing its future over ([`create_waiting_function`]); this awaits the
-/// future (frame set, budget not armed) and resumes the runner with the result.
+/// rewrite / access / before_proxy, as an async call (tests and direct callers; the chain uses
+/// [`start_request_phase`]).
 pub(crate) async fn request_phase(
     p: &LuaPlugin,
     phase: Phase,
     conf: &PluginConf,
     ctx: &mut Ctx,
 ) -> PhaseResult {
-    let rt = runtime(&p.settings).map_err(|e| plugin_error(p, phase, &e))?;
-    let Some(args) = rt
-        .prepare(p, phase, conf, ctx)
-        .map_err(|e| plugin_error(p, phase, &e))?
-    else {
-        return Ok(Flow::Continue);
-    };
-    let runner = rt.runner().map_err(|e| plugin_error(p, phase, &e))?;
-    let name: &str = &p.name;
-    let mut input = Resume::Call(args);
-    let (code, body) = loop {
-        let fr = Frame {
-            ctx: &mut *ctx as *mut Ctx,
-            phase: Some(phase),
-            plugin: name as *const str,
-            ..Frame::NONE
+    match start_request_phase(p, phase, conf, ctx) {
+        PhaseCall::Ready(r) => r,
+        PhaseCall::Wait(f) => f.await,
+    }
+}
+
+/// rewrite / access / before_proxy.
+///
+/// The phase function runs in a runner thread resumed synchronously: a call that does not wait
+/// finishes here, with no future at all. A waiting API function yields [`WAIT_TAG`] after
+/// handing its future over ([`create_waiting_function`]); only then is a future boxed, which
+/// awaits what the function waits for (frame set, budget not armed) and resumes the runner
+/// with the result, until the phase function returns.
+pub(crate) fn start_request_phase<'a>(
+    p: &'a LuaPlugin,
+    phase: Phase,
+    conf: &'a PluginConf,
+    ctx: &'a mut Ctx,
+) -> PhaseCall<'a> {
+    let first = (|| {
+        let rt = runtime(&p.settings)?;
+        let Some(args) = rt.prepare(p, phase, conf, ctx)? else {
+            return Ok(None);
         };
+        let runner = rt.runner()?;
+        let stop = rt.resume(&runner, request_frame(p, phase, ctx), Resume::Call(args))?;
+        Ok(Some((rt, runner, stop)))
+    })();
+    match first {
+        Err(e) => PhaseCall::Ready(Err(plugin_error(p, phase, &e))),
+        Ok(None) => PhaseCall::Ready(Ok(Flow::Continue)),
+        Ok(Some((rt, runner, Stop::Done(code, body)))) => {
+            rt.recycle(runner);
+            PhaseCall::Ready(finish_request_phase(p, phase, &rt, ctx, code, body))
+        }
+        Ok(Some((rt, runner, Stop::Wait(fut)))) => match take_exit(ctx) {
+            Some(flow) => PhaseCall::Ready(Ok(flow)),
+            None => PhaseCall::Wait(Box::pin(wait_request_phase(p, phase, ctx, rt, runner, fut))),
+        },
+    }
+}
+
+fn request_frame(p: &LuaPlugin, phase: Phase, ctx: &mut Ctx) -> Frame {
+    let name: &str = &p.name;
+    Frame {
+        ctx: ctx as *mut Ctx,
+        phase: Some(phase),
+        plugin: name as *const str,
+        ..Frame::NONE
+    }
+}
+
+/// `ngx.exit` called before a wait: the suspended runner is dropped, never resumed, so no
+/// pcall in the plugin can catch the exit.
+fn take_exit(ctx: &mut Ctx) -> Option<Flow> {
+    let status = ctx.data_mut::<LuaRequest>().and_then(|r| r.exit.take())?;
+    Some(exit_flow(ctx, status))
+}
+
+/// The rest of a request phase whose function waits: await, resume, until it returns.
+async fn wait_request_phase(
+    p: &LuaPlugin,
+    phase: Phase,
+    ctx: &mut Ctx,
+    rt: Rc<LuaRuntime>,
+    runner: Thread,
+    mut fut: Pending,
+) -> PhaseResult {
+    let name: &str = &p.name;
+    loop {
+        let woke = Framed {
+            fut,
+            ctx: &mut *ctx,
+            phase,
+            plugin: name,
+        }
+        .await;
+        let mut values = MultiValue::new();
+        match woke {
+            Ok(v) => {
+                values = v;
+                values.push_front(Value::Boolean(true));
+            }
+            Err(e) => {
+                let msg = match &e {
+                    mlua::Error::RuntimeError(m) => m.clone(),
+                    other => other.to_string(),
+                };
+                values.push_back(Value::Boolean(false));
+                values.push_back(Value::String(
+                    rt.lua
+                        .create_string(&msg)
+                        .map_err(|e| plugin_error(p, phase, &e))?,
+                ));
+            }
+        }
         // On an error the runner is dead (or stuck in a yield it cannot leave): dropped.
         match rt
-            .resume(&runner, fr, input)
+            .resume(&runner, request_frame(p, phase, ctx), Resume::Wake(values))
             .map_err(|e| plugin_error(p, phase, &e))?
         {
             Stop::Done(code, body) => {
                 rt.recycle(runner);
-                break (code, body);
+                return finish_request_phase(p, phase, &rt, ctx, code, body);
             }
-            Stop::Wait(fut) => {
-                let exit = ctx.data_mut::<LuaRequest>().and_then(|r| r.exit.take());
-                if let Some(status) = exit {
-                    // ngx.exit: the suspended runner is dropped, never resumed, so no pcall
-                    // in the plugin can catch the exit.
-                    return Ok(exit_flow(ctx, status));
+            Stop::Wait(next) => {
+                if let Some(flow) = take_exit(ctx) {
+                    return Ok(flow);
                 }
-                let woke = Framed {
-                    fut,
-                    ctx: &mut *ctx,
-                    phase,
-                    plugin: name,
-                }
-                .await;
-                let mut values = MultiValue::new();
-                match woke {
-                    Ok(v) => {
-                        values = v;
-                        values.push_front(Value::Boolean(true));
-                    }
-                    Err(e) => {
-                        let msg = match &e {
-                            mlua::Error::RuntimeError(m) => m.clone(),
-                            other => other.to_string(),
-                        };
-                        values.push_back(Value::Boolean(false));
-                        values.push_back(Value::String(
-                            rt.lua
-                                .create_string(&msg)
-                                .map_err(|e| plugin_error(p, phase, &e))?,
-                        ));
-                    }
-                }
-                input = Resume::Wake(values);
+                fut = next;
             }
         }
-    };
+    }
+}
+
+/// What a request phase function's `return code, body` means for the request.
+fn finish_request_phase(
+    p: &LuaPlugin,
+    phase: Phase,
+    rt: &LuaRuntime,
+    ctx: &mut Ctx,
+    code: Value,
+    body: Value,
+) -> PhaseResult {
     let code = match code {
         Value::Integer(i) => Some(i),
         Value::Number(n) => Some(n as i64),
         _ => None,
     };
     match code {
-        Some(code) => local_response(&rt, ctx, code, &body)
+        Some(code) => local_response(rt, ctx, code, &body)
             .map(Flow::Respond)
             .map_err(|e| PluginError::new(&p.name, phase, e)),
-        None if body != Value::Nil => local_response(&rt, ctx, 200, &body)
+        None if body != Value::Nil => local_response(rt, ctx, 200, &body)
             .map(Flow::Respond)
             .map_err(|e| PluginError::new(&p.name, phase, e)),
         None => {
