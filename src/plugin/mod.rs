@@ -257,6 +257,8 @@ pub type PhaseResult = Result<Flow, PluginError>;
 
 /// A request phase call as [`Plugin::start_phase`] hands it to the chain: finished already, or
 /// the future to await because it waits for something.
+// `Ready` is as large as a `PhaseResult`: boxing it would put back the allocation this avoids.
+#[allow(clippy::large_enum_variant)]
 pub enum PhaseCall<'a> {
     Ready(PhaseResult),
     Wait(Pin<Box<dyn Future<Output = PhaseResult> + 'a>>),

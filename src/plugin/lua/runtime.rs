@@ -304,7 +304,7 @@ pub(crate) fn lua_request(ctx: &mut Ctx) -> &mut LuaRequest {
 }
 
 /// What a phase call passes to the trampoline (see [`RUNNER_SRC`]).
-enum Call {
+pub(crate) enum Call {
     /// A binding id and the ctx table.
     Bound(i64, Table),
     /// The phase function, the plugin name, the conf table and the ctx table.
