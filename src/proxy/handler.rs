@@ -41,6 +41,7 @@ pub async fn handle(
     req: Request<RecvBody>,
     remote: SocketAddr,
     local: SocketAddr,
+    client_ip: HeaderValue,
 ) -> Response<GatewayBody> {
     let snap = env.gw.load_full();
     let (parts, body) = req.into_parts();
@@ -121,7 +122,7 @@ pub async fn handle(
         Ok(Some(local)) => return respond_local(ctx, snap, local, &env.node),
         Err(e) => return respond_local(ctx, snap, plugin_failure(&e), &env.node),
     }
-    proxy(env, snap, route, ctx).await
+    proxy(env, snap, route, ctx, client_ip).await
 }
 
 /// A matched route's rewrite then access, each over the global rules then the route. Between
@@ -182,6 +183,7 @@ async fn proxy(
     snap: Arc<Snapshot>,
     route: Arc<RouteEntry>,
     mut ctx: Ctx,
+    client_ip: HeaderValue,
 ) -> Response<GatewayBody> {
     let Some(upstream) = route.upstream.clone() else {
         tracing::error!(route = %route.id, "missing upstream configuration in Route or Service");
@@ -270,7 +272,6 @@ async fn proxy(
     let client_host = headers.get(header::HOST).cloned();
     strip_hop_by_hop(&mut headers);
     headers.remove(header::CONTENT_LENGTH);
-    let client_ip = ctx.remote_addr.ip().to_string();
     set_forwarded(
         &mut headers,
         &client_ip,

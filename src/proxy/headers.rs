@@ -1,6 +1,9 @@
 //! Header rules of the proxy: hop-by-hop removal and the forwarding headers.
 
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use std::net::IpAddr;
+
+use bytes::Bytes;
+use http::header::{self, Entry, HeaderMap, HeaderName, HeaderValue};
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus those hyper
 /// sets itself from the body it sends.
@@ -17,23 +20,45 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 
 /// Removes hop-by-hop headers, including any header the `Connection` header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Most messages carry none of them (or only `Connection`): one pass over the names is far
-    // cheaper than nine hashed removals, and this runs twice per proxied request.
-    if !headers.keys().any(|k| HOP_BY_HOP.contains(k)) {
+    // One pass over the names notes which of them are present; most messages carry none (or
+    // only `Connection`), so only those present are removed (a hashed lookup each).
+    let mut present = 0u16;
+    for k in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == k) {
+            present |= 1 << i;
+        }
+    }
+    if present == 0 {
         return;
     }
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for n in named {
-        headers.remove(n);
+    // HOP_BY_HOP[0] is `Connection`: the headers it names go too.
+    if present & 1 != 0 {
+        let mut values = headers.get_all(header::CONNECTION).iter();
+        // Copies of the values (reference-counted), so the map can be changed while reading.
+        let first = values.next().cloned();
+        let rest: Vec<HeaderValue> = values.cloned().collect();
+        for v in first.iter().chain(rest.iter()) {
+            let Ok(v) = v.to_str() else { continue };
+            for name in v.split(',').map(str::trim) {
+                // The usual tokens (`keep-alive`, `close`) need no lookup of their own when
+                // no such header is present: hop-by-hop names are removed below anyway.
+                if name.is_empty()
+                    || HOP_BY_HOP
+                        .iter()
+                        .any(|h| h.as_str().eq_ignore_ascii_case(name))
+                {
+                    continue;
+                }
+                // A `&str` key is looked up without building a HeaderName; an invalid name
+                // matches nothing.
+                headers.remove(name);
+            }
+        }
     }
-    for h in &HOP_BY_HOP {
-        headers.remove(h);
+    for (i, h) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(h);
+        }
     }
 }
 
@@ -43,30 +68,46 @@ static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host"
 static X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
 static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 
+/// The client address as a header value, made once per connection.
+pub fn ip_value(ip: IpAddr) -> HeaderValue {
+    // An address's text is ASCII digits, dots, colons and hex letters: always a valid value.
+    HeaderValue::from_maybe_shared(Bytes::from(ip.to_string()))
+        .unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
 /// Sets `X-Forwarded-For` (the client address appended to any list it sent, as nginx's
 /// `$proxy_add_x_forwarded_for`), `X-Real-IP`, `X-Forwarded-Proto`, `X-Forwarded-Host` and
-/// `X-Forwarded-Port`.
+/// `X-Forwarded-Port`. `client_ip` comes from [`ip_value`].
 pub fn set_forwarded(
     headers: &mut HeaderMap,
-    client_ip: &str,
+    client_ip: &HeaderValue,
     scheme: &str,
     host: Option<&HeaderValue>,
     port: u16,
 ) {
-    let ip = HeaderValue::from_str(client_ip).ok();
-    let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) if !prev.is_empty() => {
-            HeaderValue::from_str(&format!("{prev}, {client_ip}")).ok()
+    // One lookup for the list: appended to in place, or inserted.
+    match headers.entry(&X_FORWARDED_FOR) {
+        Entry::Occupied(mut e) => {
+            let joined = match e.get().to_str() {
+                Ok(prev) if !prev.is_empty() => {
+                    let mut v = Vec::with_capacity(prev.len() + 2 + client_ip.len());
+                    v.extend_from_slice(prev.as_bytes());
+                    v.extend_from_slice(b", ");
+                    v.extend_from_slice(client_ip.as_bytes());
+                    HeaderValue::from_maybe_shared(Bytes::from(v)).ok()
+                }
+                _ => Some(client_ip.clone()),
+            };
+            if let Some(v) = joined {
+                e.insert(v);
+            }
         }
-        // The usual case: no list yet, so the value is the address itself (no new string).
-        _ => ip.clone(),
-    };
-    if let Some(v) = xff {
-        headers.insert(X_FORWARDED_FOR.clone(), v);
+        Entry::Vacant(e) => {
+            // The usual case: no list yet, so the value is the address itself.
+            e.insert(client_ip.clone());
+        }
     }
-    if let Some(v) = ip {
-        headers.insert(X_REAL_IP.clone(), v);
-    }
+    headers.insert(X_REAL_IP.clone(), client_ip.clone());
     let proto = match scheme {
         "http" => Some(HeaderValue::from_static("http")),
         "https" => Some(HeaderValue::from_static("https")),
@@ -104,7 +145,7 @@ mod tests {
     fn xff_appends() {
         let mut h = HeaderMap::new();
         h.insert("x-forwarded-for", HeaderValue::from_static("1.1.1.1"));
-        set_forwarded(&mut h, "127.0.0.1", "http", None, 9080);
+        set_forwarded(&mut h, &ip_value([127, 0, 0, 1].into()), "http", None, 9080);
         assert_eq!(h["x-forwarded-for"], "1.1.1.1, 127.0.0.1");
         assert_eq!(h["x-real-ip"], "127.0.0.1");
     }

@@ -223,8 +223,10 @@ async fn serve_connection(
         server: handler::SERVER.clone(),
     };
     let h_env = env.clone();
+    // The client address as the forwarding headers carry it: formatted once per connection.
+    let client_ip = headers::ip_value(remote.ip());
     server::serve(stream, &cfg, shutdown, move |req| {
-        handle(h_env.clone(), req, remote, local)
+        handle(h_env.clone(), req, remote, local, client_ip.clone())
     })
     .await;
 }
