@@ -9,6 +9,7 @@
 
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::io;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -128,6 +129,8 @@ impl PoolOptions {
 
 struct Idle {
     conn: Connection<Stream>,
+    /// Its pool key, handed to the next request that takes it (no copy of the host per request).
+    target: Target,
     /// When the idle timeout closes it.
     deadline: Instant,
     requests: u64,
@@ -143,8 +146,31 @@ impl Idle {
 
 #[derive(Default)]
 struct PoolState {
-    idle: HashMap<Target, VecDeque<Idle>>,
+    idle: HashMap<Target, VecDeque<Idle>, BuildHasherDefault<PoolHasher>>,
     sweeper_running: bool,
+}
+
+/// FNV-1a for the pool's keys: a target is a short host name and a few scalars, looked up twice
+/// per proxied request, where SipHash's setup dominates. The keys come from the configuration
+/// (upstream nodes), not from clients, so a flooding-resistant hash buys nothing here.
+struct PoolHasher(u64);
+
+impl Default for PoolHasher {
+    fn default() -> Self {
+        PoolHasher(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Hasher for PoolHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
 }
 
 /// A worker's client: its pool of idle upstream connections.
@@ -187,9 +213,9 @@ pub struct PoolReturn {
 impl Recycle<Stream> for PoolReturn {
     fn recycle(self, conn: Connection<Stream>) {
         self.client.put_idle(
-            self.target,
             Idle {
                 conn,
+                target: self.target,
                 deadline: Instant::now() + self.pool.idle_timeout,
                 requests: self.requests,
             },
@@ -231,7 +257,7 @@ impl Client {
             }
             return Some(Conn {
                 conn: idle.conn,
-                target: target.clone(),
+                target: idle.target,
                 requests: idle.requests,
                 connect_timeout,
                 reused: true,
@@ -250,12 +276,17 @@ impl Client {
             .unwrap_or(0)
     }
 
-    fn put_idle(&self, target: Target, idle: Idle, pool: PoolOptions) {
+    fn put_idle(&self, idle: Idle, pool: PoolOptions) {
         let mut state = self.state.borrow_mut();
-        let list = state.idle.entry(target).or_default();
-        list.push_back(idle);
-        while list.len() > pool.max_idle {
-            list.pop_front();
+        // The idle connection keeps its target; the map gets a copy only for a new key.
+        if let Some(list) = state.idle.get_mut(&idle.target) {
+            list.push_back(idle);
+            while list.len() > pool.max_idle {
+                list.pop_front();
+            }
+        } else if pool.max_idle > 0 {
+            let key = idle.target.clone();
+            state.idle.insert(key, VecDeque::from([idle]));
         }
         if !state.sweeper_running {
             state.sweeper_running = true;
