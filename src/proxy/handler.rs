@@ -21,7 +21,7 @@ use crate::plugin::chain::{self, Chain};
 use crate::plugin::ctx::normalize_path;
 use crate::plugin::{BodyChunk, Ctx, Flow, LocalResponse, Phase, PluginError, ResponseHead};
 use crate::proxy::client::{worker_client, ClientError, PoolOptions, Target};
-use crate::proxy::headers::{set_forwarded, strip_hop_by_hop};
+use crate::proxy::headers::{set_forwarded, strip_hop_by_hop, ConnValues};
 use crate::snapshot::{Gateway, RouteEntry, Snapshot};
 
 /// The `Server` header moongate sends.
@@ -41,7 +41,7 @@ pub async fn handle(
     req: Request<RecvBody>,
     remote: SocketAddr,
     local: SocketAddr,
-    client_ip: HeaderValue,
+    conn_values: Rc<ConnValues>,
 ) -> Response<GatewayBody> {
     let snap = env.gw.load_full();
     let (parts, body) = req.into_parts();
@@ -122,7 +122,7 @@ pub async fn handle(
         Ok(Some(local)) => return respond_local(ctx, snap, local, &env.node),
         Err(e) => return respond_local(ctx, snap, plugin_failure(&e), &env.node),
     }
-    proxy(env, snap, route, ctx, client_ip).await
+    proxy(env, snap, route, ctx, conn_values).await
 }
 
 /// A matched route's rewrite then access, each over the global rules then the route. Between
@@ -183,7 +183,7 @@ async fn proxy(
     snap: Arc<Snapshot>,
     route: Arc<RouteEntry>,
     mut ctx: Ctx,
-    client_ip: HeaderValue,
+    conn_values: Rc<ConnValues>,
 ) -> Response<GatewayBody> {
     let Some(upstream) = route.upstream.clone() else {
         tracing::error!(route = %route.id, "missing upstream configuration in Route or Service");
@@ -272,13 +272,7 @@ async fn proxy(
     let client_host = headers.get(header::HOST).cloned();
     strip_hop_by_hop(&mut headers);
     headers.remove(header::CONTENT_LENGTH);
-    set_forwarded(
-        &mut headers,
-        &client_ip,
-        ctx.scheme,
-        client_host.as_ref(),
-        ctx.local_addr.port(),
-    );
+    set_forwarded(&mut headers, &conn_values, ctx.scheme, client_host.as_ref());
     let port = node.port.unwrap_or(cfg.scheme.default_port());
     let host_value = match (&ctx.upstream_host, cfg.pass_host) {
         (Some(h), _) => HeaderValue::from_str(h).ok(),

@@ -68,7 +68,25 @@ static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host"
 static X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
 static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 
-/// The client address as a header value, made once per connection.
+/// The forwarding header values that are the same for every request on a connection, made
+/// once per connection.
+pub struct ConnValues {
+    /// The client address (`X-Real-IP`, and the tail of `X-Forwarded-For`).
+    pub client_ip: HeaderValue,
+    /// The port the client connected to (`X-Forwarded-Port`).
+    pub local_port: HeaderValue,
+}
+
+impl ConnValues {
+    pub fn new(remote: IpAddr, local_port: u16) -> Self {
+        ConnValues {
+            client_ip: ip_value(remote),
+            local_port: HeaderValue::from(local_port),
+        }
+    }
+}
+
+/// The client address as a header value.
 pub fn ip_value(ip: IpAddr) -> HeaderValue {
     // An address's text is ASCII digits, dots, colons and hex letters: always a valid value.
     HeaderValue::from_maybe_shared(Bytes::from(ip.to_string()))
@@ -77,14 +95,14 @@ pub fn ip_value(ip: IpAddr) -> HeaderValue {
 
 /// Sets `X-Forwarded-For` (the client address appended to any list it sent, as nginx's
 /// `$proxy_add_x_forwarded_for`), `X-Real-IP`, `X-Forwarded-Proto`, `X-Forwarded-Host` and
-/// `X-Forwarded-Port`. `client_ip` comes from [`ip_value`].
+/// `X-Forwarded-Port`, from the connection's [`ConnValues`].
 pub fn set_forwarded(
     headers: &mut HeaderMap,
-    client_ip: &HeaderValue,
+    conn: &ConnValues,
     scheme: &str,
     host: Option<&HeaderValue>,
-    port: u16,
 ) {
+    let client_ip = &conn.client_ip;
     // One lookup for the list: appended to in place, or inserted.
     match headers.entry(&X_FORWARDED_FOR) {
         Entry::Occupied(mut e) => {
@@ -119,7 +137,7 @@ pub fn set_forwarded(
     if let Some(h) = host {
         headers.insert(X_FORWARDED_HOST.clone(), h.clone());
     }
-    headers.insert(X_FORWARDED_PORT.clone(), HeaderValue::from(port));
+    headers.insert(X_FORWARDED_PORT.clone(), conn.local_port.clone());
 }
 
 #[cfg(test)]
@@ -145,7 +163,8 @@ mod tests {
     fn xff_appends() {
         let mut h = HeaderMap::new();
         h.insert("x-forwarded-for", HeaderValue::from_static("1.1.1.1"));
-        set_forwarded(&mut h, &ip_value([127, 0, 0, 1].into()), "http", None, 9080);
+        let conn = ConnValues::new([127, 0, 0, 1].into(), 9080);
+        set_forwarded(&mut h, &conn, "http", None);
         assert_eq!(h["x-forwarded-for"], "1.1.1.1, 127.0.0.1");
         assert_eq!(h["x-real-ip"], "127.0.0.1");
     }

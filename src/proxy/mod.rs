@@ -223,10 +223,11 @@ async fn serve_connection(
         server: handler::SERVER.clone(),
     };
     let h_env = env.clone();
-    // The client address as the forwarding headers carry it: formatted once per connection.
-    let client_ip = headers::ip_value(remote.ip());
+    // The client address and port as the forwarding headers carry them: formatted once per
+    // connection.
+    let conn_values = Rc::new(headers::ConnValues::new(remote.ip(), local.port()));
     server::serve(stream, &cfg, shutdown, move |req| {
-        handle(h_env.clone(), req, remote, local, client_ip.clone())
+        handle(h_env.clone(), req, remote, local, conn_values.clone())
     })
     .await;
 }
