@@ -293,14 +293,17 @@ fn request_host(headers: &HeaderMap, local: SocketAddr) -> String {
 
 /// `example.com:8080` → `example.com`; `[::1]:80` → `[::1]`.
 pub fn strip_port(host: &str) -> &str {
-    if host.starts_with('[') {
-        return match host.find(']') {
+    // Byte searches (every request runs this on its Host header): the separators are ASCII, so
+    // each cut falls on a character boundary.
+    let b = host.as_bytes();
+    if b.first() == Some(&b'[') {
+        return match b.iter().position(|&c| c == b']') {
             Some(i) => &host[..=i],
             None => host,
         };
     }
-    match host.rsplit_once(':') {
-        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h,
+    match b.iter().rposition(|&c| c == b':') {
+        Some(i) if b[i + 1..].iter().all(u8::is_ascii_digit) => &host[..i],
         _ => host,
     }
 }
