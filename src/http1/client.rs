@@ -367,18 +367,8 @@ fn encode_head(head: &RequestHead<'_>, framing: RequestFraming, dst: &mut BytesM
     dst.put_slice(b"\r\n");
 }
 
-fn put_decimal(mut n: u64, dst: &mut BytesMut) {
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    dst.put_slice(&digits[i..]);
+fn put_decimal(n: u64, dst: &mut BytesMut) {
+    dst.put_slice(super::decimal(n, &mut [0u8; 20]));
 }
 
 /// Offsets of one header's name and value in the head buffer.

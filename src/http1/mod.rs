@@ -4,3 +4,17 @@
 pub mod chunked;
 pub mod client;
 pub mod server;
+
+/// `n` in decimal ASCII, written into `buf` without `format!`; returns the digits.
+pub(crate) fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    &buf[i..]
+}

@@ -976,18 +976,8 @@ fn push_status(buf: &mut Vec<u8>, status: StatusCode) {
     buf.extend_from_slice(b"\r\n");
 }
 
-fn push_u64(buf: &mut Vec<u8>, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    buf.extend_from_slice(&digits[i..]);
+fn push_u64(buf: &mut Vec<u8>, n: u64) {
+    buf.extend_from_slice(super::decimal(n, &mut [0u8; 20]));
 }
 
 /// `date: ...\r\n`, formatted at most once a second per worker.

@@ -92,18 +92,7 @@ pub fn host_port(host: &str, port: u16) -> String {
         s.push(']');
     }
     s.push(':');
-    let mut digits = [0u8; 5];
-    let mut n = port;
-    let mut i = digits.len();
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    for &d in &digits[i..] {
+    for &d in crate::http1::decimal(u64::from(port), &mut [0u8; 20]) {
         s.push(d as char);
     }
     s
