@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -16,22 +15,6 @@ fn admin_yaml(extra: &str) -> String {
     format!("workers: 1\nadmin:\n  listen: 127.0.0.1:0\n  key: {KEY}\n{extra}")
 }
 
-/// The admin listener's address, from the gateway's `admin API listening on` line.
-fn admin_addr(gw: &Gateway) -> SocketAddr {
-    assert!(
-        gw.wait_for_log("admin API listening on http://", Duration::from_secs(20)),
-        "no admin listener line; log:\n{}",
-        gw.logs()
-    );
-    gw.logs()
-        .lines()
-        .find_map(|l| {
-            let rest = l.split("admin API listening on http://").nth(1)?;
-            rest.split_whitespace().next()?.parse().ok()
-        })
-        .expect("admin address parses")
-}
-
 /// A small Admin API client: `curl -H 'X-API-KEY: ..' -X METHOD -d BODY`.
 struct AdminClient {
     base: String,
@@ -40,7 +23,7 @@ struct AdminClient {
 impl AdminClient {
     fn new(gw: &Gateway) -> AdminClient {
         AdminClient {
-            base: format!("http://{}/apisix/admin", admin_addr(gw)),
+            base: format!("http://{}/apisix/admin", gw.admin_addr()),
         }
     }
 

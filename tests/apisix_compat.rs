@@ -407,22 +407,7 @@ fn consumers_written_through_the_admin_api_take_effect() {
         upstream_yaml(&up)
     );
     let gw = Gateway::start_in(tmp.path(), &yaml);
-    assert!(
-        gw.wait_for_log(
-            "admin API listening on http://",
-            std::time::Duration::from_secs(20)
-        ),
-        "{}",
-        gw.logs()
-    );
-    let admin = gw
-        .logs()
-        .lines()
-        .find_map(|l| {
-            let rest = l.split("admin API listening on http://").nth(1)?;
-            rest.split_whitespace().next().map(str::to_string)
-        })
-        .expect("admin address");
+    let admin = gw.admin_addr().to_string();
     let call = |method: &str, path: &str, body: Option<&str>| {
         let mut req = Req::new(method, &format!("http://{admin}/apisix/admin{path}"))
             .header("X-API-KEY", KEY);
@@ -546,22 +531,7 @@ fn consumer_gateway(
         "workers: 1\nplugin_dirs:\n  - plugins\ndata_dir: data\nadmin:\n  listen: 127.0.0.1:0\n  key: {ADMIN_KEY}\nroutes:\n{routes}{resources}"
     );
     let gw = Gateway::start_in(tmp.path(), &yaml);
-    assert!(
-        gw.wait_for_log(
-            "admin API listening on http://",
-            std::time::Duration::from_secs(20)
-        ),
-        "{}",
-        gw.logs()
-    );
-    let admin = gw
-        .logs()
-        .lines()
-        .find_map(|l| {
-            let rest = l.split("admin API listening on http://").nth(1)?;
-            rest.split_whitespace().next().map(str::to_string)
-        })
-        .expect("admin address");
+    let admin = gw.admin_addr().to_string();
     (tmp, gw, admin)
 }
 

@@ -177,19 +177,7 @@ struct Node {
 impl Node {
     fn start(etcd: &Etcd) -> Node {
         let gw = Gateway::start(&node_yaml(etcd));
-        assert!(
-            gw.wait_for_log("admin API listening on http://", Duration::from_secs(20)),
-            "no admin listener; log:\n{}",
-            gw.logs()
-        );
-        let addr: SocketAddr = gw
-            .logs()
-            .lines()
-            .find_map(|l| {
-                let rest = l.split("admin API listening on http://").nth(1)?;
-                rest.split_whitespace().next()?.parse().ok()
-            })
-            .expect("admin address");
+        let addr = gw.admin_addr();
         Node {
             gw,
             admin: format!("http://{addr}/apisix/admin"),
@@ -592,19 +580,7 @@ fn consumers_groups_and_credentials_in_apisix_key_layout() {
         plugins.path().display()
     );
     let gw = Gateway::start(&yaml);
-    assert!(
-        gw.wait_for_log("admin API listening on http://", Duration::from_secs(20)),
-        "{}",
-        gw.logs()
-    );
-    let admin = gw
-        .logs()
-        .lines()
-        .find_map(|l| {
-            let rest = l.split("admin API listening on http://").nth(1)?;
-            rest.split_whitespace().next().map(str::to_string)
-        })
-        .expect("admin address");
+    let admin = gw.admin_addr().to_string();
     let call = |method: &str, path: &str, body: Option<Value>| {
         let mut req = Req::new(method, &format!("http://{admin}/apisix/admin{path}"))
             .header("X-API-KEY", KEY);
@@ -690,19 +666,7 @@ fn plugin_metadata_in_apisix_key_layout() {
     );
     let start = || {
         let gw = Gateway::start(&yaml);
-        assert!(
-            gw.wait_for_log("admin API listening on http://", Duration::from_secs(20)),
-            "{}",
-            gw.logs()
-        );
-        let addr: SocketAddr = gw
-            .logs()
-            .lines()
-            .find_map(|l| {
-                let rest = l.split("admin API listening on http://").nth(1)?;
-                rest.split_whitespace().next()?.parse().ok()
-            })
-            .expect("admin address");
+        let addr = gw.admin_addr();
         Node {
             gw,
             admin: format!("http://{addr}/apisix/admin"),

@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
@@ -144,23 +143,8 @@ fn route(up: &Upstream, uri: &str, plugins: &str) -> String {
     )
 }
 
-fn admin_addr(gw: &Gateway) -> SocketAddr {
-    assert!(
-        gw.wait_for_log("admin API listening on http://", Duration::from_secs(20)),
-        "no admin listener line; log:\n{}",
-        gw.logs()
-    );
-    gw.logs()
-        .lines()
-        .find_map(|l| {
-            let rest = l.split("admin API listening on http://").nth(1)?;
-            rest.split_whitespace().next()?.parse().ok()
-        })
-        .expect("admin address parses")
-}
-
 fn admin(gw: &Gateway, method: &str, path: &str, body: Option<Value>) -> Resp {
-    let url = format!("http://{}/apisix/admin{path}", admin_addr(gw));
+    let url = format!("http://{}/apisix/admin{path}", gw.admin_addr());
     let mut req = Req::new(method, &url).header("X-API-KEY", KEY);
     if let Some(b) = body {
         req = req

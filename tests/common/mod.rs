@@ -271,6 +271,23 @@ impl Gateway {
             .is_some()
     }
 
+    /// The Admin API listener's address, from the gateway's `admin API listening on` line
+    /// (waits up to 20 s for it).
+    pub fn admin_addr(&self) -> SocketAddr {
+        assert!(
+            self.wait_for_log("admin API listening on http://", Duration::from_secs(20)),
+            "no admin listener line; log:\n{}",
+            self.logs()
+        );
+        self.logs()
+            .lines()
+            .find_map(|l| {
+                let rest = l.split("admin API listening on http://").nth(1)?;
+                rest.split_whitespace().next()?.parse().ok()
+            })
+            .expect("admin address parses")
+    }
+
     /// Sends SIGTERM.
     pub fn terminate(&self) {
         let pid = libc::pid_t::try_from(self.child.id()).expect("pid fits pid_t");
