@@ -17,24 +17,18 @@ fn admin_yaml(extra: &str) -> String {
 
 /// A small Admin API client: `curl -H 'X-API-KEY: ..' -X METHOD -d BODY`.
 struct AdminClient {
-    base: String,
+    addr: std::net::SocketAddr,
 }
 
 impl AdminClient {
     fn new(gw: &Gateway) -> AdminClient {
         AdminClient {
-            base: format!("http://{}/apisix/admin", gw.admin_addr()),
+            addr: gw.admin_addr(),
         }
     }
 
     fn call(&self, method: &str, path: &str, body: Option<&str>) -> Resp {
-        let mut req = Req::new(method, &format!("{}{path}", self.base)).header("X-API-KEY", KEY);
-        if let Some(b) = body {
-            req = req
-                .header("content-type", "application/json")
-                .body(b.to_string());
-        }
-        req.send()
+        admin_request(self.addr, KEY, method, path, body)
     }
 
     fn put(&self, path: &str, body: Value) -> Resp {
@@ -232,7 +226,7 @@ fn bad_input_gets_4xx_and_stores_nothing() {
     let up = Upstream::echo();
     let gw = Gateway::start(&admin_yaml(""));
     let admin = AdminClient::new(&gw);
-    let base = admin.base.clone();
+    let base = format!("http://{}/apisix/admin", admin.addr);
     let good = json!({"uri":"/x","upstream":{"nodes":{up.node(): 1}}}).to_string();
 
     // Authentication.
@@ -547,7 +541,7 @@ fn every_acknowledged_write_survives_kill_9() {
     let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
     {
         let gw = Gateway::start_in(dir.path(), &admin_yaml(""));
-        let base = AdminClient::new(&gw).base;
+        let base = format!("http://{}/apisix/admin", gw.admin_addr());
         let node = up.node();
         let mut writers = Vec::new();
         for w in 0..3 {

@@ -409,14 +409,7 @@ fn consumers_written_through_the_admin_api_take_effect() {
     let gw = Gateway::start_in(tmp.path(), &yaml);
     let admin = gw.admin_addr().to_string();
     let call = |method: &str, path: &str, body: Option<&str>| {
-        let mut req = Req::new(method, &format!("http://{admin}/apisix/admin{path}"))
-            .header("X-API-KEY", KEY);
-        if let Some(b) = body {
-            req = req
-                .header("content-type", "application/json")
-                .body(b.to_string());
-        }
-        req.send()
+        admin_request(&admin, KEY, method, path, body)
     };
     let send = || {
         Req::get(&gw.url("/auth"))
@@ -538,14 +531,7 @@ fn consumer_gateway(
 const ADMIN_KEY: &str = "compat-admin-key-0123456789";
 
 fn admin_call(admin: &str, method: &str, path: &str, body: Option<&str>) -> Resp {
-    let mut req = Req::new(method, &format!("http://{admin}/apisix/admin{path}"))
-        .header("X-API-KEY", ADMIN_KEY);
-    if let Some(b) = body {
-        req = req
-            .header("content-type", "application/json")
-            .body(b.to_string());
-    }
-    req.send()
+    admin_request(admin, ADMIN_KEY, method, path, body)
 }
 
 #[test]

@@ -171,27 +171,25 @@ fn node_yaml(etcd: &Etcd) -> String {
 
 struct Node {
     gw: Gateway,
-    admin: String,
+    /// The Admin API listener.
+    admin: SocketAddr,
 }
 
 impl Node {
     fn start(etcd: &Etcd) -> Node {
         let gw = Gateway::start(&node_yaml(etcd));
         let addr = gw.admin_addr();
-        Node {
-            gw,
-            admin: format!("http://{addr}/apisix/admin"),
-        }
+        Node { gw, admin: addr }
     }
 
     fn call(&self, method: &str, path: &str, body: Option<Value>) -> Resp {
-        let mut req = Req::new(method, &format!("{}{path}", self.admin)).header("X-API-KEY", KEY);
-        if let Some(b) = body {
-            req = req
-                .header("content-type", "application/json")
-                .body(b.to_string());
-        }
-        req.send()
+        admin_request(
+            self.admin,
+            KEY,
+            method,
+            path,
+            body.map(|b| b.to_string()).as_deref(),
+        )
     }
 
     fn put(&self, path: &str, body: Value) -> Resp {
@@ -582,14 +580,13 @@ fn consumers_groups_and_credentials_in_apisix_key_layout() {
     let gw = Gateway::start(&yaml);
     let admin = gw.admin_addr().to_string();
     let call = |method: &str, path: &str, body: Option<Value>| {
-        let mut req = Req::new(method, &format!("http://{admin}/apisix/admin{path}"))
-            .header("X-API-KEY", KEY);
-        if let Some(b) = body {
-            req = req
-                .header("content-type", "application/json")
-                .body(b.to_string());
-        }
-        req.send()
+        admin_request(
+            &admin,
+            KEY,
+            method,
+            path,
+            body.map(|b| b.to_string()).as_deref(),
+        )
     };
     let r = call(
         "PUT",
@@ -667,10 +664,7 @@ fn plugin_metadata_in_apisix_key_layout() {
     let start = || {
         let gw = Gateway::start(&yaml);
         let addr = gw.admin_addr();
-        Node {
-            gw,
-            admin: format!("http://{addr}/apisix/admin"),
-        }
+        Node { gw, admin: addr }
     };
     let a = start();
     let b = start();

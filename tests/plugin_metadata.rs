@@ -144,14 +144,13 @@ fn route(up: &Upstream, uri: &str, plugins: &str) -> String {
 }
 
 fn admin(gw: &Gateway, method: &str, path: &str, body: Option<Value>) -> Resp {
-    let url = format!("http://{}/apisix/admin{path}", gw.admin_addr());
-    let mut req = Req::new(method, &url).header("X-API-KEY", KEY);
-    if let Some(b) = body {
-        req = req
-            .header("content-type", "application/json")
-            .body(b.to_string());
-    }
-    req.send()
+    admin_request(
+        gw.admin_addr(),
+        KEY,
+        method,
+        path,
+        body.map(|b| b.to_string()).as_deref(),
+    )
 }
 
 #[test]

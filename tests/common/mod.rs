@@ -629,6 +629,25 @@ impl Resp {
     }
 }
 
+/// One Admin API call, as `curl -H 'X-API-KEY: KEY' -X METHOD -d BODY
+/// http://ADDR/apisix/admin/PATH` sends it (a body goes out as `application/json`).
+pub fn admin_request(
+    addr: impl std::fmt::Display,
+    key: &str,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> Resp {
+    let mut req =
+        Req::new(method, &format!("http://{addr}/apisix/admin{path}")).header("X-API-KEY", key);
+    if let Some(b) = body {
+        req = req
+            .header("content-type", "application/json")
+            .body(b.to_string());
+    }
+    req.send()
+}
+
 /// A request to send with [`Req::send`]: `Req::get(url).header("host", "a.com").send()`.
 pub struct Req {
     method: Method,
