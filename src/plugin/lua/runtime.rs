@@ -953,6 +953,27 @@ fn take_exit(ctx: &mut Ctx) -> Option<Flow> {
     Some(exit_flow(ctx, status))
 }
 
+/// What a waiting call's result hands back to the coroutine that yielded for it:
+/// `true, results...` when it succeeded, `false, message` when it failed.
+pub(crate) fn wake_values(lua: &Lua, woke: mlua::Result<MultiValue>) -> mlua::Result<MultiValue> {
+    match woke {
+        Ok(mut values) => {
+            values.push_front(Value::Boolean(true));
+            Ok(values)
+        }
+        Err(e) => {
+            let msg = match &e {
+                mlua::Error::RuntimeError(m) => m.clone(),
+                other => other.to_string(),
+            };
+            let mut values = MultiValue::new();
+            values.push_back(Value::Boolean(false));
+            values.push_back(Value::String(lua.create_string(&msg)?));
+            Ok(values)
+        }
+    }
+}
+
 /// The rest of a request phase whose function waits: await, resume, until it returns.
 async fn wait_request_phase(
     p: &LuaPlugin,
@@ -971,25 +992,7 @@ async fn wait_request_phase(
             plugin: name,
         }
         .await;
-        let mut values = MultiValue::new();
-        match woke {
-            Ok(v) => {
-                values = v;
-                values.push_front(Value::Boolean(true));
-            }
-            Err(e) => {
-                let msg = match &e {
-                    mlua::Error::RuntimeError(m) => m.clone(),
-                    other => other.to_string(),
-                };
-                values.push_back(Value::Boolean(false));
-                values.push_back(Value::String(
-                    rt.lua
-                        .create_string(&msg)
-                        .map_err(|e| plugin_error(p, phase, &e))?,
-                ));
-            }
-        }
+        let values = wake_values(&rt.lua, woke).map_err(|e| plugin_error(p, phase, &e))?;
         // On an error the runner is dead (or stuck in a yield it cannot leave): dropped.
         match rt
             .resume(&runner, request_frame(p, phase, ctx), Resume::Wake(values))

@@ -188,27 +188,10 @@ async fn run(
         IN_TIMER.with(|c| c.set(false));
         match stop {
             Ok(Stop::Done(..)) => return,
-            Ok(Stop::Wait(fut)) => {
-                let mut values = MultiValue::new();
-                match fut.await {
-                    Ok(v) => {
-                        values = v;
-                        values.push_front(Value::Boolean(true));
-                    }
-                    Err(e) => {
-                        let msg = match &e {
-                            mlua::Error::RuntimeError(m) => m.clone(),
-                            other => other.to_string(),
-                        };
-                        values.push_back(Value::Boolean(false));
-                        match rt.lua().create_string(&msg) {
-                            Ok(s) => values.push_back(Value::String(s)),
-                            Err(_) => return,
-                        }
-                    }
-                }
-                input = Resume::Wake(values);
-            }
+            Ok(Stop::Wait(fut)) => match runtime::wake_values(rt.lua(), fut.await) {
+                Ok(values) => input = Resume::Wake(values),
+                Err(_) => return,
+            },
             Err(e) => {
                 tracing::error!(
                     target: "moongate::lua",
