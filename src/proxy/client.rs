@@ -226,7 +226,7 @@ impl Client {
                 return Ok(conn);
             }
         }
-        let conn = connect(target, connect_timeout).await?;
+        let conn = Box::pin(connect(target, connect_timeout)).await?;
         Ok(Conn {
             conn,
             target: target.clone(),
@@ -332,7 +332,7 @@ impl Conn {
                 Ok(res) => Ok(res),
                 Err(e) if e.before_response() && replay.is_some() => {
                     tracing::debug!(node = %target.addr(), "reused upstream connection failed ({e}); retrying on a new one");
-                    conn = connect(&target, connect_timeout).await?;
+                    conn = Box::pin(connect(&target, connect_timeout)).await?;
                     requests = 0;
                     let body = replay.expect("checked above");
                     Ok(conn.send_request(&head, body).await?)
@@ -360,6 +360,8 @@ impl Conn {
     }
 }
 
+/// Called boxed: its future (DNS, TCP, TLS handshake) is large, and inline it would make every
+/// request's future that large, to be moved on each request while connections are reused.
 async fn connect(target: &Target, timeout: Duration) -> Result<Connection<Stream>, ClientError> {
     let deadline = Instant::now() + timeout;
     let attempt = async {
