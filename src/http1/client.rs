@@ -86,6 +86,39 @@ pub struct RequestHead<'a> {
     /// Origin form: path and query.
     pub target: &'a str,
     pub headers: &'a HeaderMap,
+    /// Changes to `headers` applied while the head is written, so the map is sent as it is
+    /// without being copied and changed first ([`NoEdit`]: none).
+    pub edit: &'a dyn HeadEdit,
+}
+
+/// Changes to a request's headers made on the way out: some lines first, some of the map's
+/// headers left out, some lines last.
+pub trait HeadEdit {
+    /// At most how many bytes `write_first` and `write_last` add (a reservation hint).
+    fn extra_len(&self) -> usize {
+        0
+    }
+    /// Lines written before the map's headers.
+    fn write_first(&self, _dst: &mut BytesMut) {}
+    /// Whether a header of the map is left out.
+    fn skip(&self, _name: &HeaderName) -> bool {
+        false
+    }
+    /// Lines written after the map's headers.
+    fn write_last(&self, _dst: &mut BytesMut) {}
+}
+
+/// Sends the headers as they are.
+pub struct NoEdit;
+
+impl HeadEdit for NoEdit {}
+
+/// Writes one `name: value` header line.
+pub fn put_header(dst: &mut BytesMut, name: &[u8], value: &[u8]) {
+    dst.put_slice(name);
+    dst.put_slice(b": ");
+    dst.put_slice(value);
+    dst.put_slice(b"\r\n");
 }
 
 /// One HTTP/1.1 connection to an upstream.
@@ -337,7 +370,7 @@ async fn write_two<S: AsyncWrite + Unpin>(io: &mut S, mut a: &[u8], b: &[u8]) ->
 
 /// Writes the request line and headers. Sized up front so the buffer grows at most once.
 fn encode_head(head: &RequestHead<'_>, framing: RequestFraming, dst: &mut BytesMut) {
-    let mut len = head.method.as_str().len() + head.target.len() + 64;
+    let mut len = head.method.as_str().len() + head.target.len() + 64 + head.edit.extra_len();
     for (name, value) in head.headers {
         len += name.as_str().len() + value.len() + 4;
     }
@@ -346,15 +379,17 @@ fn encode_head(head: &RequestHead<'_>, framing: RequestFraming, dst: &mut BytesM
     dst.put_u8(b' ');
     dst.put_slice(head.target.as_bytes());
     dst.put_slice(b" HTTP/1.1\r\n");
+    head.edit.write_first(dst);
     for (name, value) in head.headers {
-        if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
+        if name == header::CONTENT_LENGTH
+            || name == header::TRANSFER_ENCODING
+            || head.edit.skip(name)
+        {
             continue;
         }
-        dst.put_slice(name.as_str().as_bytes());
-        dst.put_slice(b": ");
-        dst.put_slice(value.as_bytes());
-        dst.put_slice(b"\r\n");
+        put_header(dst, name.as_str().as_bytes(), value.as_bytes());
     }
+    head.edit.write_last(dst);
     match framing {
         RequestFraming::None => {}
         RequestFraming::Length(n) => {
@@ -695,6 +730,7 @@ mod tests {
             method: &Method::POST,
             target: "/p?q=1",
             headers: &headers,
+            edit: &NoEdit,
         };
         let mut out = BytesMut::new();
         encode_head(&head, RequestFraming::Length(12345), &mut out);
@@ -848,6 +884,7 @@ mod tests {
             method: &method,
             target: "/x",
             headers: &headers,
+            edit: &NoEdit,
         };
         let server_task = tokio::spawn(async move {
             let mut seen = vec![0u8; 4096];
@@ -932,6 +969,7 @@ mod tests {
             method: &Method::POST,
             target: "/u",
             headers: &headers,
+            edit: &NoEdit,
         };
         let server_task = tokio::spawn(async move {
             let mut seen = Vec::new();

@@ -24,7 +24,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
 use crate::body::UpstreamRequestBody;
-use crate::http1::client::{self as h1, Connection, Recycle, RequestHead};
+use crate::http1::client::{self as h1, Connection, NoEdit, Recycle, RequestHead};
 
 /// Why an upstream call failed; the caller picks the status code and whether to retry.
 #[derive(Debug, thiserror::Error)]
@@ -313,6 +313,26 @@ impl Conn {
         timeout: Duration,
         pool: PoolOptions,
     ) -> Result<Response<UpstreamBody>, ClientError> {
+        let (parts, body) = req.into_parts();
+        let head = RequestHead {
+            method: &parts.method,
+            target: parts.uri.path_and_query().map_or("/", |p| p.as_str()),
+            headers: &parts.headers,
+            edit: &NoEdit,
+        };
+        self.send_head(client, &head, body, timeout, pool).await
+    }
+
+    /// [`Conn::send`] with the head given as parts (the proxy's own requests: the headers are
+    /// the client's, with the forwarding changes applied while they are written).
+    pub async fn send_head(
+        self,
+        client: &Client,
+        head: &RequestHead<'_>,
+        body: UpstreamRequestBody,
+        timeout: Duration,
+        pool: PoolOptions,
+    ) -> Result<Response<UpstreamBody>, ClientError> {
         let Conn {
             mut conn,
             target,
@@ -320,22 +340,16 @@ impl Conn {
             connect_timeout,
             reused,
         } = self;
-        let (parts, body) = req.into_parts();
-        let head = RequestHead {
-            method: &parts.method,
-            target: parts.uri.path_and_query().map_or("/", |p| p.as_str()),
-            headers: &parts.headers,
-        };
         let exchange = async {
             let replay = if reused { body.replay() } else { None };
-            match conn.send_request(&head, body).await {
+            match conn.send_request(head, body).await {
                 Ok(res) => Ok(res),
                 Err(e) if e.before_response() && replay.is_some() => {
                     tracing::debug!(node = %target.addr(), "reused upstream connection failed ({e}); retrying on a new one");
                     conn = Box::pin(connect(&target, connect_timeout)).await?;
                     requests = 0;
                     let body = replay.expect("checked above");
-                    Ok(conn.send_request(&head, body).await?)
+                    Ok(conn.send_request(head, body).await?)
                 }
                 Err(e) => Err(ClientError::from(e)),
             }

@@ -16,12 +16,13 @@ use http_body::{Body, Frame, SizeHint};
 
 use crate::body::{BoxError, IdleTimeout, RequestBody, ResponseBody, UpstreamRequestBody};
 use crate::config::{NodeConfig, PassHost, Timeout};
+use crate::http1::client::RequestHead;
 use crate::http1::server::RecvBody;
 use crate::plugin::chain::{self, Chain};
 use crate::plugin::ctx::normalize_path;
 use crate::plugin::{BodyChunk, Ctx, Flow, LocalResponse, Phase, PluginError, ResponseHead};
 use crate::proxy::client::{worker_client, ClientError, PoolOptions, Target};
-use crate::proxy::headers::{set_forwarded, strip_hop_by_hop, ConnValues};
+use crate::proxy::headers::{strip_hop_by_hop, ConnValues, Forwarding};
 use crate::snapshot::{Gateway, RouteEntry, Snapshot};
 
 /// The `Server` header moongate sends.
@@ -266,19 +267,14 @@ async fn proxy(
         return respond_local(ctx, snap, LocalResponse::text(status, ""), &env.node);
     };
 
-    // The upstream request: the request as plugins left it.
-    // A copy, not a take: header_filter, body_filter and log still read `$http_*`.
-    let mut headers = ctx.headers.clone();
-    // Room for the forwarding headers below, so inserting them does not grow the map twice.
-    headers.reserve(6);
-    let client_host = headers.get(header::HOST).cloned();
-    strip_hop_by_hop(&mut headers);
-    headers.remove(header::CONTENT_LENGTH);
-    set_forwarded(&mut headers, &conn_values, ctx.scheme, client_host.as_ref());
+    // The upstream request: the request as plugins left it, sent from ctx without a copy (the
+    // forwarding changes are applied while the head is written; header_filter, body_filter and
+    // log still read `$http_*` as the client sent them).
     let port = node.port.unwrap_or(cfg.scheme.default_port());
+    let client_host = ctx.headers.get(header::HOST);
     let host_value = match (&ctx.upstream_host, cfg.pass_host) {
         (Some(h), _) => HeaderValue::from_str(h).ok(),
-        (None, PassHost::Pass) => client_host.clone(),
+        (None, PassHost::Pass) => client_host.cloned(),
         (None, PassHost::Node) => {
             if port == cfg.scheme.default_port() {
                 HeaderValue::from_str(&node.host).ok()
@@ -291,40 +287,50 @@ async fn proxy(
             .as_deref()
             .and_then(|h| HeaderValue::from_str(h).ok()),
     };
-    match host_value {
-        Some(h) => {
-            headers.insert(header::HOST, h);
-        }
-        None => {
-            headers.remove(header::HOST);
-        }
-    }
     let too_large = Rc::new(Cell::new(false));
     let max_body = match env.node.proxy.client_max_body_size {
         0 => None,
         n => Some(n),
     };
     let body = UpstreamRequestBody::new(std::mem::take(&mut ctx.body), max_body, too_large.clone());
-    let mut builder = Request::builder()
-        .method(ctx.method.clone())
-        .uri(ctx.effective_upstream_uri());
-    if let Some(h) = builder.headers_mut() {
-        *h = headers;
-    }
-    let req = match builder.body(body) {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::error!(route = %route.id, "bad upstream request: {e}");
-            return respond_local(
-                ctx,
-                snap,
-                LocalResponse::text(StatusCode::BAD_REQUEST, ""),
-                &env.node,
-            );
-        }
+    // A path a plugin set is checked as a request target (it goes into the request line); the
+    // client's own was checked by the parser.
+    let rewritten;
+    let target = match &ctx.upstream_uri {
+        None => ctx.request_uri.as_str(),
+        Some(u) => match u.parse::<http::Uri>() {
+            Ok(uri) => {
+                rewritten = uri;
+                rewritten.path_and_query().map_or("/", |p| p.as_str())
+            }
+            Err(e) => {
+                tracing::error!(route = %route.id, "bad upstream request: {e}");
+                return respond_local(
+                    ctx,
+                    snap,
+                    LocalResponse::text(StatusCode::BAD_REQUEST, ""),
+                    &env.node,
+                );
+            }
+        },
+    };
+    let client_host = ctx.headers.get(header::HOST);
+    let forwarding = Forwarding::new(
+        &ctx.headers,
+        &conn_values,
+        ctx.scheme,
+        host_value,
+        client_host,
+    );
+    let head = RequestHead {
+        method: &ctx.method,
+        target,
+        headers: &ctx.headers,
+        edit: &forwarding,
     };
     let wait = secs(timeout.send) + secs(timeout.read);
-    let res = conn.send(&client, req, wait, pool).await;
+    let res = conn.send_head(&client, &head, body, wait, pool).await;
+    drop(forwarding);
     let res = match res {
         Ok(r) => r,
         Err(e) => {

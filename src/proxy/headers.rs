@@ -2,8 +2,10 @@
 
 use std::net::IpAddr;
 
-use bytes::Bytes;
-use http::header::{self, Entry, HeaderMap, HeaderName, HeaderValue};
+use bytes::{BufMut, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+use crate::http1::client::{put_header, HeadEdit};
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus those hyper
 /// sets itself from the body it sends.
@@ -63,10 +65,6 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-static X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
-static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 
 /// The forwarding header values that are the same for every request on a connection, made
 /// once per connection.
@@ -93,51 +91,137 @@ pub fn ip_value(ip: IpAddr) -> HeaderValue {
         .unwrap_or_else(|_| HeaderValue::from_static(""))
 }
 
-/// Sets `X-Forwarded-For` (the client address appended to any list it sent, as nginx's
-/// `$proxy_add_x_forwarded_for`), `X-Real-IP`, `X-Forwarded-Proto`, `X-Forwarded-Host` and
-/// `X-Forwarded-Port`, from the connection's [`ConnValues`].
-pub fn set_forwarded(
-    headers: &mut HeaderMap,
-    conn: &ConnValues,
-    scheme: &str,
-    host: Option<&HeaderValue>,
-) {
-    let client_ip = &conn.client_ip;
-    // One lookup for the list: appended to in place, or inserted.
-    match headers.entry(&X_FORWARDED_FOR) {
-        Entry::Occupied(mut e) => {
-            let joined = match e.get().to_str() {
-                Ok(prev) if !prev.is_empty() => {
-                    let mut v = Vec::with_capacity(prev.len() + 2 + client_ip.len());
-                    v.extend_from_slice(prev.as_bytes());
-                    v.extend_from_slice(b", ");
-                    v.extend_from_slice(client_ip.as_bytes());
-                    HeaderValue::from_maybe_shared(Bytes::from(v)).ok()
-                }
-                _ => Some(client_ip.clone()),
-            };
-            if let Some(v) = joined {
-                e.insert(v);
+/// The upstream request's header changes, applied while its head is written (the client's
+/// header map is sent without a copy): `Host` first (or none), then the client's headers without
+/// the hop-by-hop ones (and those `Connection` names) and without those replaced here, then
+/// `X-Forwarded-For` (the client address appended to any list it sent, as nginx's
+/// `$proxy_add_x_forwarded_for`), `X-Real-IP`, `X-Forwarded-Proto`, `X-Forwarded-Host` (when
+/// the client sent a Host; the client's own never passes) and `X-Forwarded-Port`, from the connection's [`ConnValues`].
+pub struct Forwarding<'a> {
+    headers: &'a HeaderMap,
+    conn: &'a ConnValues,
+    proto: &'a str,
+    host: Option<HeaderValue>,
+    client_host: Option<&'a HeaderValue>,
+    /// Which [`HOP_BY_HOP`] headers are present (bit i: `HOP_BY_HOP[i]`).
+    hop: u16,
+    /// Headers the `Connection` header names (rare: usually empty).
+    named: Vec<String>,
+}
+
+impl<'a> Forwarding<'a> {
+    /// `host`: the `Host` the upstream gets (None: no Host line); `client_host`: the one the
+    /// client sent (`X-Forwarded-Host`).
+    pub fn new(
+        headers: &'a HeaderMap,
+        conn: &'a ConnValues,
+        scheme: &'a str,
+        host: Option<HeaderValue>,
+        client_host: Option<&'a HeaderValue>,
+    ) -> Self {
+        let mut hop = 0u16;
+        for k in headers.keys() {
+            if let Some(i) = HOP_BY_HOP.iter().position(|h| h == k) {
+                hop |= 1 << i;
             }
         }
-        Entry::Vacant(e) => {
-            // The usual case: no list yet, so the value is the address itself.
-            e.insert(client_ip.clone());
+        let mut named = Vec::new();
+        if hop & 1 != 0 {
+            for v in headers.get_all(header::CONNECTION) {
+                let Ok(v) = v.to_str() else { continue };
+                for name in v.split(',').map(str::trim) {
+                    if !name.is_empty()
+                        && !HOP_BY_HOP
+                            .iter()
+                            .any(|h| h.as_str().eq_ignore_ascii_case(name))
+                    {
+                        named.push(name.to_ascii_lowercase());
+                    }
+                }
+            }
+        }
+        // A scheme is a token ("http", "https" in practice): never a line break.
+        let proto = if scheme
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b))
+        {
+            scheme
+        } else {
+            ""
+        };
+        Forwarding {
+            headers,
+            conn,
+            proto,
+            host,
+            client_host,
+            hop,
+            named,
         }
     }
-    headers.insert(X_REAL_IP.clone(), client_ip.clone());
-    let proto = match scheme {
-        "http" => Some(HeaderValue::from_static("http")),
-        "https" => Some(HeaderValue::from_static("https")),
-        other => HeaderValue::from_str(other).ok(),
-    };
-    if let Some(v) = proto {
-        headers.insert(X_FORWARDED_PROTO.clone(), v);
+}
+
+impl HeadEdit for Forwarding<'_> {
+    fn extra_len(&self) -> usize {
+        let xff: usize = self
+            .headers
+            .get_all(&X_FORWARDED_FOR)
+            .iter()
+            .map(|v| v.len() + 2)
+            .sum();
+        200 + xff
+            + 2 * self.conn.client_ip.len()
+            + self.host.as_ref().map_or(0, |h| h.len())
+            + self.client_host.map_or(0, |h| h.len())
     }
-    if let Some(h) = host {
-        headers.insert(X_FORWARDED_HOST.clone(), h.clone());
+
+    fn write_first(&self, dst: &mut BytesMut) {
+        if let Some(h) = &self.host {
+            put_header(dst, b"host", h.as_bytes());
+        }
     }
-    headers.insert(X_FORWARDED_PORT.clone(), conn.local_port.clone());
+
+    fn skip(&self, name: &HeaderName) -> bool {
+        if name == header::HOST {
+            return true;
+        }
+        let s = name.as_str();
+        if s.starts_with("x-") {
+            match s {
+                "x-forwarded-for" | "x-real-ip" | "x-forwarded-proto" | "x-forwarded-host"
+                | "x-forwarded-port" => return true,
+                _ => {}
+            }
+        }
+        if self.hop != 0 {
+            if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+                return self.hop & (1 << i) != 0;
+            }
+            return self.named.iter().any(|n| n == s);
+        }
+        false
+    }
+
+    fn write_last(&self, dst: &mut BytesMut) {
+        let ip = self.conn.client_ip.as_bytes();
+        dst.put_slice(b"x-forwarded-for: ");
+        for v in self.headers.get_all(&X_FORWARDED_FOR) {
+            if !v.is_empty() {
+                dst.put_slice(v.as_bytes());
+                dst.put_slice(b", ");
+            }
+        }
+        dst.put_slice(ip);
+        dst.put_slice(b"\r\n");
+        put_header(dst, b"x-real-ip", ip);
+        if !self.proto.is_empty() {
+            put_header(dst, b"x-forwarded-proto", self.proto.as_bytes());
+        }
+        if let Some(h) = self.client_host {
+            put_header(dst, b"x-forwarded-host", h.as_bytes());
+        }
+        put_header(dst, b"x-forwarded-port", self.conn.local_port.as_bytes());
+    }
 }
 
 #[cfg(test)]
@@ -159,13 +243,69 @@ mod tests {
         assert!(h.contains_key("x-kept"));
     }
 
-    #[test]
-    fn xff_appends() {
-        let mut h = HeaderMap::new();
-        h.insert("x-forwarded-for", HeaderValue::from_static("1.1.1.1"));
+    /// The head lines a [`Forwarding`] makes of `h`.
+    fn forwarded(h: &HeaderMap, host: Option<&str>) -> String {
         let conn = ConnValues::new([127, 0, 0, 1].into(), 9080);
-        set_forwarded(&mut h, &conn, "http", None);
-        assert_eq!(h["x-forwarded-for"], "1.1.1.1, 127.0.0.1");
-        assert_eq!(h["x-real-ip"], "127.0.0.1");
+        let client_host = h.get(header::HOST);
+        let f = Forwarding::new(
+            h,
+            &conn,
+            "http",
+            host.map(|v| HeaderValue::from_str(v).unwrap()),
+            client_host,
+        );
+        let mut out = BytesMut::new();
+        f.write_first(&mut out);
+        for (k, v) in h {
+            if !f.skip(k) {
+                put_header(&mut out, k.as_str().as_bytes(), v.as_bytes());
+            }
+        }
+        f.write_last(&mut out);
+        String::from_utf8(out.to_vec()).unwrap()
+    }
+
+    #[test]
+    fn forwarding_replaces_and_appends() {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("client.test"));
+        h.append("x-forwarded-for", HeaderValue::from_static("1.1.1.1"));
+        h.append("x-forwarded-for", HeaderValue::from_static("2.2.2.2"));
+        h.insert("x-real-ip", HeaderValue::from_static("6.6.6.6"));
+        h.insert("x-forwarded-port", HeaderValue::from_static("1"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        assert_eq!(
+            forwarded(&h, Some("up.test")),
+            "host: up.test\r\nx-kept: 1\r\n\
+             x-forwarded-for: 1.1.1.1, 2.2.2.2, 127.0.0.1\r\nx-real-ip: 127.0.0.1\r\n\
+             x-forwarded-proto: http\r\nx-forwarded-host: client.test\r\n\
+             x-forwarded-port: 9080\r\n"
+        );
+    }
+
+    #[test]
+    fn forwarding_never_passes_clients_forwarded_host() {
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-host", HeaderValue::from_static("orig.test"));
+        assert_eq!(
+            forwarded(&h, None),
+            "x-forwarded-for: 127.0.0.1\r\n\
+             x-real-ip: 127.0.0.1\r\nx-forwarded-proto: http\r\nx-forwarded-port: 9080\r\n"
+        );
+    }
+
+    #[test]
+    fn forwarding_drops_hop_by_hop_and_connection_named() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, X-Secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        let out = forwarded(&h, None);
+        assert!(out.starts_with("x-kept: 1\r\nx-forwarded-for: "), "{out}");
     }
 }
