@@ -132,7 +132,12 @@ pub struct Connection<S> {
 pub struct ResponseHead {
     pub status: StatusCode,
     pub version: Version,
+    /// Without the connection-management headers (`Connection` and those it names,
+    /// `Keep-Alive`, `Proxy-Connection`, `Transfer-Encoding`, `Upgrade`): they described the
+    /// connection to the upstream.
     pub headers: HeaderMap,
+    /// `headers` has `TE` or `Trailer` (hop-by-hop as well; a proxy drops them).
+    pub te_or_trailer: bool,
     framing: Framing,
     keep_alive: bool,
 }
@@ -465,6 +470,7 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<ResponseH
         let mut headers = HeaderMap::with_capacity(count);
         // The framing headers are noted on the way (a name comparison, no lookups after).
         let mut seen = FramingHeaders::default();
+        let mut te_or_trailer = false;
         for i in index.iter() {
             let name = HeaderName::from_bytes(&head[i.name.0..i.name.0 + i.name.1])
                 .map_err(|_| Error::InvalidHead("invalid header name"))?;
@@ -478,7 +484,15 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<ResponseH
                 )
             };
             seen.note(&name, &value, version)?;
+            // Connection-level headers are the client's business, not the message's.
+            if is_connection_header(&name) {
+                continue;
+            }
+            te_or_trailer |= name == header::TE || name == header::TRAILER;
             headers.append(name, value);
+        }
+        for name in &seen.named {
+            headers.remove(name.as_str());
         }
         let (framing, keep_alive) = framing(status, version, &seen, &mut headers, head_request);
         return Ok(Some(ResponseHead {
@@ -487,6 +501,7 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<ResponseH
             headers,
             framing,
             keep_alive,
+            te_or_trailer,
         }));
     }
 }
@@ -512,6 +527,18 @@ struct FramingHeaders {
     /// Some: `Transfer-Encoding` present; true when its last coding is `chunked`.
     chunked_last: Option<bool>,
     length: Option<u64>,
+    /// Other headers `Connection` names (hop-by-hop too; rare).
+    named: Vec<String>,
+}
+
+/// The connection-management headers the client consumes (`Connection` and what it names,
+/// `Keep-Alive`, `Proxy-Connection`, `Transfer-Encoding`, `Upgrade`): left out of a parsed
+/// response. `TE` and `Trailer`, hop-by-hop too, stay; [`ResponseHead::te_or_trailer`] tells.
+fn is_connection_header(name: &HeaderName) -> bool {
+    name == header::CONNECTION
+        || name == header::TRANSFER_ENCODING
+        || name == header::UPGRADE
+        || matches!(name.as_str(), "keep-alive" | "proxy-connection")
 }
 
 impl FramingHeaders {
@@ -545,8 +572,12 @@ impl FramingHeaders {
                 let token = token.trim_ascii();
                 if token.eq_ignore_ascii_case(b"close") {
                     self.close = true;
-                } else if token.eq_ignore_ascii_case(b"keep-alive") && version == Version::HTTP_10 {
-                    self.keep_alive_token = true;
+                } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                    self.keep_alive_token |= version == Version::HTTP_10;
+                } else if !token.is_empty() {
+                    if let Ok(t) = std::str::from_utf8(token) {
+                        self.named.push(t.to_ascii_lowercase());
+                    }
                 }
             }
         }

@@ -26,7 +26,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use base64::Engine as _;
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderValue};
 use http::{Method, Request, StatusCode, Uri};
 use percent_encoding::{utf8_percent_encode, AsciiSet, CONTROLS};
 use serde_json::{json, Value};
@@ -239,16 +239,6 @@ pub fn function_path(base: &str, ext: Option<&str>) -> String {
     path
 }
 
-/// Response headers that describe the function's connection, not the response; removed as APISIX
-/// removes them.
-const RESPONSE_DROP: [HeaderName; 5] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::UPGRADE,
-    header::TRANSFER_ENCODING,
-];
-
 fn int(conf: &Value, key: &str) -> u64 {
     // The schema has checked the type and minimum and filled the default; integers may arrive
     // as `100.0`, which APISIX also accepts.
@@ -433,14 +423,13 @@ async fn call(
         .await
         .map_err(|e| e.to_string())?;
 
-    let (parts, incoming) = res.into_parts();
-    let mut headers: HeaderMap = parts.headers;
-    for h in &RESPONSE_DROP {
-        headers.remove(h);
-    }
+    // The headers that describe the function's connection (`Connection` and those it names,
+    // `Keep-Alive`, `Proxy-Connection`, `Upgrade`, `Transfer-Encoding`) were left out by the
+    // client, as APISIX removes them; `TE` and `Trailer` pass, as there.
+    let incoming = res.body;
     Ok(LocalResponse {
-        status: parts.status,
-        headers,
+        status: res.status,
+        headers: res.headers,
         // `timeout` bounds each wait for the function, as lua-resty-http's read timeout does.
         body: ResponseBody::Timed(
             IdleTimeout::new(incoming, c.timeout).on_timeout(log_body_timeout),

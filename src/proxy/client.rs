@@ -17,7 +17,7 @@ use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use http::{Request, Response};
+use http::{HeaderMap, Request, StatusCode};
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -191,6 +191,17 @@ pub struct Conn {
 /// An upstream response body: streams from the connection and returns it to the pool at its end.
 pub type UpstreamBody = h1::ResponseBody<Stream, PoolReturn>;
 
+/// An upstream's answer.
+pub struct UpstreamResponse {
+    pub status: StatusCode,
+    /// Without the connection-management headers the client consumed (see
+    /// [`h1::ResponseHead::headers`]).
+    pub headers: HeaderMap,
+    /// `headers` has `TE` or `Trailer`.
+    pub te_or_trailer: bool,
+    pub body: UpstreamBody,
+}
+
 /// Where a connection goes when its response has been read: back to its worker's pool.
 pub struct PoolReturn {
     client: Client,
@@ -312,7 +323,7 @@ impl Conn {
         req: Request<UpstreamRequestBody>,
         timeout: Duration,
         pool: PoolOptions,
-    ) -> Result<Response<UpstreamBody>, ClientError> {
+    ) -> Result<UpstreamResponse, ClientError> {
         let (parts, body) = req.into_parts();
         let head = RequestHead {
             method: &parts.method,
@@ -332,7 +343,7 @@ impl Conn {
         body: UpstreamRequestBody,
         timeout: Duration,
         pool: PoolOptions,
-    ) -> Result<Response<UpstreamBody>, ClientError> {
+    ) -> Result<UpstreamResponse, ClientError> {
         let Conn {
             mut conn,
             target,
@@ -366,11 +377,13 @@ impl Conn {
             pool,
             requests,
         });
-        let mut res = Response::new(h1::ResponseBody::new(conn, &mut head, recycle));
-        *res.status_mut() = head.status;
-        *res.version_mut() = head.version;
-        *res.headers_mut() = head.headers;
-        Ok(res)
+        let body = h1::ResponseBody::new(conn, &mut head, recycle);
+        Ok(UpstreamResponse {
+            status: head.status,
+            headers: head.headers,
+            te_or_trailer: head.te_or_trailer,
+            body,
+        })
     }
 }
 

@@ -22,7 +22,7 @@ use crate::plugin::chain::{self, Chain};
 use crate::plugin::ctx::normalize_path;
 use crate::plugin::{BodyChunk, Ctx, Flow, LocalResponse, Phase, PluginError, ResponseHead};
 use crate::proxy::client::{worker_client, ClientError, PoolOptions, Target};
-use crate::proxy::headers::{strip_hop_by_hop, ConnValues, Forwarding};
+use crate::proxy::headers::{ConnValues, Forwarding};
 use crate::snapshot::{Gateway, RouteEntry, Snapshot};
 
 /// The `Server` header moongate sends.
@@ -175,8 +175,10 @@ fn plugin_failure(e: &PluginError) -> LocalResponse {
     LocalResponse::text(StatusCode::INTERNAL_SERVER_ERROR, "")
 }
 
+/// A timeout in seconds (at least 1 ms) as a Duration. Nanosecond rounding is plenty here, and
+/// much cheaper than `Duration::from_secs_f64`'s exact conversion (four of these per request).
 fn secs(v: f64) -> Duration {
-    Duration::from_secs_f64(v.max(0.001))
+    Duration::from_nanos((v.max(0.001) * 1e9) as u64)
 }
 
 /// Picks a node, runs before_proxy, calls the upstream (retrying the next node on a connect
@@ -270,6 +272,12 @@ async fn proxy(
     // The upstream request: the request as plugins left it, sent from ctx without a copy (the
     // forwarding changes are applied while the head is written; header_filter, body_filter and
     // log still read `$http_*` as the client sent them).
+    let too_large = Rc::new(Cell::new(false));
+    let max_body = match env.node.proxy.client_max_body_size {
+        0 => None,
+        n => Some(n),
+    };
+    let body = UpstreamRequestBody::new(std::mem::take(&mut ctx.body), max_body, too_large.clone());
     let port = node.port.unwrap_or(cfg.scheme.default_port());
     let client_host = ctx.headers.get(header::HOST);
     let host_value = match (&ctx.upstream_host, cfg.pass_host) {
@@ -287,12 +295,6 @@ async fn proxy(
             .as_deref()
             .and_then(|h| HeaderValue::from_str(h).ok()),
     };
-    let too_large = Rc::new(Cell::new(false));
-    let max_body = match env.node.proxy.client_max_body_size {
-        0 => None,
-        n => Some(n),
-    };
-    let body = UpstreamRequestBody::new(std::mem::take(&mut ctx.body), max_body, too_large.clone());
     // A path a plugin set is checked as a request target (it goes into the request line); the
     // client's own was checked by the parser.
     let rewritten;
@@ -314,7 +316,6 @@ async fn proxy(
             }
         },
     };
-    let client_host = ctx.headers.get(header::HOST);
     let forwarding = Forwarding::new(
         &ctx.headers,
         &conn_values,
@@ -347,13 +348,18 @@ async fn proxy(
             return respond_local(ctx, snap, LocalResponse::text(status, ""), &env.node);
         }
     };
-    let (parts, body) = res.into_parts();
-    ctx.upstream_status = Some(parts.status.as_u16());
+    ctx.upstream_status = Some(res.status.as_u16());
     let mut head = ResponseHead {
-        status: parts.status,
-        headers: parts.headers,
+        status: res.status,
+        headers: res.headers,
     };
-    strip_hop_by_hop(&mut head.headers);
+    // The client left the connection-management headers out; the other hop-by-hop ones are
+    // rare.
+    if res.te_or_trailer {
+        head.headers.remove(header::TE);
+        head.headers.remove(header::TRAILER);
+    }
+    let body = res.body;
     respond(
         ctx,
         snap,

@@ -107,6 +107,8 @@ pub struct Forwarding<'a> {
     hop: u16,
     /// Headers the `Connection` header names (rare: usually empty).
     named: Vec<String>,
+    /// The client sent an `X-Forwarded-For` list.
+    xff: bool,
 }
 
 impl<'a> Forwarding<'a> {
@@ -120,10 +122,12 @@ impl<'a> Forwarding<'a> {
         client_host: Option<&'a HeaderValue>,
     ) -> Self {
         let mut hop = 0u16;
+        let mut xff = false;
         for k in headers.keys() {
             if let Some(i) = HOP_BY_HOP.iter().position(|h| h == k) {
                 hop |= 1 << i;
             }
+            xff |= k.as_str() == "x-forwarded-for";
         }
         let mut named = Vec::new();
         if hop & 1 != 0 {
@@ -157,6 +161,7 @@ impl<'a> Forwarding<'a> {
             client_host,
             hop,
             named,
+            xff,
         }
     }
 }
@@ -205,10 +210,12 @@ impl HeadEdit for Forwarding<'_> {
     fn write_last(&self, dst: &mut BytesMut) {
         let ip = self.conn.client_ip.as_bytes();
         dst.put_slice(b"x-forwarded-for: ");
-        for v in self.headers.get_all(&X_FORWARDED_FOR) {
-            if !v.is_empty() {
-                dst.put_slice(v.as_bytes());
-                dst.put_slice(b", ");
+        if self.xff {
+            for v in self.headers.get_all(&X_FORWARDED_FOR) {
+                if !v.is_empty() {
+                    dst.put_slice(v.as_bytes());
+                    dst.put_slice(b", ");
+                }
             }
         }
         dst.put_slice(ip);
