@@ -120,10 +120,18 @@ pub async fn handle(
     ctx.route = Some(route.clone());
     ctx.matched = Some(m);
 
-    match run_route_phases(&snap.global, &route, &mut ctx).await {
-        Ok(None) => {}
-        Ok(Some(local)) => return respond_local(ctx, snap, local, &env.node),
-        Err(e) => return respond_local(ctx, snap, plugin_failure(&e), &env.node),
+    // A route without rewrite or access plugins (and so without an auth plugin to bring a
+    // consumer's) skips the phases without making their futures.
+    let phases = [Phase::Rewrite, Phase::Access];
+    if phases
+        .iter()
+        .any(|&p| snap.global.has(p) || route.chain.has(p))
+    {
+        match run_route_phases(&snap.global, &route, &mut ctx).await {
+            Ok(None) => {}
+            Ok(Some(local)) => return respond_local(ctx, snap, local, &env.node),
+            Err(e) => return respond_local(ctx, snap, plugin_failure(&e), &env.node),
+        }
     }
     proxy(env, snap, route, ctx, conn_values).await
 }
@@ -213,10 +221,12 @@ async fn proxy(
 
     let merged = ctx.plugins.clone();
     let chains = [&snap.global, merged.as_deref().unwrap_or(&route.chain)];
-    match chain::run_request_phase(Phase::BeforeProxy, &chains, &mut ctx).await {
-        Ok(Flow::Continue) => {}
-        Ok(Flow::Respond(r)) => return respond_local(ctx, snap, r, &env.node),
-        Err(e) => return respond_local(ctx, snap, plugin_failure(&e), &env.node),
+    if chains.iter().any(|c| c.has(Phase::BeforeProxy)) {
+        match chain::run_request_phase(Phase::BeforeProxy, &chains, &mut ctx).await {
+            Ok(Flow::Continue) => {}
+            Ok(Flow::Respond(r)) => return respond_local(ctx, snap, r, &env.node),
+            Err(e) => return respond_local(ctx, snap, plugin_failure(&e), &env.node),
+        }
     }
 
     let timeout: Timeout = route.timeout.or(cfg.timeout).unwrap_or_default();
