@@ -220,6 +220,75 @@ fn hop_by_hop_headers_removed_both_ways() {
     assert_eq!(r.header("x-up-kept").as_deref(), Some("1"));
 }
 
+/// The upstream's response headers reach the client the same whether they pass unparsed (no
+/// plugin looks at them) or through a header_filter plugin.
+#[test]
+fn response_headers_same_with_and_without_plugins() {
+    let up = Upstream::start(|req| async move {
+        let status = if req.uri().path().ends_with("/304") {
+            304
+        } else {
+            200
+        };
+        let mut b = hyper::Response::builder()
+            .status(status)
+            .header("server", "upstream")
+            .header("date", "Mon, 30 Nov 2026 06:00:00 GMT")
+            .header("x-a", "1")
+            .header("set-cookie", "a=1")
+            .header("set-cookie", "b=2")
+            .header("connection", "x-conn")
+            .header("x-conn", "1")
+            .header("etag", "\"e\"");
+        if status == 304 {
+            b = b.header("content-length", "7");
+        }
+        b.body(full(if status == 304 { "" } else { "hello" }))
+            .expect("response")
+    });
+    let gw = Gateway::start(&format!(
+        "routes:\n{}{}",
+        route("plain", "/plain/*", &up.node(), ""),
+        tagged("tagged", "/tagged/*", &up.node(), "")
+    ));
+    for tail in ["x", "304"] {
+        let plain = get(&gw.url(&format!("/plain/{tail}")));
+        let tagged = get(&gw.url(&format!("/tagged/{tail}")));
+        assert_eq!(plain.status, tagged.status, "{tail}");
+        assert_eq!(tagged.header("x-route").as_deref(), Some("tagged"));
+        let mut a: Vec<(String, String)> = plain
+            .headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
+            .collect();
+        let mut b: Vec<(String, String)> = tagged
+            .headers
+            .iter()
+            .filter(|(k, _)| k.as_str() != "x-route")
+            .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
+            .collect();
+        a.sort();
+        b.sort();
+        assert_eq!(a, b, "{tail}");
+        let h = &plain.headers;
+        assert!(
+            h["server"].to_str().unwrap().starts_with("moongate"),
+            "{h:?}"
+        );
+        assert_eq!(h.get_all("date").iter().count(), 1, "{h:?}");
+        assert_eq!(h["date"], "Mon, 30 Nov 2026 06:00:00 GMT");
+        assert_eq!(h.get_all("set-cookie").iter().count(), 2, "{h:?}");
+        assert!(!h.contains_key("x-conn"), "{h:?}");
+        assert_eq!(h["etag"], "\"e\"");
+        if tail == "304" {
+            assert!(plain.body.is_empty());
+        } else {
+            assert_eq!(plain.text(), "hello");
+            assert_eq!(h["content-length"], "5");
+        }
+    }
+}
+
 #[test]
 fn pass_host_modes() {
     let up = Upstream::echo();

@@ -89,6 +89,10 @@ pub struct RequestHead<'a> {
     /// Changes to `headers` applied while the head is written, so the map is sent as it is
     /// without being copied and changed first ([`NoEdit`]: none).
     pub edit: &'a dyn HeadEdit,
+    /// Keep the response's header lines as received ([`ResponseHead::raw`]) instead of
+    /// parsing them into [`ResponseHead::headers`] (not for HEAD: its `Content-Length` is a
+    /// header to pass, not framing).
+    pub keep_raw: bool,
 }
 
 /// Changes to a request's headers made on the way out: some lines first, some of the map's
@@ -138,6 +142,9 @@ pub struct ResponseHead {
     pub headers: HeaderMap,
     /// `headers` has `TE` or `Trailer` (hop-by-hop as well; a proxy drops them).
     pub te_or_trailer: bool,
+    /// The header lines as received, when the request asked to keep them (`headers` is empty
+    /// then).
+    pub raw: Option<super::RawHead>,
     framing: Framing,
     keep_alive: bool,
 }
@@ -189,18 +196,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         B::Error: Into<BoxError>,
     {
         let head_request = head.method == Method::HEAD;
+        let keep_raw = head.keep_raw && !head_request;
         if let Err(e) = self.write_request(head, body).await {
             // An upstream may answer before it has read the whole body (a 413, a 401) and
             // close: that answer is what the client should get, not a send error.
             if matches!(e, Error::Write(_)) {
-                if let Ok(mut early) = self.read_response_head(head_request).await {
+                if let Ok(mut early) = self.read_response_head(head_request, keep_raw).await {
                     early.keep_alive = false;
                     return Ok(early);
                 }
             }
             return Err(e);
         }
-        self.read_response_head(head_request).await
+        self.read_response_head(head_request, keep_raw).await
     }
 
     async fn write_request<B>(&mut self, head: &RequestHead<'_>, body: B) -> Result<(), Error>
@@ -303,11 +311,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         self.io.flush().await.map_err(Error::Write)
     }
 
-    async fn read_response_head(&mut self, head_request: bool) -> Result<ResponseHead, Error> {
+    async fn read_response_head(
+        &mut self,
+        head_request: bool,
+        keep_raw: bool,
+    ) -> Result<ResponseHead, Error> {
         let mut received = !self.read_buf.is_empty();
         loop {
             if !self.read_buf.is_empty() {
-                if let Some(head) = parse_head(&mut self.read_buf, head_request)? {
+                if let Some(head) = parse_head(&mut self.read_buf, head_request, keep_raw)? {
                     return Ok(head);
                 }
                 if self.read_buf.len() > MAX_HEAD {
@@ -418,9 +430,75 @@ struct HeaderIndex {
     value: (usize, usize),
 }
 
+impl HeaderIndex {
+    fn name_in<'a>(&self, head: &'a [u8]) -> &'a [u8] {
+        &head[self.name.0..self.name.0 + self.name.1]
+    }
+
+    fn value_in<'a>(&self, head: &'a [u8]) -> &'a [u8] {
+        &head[self.value.0..self.value.0 + self.value.1]
+    }
+}
+
+/// The header lines to pass on as they are (see [`super::RawHead`]): all but the
+/// connection-management ones (and those `Connection` names), the framing ones (a 304 keeps its
+/// `Content-Length`, as the parsed path does), `TE`, `Trailer` and `Server`.
+fn raw_lines(
+    head: &Bytes,
+    index: &[HeaderIndex],
+    seen: &FramingHeaders,
+    status: StatusCode,
+) -> super::RawHead {
+    let mut lines = BytesMut::with_capacity(head.len());
+    let mut has_date = false;
+    for i in index {
+        let name = i.name_in(head);
+        let skip = match name.len() {
+            2 => name.eq_ignore_ascii_case(b"te"),
+            4 => {
+                has_date |= name.eq_ignore_ascii_case(b"date");
+                false
+            }
+            6 => name.eq_ignore_ascii_case(b"server"),
+            7 => name.eq_ignore_ascii_case(b"upgrade") || name.eq_ignore_ascii_case(b"trailer"),
+            10 => {
+                name.eq_ignore_ascii_case(b"connection") || name.eq_ignore_ascii_case(b"keep-alive")
+            }
+            14 => {
+                name.eq_ignore_ascii_case(b"content-length") && status != StatusCode::NOT_MODIFIED
+            }
+            16 => name.eq_ignore_ascii_case(b"proxy-connection"),
+            17 => name.eq_ignore_ascii_case(b"transfer-encoding"),
+            _ => false,
+        };
+        if skip
+            || seen
+                .named
+                .iter()
+                .any(|n| n.as_bytes().eq_ignore_ascii_case(name))
+        {
+            continue;
+        }
+        let start = lines.len();
+        lines.put_slice(name);
+        lines[start..].make_ascii_lowercase();
+        lines.put_slice(b": ");
+        lines.put_slice(i.value_in(head));
+        lines.put_slice(b"\r\n");
+    }
+    super::RawHead {
+        lines: lines.freeze(),
+        has_date,
+    }
+}
+
 /// Parses a response head at the front of `buf`. `Ok(None)`: incomplete. An interim (1xx)
 /// response other than 101 is consumed and parsing goes on with what follows it.
-fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<ResponseHead>, Error> {
+fn parse_head(
+    buf: &mut BytesMut,
+    head_request: bool,
+    keep_raw: bool,
+) -> Result<Option<ResponseHead>, Error> {
     loop {
         // Uninitialised header slots: httparse writes only the ones it fills.
         let mut stack = [MaybeUninit::<httparse::Header<'_>>::uninit(); STACK_HEADERS];
@@ -467,32 +545,42 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<ResponseH
             i.value = (h.value.as_ptr() as usize - base, h.value.len());
         }
         let head = buf.split_to(len).freeze();
-        let mut headers = HeaderMap::with_capacity(count);
-        // The framing headers are noted on the way (a name comparison, no lookups after).
+        // The framing headers are noted first (a name comparison each, no lookups after).
         let mut seen = FramingHeaders::default();
-        let mut te_or_trailer = false;
         for i in index.iter() {
-            let name = HeaderName::from_bytes(&head[i.name.0..i.name.0 + i.name.1])
-                .map_err(|_| Error::InvalidHead("invalid header name"))?;
-            // SAFETY (an API contract, not memory safety): httparse accepted this value, and
-            // the bytes it accepts in a value (HTAB, SP..=0x7E, 0x80..=0xFF; obs-fold refused by
-            // the default config) are exactly those `HeaderValue` allows, so the check
-            // `from_maybe_shared` would repeat cannot fail. Debug builds still repeat it.
-            let value = unsafe {
-                HeaderValue::from_maybe_shared_unchecked(
-                    head.slice(i.value.0..i.value.0 + i.value.1),
-                )
-            };
-            seen.note(&name, &value, version)?;
-            // Connection-level headers are the client's business, not the message's.
-            if is_connection_header(&name) {
-                continue;
-            }
-            te_or_trailer |= name == header::TE || name == header::TRAILER;
-            headers.append(name, value);
+            seen.note(i.name_in(&head), i.value_in(&head), version)?;
         }
-        for name in &seen.named {
-            headers.remove(name.as_str());
+        let mut te_or_trailer = false;
+        let mut raw = None;
+        let mut headers;
+        if keep_raw {
+            headers = HeaderMap::new();
+            raw = Some(raw_lines(&head, index, &seen, status));
+        } else {
+            headers = HeaderMap::with_capacity(count);
+            for i in index.iter() {
+                let name = HeaderName::from_bytes(i.name_in(&head))
+                    .map_err(|_| Error::InvalidHead("invalid header name"))?;
+                // Connection-level headers are the client's business, not the message's.
+                if is_connection_header(&name) {
+                    continue;
+                }
+                // SAFETY (an API contract, not memory safety): httparse accepted this value,
+                // and the bytes it accepts in a value (HTAB, SP..=0x7E, 0x80..=0xFF; obs-fold
+                // refused by the default config) are exactly those `HeaderValue` allows, so the
+                // check `from_maybe_shared` would repeat cannot fail. Debug builds still repeat
+                // it.
+                let value = unsafe {
+                    HeaderValue::from_maybe_shared_unchecked(
+                        head.slice(i.value.0..i.value.0 + i.value.1),
+                    )
+                };
+                te_or_trailer |= name == header::TE || name == header::TRAILER;
+                headers.append(name, value);
+            }
+            for name in &seen.named {
+                headers.remove(name.as_str());
+            }
         }
         let (framing, keep_alive) = framing(status, version, &seen, &mut headers, head_request);
         return Ok(Some(ResponseHead {
@@ -502,6 +590,7 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<ResponseH
             framing,
             keep_alive,
             te_or_trailer,
+            raw,
         }));
     }
 }
@@ -542,14 +631,9 @@ fn is_connection_header(name: &HeaderName) -> bool {
 }
 
 impl FramingHeaders {
-    fn note(
-        &mut self,
-        name: &HeaderName,
-        value: &HeaderValue,
-        version: Version,
-    ) -> Result<(), Error> {
-        if name == header::CONTENT_LENGTH {
-            for part in value.as_bytes().split(|&b| b == b',') {
+    fn note(&mut self, name: &[u8], value: &[u8], version: Version) -> Result<(), Error> {
+        if name.eq_ignore_ascii_case(b"content-length") {
+            for part in value.split(|&b| b == b',') {
                 let part = part.trim_ascii();
                 if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
                     return Err(Error::InvalidHead("invalid Content-Length"));
@@ -560,15 +644,11 @@ impl FramingHeaders {
                 }
                 self.length = Some(n);
             }
-        } else if name == header::TRANSFER_ENCODING {
-            let last = value
-                .as_bytes()
-                .rsplit(|&b| b == b',')
-                .next()
-                .unwrap_or(b"");
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            let last = value.rsplit(|&b| b == b',').next().unwrap_or(b"");
             self.chunked_last = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-        } else if name == header::CONNECTION {
-            for token in value.as_bytes().split(|&b| b == b',') {
+        } else if name.eq_ignore_ascii_case(b"connection") {
+            for token in value.split(|&b| b == b',') {
                 let token = token.trim_ascii();
                 if token.eq_ignore_ascii_case(b"close") {
                     self.close = true;
@@ -747,7 +827,59 @@ mod tests {
 
     fn parse(bytes: &[u8], head_request: bool) -> Result<Option<ResponseHead>, Error> {
         let mut buf = BytesMut::from(bytes);
-        parse_head(&mut buf, head_request)
+        parse_head(&mut buf, head_request, false)
+    }
+
+    /// The lines a head keeps when they pass unparsed.
+    fn raw(bytes: &[u8]) -> (String, bool, ResponseHead) {
+        let mut buf = BytesMut::from(bytes);
+        let h = parse_head(&mut buf, false, true).unwrap().unwrap();
+        assert!(h.headers.is_empty());
+        let r = h.raw.clone().unwrap();
+        (String::from_utf8(r.lines.to_vec()).unwrap(), r.has_date, h)
+    }
+
+    #[test]
+    fn raw_lines_leave_out_what_the_server_writes() {
+        let (lines, has_date, h) = raw(b"HTTP/1.1 200 OK\r\nServer: up\r\nDate: Mon, 30 Nov 2026 06:00:00 GMT\r\n\
+              Content-Type: text/plain\r\nContent-Length: 5\r\nConnection: keep-alive, X-Conn\r\n\
+              X-Conn: 1\r\nKeep-Alive: timeout=5\r\nTE: trailers\r\nTrailer: x\r\nUpgrade: h2c\r\n\
+              Proxy-Connection: x\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\nX-Mixed-CASE:  v  \r\n\r\nhello");
+        assert_eq!(
+            lines,
+            "date: Mon, 30 Nov 2026 06:00:00 GMT\r\ncontent-type: text/plain\r\n\
+             set-cookie: a=1\r\nset-cookie: b=2\r\nx-mixed-case: v\r\n"
+        );
+        assert!(has_date);
+        assert!(matches!(h.framing, Framing::Length(5)));
+        assert!(h.keep_alive);
+    }
+
+    #[test]
+    fn raw_lines_keep_a_304s_length_and_note_no_date() {
+        let (lines, has_date, h) =
+            raw(b"HTTP/1.1 304 Not Modified\r\nContent-Length: 12\r\nETag: \"x\"\r\n\r\n");
+        assert_eq!(lines, "content-length: 12\r\netag: \"x\"\r\n");
+        assert!(!has_date);
+        assert!(matches!(h.framing, Framing::Empty));
+    }
+
+    #[test]
+    fn raw_lines_frame_as_parsed_heads_do() {
+        let (lines, _, h) = raw(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\nX-A: 1\r\n\r\n",
+        );
+        assert_eq!(lines, "x-a: 1\r\n");
+        assert!(matches!(h.framing, Framing::Chunked(_)));
+        // A Content-Length next to Transfer-Encoding: the connection is not reused.
+        assert!(!h.keep_alive);
+        let mut buf = BytesMut::from(
+            &b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"[..],
+        );
+        assert!(matches!(
+            parse_head(&mut buf, false, true),
+            Err(Error::InvalidHead("conflicting Content-Length values"))
+        ));
     }
 
     #[test]
@@ -762,6 +894,7 @@ mod tests {
             target: "/p?q=1",
             headers: &headers,
             edit: &NoEdit,
+            keep_raw: false,
         };
         let mut out = BytesMut::new();
         encode_head(&head, RequestFraming::Length(12345), &mut out);
@@ -851,12 +984,12 @@ mod tests {
         let mut buf = BytesMut::from(
             &b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n"[..],
         );
-        let h = parse_head(&mut buf, false).unwrap().unwrap();
+        let h = parse_head(&mut buf, false, false).unwrap().unwrap();
         assert_eq!(h.status, 201);
         assert!(buf.is_empty());
         // An interim response alone leaves the parser waiting for the final one.
         let mut buf = BytesMut::from(&b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 2"[..]);
-        assert!(parse_head(&mut buf, false).unwrap().is_none());
+        assert!(parse_head(&mut buf, false, false).unwrap().is_none());
         assert_eq!(&buf[..], b"HTTP/1.1 2");
     }
 
@@ -916,6 +1049,7 @@ mod tests {
             target: "/x",
             headers: &headers,
             edit: &NoEdit,
+            keep_raw: false,
         };
         let server_task = tokio::spawn(async move {
             let mut seen = vec![0u8; 4096];
@@ -1001,6 +1135,7 @@ mod tests {
             target: "/u",
             headers: &headers,
             edit: &NoEdit,
+            keep_raw: false,
         };
         let server_task = tokio::spawn(async move {
             let mut seen = Vec::new();

@@ -35,6 +35,7 @@ use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
 
 use super::chunked::{encode_chunk_head, ChunkedDecoder, Decoded, CHUNK_TAIL, LAST_CHUNK};
+use super::RawHead;
 
 /// Most header lines a request head may have; more gets 431.
 pub const MAX_HEADERS: usize = 100;
@@ -55,6 +56,14 @@ const COPY_MAX: usize = 4 * 1024;
 const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 /// A chunk's tail and the terminator, when the last data frame ends the body.
 const TAIL_AND_LAST: &[u8] = b"\r\n0\r\n\r\n";
+
+/// A response body that may bring header lines of its own, written after the response's
+/// header map: a proxied response passes the upstream's lines through this way, unparsed.
+pub trait HeadLines {
+    fn head_lines(&self) -> Option<&RawHead> {
+        None
+    }
+}
 
 /// Limits of a connection.
 #[derive(Debug, Clone)]
@@ -553,7 +562,7 @@ pub async fn serve<H, F, B>(
 ) where
     H: FnMut(Request<RecvBody>) -> F,
     F: Future<Output = Response<B>>,
-    B: Body<Data = Bytes>,
+    B: Body<Data = Bytes> + HeadLines,
     B::Error: fmt::Display,
 {
     let stopping = *shutdown.borrow();
@@ -709,7 +718,7 @@ async fn write_response<B>(
     keep_alive: &mut bool,
 ) -> io::Result<()>
 where
-    B: Body<Data = Bytes>,
+    B: Body<Data = Bytes> + HeadLines,
     B::Error: fmt::Display,
 {
     let (parts, body) = res.into_parts();
@@ -798,6 +807,10 @@ where
         wbuf.extend_from_slice(b": ");
         wbuf.extend_from_slice(value.as_bytes());
         wbuf.extend_from_slice(b"\r\n");
+    }
+    if let Some(raw) = body.as_ref().get_ref().head_lines() {
+        wbuf.extend_from_slice(&raw.lines);
+        has_date |= raw.has_date;
     }
     if !has_date {
         push_date(wbuf);

@@ -25,6 +25,7 @@ use tokio_rustls::client::TlsStream;
 
 use crate::body::UpstreamRequestBody;
 use crate::http1::client::{self as h1, Connection, NoEdit, Recycle, RequestHead};
+use crate::http1::RawHead;
 
 /// Why an upstream call failed; the caller picks the status code and whether to retry.
 #[derive(Debug, thiserror::Error)]
@@ -199,6 +200,8 @@ pub struct UpstreamResponse {
     pub headers: HeaderMap,
     /// `headers` has `TE` or `Trailer`.
     pub te_or_trailer: bool,
+    /// The header lines as received, when the request asked for them (`headers` is empty).
+    pub raw: Option<RawHead>,
     pub body: UpstreamBody,
 }
 
@@ -330,6 +333,7 @@ impl Conn {
             target: parts.uri.path_and_query().map_or("/", |p| p.as_str()),
             headers: &parts.headers,
             edit: &NoEdit,
+            keep_raw: false,
         };
         self.send_head(client, &head, body, timeout, pool).await
     }
@@ -382,6 +386,7 @@ impl Conn {
             status: head.status,
             headers: head.headers,
             te_or_trailer: head.te_or_trailer,
+            raw: head.raw,
             body,
         })
     }

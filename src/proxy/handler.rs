@@ -17,7 +17,8 @@ use http_body::{Body, Frame, SizeHint};
 use crate::body::{BoxError, IdleTimeout, RequestBody, ResponseBody, UpstreamRequestBody};
 use crate::config::{NodeConfig, PassHost, Timeout};
 use crate::http1::client::RequestHead;
-use crate::http1::server::RecvBody;
+use crate::http1::server::{HeadLines, RecvBody};
+use crate::http1::RawHead;
 use crate::plugin::chain::{self, Chain};
 use crate::plugin::ctx::normalize_path;
 use crate::plugin::{BodyChunk, Ctx, Flow, LocalResponse, Phase, PluginError, ResponseHead};
@@ -333,11 +334,17 @@ async fn proxy(
         host_value,
         client_host,
     );
+    // Nothing looks at the response headers (no header_filter, body_filter or log plugin):
+    // the upstream's lines pass through unparsed.
+    let keep_raw = !chains
+        .iter()
+        .any(|c| c.has(Phase::HeaderFilter) || c.has(Phase::BodyFilter) || c.has(Phase::Log));
     let head = RequestHead {
         method: &ctx.method,
         target,
         headers: &ctx.headers,
         edit: &forwarding,
+        keep_raw,
     };
     let wait = secs(timeout.send) + secs(timeout.read);
     let res = conn.send_head(&client, &head, body, wait, pool).await;
@@ -369,14 +376,8 @@ async fn proxy(
         head.headers.remove(header::TE);
         head.headers.remove(header::TRAILER);
     }
-    let body = res.body;
-    respond(
-        ctx,
-        snap,
-        head,
-        ResponseBody::Timed(IdleTimeout::new(body, secs(timeout.read))),
-        &env.node,
-    )
+    let body = ResponseBody::Timed(IdleTimeout::new(res.body, secs(timeout.read)));
+    respond(ctx, snap, head, res.raw, body, &env.node)
 }
 
 fn node_addr(host: &str, port: u16) -> String {
@@ -394,14 +395,17 @@ pub fn respond_local(
         status: local.status,
         headers: local.headers,
     };
-    respond(ctx, snap, head, local.body, node)
+    respond(ctx, snap, head, None, local.body, node)
 }
 
 /// header_filter now; body_filter per chunk and log at the end, inside [`GatewayBody`].
+/// `raw`: the upstream's header lines, passed on after `head.headers` (only when no plugin
+/// looks at response headers).
 fn respond(
     mut ctx: Box<Ctx>,
     snap: Arc<Snapshot>,
     mut head: ResponseHead,
+    mut raw: Option<RawHead>,
     mut body: ResponseBody,
     node: &NodeConfig,
 ) -> Response<GatewayBody> {
@@ -422,6 +426,7 @@ fn respond(
                 headers: HeaderMap::new(),
             };
             body = ResponseBody::Empty;
+            raw = None;
         }
         filter_body = chains.iter().any(|c| c.has(Phase::BodyFilter));
     }
@@ -433,6 +438,7 @@ fn respond(
     head.headers.insert(header::SERVER, SERVER.clone());
     let mut res = Response::new(GatewayBody {
         inner: body,
+        raw,
         finish: Some(Finish {
             ctx,
             snap,
@@ -503,6 +509,8 @@ impl Finish {
 /// upstream read timeout between chunks, and runs log when the body ends.
 pub struct GatewayBody {
     inner: ResponseBody,
+    /// The upstream's header lines, when they pass unparsed.
+    raw: Option<RawHead>,
     finish: Option<Finish>,
     ended: bool,
 }
@@ -523,6 +531,12 @@ impl GatewayBody {
             }
         }
         Ok(chunk)
+    }
+}
+
+impl HeadLines for GatewayBody {
+    fn head_lines(&self) -> Option<&RawHead> {
+        self.raw.as_ref()
     }
 }
 
