@@ -6,11 +6,12 @@
 #
 # Uses the configs bench/run.py wrote to bench/out/run/ (run it once first): starts the nginx
 # upstream from upstream.conf if it is not running, runs the gateway under callgrind with
-# moongate.yaml, warms up with wrk -c8 for 2 s, zeroes the counters, drives wrk -c8 for 4 s,
+# moongate.yaml, warms up with wrk -c8 (CONNS=N: -cN) for 2 s, zeroes the counters, drives wrk for 4 s,
 # dumps, and prints the worker's instructions divided by the requests wrk completed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 path=${1:-/}
+conns=${CONNS:-8}
 bin=${2:-target/release/moongate}
 run=bench/out/run
 cfg=$run/moongate.yaml
@@ -38,9 +39,9 @@ for _ in $(seq 60); do
     curl -s -o /dev/null "http://127.0.0.1:$port$path" && break
     sleep 0.5
 done
-wrk -t1 -c8 -d2s "http://127.0.0.1:$port$path" >/dev/null
+wrk -t1 -c"$conns" -d2s "http://127.0.0.1:$port$path" >/dev/null
 callgrind_control -z "$vpid" >/dev/null 2>&1
-n=$(wrk -t1 -c8 -d4s "http://127.0.0.1:$port$path" | awk '/requests in/{print $1}')
+n=$(wrk -t1 -c"$conns" -d4s "http://127.0.0.1:$port$path" | awk '/requests in/{print $1}')
 callgrind_control -d "$vpid" >/dev/null 2>&1
 sleep 0.5
 best=0 file=

@@ -19,6 +19,7 @@ use crate::config::{ConfigError, ConfigErrors, Document, Node, PassHost, Timeout
 use crate::plugin::chain::{Chain, ChainEntry};
 use crate::plugin::metadata::{MetadataEntry, PluginMetadata};
 use crate::plugin::{ConfScope, Plugin, PluginConf};
+use crate::proxy::client::{host_port, Target};
 use crate::router::{RouteSpec, Router};
 
 /// The plugins available to a snapshot, by name.
@@ -75,50 +76,85 @@ impl Registry {
 pub struct UpstreamEntry {
     pub id: Option<String>,
     pub config: Upstream,
+    /// Per node (same order as `config.nodes`): where to connect and its `host:port`, made once
+    /// here rather than on every request.
+    pub targets: Vec<NodeTarget>,
     /// Node indices expanded by weight (divided by their gcd): weighted round-robin is one
     /// atomic increment per pick, shared by all workers without a lock.
     schedule: Vec<usize>,
     next: AtomicUsize,
+    /// Nodes with a weight above 0.
+    live: usize,
+}
+
+/// One node of an upstream, ready to connect to.
+pub struct NodeTarget {
+    pub target: Target,
+    /// `host:port` (IPv6 in brackets), for `ctx.var.upstream_addr` and logs.
+    pub addr: Arc<str>,
 }
 
 impl UpstreamEntry {
     pub fn new(id: Option<String>, config: Upstream) -> Self {
         let schedule = weighted_schedule(&config.nodes.0);
+        let tls = config.scheme == crate::config::Scheme::Https;
+        let verify = config.tls.map(|t| t.verify).unwrap_or(false);
+        let targets = config
+            .nodes
+            .0
+            .iter()
+            .map(|n| {
+                let port = n.port.unwrap_or(config.scheme.default_port());
+                NodeTarget {
+                    target: Target {
+                        tls,
+                        host: n.host.as_str().into(),
+                        port,
+                        verify,
+                    },
+                    addr: host_port(&n.host, port).into(),
+                }
+            })
+            .collect();
+        let live = config.nodes.0.iter().filter(|n| n.weight > 0).count();
         UpstreamEntry {
             id,
             config,
+            targets,
             schedule,
             next: AtomicUsize::new(0),
+            live,
         }
     }
 
-    /// The nodes to try for one request, in order: the round-robin pick first, then the others
-    /// (for retries after a connect failure).
-    pub fn pick_order(&self) -> Vec<&Node> {
-        if self.schedule.is_empty() {
-            return Vec::new();
-        }
-        let n = self.next.fetch_add(1, Ordering::Relaxed);
-        let first = self.schedule[n % self.schedule.len()];
-        let nodes = &self.config.nodes.0;
-        let mut out = Vec::with_capacity(nodes.len());
-        out.push(&nodes[first]);
-        for i in 1..nodes.len() {
-            let idx = (first + i) % nodes.len();
-            if nodes[idx].weight > 0 {
-                out.push(&nodes[idx]);
-            }
-        }
-        out
+    /// The nodes to try for one request, as indices into `config.nodes` and `targets`: the
+    /// round-robin pick first, then the other nodes with a weight (for retries after a connect
+    /// failure). Empty when no node has a weight.
+    pub fn pick_order(&self) -> impl Iterator<Item = usize> + '_ {
+        let n = self.config.nodes.0.len();
+        let first = if self.schedule.is_empty() {
+            None
+        } else {
+            let k = self.next.fetch_add(1, Ordering::Relaxed);
+            Some(self.schedule[k % self.schedule.len()])
+        };
+        first.into_iter().flat_map(move |first| {
+            std::iter::once(first).chain(
+                (1..n)
+                    .map(move |i| (first + i) % n)
+                    .filter(move |&idx| self.config.nodes.0[idx].weight > 0),
+            )
+        })
     }
 
-    /// How many retries after the first try (APISIX: `retries`, default nodes - 1).
-    pub fn retries(&self) -> usize {
-        let live = self.config.nodes.0.iter().filter(|n| n.weight > 0).count();
-        match self.config.retries {
+    /// How many nodes a request may try: the first and its retries (APISIX: `retries`,
+    /// default nodes - 1), at most the nodes with a weight.
+    pub fn attempts(&self) -> usize {
+        let retries = match self.config.retries {
             Some(r) => r as usize,
-            None => live.saturating_sub(1),
-        }
+            None => self.live.saturating_sub(1),
+        };
+        (retries + 1).min(self.live.max(1))
     }
 }
 

@@ -43,7 +43,7 @@ pub struct Ctx {
     /// Overrides the Host header sent upstream (`ctx.var.upstream_host`).
     pub upstream_host: Option<String>,
     /// The node the request went to, `host:port`.
-    pub upstream_addr: Option<String>,
+    pub upstream_addr: Option<Arc<str>>,
     pub upstream_status: Option<u16>,
     /// The status sent to the client (0 until the response head is known).
     pub status: u16,

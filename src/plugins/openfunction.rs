@@ -73,7 +73,7 @@ pub struct FunctionUri {
     /// (the client's scheme is used, as lua-resty-http does).
     pub tls: Option<bool>,
     /// Host to connect to: lower-cased, IPv6 without brackets.
-    pub host: String,
+    pub host: Arc<str>,
     /// The `Host` header sent: the host without port (IPv6 in brackets), as APISIX sends it.
     pub host_header: HeaderValue,
     /// The explicit port, if any (else 80 or 443).
@@ -192,6 +192,7 @@ pub fn parse_function_uri(uri: &str) -> Result<FunctionUri, String> {
         host.clone()
     };
     let host_header = HeaderValue::from_str(&host_header).map_err(|_| bad("bad host"))?;
+    let host: Arc<str> = host.into();
     Ok(FunctionUri {
         tls,
         host,
@@ -508,13 +509,13 @@ mod tests {
     fn uris() {
         let u = parse_function_uri("http://LocalHost:8080/Default/fn?x=1#f").expect("valid");
         assert_eq!(u.tls, Some(false));
-        assert_eq!(u.host, "localhost");
+        assert_eq!(&*u.host, "localhost");
         assert_eq!(u.host_header, "localhost");
         assert_eq!(u.port, Some(8080));
         assert_eq!(u.base_path, "/Default/fn");
         let u = parse_function_uri("https://[::1]").expect("valid");
         assert_eq!(
-            (u.tls, u.host.as_str(), u.port, u.base_path.as_str()),
+            (u.tls, &*u.host, u.port, u.base_path.as_str()),
             (Some(true), "::1", None, "")
         );
         assert_eq!(u.host_header, "[::1]");

@@ -67,7 +67,7 @@ impl ClientError {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Target {
     pub tls: bool,
-    pub host: String,
+    pub host: Arc<str>,
     pub port: u16,
     /// Verify the server certificate (TLS only).
     pub verify: bool,
@@ -399,10 +399,10 @@ async fn connect(target: &Target, timeout: Duration) -> Result<Connection<Stream
     let attempt = async {
         let addrs: Vec<std::net::SocketAddr> = match target.host.parse::<std::net::IpAddr>() {
             Ok(ip) => vec![std::net::SocketAddr::new(ip, target.port)],
-            Err(_) => tokio::net::lookup_host((target.host.as_str(), target.port))
+            Err(_) => tokio::net::lookup_host((&*target.host, target.port))
                 .await
                 .map_err(|e| ClientError::Dns {
-                    host: target.host.clone(),
+                    host: target.host.to_string(),
                     reason: e.to_string(),
                 })?
                 .collect(),
@@ -434,7 +434,7 @@ async fn connect(target: &Target, timeout: Duration) -> Result<Connection<Stream
             } else {
                 insecure_config()
             };
-            let name = ServerName::try_from(target.host.clone())
+            let name = ServerName::try_from(target.host.to_string())
                 .map_err(|e| ClientError::Tls(e.to_string()))?;
             let tls = tokio_rustls::TlsConnector::from(config)
                 .connect(name, stream)

@@ -22,7 +22,7 @@ use crate::http1::RawHead;
 use crate::plugin::chain::{self, Chain};
 use crate::plugin::ctx::normalize_path;
 use crate::plugin::{BodyChunk, Ctx, Flow, LocalResponse, Phase, PluginError, ResponseHead};
-use crate::proxy::client::{worker_client, ClientError, PoolOptions, Target};
+use crate::proxy::client::{worker_client, ClientError, PoolOptions};
 use crate::proxy::headers::{ConnValues, Forwarding};
 use crate::snapshot::{Gateway, RouteEntry, Snapshot};
 
@@ -207,18 +207,14 @@ async fn proxy(
         );
         return respond_local(ctx, snap, r, &env.node);
     };
-    let order = upstream.pick_order();
-    if order.is_empty() {
+    let mut order = upstream.pick_order();
+    let Some(first) = order.next() else {
         tracing::error!(route = %route.id, "no valid upstream node");
         let r = LocalResponse::error(StatusCode::SERVICE_UNAVAILABLE, "no valid upstream node");
         return respond_local(ctx, snap, r, &env.node);
-    }
+    };
     let cfg = &upstream.config;
-    let first = order[0];
-    ctx.upstream_addr = Some(node_addr(
-        &first.host,
-        first.port.unwrap_or(cfg.scheme.default_port()),
-    ));
+    ctx.upstream_addr = Some(upstream.targets[first].addr.clone());
 
     let merged = ctx.plugins.clone();
     let chains = [&snap.global, merged.as_deref().unwrap_or(&route.chain)];
@@ -244,30 +240,28 @@ async fn proxy(
         },
     };
     let client = worker_client();
-    let tls = cfg.scheme == crate::config::Scheme::Https;
-    let verify = cfg.tls.map(|t| t.verify).unwrap_or(false);
-    let attempts = (upstream.retries() + 1).min(order.len().max(1));
 
     let mut last_err: Option<ClientError> = None;
     let mut conn = None;
-    for node in order.iter().take(attempts) {
-        let target = Target {
-            tls,
-            host: node.host.clone(),
-            port: node.port.unwrap_or(cfg.scheme.default_port()),
-            verify,
-        };
-        match client.checkout(&target, secs(timeout.connect), pool).await {
+    for idx in std::iter::once(first)
+        .chain(order)
+        .take(upstream.attempts())
+    {
+        let nt = &upstream.targets[idx];
+        match client
+            .checkout(&nt.target, secs(timeout.connect), pool)
+            .await
+        {
             Ok(c) => {
                 // The first node's address is already in ctx; only a retry changes it.
-                if !std::ptr::eq(*node, first) {
-                    ctx.upstream_addr = Some(target.addr());
+                if idx != first {
+                    ctx.upstream_addr = Some(nt.addr.clone());
                 }
-                conn = Some((c, node));
+                conn = Some((c, idx));
                 break;
             }
             Err(e) => {
-                tracing::error!(route = %route.id, node = %target.addr(), "upstream connect failed: {e}");
+                tracing::error!(route = %route.id, node = %nt.addr, "upstream connect failed: {e}");
                 last_err = Some(e);
             }
         }
@@ -289,6 +283,7 @@ async fn proxy(
         n => Some(n),
     };
     let body = UpstreamRequestBody::new(std::mem::take(&mut ctx.body), max_body, too_large.clone());
+    let node = &cfg.nodes.0[node];
     let port = node.port.unwrap_or(cfg.scheme.default_port());
     let client_host = ctx.headers.get(header::HOST);
     let host_value = match (&ctx.upstream_host, cfg.pass_host) {
@@ -298,7 +293,7 @@ async fn proxy(
             if port == cfg.scheme.default_port() {
                 HeaderValue::from_str(&node.host).ok()
             } else {
-                HeaderValue::from_str(&node_addr(&node.host, port)).ok()
+                HeaderValue::from_str(&crate::proxy::client::host_port(&node.host, port)).ok()
             }
         }
         (None, PassHost::Rewrite) => cfg
@@ -378,10 +373,6 @@ async fn proxy(
     }
     let body = ResponseBody::Timed(IdleTimeout::new(res.body, secs(timeout.read)));
     respond(ctx, snap, head, res.raw, body, &env.node)
-}
-
-fn node_addr(host: &str, port: u16) -> String {
-    crate::proxy::client::host_port(host, port)
 }
 
 /// Sends a response the gateway made itself, through the response phases.
