@@ -440,6 +440,29 @@ impl HeaderIndex {
     }
 }
 
+/// Whether the header name `name` (a token, as httparse accepts it) is `lower` (lowercase
+/// letters and `-`), ignoring ASCII case. Setting bit 0x20 lowercases a letter and leaves `-`
+/// as it is; no other token byte becomes a lowercase letter or `-` that way, so the comparison
+/// is exact, eight bytes at a time.
+fn is_name(name: &[u8], lower: &[u8]) -> bool {
+    if name.len() != lower.len() {
+        return false;
+    }
+    let mut a = name.chunks_exact(8);
+    let mut b = lower.chunks_exact(8);
+    for (x, y) in a.by_ref().zip(b.by_ref()) {
+        let x = u64::from_ne_bytes(x.try_into().expect("8 bytes"));
+        let y = u64::from_ne_bytes(y.try_into().expect("8 bytes"));
+        if x | 0x2020_2020_2020_2020 != y {
+            return false;
+        }
+    }
+    a.remainder()
+        .iter()
+        .zip(b.remainder())
+        .all(|(x, y)| x | 0x20 == *y)
+}
+
 /// The header lines to pass on as they are (see [`super::RawHead`]): all but the
 /// connection-management ones (and those `Connection` names), the framing ones (a 304 keeps its
 /// `Content-Length`, as the parsed path does), `TE`, `Trailer` and `Server`.
@@ -454,21 +477,17 @@ fn raw_lines(
     for i in index {
         let name = i.name_in(head);
         let skip = match name.len() {
-            2 => name.eq_ignore_ascii_case(b"te"),
+            2 => is_name(name, b"te"),
             4 => {
-                has_date |= name.eq_ignore_ascii_case(b"date");
+                has_date |= is_name(name, b"date");
                 false
             }
-            6 => name.eq_ignore_ascii_case(b"server"),
-            7 => name.eq_ignore_ascii_case(b"upgrade") || name.eq_ignore_ascii_case(b"trailer"),
-            10 => {
-                name.eq_ignore_ascii_case(b"connection") || name.eq_ignore_ascii_case(b"keep-alive")
-            }
-            14 => {
-                name.eq_ignore_ascii_case(b"content-length") && status != StatusCode::NOT_MODIFIED
-            }
-            16 => name.eq_ignore_ascii_case(b"proxy-connection"),
-            17 => name.eq_ignore_ascii_case(b"transfer-encoding"),
+            6 => is_name(name, b"server"),
+            7 => is_name(name, b"upgrade") || is_name(name, b"trailer"),
+            10 => is_name(name, b"connection") || is_name(name, b"keep-alive"),
+            14 => is_name(name, b"content-length") && status != StatusCode::NOT_MODIFIED,
+            16 => is_name(name, b"proxy-connection"),
+            17 => is_name(name, b"transfer-encoding"),
             _ => false,
         };
         if skip
@@ -632,7 +651,7 @@ fn is_connection_header(name: &HeaderName) -> bool {
 
 impl FramingHeaders {
     fn note(&mut self, name: &[u8], value: &[u8], version: Version) -> Result<(), Error> {
-        if name.eq_ignore_ascii_case(b"content-length") {
+        if is_name(name, b"content-length") {
             for part in value.split(|&b| b == b',') {
                 let part = part.trim_ascii();
                 if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
@@ -644,10 +663,10 @@ impl FramingHeaders {
                 }
                 self.length = Some(n);
             }
-        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+        } else if is_name(name, b"transfer-encoding") {
             let last = value.rsplit(|&b| b == b',').next().unwrap_or(b"");
             self.chunked_last = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-        } else if name.eq_ignore_ascii_case(b"connection") {
+        } else if is_name(name, b"connection") {
             for token in value.split(|&b| b == b',') {
                 let token = token.trim_ascii();
                 if token.eq_ignore_ascii_case(b"close") {
@@ -837,6 +856,24 @@ mod tests {
         assert!(h.headers.is_empty());
         let r = h.raw.clone().unwrap();
         (String::from_utf8(r.lines.to_vec()).unwrap(), r.has_date, h)
+    }
+
+    #[test]
+    fn header_names_compare_ignoring_case() {
+        for (name, lower, same) in [
+            (&b"Content-Length"[..], &b"content-length"[..], true),
+            (b"CONTENT-LENGTH", b"content-length", true),
+            (b"content-lengtH", b"content-length", true),
+            (b"content_length", b"content-length", false),
+            (b"content-lengt", b"content-length", false),
+            (b"Transfer-Encoding", b"transfer-encoding", true),
+            (b"Transfer-Encodinf", b"transfer-encoding", false),
+            (b"TE", b"te", true),
+            (b"T~", b"te", false),
+            (b"Date", b"date", true),
+        ] {
+            assert_eq!(is_name(name, lower), same, "{name:?}");
+        }
     }
 
     #[test]
