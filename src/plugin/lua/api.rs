@@ -1021,16 +1021,11 @@ fn ctx_field(lua: &Lua, k: &str) -> mlua::Result<Value> {
 }
 
 /// The request's `ctx` table (APISIX's `api_ctx`), made on first use.
-pub(crate) fn api_ctx(lua: &Lua) -> mlua::Result<Table> {
-    if let Some(t) = with_ctx(|c| c.data::<LuaRequest>().and_then(|r| r.ctx_table.clone()))? {
-        return Ok(t);
-    }
-    let t = lua.create_table()?;
-    let mt: Table = lua.named_registry_value(CTX_MT)?;
-    t.set_metatable(Some(mt))?;
-    let t2 = t.clone();
-    with_ctx(move |c| lua_request(c).ctx_table = Some(t2))?;
-    Ok(t)
+pub(crate) fn api_ctx(_lua: &Lua) -> mlua::Result<Table> {
+    let rt = runtime::current_runtime()
+        .ok_or_else(|| err("API disabled in the current context: no request is being served"))?;
+    let slot = with_ctx(|c| rt.ctx_slot(c))?;
+    rt.ctx_table(slot)
 }
 
 /// `ngx.ctx`: a per-request table, with `api_ctx` set as APISIX does.

@@ -105,23 +105,37 @@ const MAX_IDLE_RUNNERS: usize = 64;
 
 /// The phase-call trampoline and the body of runner threads.
 ///
-/// `call` takes either a binding id and the ctx table (the common case: the function, plugin
-/// name and conf table were stored in `BOUND[id]` once per conf and phase, so a call pushes one
-/// integer and one table instead of four references), or the function, plugin name, conf table
-/// and ctx table (a conf without an id). It sets `ctx._plugin_name` (from Lua that costs
+/// `call` takes either a binding id and the ctx slot (the common case: the function, plugin
+/// name and conf table were stored in `BOUND[id]` once per conf and phase, so a call pushes two
+/// integers instead of four references), or the function, plugin name, conf table and ctx slot
+/// (a conf without an id). It sets `ctx._plugin_name` (from Lua that costs
 /// nanoseconds, from Rust a protected call) and calls the phase function.
+///
+/// The ctx table is passed as its slot in `CTXS` (see [`LuaRuntime::ctx_slot`]): the first call
+/// of a request makes the table here, in Lua, where it costs a table allocation; made from Rust,
+/// every table is a protected call of its own while a memory limit is set.
 ///
 /// A runner parks at a yield, runs the call it is resumed with, yields its first two results,
 /// again. The call's arguments live in `call`'s frame only, so a parked runner keeps no
 /// request's tables alive (only the last call's two results).
 const RUNNER_SRC: &str = r#"
-local DONE, yield, BOUND = ...
-local function call(f, name, conf, ctx)
+local DONE, yield, BOUND, CTXS, CTX_MT, setmetatable = ...
+local function ctx_of(slot)
+    local ctx = CTXS[slot]
     if ctx == nil then
-        local b = BOUND[f]
-        name._plugin_name = b[2]
-        return b[1](b[3], name)
+        ctx = setmetatable({}, CTX_MT)
+        CTXS[slot] = ctx
     end
+    return ctx
+end
+local function call(f, name, conf, slot)
+    if conf == nil then
+        local ctx = ctx_of(name)
+        local b = BOUND[f]
+        ctx._plugin_name = b[2]
+        return b[1](b[3], ctx)
+    end
+    local ctx = ctx_of(slot)
     ctx._plugin_name = name
     return f(conf, ctx)
 end
@@ -283,7 +297,8 @@ pub(crate) fn with_chunk<R>(f: impl FnOnce(&mut BodyChunk) -> R) -> Option<R> {
 /// what the request phases staged for a local response.
 #[derive(Default)]
 pub(crate) struct LuaRequest {
-    pub ctx_table: Option<Table>,
+    /// Where the `ctx` table lives in the runtime's `CTXS` (0: none yet).
+    slot: CtxSlot,
     pub ngx_ctx: Option<Table>,
     /// `ngx.header` writes made before the response exists (rewrite/access/before_proxy).
     pub staged: HeaderMap,
@@ -293,6 +308,28 @@ pub(crate) struct LuaRequest {
     pub output: Vec<u8>,
     /// `ngx.exit(status)` was called.
     pub exit: Option<i64>,
+}
+
+/// A request's slot in its thread's runtime's `CTXS` table; the slot is emptied and freed when
+/// the request's Lua state is dropped.
+#[derive(Default)]
+struct CtxSlot(i64);
+
+impl Drop for CtxSlot {
+    fn drop(&mut self) {
+        if self.0 == 0 {
+            return;
+        }
+        // Requests never leave their thread: the slot is in this thread's runtime. At thread
+        // exit the runtime may be gone already, and the VM with it.
+        let rt = RUNTIME
+            .try_with(|r| r.try_borrow().ok().and_then(|r| r.clone()))
+            .ok()
+            .flatten();
+        if let Some(rt) = rt {
+            rt.release_slot(self.0);
+        }
+    }
 }
 
 /// The request's Lua state, created on first use.
@@ -305,10 +342,10 @@ pub(crate) fn lua_request(ctx: &mut Ctx) -> &mut LuaRequest {
 
 /// What a phase call passes to the trampoline (see [`RUNNER_SRC`]).
 pub(crate) enum Call {
-    /// A binding id and the ctx table.
-    Bound(i64, Table),
-    /// The phase function, the plugin name, the conf table and the ctx table.
-    Full(Function, mlua::String, Table, Table),
+    /// A binding id and the ctx slot.
+    Bound(i64, i64),
+    /// The phase function, the plugin name, the conf table and the ctx slot.
+    Full(Function, mlua::String, Table, i64),
 }
 
 /// Number of [`Phase`]s, for per-phase arrays.
@@ -352,6 +389,15 @@ pub struct LuaRuntime {
     retired_seen: Cell<u64>,
     memory_limit: Cell<usize>,
     ctx_mt: Table,
+    /// `CTXS`: ctx slot -> the request's `ctx` table (see [`LuaRuntime::ctx_slot`]).
+    ctxs: Table,
+    /// `CTXS`' registry reference, for emptying a slot with the C API.
+    ctxs_ref: std::ffi::c_int,
+    /// The VM's main state.
+    state: *mut mlua::ffi::lua_State,
+    /// Ctx slots of finished requests, for reuse.
+    free_slots: RefCell<Vec<i64>>,
+    next_slot: Cell<i64>,
     /// `call` of [`RUNNER_SRC`], for the sync phases.
     trampoline: Function,
     /// The body of runner threads ([`RUNNER_SRC`]).
@@ -394,10 +440,25 @@ impl LuaRuntime {
         let ctx_mt: Table = mg.get("CTX_MT")?;
         let co: Table = lua.globals().get("coroutine")?;
         let bound = lua.create_table()?;
-        let (trampoline, runner_fn): (Function, Function) = lua
-            .load(RUNNER_SRC)
-            .set_name("=moongate.call")
-            .call((tag(&DONE_TAG), co.get::<Function>("yield")?, &bound))?;
+        let ctxs = lua.create_table()?;
+        let setmetatable: Function = lua.globals().get("setmetatable")?;
+        let (trampoline, runner_fn): (Function, Function) =
+            lua.load(RUNNER_SRC).set_name("=moongate.call").call((
+                tag(&DONE_TAG),
+                co.get::<Function>("yield")?,
+                &bound,
+                &ctxs,
+                &ctx_mt,
+                setmetatable,
+            ))?;
+        let mut ctxs_ref = 0;
+        // SAFETY: runs in a protected call with `ctxs` as its only argument; `luaL_ref` pops it
+        // (the registry keeps it), leaving the stack as it found it.
+        unsafe {
+            lua.exec_raw::<()>(&ctxs, |l| {
+                ctxs_ref = mlua::ffi::luaL_ref(l, mlua::ffi::LUA_REGISTRYINDEX);
+            })?;
+        }
         Ok(LuaRuntime {
             lua,
             budget,
@@ -409,6 +470,11 @@ impl LuaRuntime {
             retired_seen: Cell::new(RETIRED.load(Ordering::Acquire)),
             memory_limit: Cell::new(limit),
             ctx_mt,
+            ctxs,
+            ctxs_ref,
+            state,
+            free_slots: RefCell::new(Vec::new()),
+            next_slot: Cell::new(1),
             trampoline,
             runner_fn,
             runners: RefCell::new(Vec::new()),
@@ -662,15 +728,56 @@ impl LuaRuntime {
         Ok(t)
     }
 
-    /// The request's `ctx` table (APISIX's `api_ctx`), made on first use.
-    pub(crate) fn ctx_table(&self, ctx: &mut Ctx) -> mlua::Result<Table> {
-        if let Some(t) = ctx.data::<LuaRequest>().and_then(|r| r.ctx_table.clone()) {
+    /// The request's slot in `CTXS`, where its `ctx` table (APISIX's `api_ctx`) lives once made:
+    /// a phase call passes the slot, and the trampoline makes the table on the request's first
+    /// call. Pure Rust: safe inside [`with_ctx`].
+    pub(crate) fn ctx_slot(&self, ctx: &mut Ctx) -> i64 {
+        let req = lua_request(ctx);
+        if req.slot.0 == 0 {
+            req.slot.0 = self.free_slots.borrow_mut().pop().unwrap_or_else(|| {
+                let s = self.next_slot.get();
+                self.next_slot.set(s + 1);
+                s
+            });
+        }
+        req.slot.0
+    }
+
+    /// The `ctx` table in `slot`, made if the request has none yet.
+    pub(crate) fn ctx_table(&self, slot: i64) -> mlua::Result<Table> {
+        if let Some(t) = self.ctxs.raw_get::<Option<Table>>(slot)? {
             return Ok(t);
         }
         let t = self.lua.create_table()?;
         t.set_metatable(Some(self.ctx_mt.clone()))?;
-        lua_request(ctx).ctx_table = Some(t.clone());
+        self.ctxs.raw_set(slot, &t)?;
         Ok(t)
+    }
+
+    /// Empties a finished request's slot (its ctx table is garbage from now on) for reuse.
+    fn release_slot(&self, slot: i64) {
+        // SAFETY: on the main state's top, outside any Lua call of this VM (a request's Lua
+        // state is dropped with its Ctx, never from Lua): pushes at most two values and pops
+        // them. Nothing here can raise a Lua error: `lua_checkstack` grows the stack in a
+        // protected call, the reads do not allocate, and `CTXS[slot] = nil` is written only
+        // when the key exists, which never allocates.
+        unsafe {
+            use mlua::ffi;
+            let l = self.state;
+            if ffi::lua_checkstack(l, 2) == 0 {
+                return;
+            }
+            ffi::lua_rawgeti(l, ffi::LUA_REGISTRYINDEX, self.ctxs_ref as _);
+            ffi::lua_rawgeti(l, -1, slot as _);
+            let present = ffi::lua_type(l, -1) != ffi::LUA_TNIL;
+            ffi::lua_pop(l, 1);
+            if present {
+                ffi::lua_pushnil(l);
+                ffi::lua_rawseti(l, -2, slot as _);
+            }
+            ffi::lua_pop(l, 1);
+        }
+        self.free_slots.borrow_mut().push(slot);
     }
 
     /// Everything a phase call needs (None when the module has no such phase function): after
@@ -691,13 +798,13 @@ impl LuaRuntime {
                 _ => 0,
             };
             if id != 0 {
-                return Ok(Some(Call::Bound(id, self.ctx_table(ctx)?)));
+                return Ok(Some(Call::Bound(id, self.ctx_slot(ctx))));
             }
         }
         let Some(f) = self.func(p, phase)? else {
             return Ok(None);
         };
-        let ctx_t = self.ctx_table(ctx)?;
+        let slot = self.ctx_slot(ctx);
         let name: &str = &p.name;
         let fr = Frame {
             ctx: ctx as *mut Ctx,
@@ -734,10 +841,10 @@ impl LuaRuntime {
                 if let Some(e) = self.confs.borrow_mut().get_mut(&lc.id) {
                     e.bound[idx] = id;
                 }
-                return Ok(Some(Call::Bound(id, ctx_t)));
+                return Ok(Some(Call::Bound(id, slot)));
             }
         }
-        Ok(Some(Call::Full(f, name_lua, conf_t, ctx_t)))
+        Ok(Some(Call::Full(f, name_lua, conf_t, slot)))
     }
 }
 
@@ -851,11 +958,11 @@ impl LuaRuntime {
             let _r = RunnerGuard::set(runner.state());
             self.budget.start();
             let r = match input {
-                Resume::Call(Call::Bound(id, ctx_t)) => {
-                    runner.resume::<(Value, Value, Value)>((id, ctx_t))
+                Resume::Call(Call::Bound(id, slot)) => {
+                    runner.resume::<(Value, Value, Value)>((id, slot))
                 }
-                Resume::Call(Call::Full(f, name, conf, ctx_t)) => {
-                    runner.resume::<(Value, Value, Value)>((f, name, conf, ctx_t))
+                Resume::Call(Call::Full(f, name, conf, slot)) => {
+                    runner.resume::<(Value, Value, Value)>((f, name, conf, slot))
                 }
                 Resume::Wake(values) => runner.resume::<(Value, Value, Value)>(values),
             };
@@ -1211,8 +1318,8 @@ fn sync_phase(
         chunk,
     };
     rt.guarded(fr, || match args {
-        Call::Bound(id, ctx_t) => rt.trampoline.call::<()>((id, ctx_t)),
-        Call::Full(f, name, conf, ctx_t) => rt.trampoline.call::<()>((f, name, conf, ctx_t)),
+        Call::Bound(id, slot) => rt.trampoline.call::<()>((id, slot)),
+        Call::Full(f, name, conf, slot) => rt.trampoline.call::<()>((f, name, conf, slot)),
     })
     .map_err(|e| plugin_error(p, phase, &e))
 }
