@@ -18,6 +18,7 @@ use mlua::{Function, Lua, MultiValue, Table, Value};
 
 use super::convert::{self, Unsupported, ARRAY_MT};
 use super::embedded;
+use super::fast;
 use super::prelude::PRELUDE;
 use super::runtime::{self, frame, lua_request, with_chunk, with_ctx, with_head, LuaRequest};
 use super::Settings;
@@ -364,7 +365,11 @@ fn install_req(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
     let req = lua.create_table()?;
     req.set(
         "get_method",
-        lua.create_function(|_, ()| with_ctx(|c| c.method.as_str().to_string()))?,
+        fast::wrap(
+            lua,
+            lua.create_function(|_, ()| with_ctx(|c| c.method.as_str().to_string()))?,
+            fast::get_method,
+        )?,
     )?;
     req.set(
         "set_method",
@@ -390,37 +395,49 @@ fn install_req(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
     )?;
     req.set(
         "set_header",
-        lua.create_function(|_, (name, value): (mlua::String, Value)| {
-            let name = header_name(&name.as_bytes())?;
-            let values = header_values(&value)?;
-            with_ctx(|c| {
-                c.headers.remove(&name);
-                for v in values {
-                    c.headers.append(name.clone(), v);
-                }
-            })
-        })?,
+        fast::wrap(
+            lua,
+            lua.create_function(|_, (name, value): (mlua::String, Value)| {
+                let name = header_name(&name.as_bytes())?;
+                let values = header_values(&value)?;
+                with_ctx(|c| {
+                    c.headers.remove(&name);
+                    for v in values {
+                        c.headers.append(name.clone(), v);
+                    }
+                })
+            })?,
+            fast::set_header,
+        )?,
     )?;
     req.set(
         "add_header",
-        lua.create_function(|_, (name, value): (mlua::String, Value)| {
-            let name = header_name(&name.as_bytes())?;
-            let values = header_values(&value)?;
-            with_ctx(|c| {
-                for v in values {
-                    c.headers.append(name.clone(), v);
-                }
-            })
-        })?,
+        fast::wrap(
+            lua,
+            lua.create_function(|_, (name, value): (mlua::String, Value)| {
+                let name = header_name(&name.as_bytes())?;
+                let values = header_values(&value)?;
+                with_ctx(|c| {
+                    for v in values {
+                        c.headers.append(name.clone(), v);
+                    }
+                })
+            })?,
+            fast::add_header,
+        )?,
     )?;
     req.set(
         "clear_header",
-        lua.create_function(|_, name: mlua::String| {
-            let name = header_name(&name.as_bytes())?;
-            with_ctx(|c| {
-                c.headers.remove(&name);
-            })
-        })?,
+        fast::wrap(
+            lua,
+            lua.create_function(|_, name: mlua::String| {
+                let name = header_name(&name.as_bytes())?;
+                with_ctx(|c| {
+                    c.headers.remove(&name);
+                })
+            })?,
+            fast::clear_header,
+        )?,
     )?;
     req.set(
         "get_uri_args",
@@ -706,14 +723,18 @@ fn install_internal(lua: &Lua, mg: &Table) -> mlua::Result<()> {
     )?;
     mg.set(
         "var_get",
-        lua.create_function(|lua, k: mlua::String| {
-            let k = k.to_str()?;
-            let v = with_ctx(|c| c.var(&k).map(Cow::into_owned))?;
-            match v {
-                Some(v) => Ok(Value::String(lua.create_string(v)?)),
-                None => Ok(Value::Nil),
-            }
-        })?,
+        fast::wrap(
+            lua,
+            lua.create_function(|lua, k: mlua::String| {
+                let k = k.to_str()?;
+                let v = with_ctx(|c| c.var(&k).map(Cow::into_owned))?;
+                match v {
+                    Some(v) => Ok(Value::String(lua.create_string(v)?)),
+                    None => Ok(Value::Nil),
+                }
+            })?,
+            fast::var_get,
+        )?,
     )?;
     mg.set(
         "var_set",

@@ -15,6 +15,7 @@
 pub mod api;
 mod convert;
 pub mod embedded;
+mod fast;
 mod prelude;
 mod re;
 pub mod runtime;

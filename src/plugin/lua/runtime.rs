@@ -1511,6 +1511,94 @@ mod tests {
     }
 
     #[test]
+    fn the_ctx_table_lasts_one_request_and_is_api_ctx() {
+        let (p, conf) = plugin(
+            "local seen = ctx.mark\n\
+             ctx.mark = ctx.var.uri\n\
+             return 200, tostring(seen) .. \",\" .. tostring(ngx.ctx.api_ctx == ctx)",
+        );
+        for _ in 0..3 {
+            let mut c = ctx();
+            assert_eq!(
+                response(access(&p, &conf, &mut c)),
+                (200, "nil,true".into())
+            );
+            // A second call of the same request sees the same table.
+            assert_eq!(response(access(&p, &conf, &mut c)), (200, "/t,true".into()));
+        }
+        // Requests alive at once get tables of their own.
+        let mut a = ctx();
+        let mut b = ctx();
+        assert_eq!(
+            response(access(&p, &conf, &mut a)),
+            (200, "nil,true".into())
+        );
+        assert_eq!(
+            response(access(&p, &conf, &mut b)),
+            (200, "nil,true".into())
+        );
+    }
+
+    #[test]
+    fn fast_request_functions_match_their_mlua_versions() {
+        let (p, conf) = plugin(
+            "local out = {}\n\
+             local function add(v) out[#out + 1] = tostring(v) end\n\
+             ngx.req.set_header(\"X-A\", \"1\")\n\
+             ngx.req.add_header(\"X-A\", \"2\")\n\
+             ngx.req.set_header(\"X-N\", 5)\n\
+             ngx.req.set_header(\"X-T\", { \"a\", \"b\" })\n\
+             ngx.req.add_header(\"X-T\", nil)\n\
+             ngx.req.set_header(\"X-Gone\", \"x\")\n\
+             ngx.req.set_header(\"X-Gone\", nil)\n\
+             ngx.req.set_header(\"X-Gone2\", \"x\")\n\
+             ngx.req.clear_header(\"x-gone2\")\n\
+             local h = ngx.req.get_headers()\n\
+             add(h[\"x-a\"][1]) add(h[\"x-a\"][2]) add(h[\"x-n\"]) add(h[\"x-t\"][2])\n\
+             add(h[\"x-gone\"]) add(h[\"x-gone2\"])\n\
+             add(ngx.req.get_method()) add(ctx.var.uri) add(ngx.var.http_x_a) add(ngx.var.nope)\n\
+             local ok, e = pcall(ngx.req.set_header, \"bad name\", \"v\")\n\
+             add(ok) add(tostring(e):find(\"invalid header name \\\"bad name\\\"\", 1, true) ~= nil)\n\
+             ok, e = pcall(ngx.req.set_header, \"X-B\", \"a\\nb\")\n\
+             add(ok) add(tostring(e):find(\"contains control characters\", 1, true) ~= nil)\n\
+             ok, e = pcall(ngx.req.set_header, {}, \"v\")\n\
+             add(ok)\n\
+             ok, e = pcall(__moongate.var_get, {})\n\
+             add(ok)\n\
+             return 200, table.concat(out, \",\")",
+        );
+        let mut c = ctx();
+        assert_eq!(
+            response(access(&p, &conf, &mut c)),
+            (
+                200,
+                "1,2,5,b,nil,nil,GET,/t,1, 2,nil,false,true,false,true,false,false".into()
+            )
+        );
+        assert_eq!(c.headers.get_all("x-a").iter().count(), 2);
+        assert!(c.headers.get("x-gone").is_none());
+    }
+
+    #[test]
+    fn fast_request_functions_outside_a_request_raise_the_mlua_error() {
+        let (p, _) = plugin("");
+        let rt = runtime(&p.settings).expect("runtime");
+        for f in [
+            "ngx.req.set_header('X-A', '1')",
+            "ngx.req.get_method()",
+            "__moongate.var_get('uri')",
+        ] {
+            let e = rt
+                .with_budget(|lua| lua.load(f).exec())
+                .expect_err("no request");
+            assert!(
+                e.to_string().contains("no request is being served"),
+                "{f}: {e}"
+            );
+        }
+    }
+
+    #[test]
     fn a_bare_yield_in_a_phase_fails_the_call() {
         let (p, conf) = plugin("coroutine.yield(1)");
         let mut c = ctx();
