@@ -958,9 +958,7 @@ impl LuaRuntime {
             let _r = RunnerGuard::set(runner.state());
             self.budget.start();
             let r = match input {
-                Resume::Call(Call::Bound(id, slot)) => {
-                    runner.resume::<(Value, Value, Value)>((id, slot))
-                }
+                Resume::Call(Call::Bound(id, slot)) => self.resume_bound(runner, id, slot),
                 Resume::Call(Call::Full(f, name, conf, slot)) => {
                     runner.resume::<(Value, Value, Value)>((f, name, conf, slot))
                 }
@@ -990,6 +988,137 @@ impl LuaRuntime {
                 "attempt to yield from outside a coroutine",
             )),
         }
+    }
+}
+
+impl LuaRuntime {
+    /// `runner.resume((id, slot))` through the C API: what a request phase call costs most of the
+    /// time is mlua's handling of arguments and results (references made and dropped for two
+    /// integers and three results that are a tag and two nils). The common outcome (the phase
+    /// function returned nothing) costs no mlua call; any other outcome is converted by mlua, and
+    /// an error becomes the same `mlua::Error` that `Thread::resume` makes (a Rust callback's
+    /// error as raised, otherwise the message with the runner's traceback).
+    fn resume_bound(
+        &self,
+        runner: &Thread,
+        id: i64,
+        slot: i64,
+    ) -> mlua::Result<(Value, Value, Value)> {
+        use mlua::ffi;
+        let t = runner.state();
+        // SAFETY: `t` is a runner parked at its yield with an empty stack (mlua leaves a thread's
+        // stack empty after each resume, and so does this function on every path); otherwise
+        // mlua's resume handles it. Nothing here raises a Lua error outside a protected call:
+        // `lua_checkstack` grows the stack in a protected call, pushing integers and reading
+        // values does not allocate, `lua_resume` returns its error, and the conversions run in
+        // `exec_raw`'s protected call.
+        unsafe {
+            if ffi::lua_status(t) != ffi::LUA_YIELD
+                || ffi::lua_gettop(t) != 0
+                || ffi::lua_checkstack(t, 2) == 0
+            {
+                return runner.resume((id, slot));
+            }
+            ffi::lua_pushinteger(t, id as _);
+            ffi::lua_pushinteger(t, slot as _);
+            let mut nres: std::ffi::c_int = 0;
+            let ret = ffi::lua_resume(t, self.state, 2, &mut nres);
+            if ret != ffi::LUA_OK && ret != ffi::LUA_YIELD {
+                return Err(self.thread_error(t, ret));
+            }
+            let done = tag(&DONE_TAG).0;
+            if ret == ffi::LUA_YIELD
+                && nres == 3
+                && ffi::lua_type(t, -3) == ffi::LUA_TLIGHTUSERDATA
+                && ffi::lua_touserdata(t, -3) == done
+                && ffi::lua_type(t, -2) == ffi::LUA_TNIL
+                && ffi::lua_type(t, -1) == ffi::LUA_TNIL
+            {
+                ffi::lua_settop(t, 0);
+                return Ok((Value::LightUserData(tag(&DONE_TAG)), Value::Nil, Value::Nil));
+            }
+            // The first three results (as many as the caller looks at), converted by mlua.
+            let k = nres.clamp(0, 3);
+            ffi::lua_settop(t, k);
+            let r = self
+                .lua
+                .exec_raw::<(Value, Value, Value)>((), |l| ffi::lua_xmove(t, l, k));
+            ffi::lua_settop(t, 0);
+            r
+        }
+    }
+
+    /// The error a runner died with, as mlua's `Thread::resume` reports it; empties the
+    /// runner's stack.
+    ///
+    /// # Safety
+    /// `t` is a runner whose `lua_resume` just returned the error code `ret`, its error value on
+    /// top of its stack.
+    unsafe fn thread_error(
+        &self,
+        t: *mut mlua::ffi::lua_State,
+        ret: std::ffi::c_int,
+    ) -> mlua::Error {
+        use mlua::ffi;
+        let e = self.thread_error_value(t, ret);
+        ffi::lua_settop(t, 0);
+        e
+    }
+
+    unsafe fn thread_error_value(
+        &self,
+        t: *mut mlua::ffi::lua_State,
+        ret: std::ffi::c_int,
+    ) -> mlua::Error {
+        use mlua::ffi;
+        let mem = ret == ffi::LUA_ERRMEM;
+        // A memory error is reported as its message alone; any other value that is not a Rust
+        // callback's error (those are userdata) gets the runner's traceback.
+        let traced = !mem && ffi::lua_type(t, -1) != ffi::LUA_TUSERDATA;
+        // The closures run in exec_raw's protected call: they move the error value over and
+        // push its text and the traceback.
+        let first = self.lua.exec_raw::<(Value, Value)>((), |l| {
+            ffi::lua_xmove(t, l, 1);
+            if traced {
+                with_traceback(l, t);
+            }
+        });
+        let text = match first {
+            Err(e) => return e,
+            Ok((Value::Error(e), _)) => return *e,
+            Ok((_, Value::String(s))) | Ok((Value::String(s), Value::Nil)) => s.to_string_lossy(),
+            // A userdata that is not a Rust error: its `__tostring` and the traceback, as mlua.
+            Ok((Value::UserData(ud), _)) if !mem => {
+                match self
+                    .lua
+                    .exec_raw::<(Value, Value)>(ud, |l| with_traceback(l, t))
+                {
+                    Ok((_, Value::String(s))) => s.to_string_lossy(),
+                    Ok((_, v)) => v.to_string().unwrap_or_default(),
+                    Err(e) => return e,
+                }
+            }
+            Ok((v, _)) => v.to_string().unwrap_or_default(),
+        };
+        if mem {
+            mlua::Error::MemoryError(text)
+        } else {
+            mlua::Error::RuntimeError(text)
+        }
+    }
+}
+
+/// Pushes `tostring` of the value on top of `l` followed by `t`'s traceback, then removes the
+/// `tostring` (as mlua's handler for a dead thread's error does).
+///
+/// # Safety
+/// In a protected call on `l`, a value on top.
+unsafe fn with_traceback(l: *mut mlua::ffi::lua_State, t: *mut mlua::ffi::lua_State) {
+    use mlua::ffi;
+    let s = ffi::luaL_tolstring(l, -1, std::ptr::null_mut());
+    if ffi::lua_checkstack(l, ffi::LUA_TRACEBACK_STACK) != 0 {
+        ffi::luaL_traceback(l, t, s, 0);
+        ffi::lua_remove(l, -2);
     }
 }
 
@@ -1596,6 +1725,27 @@ mod tests {
                 "{f}: {e}"
             );
         }
+    }
+
+    #[test]
+    fn a_rust_error_and_a_thrown_table_fail_the_call_with_their_text() {
+        let (p, conf) = plugin("ngx.req.set_header(\"bad name\", \"v\")");
+        let mut c = ctx();
+        let Err(e) = access(&p, &conf, &mut c) else {
+            panic!("the call should fail")
+        };
+        assert!(
+            e.message.contains("invalid header name \"bad name\""),
+            "{}",
+            e.message
+        );
+        let (p, conf) =
+            plugin("error(setmetatable({}, { __tostring = function() return \"tbl\" end }))");
+        let Err(e) = access(&p, &conf, &mut c) else {
+            panic!("the call should fail")
+        };
+        assert!(e.message.starts_with("tbl"), "{}", e.message);
+        assert!(e.message.contains("stack traceback"), "{}", e.message);
     }
 
     #[test]
