@@ -388,10 +388,14 @@ fn install_req(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
     )?;
     req.set(
         "get_headers",
-        lua.create_function(|lua, (max, raw): (Option<i64>, Option<bool>)| {
-            let flat = with_ctx(|c| FlatHeaders::of(&c.headers))?;
-            headers_table(lua, &flat, max.unwrap_or(100), raw.unwrap_or(false))
-        })?,
+        fast::wrap(
+            lua,
+            lua.create_function(|lua, (max, raw): (Option<i64>, Option<bool>)| {
+                let flat = with_ctx(|c| FlatHeaders::of(&c.headers))?;
+                headers_table(lua, &flat, max.unwrap_or(100), raw.unwrap_or(false))
+            })?,
+            fast::get_headers,
+        )?,
     )?;
     req.set(
         "set_header",
@@ -1072,7 +1076,7 @@ fn header_strings(h: &HeaderMap, name: &str) -> Vec<String> {
 /// copy costs two allocations whatever the number of headers, and the table is built without
 /// borrowing the request (building it allocates, which may run Lua finalizers).
 #[derive(Default)]
-struct FlatHeaders {
+pub(super) struct FlatHeaders {
     buf: Vec<u8>,
     /// Per header line: where its name and value end in `buf` (each starts where the previous
     /// piece ended), and whether it repeats the previous line's name.
@@ -1080,7 +1084,17 @@ struct FlatHeaders {
 }
 
 impl FlatHeaders {
-    fn of(h: &HeaderMap) -> FlatHeaders {
+    /// How many lines `get_headers(max)` returns, and its second result.
+    pub(super) fn take(&self, max: i64) -> (usize, Option<&'static str>) {
+        let take = if max > 0 {
+            self.lines.len().min(max as usize)
+        } else {
+            self.lines.len()
+        };
+        (take, (take < self.lines.len()).then_some("truncated"))
+    }
+
+    pub(super) fn of(h: &HeaderMap) -> FlatHeaders {
         let size = h.iter().map(|(k, v)| k.as_str().len() + v.len()).sum();
         let mut flat = FlatHeaders {
             buf: Vec::with_capacity(size),
@@ -1113,53 +1127,58 @@ fn headers_table(
     max: i64,
     raw: bool,
 ) -> mlua::Result<(Table, Option<&'static str>)> {
-    let take = if max > 0 {
-        flat.lines.len().min(max as usize)
-    } else {
-        flat.lines.len()
-    };
-    let truncated = (take < flat.lines.len()).then_some("truncated");
+    let (take, truncated) = flat.take(max);
+    // SAFETY: runs inside mlua's protected call on an empty stack (LUA_MINSTACK free slots, of
+    // which `push_headers` uses four) and leaves exactly the result table on it.
+    let t: Table = unsafe { lua.exec_raw((), |l| push_headers(l, flat, take, raw))? };
+    Ok((t, truncated))
+}
+
+/// Pushes `get_headers`' table for the first `take` lines of `flat`.
+///
+/// # Safety
+/// Four free stack slots on `l`, in a protected call or a C function called from Lua (this
+/// raises on out of memory); nothing that needs dropping may be live in the caller's frames if
+/// it does.
+pub(super) unsafe fn push_headers(
+    l: *mut mlua::ffi::lua_State,
+    flat: &FlatHeaders,
+    take: usize,
+    raw: bool,
+) {
+    use mlua::ffi;
     let lines = &flat.lines[..take];
     let buf = &flat.buf;
-    // SAFETY: runs inside mlua's protected call on an empty stack; it only pushes strings and
-    // tables, leaves exactly the result table on the stack, and owns nothing that needs dropping
-    // if a Lua error (out of memory) unwinds through it.
-    let t: Table = unsafe {
-        lua.exec_raw((), |l| {
-            use mlua::ffi;
-            let groups = lines.iter().filter(|x| !x.2).count();
-            ffi::lua_createtable(l, 0, groups as _);
-            let mut start = 0;
-            let mut i = 0;
-            while i < lines.len() {
-                let (name_end, _, _) = lines[i];
-                let name = &buf[start..name_end];
-                let mut n = 1;
-                while i + n < lines.len() && lines[i + n].2 {
-                    n += 1;
-                }
-                ffi::lua_pushlstring(l, name.as_ptr().cast(), name.len());
-                if n > 1 {
-                    ffi::lua_createtable(l, n as _, 0);
-                }
-                for (j, &(name_end, value_end, _)) in lines[i..i + n].iter().enumerate() {
-                    let value = &buf[name_end..value_end];
-                    ffi::lua_pushlstring(l, value.as_ptr().cast(), value.len());
-                    if n > 1 {
-                        ffi::lua_rawseti(l, -2, (j + 1) as _);
-                    }
-                    start = value_end;
-                }
-                ffi::lua_rawset(l, -3);
-                i += n;
+    let groups = lines.iter().filter(|x| !x.2).count();
+    ffi::lua_createtable(l, 0, groups as _);
+    let mut start = 0;
+    let mut i = 0;
+    while i < lines.len() {
+        let (name_end, _, _) = lines[i];
+        let name = &buf[start..name_end];
+        let mut n = 1;
+        while i + n < lines.len() && lines[i + n].2 {
+            n += 1;
+        }
+        ffi::lua_pushlstring(l, name.as_ptr().cast(), name.len());
+        if n > 1 {
+            ffi::lua_createtable(l, n as _, 0);
+        }
+        for (j, &(name_end, value_end, _)) in lines[i..i + n].iter().enumerate() {
+            let value = &buf[name_end..value_end];
+            ffi::lua_pushlstring(l, value.as_ptr().cast(), value.len());
+            if n > 1 {
+                ffi::lua_rawseti(l, -2, (j + 1) as _);
             }
-            if !raw {
-                ffi::lua_getfield(l, ffi::LUA_REGISTRYINDEX, HEADERS_MT_C.as_ptr());
-                ffi::lua_setmetatable(l, -2);
-            }
-        })?
-    };
-    Ok((t, truncated))
+            start = value_end;
+        }
+        ffi::lua_rawset(l, -3);
+        i += n;
+    }
+    if !raw {
+        ffi::lua_getfield(l, ffi::LUA_REGISTRYINDEX, HEADERS_MT_C.as_ptr());
+        ffi::lua_setmetatable(l, -2);
+    }
 }
 
 fn header_name(b: &[u8]) -> mlua::Result<HeaderName> {

@@ -1,5 +1,6 @@
 //! C-API fast paths for the request functions plugins call on every request
-//! (`ngx.req.set_header`, `ngx.req.get_method`, `ngx.var`/`ctx.var` reads, ...).
+//! (`ngx.req.set_header`, `ngx.req.get_method`, `ngx.req.get_headers`, `ngx.var`/`ctx.var`
+//! reads, ...).
 //!
 //! A Rust function made with `Lua::create_function` costs about a thousand instructions per
 //! call before it does anything: mlua checks and converts every argument into a reference of
@@ -26,6 +27,7 @@ use http::header::{HeaderName, HeaderValue};
 use mlua::ffi::{self, lua_State};
 use mlua::{Function, Lua};
 
+use super::api::{push_headers, FlatHeaders};
 use super::runtime::with_ctx;
 
 thread_local! {
@@ -192,4 +194,44 @@ pub(crate) unsafe extern "C-unwind" fn var_get(l: *mut lua_State) -> c_int {
             None => false,
         })
     })
+}
+
+/// `ngx.req.get_headers(max, raw)` with an integer (or no) `max` and a boolean (or no) `raw`:
+/// the table is built on the caller's stack, without mlua's protected call.
+pub(crate) unsafe extern "C-unwind" fn get_headers(l: *mut lua_State) -> c_int {
+    let max = match ffi::lua_type(l, 1) {
+        ffi::LUA_TNIL | ffi::LUA_TNONE => 100,
+        ffi::LUA_TNUMBER => {
+            let n = ffi::lua_tonumber(l, 1);
+            if n.fract() != 0.0 || n.abs() > 9_007_199_254_740_992.0 {
+                return slow(l);
+            }
+            n as i64
+        }
+        _ => return slow(l),
+    };
+    let raw = match ffi::lua_type(l, 2) {
+        ffi::LUA_TNIL | ffi::LUA_TNONE => false,
+        ffi::LUA_TBOOLEAN => ffi::lua_toboolean(l, 2) != 0,
+        _ => return slow(l),
+    };
+    if ffi::lua_checkstack(l, 5) == 0 {
+        return slow(l);
+    }
+    // ManuallyDrop: nothing to drop if building the table raises (the copy then leaks, once).
+    let mut flat = ManuallyDrop::new(FlatHeaders::default());
+    if !caught(|| with_ctx(|c| *flat = FlatHeaders::of(&c.headers)).is_ok()) {
+        ManuallyDrop::drop(&mut flat);
+        return slow(l);
+    }
+    let (take, truncated) = flat.take(max);
+    push_headers(l, &flat, take, raw);
+    match truncated {
+        Some(t) => {
+            ffi::lua_pushlstring(l, t.as_ptr().cast(), t.len());
+        }
+        None => ffi::lua_pushnil(l),
+    }
+    ManuallyDrop::drop(&mut flat);
+    2
 }

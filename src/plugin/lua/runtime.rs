@@ -1686,6 +1686,9 @@ mod tests {
              add(h[\"x-a\"][1]) add(h[\"x-a\"][2]) add(h[\"x-n\"]) add(h[\"x-t\"][2])\n\
              add(h[\"x-gone\"]) add(h[\"x-gone2\"])\n\
              add(ngx.req.get_method()) add(ctx.var.uri) add(ngx.var.http_x_a) add(ngx.var.nope)\n\
+             add(select(\"#\", ngx.req.get_headers())) add(h.X_A ~= nil)\n\
+             add(getmetatable(ngx.req.get_headers(0, true)) == nil)\n\
+             add(select(2, ngx.req.get_headers(1))) add(ngx.req.get_headers(1.0, false)[\"x-a\"] ~= nil)\n\
              local ok, e = pcall(ngx.req.set_header, \"bad name\", \"v\")\n\
              add(ok) add(tostring(e):find(\"invalid header name \\\"bad name\\\"\", 1, true) ~= nil)\n\
              ok, e = pcall(ngx.req.set_header, \"X-B\", \"a\\nb\")\n\
@@ -1701,7 +1704,7 @@ mod tests {
             response(access(&p, &conf, &mut c)),
             (
                 200,
-                "1,2,5,b,nil,nil,GET,/t,1, 2,nil,false,true,false,true,false,false".into()
+                "1,2,5,b,nil,nil,GET,/t,1, 2,nil,2,true,true,truncated,true,false,true,false,true,false,false".into()
             )
         );
         assert_eq!(c.headers.get_all("x-a").iter().count(), 2);
