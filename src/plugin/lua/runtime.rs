@@ -119,11 +119,12 @@ const MAX_IDLE_RUNNERS: usize = 64;
 /// again. The call's arguments live in `call`'s frame only, so a parked runner keeps no
 /// request's tables alive (only the last call's two results).
 const RUNNER_SRC: &str = r#"
-local DONE, yield, BOUND, CTXS, CTX_MT, setmetatable = ...
+local DONE, yield, BOUND, CTXS, CTX_MT, setmetatable, new_tab = ...
 local function ctx_of(slot)
     local ctx = CTXS[slot]
     if ctx == nil then
-        ctx = setmetatable({}, CTX_MT)
+        -- Room for _plugin_name, var and a few more fields without growing.
+        ctx = setmetatable(new_tab(0, 8), CTX_MT)
         CTXS[slot] = ctx
     end
     return ctx
@@ -442,6 +443,11 @@ impl LuaRuntime {
         let bound = lua.create_table()?;
         let ctxs = lua.create_table()?;
         let setmetatable: Function = lua.globals().get("setmetatable")?;
+        // LuaJIT's table.new (a table with its parts pre-sized).
+        let new_tab: Function = lua
+            .load("return require('table.new')")
+            .set_name("=moongate.table_new")
+            .eval()?;
         let (trampoline, runner_fn): (Function, Function) =
             lua.load(RUNNER_SRC).set_name("=moongate.call").call((
                 tag(&DONE_TAG),
@@ -450,6 +456,7 @@ impl LuaRuntime {
                 &ctxs,
                 &ctx_mt,
                 setmetatable,
+                new_tab,
             ))?;
         let mut ctxs_ref = 0;
         // SAFETY: runs in a protected call with `ctxs` as its only argument; `luaL_ref` pops it
