@@ -73,13 +73,32 @@ pub struct ConnValues {
     pub client_ip: HeaderValue,
     /// The port the client connected to (`X-Forwarded-Port`).
     pub local_port: HeaderValue,
+    /// The scheme the client spoke (`X-Forwarded-Proto`).
+    pub scheme: &'static str,
+    /// The forwarding lines that are the same for every request on the connection, ready to
+    /// write: `x-forwarded-for` (for a client that sent no list), `x-real-ip`,
+    /// `x-forwarded-proto`, `x-forwarded-port`.
+    lines: Bytes,
+    /// Length of the `x-forwarded-for` line at the front of `lines`.
+    xff_line: usize,
 }
 
 impl ConnValues {
-    pub fn new(remote: IpAddr, local_port: u16) -> Self {
+    pub fn new(remote: IpAddr, local_port: u16, scheme: &'static str) -> Self {
+        let client_ip = ip_value(remote);
+        let local_port = HeaderValue::from(local_port);
+        let mut lines = BytesMut::new();
+        put_header(&mut lines, b"x-forwarded-for", client_ip.as_bytes());
+        let xff_line = lines.len();
+        put_header(&mut lines, b"x-real-ip", client_ip.as_bytes());
+        put_header(&mut lines, b"x-forwarded-proto", scheme.as_bytes());
+        put_header(&mut lines, b"x-forwarded-port", local_port.as_bytes());
         ConnValues {
-            client_ip: ip_value(remote),
-            local_port: HeaderValue::from(local_port),
+            client_ip,
+            local_port,
+            scheme,
+            lines: lines.freeze(),
+            xff_line,
         }
     }
 }
@@ -168,14 +187,18 @@ impl<'a> Forwarding<'a> {
 
 impl HeadEdit for Forwarding<'_> {
     fn extra_len(&self) -> usize {
-        let xff: usize = self
-            .headers
-            .get_all(&X_FORWARDED_FOR)
-            .iter()
-            .map(|v| v.len() + 2)
-            .sum();
-        200 + xff
-            + 2 * self.conn.client_ip.len()
+        let xff: usize = if self.xff {
+            self.headers
+                .get_all(&X_FORWARDED_FOR)
+                .iter()
+                .map(|v| v.len() + 2)
+                .sum()
+        } else {
+            0
+        };
+        64 + xff
+            + self.conn.lines.len()
+            + self.proto.len()
             + self.host.as_ref().map_or(0, |h| h.len())
             + self.client_host.map_or(0, |h| h.len())
     }
@@ -208,26 +231,38 @@ impl HeadEdit for Forwarding<'_> {
     }
 
     fn write_last(&self, dst: &mut BytesMut) {
-        let ip = self.conn.client_ip.as_bytes();
-        dst.put_slice(b"x-forwarded-for: ");
+        let conn = self.conn;
+        let ip = conn.client_ip.as_bytes();
+        // The connection's lines serve as they are unless the client sent a list or the
+        // scheme is not the connection's.
+        let mut fixed = &conn.lines[..];
         if self.xff {
+            dst.put_slice(b"x-forwarded-for: ");
             for v in self.headers.get_all(&X_FORWARDED_FOR) {
                 if !v.is_empty() {
                     dst.put_slice(v.as_bytes());
                     dst.put_slice(b", ");
                 }
             }
+            dst.put_slice(ip);
+            dst.put_slice(b"\r\n");
+            fixed = &fixed[conn.xff_line..];
         }
-        dst.put_slice(ip);
-        dst.put_slice(b"\r\n");
-        put_header(dst, b"x-real-ip", ip);
-        if !self.proto.is_empty() {
-            put_header(dst, b"x-forwarded-proto", self.proto.as_bytes());
+        if self.proto == conn.scheme {
+            dst.put_slice(fixed);
+        } else {
+            if !self.xff {
+                put_header(dst, b"x-forwarded-for", ip);
+            }
+            put_header(dst, b"x-real-ip", ip);
+            if !self.proto.is_empty() {
+                put_header(dst, b"x-forwarded-proto", self.proto.as_bytes());
+            }
+            put_header(dst, b"x-forwarded-port", conn.local_port.as_bytes());
         }
         if let Some(h) = self.client_host {
             put_header(dst, b"x-forwarded-host", h.as_bytes());
         }
-        put_header(dst, b"x-forwarded-port", self.conn.local_port.as_bytes());
     }
 }
 
@@ -252,12 +287,17 @@ mod tests {
 
     /// The head lines a [`Forwarding`] makes of `h`.
     fn forwarded(h: &HeaderMap, host: Option<&str>) -> String {
-        let conn = ConnValues::new([127, 0, 0, 1].into(), 9080);
+        forwarded_as(h, host, "http")
+    }
+
+    /// The same for a request whose scheme is `scheme` on an `http` connection.
+    fn forwarded_as(h: &HeaderMap, host: Option<&str>, scheme: &'static str) -> String {
+        let conn = ConnValues::new([127, 0, 0, 1].into(), 9080, "http");
         let client_host = h.get(header::HOST);
         let f = Forwarding::new(
             h,
             &conn,
-            "http",
+            scheme,
             host.map(|v| HeaderValue::from_str(v).unwrap()),
             client_host,
         );
@@ -285,8 +325,23 @@ mod tests {
             forwarded(&h, Some("up.test")),
             "host: up.test\r\nx-kept: 1\r\n\
              x-forwarded-for: 1.1.1.1, 2.2.2.2, 127.0.0.1\r\nx-real-ip: 127.0.0.1\r\n\
-             x-forwarded-proto: http\r\nx-forwarded-host: client.test\r\n\
-             x-forwarded-port: 9080\r\n"
+             x-forwarded-proto: http\r\nx-forwarded-port: 9080\r\n\
+             x-forwarded-host: client.test\r\n"
+        );
+        // Another scheme than the connection's: the lines are made for the request.
+        assert_eq!(
+            forwarded_as(&h, Some("up.test"), "https"),
+            "host: up.test\r\nx-kept: 1\r\n\
+             x-forwarded-for: 1.1.1.1, 2.2.2.2, 127.0.0.1\r\nx-real-ip: 127.0.0.1\r\n\
+             x-forwarded-proto: https\r\nx-forwarded-port: 9080\r\n\
+             x-forwarded-host: client.test\r\n"
+        );
+        h.remove("x-forwarded-for");
+        assert_eq!(
+            forwarded_as(&h, None, "https"),
+            "x-kept: 1\r\nx-forwarded-for: 127.0.0.1\r\nx-real-ip: 127.0.0.1\r\n\
+             x-forwarded-proto: https\r\nx-forwarded-port: 9080\r\n\
+             x-forwarded-host: client.test\r\n"
         );
     }
 

@@ -225,7 +225,7 @@ async fn serve_connection(
     let h_env = env.clone();
     // The client address and port as the forwarding headers carry them: formatted once per
     // connection.
-    let conn_values = Rc::new(headers::ConnValues::new(remote.ip(), local.port()));
+    let conn_values = Rc::new(headers::ConnValues::new(remote.ip(), local.port(), "http"));
     server::serve(stream, &cfg, shutdown, move |req| {
         handle(h_env.clone(), req, remote, local, conn_values.clone())
     })
