@@ -744,3 +744,45 @@ core.ctx.register_var(\"probe_count\", function(ctx) n = n + 1; return n end, {{
     );
     assert!(!logs.contains("delay_exec ran at debug"), "{logs}");
 }
+
+/// A response header set in access (before the response exists) replaces the upstream's of the
+/// same name on the proxied response; the upstream's other headers pass as they are.
+#[test]
+fn response_header_set_in_access_replaces_the_upstreams() {
+    let up = Upstream::start(|_req| async move {
+        hyper::Response::builder()
+            .header("x-up", "upstream")
+            .header("x-other", "1")
+            .header("set-cookie", "a=1")
+            .header("set-cookie", "b=2")
+            .body(full("proxied"))
+            .expect("response")
+    });
+    let src = r#"local core = require("apisix.core")
+local _M = { version = 0.1, priority = 7, name = "stage-header", schema = { type = "object" } }
+function _M.access(conf, ctx)
+    core.response.set_header("X-Up", "lua")
+    core.response.add_header("X-Added", "a1")
+    core.response.add_header("X-Added", "a2")
+end
+return _M
+"#;
+    let routes = format!(
+        "  - id: s\n    uri: /s\n    plugins:\n      stage-header: {{}}\n{}",
+        upstream_yaml(&up)
+    );
+    let (_tmp, gw) = probe_gateway(&[("stage-header", src)], &routes);
+    let r = get(&gw.url("/s"));
+    assert_eq!((r.status, r.text().as_str()), (200, "proxied"));
+    let all = |n: &str| -> Vec<String> {
+        r.headers
+            .get_all(n)
+            .iter()
+            .map(|v| v.to_str().unwrap_or("").to_string())
+            .collect()
+    };
+    assert_eq!(all("x-up"), ["lua"], "{:?}", r.headers);
+    assert_eq!(all("x-added"), ["a1", "a2"]);
+    assert_eq!(all("x-other"), ["1"]);
+    assert_eq!(all("set-cookie"), ["a=1", "b=2"]);
+}

@@ -28,6 +28,10 @@ pub struct Ctx {
     pub version: Version,
     /// Request headers; changes made by plugins are forwarded upstream.
     pub headers: HeaderMap,
+    /// Response headers set before the response exists (a Lua plugin's `ngx.header` writes in
+    /// rewrite/access/before_proxy): a local response made by a plugin starts from them, and
+    /// the proxy applies them to the upstream's response before header_filter, as nginx does.
+    pub staged_headers: HeaderMap,
     pub body: RequestBody,
     pub remote_addr: SocketAddr,
     pub local_addr: SocketAddr,
@@ -107,6 +111,7 @@ impl Ctx {
             request_uri,
             version,
             headers,
+            staged_headers: HeaderMap::new(),
             body,
             remote_addr,
             local_addr,

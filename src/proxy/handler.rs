@@ -329,11 +329,12 @@ async fn proxy(
         host_value,
         client_host,
     );
-    // Nothing looks at the response headers (no header_filter, body_filter or log plugin):
-    // the upstream's lines pass through unparsed.
-    let keep_raw = !chains
-        .iter()
-        .any(|c| c.has(Phase::HeaderFilter) || c.has(Phase::BodyFilter) || c.has(Phase::Log));
+    // Nothing looks at or changes the response headers (no header_filter, body_filter or log
+    // plugin, no header set by an earlier phase): the upstream's lines pass through unparsed.
+    let keep_raw = ctx.staged_headers.is_empty()
+        && !chains
+            .iter()
+            .any(|c| c.has(Phase::HeaderFilter) || c.has(Phase::BodyFilter) || c.has(Phase::Log));
     let head = RequestHead {
         method: &ctx.method,
         target,
@@ -410,6 +411,7 @@ fn respond(
             route_chain(merged.as_deref(), route.as_deref(), &empty),
         ];
         ctx.status = head.status.as_u16();
+        apply_staged(&mut ctx.staged_headers, &mut head.headers);
         if let Err(e) = chain::run_header_filter(&chains, &mut ctx, &mut head) {
             tracing::error!(plugin = %e.plugin, phase = e.phase, "{}", e.message);
             head = ResponseHead {
@@ -443,6 +445,28 @@ fn respond(
     *res.status_mut() = head.status;
     *res.headers_mut() = head.headers;
     res
+}
+
+/// Response headers a plugin set before the response existed replace the response's own of
+/// the same name (each name with all the values set for it).
+fn apply_staged(staged: &mut HeaderMap, headers: &mut HeaderMap) {
+    if staged.is_empty() {
+        return;
+    }
+    let mut last = None;
+    for (k, v) in std::mem::take(staged) {
+        match k {
+            Some(k) => {
+                headers.insert(k.clone(), v);
+                last = Some(k);
+            }
+            None => {
+                if let Some(k) = &last {
+                    headers.append(k.clone(), v);
+                }
+            }
+        }
+    }
 }
 
 /// The plugins in effect after rewrite: the consumer-merged set, else the route's.

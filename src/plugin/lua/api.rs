@@ -627,11 +627,7 @@ fn response_headers() -> mlua::Result<FlatHeaders> {
     if let Some(flat) = with_head(|h| FlatHeaders::of(&h.headers)) {
         return Ok(flat);
     }
-    with_ctx(|c| {
-        c.data::<LuaRequest>()
-            .map(|r| FlatHeaders::of(&r.staged))
-            .unwrap_or_default()
-    })
+    with_ctx(|c| FlatHeaders::of(&c.staged_headers))
 }
 
 fn set_response_header(name: HeaderName, values: Vec<HeaderValue>, add: bool) -> mlua::Result<()> {
@@ -656,7 +652,7 @@ fn set_response_header(name: HeaderName, values: Vec<HeaderValue>, add: bool) ->
         );
         return Ok(());
     }
-    with_ctx(|c| apply(&mut lua_request(c).staged))
+    with_ctx(|c| apply(&mut c.staged_headers))
 }
 
 fn install_internal(lua: &Lua, mg: &Table) -> mlua::Result<()> {
@@ -818,11 +814,7 @@ fn install_internal(lua: &Lua, mg: &Table) -> mlua::Result<()> {
                     if frame().ctx.is_null() {
                         return Ok(Value::Nil);
                     }
-                    with_ctx(|c| {
-                        c.data::<LuaRequest>()
-                            .map(|r| header_strings(&r.staged, &name))
-                            .unwrap_or_default()
-                    })?
+                    with_ctx(|c| header_strings(&c.staged_headers, &name))?
                 }
             };
             match values.len() {

@@ -399,7 +399,7 @@ impl Plugin for LuaPlugin {
     }
 
     fn phases(&self) -> PhaseSet {
-        self.lua_phases.with(Phase::HeaderFilter)
+        self.lua_phases
     }
 
     fn start_phase<'a>(

@@ -25,7 +25,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, StatusCode};
+use http::{HeaderValue, StatusCode};
 use mlua::{Function, LightUserData, Lua, LuaOptions, MultiValue, StdLib, Table, Thread, Value};
 
 use super::convert::{self, Unsupported};
@@ -301,8 +301,6 @@ pub(crate) struct LuaRequest {
     /// Where the `ctx` table lives in the runtime's `CTXS` (0: none yet).
     slot: CtxSlot,
     pub ngx_ctx: Option<Table>,
-    /// `ngx.header` writes made before the response exists (rewrite/access/before_proxy).
-    pub staged: HeaderMap,
     /// `ngx.status` set before the response exists.
     pub status: Option<u16>,
     /// `ngx.say`/`ngx.print` output.
@@ -1306,7 +1304,7 @@ fn exit_flow(ctx: &mut Ctx, status: i64) -> Flow {
     let code = StatusCode::from_u16(u16::try_from(status).unwrap_or(500))
         .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let body = std::mem::take(&mut req.output);
-    let headers = std::mem::take(&mut req.staged);
+    let headers = std::mem::take(&mut ctx.staged_headers);
     Flow::Respond(LocalResponse {
         status: code,
         headers,
@@ -1327,8 +1325,8 @@ fn local_response(
 ) -> Result<LocalResponse, String> {
     let status = StatusCode::from_u16(u16::try_from(code).unwrap_or(0))
         .map_err(|_| format!("invalid status code {code} returned"))?;
+    let mut headers = std::mem::take(&mut ctx.staged_headers);
     let req = lua_request(ctx);
-    let mut headers = std::mem::take(&mut req.staged);
     let mut out = std::mem::take(&mut req.output);
     match body {
         Value::Nil => {}
@@ -1360,32 +1358,14 @@ fn local_response(
     })
 }
 
-/// header_filter: first the headers the request phases staged, then the module's function.
+/// header_filter: the module's function (the headers the request phases staged were applied by
+/// the proxy before).
 pub(crate) fn header_filter(
     p: &LuaPlugin,
     conf: &PluginConf,
     ctx: &mut Ctx,
     head: &mut ResponseHead,
 ) -> Result<(), PluginError> {
-    if let Some(req) = ctx.data_mut::<LuaRequest>() {
-        if !req.staged.is_empty() {
-            let staged = std::mem::take(&mut req.staged);
-            let mut last = None;
-            for (k, v) in staged {
-                match k {
-                    Some(k) => {
-                        head.headers.insert(k.clone(), v);
-                        last = Some(k);
-                    }
-                    None => {
-                        if let Some(k) = &last {
-                            head.headers.append(k.clone(), v);
-                        }
-                    }
-                }
-            }
-        }
-    }
     if !p.lua_phases.contains(Phase::HeaderFilter) {
         return Ok(());
     }
@@ -1512,7 +1492,7 @@ mod tests {
             None,
             "/t".into(),
             Version::HTTP_11,
-            HeaderMap::new(),
+            http::HeaderMap::new(),
             RequestBody::Empty,
             SocketAddr::from(([127, 0, 0, 1], 40000)),
             SocketAddr::from(([127, 0, 0, 1], 9080)),
@@ -1613,7 +1593,7 @@ mod tests {
         let mut c = ctx();
         let mut head = crate::plugin::ResponseHead {
             status: StatusCode::OK,
-            headers: HeaderMap::new(),
+            headers: http::HeaderMap::new(),
         };
         let Err(e) = header_filter(&p, &conf, &mut c, &mut head) else {
             panic!("the call should fail")
