@@ -340,6 +340,10 @@ fn request_smuggling_is_refused() {
         b"GET /s HTTP/1.1\r\nHost: t\r\n: novalue\r\n\r\n",
         b"GET /s HTTX/1.1\r\nHost: t\r\n\r\n",
         b"GET  HTTP/1.1\r\nHost: t\r\n\r\n",
+        // No Host in HTTP/1.1; two Hosts (also in HTTP/1.0).
+        b"GET /s HTTP/1.1\r\nX-A: 1\r\n\r\n",
+        b"GET /s HTTP/1.1\r\nHost: t\r\nHost: u\r\n\r\n",
+        b"GET /s HTTP/1.0\r\nHost: t\r\nHost: t\r\n\r\n",
     ];
     for case in cases {
         let mut w = Wire::open(gw.addr());
@@ -356,6 +360,11 @@ fn request_smuggling_is_refused() {
         assert!(w.closed_within(Duration::from_secs(5)));
     }
     assert_eq!(up.requests(), 0);
+    // HTTP/1.0 needs no Host.
+    let mut w = Wire::open(gw.addr());
+    w.send(b"GET /s HTTP/1.0\r\n\r\n");
+    let r = w.response(false).expect("response");
+    assert_eq!(r.status, 200, "{}", r.head);
     // The same length twice is one length.
     let mut w = Wire::open(gw.addr());
     w.send(b"POST /s HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc");
@@ -503,4 +512,23 @@ fn absolute_form_request_target_is_routed_by_its_path() {
     // The upstream gets the origin form.
     assert_eq!(v["uri"], "/abs?x=1");
     assert_eq!(v["headers"]["host"], "example.com");
+}
+
+#[test]
+fn absolute_form_request_target_names_the_host() {
+    let up = Upstream::echo();
+    let gw = Gateway::start(&format!(
+        "routes:\n{}    hosts: [target.test]\n",
+        route("1", "/abs", &up.node())
+    ));
+    // Routed by the target's host, not by Host (as nginx's $host); Host goes upstream as sent.
+    let mut w = Wire::open(gw.addr());
+    w.send(b"GET http://Target.test:8080/abs HTTP/1.1\r\nHost: other.test\r\n\r\n");
+    let r = w.response(false).expect("response");
+    assert_eq!(r.status, 200, "{}", r.head);
+    let v: serde_json::Value = serde_json::from_slice(&r.body).expect("json");
+    assert_eq!(v["headers"]["host"], "other.test");
+    let mut w = Wire::open(gw.addr());
+    w.send(b"GET /abs HTTP/1.1\r\nHost: other.test\r\n\r\n");
+    assert_eq!(w.response(false).expect("response").status, 404);
 }

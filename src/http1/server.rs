@@ -13,7 +13,8 @@
 //!
 //! Refusals follow nginx: a malformed head, a request both chunked and with a Content-Length,
 //! several different Content-Length values, a bad Content-Length or a transfer coding other than
-//! chunked get 400 and the connection closes (request smuggling defence); a head larger than
+//! chunked, and an HTTP/1.1 request without a Host (or any request with two) get 400 and the
+//! connection closes (request smuggling defence); a head larger than
 //! `client_header_buffer_size` (or with more than [`MAX_HEADERS`] lines) gets 431.
 
 use std::cell::RefCell;
@@ -369,7 +370,9 @@ fn parse_head(conn: &Rc<Conn>, st: &mut State, max: usize) -> Result<Option<Head
     let uri = Uri::from_maybe_shared(head.slice(target.0 as usize..target.1 as usize))
         .map_err(|_| StatusCode::BAD_REQUEST)?;
 
-    let mut map = HeaderMap::with_capacity(count);
+    // Room for a few headers plugins add (a full map would grow and rehash on the first).
+    let mut map = HeaderMap::with_capacity(count + 4);
+    let mut hosts = 0u32;
     let mut content_length: Option<u64> = None;
     let mut chunked = false;
     let mut te_seen = false;
@@ -406,6 +409,8 @@ fn parse_head(conn: &Rc<Conn>, st: &mut State, max: usize) -> Result<Option<Head
             }
         } else if name == header::EXPECT {
             expect_continue = raw.trim_ascii().eq_ignore_ascii_case(b"100-continue");
+        } else if name == header::HOST {
+            hosts += 1;
         }
         // SAFETY (an API contract, not memory safety): httparse accepted this value, and the
         // bytes it accepts in a request header value (HTAB, SP..=0x7E, 0x80..=0xFF; obs-fold is
@@ -419,6 +424,10 @@ fn parse_head(conn: &Rc<Conn>, st: &mut State, max: usize) -> Result<Option<Head
         map.append(name, value);
     }
     if chunked && (content_length.is_some() || version == Version::HTTP_10) {
+        return Err(StatusCode::BAD_REQUEST);
+    }
+    // RFC 9112 §3.2 (and nginx): an HTTP/1.1 request has exactly one Host; HTTP/1.0 at most one.
+    if hosts > 1 || (hosts == 0 && version == Version::HTTP_11) {
         return Err(StatusCode::BAD_REQUEST);
     }
     st.body = if chunked {

@@ -74,6 +74,11 @@ pub async fn handle(
         local,
         "http",
     ));
+    // An absolute-form target names the host (RFC 9112 §3.2.2, nginx's `$host`): it wins over
+    // the Host header for routing and `$host`; the Host header itself goes upstream as sent.
+    if let Some(h) = parts.uri.host() {
+        ctx.host = h.to_ascii_lowercase();
+    }
     if let Some(why) = bad_path {
         return respond_local(
             ctx,
