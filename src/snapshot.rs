@@ -212,8 +212,8 @@ pub struct RouteEntry {
     /// The route's own `timeout`; when set it replaces the upstream's (as in APISIX).
     pub timeout: Option<Timeout>,
     pub conf_type: &'static str,
-    pub conf_id: String,
-    pub conf_version: String,
+    pub conf_id: Arc<str>,
+    pub conf_version: Arc<str>,
     /// The snapshot's consumers (shared by every route of it), for auth plugins.
     pub consumers: Arc<Consumers>,
 }
@@ -310,7 +310,7 @@ pub fn build(
     generation: u64,
 ) -> Result<Snapshot, ConfigErrors> {
     let mut errors = Vec::new();
-    let conf_version = generation.to_string();
+    let conf_version: Arc<str> = generation.to_string().into();
 
     // Upstreams by id.
     let mut upstreams: HashMap<String, Arc<UpstreamEntry>> = HashMap::new();
@@ -576,7 +576,7 @@ pub fn build(
             upstream,
             timeout: r.timeout,
             conf_type,
-            conf_id,
+            conf_id: conf_id.into(),
             conf_version: conf_version.clone(),
             consumers: consumers.clone(),
         }));

@@ -59,7 +59,8 @@ const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 const TAIL_AND_LAST: &[u8] = b"\r\n0\r\n\r\n";
 
 /// A response body that may bring header lines of its own, written after the response's
-/// header map: a proxied response passes the upstream's lines through this way, unparsed.
+/// header map: a proxied response passes the upstream's lines through this way, unparsed (the
+/// server adds its `Server` line then, unless the map has one).
 pub trait HeadLines {
     fn head_lines(&self) -> Option<&RawHead> {
         None
@@ -818,6 +819,11 @@ where
         wbuf.extend_from_slice(b"\r\n");
     }
     if let Some(raw) = body.as_ref().get_ref().head_lines() {
+        if headers.is_empty() || !headers.contains_key(header::SERVER) {
+            wbuf.extend_from_slice(b"server: ");
+            wbuf.extend_from_slice(lp.cfg.server.as_bytes());
+            wbuf.extend_from_slice(b"\r\n");
+        }
         wbuf.extend_from_slice(&raw.lines);
         has_date |= raw.has_date;
     }

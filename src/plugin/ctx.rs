@@ -53,8 +53,8 @@ pub struct Ctx {
     pub status: u16,
     /// APISIX's `conf_type`, `conf_id`, `conf_version` for the route (and service) in effect.
     pub conf_type: &'static str,
-    pub conf_id: String,
-    pub conf_version: String,
+    pub conf_id: Arc<str>,
+    pub conf_version: Arc<str>,
     pub start: Instant,
     pub start_time: SystemTime,
     /// Variables set by plugins (`ctx.var.NAME = v`); consulted before the built-in ones.
@@ -125,8 +125,8 @@ impl Ctx {
             upstream_status: None,
             status: 0,
             conf_type: "",
-            conf_id: String::new(),
-            conf_version: String::new(),
+            conf_id: Arc::from(""),
+            conf_version: Arc::from(""),
             start: Instant::now(),
             start_time: SystemTime::now(),
             vars: HashMap::new(),

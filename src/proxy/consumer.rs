@@ -25,11 +25,11 @@ pub fn merge(ctx: &mut Ctx, route: &RouteEntry) -> Option<Chain> {
         ("route&service", true) => "route&service&consumer&consumer_group",
         (other, _) => other,
     };
-    ctx.conf_id = format!("{}&{}", ctx.conf_id, consumer.username);
-    ctx.conf_version = format!("{}&{generation}", ctx.conf_version);
+    ctx.conf_id = format!("{}&{}", ctx.conf_id, consumer.username).into();
+    ctx.conf_version = format!("{}&{generation}", ctx.conf_version).into();
     if let Some(g) = group {
-        ctx.conf_id = format!("{}&{}", ctx.conf_id, g.id);
-        ctx.conf_version = format!("{}&{generation}", ctx.conf_version);
+        ctx.conf_id = format!("{}&{}", ctx.conf_id, g.id).into();
+        ctx.conf_version = format!("{}&{generation}", ctx.conf_version).into();
     }
     let group_entries = group.map(|g| g.entries.as_slice()).unwrap_or(&[]);
     if consumer.entries.is_empty() && group_entries.is_empty() {

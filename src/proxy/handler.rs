@@ -433,7 +433,11 @@ fn respond(
         // The body may change size: let it go out chunked.
         head.headers.remove(header::CONTENT_LENGTH);
     }
-    head.headers.insert(header::SERVER, SERVER.clone());
+    // With the upstream's lines passing unparsed, the server writes its own Server line (no map
+    // made for one header).
+    if raw.is_none() {
+        head.headers.insert(header::SERVER, SERVER.clone());
+    }
     let mut res = Response::new(GatewayBody {
         inner: body,
         raw,

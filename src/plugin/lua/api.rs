@@ -996,8 +996,8 @@ fn ctx_field(lua: &Lua, k: &str) -> mlua::Result<Value> {
         "route_name" => F::Str(c.route.as_ref().and_then(|r| r.name.clone())),
         "service_id" => F::Str(c.route.as_ref().and_then(|r| r.service_id.clone())),
         "conf_type" => F::Str((!c.conf_type.is_empty()).then(|| c.conf_type.to_string())),
-        "conf_id" => F::Str((!c.conf_id.is_empty()).then(|| c.conf_id.clone())),
-        "conf_version" => F::Str((!c.conf_version.is_empty()).then(|| c.conf_version.clone())),
+        "conf_id" => F::Str((!c.conf_id.is_empty()).then(|| c.conf_id.to_string())),
+        "conf_version" => F::Str((!c.conf_version.is_empty()).then(|| c.conf_version.to_string())),
         "matched_route" => F::Route(
             c.route
                 .as_ref()
