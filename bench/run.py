@@ -7,7 +7,8 @@ sides alike). Placement as in the method notes ("A"): wrk alone on CPU0, every s
 upstream, the function server, nginx, moongate) on CPU1, one worker each, keep-alive on both
 sides. For each target: requests/s (median, min, max), p50/p99 latency, the gateway's CPU
 microseconds per request (utime+stime delta from /proc/PID/stat over the requests wrk
-completed) and its peak RSS (VmHWM). Per-repetition ratios moongate/nginx are the figures to
+completed, also split into user and kernel time), its context switches per request (voluntary +
+involuntary, every thread) and its peak RSS (VmHWM). Per-repetition ratios moongate/nginx are the figures to
 trust; absolute rps on a shared VM drift by tens of percent.
 
     python3 bench/run.py            # 5 reps x 5 s, 1 s warm-up per target and rep
@@ -252,14 +253,35 @@ def tree(pid):
 
 
 def cpu_ticks(pid):
-    total = 0
+    """(utime, stime) in clock ticks, summed over the process tree."""
+    user = system = 0
     for p in tree(pid):
         try:
             with open(f"/proc/{p}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime
+            user += int(fields[11])
+            system += int(fields[12])
         except OSError:
             pass
+    return user, system
+
+
+def ctx_switches(pid):
+    """Voluntary + involuntary context switches of every thread in the process tree."""
+    total = 0
+    for p in tree(pid):
+        try:
+            tasks = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for t in tasks:
+            try:
+                with open(f"/proc/{p}/task/{t}/status") as f:
+                    for line in f:
+                        if line.startswith(("voluntary_ctxt_switches:", "nonvoluntary_ctxt_switches:")):
+                            total += int(line.split()[1])
+            except OSError:
+                pass
     return total
 
 
@@ -313,15 +335,19 @@ def wrk(url, seconds, conns):
 
 
 def measure(url, seconds, conns, gw_pid, up_pid):
-    g0 = cpu_ticks(gw_pid)
-    u0 = cpu_ticks(up_pid) if up_pid else 0
+    g0, c0 = cpu_ticks(gw_pid), ctx_switches(gw_pid)
+    u0 = sum(cpu_ticks(up_pid)) if up_pid else 0
     out = wrk(url, seconds, conns)
-    g1 = cpu_ticks(gw_pid)
-    u1 = cpu_ticks(up_pid) if up_pid else 0
+    g1, c1 = cpu_ticks(gw_pid), ctx_switches(gw_pid)
+    u1 = sum(cpu_ticks(up_pid)) if up_pid else 0
     r = parse_wrk(out)
     n = max(r["requests"], 1)
-    r["cpu_us_per_req"] = (g1 - g0) * 1e6 / CLK_TCK / n
-    r["upstream_cpu_us_per_req"] = (u1 - u0) * 1e6 / CLK_TCK / n if up_pid else None
+    per_req = 1e6 / CLK_TCK / n
+    r["user_us_per_req"] = (g1[0] - g0[0]) * per_req
+    r["sys_us_per_req"] = (g1[1] - g0[1]) * per_req
+    r["cpu_us_per_req"] = r["user_us_per_req"] + r["sys_us_per_req"]
+    r["ctx_switches_per_req"] = (c1 - c0) / n
+    r["upstream_cpu_us_per_req"] = (u1 - u0) * per_req if up_pid else None
     r["peak_rss_kb"] = status_kb(gw_pid, "VmHWM")
     return r
 
@@ -440,6 +466,9 @@ def main():
             "p50_ms": summary([r["p50_ms"] for r in rs]),
             "p99_ms": summary([r["p99_ms"] for r in rs]),
             "cpu_us_per_req": summary([r["cpu_us_per_req"] for r in rs]),
+            "user_us_per_req": summary([r["user_us_per_req"] for r in rs]),
+            "sys_us_per_req": summary([r["sys_us_per_req"] for r in rs]),
+            "ctx_switches_per_req": summary([r["ctx_switches_per_req"] for r in rs]),
             "upstream_cpu_us_per_req": summary([r["upstream_cpu_us_per_req"] for r in rs]),
             "peak_rss_kb": max((r["peak_rss_kb"] for r in rs), default=None),
             "errors": sum(r["non2xx"] for r in rs),
@@ -461,13 +490,15 @@ def main():
     md = [f"{meta['date']}, commit {meta['moongate_commit']}, nproc {meta['nproc']}, {args.reps} reps x "
           f"{args.duration} s, c={args.conns}, load (1 min) before each rep: "
           + " ".join(str(l[0]) for l in meta["load_before_reps"]), "",
-          "| target | rps median (min-max) | p50 / p99 ms | gateway CPU µs/req median (min) | upstream CPU µs/req | peak RSS MB |",
-          "|---|---|---|---|---|---|"]
+          "| target | rps median (min-max) | p50 / p99 ms | gateway CPU µs/req median (min) | user / sys µs/req | context switches/req | upstream CPU µs/req | peak RSS MB |",
+          "|---|---|---|---|---|---|---|---|"]
     for name, t in table.items():
         rps, cpu, up = t["rps"], t["cpu_us_per_req"], t["upstream_cpu_us_per_req"]
         md.append(f"| {name} | {rps['median']:.0f} ({rps['min']:.0f}-{rps['max']:.0f}) | "
                   f"{fmt(t['p50_ms'] and t['p50_ms']['median'], 2)} / {fmt(t['p99_ms'] and t['p99_ms']['median'], 2)} | "
-                  f"{cpu['median']:.1f} ({cpu['min']:.1f}) | {fmt(up and up['median'])} | {t['peak_rss_kb'] / 1024:.1f} |")
+                  f"{cpu['median']:.1f} ({cpu['min']:.1f}) | {t['user_us_per_req']['median']:.1f} / "
+                  f"{t['sys_us_per_req']['median']:.1f} | {t['ctx_switches_per_req']['median']:.2f} | "
+                  f"{fmt(up and up['median'])} | {t['peak_rss_kb'] / 1024:.1f} |")
     md += ["", "| per-rep ratio | rps median (min-max) | CPU/req median (min-max) |", "|---|---|---|"]
     for label, r in ratios.items():
         if r["rps"] and r["cpu"]:
@@ -480,12 +511,14 @@ def main():
     print(f"\nmoongate bench  {meta['date']}  nproc={meta['nproc']}  {args.reps} reps x {args.duration}s, "
           f"c={args.conns}  load before reps: {' '.join(str(l[0]) for l in meta['load_before_reps'])}")
     print(f"{'target':14} {'rps median':>10} {'(min-max)':>15} {'p50 ms':>7} {'p99 ms':>7} "
-          f"{'gw cpu us/req':>13} {'(min)':>6} {'up cpu':>7} {'peak RSS MB':>11}")
+          f"{'gw cpu us/req':>13} {'(min)':>6} {'usr/sys':>9} {'cs/req':>6} {'up cpu':>7} {'peak RSS MB':>11}")
     for name, t in table.items():
         rps, cpu, up = t["rps"], t["cpu_us_per_req"], t["upstream_cpu_us_per_req"]
         print(f"{name:14} {rps['median']:10.0f} {rps['min']:7.0f}-{rps['max']:<7.0f} "
               f"{fmt(t['p50_ms'] and t['p50_ms']['median'], 2):>7} {fmt(t['p99_ms'] and t['p99_ms']['median'], 2):>7} "
-              f"{cpu['median']:13.1f} {cpu['min']:6.1f} {fmt(up and up['median']):>7} "
+              f"{cpu['median']:13.1f} {cpu['min']:6.1f} "
+              f"{t['user_us_per_req']['median']:4.1f}/{t['sys_us_per_req']['median']:<4.1f} "
+              f"{t['ctx_switches_per_req']['median']:6.2f} {fmt(up and up['median']):>7} "
               f"{t['peak_rss_kb'] / 1024:11.1f}")
     print("\nper-rep ratios (median, min-max)")
     for label, r in ratios.items():
