@@ -151,8 +151,12 @@ async fn run_route_phases(
     ctx: &mut Ctx,
 ) -> Result<Option<LocalResponse>, PluginError> {
     let chains = [global, &route.chain];
-    if let Flow::Respond(r) = chain::run_request_phase(Phase::Rewrite, &chains, ctx).await? {
-        return Ok(Some(r));
+    // A phase no chain has is skipped without making its future.
+    let has = |chains: &[&Chain], p| chains.iter().any(|c| c.has(p));
+    if has(&chains, Phase::Rewrite) {
+        if let Flow::Respond(r) = chain::run_request_phase(Phase::Rewrite, &chains, ctx).await? {
+            return Ok(Some(r));
+        }
     }
     if ctx.consumer.is_some() {
         if let Some(added) = super::consumer::merge(ctx, route) {
@@ -165,8 +169,10 @@ async fn run_route_phases(
     }
     let merged = ctx.plugins.clone();
     let chains = [global, merged.as_deref().unwrap_or(&route.chain)];
-    if let Flow::Respond(r) = chain::run_request_phase(Phase::Access, &chains, ctx).await? {
-        return Ok(Some(r));
+    if has(&chains, Phase::Access) {
+        if let Flow::Respond(r) = chain::run_request_phase(Phase::Access, &chains, ctx).await? {
+            return Ok(Some(r));
+        }
     }
     Ok(None)
 }
