@@ -1063,6 +1063,11 @@ mod tests {
         let h = parse(&head, false).unwrap().unwrap();
         assert_eq!(h.headers.len(), 301);
         assert_eq!(h.headers["x-h299"], "v299");
+        // The same head kept as lines.
+        let (lines, _, h) = raw(&head);
+        assert_eq!(lines.lines().count(), 300);
+        assert!(lines.ends_with("x-h299: v299\r\n"));
+        assert!(matches!(h.framing, Framing::Empty));
     }
 
     struct Pool(std::rc::Rc<std::cell::RefCell<Vec<Connection<tokio::io::DuplexStream>>>>);
