@@ -26,18 +26,20 @@ use std::time::Duration;
 use async_trait::async_trait;
 use base64::Engine as _;
 use bytes::Bytes;
-use http::header::{self, HeaderValue};
-use http::{Method, Request, StatusCode, Uri};
+use bytes::BytesMut;
+use http::header::{self, HeaderName, HeaderValue};
+use http::{StatusCode, Uri};
 use percent_encoding::{utf8_percent_encode, AsciiSet, CONTROLS};
 use serde_json::{json, Value};
 
 use crate::body::{IdleTimeout, RequestBody, ResponseBody, UpstreamRequestBody};
+use crate::http1::client::{put_header, HeadEdit, RequestHead};
 use crate::plugin::{
     ConfScope, Ctx, Flow, LocalResponse, Phase, PhaseResult, PhaseSet, Plugin, PluginConf,
     PluginError, Schema,
 };
 use crate::proxy::client::{worker_client, PoolOptions, Target};
-use crate::proxy::headers::strip_hop_by_hop;
+use crate::proxy::headers::HopByHop;
 
 /// The plugin's name, as routes enable it.
 pub const NAME: &str = "openfunction";
@@ -240,6 +242,88 @@ pub fn function_path(base: &str, ext: Option<&str>) -> String {
     path
 }
 
+/// Byte classes of a request target, as `http::uri::PathAndQuery` sorts them (the parse this
+/// check stands for, so the same targets are refused): bytes a path or a query may hold as
+/// they are, the `?` that starts the query, the `#` that starts a fragment (cut off), and the
+/// rest (refused).
+const TARGET_OK: u8 = 0;
+const TARGET_QUERY: u8 = 1;
+const TARGET_FRAGMENT: u8 = 2;
+const TARGET_BAD: u8 = 3;
+
+const fn target_classes(query: bool) -> [u8; 256] {
+    let mut t = [TARGET_BAD; 256];
+    let mut i = 0;
+    while i < 256 {
+        t[i] = match i as u8 {
+            b'#' => TARGET_FRAGMENT,
+            b'?' if !query => TARGET_QUERY,
+            // Non-ASCII: the target is a `String`, so always valid UTF-8.
+            0x80..=0xff => TARGET_OK,
+            0x21 | 0x24..=0x3b | 0x3d => TARGET_OK,
+            0x3f..=0x7e if query => TARGET_OK,
+            // In the path also `"`, `{` and `}` (JSON in paths), but not `<`, `>`, `` ` ``.
+            0x22 | 0x40..=0x5f | 0x61..=0x7e if !query => TARGET_OK,
+            _ => TARGET_BAD,
+        };
+        i += 1;
+    }
+    t
+}
+
+static PATH_BYTES: [u8; 256] = target_classes(false);
+static QUERY_BYTES: [u8; 256] = target_classes(true);
+
+/// How much of `target` (a path, then maybe `?query`) is sent: all of it, or what comes before
+/// a `#`. None when it is too long or holds a byte a request target cannot (a space, a control
+/// character, `<` or `>` ...): the function is not called, as APISIX fails such a request
+/// (`invalid characters found in path`).
+fn request_target_len(target: &[u8]) -> Option<usize> {
+    // `http`'s limit on a URI's length.
+    if target.len() > usize::from(u16::MAX - 1) {
+        return None;
+    }
+    let mut classes = &PATH_BYTES;
+    for (i, &b) in target.iter().enumerate() {
+        match classes[usize::from(b)] {
+            TARGET_OK => {}
+            TARGET_QUERY => classes = &QUERY_BYTES,
+            TARGET_FRAGMENT => return Some(i),
+            _ => return None,
+        }
+    }
+    Some(target.len())
+}
+
+/// The changes to the client's headers made while the function's request head is written.
+struct FunctionHead<'a> {
+    /// `Host`: the function's.
+    host: &'a HeaderValue,
+    /// Replaces the client's `Authorization` when a service token is configured.
+    authorization: Option<&'a HeaderValue>,
+    /// The client's hop-by-hop headers, left out.
+    hop: HopByHop,
+}
+
+impl HeadEdit for FunctionHead<'_> {
+    fn extra_len(&self) -> usize {
+        8 + self.host.len() + self.authorization.map_or(0, |a| a.len() + 17)
+    }
+
+    fn write_first(&self, dst: &mut BytesMut) {
+        put_header(dst, b"host", self.host.as_bytes());
+        if let Some(auth) = self.authorization {
+            put_header(dst, b"authorization", auth.as_bytes());
+        }
+    }
+
+    fn skip(&self, name: &HeaderName) -> bool {
+        name == header::HOST
+            || (self.authorization.is_some() && name == header::AUTHORIZATION)
+            || self.hop.skip(name)
+    }
+}
+
 fn int(conf: &Value, key: &str) -> u64 {
     // The schema has checked the type and minimum and filled the default; integers may arrive
     // as `100.0`, which APISIX also accepts.
@@ -372,46 +456,36 @@ async fn call(
     ctx: &Ctx,
     body: Option<Bytes>,
 ) -> Result<LocalResponse, String> {
-    let mut target_uri = function_path(&c.uri.base_path, ctx.matched_ext());
+    let mut target = function_path(&c.uri.base_path, ctx.matched_ext());
     if let Some(args) = ctx.args.as_deref().filter(|a| !a.is_empty()) {
-        target_uri.push('?');
-        target_uri.push_str(args);
+        target.reserve(args.len() + 1);
+        target.push('?');
+        target.push_str(args);
     }
-    let uri: Uri = target_uri
-        .parse()
-        .map_err(|_| "invalid characters found in path".to_string())?;
+    let len = request_target_len(target.as_bytes()).ok_or("invalid characters found in path")?;
+    target.truncate(len);
 
-    // The request as the plugins before this one left it, minus what describes the client's
-    // connection or framing (the client frames the body it sends).
-    let mut headers = ctx.headers.clone();
-    strip_hop_by_hop(&mut headers);
-    headers.remove(header::CONTENT_LENGTH);
-    headers.insert(header::HOST, c.uri.host_header.clone());
-    if let Some(auth) = &c.authorization {
-        // Always replaces the client's: an auth plugin in front may have accepted a header
-        // that was never meant for the function.
-        headers.insert(header::AUTHORIZATION, auth.clone());
-    }
-    let req_body = match body {
-        Some(b) => {
-            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(b.len()));
-            RequestBody::Full(b)
-        }
-        None => {
-            if matches!(ctx.method, Method::POST | Method::PUT | Method::PATCH) {
-                headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
-            }
-            RequestBody::Empty
-        }
+    // The request as the plugins before this one left it, written without a copy: `Host` is
+    // the function's, `Authorization` the service token's, and what describes the client's
+    // connection or framing stays out (the client frames the body it sends, `Content-Length:
+    // 0` for a POST, PUT or PATCH without one).
+    let edit = FunctionHead {
+        host: &c.uri.host_header,
+        authorization: c.authorization.as_ref(),
+        hop: HopByHop::of(&ctx.headers),
     };
-    let mut req = Request::new(UpstreamRequestBody::new(
-        req_body,
+    let head = RequestHead {
+        method: &ctx.method,
+        target: &target,
+        headers: &ctx.headers,
+        edit: &edit,
+        keep_raw: false,
+    };
+    let req_body = UpstreamRequestBody::new(
+        body.map_or(RequestBody::Empty, RequestBody::Full),
         None,
         Rc::new(Cell::new(false)),
-    ));
-    *req.method_mut() = ctx.method.clone();
-    *req.uri_mut() = uri;
-    *req.headers_mut() = headers;
+    );
 
     let client = worker_client();
     let target = c.uri.target(ctx.scheme, c.ssl_verify);
@@ -420,7 +494,7 @@ async fn call(
         .await
         .map_err(|e| e.to_string())?;
     let res = conn
-        .send(&client, req, c.timeout, c.pool)
+        .send_head(&client, &head, req_body, c.timeout, c.pool)
         .await
         .map_err(|e| e.to_string())?;
 
@@ -532,6 +606,69 @@ mod tests {
         ] {
             assert!(parse_function_uri(bad).is_err(), "{bad} should be refused");
         }
+    }
+
+    #[test]
+    fn targets_are_checked_as_http_parses_them() {
+        // Every byte, in the path and in the query, against the parse the check stands for.
+        let expected = |t: &str| {
+            t.parse::<Uri>()
+                .ok()
+                .map(|u| u.path_and_query().map_or(0, |p| p.as_str().len()))
+        };
+        for b in 0..=0x7fu8 {
+            let c = char::from(b);
+            for t in [
+                format!("/fn/a{c}b"),
+                format!("/fn?a{c}b"),
+                format!("/fn?a=1?{c}"),
+                format!("/{c}"),
+            ] {
+                assert_eq!(request_target_len(t.as_bytes()), expected(&t), "{t:?}");
+            }
+        }
+        assert_eq!(request_target_len("/fn/é?q=ü".as_bytes()), Some(11));
+        assert_eq!(request_target_len(b"/fn?a=1#frag ment"), Some(7));
+        assert_eq!(request_target_len(b"/fn?a<b"), None);
+        let long = format!("/{}", "a".repeat(70000));
+        assert_eq!(request_target_len(long.as_bytes()), expected(&long));
+    }
+
+    #[test]
+    fn head_edit_sets_host_and_token_and_drops_hop_by_hop() {
+        let mut h = http::HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("client.test"));
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer x"));
+        h.insert(header::CONNECTION, HeaderValue::from_static("x-hop"));
+        h.insert("x-hop", HeaderValue::from_static("1"));
+        h.insert(header::EXPECT, HeaderValue::from_static("100-continue"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        let host = HeaderValue::from_static("fn.test");
+        let token = HeaderValue::from_static("Basic dGVzdDp0ZXN0");
+        let written = |authorization: Option<&HeaderValue>| {
+            let edit = FunctionHead {
+                host: &host,
+                authorization,
+                hop: HopByHop::of(&h),
+            };
+            let mut out = BytesMut::new();
+            edit.write_first(&mut out);
+            for (k, v) in &h {
+                if !edit.skip(k) {
+                    put_header(&mut out, k.as_str().as_bytes(), v.as_bytes());
+                }
+            }
+            edit.write_last(&mut out);
+            String::from_utf8(out.to_vec()).unwrap()
+        };
+        assert_eq!(
+            written(Some(&token)),
+            "host: fn.test\r\nauthorization: Basic dGVzdDp0ZXN0\r\nx-kept: 1\r\n"
+        );
+        assert_eq!(
+            written(None),
+            "host: fn.test\r\nauthorization: Bearer x\r\nx-kept: 1\r\n"
+        );
     }
 
     #[test]

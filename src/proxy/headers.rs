@@ -1,4 +1,4 @@
-//! Header rules of the proxy: hop-by-hop removal and the forwarding headers.
+//! Header rules of the proxy: hop-by-hop headers left out and the forwarding headers.
 
 use std::net::IpAddr;
 
@@ -20,47 +20,65 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::EXPECT,
 ];
 
-/// Removes hop-by-hop headers, including any header the `Connection` header names.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // One pass over the names notes which of them are present; most messages carry none (or
-    // only `Connection`), so only those present are removed (a hashed lookup each).
-    let mut present = 0u16;
-    for k in headers.keys() {
-        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == k) {
-            present |= 1 << i;
+/// Which hop-by-hop headers a request's map holds, and the headers its `Connection` names, so
+/// they are left out when the request is written (the map itself is not changed).
+#[derive(Default)]
+pub struct HopByHop {
+    /// Which [`HOP_BY_HOP`] headers are present (bit i: `HOP_BY_HOP[i]`).
+    present: u16,
+    /// Headers the `Connection` header names, lower-cased (rare: usually empty).
+    named: Vec<String>,
+}
+
+impl HopByHop {
+    /// Looks through the map's names (one pass) and, when there is a `Connection` header, its
+    /// values.
+    pub fn of(headers: &HeaderMap) -> Self {
+        let mut hop = HopByHop::default();
+        for k in headers.keys() {
+            hop.note(k);
+        }
+        hop.read_connection(headers);
+        hop
+    }
+
+    /// Notes one of the map's names.
+    fn note(&mut self, name: &HeaderName) {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            self.present |= 1 << i;
         }
     }
-    if present == 0 {
-        return;
-    }
-    // HOP_BY_HOP[0] is `Connection`: the headers it names go too.
-    if present & 1 != 0 {
-        let mut values = headers.get_all(header::CONNECTION).iter();
-        // Copies of the values (reference-counted), so the map can be changed while reading.
-        let first = values.next().cloned();
-        let rest: Vec<HeaderValue> = values.cloned().collect();
-        for v in first.iter().chain(rest.iter()) {
+
+    /// Collects the names the `Connection` header lists, once every name has been noted.
+    fn read_connection(&mut self, headers: &HeaderMap) {
+        // HOP_BY_HOP[0] is `Connection`.
+        if self.present & 1 == 0 {
+            return;
+        }
+        for v in headers.get_all(header::CONNECTION) {
             let Ok(v) = v.to_str() else { continue };
             for name in v.split(',').map(str::trim) {
-                // The usual tokens (`keep-alive`, `close`) need no lookup of their own when
-                // no such header is present: hop-by-hop names are removed below anyway.
-                if name.is_empty()
-                    || HOP_BY_HOP
+                if !name.is_empty()
+                    && !HOP_BY_HOP
                         .iter()
                         .any(|h| h.as_str().eq_ignore_ascii_case(name))
                 {
-                    continue;
+                    self.named.push(name.to_ascii_lowercase());
                 }
-                // A `&str` key is looked up without building a HeaderName; an invalid name
-                // matches nothing.
-                headers.remove(name);
             }
         }
     }
-    for (i, h) in HOP_BY_HOP.iter().enumerate() {
-        if present & (1 << i) != 0 {
-            headers.remove(h);
+
+    /// Whether the header `name` is left out.
+    pub fn skip(&self, name: &HeaderName) -> bool {
+        if self.present == 0 {
+            return false;
         }
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            return self.present & (1 << i) != 0;
+        }
+        let s = name.as_str();
+        self.named.iter().any(|n| n == s)
     }
 }
 
@@ -122,10 +140,7 @@ pub struct Forwarding<'a> {
     proto: &'a str,
     host: Option<HeaderValue>,
     client_host: Option<&'a HeaderValue>,
-    /// Which [`HOP_BY_HOP`] headers are present (bit i: `HOP_BY_HOP[i]`).
-    hop: u16,
-    /// Headers the `Connection` header names (rare: usually empty).
-    named: Vec<String>,
+    hop: HopByHop,
     /// The client sent an `X-Forwarded-For` list.
     xff: bool,
 }
@@ -140,29 +155,13 @@ impl<'a> Forwarding<'a> {
         host: Option<HeaderValue>,
         client_host: Option<&'a HeaderValue>,
     ) -> Self {
-        let mut hop = 0u16;
+        let mut hop = HopByHop::default();
         let mut xff = false;
         for k in headers.keys() {
-            if let Some(i) = HOP_BY_HOP.iter().position(|h| h == k) {
-                hop |= 1 << i;
-            }
+            hop.note(k);
             xff |= k.as_str() == "x-forwarded-for";
         }
-        let mut named = Vec::new();
-        if hop & 1 != 0 {
-            for v in headers.get_all(header::CONNECTION) {
-                let Ok(v) = v.to_str() else { continue };
-                for name in v.split(',').map(str::trim) {
-                    if !name.is_empty()
-                        && !HOP_BY_HOP
-                            .iter()
-                            .any(|h| h.as_str().eq_ignore_ascii_case(name))
-                    {
-                        named.push(name.to_ascii_lowercase());
-                    }
-                }
-            }
-        }
+        hop.read_connection(headers);
         // A scheme is a token ("http", "https" in practice): never a line break.
         let proto = if scheme
             .bytes()
@@ -179,7 +178,6 @@ impl<'a> Forwarding<'a> {
             host,
             client_host,
             hop,
-            named,
             xff,
         }
     }
@@ -221,13 +219,7 @@ impl HeadEdit for Forwarding<'_> {
                 _ => {}
             }
         }
-        if self.hop != 0 {
-            if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
-                return self.hop & (1 << i) != 0;
-            }
-            return self.named.iter().any(|n| n == s);
-        }
-        false
+        self.hop.skip(name)
     }
 
     fn write_last(&self, dst: &mut BytesMut) {
@@ -271,18 +263,29 @@ mod tests {
     use super::*;
 
     #[test]
-    fn strips_named_and_standard() {
+    fn hop_by_hop_skips_named_and_standard() {
         let mut h = HeaderMap::new();
         h.insert(
             header::CONNECTION,
-            HeaderValue::from_static("keep-alive, x-secret"),
+            HeaderValue::from_static("keep-alive, X-Secret"),
         );
         h.insert("x-secret", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::EXPECT, HeaderValue::from_static("100-continue"));
         h.insert("x-kept", HeaderValue::from_static("1"));
-        strip_hop_by_hop(&mut h);
-        assert_eq!(h.len(), 1);
-        assert!(h.contains_key("x-kept"));
+        let hop = HopByHop::of(&h);
+        let kept: Vec<&str> = h
+            .keys()
+            .filter(|k| !hop.skip(k))
+            .map(|k| k.as_str())
+            .collect();
+        assert_eq!(kept, ["x-kept"]);
+        // A map without hop-by-hop headers skips nothing.
+        h.remove(header::CONNECTION);
+        let hop = HopByHop::of(&h);
+        assert!(!hop.skip(&HeaderName::from_static("x-secret")));
+        assert!(hop.skip(&HeaderName::from_static("keep-alive")));
+        assert!(!hop.skip(&header::TE));
     }
 
     /// The head lines a [`Forwarding`] makes of `h`.
