@@ -576,7 +576,9 @@ fn parse_head(
             headers = HeaderMap::new();
             raw = Some(raw_lines(&head, index, &seen, status));
         } else {
-            headers = HeaderMap::with_capacity(count);
+            // One slot more: the gateway adds `Server` to the response, which would otherwise
+            // grow a map made exactly full.
+            headers = HeaderMap::with_capacity(count + 1);
             for i in index.iter() {
                 let name = HeaderName::from_bytes(i.name_in(&head))
                     .map_err(|_| Error::InvalidHead("invalid header name"))?;
