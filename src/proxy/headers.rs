@@ -8,8 +8,9 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use crate::http1::client::{put_header, HeadEdit};
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus those hyper
-/// sets itself from the body it sends.
-const HOP_BY_HOP: [HeaderName; 8] = [
+/// sets itself from the body it sends. A static: a `const` array of `HeaderName`s would be made
+/// and dropped again at every use.
+static HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
