@@ -263,8 +263,9 @@ impl HeadEdit for Forwarding<'_> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn hop_by_hop_skips_named_and_standard() {
+    /// A map with `Connection` naming `X-Secret`, `X-Secret`, `Keep-Alive`, the hop-by-hop
+    /// header `other` and `X-Kept: 1`.
+    fn hop_map(other: HeaderName, value: &'static str) -> HeaderMap {
         let mut h = HeaderMap::new();
         h.insert(
             header::CONNECTION,
@@ -272,8 +273,14 @@ mod tests {
         );
         h.insert("x-secret", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        h.insert(header::EXPECT, HeaderValue::from_static("100-continue"));
+        h.insert(other, HeaderValue::from_static(value));
         h.insert("x-kept", HeaderValue::from_static("1"));
+        h
+    }
+
+    #[test]
+    fn hop_by_hop_skips_named_and_standard() {
+        let mut h = hop_map(header::EXPECT, "100-continue");
         let hop = HopByHop::of(&h);
         let kept: Vec<&str> = h
             .keys()
@@ -362,15 +369,7 @@ mod tests {
 
     #[test]
     fn forwarding_drops_hop_by_hop_and_connection_named() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            header::CONNECTION,
-            HeaderValue::from_static("keep-alive, X-Secret"),
-        );
-        h.insert("x-secret", HeaderValue::from_static("1"));
-        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        h.insert(header::TE, HeaderValue::from_static("trailers"));
-        h.insert("x-kept", HeaderValue::from_static("1"));
+        let h = hop_map(header::TE, "trailers");
         let out = forwarded(&h, None);
         assert!(out.starts_with("x-kept: 1\r\nx-forwarded-for: "), "{out}");
     }

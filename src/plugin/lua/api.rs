@@ -406,14 +406,7 @@ fn install_req(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
         fast::wrap(
             lua,
             lua.create_function(|_, (name, value): (mlua::String, Value)| {
-                let name = header_name(&name.as_bytes())?;
-                let values = header_values(&value)?;
-                with_ctx(|c| {
-                    c.headers.remove(&name);
-                    for v in values {
-                        c.headers.append(name.clone(), v);
-                    }
-                })
+                put_request_header(&name, &value, true)
             })?,
             fast::set_header,
         )?,
@@ -423,13 +416,7 @@ fn install_req(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
         fast::wrap(
             lua,
             lua.create_function(|_, (name, value): (mlua::String, Value)| {
-                let name = header_name(&name.as_bytes())?;
-                let values = header_values(&value)?;
-                with_ctx(|c| {
-                    for v in values {
-                        c.headers.append(name.clone(), v);
-                    }
-                })
+                put_request_header(&name, &value, false)
             })?,
             fast::add_header,
         )?,
@@ -653,6 +640,20 @@ fn set_response_header(name: HeaderName, values: Vec<HeaderValue>, add: bool) ->
         return Ok(());
     }
     with_ctx(|c| apply(&mut c.staged_headers))
+}
+
+/// `ngx.req.set_header` (`replace`) and `ngx.req.add_header` on the request's headers.
+fn put_request_header(name: &mlua::String, value: &Value, replace: bool) -> mlua::Result<()> {
+    let name = header_name(&name.as_bytes())?;
+    let values = header_values(value)?;
+    with_ctx(|c| {
+        if replace {
+            c.headers.remove(&name);
+        }
+        for v in values {
+            c.headers.append(name.clone(), v);
+        }
+    })
 }
 
 fn install_internal(lua: &Lua, mg: &Table) -> mlua::Result<()> {
