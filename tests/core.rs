@@ -427,6 +427,40 @@ fn route_timeout_overrides_the_upstreams() {
     assert_eq!(get(&gw.url("/slow")).status, 504);
 }
 
+/// One pooled upstream connection serves routes with different timeouts in turn: each request
+/// gets its own route's deadline, whatever the connection's earlier requests had.
+#[test]
+fn reused_connection_keeps_each_requests_timeout() {
+    // `/wait/N` answers after N ms.
+    let up = Upstream::start(|req| async move {
+        let ms: u64 = req
+            .uri()
+            .path()
+            .rsplit('/')
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        hyper::Response::new(full("done"))
+    });
+    let node = up.node();
+    let gw = Gateway::start(&format!(
+        "routes:\n  - id: long\n    uri: /long/*\n    timeout: {{connect: 1, send: 60, read: 60}}\n    upstream:\n      nodes:\n        \"{node}\": 1\n  - id: short\n    uri: /short/*\n    timeout: {{connect: 1, send: 0.2, read: 0.3}}\n    upstream:\n      nodes:\n        \"{node}\": 1\n"
+    ));
+    // A long-timeout request first, then a short-timeout one on the same kept connection: the
+    // short one still times out at its own deadline.
+    assert_eq!(get(&gw.url("/long/wait/0")).status, 200);
+    let t = std::time::Instant::now();
+    assert_eq!(get(&gw.url("/short/wait/3000")).status, 504);
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    // A short-timeout request, then an idle pause past its deadline, then a request that takes
+    // longer than the pause but less than its own timeout: not timed out by the old deadline.
+    assert_eq!(get(&gw.url("/short/wait/0")).status, 200);
+    std::thread::sleep(Duration::from_millis(700));
+    assert_eq!(get(&gw.url("/short/wait/200")).status, 200);
+    assert_eq!(get(&gw.url("/long/wait/900")).status, 200);
+}
+
 #[test]
 fn body_over_client_max_body_size_is_413() {
     let up = Upstream::echo();

@@ -9,6 +9,7 @@
 
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
+use std::future::Future;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::io;
 use std::pin::Pin;
@@ -124,6 +125,42 @@ struct Idle {
     /// When the idle timeout closes it.
     deadline: Instant,
     requests: u64,
+    timer: Option<ExchangeTimer>,
+}
+
+/// The timer that bounds a connection's exchanges (request sent, response head read), kept with
+/// the connection so that a request does not register and remove a timer of its own: it is
+/// armed for some earlier request's deadline, which is never later than the current one, and
+/// moved on only when it fires before the current deadline (lazy re-arming).
+type ExchangeTimer = Pin<Box<tokio::time::Sleep>>;
+
+/// Runs `exchange` until `deadline`; None when the deadline passes first.
+async fn within<F: Future>(
+    timer: &mut Option<ExchangeTimer>,
+    deadline: tokio::time::Instant,
+    exchange: F,
+) -> Option<F::Output> {
+    let timer = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+    if timer.deadline() > deadline {
+        timer.as_mut().reset(deadline);
+    }
+    let mut exchange = std::pin::pin!(exchange);
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(r) = exchange.as_mut().poll(cx) {
+            return Poll::Ready(Some(r));
+        }
+        loop {
+            match timer.as_mut().poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(()) if tokio::time::Instant::now() >= deadline => {
+                    return Poll::Ready(None)
+                }
+                // Armed for an earlier request: on to this one's deadline.
+                Poll::Ready(()) => timer.as_mut().reset(deadline),
+            }
+        }
+    })
+    .await
 }
 
 impl Idle {
@@ -187,6 +224,7 @@ pub struct Conn {
     connect_timeout: Duration,
     /// True when it came from the pool.
     pub reused: bool,
+    timer: Option<ExchangeTimer>,
 }
 
 /// An upstream response body: streams from the connection and returns it to the pool at its end.
@@ -211,6 +249,7 @@ pub struct PoolReturn {
     target: Target,
     pool: PoolOptions,
     requests: u64,
+    timer: Option<ExchangeTimer>,
 }
 
 impl Recycle<Stream> for PoolReturn {
@@ -221,6 +260,7 @@ impl Recycle<Stream> for PoolReturn {
                 target: self.target,
                 deadline: Instant::now() + self.pool.idle_timeout,
                 requests: self.requests,
+                timer: self.timer,
             },
             self.pool,
         );
@@ -247,6 +287,7 @@ impl Client {
             requests: 0,
             connect_timeout,
             reused: false,
+            timer: None,
         })
     }
 
@@ -264,6 +305,7 @@ impl Client {
                 requests: idle.requests,
                 connect_timeout,
                 reused: true,
+                timer: idle.timer,
             });
         }
         None
@@ -354,6 +396,7 @@ impl Conn {
             mut requests,
             connect_timeout,
             reused,
+            mut timer,
         } = self;
         let exchange = async {
             let replay = if reused { body.replay() } else { None };
@@ -369,9 +412,10 @@ impl Conn {
                 Err(e) => Err(ClientError::from(e)),
             }
         };
-        let mut head = match tokio::time::timeout(timeout, exchange).await {
-            Err(_) => return Err(ClientError::Timeout),
-            Ok(r) => r?,
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut head = match within(&mut timer, deadline, exchange).await {
+            None => return Err(ClientError::Timeout),
+            Some(r) => r?,
         };
         requests += 1;
         let limit_reached = pool.max_requests > 0 && requests >= pool.max_requests;
@@ -380,6 +424,7 @@ impl Conn {
             target,
             pool,
             requests,
+            timer,
         });
         let body = h1::ResponseBody::new(conn, &mut head, recycle);
         Ok(UpstreamResponse {
