@@ -396,6 +396,13 @@ fn idle_keep_alive_connection_closes_after_the_header_timeout() {
         route("1", "/t", &up.node())
     ));
     let mut w = Wire::open(gw.addr());
+    // Pauses shorter than the timeout each, longer than it together: each wait has its own
+    // deadline.
+    for _ in 0..3 {
+        w.send(b"GET /t HTTP/1.1\r\nHost: t\r\n\r\n");
+        assert_eq!(w.response(false).expect("response").status, 200);
+        std::thread::sleep(Duration::from_millis(600));
+    }
     w.send(b"GET /t HTTP/1.1\r\nHost: t\r\n\r\n");
     assert_eq!(w.response(false).expect("response").status, 200);
     let start = Instant::now();

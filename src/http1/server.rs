@@ -536,9 +536,12 @@ impl Loop<'_> {
             }
             // Nothing to read now: wait, for at most the header timeout.
             let at = *deadline.get_or_insert_with(|| Instant::now() + self.cfg.header_timeout);
+            // The connection's timer stays armed for an earlier wait's deadline (never later than
+            // this one) and is moved on only when it fires early: no timer-wheel update per
+            // request.
             let timer = match &mut self.timer {
                 Some(t) => {
-                    if t.deadline() != at {
+                    if t.deadline() > at {
                         t.as_mut().reset(at);
                     }
                     t
@@ -553,7 +556,12 @@ impl Loop<'_> {
                         return HeadRead::Close;
                     }
                 }
-                _ = timer.as_mut() => return HeadRead::Close,
+                _ = timer.as_mut() => {
+                    if Instant::now() >= at {
+                        return HeadRead::Close;
+                    }
+                    timer.as_mut().reset(at);
+                }
                 _ = self.shutdown.changed(), if !stopping => {
                     self.stopping = true;
                 }
