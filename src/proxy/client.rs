@@ -134,33 +134,29 @@ struct Idle {
 /// moved on only when it fires before the current deadline (lazy re-arming).
 type ExchangeTimer = Pin<Box<tokio::time::Sleep>>;
 
-/// Runs `exchange` until `deadline`; None when the deadline passes first.
-async fn within<F: Future>(
-    timer: &mut Option<ExchangeTimer>,
-    deadline: tokio::time::Instant,
-    exchange: F,
-) -> Option<F::Output> {
+/// The connection's timer, armed no later than `deadline`.
+fn arm(timer: &mut Option<ExchangeTimer>, deadline: tokio::time::Instant) -> &mut ExchangeTimer {
     let timer = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
     if timer.deadline() > deadline {
         timer.as_mut().reset(deadline);
     }
-    let mut exchange = std::pin::pin!(exchange);
-    std::future::poll_fn(|cx| {
-        if let Poll::Ready(r) = exchange.as_mut().poll(cx) {
-            return Poll::Ready(Some(r));
+    timer
+}
+
+/// Whether `deadline` has passed: Pending until it does. When the timer fires for an earlier
+/// request's deadline, it is moved on to this one.
+fn poll_expired(
+    timer: &mut ExchangeTimer,
+    deadline: tokio::time::Instant,
+    cx: &mut Context<'_>,
+) -> Poll<()> {
+    loop {
+        match timer.as_mut().poll(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(()) if tokio::time::Instant::now() >= deadline => return Poll::Ready(()),
+            Poll::Ready(()) => timer.as_mut().reset(deadline),
         }
-        loop {
-            match timer.as_mut().poll(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(()) if tokio::time::Instant::now() >= deadline => {
-                    return Poll::Ready(None)
-                }
-                // Armed for an earlier request: on to this one's deadline.
-                Poll::Ready(()) => timer.as_mut().reset(deadline),
-            }
-        }
-    })
-    .await
+    }
 }
 
 impl Idle {
@@ -398,22 +394,33 @@ impl Conn {
             reused,
             mut timer,
         } = self;
-        let exchange = async {
-            let replay = if reused { body.replay() } else { None };
-            match conn.send_request(head, body).await {
-                Ok(res) => Ok(res),
-                Err(e) if e.before_response() && replay.is_some() => {
-                    tracing::debug!(node = %target.addr(), "reused upstream connection failed ({e}); retrying on a new one");
-                    conn = Box::pin(connect(&target, connect_timeout)).await?;
-                    requests = 0;
-                    let body = replay.expect("checked above");
-                    Ok(conn.send_request(head, body).await?)
-                }
-                Err(e) => Err(ClientError::from(e)),
-            }
-        };
         let deadline = tokio::time::Instant::now() + timeout;
-        let mut head = match within(&mut timer, deadline, exchange).await {
+        let done = {
+            // Made in place (pinned where it is built): moving this future costs a copy of it.
+            let mut exchange = std::pin::pin!(async {
+                let replay = if reused { body.replay() } else { None };
+                match conn.send_request(head, body).await {
+                    Ok(res) => Ok(res),
+                    Err(e) if e.before_response() && replay.is_some() => {
+                        tracing::debug!(node = %target.addr(), "reused upstream connection failed ({e}); retrying on a new one");
+                        conn = Box::pin(connect(&target, connect_timeout)).await?;
+                        requests = 0;
+                        let body = replay.expect("checked above");
+                        Ok(conn.send_request(head, body).await?)
+                    }
+                    Err(e) => Err(ClientError::from(e)),
+                }
+            });
+            let armed = arm(&mut timer, deadline);
+            std::future::poll_fn(|cx| {
+                if let Poll::Ready(r) = exchange.as_mut().poll(cx) {
+                    return Poll::Ready(Some(r));
+                }
+                poll_expired(armed, deadline, cx).map(|()| None)
+            })
+            .await
+        };
+        let mut head = match done {
             None => return Err(ClientError::Timeout),
             Some(r) => r?,
         };
