@@ -476,20 +476,18 @@ fn raw_lines(
     let mut has_date = false;
     for i in index {
         let name = i.name_in(head);
-        let skip = match name.len() {
-            2 => is_name(name, b"te"),
-            4 => {
-                has_date |= is_name(name, b"date");
-                false
-            }
-            6 => is_name(name, b"server"),
-            7 => is_name(name, b"upgrade") || is_name(name, b"trailer"),
-            10 => is_name(name, b"connection") || is_name(name, b"keep-alive"),
-            14 => is_name(name, b"content-length") && status != StatusCode::NOT_MODIFIED,
-            16 => is_name(name, b"proxy-connection"),
-            17 => is_name(name, b"transfer-encoding"),
-            _ => false,
-        };
+        let skip = is_connection_header(name)
+            || match name.len() {
+                2 => is_name(name, b"te"),
+                4 => {
+                    has_date |= is_name(name, b"date");
+                    false
+                }
+                6 => is_name(name, b"server"),
+                7 => is_name(name, b"trailer"),
+                14 => is_name(name, b"content-length") && status != StatusCode::NOT_MODIFIED,
+                _ => false,
+            };
         if skip
             || seen
                 .named
@@ -580,12 +578,12 @@ fn parse_head(
             // grow a map made exactly full.
             headers = HeaderMap::with_capacity(count + 1);
             for i in index.iter() {
-                let name = HeaderName::from_bytes(i.name_in(&head))
-                    .map_err(|_| Error::InvalidHead("invalid header name"))?;
                 // Connection-level headers are the client's business, not the message's.
-                if is_connection_header(&name) {
+                if is_connection_header(i.name_in(&head)) {
                     continue;
                 }
+                let name = HeaderName::from_bytes(i.name_in(&head))
+                    .map_err(|_| Error::InvalidHead("invalid header name"))?;
                 // SAFETY (an API contract, not memory safety): httparse accepted this value,
                 // and the bytes it accepts in a value (HTAB, SP..=0x7E, 0x80..=0xFF; obs-fold
                 // refused by the default config) are exactly those `HeaderValue` allows, so the
@@ -644,11 +642,15 @@ struct FramingHeaders {
 /// The connection-management headers the client consumes (`Connection` and what it names,
 /// `Keep-Alive`, `Proxy-Connection`, `Transfer-Encoding`, `Upgrade`): left out of a parsed
 /// response. `TE` and `Trailer`, hop-by-hop too, stay; [`ResponseHead::te_or_trailer`] tells.
-fn is_connection_header(name: &HeaderName) -> bool {
-    name == header::CONNECTION
-        || name == header::TRANSFER_ENCODING
-        || name == header::UPGRADE
-        || matches!(name.as_str(), "keep-alive" | "proxy-connection")
+/// Both the parsed and the kept-as-lines response use it.
+fn is_connection_header(name: &[u8]) -> bool {
+    match name.len() {
+        7 => is_name(name, b"upgrade"),
+        10 => is_name(name, b"connection") || is_name(name, b"keep-alive"),
+        16 => is_name(name, b"proxy-connection"),
+        17 => is_name(name, b"transfer-encoding"),
+        _ => false,
+    }
 }
 
 impl FramingHeaders {
