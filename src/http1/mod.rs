@@ -5,7 +5,39 @@ pub mod chunked;
 pub mod client;
 pub mod server;
 
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
 use bytes::Bytes;
+use tokio::time::{Instant, Sleep};
+
+/// A timer kept with a connection to bound its waits (a client's request head, an upstream's
+/// answer) without a timer-wheel update per wait: it stays armed for some earlier wait's
+/// deadline, never later than the current one, and is moved on only when it fires before the
+/// current deadline.
+pub type ConnTimer = Pin<Box<Sleep>>;
+
+/// The connection's timer, armed no later than `deadline` (made on first use).
+pub fn arm_timer(timer: &mut Option<ConnTimer>, deadline: Instant) -> &mut ConnTimer {
+    let timer = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+    if timer.deadline() > deadline {
+        timer.as_mut().reset(deadline);
+    }
+    timer
+}
+
+/// Ready once `deadline` has passed. When the timer fires for an earlier wait's deadline, it is
+/// moved on to this one.
+pub fn poll_deadline(timer: &mut ConnTimer, deadline: Instant, cx: &mut Context<'_>) -> Poll<()> {
+    loop {
+        match timer.as_mut().poll(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(()) if Instant::now() >= deadline => return Poll::Ready(()),
+            Poll::Ready(()) => timer.as_mut().reset(deadline),
+        }
+    }
+}
 
 /// Response header lines passed through as the upstream sent them (names lowercased), each
 /// ending in CRLF, without those the server writes itself: the connection-management and

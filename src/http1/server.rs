@@ -33,10 +33,10 @@ use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
 
 use super::chunked::{encode_chunk_head, ChunkedDecoder, Decoded, CHUNK_TAIL, LAST_CHUNK};
-use super::RawHead;
+use super::{arm_timer, poll_deadline, ConnTimer, RawHead};
 
 /// Most header lines a request head may have; more gets 431.
 pub const MAX_HEADERS: usize = 100;
@@ -495,7 +495,7 @@ struct Loop<'a> {
     cfg: &'a Config,
     shutdown: watch::Receiver<bool>,
     stopping: bool,
-    timer: Option<Pin<Box<Sleep>>>,
+    timer: Option<ConnTimer>,
     wbuf: Vec<u8>,
 }
 
@@ -536,18 +536,7 @@ impl Loop<'_> {
             }
             // Nothing to read now: wait, for at most the header timeout.
             let at = *deadline.get_or_insert_with(|| Instant::now() + self.cfg.header_timeout);
-            // The connection's timer stays armed for an earlier wait's deadline (never later than
-            // this one) and is moved on only when it fires early: no timer-wheel update per
-            // request.
-            let timer = match &mut self.timer {
-                Some(t) => {
-                    if t.deadline() > at {
-                        t.as_mut().reset(at);
-                    }
-                    t
-                }
-                None => self.timer.insert(Box::pin(tokio::time::sleep_until(at))),
-            };
+            let timer = arm_timer(&mut self.timer, at);
             let stopping = self.stopping;
             tokio::select! {
                 biased;
@@ -556,12 +545,7 @@ impl Loop<'_> {
                         return HeadRead::Close;
                     }
                 }
-                _ = timer.as_mut() => {
-                    if Instant::now() >= at {
-                        return HeadRead::Close;
-                    }
-                    timer.as_mut().reset(at);
-                }
+                _ = poll_fn(|cx| poll_deadline(timer, at, cx)) => return HeadRead::Close,
                 _ = self.shutdown.changed(), if !stopping => {
                     self.stopping = true;
                 }

@@ -26,7 +26,7 @@ use tokio_rustls::client::TlsStream;
 
 use crate::body::UpstreamRequestBody;
 use crate::http1::client::{self as h1, Connection, NoEdit, Recycle, RequestHead};
-use crate::http1::RawHead;
+use crate::http1::{arm_timer, poll_deadline, ConnTimer, RawHead};
 
 /// Why an upstream call failed; the caller picks the status code and whether to retry.
 #[derive(Debug, thiserror::Error)]
@@ -125,38 +125,7 @@ struct Idle {
     /// When the idle timeout closes it.
     deadline: Instant,
     requests: u64,
-    timer: Option<ExchangeTimer>,
-}
-
-/// The timer that bounds a connection's exchanges (request sent, response head read), kept with
-/// the connection so that a request does not register and remove a timer of its own: it is
-/// armed for some earlier request's deadline, which is never later than the current one, and
-/// moved on only when it fires before the current deadline (lazy re-arming).
-type ExchangeTimer = Pin<Box<tokio::time::Sleep>>;
-
-/// The connection's timer, armed no later than `deadline`.
-fn arm(timer: &mut Option<ExchangeTimer>, deadline: tokio::time::Instant) -> &mut ExchangeTimer {
-    let timer = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-    if timer.deadline() > deadline {
-        timer.as_mut().reset(deadline);
-    }
-    timer
-}
-
-/// Whether `deadline` has passed: Pending until it does. When the timer fires for an earlier
-/// request's deadline, it is moved on to this one.
-fn poll_expired(
-    timer: &mut ExchangeTimer,
-    deadline: tokio::time::Instant,
-    cx: &mut Context<'_>,
-) -> Poll<()> {
-    loop {
-        match timer.as_mut().poll(cx) {
-            Poll::Pending => return Poll::Pending,
-            Poll::Ready(()) if tokio::time::Instant::now() >= deadline => return Poll::Ready(()),
-            Poll::Ready(()) => timer.as_mut().reset(deadline),
-        }
-    }
+    timer: Option<ConnTimer>,
 }
 
 impl Idle {
@@ -220,7 +189,7 @@ pub struct Conn {
     connect_timeout: Duration,
     /// True when it came from the pool.
     pub reused: bool,
-    timer: Option<ExchangeTimer>,
+    timer: Option<ConnTimer>,
 }
 
 /// An upstream response body: streams from the connection and returns it to the pool at its end.
@@ -245,7 +214,7 @@ pub struct PoolReturn {
     target: Target,
     pool: PoolOptions,
     requests: u64,
-    timer: Option<ExchangeTimer>,
+    timer: Option<ConnTimer>,
 }
 
 impl Recycle<Stream> for PoolReturn {
@@ -411,12 +380,12 @@ impl Conn {
                     Err(e) => Err(ClientError::from(e)),
                 }
             });
-            let armed = arm(&mut timer, deadline);
+            let armed = arm_timer(&mut timer, deadline);
             std::future::poll_fn(|cx| {
                 if let Poll::Ready(r) = exchange.as_mut().poll(cx) {
                     return Poll::Ready(Some(r));
                 }
-                poll_expired(armed, deadline, cx).map(|()| None)
+                poll_deadline(armed, deadline, cx).map(|()| None)
             })
             .await
         };
