@@ -110,6 +110,12 @@ impl Chain {
     }
 }
 
+/// Whether any of `chains` has a plugin in any of `phases` (a phase none has can be skipped
+/// without making its future).
+pub fn any_has(chains: &[&Chain], phases: &[Phase]) -> bool {
+    chains.iter().any(|c| phases.iter().any(|&p| c.has(p)))
+}
+
 /// Runs a request phase (rewrite, access, before_proxy) over each chain in turn. The first
 /// plugin that answers ends the phase and the request.
 pub async fn run_request_phase(phase: Phase, chains: &[&Chain], ctx: &mut Ctx) -> PhaseResult {

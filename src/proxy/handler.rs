@@ -128,11 +128,10 @@ pub async fn handle(
 
     // A route without rewrite or access plugins (and so without an auth plugin to bring a
     // consumer's) skips the phases without making their futures.
-    let phases = [Phase::Rewrite, Phase::Access];
-    if phases
-        .iter()
-        .any(|&p| snap.global.has(p) || route.chain.has(p))
-    {
+    if chain::any_has(
+        &[&snap.global, &route.chain],
+        &[Phase::Rewrite, Phase::Access],
+    ) {
         match run_route_phases(&snap.global, &route, &mut ctx).await {
             Ok(None) => {}
             Ok(Some(local)) => return respond_local(ctx, snap, local, &env.node),
@@ -152,8 +151,7 @@ async fn run_route_phases(
 ) -> Result<Option<LocalResponse>, PluginError> {
     let chains = [global, &route.chain];
     // A phase no chain has is skipped without making its future.
-    let has = |chains: &[&Chain], p| chains.iter().any(|c| c.has(p));
-    if has(&chains, Phase::Rewrite) {
+    if chain::any_has(&chains, &[Phase::Rewrite]) {
         if let Flow::Respond(r) = chain::run_request_phase(Phase::Rewrite, &chains, ctx).await? {
             return Ok(Some(r));
         }
@@ -169,7 +167,7 @@ async fn run_route_phases(
     }
     let merged = ctx.plugins.clone();
     let chains = [global, merged.as_deref().unwrap_or(&route.chain)];
-    if has(&chains, Phase::Access) {
+    if chain::any_has(&chains, &[Phase::Access]) {
         if let Flow::Respond(r) = chain::run_request_phase(Phase::Access, &chains, ctx).await? {
             return Ok(Some(r));
         }
@@ -229,7 +227,7 @@ async fn proxy(
 
     let merged = ctx.plugins.clone();
     let chains = [&snap.global, merged.as_deref().unwrap_or(&route.chain)];
-    if chains.iter().any(|c| c.has(Phase::BeforeProxy)) {
+    if chain::any_has(&chains, &[Phase::BeforeProxy]) {
         match chain::run_request_phase(Phase::BeforeProxy, &chains, &mut ctx).await {
             Ok(Flow::Continue) => {}
             Ok(Flow::Respond(r)) => return respond_local(ctx, snap, r, &env.node),
@@ -343,9 +341,10 @@ async fn proxy(
     // Nothing looks at or changes the response headers (no header_filter, body_filter or log
     // plugin, no header set by an earlier phase): the upstream's lines pass through unparsed.
     let keep_raw = ctx.staged_headers.is_empty()
-        && !chains
-            .iter()
-            .any(|c| c.has(Phase::HeaderFilter) || c.has(Phase::BodyFilter) || c.has(Phase::Log));
+        && !chain::any_has(
+            &chains,
+            &[Phase::HeaderFilter, Phase::BodyFilter, Phase::Log],
+        );
     let head = RequestHead {
         method: &ctx.method,
         target,
@@ -432,7 +431,7 @@ fn respond(
             body = ResponseBody::Empty;
             raw = None;
         }
-        filter_body = chains.iter().any(|c| c.has(Phase::BodyFilter));
+        filter_body = chain::any_has(&chains, &[Phase::BodyFilter]);
     }
     ctx.status = head.status.as_u16();
     if filter_body {
