@@ -495,6 +495,40 @@ fn unread_request_body_is_drained_and_the_connection_reused() {
     assert_eq!(r.text(), "hello");
 }
 
+/// Each piece below is read short of the read buffer, after which the server waits for the
+/// socket's next readiness event rather than asking the kernel again: every later piece, and
+/// the end of the stream arriving with the last request, must still wake it.
+#[test]
+fn requests_arriving_in_pieces_and_with_the_close_are_all_answered() {
+    let up = body_echo();
+    let gw = Gateway::start(&format!("routes:\n{}", route("1", "/b", &up.node())));
+    let mut w = Wire::open(gw.addr());
+    for round in 0..3 {
+        for piece in [
+            &b"POST /b HTTP/1.1\r\nHo"[..],
+            b"st: t\r\nContent-Len",
+            b"gth: 10\r\n\r\n",
+            b"01234",
+            b"56789",
+        ] {
+            w.send(piece);
+            std::thread::sleep(Duration::from_millis(30));
+        }
+        let r = w.response(false).expect("response");
+        assert_eq!(
+            (r.status, r.text()),
+            (200, "0123456789".into()),
+            "round {round}"
+        );
+    }
+    // The last request and the end of the stream in one segment: answered, then closed.
+    w.send(b"POST /b HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\n\r\nlast");
+    w.s.shutdown(std::net::Shutdown::Write).expect("shutdown");
+    let r = w.response(false).expect("response");
+    assert_eq!((r.status, r.text()), (200, "last".into()));
+    assert!(w.closed_within(Duration::from_secs(5)));
+}
+
 #[test]
 fn connection_close_from_the_client_is_honoured() {
     let up = Upstream::text("hello");

@@ -31,6 +31,7 @@ use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
+use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -124,9 +125,32 @@ struct State {
 struct Conn {
     io: TcpStream,
     st: RefCell<State>,
+    /// Whether a short read may drop the socket's read readiness (see [`Conn::read_into`]).
+    drop_readiness: bool,
 }
 
 impl Conn {
+    /// Reads what is available into `buf`'s spare room.
+    ///
+    /// A read that leaves room unfilled has emptied the socket's receive queue (TCP's recv
+    /// copies until the queue or the buffer runs out), so the read readiness is dropped here and
+    /// the next read waits for epoll's next event. Without this, `try_read_buf` leaves the
+    /// readiness set, and the read for the next request on a keep-alive connection goes to the
+    /// kernel only to get `EAGAIN` (most requests did, under load). tokio's `poll_read` does the
+    /// same after a short read. Dropping readiness without the tick of the event that set it is
+    /// safe only where no other thread can set it in between: on a current-thread runtime, which
+    /// runs the I/O driver on this thread (`drop_readiness` says whether that is the case).
+    fn read_into(&self, buf: &mut BytesMut) -> io::Result<usize> {
+        let room = buf.capacity() - buf.len();
+        let n = self.io.try_read_buf(buf)?;
+        if self.drop_readiness && n > 0 && n < room {
+            let _ = self.io.try_io(Interest::READABLE, || {
+                Err::<(), _>(io::ErrorKind::WouldBlock.into())
+            });
+        }
+        Ok(n)
+    }
+
     /// Reads what is available into the buffer (asking for at least `want` bytes of room).
     fn poll_fill(
         &self,
@@ -138,7 +162,7 @@ impl Conn {
             if st.rbuf.capacity() - st.rbuf.len() < want {
                 st.rbuf.reserve(want);
             }
-            match self.io.try_read_buf(&mut st.rbuf) {
+            match self.read_into(&mut st.rbuf) {
                 Ok(n) => {
                     if n == 0 {
                         st.eof = true;
@@ -524,7 +548,7 @@ impl Loop<'_> {
                 if st.rbuf.capacity() - st.rbuf.len() < READ_CHUNK {
                     st.rbuf.reserve(READ_CHUNK);
                 }
-                match self.conn.io.try_read_buf(&mut st.rbuf) {
+                match self.conn.read_into(&mut st.rbuf) {
                     Ok(0) => {
                         st.eof = true;
                         return HeadRead::Close;
@@ -578,6 +602,8 @@ pub async fn serve<H, F, B>(
                 cont: Continue::No,
                 eof: false,
             }),
+            drop_readiness: tokio::runtime::Handle::current().runtime_flavor()
+                == tokio::runtime::RuntimeFlavor::CurrentThread,
         }),
         cfg,
         shutdown,
