@@ -363,32 +363,10 @@ def fmt(v, nd=1):
     return "-" if v is None else f"{v:.{nd}f}"
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="2 reps x 2 s")
-    ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--duration", type=int, default=5, help="seconds per measured run")
-    ap.add_argument("--warmup", type=int, default=1, help="seconds of warm-up per target and rep")
-    ap.add_argument("--conns", type=int, default=64)
-    ap.add_argument("--only", help="comma-separated target names")
-    ap.add_argument("--no-build", action="store_true")
-    ap.add_argument("--no-install", action="store_true")
-    ap.add_argument("--out", default=os.path.join(OUT, "results.json"))
-    args = ap.parse_args()
-    if args.quick:
-        args.reps, args.duration = 2, 2
-
-    targets = TARGETS
-    if args.only:
-        want = set(args.only.split(","))
-        targets = [t for t in TARGETS if t[0] in want]
-
-    if not args.no_install:
-        ensure_tools()
-    if not args.no_build:
-        build()
+def setup():
+    """Writes the configs to bench/out/run/, starts every server on CPU1 and checks that each
+    answers as the table says. Returns (processes, base URLs, idle RSS KiB), by server name."""
     os.makedirs(RUN, exist_ok=True)
-
     up_port, ngx_port, mg_port, fn_port = free_ports(4)
     files = {
         "upstream.conf": upstream_conf(up_port),
@@ -424,6 +402,34 @@ def main():
     wait_http(base["moongate"] + "/fn/test", "Hello, test!")
     time.sleep(0.5)
     idle_rss = {k: status_kb(p.pid, "VmRSS") for k, p in procs.items()}
+    return procs, base, idle_rss
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="2 reps x 2 s")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--duration", type=int, default=5, help="seconds per measured run")
+    ap.add_argument("--warmup", type=int, default=1, help="seconds of warm-up per target and rep")
+    ap.add_argument("--conns", type=int, default=64)
+    ap.add_argument("--only", help="comma-separated target names")
+    ap.add_argument("--no-build", action="store_true")
+    ap.add_argument("--no-install", action="store_true")
+    ap.add_argument("--out", default=os.path.join(OUT, "results.json"))
+    args = ap.parse_args()
+    if args.quick:
+        args.reps, args.duration = 2, 2
+
+    targets = TARGETS
+    if args.only:
+        want = set(args.only.split(","))
+        targets = [t for t in TARGETS if t[0] in want]
+
+    if not args.no_install:
+        ensure_tools()
+    if not args.no_build:
+        build()
+    procs, base, idle_rss = setup()
 
     meta = {
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
