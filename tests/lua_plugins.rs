@@ -293,6 +293,45 @@ fn probe_route(uri: &str, plugin: &str) -> String {
     format!("  - id: {plugin}\n    uri: {uri}\n    plugins:\n      {plugin}: {{}}\n")
 }
 
+/// The ctx table is emptied and reused after a request (as APISIX returns its api_ctx to a table
+/// pool): nothing a request stored there, nor a metatable it set, reaches the next request, and
+/// a table grown past the reuse limit is dropped and a fresh one made.
+#[test]
+fn ctx_table_starts_empty_for_every_request() {
+    let src = probe(
+        "probe-fresh-ctx",
+        r#"
+    out.leftover = ctx.mine
+    out.leftover_many = ctx.k1
+    out.route_id = ctx.route_id
+    out.var_uri = ctx.var.uri
+    out.plugin = ctx._plugin_name
+    ctx.mine = ngx.var.uri
+    if ngx.var.arg_many then
+        for i = 1, 100 do ctx["k" .. i] = i end
+    end
+    if ngx.var.arg_meta then
+        setmetatable(ctx, { __index = function() return "from another request" end })
+    end
+"#,
+    );
+    let (_tmp, gw) = probe_gateway(
+        &[("probe-fresh-ctx", &src)],
+        &probe_route("/fresh/*", "probe-fresh-ctx"),
+    );
+    // One worker, one request at a time: each request gets the slot (and table) the last left.
+    for (i, q) in ["", "?many=1", "", "?meta=1", "", ""].iter().enumerate() {
+        let r = get(&gw.url(&format!("/fresh/{i}{q}")));
+        assert_eq!(r.status, 200, "{}", r.text());
+        let out = r.json();
+        assert_eq!(out.get("leftover"), None, "request {i}: {out}");
+        assert_eq!(out.get("leftover_many"), None, "request {i}: {out}");
+        assert_eq!(out["route_id"], "probe-fresh-ctx", "request {i}");
+        assert_eq!(out["var_uri"], format!("/fresh/{i}"), "request {i}");
+        assert_eq!(out["plugin"], "probe-fresh-ctx", "request {i}");
+    }
+}
+
 #[test]
 fn core_json_round_trips() {
     let src = probe(

@@ -100,6 +100,10 @@ pub(crate) fn done_tag() -> LightUserData {
     tag(&DONE_TAG)
 }
 
+/// Most keys a finished request's ctx table may have held and still be recycled (see
+/// [`LuaRuntime::release_slot`]).
+const MAX_RECYCLED_CTX_KEYS: usize = 32;
+
 /// Idle runner threads kept per VM; more are made while many requests wait at once.
 const MAX_IDLE_RUNNERS: usize = 64;
 
@@ -111,9 +115,10 @@ const MAX_IDLE_RUNNERS: usize = 64;
 /// (a conf without an id). It sets `ctx._plugin_name` (from Lua that costs
 /// nanoseconds, from Rust a protected call) and calls the phase function.
 ///
-/// The ctx table is passed as its slot in `CTXS` (see [`LuaRuntime::ctx_slot`]): the first call
-/// of a request makes the table here, in Lua, where it costs a table allocation; made from Rust,
-/// every table is a protected call of its own while a memory limit is set.
+/// The ctx table is passed as its slot in `CTXS` (see [`LuaRuntime::ctx_slot`]): usually the slot
+/// holds an emptied table from an earlier request (see [`LuaRuntime::release_slot`]); otherwise
+/// the first call of a request makes one here, in Lua, where it costs a table allocation; made
+/// from Rust, every table is a protected call of its own while a memory limit is set.
 ///
 /// A runner parks at a yield, runs the call it is resumed with, yields its first two results,
 /// again. The call's arguments live in `call`'s frame only, so a parked runner keeps no
@@ -309,8 +314,8 @@ pub(crate) struct LuaRequest {
     pub exit: Option<i64>,
 }
 
-/// A request's slot in its thread's runtime's `CTXS` table; the slot is emptied and freed when
-/// the request's Lua state is dropped.
+/// A request's slot in its thread's runtime's `CTXS` table; the slot's table is emptied and the
+/// slot freed when the request's Lua state is dropped.
 #[derive(Default)]
 struct CtxSlot(i64);
 
@@ -392,6 +397,8 @@ pub struct LuaRuntime {
     ctxs: Table,
     /// `CTXS`' registry reference, for emptying a slot with the C API.
     ctxs_ref: std::ffi::c_int,
+    /// The ctx metatable's registry reference, to reset a recycled ctx table's.
+    ctx_mt_ref: std::ffi::c_int,
     /// The VM's main state.
     state: *mut mlua::ffi::lua_State,
     /// Ctx slots of finished requests, for reuse.
@@ -456,11 +463,12 @@ impl LuaRuntime {
                 setmetatable,
                 new_tab,
             ))?;
-        let mut ctxs_ref = 0;
-        // SAFETY: runs in a protected call with `ctxs` as its only argument; `luaL_ref` pops it
-        // (the registry keeps it), leaving the stack as it found it.
+        let (mut ctxs_ref, mut ctx_mt_ref) = (0, 0);
+        // SAFETY: runs in a protected call with `ctxs` and `ctx_mt` as its arguments; each
+        // `luaL_ref` pops the top one (the registry keeps it), leaving the stack as it found it.
         unsafe {
-            lua.exec_raw::<()>(&ctxs, |l| {
+            lua.exec_raw::<()>((&ctxs, &ctx_mt), |l| {
+                ctx_mt_ref = mlua::ffi::luaL_ref(l, mlua::ffi::LUA_REGISTRYINDEX);
                 ctxs_ref = mlua::ffi::luaL_ref(l, mlua::ffi::LUA_REGISTRYINDEX);
             })?;
         }
@@ -477,6 +485,7 @@ impl LuaRuntime {
             ctx_mt,
             ctxs,
             ctxs_ref,
+            ctx_mt_ref,
             state,
             free_slots: RefCell::new(Vec::new()),
             next_slot: Cell::new(1),
@@ -759,28 +768,46 @@ impl LuaRuntime {
         Ok(t)
     }
 
-    /// Empties a finished request's slot (its ctx table is garbage from now on) for reuse.
+    /// Frees a finished request's slot for reuse, and its ctx table with it: the table is
+    /// emptied (and its metatable reset) but stays in the slot, so the slot's next request finds
+    /// a table ready instead of allocating one, and the collector has nothing to reclaim. APISIX
+    /// does the same with its `api_ctx` (the tablepool, at the end of the log phase). A table
+    /// that held more than [`MAX_RECYCLED_CTX_KEYS`] keys is left to the collector instead, so
+    /// one request's large table does not stay allocated.
     fn release_slot(&self, slot: i64) {
         // SAFETY: on the main state's top, outside any Lua call of this VM (a request's Lua
-        // state is dropped with its Ctx, never from Lua): pushes at most two values and pops
-        // them. Nothing here can raise a Lua error: `lua_checkstack` grows the stack in a
-        // protected call, the reads do not allocate, and `CTXS[slot] = nil` is written only
-        // when the key exists, which never allocates.
+        // state is dropped with its Ctx, never from Lua): pushes at most five values and pops
+        // them. Nothing here can raise a Lua error or allocate: `lua_checkstack` grows the stack
+        // in a protected call; the traversal sets only keys it has just been given to nil (which
+        // Lua allows during a traversal, and which never allocates); `setmetatable` with a
+        // table, and `CTXS[slot] = nil` on a key that exists, do not allocate either.
         unsafe {
             use mlua::ffi;
             let l = self.state;
-            if ffi::lua_checkstack(l, 2) == 0 {
+            if ffi::lua_checkstack(l, 5) == 0 {
                 return;
             }
             ffi::lua_rawgeti(l, ffi::LUA_REGISTRYINDEX, self.ctxs_ref as _);
             ffi::lua_rawgeti(l, -1, slot as _);
-            let present = ffi::lua_type(l, -1) != ffi::LUA_TNIL;
-            ffi::lua_pop(l, 1);
-            if present {
+            if ffi::lua_type(l, -1) == ffi::LUA_TTABLE {
+                let mut keys = 0usize;
                 ffi::lua_pushnil(l);
-                ffi::lua_rawseti(l, -2, slot as _);
+                while ffi::lua_next(l, -2) != 0 {
+                    ffi::lua_pop(l, 1);
+                    keys += 1;
+                    ffi::lua_pushvalue(l, -1);
+                    ffi::lua_pushnil(l);
+                    ffi::lua_rawset(l, -4);
+                }
+                if keys > MAX_RECYCLED_CTX_KEYS {
+                    ffi::lua_pushnil(l);
+                    ffi::lua_rawseti(l, -3, slot as _);
+                } else {
+                    ffi::lua_rawgeti(l, ffi::LUA_REGISTRYINDEX, self.ctx_mt_ref as _);
+                    ffi::lua_setmetatable(l, -2);
+                }
             }
-            ffi::lua_pop(l, 1);
+            ffi::lua_pop(l, 2);
         }
         self.free_slots.borrow_mut().push(slot);
     }
