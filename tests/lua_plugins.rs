@@ -543,7 +543,10 @@ fn core_request_changes_reach_the_upstream() {
     let src = r#"local core = require("apisix.core")
 local _M = { version = 0.1, priority = 7, name = "probe-mutate", schema = { type = "object" } }
 function _M.access(conf, ctx)
-    core.request.set_header(ctx, "X-Set", "v1")
+    core.request.set_header(ctx, "X-Set", "v0")
+    core.request.set_header(ctx, "x-SET", "v1")
+    core.request.set_header(ctx, "X-Twice", "only")
+    core.request.set_header(ctx, "X-Tab", { "t1", "t2" })
     core.request.add_header(ctx, "X-Added", "a")
     core.request.add_header(ctx, "X-Added", "b")
     core.request.set_header(ctx, "X-Drop", nil)
@@ -570,10 +573,14 @@ return _M
     let (_tmp, gw) = probe_gateway(&[("probe-mutate", src)], &routes);
     let r = Req::get(&gw.url("/m?keep=1&gone=1"))
         .header("X-Drop", "x")
+        .header("X-Twice", "1")
+        .header("X-Twice", "2")
         .send();
     assert_eq!(r.status, 200, "{}", r.text());
     let seen = r.json();
     assert_eq!(seen["headers"]["x-set"], "v1");
+    assert_eq!(seen["headers"]["x-twice"], "only");
+    assert_eq!(seen["headers"]["x-tab"], "t1, t2");
     assert_eq!(seen["headers"]["x-added"], "a, b");
     assert!(seen["headers"].get("x-drop").is_none(), "{seen}");
     let uri = seen["uri"].as_str().unwrap_or_default();

@@ -647,8 +647,17 @@ fn put_request_header(name: &mlua::String, value: &Value, replace: bool) -> mlua
     let name = header_name(&name.as_bytes())?;
     let values = header_values(value)?;
     with_ctx(|c| {
+        let mut values = values.into_iter();
         if replace {
-            c.headers.remove(&name);
+            // Every value replaced, the first where the old first one was (as nginx does).
+            match values.next() {
+                Some(first) => {
+                    c.headers.insert(name.clone(), first);
+                }
+                None => {
+                    c.headers.remove(&name);
+                }
+            }
         }
         for v in values {
             c.headers.append(name.clone(), v);

@@ -18,7 +18,7 @@
 //! may raise (pushing a string may run out of memory) happen only where no Rust value that
 //! needs dropping is live, so a Lua error leaks at most a scratch buffer.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::ffi::c_int;
 use std::mem::ManuallyDrop;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -35,6 +35,33 @@ thread_local! {
     /// pushing may run the GC, whose finalizers may run Lua that changes the request, so no
     /// string is pushed straight from the request.
     static SCRATCH: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
+
+    /// Header names the fast functions made lately. A plugin sets the same few headers on every
+    /// request, and `HeaderName::from_bytes` copies a non-standard name into an allocation of its
+    /// own each time; a kept name is cloned instead (a reference count).
+    static NAMES: RefCell<Vec<HeaderName>> = const { RefCell::new(Vec::new()) };
+}
+
+/// How many header names [`NAMES`] keeps.
+const KEPT_NAMES: usize = 8;
+
+/// `name` as a header name (None: not a valid one), from [`NAMES`] when it is there.
+fn header_name(name: &[u8]) -> Option<HeaderName> {
+    NAMES.with_borrow_mut(|names| {
+        // A kept name is lowercase and valid: a name equal to it but for ASCII case parses to it.
+        if let Some(n) = names
+            .iter()
+            .find(|n| n.as_str().as_bytes().eq_ignore_ascii_case(name))
+        {
+            return Some(n.clone());
+        }
+        let n = HeaderName::from_bytes(name).ok()?;
+        if names.len() == KEPT_NAMES {
+            names.remove(0);
+        }
+        names.push(n.clone());
+        Some(n)
+    })
 }
 
 /// `fast` as a Lua C function with `slow` (an mlua function with the same behaviour) as its
@@ -127,7 +154,7 @@ unsafe fn modify_header(l: *mut lua_State, add: bool, has_value: bool) -> c_int 
     let name = str_arg(l, 1);
     let value = (has_value && ffi::lua_type(l, 2) == ffi::LUA_TSTRING).then(|| str_arg(l, 2));
     let done = caught(|| {
-        let Ok(name) = HeaderName::from_bytes(name) else {
+        let Some(name) = header_name(name) else {
             return false;
         };
         let value = match value.map(HeaderValue::from_bytes) {
@@ -135,12 +162,17 @@ unsafe fn modify_header(l: *mut lua_State, add: bool, has_value: bool) -> c_int 
             Some(Ok(v)) => Some(v),
             Some(Err(_)) => return false,
         };
-        with_ctx(|c| {
-            if !add {
-                c.headers.remove(&name);
-            }
-            if let Some(v) = value {
+        with_ctx(|c| match value {
+            Some(v) if add => {
                 c.headers.append(name, v);
+            }
+            // Replaces every value, where the first one was (as nginx does).
+            Some(v) => {
+                c.headers.insert(name, v);
+            }
+            None if add => {}
+            None => {
+                c.headers.remove(&name);
             }
         })
         .is_ok()
