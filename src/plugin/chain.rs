@@ -135,7 +135,7 @@ pub async fn run_request_phase(phase: Phase, chains: &[&Chain], ctx: &mut Ctx) -
                 // APISIX's `_meta.error_response` replaces the body of any >= 400 answer.
                 if r.status.as_u16() >= 400 {
                     if let Some(er) = e.conf.value.pointer("/_meta/error_response") {
-                        r = error_response(r, er);
+                        *r = error_response(*r, er);
                     }
                 }
                 return Ok(Flow::Respond(r));

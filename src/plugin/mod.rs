@@ -214,8 +214,16 @@ pub enum Flow {
     Continue,
     /// End the request with this response. The later plugins of this phase and the later request
     /// phases do not run, and the upstream is not contacted; `header_filter`, `body_filter` and
-    /// `log` still run on this response, as in APISIX.
-    Respond(LocalResponse),
+    /// `log` still run on this response, as in APISIX. Boxed: a phase result is moved through
+    /// a few layers on every request, and almost always is `Continue`.
+    Respond(Box<LocalResponse>),
+}
+
+impl Flow {
+    /// End the request with `r`.
+    pub fn respond(r: LocalResponse) -> Flow {
+        Flow::Respond(Box::new(r))
+    }
 }
 
 /// The response status and headers as `header_filter` sees and changes them.
@@ -257,8 +265,6 @@ pub type PhaseResult = Result<Flow, PluginError>;
 
 /// A request phase call as [`Plugin::start_phase`] hands it to the chain: finished already, or
 /// the future to await because it waits for something.
-// `Ready` is as large as a `PhaseResult`: boxing it would put back the allocation this avoids.
-#[allow(clippy::large_enum_variant)]
 pub enum PhaseCall<'a> {
     Ready(PhaseResult),
     Wait(Pin<Box<dyn Future<Output = PhaseResult> + 'a>>),

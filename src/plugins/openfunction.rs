@@ -380,7 +380,7 @@ fn compile(conf: &Value) -> Result<OpenFunctionConf, String> {
 /// The request phase's failure modes that end in a status without a body.
 fn exit(status: StatusCode) -> PhaseResult {
     tracing::warn!("{NAME} exits with http status code {}", status.as_u16());
-    Ok(Flow::Respond(LocalResponse::text(status, Bytes::new())))
+    Ok(Flow::respond(LocalResponse::text(status, Bytes::new())))
 }
 
 #[async_trait(?Send)]
@@ -436,7 +436,7 @@ impl Plugin for OpenFunction {
                         local.status.as_u16()
                     );
                 }
-                Ok(Flow::Respond(local))
+                Ok(Flow::respond(local))
             }
             Err(reason) => {
                 tracing::error!(

@@ -113,7 +113,7 @@ pub async fn handle(
         // No route: global rules still run, as in APISIX.
         let chains = [&snap.global];
         let local = match run_request_phases(&chains, &mut ctx).await {
-            Ok(Some(r)) => r,
+            Ok(Some(r)) => *r,
             Ok(None) => LocalResponse::error(StatusCode::NOT_FOUND, "404 Route Not Found"),
             Err(e) => plugin_failure(&e),
         };
@@ -134,7 +134,7 @@ pub async fn handle(
     ) {
         match run_route_phases(&snap.global, &route, &mut ctx).await {
             Ok(None) => {}
-            Ok(Some(local)) => return respond_local(ctx, snap, local, &env.node),
+            Ok(Some(local)) => return respond_local(ctx, snap, *local, &env.node),
             Err(e) => return respond_local(ctx, snap, plugin_failure(&e), &env.node),
         }
     }
@@ -148,7 +148,7 @@ async fn run_route_phases(
     global: &Chain,
     route: &RouteEntry,
     ctx: &mut Ctx,
-) -> Result<Option<LocalResponse>, PluginError> {
+) -> Result<Option<Box<LocalResponse>>, PluginError> {
     let chains = [global, &route.chain];
     // A phase no chain has is skipped without making its future.
     if chain::any_has(&chains, &[Phase::Rewrite]) {
@@ -179,7 +179,7 @@ async fn run_route_phases(
 async fn run_request_phases(
     chains: &[&Chain],
     ctx: &mut Ctx,
-) -> Result<Option<LocalResponse>, PluginError> {
+) -> Result<Option<Box<LocalResponse>>, PluginError> {
     for phase in [Phase::Rewrite, Phase::Access] {
         if let Flow::Respond(r) = chain::run_request_phase(phase, chains, ctx).await? {
             return Ok(Some(r));
@@ -230,7 +230,7 @@ async fn proxy(
     if chain::any_has(&chains, &[Phase::BeforeProxy]) {
         match chain::run_request_phase(Phase::BeforeProxy, &chains, &mut ctx).await {
             Ok(Flow::Continue) => {}
-            Ok(Flow::Respond(r)) => return respond_local(ctx, snap, r, &env.node),
+            Ok(Flow::Respond(r)) => return respond_local(ctx, snap, *r, &env.node),
             Err(e) => return respond_local(ctx, snap, plugin_failure(&e), &env.node),
         }
     }

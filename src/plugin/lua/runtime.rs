@@ -1296,10 +1296,10 @@ fn finish_request_phase(
     };
     match code {
         Some(code) => local_response(rt, ctx, code, &body)
-            .map(Flow::Respond)
+            .map(Flow::respond)
             .map_err(|e| PluginError::new(&p.name, phase, e)),
         None if body != Value::Nil => local_response(rt, ctx, 200, &body)
-            .map(Flow::Respond)
+            .map(Flow::respond)
             .map_err(|e| PluginError::new(&p.name, phase, e)),
         None => {
             // Output without exit still ends the request, as in OpenResty once the response
@@ -1332,7 +1332,7 @@ fn exit_flow(ctx: &mut Ctx, status: i64) -> Flow {
         .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let body = std::mem::take(&mut req.output);
     let headers = std::mem::take(&mut ctx.staged_headers);
-    Flow::Respond(LocalResponse {
+    Flow::respond(LocalResponse {
         status: code,
         headers,
         body: if body.is_empty() {
