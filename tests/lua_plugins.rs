@@ -294,8 +294,8 @@ fn probe_route(uri: &str, plugin: &str) -> String {
 }
 
 /// The ctx table is emptied and reused after a request (as APISIX returns its api_ctx to a table
-/// pool): nothing a request stored there, nor a metatable it set, reaches the next request, and
-/// a table grown past the reuse limit is dropped and a fresh one made.
+/// pool): nothing a request stored there, nor a metatable it set (even a protected one, which
+/// cannot be reset: that table is dropped and a fresh one made), reaches the next request.
 #[test]
 fn ctx_table_starts_empty_for_every_request() {
     let src = probe(
@@ -313,6 +313,9 @@ fn ctx_table_starts_empty_for_every_request() {
     if ngx.var.arg_meta then
         setmetatable(ctx, { __index = function() return "from another request" end })
     end
+    if ngx.var.arg_lock then
+        setmetatable(ctx, { __index = function() return "locked" end, __metatable = "locked" })
+    end
 "#,
     );
     let (_tmp, gw) = probe_gateway(
@@ -320,7 +323,10 @@ fn ctx_table_starts_empty_for_every_request() {
         &probe_route("/fresh/*", "probe-fresh-ctx"),
     );
     // One worker, one request at a time: each request gets the slot (and table) the last left.
-    for (i, q) in ["", "?many=1", "", "?meta=1", "", ""].iter().enumerate() {
+    for (i, q) in ["", "?many=1", "", "?meta=1", "", "?lock=1", "", ""]
+        .iter()
+        .enumerate()
+    {
         let r = get(&gw.url(&format!("/fresh/{i}{q}")));
         assert_eq!(r.status, 200, "{}", r.text());
         let out = r.json();

@@ -100,10 +100,6 @@ pub(crate) fn done_tag() -> LightUserData {
     tag(&DONE_TAG)
 }
 
-/// Most keys a finished request's ctx table may have held and still be recycled (see
-/// [`LuaRuntime::release_slot`]).
-const MAX_RECYCLED_CTX_KEYS: usize = 32;
-
 /// Idle runner threads kept per VM; more are made while many requests wait at once.
 const MAX_IDLE_RUNNERS: usize = 64;
 
@@ -123,8 +119,10 @@ const MAX_IDLE_RUNNERS: usize = 64;
 /// A runner parks at a yield, runs the call it is resumed with, yields its first two results,
 /// again. The call's arguments live in `call`'s frame only, so a parked runner keeps no
 /// request's tables alive (only the last call's two results).
+///
+/// `release` empties a finished request's ctx table for the slot's next request.
 const RUNNER_SRC: &str = r#"
-local DONE, yield, BOUND, CTXS, CTX_MT, setmetatable, new_tab = ...
+local DONE, yield, BOUND, CTXS, CTX_MT, setmetatable, getmetatable, new_tab, clear_tab = ...
 local function ctx_of(slot)
     local ctx = CTXS[slot]
     if ctx == nil then
@@ -151,7 +149,16 @@ local function runner()
         r1, r2 = call(yield(DONE, r1, r2))
     end
 end
-return call, runner
+local function release(slot)
+    local ctx = CTXS[slot]
+    if ctx ~= nil then
+        clear_tab(ctx)
+        if getmetatable(ctx) ~= CTX_MT then
+            setmetatable(ctx, CTX_MT)
+        end
+    end
+end
+return call, runner, release
 "#;
 
 /// Wraps a waiting function's Rust half: call it, yield to the runtime, return what it sends
@@ -397,8 +404,8 @@ pub struct LuaRuntime {
     ctxs: Table,
     /// `CTXS`' registry reference, for emptying a slot with the C API.
     ctxs_ref: std::ffi::c_int,
-    /// The ctx metatable's registry reference, to reset a recycled ctx table's.
-    ctx_mt_ref: std::ffi::c_int,
+    /// `release` of [`RUNNER_SRC`]'s registry reference (see [`LuaRuntime::release_slot`]).
+    release_ref: std::ffi::c_int,
     /// The VM's main state.
     state: *mut mlua::ffi::lua_State,
     /// Ctx slots of finished requests, for reuse.
@@ -448,12 +455,14 @@ impl LuaRuntime {
         let bound = lua.create_table()?;
         let ctxs = lua.create_table()?;
         let setmetatable: Function = lua.globals().get("setmetatable")?;
-        // LuaJIT's table.new (a table with its parts pre-sized).
-        let new_tab: Function = lua
-            .load("return require('table.new')")
+        let getmetatable: Function = lua.globals().get("getmetatable")?;
+        // LuaJIT's table.new (a table with its parts pre-sized) and table.clear (empties a
+        // table, keeping its parts' sizes).
+        let (new_tab, clear_tab): (Function, Function) = lua
+            .load("return require('table.new'), require('table.clear')")
             .set_name("=moongate.table_new")
             .eval()?;
-        let (trampoline, runner_fn): (Function, Function) =
+        let (trampoline, runner_fn, release): (Function, Function, Function) =
             lua.load(RUNNER_SRC).set_name("=moongate.call").call((
                 tag(&DONE_TAG),
                 co.get::<Function>("yield")?,
@@ -461,14 +470,16 @@ impl LuaRuntime {
                 &ctxs,
                 &ctx_mt,
                 setmetatable,
+                getmetatable,
                 new_tab,
+                clear_tab,
             ))?;
-        let (mut ctxs_ref, mut ctx_mt_ref) = (0, 0);
-        // SAFETY: runs in a protected call with `ctxs` and `ctx_mt` as its arguments; each
+        let (mut ctxs_ref, mut release_ref) = (0, 0);
+        // SAFETY: runs in a protected call with `ctxs` and `release` as its arguments; each
         // `luaL_ref` pops the top one (the registry keeps it), leaving the stack as it found it.
         unsafe {
-            lua.exec_raw::<()>((&ctxs, &ctx_mt), |l| {
-                ctx_mt_ref = mlua::ffi::luaL_ref(l, mlua::ffi::LUA_REGISTRYINDEX);
+            lua.exec_raw::<()>((&ctxs, &release), |l| {
+                release_ref = mlua::ffi::luaL_ref(l, mlua::ffi::LUA_REGISTRYINDEX);
                 ctxs_ref = mlua::ffi::luaL_ref(l, mlua::ffi::LUA_REGISTRYINDEX);
             })?;
         }
@@ -485,7 +496,7 @@ impl LuaRuntime {
             ctx_mt,
             ctxs,
             ctxs_ref,
-            ctx_mt_ref,
+            release_ref,
             state,
             free_slots: RefCell::new(Vec::new()),
             next_slot: Cell::new(1),
@@ -768,46 +779,38 @@ impl LuaRuntime {
         Ok(t)
     }
 
-    /// Frees a finished request's slot for reuse, and its ctx table with it: the table is
-    /// emptied (and its metatable reset) but stays in the slot, so the slot's next request finds
-    /// a table ready instead of allocating one, and the collector has nothing to reclaim. APISIX
-    /// does the same with its `api_ctx` (the tablepool, at the end of the log phase). A table
-    /// that held more than [`MAX_RECYCLED_CTX_KEYS`] keys is left to the collector instead, so
-    /// one request's large table does not stay allocated.
+    /// Frees a finished request's slot for reuse, and its ctx table with it: Lua's `release`
+    /// empties the table (`table.clear`) and resets its metatable, and it stays in the slot, so
+    /// the slot's next request finds a table ready instead of allocating one, and the collector
+    /// has nothing to reclaim. APISIX does the same with its `api_ctx` (the tablepool, at the end
+    /// of the log phase). Should `release` fail (a plugin protected the metatable it gave the
+    /// table), the table leaves the slot and is the collector's.
     fn release_slot(&self, slot: i64) {
         // SAFETY: on the main state's top, outside any Lua call of this VM (a request's Lua
-        // state is dropped with its Ctx, never from Lua): pushes at most five values and pops
-        // them. Nothing here can raise a Lua error or allocate: `lua_checkstack` grows the stack
-        // in a protected call; the traversal sets only keys it has just been given to nil (which
-        // Lua allows during a traversal, and which never allocates); `setmetatable` with a
-        // table, and `CTXS[slot] = nil` on a key that exists, do not allocate either.
+        // state is dropped with its Ctx, never from Lua): pushes at most three values and pops
+        // them. `lua_checkstack` grows the stack in a protected call; `release` runs in one
+        // (`lua_pcall`, its error popped); it allocates nothing, so neither does the fallback:
+        // `CTXS[slot] = nil` on a key that exists.
         unsafe {
             use mlua::ffi;
             let l = self.state;
-            if ffi::lua_checkstack(l, 5) == 0 {
+            if ffi::lua_checkstack(l, 3) == 0 {
                 return;
             }
-            ffi::lua_rawgeti(l, ffi::LUA_REGISTRYINDEX, self.ctxs_ref as _);
-            ffi::lua_rawgeti(l, -1, slot as _);
-            if ffi::lua_type(l, -1) == ffi::LUA_TTABLE {
-                let mut keys = 0usize;
-                ffi::lua_pushnil(l);
-                while ffi::lua_next(l, -2) != 0 {
-                    ffi::lua_pop(l, 1);
-                    keys += 1;
-                    ffi::lua_pushvalue(l, -1);
+            ffi::lua_rawgeti(l, ffi::LUA_REGISTRYINDEX, self.release_ref as _);
+            ffi::lua_pushinteger(l, slot as _);
+            if ffi::lua_pcall(l, 1, 0, 0) != 0 {
+                ffi::lua_pop(l, 1);
+                ffi::lua_rawgeti(l, ffi::LUA_REGISTRYINDEX, self.ctxs_ref as _);
+                ffi::lua_rawgeti(l, -1, slot as _);
+                let present = ffi::lua_type(l, -1) != ffi::LUA_TNIL;
+                ffi::lua_pop(l, 1);
+                if present {
                     ffi::lua_pushnil(l);
-                    ffi::lua_rawset(l, -4);
+                    ffi::lua_rawseti(l, -2, slot as _);
                 }
-                if keys > MAX_RECYCLED_CTX_KEYS {
-                    ffi::lua_pushnil(l);
-                    ffi::lua_rawseti(l, -3, slot as _);
-                } else {
-                    ffi::lua_rawgeti(l, ffi::LUA_REGISTRYINDEX, self.ctx_mt_ref as _);
-                    ffi::lua_setmetatable(l, -2);
-                }
+                ffi::lua_pop(l, 1);
             }
-            ffi::lua_pop(l, 2);
         }
         self.free_slots.borrow_mut().push(slot);
     }
