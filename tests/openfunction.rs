@@ -1007,6 +1007,62 @@ fn response_connection_headers_are_dropped() {
     task.abort();
 }
 
+/// With no plugin that sees response headers, the function's header lines pass unparsed; with
+/// one, they are parsed into headers. The client gets the same headers either way.
+#[test]
+fn response_headers_are_the_same_with_and_without_response_plugins() {
+    let (addr, task) = raw_function(
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: keep-alive, X-Conn\r\nX-Conn: 1\r\nX-A: 1\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\nServer: function\r\nTE: trailers\r\nTrailer: x\r\nETag: \"v1\"\r\nContent-Length: 5\r\n\r\nhello",
+    );
+    let fn_conf = json!({"function_uri": format!("http://{addr}/fn")});
+    let gw = Gateway::start(json!([
+        {"uri": "/plain", "plugins": openfunction(fn_conf.clone())},
+        {"uri": "/filtered", "plugins": {
+            "openfunction": fn_conf,
+            "response-headers": {"set": {"X-Mark": "1"}}
+        }},
+    ]));
+    let names = |r: &Resp| {
+        let mut h: Vec<(String, String)> = r
+            .headers
+            .iter()
+            .filter(|(k, _)| !k.eq_ignore_ascii_case("date") && !k.eq_ignore_ascii_case("x-mark"))
+            .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
+            .collect();
+        h.sort();
+        h
+    };
+    let plain = gw.get("/plain");
+    let filtered = gw.get("/filtered");
+    assert_eq!((plain.status, plain.text().as_str()), (200, "hello"));
+    assert_eq!(filtered.header("x-mark"), Some("1"));
+    assert_eq!(names(&plain), names(&filtered));
+    assert_eq!(plain.all("set-cookie"), ["a=1", "b=2"]);
+    assert_eq!(plain.header("te"), Some("trailers"));
+    assert_eq!(plain.header("trailer"), Some("x"));
+    assert!(plain.header("x-conn").is_none(), "{:?}", plain.headers);
+    task.abort();
+}
+
+/// `_meta.error_response` replaces an error answer's body whichever way its headers came.
+#[test]
+fn error_response_replaces_a_functions_error_body() {
+    let (addr, task) = raw_function(
+        b"HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/html\r\nX-A: 1\r\nContent-Length: 4\r\n\r\noops",
+    );
+    let gw = Gateway::start(json!([
+        {"uri": "/e", "plugins": {"openfunction": {
+            "function_uri": format!("http://{addr}/fn"),
+            "_meta": {"error_response": "custom error"}
+        }}},
+    ]));
+    let r = gw.get("/e");
+    assert_eq!((r.status, r.text().as_str()), (502, "custom error"));
+    assert_eq!(r.header("x-a"), Some("1"));
+    assert_ne!(r.header("content-type"), Some("text/html"));
+    task.abort();
+}
+
 #[test]
 fn head_keeps_the_functions_content_length() {
     let f = FnServer::start(|_| Reply {

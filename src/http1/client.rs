@@ -89,10 +89,20 @@ pub struct RequestHead<'a> {
     /// Changes to `headers` applied while the head is written, so the map is sent as it is
     /// without being copied and changed first ([`NoEdit`]: none).
     pub edit: &'a dyn HeadEdit,
-    /// Keep the response's header lines as received ([`ResponseHead::raw`]) instead of
-    /// parsing them into [`ResponseHead::headers`] (not for HEAD: its `Content-Length` is a
-    /// header to pass, not framing).
-    pub keep_raw: bool,
+    /// How the response's header lines are handed over.
+    pub lines: ResponseLines,
+}
+
+/// How a response's header lines are handed over: parsed into [`ResponseHead::headers`], or kept
+/// as received in [`ResponseHead::raw`] (never for HEAD: its `Content-Length` is a header to
+/// pass, not framing).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResponseLines {
+    Parsed,
+    /// Kept, without `TE` and `Trailer` (the proxy's way, as nginx's).
+    Raw,
+    /// Kept, `TE` and `Trailer` included (openfunction's way, as APISIX's).
+    RawWithTe,
 }
 
 /// Changes to a request's headers made on the way out: some lines first, some of the map's
@@ -196,19 +206,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         B::Error: Into<BoxError>,
     {
         let head_request = head.method == Method::HEAD;
-        let keep_raw = head.keep_raw && !head_request;
+        let lines = if head_request {
+            ResponseLines::Parsed
+        } else {
+            head.lines
+        };
         if let Err(e) = self.write_request(head, body).await {
             // An upstream may answer before it has read the whole body (a 413, a 401) and
             // close: that answer is what the client should get, not a send error.
             if matches!(e, Error::Write(_)) {
-                if let Ok(mut early) = self.read_response_head(head_request, keep_raw).await {
+                if let Ok(mut early) = self.read_response_head(head_request, lines).await {
                     early.keep_alive = false;
                     return Ok(early);
                 }
             }
             return Err(e);
         }
-        self.read_response_head(head_request, keep_raw).await
+        self.read_response_head(head_request, lines).await
     }
 
     async fn write_request<B>(&mut self, head: &RequestHead<'_>, body: B) -> Result<(), Error>
@@ -314,12 +328,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     async fn read_response_head(
         &mut self,
         head_request: bool,
-        keep_raw: bool,
+        lines: ResponseLines,
     ) -> Result<ResponseHead, Error> {
         let mut received = !self.read_buf.is_empty();
         loop {
             if !self.read_buf.is_empty() {
-                if let Some(head) = parse_head(&mut self.read_buf, head_request, keep_raw)? {
+                if let Some(head) = parse_head(&mut self.read_buf, head_request, lines)? {
                     return Ok(head);
                 }
                 if self.read_buf.len() > MAX_HEAD {
@@ -465,12 +479,14 @@ fn is_name(name: &[u8], lower: &[u8]) -> bool {
 
 /// The header lines to pass on as they are (see [`super::RawHead`]): all but the
 /// connection-management ones (and those `Connection` names), the framing ones (a 304 keeps its
-/// `Content-Length`, as the parsed path does), `TE`, `Trailer` and `Server`.
+/// `Content-Length`, as the parsed path does), `Server`, and unless `keep_te`, `TE` and
+/// `Trailer`.
 fn raw_lines(
     head: &Bytes,
     index: &[HeaderIndex],
     seen: &FramingHeaders,
     status: StatusCode,
+    keep_te: bool,
 ) -> super::RawHead {
     let mut lines = BytesMut::with_capacity(head.len());
     let mut has_date = false;
@@ -478,13 +494,13 @@ fn raw_lines(
         let name = i.name_in(head);
         let skip = is_connection_header(name)
             || match name.len() {
-                2 => is_name(name, b"te"),
+                2 => !keep_te && is_name(name, b"te"),
                 4 => {
                     has_date |= is_name(name, b"date");
                     false
                 }
                 6 => is_name(name, b"server"),
-                7 => is_name(name, b"trailer"),
+                7 => !keep_te && is_name(name, b"trailer"),
                 14 => is_name(name, b"content-length") && status != StatusCode::NOT_MODIFIED,
                 _ => false,
             };
@@ -514,7 +530,7 @@ fn raw_lines(
 fn parse_head(
     buf: &mut BytesMut,
     head_request: bool,
-    keep_raw: bool,
+    lines: ResponseLines,
 ) -> Result<Option<ResponseHead>, Error> {
     loop {
         // Uninitialised header slots: httparse writes only the ones it fills.
@@ -570,9 +586,10 @@ fn parse_head(
         let mut te_or_trailer = false;
         let mut raw = None;
         let mut headers;
-        if keep_raw {
+        if lines != ResponseLines::Parsed {
             headers = HeaderMap::new();
-            raw = Some(raw_lines(&head, index, &seen, status));
+            let keep_te = lines == ResponseLines::RawWithTe;
+            raw = Some(raw_lines(&head, index, &seen, status, keep_te));
         } else {
             // One slot more: the gateway adds `Server` to the response, which would otherwise
             // grow a map made exactly full.
@@ -850,13 +867,15 @@ mod tests {
 
     fn parse(bytes: &[u8], head_request: bool) -> Result<Option<ResponseHead>, Error> {
         let mut buf = BytesMut::from(bytes);
-        parse_head(&mut buf, head_request, false)
+        parse_head(&mut buf, head_request, ResponseLines::Parsed)
     }
 
     /// The lines a head keeps when they pass unparsed.
     fn raw(bytes: &[u8]) -> (String, bool, ResponseHead) {
         let mut buf = BytesMut::from(bytes);
-        let h = parse_head(&mut buf, false, true).unwrap().unwrap();
+        let h = parse_head(&mut buf, false, ResponseLines::Raw)
+            .unwrap()
+            .unwrap();
         assert!(h.headers.is_empty());
         let r = h.raw.clone().unwrap();
         (String::from_utf8(r.lines.to_vec()).unwrap(), r.has_date, h)
@@ -897,6 +916,30 @@ mod tests {
     }
 
     #[test]
+    fn raw_lines_keep_te_and_trailer_when_asked_and_turn_back_into_the_parsed_headers() {
+        let bytes = b"HTTP/1.1 200 OK\r\nServer: up\r\nDate: Mon, 30 Nov 2026 06:00:00 GMT\r\n\
+              Content-Length: 5\r\nConnection: keep-alive, X-Conn\r\nX-Conn: 1\r\nTE: trailers\r\n\
+              Trailer: x\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\nX-Value:  a: b  \r\n\r\nhello";
+        let mut buf = BytesMut::from(&bytes[..]);
+        let h = parse_head(&mut buf, false, ResponseLines::RawWithTe)
+            .unwrap()
+            .unwrap();
+        let raw = h.raw.unwrap();
+        assert_eq!(
+            raw.lines,
+            "date: Mon, 30 Nov 2026 06:00:00 GMT\r\nte: trailers\r\ntrailer: x\r\n\
+             set-cookie: a=1\r\nset-cookie: b=2\r\nx-value: a: b\r\n"
+        );
+        // Back into a map: what the parsed path has, but for the lines the server writes itself.
+        let mut from_raw = HeaderMap::new();
+        raw.into_headers(&mut from_raw);
+        let mut parsed = parse(bytes, false).unwrap().unwrap().headers;
+        parsed.remove(header::SERVER);
+        parsed.remove(header::CONTENT_LENGTH);
+        assert_eq!(from_raw, parsed);
+    }
+
+    #[test]
     fn raw_lines_keep_a_304s_length_and_note_no_date() {
         let (lines, has_date, h) =
             raw(b"HTTP/1.1 304 Not Modified\r\nContent-Length: 12\r\nETag: \"x\"\r\n\r\n");
@@ -918,7 +961,7 @@ mod tests {
             &b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"[..],
         );
         assert!(matches!(
-            parse_head(&mut buf, false, true),
+            parse_head(&mut buf, false, ResponseLines::Raw),
             Err(Error::InvalidHead("conflicting Content-Length values"))
         ));
     }
@@ -935,7 +978,7 @@ mod tests {
             target: "/p?q=1",
             headers: &headers,
             edit: &NoEdit,
-            keep_raw: false,
+            lines: ResponseLines::Parsed,
         };
         let mut out = BytesMut::new();
         encode_head(&head, RequestFraming::Length(12345), &mut out);
@@ -1025,12 +1068,16 @@ mod tests {
         let mut buf = BytesMut::from(
             &b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n"[..],
         );
-        let h = parse_head(&mut buf, false, false).unwrap().unwrap();
+        let h = parse_head(&mut buf, false, ResponseLines::Parsed)
+            .unwrap()
+            .unwrap();
         assert_eq!(h.status, 201);
         assert!(buf.is_empty());
         // An interim response alone leaves the parser waiting for the final one.
         let mut buf = BytesMut::from(&b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 2"[..]);
-        assert!(parse_head(&mut buf, false, false).unwrap().is_none());
+        assert!(parse_head(&mut buf, false, ResponseLines::Parsed)
+            .unwrap()
+            .is_none());
         assert_eq!(&buf[..], b"HTTP/1.1 2");
     }
 
@@ -1095,7 +1142,7 @@ mod tests {
             target: "/x",
             headers: &headers,
             edit: &NoEdit,
-            keep_raw: false,
+            lines: ResponseLines::Parsed,
         };
         let server_task = tokio::spawn(async move {
             let mut seen = vec![0u8; 4096];
@@ -1181,7 +1228,7 @@ mod tests {
             target: "/u",
             headers: &headers,
             edit: &NoEdit,
-            keep_raw: false,
+            lines: ResponseLines::Parsed,
         };
         let server_task = tokio::spawn(async move {
             let mut seen = Vec::new();

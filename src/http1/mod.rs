@@ -10,6 +10,8 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue};
+use http::HeaderMap;
 use tokio::time::{Instant, Sleep};
 
 /// A timer kept with a connection to bound its waits (a client's request head, an upstream's
@@ -41,13 +43,38 @@ pub fn poll_deadline(timer: &mut ConnTimer, deadline: Instant, cx: &mut Context<
 
 /// Response header lines passed through as the upstream sent them (names lowercased), each
 /// ending in CRLF, without those the server writes itself: the connection-management and
-/// framing headers, `TE`, `Trailer` and `Server`. Parsing them into a header map is skipped
-/// when nothing on the way (no plugin) looks at response headers.
+/// framing headers, `Server`, and (for the proxy) `TE` and `Trailer`. Parsing them into a
+/// header map is skipped when nothing on the way (no plugin) looks at response headers.
 #[derive(Debug, Clone, Default)]
 pub struct RawHead {
     pub lines: Bytes,
     /// A `Date` line is among them.
     pub has_date: bool,
+}
+
+impl RawHead {
+    /// Appends the lines to `map` as headers, for when something needs to see them after all.
+    /// The lines were valid headers when received; one that is not (never expected) is left
+    /// out.
+    pub fn into_headers(self, map: &mut HeaderMap) {
+        let lines = self.lines;
+        let mut at = 0;
+        while let Some(len) = lines[at..].windows(2).position(|w| w == b"\r\n") {
+            let line = &lines[at..at + len];
+            if let Some(colon) = line.iter().position(|&b| b == b':') {
+                let start = at + colon + 1;
+                let value = lines.slice(start..at + len);
+                let value = value.slice(value.len() - value.trim_ascii_start().len()..);
+                if let (Ok(name), Ok(value)) = (
+                    HeaderName::from_bytes(&line[..colon]),
+                    HeaderValue::from_maybe_shared(value),
+                ) {
+                    map.append(name, value);
+                }
+            }
+            at += len + 2;
+        }
+    }
 }
 
 /// `n` in decimal ASCII, written into `buf` without `format!`; returns the digits.

@@ -110,6 +110,9 @@ impl Chain {
     }
 }
 
+/// The phases that see a response's headers.
+pub const RESPONSE_PHASES: &[Phase] = &[Phase::HeaderFilter, Phase::BodyFilter, Phase::Log];
+
 /// Whether any of `chains` has a plugin in any of `phases` (a phase none has can be skipped
 /// without making its future).
 pub fn any_has(chains: &[&Chain], phases: &[Phase]) -> bool {
@@ -147,7 +150,8 @@ pub async fn run_request_phase(phase: Phase, chains: &[&Chain], ctx: &mut Ctx) -
 
 /// The answer with its body replaced by `_meta.error_response` (a string as it is, anything
 /// else as JSON with a trailing newline, as `core.response.exit` sends it).
-fn error_response(r: LocalResponse, er: &Value) -> LocalResponse {
+fn error_response(mut r: LocalResponse, er: &Value) -> LocalResponse {
+    r.take_raw();
     match er {
         Value::String(s) => {
             let mut headers = r.headers;
@@ -156,6 +160,7 @@ fn error_response(r: LocalResponse, er: &Value) -> LocalResponse {
             LocalResponse {
                 status: r.status,
                 headers,
+                raw: None,
                 body: crate::body::ResponseBody::Full(bytes::Bytes::from(s.clone())),
             }
         }

@@ -64,6 +64,10 @@ pub struct Ctx {
     /// The route's plugins with the consumer's (and its group's) merged in: set after rewrite
     /// when a consumer brings plugins, and run instead of the route's own from then on.
     pub plugins: Option<Arc<Chain>>,
+    /// Whether a plugin in effect has a header_filter, body_filter or log phase, which see the
+    /// response's headers (true until the handler knows the chains): a plugin that makes its
+    /// response from a peer's may keep the peer's header lines unparsed when it is false.
+    pub response_phases: bool,
     /// Per-type data, few entries per request (the Lua plugins' state, a native plugin's): a
     /// list searched by `TypeId` costs less than hashing into a map, and one allocation less.
     data: Vec<(TypeId, Box<dyn Any>)>,
@@ -112,6 +116,7 @@ impl Ctx {
             version,
             headers,
             staged_headers: HeaderMap::new(),
+            response_phases: true,
             body,
             remote_addr,
             local_addr,

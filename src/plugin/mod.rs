@@ -28,6 +28,7 @@ pub use ctx::Ctx;
 pub use schema::Schema;
 
 use crate::body::ResponseBody;
+use crate::http1::RawHead;
 
 /// APISIX's phases, in the order a request meets them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -155,6 +156,11 @@ impl fmt::Debug for PluginConf {
 pub struct LocalResponse {
     pub status: StatusCode,
     pub headers: HeaderMap,
+    /// A peer's header lines as received, sent after `headers` (a plugin that relays a peer's
+    /// response may keep them unparsed when no plugin in effect sees response headers:
+    /// [`Ctx::response_phases`]). Whatever needs them as headers turns them into `headers`
+    /// first ([`LocalResponse::take_raw`]).
+    pub raw: Option<RawHead>,
     pub body: ResponseBody,
 }
 
@@ -171,6 +177,7 @@ impl LocalResponse {
         LocalResponse {
             status,
             headers,
+            raw: None,
             body: ResponseBody::Full(Bytes::from(text)),
         }
     }
@@ -181,6 +188,7 @@ impl LocalResponse {
         LocalResponse {
             status,
             headers: HeaderMap::new(),
+            raw: None,
             body: if body.is_empty() {
                 ResponseBody::Empty
             } else {
@@ -192,6 +200,13 @@ impl LocalResponse {
     /// `{"error_msg": msg}` as APISIX answers its own errors.
     pub fn error(status: StatusCode, msg: &str) -> Self {
         Self::json(status, &serde_json::json!({ "error_msg": msg }))
+    }
+
+    /// Moves the kept header lines, if any, into `headers`.
+    pub fn take_raw(&mut self) {
+        if let Some(raw) = self.raw.take() {
+            raw.into_headers(&mut self.headers);
+        }
     }
 }
 

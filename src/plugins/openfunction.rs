@@ -33,7 +33,7 @@ use percent_encoding::{utf8_percent_encode, AsciiSet, CONTROLS};
 use serde_json::{json, Value};
 
 use crate::body::{IdleTimeout, RequestBody, ResponseBody, UpstreamRequestBody};
-use crate::http1::client::{put_header, HeadEdit, RequestHead};
+use crate::http1::client::{put_header, HeadEdit, RequestHead, ResponseLines};
 use crate::plugin::{
     ConfScope, Ctx, Flow, LocalResponse, Phase, PhaseResult, PhaseSet, Plugin, PluginConf,
     PluginError, Schema,
@@ -474,12 +474,20 @@ async fn call(
         authorization: c.authorization.as_ref(),
         hop: HopByHop::of(&ctx.headers),
     };
+    // When no plugin in effect sees response headers (and none are staged), the function's
+    // header lines pass to the client unparsed, as a proxied response's do; `TE` and `Trailer`
+    // among them, as APISIX passes them.
+    let lines = if !ctx.response_phases && ctx.staged_headers.is_empty() {
+        ResponseLines::RawWithTe
+    } else {
+        ResponseLines::Parsed
+    };
     let head = RequestHead {
         method: &ctx.method,
         target: &target,
         headers: &ctx.headers,
         edit: &edit,
-        keep_raw: false,
+        lines,
     };
     let req_body = UpstreamRequestBody::new(
         body.map_or(RequestBody::Empty, RequestBody::Full),
@@ -505,6 +513,7 @@ async fn call(
     Ok(LocalResponse {
         status: res.status,
         headers: res.headers,
+        raw: res.raw,
         // `timeout` bounds each wait for the function, as lua-resty-http's read timeout does.
         body: ResponseBody::Timed(
             IdleTimeout::new(incoming, c.timeout).on_timeout(log_body_timeout),

@@ -25,7 +25,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
 use crate::body::UpstreamRequestBody;
-use crate::http1::client::{self as h1, Connection, NoEdit, Recycle, RequestHead};
+use crate::http1::client::{self as h1, Connection, NoEdit, Recycle, RequestHead, ResponseLines};
 use crate::http1::{arm_timer, poll_deadline, ConnTimer, RawHead};
 
 /// Why an upstream call failed; the caller picks the status code and whether to retry.
@@ -340,7 +340,7 @@ impl Conn {
             target: parts.uri.path_and_query().map_or("/", |p| p.as_str()),
             headers: &parts.headers,
             edit: &NoEdit,
-            keep_raw: false,
+            lines: ResponseLines::Parsed,
         };
         self.send_head(client, &head, body, timeout, pool).await
     }

@@ -16,7 +16,7 @@ use http_body::{Body, Frame, SizeHint};
 
 use crate::body::{BoxError, IdleTimeout, RequestBody, ResponseBody, UpstreamRequestBody};
 use crate::config::{NodeConfig, PassHost, Timeout};
-use crate::http1::client::RequestHead;
+use crate::http1::client::{RequestHead, ResponseLines};
 use crate::http1::server::{HeadLines, RecvBody};
 use crate::http1::RawHead;
 use crate::plugin::chain::{self, Chain};
@@ -150,6 +150,7 @@ async fn run_route_phases(
     ctx: &mut Ctx,
 ) -> Result<Option<Box<LocalResponse>>, PluginError> {
     let chains = [global, &route.chain];
+    ctx.response_phases = chain::any_has(&chains, chain::RESPONSE_PHASES);
     // A phase no chain has is skipped without making its future.
     if chain::any_has(&chains, &[Phase::Rewrite]) {
         if let Flow::Respond(r) = chain::run_request_phase(Phase::Rewrite, &chains, ctx).await? {
@@ -167,6 +168,9 @@ async fn run_route_phases(
     }
     let merged = ctx.plugins.clone();
     let chains = [global, merged.as_deref().unwrap_or(&route.chain)];
+    if merged.is_some() {
+        ctx.response_phases = chain::any_has(&chains, chain::RESPONSE_PHASES);
+    }
     if chain::any_has(&chains, &[Phase::Access]) {
         if let Flow::Respond(r) = chain::run_request_phase(Phase::Access, &chains, ctx).await? {
             return Ok(Some(r));
@@ -180,6 +184,7 @@ async fn run_request_phases(
     chains: &[&Chain],
     ctx: &mut Ctx,
 ) -> Result<Option<Box<LocalResponse>>, PluginError> {
+    ctx.response_phases = chain::any_has(chains, chain::RESPONSE_PHASES);
     for phase in [Phase::Rewrite, Phase::Access] {
         if let Flow::Respond(r) = chain::run_request_phase(phase, chains, ctx).await? {
             return Ok(Some(r));
@@ -340,17 +345,18 @@ async fn proxy(
     );
     // Nothing looks at or changes the response headers (no header_filter, body_filter or log
     // plugin, no header set by an earlier phase): the upstream's lines pass through unparsed.
-    let keep_raw = ctx.staged_headers.is_empty()
-        && !chain::any_has(
-            &chains,
-            &[Phase::HeaderFilter, Phase::BodyFilter, Phase::Log],
-        );
+    let lines = if ctx.staged_headers.is_empty() && !chain::any_has(&chains, chain::RESPONSE_PHASES)
+    {
+        ResponseLines::Raw
+    } else {
+        ResponseLines::Parsed
+    };
     let head = RequestHead {
         method: &ctx.method,
         target,
         headers: &ctx.headers,
         edit: &forwarding,
-        keep_raw,
+        lines,
     };
     let wait = secs(timeout.send) + secs(timeout.read);
     let res = conn.send_head(&client, &head, body, wait, pool).await;
@@ -397,7 +403,7 @@ pub fn respond_local(
         status: local.status,
         headers: local.headers,
     };
-    respond(ctx, snap, head, None, local.body, node)
+    respond(ctx, snap, head, local.raw, local.body, node)
 }
 
 /// header_filter now; body_filter per chunk and log at the end, inside [`GatewayBody`].
@@ -421,6 +427,15 @@ fn respond(
             route_chain(merged.as_deref(), route.as_deref(), &empty),
         ];
         ctx.status = head.status.as_u16();
+        // Lines kept unparsed become headers when something is to see or change them after all
+        // (whoever kept them expected nothing would; this keeps that a matter of speed only).
+        if raw.is_some()
+            && (!ctx.staged_headers.is_empty() || chain::any_has(&chains, chain::RESPONSE_PHASES))
+        {
+            if let Some(raw) = raw.take() {
+                raw.into_headers(&mut head.headers);
+            }
+        }
         apply_staged(&mut ctx.staged_headers, &mut head.headers);
         if let Err(e) = chain::run_header_filter(&chains, &mut ctx, &mut head) {
             tracing::error!(plugin = %e.plugin, phase = e.phase, "{}", e.message);

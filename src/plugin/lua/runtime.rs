@@ -1338,6 +1338,7 @@ fn exit_flow(ctx: &mut Ctx, status: i64) -> Flow {
     Flow::respond(LocalResponse {
         status: code,
         headers,
+        raw: None,
         body: if body.is_empty() {
             ResponseBody::Empty
         } else {
@@ -1380,6 +1381,7 @@ fn local_response(
     Ok(LocalResponse {
         status,
         headers,
+        raw: None,
         body: if out.is_empty() {
             ResponseBody::Empty
         } else {
