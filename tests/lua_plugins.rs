@@ -606,6 +606,47 @@ return _M
     assert_eq!(multi, ["1", "2"]);
 }
 
+/// `set_header` on a header the client sent replaces it where it was, as nginx's does;
+/// `add_header` appends.
+#[test]
+fn set_header_keeps_the_headers_place() {
+    let src = r#"local core = require("apisix.core")
+local _M = { version = 0.1, priority = 7, name = "probe-order", schema = { type = "object" } }
+function _M.access(conf, ctx)
+    core.request.set_header(ctx, "X-Second", "new")
+    core.request.add_header(ctx, "X-Appended", "1")
+end
+return _M
+"#;
+    // Answers with the request's header names in the order they arrived.
+    let up = Upstream::start(|req| async move {
+        let names: Vec<&str> = req.headers().keys().map(|k| k.as_str()).collect();
+        http::Response::new(full(names.join(",")))
+    });
+    let routes = format!(
+        "  - id: o\n    uri: /o\n    plugins:\n      probe-order: {{}}\n{}",
+        upstream_yaml(&up)
+    );
+    let (_tmp, gw) = probe_gateway(&[("probe-order", src)], &routes);
+    let r = Req::get(&gw.url("/o"))
+        .header("X-First", "1")
+        .header("X-Second", "old")
+        .header("X-Third", "3")
+        .send();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let order = r.text();
+    let at = |name: &str| {
+        order
+            .find(name)
+            .unwrap_or_else(|| panic!("{name} missing: {order}"))
+    };
+    assert!(
+        at("x-first") < at("x-second") && at("x-second") < at("x-third"),
+        "{order}"
+    );
+    assert!(at("x-third") < at("x-appended"), "{order}");
+}
+
 #[test]
 fn core_response_exit_sends_json_and_text() {
     let src = r#"local core = require("apisix.core")
