@@ -293,6 +293,11 @@ fn probe_route(uri: &str, plugin: &str) -> String {
     format!("  - id: {plugin}\n    uri: {uri}\n    plugins:\n      {plugin}: {{}}\n")
 }
 
+/// [`probe_route`] proxying to `up`.
+fn probe_route_to(uri: &str, plugin: &str, up: &Upstream) -> String {
+    probe_route(uri, plugin) + &upstream_yaml(up)
+}
+
 /// The ctx table is emptied and reused after a request (as APISIX returns its api_ctx to a table
 /// pool): nothing a request stored there, nor a metatable it set (even a protected one, which
 /// cannot be reset: that table is dropped and a fresh one made), reaches the next request.
@@ -572,10 +577,7 @@ end
 return _M
 "#;
     let up = Upstream::echo();
-    let routes = format!(
-        "  - id: m\n    uri: /m\n    plugins:\n      probe-mutate: {{}}\n{}",
-        upstream_yaml(&up)
-    );
+    let routes = probe_route_to("/m", "probe-mutate", &up);
     let (_tmp, gw) = probe_gateway(&[("probe-mutate", src)], &routes);
     let r = Req::get(&gw.url("/m?keep=1&gone=1"))
         .header("X-Drop", "x")
@@ -623,10 +625,7 @@ return _M
         let names: Vec<&str> = req.headers().keys().map(|k| k.as_str()).collect();
         http::Response::new(full(names.join(",")))
     });
-    let routes = format!(
-        "  - id: o\n    uri: /o\n    plugins:\n      probe-order: {{}}\n{}",
-        upstream_yaml(&up)
-    );
+    let routes = probe_route_to("/o", "probe-order", &up);
     let (_tmp, gw) = probe_gateway(&[("probe-order", src)], &routes);
     let r = Req::get(&gw.url("/o"))
         .header("X-First", "1")
@@ -860,10 +859,7 @@ function _M.access(conf, ctx)
 end
 return _M
 "#;
-    let routes = format!(
-        "  - id: s\n    uri: /s\n    plugins:\n      stage-header: {{}}\n{}",
-        upstream_yaml(&up)
-    );
+    let routes = probe_route_to("/s", "stage-header", &up);
     let (_tmp, gw) = probe_gateway(&[("stage-header", src)], &routes);
     let r = get(&gw.url("/s"));
     assert_eq!((r.status, r.text().as_str()), (200, "proxied"));
