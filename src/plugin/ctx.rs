@@ -65,8 +65,8 @@ pub struct Ctx {
     /// when a consumer brings plugins, and run instead of the route's own from then on.
     pub plugins: Option<Arc<Chain>>,
     /// Whether a plugin in effect has a header_filter, body_filter or log phase, which see the
-    /// response's headers (true until the handler knows the chains): a plugin that makes its
-    /// response from a peer's may keep the peer's header lines unparsed when it is false.
+    /// response's headers (true until the handler knows the chains; see
+    /// [`Ctx::response_untouched`]).
     pub response_phases: bool,
     /// Per-type data, few entries per request (the Lua plugins' state, a native plugin's): a
     /// list searched by `TypeId` costs less than hashing into a map, and one allocation less.
@@ -94,6 +94,13 @@ impl Hasher for IdHasher {
 }
 
 impl Ctx {
+    /// Whether nothing will see or change the response's headers (no plugin in effect with a
+    /// response phase, none staged by an earlier phase): a response made from a peer's (the
+    /// upstream's, a function's) may then pass the peer's header lines on unparsed.
+    pub fn response_untouched(&self) -> bool {
+        !self.response_phases && self.staged_headers.is_empty()
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         method: Method,

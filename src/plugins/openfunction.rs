@@ -477,7 +477,7 @@ async fn call(
     // When no plugin in effect sees response headers (and none are staged), the function's
     // header lines pass to the client unparsed, as a proxied response's do; `TE` and `Trailer`
     // among them, as APISIX passes them.
-    let lines = if !ctx.response_phases && ctx.staged_headers.is_empty() {
+    let lines = if ctx.response_untouched() {
         ResponseLines::RawWithTe
     } else {
         ResponseLines::Parsed

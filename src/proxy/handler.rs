@@ -125,6 +125,7 @@ pub async fn handle(
     ctx.conf_version = route.conf_version.clone();
     ctx.route = Some(route.clone());
     ctx.matched = Some(m);
+    ctx.response_phases = chain::any_has(&[&snap.global, &route.chain], chain::RESPONSE_PHASES);
 
     // A route without rewrite or access plugins (and so without an auth plugin to bring a
     // consumer's) skips the phases without making their futures.
@@ -150,7 +151,6 @@ async fn run_route_phases(
     ctx: &mut Ctx,
 ) -> Result<Option<Box<LocalResponse>>, PluginError> {
     let chains = [global, &route.chain];
-    ctx.response_phases = chain::any_has(&chains, chain::RESPONSE_PHASES);
     // A phase no chain has is skipped without making its future.
     if chain::any_has(&chains, &[Phase::Rewrite]) {
         if let Flow::Respond(r) = chain::run_request_phase(Phase::Rewrite, &chains, ctx).await? {
@@ -168,6 +168,7 @@ async fn run_route_phases(
     }
     let merged = ctx.plugins.clone();
     let chains = [global, merged.as_deref().unwrap_or(&route.chain)];
+    // The consumer's plugins may bring response phases.
     if merged.is_some() {
         ctx.response_phases = chain::any_has(&chains, chain::RESPONSE_PHASES);
     }
@@ -343,10 +344,9 @@ async fn proxy(
         host_value,
         client_host,
     );
-    // Nothing looks at or changes the response headers (no header_filter, body_filter or log
-    // plugin, no header set by an earlier phase): the upstream's lines pass through unparsed.
-    let lines = if ctx.staged_headers.is_empty() && !chain::any_has(&chains, chain::RESPONSE_PHASES)
-    {
+    // Nothing looks at or changes the response headers: the upstream's lines pass through
+    // unparsed.
+    let lines = if ctx.response_untouched() {
         ResponseLines::Raw
     } else {
         ResponseLines::Parsed
