@@ -149,6 +149,13 @@ function ngx.exit(status)
     if status >= 200 then set_status(status) end
 end
 
+-- os.exit would end the whole gateway (every worker, the Admin API) from inside one request;
+-- here it is an error in the calling plugin instead: that request gets 500, the rest go on.
+os.exit = function()
+    error("os.exit is disabled in moongate plugins (it would stop the gateway); "
+        .. "end the request with ngx.exit(status) instead", 2)
+end
+
 local log, log_level = mg.log, mg.log_level
 function ngx.log(level, ...)
     if type(level) ~= "number" then
