@@ -3,7 +3,8 @@
 //! The crate is laid out as the request meets it: [`config`] (what the operator wrote),
 //! [`snapshot`] (what a request reads, built and validated whole), [`router`], [`plugin`] (the
 //! interface every plugin implements), [`plugins`] (the native ones), [`proxy`] (listeners,
-//! workers, the upstream client) and [`reload`] (building snapshots).
+//! workers, the upstream client), [`reload`] (building snapshots) and [`supervisor`] (the
+//! parent process that keeps the listening sockets and restarts a crashed serving process).
 
 pub mod admin;
 pub mod body;
@@ -16,3 +17,4 @@ pub mod reload;
 pub mod router;
 pub mod snapshot;
 pub mod store;
+pub mod supervisor;

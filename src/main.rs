@@ -12,6 +12,7 @@ use moongate::config::{self, NodeConfig};
 use moongate::proxy;
 use moongate::reload::{self, Reloader};
 use moongate::snapshot::Gateway;
+use moongate::supervisor;
 
 const DEFAULT_CONFIG: &str = "conf/config.yaml";
 
@@ -38,6 +39,10 @@ enum Command {
         /// Config file (YAML or JSON).
         #[arg(short, long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
+        /// Serve in this process, without the supervisor that restarts a crashed serving
+        /// process on the same sockets (for debuggers and process managers that want one pid).
+        #[arg(long)]
+        single_process: bool,
     },
     /// Validate a config (and the plugins it uses) and exit: 0 when it is good, 1 with one
     /// line per problem otherwise.
@@ -51,10 +56,82 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command.unwrap_or(Command::Run {
         config: PathBuf::from(DEFAULT_CONFIG),
+        single_process: false,
     }) {
         Command::Check { config } => check(&config),
-        Command::Run { config } => run(&config),
+        Command::Run {
+            config,
+            single_process,
+        } => {
+            // Before any thread starts: this reads (and clears) the supervisor's variables.
+            let inherited = match supervisor::Inherited::take() {
+                Ok(i) => i,
+                Err(e) => {
+                    init_logging(None);
+                    tracing::error!("{e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            if inherited.supervised() || single_process {
+                serve(&config, inherited)
+            } else {
+                supervise(&config)
+            }
+        }
     }
+}
+
+/// The number of workers a node config asks for (default: one per core).
+fn worker_count(node: &NodeConfig) -> usize {
+    node.workers
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        })
+        .max(1)
+}
+
+/// `moongate run`: binds every listener, then keeps a serving process running on them
+/// (`src/supervisor/`).
+fn supervise(path: &std::path::Path) -> ExitCode {
+    let doc = match config::load_file(path) {
+        Ok(d) => d,
+        Err(errors) => {
+            init_logging(None);
+            for e in &errors.0 {
+                eprintln!("{}: {e}", path.display());
+            }
+            return ExitCode::FAILURE;
+        }
+    };
+    let node = &doc.node;
+    init_logging(node.log_level.as_deref());
+    let mut listeners = supervisor::ListenerSet::new();
+    let workers = worker_count(node);
+    let admin = node.admin.iter().flat_map(|a| a.listen.0.iter());
+    let wanted = node
+        .listen
+        .0
+        .iter()
+        .map(|a| {
+            (
+                proxy::HTTP_ROLE,
+                *a,
+                supervisor::Sharing::PerWorker(workers),
+            )
+        })
+        .chain(admin.map(|a| (moongate::admin::ROLE, *a, supervisor::Sharing::Single)));
+    for (role, addr, sharing) in wanted {
+        if let Err(e) = listeners.bind(role, addr, sharing) {
+            tracing::error!("{e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    supervisor::run(
+        listeners,
+        vec!["run".into(), "-c".into(), path.as_os_str().to_owned()],
+    )
 }
 
 fn check(path: &std::path::Path) -> ExitCode {
@@ -90,7 +167,9 @@ fn init_logging(level: Option<&str>) {
         .try_init();
 }
 
-fn run(path: &std::path::Path) -> ExitCode {
+/// The serving process: workers, the control runtime, the Admin API, on the listeners the
+/// supervisor handed over (or its own).
+fn serve(path: &std::path::Path, mut inherited: supervisor::Inherited) -> ExitCode {
     let doc = match config::load_file(path) {
         Ok(d) => d,
         Err(errors) => {
@@ -122,19 +201,18 @@ fn run(path: &std::path::Path) -> ExitCode {
     if let Err(e) = reload::watch_files(reloader.clone()) {
         tracing::warn!("file watching is off, changes need a restart: {e}");
     }
-    let workers = node.workers.unwrap_or_else(|| {
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-    });
-    let workers = workers.max(1);
-    let (listeners, bound) = match proxy::bind_all(&node.listen.0, workers) {
+    let (listeners, bound) = match proxy::bind_all(
+        &mut inherited.listeners,
+        &node.listen.0,
+        worker_count(&node),
+    ) {
         Ok(x) => x,
         Err(e) => {
             tracing::error!("{e}");
             return ExitCode::FAILURE;
         }
     };
+    let workers = listeners.len();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .thread_name("moongate-control")
@@ -164,7 +242,28 @@ fn run(path: &std::path::Path) -> ExitCode {
     // Before the workers start, so the stored resources serve from the first request on.
     let _admin = match &node.admin {
         Some(conf) => {
-            match moongate::admin::start(conf, &node, reloader.clone(), rt.handle(), etcd_store) {
+            let mut admin_listeners = Vec::new();
+            for addr in &conf.listen.0 {
+                match inherited.listeners.take_or_bind(
+                    moongate::admin::ROLE,
+                    *addr,
+                    supervisor::Sharing::Single,
+                ) {
+                    Ok(l) => admin_listeners.push(l),
+                    Err(e) => {
+                        tracing::error!("admin API: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            }
+            match moongate::admin::start(
+                conf,
+                &node,
+                reloader.clone(),
+                rt.handle(),
+                etcd_store,
+                admin_listeners,
+            ) {
                 Ok(a) => Some(a),
                 Err(e) => {
                     tracing::error!("{e}");
@@ -185,6 +284,13 @@ fn run(path: &std::path::Path) -> ExitCode {
     for addr in &bound {
         tracing::info!("listening on http://{addr}");
     }
+    for rest in std::mem::take(&mut inherited.listeners).into_rest() {
+        tracing::warn!(
+            "{} is no longer in the config file; it closes when moongate restarts",
+            rest.local
+        );
+    }
+    inherited.ready();
     tracing::info!(
         workers,
         routes,
@@ -194,7 +300,7 @@ fn run(path: &std::path::Path) -> ExitCode {
         path.display()
     );
     rt.block_on(async {
-        wait_for_signal().await;
+        wait_for_signal(&reloader).await;
         tracing::info!(
             "shutting down: no new connections; in-flight requests get up to {}s",
             node.proxy.graceful_shutdown_timeout
@@ -208,25 +314,30 @@ fn run(path: &std::path::Path) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = match signal(SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!("cannot watch SIGTERM: {e}");
-                let _ = tokio::signal::ctrl_c().await;
-                return;
-            }
-        };
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
+/// Waits for SIGTERM or SIGINT (the caller then shuts down). SIGHUP rebuilds from the files
+/// meanwhile, as `PUT /apisix/admin/plugins/reload` does (nginx reloads its config on SIGHUP).
+async fn wait_for_signal(reloader: &Arc<Reloader>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (mut term, mut hup) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::hangup()),
+    ) {
+        (Ok(t), Ok(h)) => (t, h),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::warn!("cannot watch SIGTERM/SIGHUP: {e}");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
         }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => return,
+            _ = tokio::signal::ctrl_c() => return,
+            _ = hup.recv() => {
+                let reloader = reloader.clone();
+                // A failed build is logged and kept by the reloader.
+                let _ = tokio::task::spawn_blocking(move || reloader.rebuild("SIGHUP", true)).await;
+            }
+        }
     }
 }

@@ -24,11 +24,15 @@ use subtle::ConstantTimeEq;
 use crate::config::{AdminConfig, NodeConfig};
 use crate::reload::Reloader;
 use crate::store::{Kind, RedbStore, ResourceStore, StoreOverlay};
+use crate::supervisor::BoundListener;
 
 pub use api::{Admin, Call, Reply, ReplyBody};
 
 /// The environment variable that overrides `admin.key`.
 pub const KEY_ENV: &str = "MOONGATE_ADMIN_KEY";
+
+/// The role of the Admin API's listeners in a [`crate::supervisor::ListenerSet`].
+pub const ROLE: &str = "admin";
 
 /// Largest request body, as APISIX (1.5 MiB); a larger one gets 413.
 pub const MAX_BODY: usize = 1024 * 1024 * 3 / 2;
@@ -122,11 +126,12 @@ pub fn start(
     reloader: Arc<Reloader>,
     rt: &tokio::runtime::Handle,
     external: Option<Arc<dyn ResourceStore>>,
+    listeners: Vec<BoundListener>,
 ) -> Result<AdminHandle, AdminError> {
     let key = resolve_key(conf, std::env::var(KEY_ENV).ok())?;
     if let Some(store) = external {
         let admin = Arc::new(Admin::new(reloader, store));
-        return serve_on(conf, admin, key, rt);
+        return serve_on(listeners, admin, key, rt);
     }
     let dir = data_dir(node, reloader.config_path());
     std::fs::create_dir_all(&dir)
@@ -142,33 +147,30 @@ pub fn start(
         });
     }
     let admin = Arc::new(Admin::new(reloader, store));
-    serve_on(conf, admin, key, rt)
+    serve_on(listeners, admin, key, rt)
 }
 
-/// Binds the admin listeners and serves `admin` on `rt`.
+/// Serves `admin` on `rt` over its listeners (bound by the supervisor, or in `main`).
 fn serve_on(
-    conf: &AdminConfig,
+    listeners: Vec<BoundListener>,
     admin: Arc<Admin>,
     key: String,
     rt: &tokio::runtime::Handle,
 ) -> Result<AdminHandle, AdminError> {
     let key: Arc<str> = Arc::from(key);
     let mut addrs = Vec::new();
-    for addr in &conf.listen.0 {
-        let std_listener = std::net::TcpListener::bind(addr)
-            .and_then(|l| l.set_nonblocking(true).map(|_| l))
-            .map_err(|err| AdminError::Listen { addr: *addr, err })?;
-        let bound = std_listener
-            .local_addr()
-            .map_err(|err| AdminError::Listen { addr: *addr, err })?;
-        let listener = {
-            let _enter = rt.enter();
-            tokio::net::TcpListener::from_std(std_listener)
-                .map_err(|err| AdminError::Listen { addr: *addr, err })?
-        };
-        tracing::info!("admin API listening on http://{bound}");
-        addrs.push(bound);
-        rt.spawn(accept_loop(listener, admin.clone(), key.clone()));
+    for bound in listeners {
+        let addr = bound.local;
+        for std_listener in bound.sockets {
+            let listener = {
+                let _enter = rt.enter();
+                tokio::net::TcpListener::from_std(std_listener)
+                    .map_err(|err| AdminError::Listen { addr, err })?
+            };
+            rt.spawn(accept_loop(listener, admin.clone(), key.clone()));
+        }
+        tracing::info!("admin API listening on http://{addr}");
+        addrs.push(addr);
     }
     Ok(AdminHandle { addrs, admin })
 }

@@ -18,46 +18,43 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
 
 use crate::config::NodeConfig;
 use crate::http1::server;
 use crate::snapshot::Gateway;
+use crate::supervisor::{BindError, ListenerSet, Sharing};
 use handler::{handle, WorkerEnv};
 
-/// Binds `addr` with `SO_REUSEPORT`, so every worker can have its own accept queue.
-fn bind_reuseport(addr: SocketAddr) -> io::Result<StdListener> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    socket.set_reuse_address(true)?;
-    socket.set_reuse_port(true)?;
-    if addr.is_ipv6() {
-        socket.set_only_v6(true)?;
-    }
-    socket.set_nodelay(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(4096)?;
-    socket.set_nonblocking(true)?;
-    Ok(socket.into())
-}
+/// The role of the proxy's plain-HTTP listeners in a [`ListenerSet`].
+pub const HTTP_ROLE: &str = "http";
 
-/// Binds one listener per worker per address. A port of 0 is chosen once, so all workers
-/// share it. Returns the listeners by worker and the bound addresses.
+/// Takes one listener per worker per address from `set` (the supervisor's sockets), binding
+/// what it does not hold. A port of 0 is chosen once, so all workers share it. Returns the
+/// listeners by worker and the bound addresses. An inherited address keeps the socket count
+/// the supervisor bound it with, and that count sets the number of workers.
 pub fn bind_all(
+    set: &mut ListenerSet,
     addrs: &[SocketAddr],
     workers: usize,
-) -> io::Result<(Vec<Vec<StdListener>>, Vec<SocketAddr>)> {
+) -> Result<(Vec<Vec<StdListener>>, Vec<SocketAddr>), BindError> {
+    let mut taken = Vec::with_capacity(addrs.len());
+    for addr in addrs {
+        taken.push(set.take_or_bind(HTTP_ROLE, *addr, Sharing::PerWorker(workers))?);
+    }
+    let workers = taken
+        .iter()
+        .map(|l| l.sockets.len())
+        .max()
+        .unwrap_or(workers)
+        .max(1);
     let mut per_worker: Vec<Vec<StdListener>> = (0..workers).map(|_| Vec::new()).collect();
     let mut bound = Vec::new();
-    for addr in addrs {
-        let first = bind_reuseport(*addr)
-            .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
-        let actual = first.local_addr()?;
-        bound.push(actual);
-        per_worker[0].push(first);
-        for list in per_worker.iter_mut().skip(1) {
-            list.push(bind_reuseport(actual)?);
+    for listener in taken {
+        bound.push(listener.local);
+        for (i, sock) in listener.sockets.into_iter().enumerate() {
+            per_worker[i % workers].push(sock);
         }
     }
     Ok((per_worker, bound))

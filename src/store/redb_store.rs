@@ -39,8 +39,8 @@ fn decode(kind: Kind, id: &str, bytes: &[u8]) -> Result<Value, StoreError> {
 impl RedbStore {
     /// Opens (or creates) the store file. Fails when another process has it open.
     pub fn open(path: &Path) -> Result<RedbStore, StoreError> {
-        let db = Database::create(path)
-            .map_err(|e| err(&format!("cannot open {}", path.display()), e))?;
+        let db =
+            create_waiting(path).map_err(|e| err(&format!("cannot open {}", path.display()), e))?;
         // Create the tables up front so reads never meet a missing table.
         let tx = db.begin_write().map_err(|e| err("begin", e))?;
         tx.open_table(RESOURCES).map_err(|e| err("open table", e))?;
@@ -50,6 +50,25 @@ impl RedbStore {
             db,
             path: path.to_path_buf(),
         })
+    }
+}
+
+/// How long opening waits for another process's lock on the file to go: a serving process
+/// that was just killed (the supervisor restarting it, `kill -9` and a restart) may still be
+/// exiting. A lock held longer is another live process, and opening fails.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+fn create_waiting(path: &Path) -> Result<Database, redb::DatabaseError> {
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        match Database::create(path) {
+            Err(redb::DatabaseError::DatabaseAlreadyOpen)
+                if std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return other,
+        }
     }
 }
 

@@ -253,9 +253,28 @@ impl Gateway {
         &self.config
     }
 
-    /// The process id.
+    /// The process id of `moongate run`: the supervisor (signals sent to it reach the
+    /// serving process).
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// The process id of the serving process the supervisor runs now (waits up to 10 s for
+    /// one, e.g. while it restarts one).
+    pub fn serving_pid(&self) -> u32 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(pid) = child_of(self.pid()) {
+                return pid;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no serving process under supervisor {}; log:\n{}",
+                self.pid(),
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// Everything the gateway wrote to stderr so far.
@@ -314,14 +333,14 @@ impl Gateway {
         }
     }
 
-    /// Peak resident memory of the process in KiB (`VmHWM` in /proc/PID/status).
+    /// Peak resident memory of the serving process in KiB (`VmHWM` in /proc/PID/status).
     pub fn peak_rss_kib(&self) -> u64 {
-        proc_status_kib(self.pid(), "VmHWM:")
+        proc_status_kib(self.serving_pid(), "VmHWM:")
     }
 
-    /// Current resident memory of the process in KiB (`VmRSS`).
+    /// Current resident memory of the serving process in KiB (`VmRSS`).
     pub fn rss_kib(&self) -> u64 {
-        proc_status_kib(self.pid(), "VmRSS:")
+        proc_status_kib(self.serving_pid(), "VmRSS:")
     }
 }
 
@@ -332,6 +351,33 @@ impl Drop for Gateway {
             let _ = self.child.wait();
         }
     }
+}
+
+/// A live (not zombie) child process of `parent`, from /proc/*/stat.
+fn child_of(parent: u32) -> Option<u32> {
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // `pid (comm) state ppid ...`: comm may hold spaces, so split after its `)`.
+        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+            continue;
+        };
+        let mut fields = rest.split_whitespace();
+        let state = fields.next();
+        let ppid = fields.next().and_then(|p| p.parse::<u32>().ok());
+        if ppid == Some(parent) && state != Some("Z") {
+            return Some(pid);
+        }
+    }
+    None
 }
 
 fn proc_status_kib(pid: u32, key: &str) -> u64 {
