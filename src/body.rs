@@ -14,7 +14,7 @@ use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 
-use crate::http1::server::RecvBody;
+use crate::http1::server::{RecvBody, RecvError};
 use crate::proxy::client::UpstreamBody;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -123,22 +123,50 @@ pub async fn drain<B: Body<Data = Bytes> + Unpin>(mut body: B) {
     .await;
 }
 
+/// How a client's request body failed while it streamed upstream: the client's fault, so the
+/// proxy answers for the client (413, 400) instead of blaming the upstream with a 502.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientBodyFault {
+    /// Larger than `client_max_body_size`.
+    TooLarge,
+    /// Framing the body cannot have (a bad chunk size, a bare LF, ...).
+    Malformed,
+    /// The client closed (or reset) the connection before the end of the body.
+    Incomplete,
+}
+
+impl ClientBodyFault {
+    /// The fault a request body read error stands for; None when it was not the client's (the
+    /// body was detached by the gateway itself).
+    pub fn of(e: &RecvError) -> Option<ClientBodyFault> {
+        match e {
+            RecvError::Chunked(_) => Some(ClientBodyFault::Malformed),
+            RecvError::Incomplete | RecvError::Io(_) => Some(ClientBodyFault::Incomplete),
+            RecvError::Detached => None,
+        }
+    }
+}
+
+/// Where [`UpstreamRequestBody`] leaves the client's fault for the proxy to read once the
+/// upstream call has failed.
+pub type FaultCell = Rc<Cell<Option<ClientBodyFault>>>;
+
 /// A request body on its way upstream, enforcing the client body limit while it streams.
 pub struct UpstreamRequestBody {
     inner: RequestBody,
     sent: u64,
     max: Option<u64>,
-    /// Set when the limit was crossed, so the proxy can answer 413 rather than 502.
-    too_large: Rc<Cell<bool>>,
+    /// Set when the body failed by the client's fault.
+    fault: FaultCell,
 }
 
 impl UpstreamRequestBody {
-    pub fn new(inner: RequestBody, max: Option<u64>, too_large: Rc<Cell<bool>>) -> Self {
+    pub fn new(inner: RequestBody, max: Option<u64>, fault: FaultCell) -> Self {
         UpstreamRequestBody {
             inner,
             sent: 0,
             max,
-            too_large,
+            fault,
         }
     }
 }
@@ -158,7 +186,7 @@ impl UpstreamRequestBody {
             inner,
             sent: 0,
             max: self.max,
-            too_large: self.too_large.clone(),
+            fault: self.fault.clone(),
         })
     }
 }
@@ -189,7 +217,7 @@ impl Body for UpstreamRequestBody {
                         this.sent += data.len() as u64;
                         if let Some(max) = this.max {
                             if this.sent > max {
-                                this.too_large.set(true);
+                                this.fault.set(Some(ClientBodyFault::TooLarge));
                                 return Poll::Ready(Some(Err(Box::new(BodyTooLarge {
                                     size: this.sent,
                                     max,
@@ -199,7 +227,10 @@ impl Body for UpstreamRequestBody {
                     }
                     Poll::Ready(Some(Ok(frame)))
                 }
-                Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
+                Poll::Ready(Some(Err(e))) => {
+                    this.fault.set(ClientBodyFault::of(&e));
+                    Poll::Ready(Some(Err(Box::new(e))))
+                }
                 Poll::Ready(None) => Poll::Ready(None),
                 Poll::Pending => Poll::Pending,
             },

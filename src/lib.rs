@@ -1,7 +1,8 @@
 //! moongate: an API gateway with APISIX's plugin API on a Rust core.
 //!
 //! The crate is laid out as the request meets it: [`config`] (what the operator wrote),
-//! [`snapshot`] (what a request reads, built and validated whole), [`router`], [`plugin`] (the
+//! [`snapshot`] (what a request reads, built and validated whole), [`host`] (the one request
+//! host), [`router`], [`plugin`] (the
 //! interface every plugin implements), [`plugins`] (the native ones), [`proxy`] (listeners,
 //! workers, the upstream client), [`reload`] (building snapshots) and [`supervisor`] (the
 //! parent process that keeps the listening sockets and restarts a crashed serving process).
@@ -9,6 +10,7 @@
 pub mod admin;
 pub mod body;
 pub mod config;
+pub mod host;
 pub mod http1;
 pub mod plugin;
 pub mod plugins;

@@ -562,13 +562,15 @@ fn absolute_form_request_target_names_the_host() {
         "routes:\n{}    hosts: [target.test]\n",
         route("1", "/abs", &up.node())
     ));
-    // Routed by the target's host, not by Host (as nginx's $host); Host goes upstream as sent.
+    // Routed by the target's host, not by Host (as nginx's $host), and the target's authority
+    // replaces Host for the upstream too (RFC 9112 §3.2.2), normalised.
     let mut w = Wire::open(gw.addr());
     w.send(b"GET http://Target.test:8080/abs HTTP/1.1\r\nHost: other.test\r\n\r\n");
     let r = w.response(false).expect("response");
     assert_eq!(r.status, 200, "{}", r.head);
     let v: serde_json::Value = serde_json::from_slice(&r.body).expect("json");
-    assert_eq!(v["headers"]["host"], "other.test");
+    assert_eq!(v["headers"]["host"], "target.test:8080");
+    assert_eq!(v["headers"]["x-forwarded-host"], "target.test");
     let mut w = Wire::open(gw.addr());
     w.send(b"GET /abs HTTP/1.1\r\nHost: other.test\r\n\r\n");
     assert_eq!(w.response(false).expect("response").status, 404);

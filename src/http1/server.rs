@@ -13,8 +13,9 @@
 //!
 //! Refusals follow nginx: a malformed head, a request both chunked and with a Content-Length,
 //! several different Content-Length values, a bad Content-Length or a transfer coding other than
-//! chunked, and an HTTP/1.1 request without a Host (or any request with two) get 400 and the
-//! connection closes (request smuggling defence); a head larger than
+//! chunked, an HTTP/1.1 request without a Host (or any request with two), and a host that
+//! [`crate::host`] refuses get 400 and the connection closes (request smuggling defence); a
+//! head larger than
 //! `client_header_buffer_size` (or with more than [`MAX_HEADERS`] lines) gets 431.
 
 use std::cell::RefCell;
@@ -66,6 +67,20 @@ pub trait HeadLines {
     fn head_lines(&self) -> Option<&RawHead> {
         None
     }
+
+    /// Asked when the body fails before any of the response was written: the status to answer
+    /// with instead (the connection then closes). None: close without an answer.
+    fn early_failure_status(&self) -> Option<StatusCode> {
+        None
+    }
+}
+
+/// How writing a response ended.
+enum Written {
+    /// Sent whole.
+    Done,
+    /// The body failed before anything was written: answer with this status, then close.
+    Replace(StatusCode),
 }
 
 /// Limits of a connection.
@@ -455,6 +470,9 @@ fn parse_head(conn: &Rc<Conn>, st: &mut State, max: usize) -> Result<Option<Head
     if hosts > 1 || (hosts == 0 && version == Version::HTTP_11) {
         return Err(StatusCode::BAD_REQUEST);
     }
+    // One host for routing, plugins and the upstream (an absolute-form target's authority
+    // replaces the Host header); a host that cannot be one is refused like a bad head.
+    crate::host::normalize_request(&uri, &mut map).map_err(|_| StatusCode::BAD_REQUEST)?;
     st.body = if chunked {
         BodyState::Chunked(ChunkedDecoder::new())
     } else {
@@ -629,7 +647,14 @@ pub async fn serve<H, F, B>(
         }
         let mut keep_alive = keep_alive && !lp.stopping;
         match write_response(&mut lp, res, head_request, version, &mut keep_alive).await {
-            Ok(()) => {}
+            Ok(Written::Done) => {}
+            Ok(Written::Replace(status)) => {
+                // The response's body (and its log) is done with; the client gets this
+                // instead, and the connection closes.
+                lp.conn.st.borrow_mut().gen += 1;
+                refuse(&lp.conn, cfg, status, &mut lp.wbuf).await;
+                return;
+            }
             Err(e) => {
                 tracing::debug!("writing a response failed: {e}");
                 lp.conn.st.borrow_mut().gen += 1;
@@ -744,7 +769,7 @@ async fn write_response<B>(
     head_request: bool,
     version: Version,
     keep_alive: &mut bool,
-) -> io::Result<()>
+) -> io::Result<Written>
 where
     B: Body<Data = Bytes> + HeadLines,
     B::Error: fmt::Display,
@@ -771,7 +796,11 @@ where
                 ended = body.is_end_stream();
             }
             Poll::Ready(Some(Err(e))) => {
-                return Err(io::Error::other(format!("response body failed: {e}")));
+                tracing::debug!("response body failed before its head was written: {e}");
+                return match body.as_ref().get_ref().early_failure_status() {
+                    Some(status) => Ok(Written::Replace(status)),
+                    None => Err(io::Error::other(format!("response body failed: {e}"))),
+                };
             }
             Poll::Pending => {}
         }
@@ -809,6 +838,11 @@ where
         let c = st.cont;
         st.cont = Continue::No;
         if c == Continue::Pending(0) && !matches!(st.body, BodyState::Done) {
+            *keep_alive = false;
+        }
+        // A body whose framing failed cannot be read past: the client is told the connection
+        // closes.
+        if matches!(st.body, BodyState::Failed) {
             *keep_alive = false;
         }
         c
@@ -870,7 +904,9 @@ where
     wbuf.extend_from_slice(b"\r\n");
 
     if framing == Framing::None {
-        return write_all(&lp.conn.io, &mut [IoSlice::new(wbuf)]).await;
+        return write_all(&lp.conn.io, &mut [IoSlice::new(wbuf)])
+            .await
+            .map(|()| Written::Done);
     }
     let mut out = BodyWriter {
         io: &lp.conn.io,
@@ -885,9 +921,11 @@ where
         let data = first.take().unwrap_or_default();
         if data.len() <= COPY_MAX {
             wbuf.extend_from_slice(&data);
-            return write_all(&lp.conn.io, &mut [IoSlice::new(wbuf)]).await;
+            write_all(&lp.conn.io, &mut [IoSlice::new(wbuf)]).await?;
+        } else {
+            write_all(&lp.conn.io, &mut [IoSlice::new(wbuf), IoSlice::new(&data)]).await?;
         }
-        return write_all(&lp.conn.io, &mut [IoSlice::new(wbuf), IoSlice::new(&data)]).await;
+        return Ok(Written::Done);
     }
     // Streamed: the head now (with the first frame if there is one), then frame by frame.
     match first.take() {
@@ -911,14 +949,14 @@ where
                 wbuf.clear();
                 out.write(wbuf, data, last).await?;
                 if last {
-                    return out.finish_checked(keep_alive);
+                    return out.finish_checked(keep_alive).map(|()| Written::Done);
                 }
             }
         }
     }
     wbuf.clear();
     out.finish(wbuf).await?;
-    out.finish_checked(keep_alive)
+    out.finish_checked(keep_alive).map(|()| Written::Done)
 }
 
 /// Writes body frames in the response's framing.

@@ -492,7 +492,7 @@ async fn call(
     let req_body = UpstreamRequestBody::new(
         body.map_or(RequestBody::Empty, RequestBody::Full),
         None,
-        Rc::new(Cell::new(false)),
+        Rc::new(Cell::new(None)),
     );
 
     let client = worker_client();
@@ -652,6 +652,8 @@ mod tests {
         h.insert("x-hop", HeaderValue::from_static("1"));
         h.insert(header::EXPECT, HeaderValue::from_static("100-continue"));
         h.insert("x-kept", HeaderValue::from_static("1"));
+        // As the request arrived at the handler: what `Connection` names is already gone.
+        crate::proxy::headers::remove_connection_named(&mut h);
         let host = HeaderValue::from_static("fn.test");
         let token = HeaderValue::from_static("Basic dGVzdDp0ZXN0");
         let written = |authorization: Option<&HeaderValue>| {

@@ -14,7 +14,10 @@ use http::header::{self, HeaderValue};
 use http::{HeaderMap, Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 
-use crate::body::{BoxError, IdleTimeout, RequestBody, ResponseBody, UpstreamRequestBody};
+use crate::body::{
+    BoxError, ClientBodyFault, FaultCell, IdleTimeout, RequestBody, ResponseBody,
+    UpstreamRequestBody,
+};
 use crate::config::{NodeConfig, PassHost, Timeout};
 use crate::http1::client::{RequestHead, ResponseLines};
 use crate::http1::server::{HeadLines, RecvBody};
@@ -74,11 +77,9 @@ pub async fn handle(
         local,
         "http",
     ));
-    // An absolute-form target names the host (RFC 9112 §3.2.2, nginx's `$host`): it wins over
-    // the Host header for routing and `$host`; the Host header itself goes upstream as sent.
-    if let Some(h) = parts.uri.host() {
-        ctx.host = h.to_ascii_lowercase();
-    }
+    // What the client's `Connection` names is hop-by-hop: gone before any phase, so a header
+    // a plugin sets under such a name still reaches the upstream.
+    crate::proxy::headers::remove_connection_named(&mut ctx.headers);
     if let Some(why) = bad_path {
         return respond_local(
             ctx,
@@ -292,12 +293,12 @@ async fn proxy(
     // The upstream request: the request as plugins left it, sent from ctx without a copy (the
     // forwarding changes are applied while the head is written; header_filter, body_filter and
     // log still read `$http_*` as the client sent them).
-    let too_large = Rc::new(Cell::new(false));
+    let fault: FaultCell = Rc::new(Cell::new(None));
     let max_body = match env.node.proxy.client_max_body_size {
         0 => None,
         n => Some(n),
     };
-    let body = UpstreamRequestBody::new(std::mem::take(&mut ctx.body), max_body, too_large.clone());
+    let body = UpstreamRequestBody::new(std::mem::take(&mut ctx.body), max_body, fault.clone());
     let node = &cfg.nodes.0[node];
     let port = node.port.unwrap_or(cfg.scheme.default_port());
     let client_host = ctx.headers.get(header::HOST);
@@ -337,12 +338,15 @@ async fn proxy(
             }
         },
     };
+    // `X-Forwarded-Host` is `$host` (APISIX's `$var_x_forwarded_host`): the normalised host,
+    // without the port, when the client named one.
+    let forwarded_host = client_host.map(|_| ctx.host.as_bytes());
     let forwarding = Forwarding::new(
         &ctx.headers,
         &conn_values,
         ctx.scheme,
         host_value,
-        client_host,
+        forwarded_host,
     );
     // Nothing looks at or changes the response headers: the upstream's lines pass through
     // unparsed.
@@ -364,20 +368,34 @@ async fn proxy(
     let res = match res {
         Ok(r) => r,
         Err(e) => {
-            let status = if too_large.get() {
-                StatusCode::PAYLOAD_TOO_LARGE
-            } else if e.is_timeout() {
-                StatusCode::GATEWAY_TIMEOUT
-            } else {
-                StatusCode::BAD_GATEWAY
+            let local = match fault.get() {
+                Some(f) => client_body_failed(&ctx, f, &e),
+                None => {
+                    tracing::error!(route = %route.id, node = ctx.upstream_addr.as_deref().unwrap_or(""), "upstream request failed: {e}");
+                    let status = if e.is_timeout() {
+                        StatusCode::GATEWAY_TIMEOUT
+                    } else {
+                        StatusCode::BAD_GATEWAY
+                    };
+                    LocalResponse::text(status, "")
+                }
             };
-            if status != StatusCode::PAYLOAD_TOO_LARGE {
-                tracing::error!(route = %route.id, node = ctx.upstream_addr.as_deref().unwrap_or(""), "upstream request failed: {e}");
-            }
-            return respond_local(ctx, snap, LocalResponse::text(status, ""), &env.node);
+            return respond_local(ctx, snap, local, &env.node);
         }
     };
     ctx.upstream_status = Some(res.status.as_u16());
+    // A switch of protocols nobody asked for: what follows is not HTTP the client expects,
+    // and passing the 101 on would hand the client's connection to the upstream. (A request
+    // that asked for an upgrade is the tunnel's business.)
+    if res.status == StatusCode::SWITCHING_PROTOCOLS && !ctx.headers.contains_key(header::UPGRADE) {
+        tracing::error!(route = %route.id, node = ctx.upstream_addr.as_deref().unwrap_or(""), "upstream answered 101 Switching Protocols to a request that asked for no upgrade");
+        return respond_local(
+            ctx,
+            snap,
+            LocalResponse::text(StatusCode::BAD_GATEWAY, ""),
+            &env.node,
+        );
+    }
     let mut head = ResponseHead {
         status: res.status,
         headers: res.headers,
@@ -390,6 +408,26 @@ async fn proxy(
     }
     let body = ResponseBody::Timed(IdleTimeout::new(res.body, secs(timeout.read)));
     respond(ctx, snap, head, res.raw, body, &env.node)
+}
+
+/// The answer when the upstream call failed because the client's body did: the client's
+/// error (413, 400), logged as one (nginx logs a client's bad body at `info`), not a 502
+/// naming the node. The server closes the connection (the body's framing is lost).
+fn client_body_failed(ctx: &Ctx, fault: ClientBodyFault, e: &ClientError) -> LocalResponse {
+    match fault {
+        ClientBodyFault::TooLarge => LocalResponse::error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "413 Request Entity Too Large",
+        ),
+        ClientBodyFault::Malformed => {
+            tracing::warn!(route = ctx.route_id(), client = %ctx.remote_addr, "bad request body from the client: {e}");
+            LocalResponse::error(StatusCode::BAD_REQUEST, "400 Bad Request")
+        }
+        ClientBodyFault::Incomplete => {
+            tracing::info!(route = ctx.route_id(), client = %ctx.remote_addr, "client closed the connection before sending the whole request body: {e}");
+            LocalResponse::error(StatusCode::BAD_REQUEST, "400 Bad Request")
+        }
+    }
 }
 
 /// Sends a response the gateway made itself, through the response phases.
@@ -470,6 +508,8 @@ fn respond(
             access_log: node.access_log,
         }),
         ended: false,
+        failed: None,
+        replaced: Cell::new(None),
     });
     *res.status_mut() = head.status;
     *res.headers_mut() = head.headers;
@@ -528,8 +568,8 @@ impl Finish {
     }
 
     /// The log phase and the access-log line. Runs once, when the body has been sent (or the
-    /// client went away).
-    fn log(mut self, completed: bool) {
+    /// client went away, or the response failed).
+    fn log(mut self, outcome: Outcome) {
         self.chains_run(chain::run_log);
         if self.access_log {
             let c = &self.ctx;
@@ -543,10 +583,46 @@ impl Finish {
                 c.route_id(),
                 c.upstream_addr.as_deref().unwrap_or("-"),
                 c.start.elapsed().as_secs_f64() * 1000.0,
-                if completed { "" } else { " (incomplete)" }
+                outcome.note()
             );
         }
     }
+}
+
+/// How a response ended, for the log phase and the access-log line.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// The whole body was handed to the server.
+    Completed,
+    /// The client went away (or the body was dropped) before the end.
+    Incomplete,
+    /// The body failed after part of the response was sent: the connection was closed.
+    Failed(Failure),
+}
+
+impl Outcome {
+    /// The access log's suffix.
+    fn note(self) -> &'static str {
+        match self {
+            Outcome::Completed => "",
+            Outcome::Incomplete => " (incomplete)",
+            Outcome::Failed(Failure::BodyFilter) => {
+                " (incomplete: body_filter failed, connection closed)"
+            }
+            Outcome::Failed(Failure::Upstream) => {
+                " (incomplete: upstream response failed, connection closed)"
+            }
+        }
+    }
+}
+
+/// What made a response body fail.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Failure {
+    /// A plugin's body_filter raised an error.
+    BodyFilter,
+    /// Reading the upstream's body failed (reset, timeout, bad framing).
+    Upstream,
 }
 
 /// The response body on its way to the client: runs body_filter per chunk, enforces the
@@ -557,14 +633,27 @@ pub struct GatewayBody {
     raw: Option<RawHead>,
     finish: Option<Finish>,
     ended: bool,
+    /// Why the body failed, once it has.
+    failed: Option<Failure>,
+    /// Set when the server answered with this status instead, the body having failed before
+    /// any of the response was written ([`HeadLines::early_failure_status`]).
+    replaced: Cell<Option<StatusCode>>,
 }
 
 impl GatewayBody {
-    fn end(&mut self, completed: bool) {
+    fn end(&mut self, outcome: Outcome) {
         self.ended = true;
         if let Some(f) = self.finish.take() {
-            f.log(completed);
+            f.log(outcome);
         }
+    }
+
+    /// The body failed: the log runs when the server is done with it (on drop), once it is
+    /// known whether the client got a replacement answer or a cut-off response.
+    fn fail(&mut self, why: Failure, e: BoxError) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.failed = Some(why);
+        self.inner = ResponseBody::Empty;
+        Poll::Ready(Some(Err(e)))
     }
 
     fn filter(&mut self, data: Bytes, eof: bool) -> Result<BodyChunk, PluginError> {
@@ -582,15 +671,39 @@ impl HeadLines for GatewayBody {
     fn head_lines(&self) -> Option<&RawHead> {
         self.raw.as_ref()
     }
+
+    /// A body_filter that fails before any byte went out gets the client a 500, as a failing
+    /// header_filter does; an upstream body that fails that early, a 502 (504 on its read
+    /// timeout).
+    fn early_failure_status(&self) -> Option<StatusCode> {
+        let status = match self.failed? {
+            Failure::BodyFilter => StatusCode::INTERNAL_SERVER_ERROR,
+            Failure::Upstream => StatusCode::BAD_GATEWAY,
+        };
+        self.replaced.set(Some(status));
+        Some(status)
+    }
 }
 
 impl Drop for GatewayBody {
     fn drop(&mut self) {
-        // Either the body ended without being polled to its end (an empty body), or the client
-        // went away (or the connection failed) before the end of the body.
-        let completed =
-            !self.finish.as_ref().is_some_and(|f| f.filter_body) && self.inner.is_end_stream();
-        self.end(completed);
+        let outcome = if let Some(status) = self.replaced.get() {
+            // The client got this status instead, complete.
+            if let Some(f) = self.finish.as_mut() {
+                f.ctx.status = status.as_u16();
+            }
+            Outcome::Completed
+        } else if let Some(why) = self.failed {
+            Outcome::Failed(why)
+        } else if !self.finish.as_ref().is_some_and(|f| f.filter_body) && self.inner.is_end_stream()
+        {
+            // The body ended without being polled to its end (an empty body).
+            Outcome::Completed
+        } else {
+            // The client went away (or the connection failed) before the end of the body.
+            Outcome::Incomplete
+        };
+        self.end(outcome);
     }
 }
 
@@ -603,7 +716,7 @@ impl Body for GatewayBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
-        if this.ended {
+        if this.ended || this.failed.is_some() {
             return Poll::Ready(None);
         }
         loop {
@@ -623,7 +736,7 @@ impl Body for GatewayBody {
                             if chunk.eof {
                                 // A plugin ended the body early: drop the rest.
                                 this.inner = ResponseBody::Empty;
-                                this.end(true);
+                                this.end(Outcome::Completed);
                             }
                             if chunk.data.is_empty() {
                                 if this.ended {
@@ -635,8 +748,7 @@ impl Body for GatewayBody {
                         }
                         Err(e) => {
                             tracing::error!(plugin = %e.plugin, phase = e.phase, "{}", e.message);
-                            this.end(false);
-                            return Poll::Ready(Some(Err(e.into())));
+                            return this.fail(Failure::BodyFilter, e.into());
                         }
                     }
                 }
@@ -648,8 +760,7 @@ impl Body for GatewayBody {
                             "reading the upstream response failed: {e}"
                         );
                     }
-                    this.end(false);
-                    return Poll::Ready(Some(Err(e)));
+                    return this.fail(Failure::Upstream, e);
                 }
                 Poll::Ready(None) => {
                     let last = if this.finish.as_ref().is_some_and(|f| f.filter_body) {
@@ -657,14 +768,13 @@ impl Body for GatewayBody {
                             Ok(c) => c.data,
                             Err(e) => {
                                 tracing::error!(plugin = %e.plugin, phase = e.phase, "{}", e.message);
-                                this.end(false);
-                                return Poll::Ready(Some(Err(e.into())));
+                                return this.fail(Failure::BodyFilter, e.into());
                             }
                         }
                     } else {
                         Bytes::new()
                     };
-                    this.end(true);
+                    this.end(Outcome::Completed);
                     if last.is_empty() {
                         return Poll::Ready(None);
                     }

@@ -21,25 +21,27 @@ static HOP_BY_HOP: [HeaderName; 8] = [
     header::EXPECT,
 ];
 
-/// Which hop-by-hop headers a request's map holds, and the headers its `Connection` names, so
-/// they are left out when the request is written (the map itself is not changed).
+/// Which of the standard hop-by-hop headers a request's map holds, so they are left out when
+/// the request is written (the map itself is not changed: plugins still read them, and the
+/// gateway writes its own connection management).
+///
+/// The other headers a client's `Connection` names are hop-by-hop too, but they are removed
+/// from the request as it arrives ([`remove_connection_named`]), not when it is written: a
+/// header a plugin sets later under such a name (`X-Consumer-Username`, an injected
+/// `Authorization`) must reach the upstream, or a client could strip it by naming it.
 #[derive(Default)]
 pub struct HopByHop {
     /// Which [`HOP_BY_HOP`] headers are present (bit i: `HOP_BY_HOP[i]`).
     present: u16,
-    /// Headers the `Connection` header names, lower-cased (rare: usually empty).
-    named: Vec<String>,
 }
 
 impl HopByHop {
-    /// Looks through the map's names (one pass) and, when there is a `Connection` header, its
-    /// values.
+    /// Looks through the map's names (one pass).
     pub fn of(headers: &HeaderMap) -> Self {
         let mut hop = HopByHop::default();
         for k in headers.keys() {
             hop.note(k);
         }
-        hop.read_connection(headers);
         hop
     }
 
@@ -50,36 +52,46 @@ impl HopByHop {
         }
     }
 
-    /// Collects the names the `Connection` header lists, once every name has been noted.
-    fn read_connection(&mut self, headers: &HeaderMap) {
-        // HOP_BY_HOP[0] is `Connection`.
-        if self.present & 1 == 0 {
-            return;
-        }
-        for v in headers.get_all(header::CONNECTION) {
-            let Ok(v) = v.to_str() else { continue };
-            for name in v.split(',').map(str::trim) {
-                if !name.is_empty()
-                    && !HOP_BY_HOP
-                        .iter()
-                        .any(|h| h.as_str().eq_ignore_ascii_case(name))
-                {
-                    self.named.push(name.to_ascii_lowercase());
-                }
-            }
-        }
-    }
-
     /// Whether the header `name` is left out.
     pub fn skip(&self, name: &HeaderName) -> bool {
         if self.present == 0 {
             return false;
         }
-        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
-            return self.present & (1 << i) != 0;
+        HOP_BY_HOP
+            .iter()
+            .position(|h| h == name)
+            .is_some_and(|i| self.present & (1 << i) != 0)
+    }
+}
+
+/// Removes from a request as it arrived the headers its `Connection` header names (RFC 9110
+/// §7.6.1: they describe the client's connection, not the message), before any plugin runs.
+/// `Connection` itself and the standard hop-by-hop headers stay in the map for plugins to read
+/// and are left out when the request is written ([`HopByHop`]).
+pub fn remove_connection_named(headers: &mut HeaderMap) {
+    // The usual request has no `Connection`, or one naming only `close` / `keep-alive`.
+    let mut named: Vec<HeaderName> = Vec::new();
+    for v in headers.get_all(header::CONNECTION) {
+        let Ok(v) = v.to_str() else { continue };
+        for token in v.split(',').map(str::trim) {
+            if token.is_empty()
+                || token.eq_ignore_ascii_case("close")
+                || HOP_BY_HOP
+                    .iter()
+                    .any(|h| h.as_str().eq_ignore_ascii_case(token))
+            {
+                continue;
+            }
+            // `Host` is what the request is for; it is never a hop-by-hop header.
+            if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
+                if name != header::HOST {
+                    named.push(name);
+                }
+            }
         }
-        let s = name.as_str();
-        self.named.iter().any(|n| n == s)
+    }
+    for name in named {
+        headers.remove(name);
     }
 }
 
@@ -140,21 +152,21 @@ pub struct Forwarding<'a> {
     conn: &'a ConnValues,
     proto: &'a str,
     host: Option<HeaderValue>,
-    client_host: Option<&'a HeaderValue>,
+    client_host: Option<&'a [u8]>,
     hop: HopByHop,
     /// The client sent an `X-Forwarded-For` list.
     xff: bool,
 }
 
 impl<'a> Forwarding<'a> {
-    /// `host`: the `Host` the upstream gets (None: no Host line); `client_host`: the one the
-    /// client sent (`X-Forwarded-Host`).
+    /// `host`: the `Host` the upstream gets (None: no Host line); `client_host`: the
+    /// request's normalised host (`X-Forwarded-Host`; None: no such line).
     pub fn new(
         headers: &'a HeaderMap,
         conn: &'a ConnValues,
         scheme: &'a str,
         host: Option<HeaderValue>,
-        client_host: Option<&'a HeaderValue>,
+        client_host: Option<&'a [u8]>,
     ) -> Self {
         let mut hop = HopByHop::default();
         let mut xff = false;
@@ -162,7 +174,6 @@ impl<'a> Forwarding<'a> {
             hop.note(k);
             xff |= k.as_str() == "x-forwarded-for";
         }
-        hop.read_connection(headers);
         // A scheme is a token ("http", "https" in practice): never a line break.
         let proto = if scheme
             .bytes()
@@ -254,7 +265,7 @@ impl HeadEdit for Forwarding<'_> {
             put_header(dst, b"x-forwarded-port", conn.local_port.as_bytes());
         }
         if let Some(h) = self.client_host {
-            put_header(dst, b"x-forwarded-host", h.as_bytes());
+            put_header(dst, b"x-forwarded-host", h);
         }
     }
 }
@@ -279,7 +290,7 @@ mod tests {
     }
 
     #[test]
-    fn hop_by_hop_skips_named_and_standard() {
+    fn hop_by_hop_skips_standard_only() {
         let mut h = hop_map(header::EXPECT, "100-continue");
         let hop = HopByHop::of(&h);
         let kept: Vec<&str> = h
@@ -287,13 +298,31 @@ mod tests {
             .filter(|k| !hop.skip(k))
             .map(|k| k.as_str())
             .collect();
-        assert_eq!(kept, ["x-kept"]);
-        // A map without hop-by-hop headers skips nothing.
+        // A name `Connection` lists is removed on arrival, not skipped when written.
+        assert_eq!(kept, ["x-secret", "x-kept"]);
         h.remove(header::CONNECTION);
         let hop = HopByHop::of(&h);
-        assert!(!hop.skip(&HeaderName::from_static("x-secret")));
         assert!(hop.skip(&HeaderName::from_static("keep-alive")));
         assert!(!hop.skip(&header::TE));
+    }
+
+    #[test]
+    fn connection_named_removed_on_arrival() {
+        let mut h = hop_map(header::TE, "trailers");
+        h.append(
+            header::CONNECTION,
+            HeaderValue::from_static("close, Host, X-Other"),
+        );
+        h.insert(header::HOST, HeaderValue::from_static("a.test"));
+        h.insert("x-other", HeaderValue::from_static("1"));
+        remove_connection_named(&mut h);
+        let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["connection", "host", "keep-alive", "te", "x-kept"]);
+        // What a plugin sets afterwards under a named header stays.
+        h.insert("x-secret", HeaderValue::from_static("plugin"));
+        let hop = HopByHop::of(&h);
+        assert!(!hop.skip(&HeaderName::from_static("x-secret")));
     }
 
     /// The head lines a [`Forwarding`] makes of `h`.
@@ -304,7 +333,7 @@ mod tests {
     /// The same for a request whose scheme is `scheme` on an `http` connection.
     fn forwarded_as(h: &HeaderMap, host: Option<&str>, scheme: &'static str) -> String {
         let conn = ConnValues::new([127, 0, 0, 1].into(), 9080, "http");
-        let client_host = h.get(header::HOST);
+        let client_host = h.get(header::HOST).map(HeaderValue::as_bytes);
         let f = Forwarding::new(
             h,
             &conn,
@@ -369,7 +398,8 @@ mod tests {
 
     #[test]
     fn forwarding_drops_hop_by_hop_and_connection_named() {
-        let h = hop_map(header::TE, "trailers");
+        let mut h = hop_map(header::TE, "trailers");
+        remove_connection_named(&mut h);
         let out = forwarded(&h, None);
         assert!(out.starts_with("x-kept: 1\r\nx-forwarded-for: "), "{out}");
     }

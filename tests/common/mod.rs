@@ -173,6 +173,22 @@ impl Gateway {
         Gateway::spawn(dir, &config)
     }
 
+    /// Writes each `(name, source)` as `DIR/plugins/NAME.lua`, then `yaml` (with
+    /// `plugin_dirs: [plugins]` put first) as `DIR/config.yaml` in a fresh temp dir, and starts
+    /// the gateway on it.
+    pub fn start_with_plugins(plugins: &[(&str, &str)], yaml: &str) -> Gateway {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let dir = tmp.path().join("plugins");
+        std::fs::create_dir_all(&dir).expect("plugins dir");
+        for (name, src) in plugins {
+            std::fs::write(dir.join(format!("{name}.lua")), src).expect("write plugin");
+        }
+        let yaml = format!("plugin_dirs:\n  - plugins\n{yaml}");
+        let mut gw = Gateway::start_in(tmp.path(), &yaml);
+        gw._tmp = Some(tmp);
+        gw
+    }
+
     /// Starts the gateway on an existing config file, as is.
     pub fn start_file(config: &Path) -> Gateway {
         let dir = config.parent().unwrap_or(Path::new(".")).to_path_buf();
@@ -593,6 +609,77 @@ impl Drop for Upstream {
     }
 }
 
+/// A TCP server on 127.0.0.1 (a free port) that reads each connection's request head and then
+/// plays a script: each `(delay, bytes)` is written after sleeping `delay`; then it closes. For
+/// upstreams that misbehave in ways an HTTP library will not (a 101 nobody asked for, a body
+/// cut off mid-way). Dropping it stops it.
+pub struct RawUpstream {
+    addr: SocketAddr,
+    requests: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RawUpstream {
+    pub fn start(script: Vec<(Duration, &'static [u8])>) -> RawUpstream {
+        let std_listener = StdTcpListener::bind("127.0.0.1:0").expect("bind raw upstream");
+        std_listener.set_nonblocking(true).expect("nonblocking");
+        let addr = std_listener.local_addr().expect("local addr");
+        let requests = Arc::new(AtomicU64::new(0));
+        let counter = requests.clone();
+        let script = Arc::new(script);
+        let task = runtime().spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let listener = tokio::net::TcpListener::from_std(std_listener).expect("listener");
+            loop {
+                let Ok((mut stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let script = script.clone();
+                let counter = counter.clone();
+                tokio::spawn(async move {
+                    let mut seen = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    while !seen.windows(4).any(|w| w == b"\r\n\r\n") && seen.len() < 65536 {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => seen.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    for (delay, bytes) in script.iter() {
+                        tokio::time::sleep(*delay).await;
+                        if stream.write_all(bytes).await.is_err() {
+                            return;
+                        }
+                    }
+                    let _ = stream.shutdown().await;
+                });
+            }
+        });
+        RawUpstream {
+            addr,
+            requests,
+            task,
+        }
+    }
+
+    /// `127.0.0.1:PORT`, as a node key in a config.
+    pub fn node(&self) -> String {
+        self.addr.to_string()
+    }
+
+    /// Request heads read so far.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for RawUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 /// The echo handler's response: a JSON description of `req`.
 pub async fn echo_response(req: Request<Incoming>) -> Response<Body> {
     let (parts, mut body) = req.into_parts();
@@ -863,6 +950,45 @@ pub fn raw_status(response: &str) -> u16 {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(0)
+}
+
+/// A raw HTTP/1.1 response text split into status, head and body (the body as sent: a
+/// chunked one keeps its framing).
+pub struct RawResp {
+    pub status: u16,
+    /// The status line and header lines.
+    pub head: String,
+    pub body: String,
+}
+
+impl RawResp {
+    pub fn parse(text: &str) -> RawResp {
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((text, ""));
+        RawResp {
+            status: raw_status(head),
+            head: head.to_string(),
+            body: body.to_string(),
+        }
+    }
+
+    /// A header's value (the first of that name, case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.head.lines().skip(1).find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+        })
+    }
+
+    /// The body parsed as JSON; panics with the response when it is not JSON.
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {}\n\n{}", self.head, self.body))
+    }
+}
+
+/// [`raw`], parsed.
+pub fn raw_resp(addr: SocketAddr, bytes: &[u8]) -> RawResp {
+    RawResp::parse(&raw(addr, bytes))
 }
 
 /// A keep-alive connection for tests that send several requests on one socket.
