@@ -36,6 +36,56 @@ pub enum BodyReadError {
     Io(String),
 }
 
+/// A request body still on the client connection, whatever HTTP version the client speaks.
+/// An enum rather than a boxed body: the HTTP/1.1 path pays one branch per poll, no allocation.
+#[derive(Debug)]
+pub enum ClientBody {
+    Http1(RecvBody),
+    Http2(crate::http2::RecvBody),
+}
+
+/// Why a client's request body could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientBodyError {
+    #[error(transparent)]
+    Http1(#[from] RecvError),
+    #[error("reading the HTTP/2 request body failed: {0}")]
+    Http2(#[from] h2::Error),
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = ClientBodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, ClientBodyError>>> {
+        match self.get_mut() {
+            ClientBody::Http1(b) => Pin::new(b)
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map_err(ClientBodyError::Http1))),
+            ClientBody::Http2(b) => Pin::new(b)
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map_err(ClientBodyError::Http2))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ClientBody::Http1(b) => b.is_end_stream(),
+            ClientBody::Http2(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ClientBody::Http1(b) => b.size_hint(),
+            ClientBody::Http2(b) => b.size_hint(),
+        }
+    }
+}
+
 /// A request body as the proxy forwards it.
 #[derive(Debug, Default)]
 pub enum RequestBody {
@@ -44,7 +94,7 @@ pub enum RequestBody {
     /// Read whole (a plugin asked for it, or a plugin replaced it).
     Full(Bytes),
     /// Still on the client connection.
-    Stream(RecvBody),
+    Stream(ClientBody),
 }
 
 impl RequestBody {
@@ -138,11 +188,20 @@ pub enum ClientBodyFault {
 impl ClientBodyFault {
     /// The fault a request body read error stands for; None when it was not the client's (the
     /// body was detached by the gateway itself).
-    pub fn of(e: &RecvError) -> Option<ClientBodyFault> {
+    pub fn of(e: &ClientBodyError) -> Option<ClientBodyFault> {
         match e {
-            RecvError::Chunked(_) => Some(ClientBodyFault::Malformed),
-            RecvError::Incomplete | RecvError::Io(_) => Some(ClientBodyFault::Incomplete),
-            RecvError::Detached => None,
+            ClientBodyError::Http1(RecvError::Chunked(_)) => Some(ClientBodyFault::Malformed),
+            ClientBodyError::Http1(RecvError::Incomplete | RecvError::Io(_)) => {
+                Some(ClientBodyFault::Incomplete)
+            }
+            ClientBodyError::Http1(RecvError::Detached) => None,
+            // h2 resets a stream whose data breaks the protocol (more or less data than its
+            // content-length): the client's framing; any other failure is the client going
+            // away (RST_STREAM, the connection closing).
+            ClientBodyError::Http2(e) if e.reason() == Some(h2::Reason::PROTOCOL_ERROR) => {
+                Some(ClientBodyFault::Malformed)
+            }
+            ClientBodyError::Http2(_) => Some(ClientBodyFault::Incomplete),
         }
     }
 }
@@ -261,16 +320,16 @@ pub struct ReadTimeout;
 
 /// A peer's response body that fails with [`ReadTimeout`] when no data arrives for `limit`:
 /// the read timeout bounds each wait for data, as nginx's `proxy_read_timeout` does.
-pub struct IdleTimeout {
-    inner: UpstreamBody,
+pub struct IdleTimeout<B = UpstreamBody> {
+    inner: B,
     limit: Duration,
     sleep: Option<Pin<Box<tokio::time::Sleep>>>,
     /// Called once when the timeout fires (a plugin's own log line).
     on_timeout: Option<fn()>,
 }
 
-impl IdleTimeout {
-    pub fn new(inner: UpstreamBody, limit: Duration) -> Self {
+impl<B> IdleTimeout<B> {
+    pub fn new(inner: B, limit: Duration) -> Self {
         IdleTimeout {
             inner,
             limit,
@@ -286,7 +345,11 @@ impl IdleTimeout {
     }
 }
 
-impl Body for IdleTimeout {
+impl<B> Body for IdleTimeout<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
     type Data = Bytes;
     type Error = BoxError;
 

@@ -12,6 +12,7 @@ pub mod body;
 pub mod config;
 pub mod host;
 pub mod http1;
+pub mod http2;
 pub mod plugin;
 pub mod plugins;
 pub mod proxy;

@@ -117,7 +117,7 @@ fn supervise(path: &std::path::Path) -> ExitCode {
         .map(|a| {
             (
                 proxy::HTTP_ROLE,
-                *a,
+                a.addr,
                 supervisor::Sharing::PerWorker(workers),
             )
         })
@@ -203,7 +203,7 @@ fn serve(path: &std::path::Path, mut inherited: supervisor::Inherited) -> ExitCo
     }
     let (listeners, bound) = match proxy::bind_all(
         &mut inherited.listeners,
-        &node.listen.0,
+        &node.listen.addrs(),
         worker_count(&node),
     ) {
         Ok(x) => x,

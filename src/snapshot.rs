@@ -97,7 +97,7 @@ pub struct NodeTarget {
 impl UpstreamEntry {
     pub fn new(id: Option<String>, config: Upstream) -> Self {
         let schedule = weighted_schedule(&config.nodes.0);
-        let tls = config.scheme == crate::config::Scheme::Https;
+        let tls = config.scheme.is_tls();
         let verify = config.tls.map(|t| t.verify).unwrap_or(false);
         let targets = config
             .nodes

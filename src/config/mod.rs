@@ -107,6 +107,116 @@ impl Default for Listen {
     }
 }
 
+/// One proxy listener address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListenAddr {
+    pub addr: SocketAddr,
+    /// HTTP/2 with prior knowledge (h2c) besides HTTP/1.1 on this plain listener.
+    pub enable_http2: bool,
+}
+
+impl Serialize for ListenAddr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(Some(3))?;
+        m.serialize_entry("ip", &self.addr.ip().to_string())?;
+        m.serialize_entry("port", &self.addr.port())?;
+        m.serialize_entry("enable_http2", &self.enable_http2)?;
+        m.end()
+    }
+}
+
+/// The proxy's `listen`: an address (`"127.0.0.1:9080"`, `9080`), or a list of addresses and
+/// APISIX's `node_listen` objects `{ip, port, enable_http2}` (`ip` defaults to `0.0.0.0`,
+/// `enable_http2` to false).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct NodeListen(pub Vec<ListenAddr>);
+
+impl NodeListen {
+    /// The addresses, in order.
+    pub fn addrs(&self) -> Vec<SocketAddr> {
+        self.0.iter().map(|l| l.addr).collect()
+    }
+}
+
+impl Default for NodeListen {
+    fn default() -> Self {
+        NodeListen(vec![ListenAddr {
+            addr: SocketAddr::from(([0, 0, 0, 0], 9080)),
+            enable_http2: false,
+        }])
+    }
+}
+
+impl<'de> Deserialize<'de> for NodeListen {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Object {
+            #[serde(default)]
+            ip: Option<String>,
+            port: u16,
+            #[serde(default)]
+            enable_http2: bool,
+        }
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Item {
+            Port(u16),
+            Text(String),
+            Object(Object),
+        }
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum OneOrMany {
+            One(Item),
+            Many(Vec<Item>),
+        }
+        let items = match OneOrMany::deserialize(d).map_err(|_| {
+            serde::de::Error::custom(
+                "expected an address like \"0.0.0.0:9080\", a port, {ip, port, enable_http2}, or a list of them",
+            )
+        })? {
+            OneOrMany::One(i) => vec![i],
+            OneOrMany::Many(v) => v,
+        };
+        let mut out = Vec::with_capacity(items.len());
+        for (n, item) in items.into_iter().enumerate() {
+            let l = match item {
+                Item::Port(port) => ListenAddr {
+                    addr: SocketAddr::from(([0, 0, 0, 0], port)),
+                    enable_http2: false,
+                },
+                Item::Text(s) => ListenAddr {
+                    addr: parse_listen(&s).map_err(serde::de::Error::custom)?,
+                    enable_http2: false,
+                },
+                Item::Object(o) => {
+                    let ip = o.ip.as_deref().unwrap_or("0.0.0.0");
+                    let ip: std::net::IpAddr = ip
+                        .trim_start_matches('[')
+                        .trim_end_matches(']')
+                        .parse()
+                        .map_err(|_| {
+                            serde::de::Error::custom(format!(
+                                "[{n}].ip: bad address {ip:?}: expected an IPv4 or IPv6 address"
+                            ))
+                        })?;
+                    ListenAddr {
+                        addr: SocketAddr::new(ip, o.port),
+                        enable_http2: o.enable_http2,
+                    }
+                }
+            };
+            out.push(l);
+        }
+        if out.is_empty() {
+            return Err(serde::de::Error::custom("at least one address is required"));
+        }
+        Ok(NodeListen(out))
+    }
+}
+
 /// `admin`: the Admin API listener.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -318,7 +428,7 @@ fn default_etcd_timeout() -> f64 {
 #[serde(deny_unknown_fields)]
 pub struct NodeConfig {
     #[serde(default)]
-    pub listen: Listen,
+    pub listen: NodeListen,
     /// Worker threads; default: number of cores.
     #[serde(default)]
     pub workers: Option<usize>,
@@ -586,6 +696,35 @@ mod tests {
         let d = parse_document("listen: [\"127.0.0.1:1\", \"[::1]:2\"]\n").unwrap();
         assert_eq!(d.node.listen.0.len(), 2);
         assert!(parse_document("listen: nowhere\n").is_err());
+        // APISIX's node_listen forms: a port, and objects beside strings.
+        let d = parse_document(
+            "listen:\n  - 9080\n  - \"127.0.0.1:9081\"\n  - {ip: 127.0.0.2, port: 9082, enable_http2: true}\n  - port: 9083\n",
+        )
+        .unwrap();
+        let l = &d.node.listen.0;
+        assert_eq!(l.len(), 4);
+        assert_eq!(l[0].addr, "0.0.0.0:9080".parse().unwrap());
+        assert!(!l[0].enable_http2 && !l[1].enable_http2);
+        assert_eq!(l[2].addr, "127.0.0.2:9082".parse().unwrap());
+        assert!(l[2].enable_http2);
+        assert_eq!(l[3].addr, "0.0.0.0:9083".parse().unwrap());
+        assert!(!l[3].enable_http2);
+        let d = parse_document("listen: [{ip: \"::1\", port: 1, enable_http2: true}]\n").unwrap();
+        assert_eq!(d.node.listen.0[0].addr, "[::1]:1".parse().unwrap());
+        // A bad object is refused with the field's path.
+        let e = parse_document(
+            "listen: [{ip: 127.0.0.1, port: 1, enable_http2: true}, {ip: nowhere, port: 2}]\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("listen") && e.contains("[1].ip") && e.contains("nowhere"),
+            "{e}"
+        );
+        let e = parse_document("listen: [{ip: 127.0.0.1, port: 1, http2: true}]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("listen"), "{e}");
     }
 
     #[test]

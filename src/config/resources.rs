@@ -177,6 +177,10 @@ pub enum Scheme {
     #[default]
     Http,
     Https,
+    /// gRPC: HTTP/2 with prior knowledge.
+    Grpc,
+    /// gRPC over TLS: HTTP/2 chosen by ALPN.
+    Grpcs,
 }
 
 impl Scheme {
@@ -184,13 +188,23 @@ impl Scheme {
         match self {
             Scheme::Http => "http",
             Scheme::Https => "https",
+            Scheme::Grpc => "grpc",
+            Scheme::Grpcs => "grpcs",
         }
     }
     pub fn default_port(self) -> u16 {
         match self {
-            Scheme::Http => 80,
-            Scheme::Https => 443,
+            Scheme::Http | Scheme::Grpc => 80,
+            Scheme::Https | Scheme::Grpcs => 443,
         }
+    }
+    /// The upstream is reached over TLS.
+    pub fn is_tls(self) -> bool {
+        matches!(self, Scheme::Https | Scheme::Grpcs)
+    }
+    /// The upstream speaks HTTP/2 (gRPC).
+    pub fn is_http2(self) -> bool {
+        matches!(self, Scheme::Grpc | Scheme::Grpcs)
     }
 }
 

@@ -45,6 +45,9 @@ pub enum ClientError {
     /// The exchange failed: send error, reset, malformed response.
     #[error(transparent)]
     Http(#[from] h1::Error),
+    /// An HTTP/2 (gRPC) exchange failed.
+    #[error("HTTP/2: {0}")]
+    Http2(#[from] h2::Error),
 }
 
 impl ClientError {
@@ -416,6 +419,25 @@ impl Conn {
 /// Called boxed: its future (DNS, TCP, TLS handshake) is large, and inline it would make every
 /// request's future that large, to be moved on each request while connections are reused.
 async fn connect(target: &Target, timeout: Duration) -> Result<Connection<Stream>, ClientError> {
+    Ok(Connection::new(
+        connect_stream(target, timeout, Alpn::Http1).await?,
+    ))
+}
+
+/// The protocol a TLS connection offers by ALPN.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Alpn {
+    Http1,
+    /// `h2` only: a gRPC upstream must speak HTTP/2.
+    Http2,
+}
+
+/// A TCP (and when the target says so, TLS) connection to `target`, within `timeout`.
+pub async fn connect_stream(
+    target: &Target,
+    timeout: Duration,
+    alpn: Alpn,
+) -> Result<Stream, ClientError> {
     let deadline = Instant::now() + timeout;
     let attempt = async {
         let addrs: Vec<std::net::SocketAddr> = match target.host.parse::<std::net::IpAddr>() {
@@ -449,23 +471,22 @@ async fn connect(target: &Target, timeout: Duration) -> Result<Connection<Stream
             }
         };
         let _ = stream.set_nodelay(true);
-        let io = if target.tls {
-            let config = if target.verify {
-                verifying_config()
-            } else {
-                insecure_config()
-            };
-            let name = ServerName::try_from(target.host.to_string())
-                .map_err(|e| ClientError::Tls(e.to_string()))?;
-            let tls = tokio_rustls::TlsConnector::from(config)
-                .connect(name, stream)
-                .await
-                .map_err(|e| ClientError::Tls(e.to_string()))?;
-            Stream::Tls(Box::new(tls))
-        } else {
-            Stream::Plain(stream)
-        };
-        Ok(Connection::new(io))
+        if !target.tls {
+            return Ok(Stream::Plain(stream));
+        }
+        let config = tls_config(target.verify, alpn);
+        let name = ServerName::try_from(target.host.to_string())
+            .map_err(|e| ClientError::Tls(e.to_string()))?;
+        let tls = tokio_rustls::TlsConnector::from(config)
+            .connect(name, stream)
+            .await
+            .map_err(|e| ClientError::Tls(e.to_string()))?;
+        if alpn == Alpn::Http2 && tls.get_ref().1.alpn_protocol() != Some(b"h2") {
+            return Err(ClientError::Tls(
+                "the upstream did not agree to HTTP/2 (ALPN h2)".to_string(),
+            ));
+        }
+        Ok(Stream::Tls(Box::new(tls)))
     };
     match tokio::time::timeout_at(deadline.into(), attempt).await {
         Ok(r) => r,
@@ -484,36 +505,30 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// TLS with certificate verification against the Mozilla roots (webpki-roots).
-fn verifying_config() -> Arc<rustls::ClientConfig> {
-    static CONFIG: OnceLock<Arc<rustls::ClientConfig>> = OnceLock::new();
-    CONFIG
+/// The TLS client settings for a verifying or not (`ssl_verify: false`) connection offering
+/// `alpn`. Certificates are verified against the Mozilla roots (webpki-roots).
+fn tls_config(verify: bool, alpn: Alpn) -> Arc<rustls::ClientConfig> {
+    static CONFIGS: [OnceLock<Arc<rustls::ClientConfig>>; 4] = [const { OnceLock::new() }; 4];
+    let slot = usize::from(verify) * 2 + usize::from(alpn == Alpn::Http2);
+    CONFIGS[slot]
         .get_or_init(|| {
-            let mut roots = rustls::RootCertStore::empty();
-            roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-            let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+            let builder = rustls::ClientConfig::builder_with_provider(provider())
                 .with_safe_default_protocol_versions()
-                .expect("ring supports the default protocol versions")
-                .with_root_certificates(roots)
-                .with_no_client_auth();
-            cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-            Arc::new(cfg)
-        })
-        .clone()
-}
-
-/// TLS without certificate verification (`ssl_verify: false`).
-fn insecure_config() -> Arc<rustls::ClientConfig> {
-    static CONFIG: OnceLock<Arc<rustls::ClientConfig>> = OnceLock::new();
-    CONFIG
-        .get_or_init(|| {
-            let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
-                .with_safe_default_protocol_versions()
-                .expect("ring supports the default protocol versions")
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(NoVerify(provider())))
-                .with_no_client_auth();
-            cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+                .expect("ring supports the default protocol versions");
+            let mut cfg = if verify {
+                let mut roots = rustls::RootCertStore::empty();
+                roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+                builder.with_root_certificates(roots).with_no_client_auth()
+            } else {
+                builder
+                    .dangerous()
+                    .with_custom_certificate_verifier(Arc::new(NoVerify(provider())))
+                    .with_no_client_auth()
+            };
+            cfg.alpn_protocols = match alpn {
+                Alpn::Http1 => vec![b"http/1.1".to_vec()],
+                Alpn::Http2 => vec![b"h2".to_vec()],
+            };
             Arc::new(cfg)
         })
         .clone()

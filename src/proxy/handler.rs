@@ -15,12 +15,12 @@ use http::{HeaderMap, Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 
 use crate::body::{
-    BoxError, ClientBodyFault, FaultCell, IdleTimeout, RequestBody, ResponseBody,
+    BoxError, ClientBody, ClientBodyFault, FaultCell, IdleTimeout, RequestBody, ResponseBody,
     UpstreamRequestBody,
 };
-use crate::config::{NodeConfig, PassHost, Timeout};
+use crate::config::{Node, NodeConfig, PassHost, Timeout, Upstream};
 use crate::http1::client::{RequestHead, ResponseLines};
-use crate::http1::server::{HeadLines, RecvBody};
+use crate::http1::server::HeadLines;
 use crate::http1::RawHead;
 use crate::plugin::chain::{self, Chain};
 use crate::plugin::ctx::normalize_path;
@@ -40,10 +40,11 @@ pub struct WorkerEnv {
     pub worker_id: usize,
 }
 
-/// Serves one request. Never fails: every problem becomes a response.
+/// Serves one request, whatever HTTP version it came in. Never fails: every problem becomes a
+/// response.
 pub async fn handle(
     env: Rc<WorkerEnv>,
-    req: Request<RecvBody>,
+    req: Request<ClientBody>,
     remote: SocketAddr,
     local: SocketAddr,
     conn_values: Rc<ConnValues>,
@@ -202,7 +203,7 @@ fn plugin_failure(e: &PluginError) -> LocalResponse {
 
 /// A timeout in seconds (at least 1 ms) as a Duration. Nanosecond rounding is plenty here, and
 /// much cheaper than `Duration::from_secs_f64`'s exact conversion (four of these per request).
-fn secs(v: f64) -> Duration {
+pub(super) fn secs(v: f64) -> Duration {
     Duration::from_nanos((v.max(0.001) * 1e9) as u64)
 }
 
@@ -255,6 +256,23 @@ async fn proxy(
             max_requests: 1000,
         },
     };
+    if cfg.scheme.is_http2() {
+        let nodes = std::iter::once(first)
+            .chain(order)
+            .take(upstream.attempts())
+            .collect();
+        return super::grpc::proxy(
+            env,
+            snap,
+            route,
+            ctx,
+            conn_values,
+            &upstream,
+            nodes,
+            timeout,
+        )
+        .await;
+    }
     let client = worker_client();
 
     let mut last_err: Option<ClientError> = None;
@@ -302,21 +320,7 @@ async fn proxy(
     let node = &cfg.nodes.0[node];
     let port = node.port.unwrap_or(cfg.scheme.default_port());
     let client_host = ctx.headers.get(header::HOST);
-    let host_value = match (&ctx.upstream_host, cfg.pass_host) {
-        (Some(h), _) => HeaderValue::from_str(h).ok(),
-        (None, PassHost::Pass) => client_host.cloned(),
-        (None, PassHost::Node) => {
-            if port == cfg.scheme.default_port() {
-                HeaderValue::from_str(&node.host).ok()
-            } else {
-                HeaderValue::from_str(&crate::proxy::client::host_port(&node.host, port)).ok()
-            }
-        }
-        (None, PassHost::Rewrite) => cfg
-            .upstream_host
-            .as_deref()
-            .and_then(|h| HeaderValue::from_str(h).ok()),
-    };
+    let host_value = upstream_host(&ctx, cfg, node, port);
     // A path a plugin set is checked as a request target (it goes into the request line); the
     // client's own was checked by the parser.
     let rewritten;
@@ -413,7 +417,11 @@ async fn proxy(
 /// The answer when the upstream call failed because the client's body did: the client's
 /// error (413, 400), logged as one (nginx logs a client's bad body at `info`), not a 502
 /// naming the node. The server closes the connection (the body's framing is lost).
-fn client_body_failed(ctx: &Ctx, fault: ClientBodyFault, e: &ClientError) -> LocalResponse {
+pub(super) fn client_body_failed(
+    ctx: &Ctx,
+    fault: ClientBodyFault,
+    e: &ClientError,
+) -> LocalResponse {
     match fault {
         ClientBodyFault::TooLarge => LocalResponse::error(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -427,6 +435,31 @@ fn client_body_failed(ctx: &Ctx, fault: ClientBodyFault, e: &ClientError) -> Loc
             tracing::info!(route = ctx.route_id(), client = %ctx.remote_addr, "client closed the connection before sending the whole request body: {e}");
             LocalResponse::error(StatusCode::BAD_REQUEST, "400 Bad Request")
         }
+    }
+}
+
+/// The `Host` the upstream request carries (`:authority` for HTTP/2): a plugin's choice, else
+/// as the upstream's `pass_host` says.
+pub(super) fn upstream_host(
+    ctx: &Ctx,
+    cfg: &Upstream,
+    node: &Node,
+    port: u16,
+) -> Option<HeaderValue> {
+    match (&ctx.upstream_host, cfg.pass_host) {
+        (Some(h), _) => HeaderValue::from_str(h).ok(),
+        (None, PassHost::Pass) => ctx.headers.get(header::HOST).cloned(),
+        (None, PassHost::Node) => {
+            if port == cfg.scheme.default_port() {
+                HeaderValue::from_str(&node.host).ok()
+            } else {
+                HeaderValue::from_str(&crate::proxy::client::host_port(&node.host, port)).ok()
+            }
+        }
+        (None, PassHost::Rewrite) => cfg
+            .upstream_host
+            .as_deref()
+            .and_then(|h| HeaderValue::from_str(h).ok()),
     }
 }
 
@@ -447,7 +480,7 @@ pub fn respond_local(
 /// header_filter now; body_filter per chunk and log at the end, inside [`GatewayBody`].
 /// `raw`: the upstream's header lines, passed on after `head.headers` (only when no plugin
 /// looks at response headers).
-fn respond(
+pub(super) fn respond(
     mut ctx: Box<Ctx>,
     snap: Arc<Snapshot>,
     mut head: ResponseHead,

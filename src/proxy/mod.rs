@@ -7,6 +7,7 @@
 
 pub mod client;
 mod consumer;
+mod grpc;
 pub mod handler;
 pub mod headers;
 
@@ -21,6 +22,7 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
 
+use crate::body::ClientBody;
 use crate::config::NodeConfig;
 use crate::http1::server;
 use crate::snapshot::Gateway;
@@ -108,7 +110,9 @@ fn worker_main(
         });
         let active = Rc::new(Cell::new(0usize));
         let idle = Rc::new(Notify::new());
-        for sock in socks {
+        // The listeners are in the order of `listen`'s addresses.
+        for (i, sock) in socks.into_iter().enumerate() {
+            let http2 = node.listen.0.get(i).is_some_and(|l| l.enable_http2);
             let listener = match TcpListener::from_std(sock) {
                 Ok(l) => l,
                 Err(e) => {
@@ -118,6 +122,7 @@ fn worker_main(
             };
             tokio::task::spawn_local(accept_loop(
                 listener,
+                http2,
                 env.clone(),
                 shutdown.clone(),
                 active.clone(),
@@ -152,6 +157,7 @@ fn worker_main(
 
 async fn accept_loop(
     listener: TcpListener,
+    http2: bool,
     env: Rc<WorkerEnv>,
     mut shutdown: watch::Receiver<bool>,
     active: Rc<Cell<usize>>,
@@ -181,6 +187,7 @@ async fn accept_loop(
         };
         tokio::task::spawn_local(serve_connection(
             stream,
+            http2,
             remote,
             local_addr,
             env.clone(),
@@ -205,8 +212,11 @@ impl Drop for ActiveGuard {
     }
 }
 
+/// Serves one plain connection: HTTP/1.1, or on a listener with `enable_http2` HTTP/2 when
+/// the client starts with the HTTP/2 preface (prior knowledge).
 async fn serve_connection(
     stream: tokio::net::TcpStream,
+    http2: bool,
     remote: SocketAddr,
     local: SocketAddr,
     env: Rc<WorkerEnv>,
@@ -214,17 +224,88 @@ async fn serve_connection(
     _guard: ActiveGuard,
 ) {
     let proxy = &env.node.proxy;
+    let header_timeout = Duration::from_secs_f64(proxy.client_header_timeout.max(0.001));
+    // The client address and port as the forwarding headers carry them: formatted once per
+    // connection.
+    let conn_values = Rc::new(headers::ConnValues::new(remote.ip(), local.port(), "http"));
+    if http2 {
+        match sniff_preface(&stream, header_timeout).await {
+            Some(true) => {
+                serve_http2(stream, env, remote, local, conn_values, shutdown).await;
+                return;
+            }
+            Some(false) => {}
+            None => return,
+        }
+    }
     let cfg = server::Config {
-        header_timeout: Duration::from_secs_f64(proxy.client_header_timeout.max(0.001)),
+        header_timeout,
         max_header_size: proxy.client_header_buffer_size.min(u32::MAX as usize),
         server: handler::SERVER.clone(),
     };
     let h_env = env.clone();
-    // The client address and port as the forwarding headers carry them: formatted once per
-    // connection.
-    let conn_values = Rc::new(headers::ConnValues::new(remote.ip(), local.port(), "http"));
     server::serve(stream, &cfg, shutdown, move |req| {
+        handle(
+            h_env.clone(),
+            req.map(ClientBody::Http1),
+            remote,
+            local,
+            conn_values.clone(),
+        )
+    })
+    .await;
+}
+
+/// Serves an HTTP/2 connection over `io` (h2c here; a TLS stream whose ALPN chose `h2` takes
+/// the same path) with the same handler as HTTP/1.1.
+pub async fn serve_http2<IO>(
+    io: IO,
+    env: Rc<WorkerEnv>,
+    remote: SocketAddr,
+    local: SocketAddr,
+    conn_values: Rc<headers::ConnValues>,
+    shutdown: watch::Receiver<bool>,
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + 'static,
+{
+    let proxy = &env.node.proxy;
+    let cfg = crate::http2::server::Config {
+        idle_timeout: Duration::from_secs_f64(proxy.client_header_timeout.max(0.001)),
+        max_header_size: proxy.client_header_buffer_size.min(u32::MAX as usize) as u32,
+        server: handler::SERVER.clone(),
+    };
+    let h_env = env.clone();
+    crate::http2::server::serve(io, &cfg, shutdown, move |req| {
         handle(h_env.clone(), req, remote, local, conn_values.clone())
     })
     .await;
+}
+
+/// Whether the client starts with the HTTP/2 preface, looking without reading. None: the
+/// client closed or sent nothing within `timeout`.
+async fn sniff_preface(stream: &tokio::net::TcpStream, timeout: Duration) -> Option<bool> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut buf = [0u8; 24];
+    loop {
+        let n = tokio::time::timeout_at(deadline, stream.peek(&mut buf))
+            .await
+            .ok()?
+            .ok()?;
+        if n == 0 {
+            return None;
+        }
+        let pre = &crate::http2::PREFACE[..n.min(crate::http2::PREFACE.len())];
+        if buf[..n] != *pre {
+            return Some(false);
+        }
+        // "PRI" is no HTTP/1.1 method anyone sends: a matching start is enough.
+        if n >= 3 {
+            return Some(true);
+        }
+        // A start too short to tell (rare): look again shortly.
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+    }
 }

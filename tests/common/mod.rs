@@ -1051,3 +1051,13 @@ pub fn accepts_connections(addr: SocketAddr) -> bool {
 pub fn code(s: StatusCode) -> u16 {
     s.as_u16()
 }
+
+/// A command for an external tool a test needs (curl, nghttp, h2load, python3, ...). Panics,
+/// failing the test, when the tool is not installed: `.ci/run` installs them.
+pub fn tool(name: &str) -> Command {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()))
+        .unwrap_or(false);
+    assert!(found, "`{name}` is not installed (.ci/run installs it)");
+    Command::new(name)
+}
