@@ -1640,7 +1640,7 @@ fn run_checks(plugin_dir: &Path) -> (Vec<Failure>, Vec<(String, usize)>) {
 
 /// Copies the target plugins from an APISIX checkout into `dir`. A file named `apisix/...` is
 /// a module outside `apisix/plugins` (e.g. `apisix.utils.redis-schema`): it goes to the same
-/// path under `dir`, which is on `package.path`.
+/// path under `dir`, where dotted module names are searched.
 fn copy_targets(src: &Path, dir: &Path) {
     for (_, files) in TARGETS {
         for f in *files {
@@ -1943,4 +1943,168 @@ fn real_limit_count_takes_header_names_from_its_metadata() {
     let r = Req::get(&gw.url("/q")).send();
     assert_eq!(r.status, 503);
     assert_eq!(r.header("x-quota-left").as_deref(), Some("0"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Libraries APISIX's plugins require over C in OpenResty: digests, HMAC, AES, random bytes,
+// zlib, brotli; and how plugin folders are searched
+// ---------------------------------------------------------------------------------------------
+
+/// Hashes, MACs, encrypts and inflates the request body with the modules APISIX's plugins
+/// require (csrf, hmac-auth, aws-lambda, jwe-decrypt, request-id, content-decode) and answers
+/// with the results.
+const LIB_PROBE: &str = r#"
+local core = require("apisix.core")
+local sha256 = require("resty.sha256")
+local to_hex = require("resty.string").to_hex
+local hmac = require("resty.hmac")
+local aes = require("resty.aes")
+local random = require("resty.random")
+local zlib = require("ffi-zlib")
+local str_buffer = require("string.buffer")
+local helper = require("apisix.utils.probe-helper")
+
+local _M = { version = 0.1, priority = 100, name = "lib-probe",
+             schema = { type = "object", properties = { endpoint = { type = "string" } } } }
+
+function _M.check_schema(conf)
+    core.utils.check_https({ "endpoint" }, conf, _M.name)
+    return core.schema.check(_M.schema, conf)
+end
+
+local function inflate(data)
+    local inputs = str_buffer.new():set(data)
+    local outputs = str_buffer.new()
+    local ok, err = zlib.inflateGzip(function(size)
+        local d = inputs:get(size)
+        if d == "" then return nil end
+        return d
+    end, function(d) return outputs:put(d) end)
+    if not ok then return nil, err end
+    return outputs:get()
+end
+
+function _M.access(conf, ctx)
+    local body = core.request.get_body()
+    local plain, err = inflate(body)
+    if not plain then
+        return 400, { error = err }
+    end
+    local h = sha256:new()
+    h:update(plain)
+    local key = core.request.header(ctx, "x-key")
+    local cipher = assert(aes:new(string.rep("k", 32), nil, aes.cipher(256, "gcm"),
+                                  { iv = string.rep("i", 12) }))
+    local enc, tag = cipher:encrypt(plain)
+    return 200, {
+        sha256 = to_hex(h:final()),
+        hmac = to_hex(hmac:new(key, hmac.ALGOS.SHA256):final(plain)),
+        aes_back = cipher:decrypt(enc, tag) == plain,
+        random = #random.bytes(21, true),
+        helper = helper.answer(),
+        size = #plain,
+    }
+end
+
+return _M
+"#;
+
+/// A helper module staged under the plugin folder the way APISIX's `apisix/utils/*.lua` are.
+const PROBE_HELPER: &str = r#"
+return { answer = function() return "from the plugin folder" end }
+"#;
+
+/// A plugin named like a library: its `require("brotli")` must get the library, not itself.
+const BROTLI_NAMED: &str = r#"
+local brotli = require("brotli")
+local _M = { version = 0.1, priority = 90, name = "brotli", schema = { type = "object" } }
+function _M.access(conf, ctx)
+    local c = brotli.compressor:new({ quality = 5 })
+    local out = c:compress("hello brotli") .. c:finish()
+    local d = brotli.decompressor:new()
+    return 200, { back = d:decompress(out) .. d:finish(), is_self = brotli == _M }
+end
+return _M
+"#;
+
+/// A plugin shipped as `NAME/init.lua` (as APISIX ships proxy-cache).
+const PACKAGED: &str = r#"
+local sub = require("apisix.plugins.packaged.sub")
+local _M = { version = 0.1, priority = 80, name = "packaged", schema = { type = "object" } }
+function _M.access(conf, ctx) return 200, { sub = sub.name } end
+return _M
+"#;
+
+#[test]
+fn library_modules_and_plugin_folders_serve_apisix_code() {
+    use flate2::write::GzEncoder;
+    use hmac::Mac;
+    use sha2::Digest;
+    use std::io::Write;
+
+    let up = Upstream::echo();
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path().join("plugins");
+    for (path, src) in [
+        ("lib-probe.lua", LIB_PROBE),
+        ("apisix/utils/probe-helper.lua", PROBE_HELPER),
+        ("brotli.lua", BROTLI_NAMED),
+        ("packaged/init.lua", PACKAGED),
+        ("packaged/sub.lua", "return { name = 'packaged.sub' }"),
+        // A plugin's helper package beside the plugin file: not a plugin, not an error.
+        ("lib-probe/init.lua", "return { not_a_plugin = true }"),
+    ] {
+        let to = dir.join(path);
+        std::fs::create_dir_all(to.parent().expect("parent")).expect("dir");
+        std::fs::write(&to, src).expect("write");
+    }
+    let u = upstream_yaml(&up);
+    let yaml = format!(
+        "workers: 1\nplugin_dirs:\n  - plugins\nroutes:\n  - id: lib\n    uri: /lib\n    plugins:\n      lib-probe:\n        endpoint: http://collector.example/x\n{u}  - id: brotli\n    uri: /brotli\n    plugins:\n      brotli: {{}}\n{u}  - id: packaged\n    uri: /packaged\n    plugins:\n      packaged: {{}}\n{u}"
+    );
+    let gw = Gateway::start_in(tmp.path(), &yaml);
+
+    let text = "moongate ".repeat(5000);
+    let mut gz = GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(text.as_bytes()).expect("gzip");
+    let gz = gz.finish().expect("gzip");
+    let r = Req::post(&gw.url("/lib"))
+        .header("x-key", "s3cret")
+        .body(gz)
+        .send();
+    assert_eq!(r.status, 200, "{}\n{}", r.text(), gw.logs());
+    let v = r.json();
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    assert_eq!(v["size"], text.len());
+    assert_eq!(v["sha256"], hex(&sha2::Sha256::digest(text.as_bytes())));
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(b"s3cret").expect("key");
+    mac.update(text.as_bytes());
+    assert_eq!(v["hmac"], hex(&mac.finalize().into_bytes()));
+    assert_eq!(v["aes_back"], true);
+    assert_eq!(v["random"], 21);
+    assert_eq!(v["helper"], "from the plugin folder");
+    // check_https warns about a plain-HTTP endpoint, as APISIX does, and refuses nothing.
+    assert!(
+        gw.logs()
+            .contains("Using lib-probe endpoint with no TLS is a security risk"),
+        "{}",
+        gw.logs()
+    );
+    // A body that is not gzip gets the inflate error, not a crash.
+    let bad = Req::post(&gw.url("/lib"))
+        .header("x-key", "k")
+        .body("\u{1f}\u{8b}not really gzip")
+        .send();
+    assert_eq!(bad.status, 400, "{}", bad.text());
+    assert!(bad.json()["error"]
+        .as_str()
+        .unwrap_or("")
+        .starts_with("INFLATE"));
+
+    let b = get(&gw.url("/brotli")).json();
+    assert_eq!(b["back"], "hello brotli");
+    assert_eq!(b["is_self"], false);
+    let p = get(&gw.url("/packaged"));
+    assert_eq!(p.status, 200, "{}", gw.logs());
+    assert_eq!(p.json()["sub"], "packaged.sub");
 }

@@ -3,6 +3,7 @@ local core_str = require("apisix.core.string")
 local ip = require("apisix.core.ip")
 local ngx = ngx
 local type = type
+local ipairs = ipairs
 local tostring = tostring
 local tonumber = tonumber
 local concat = table.concat
@@ -268,6 +269,61 @@ function _M.generate_uuid()
     return str_format("%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x",
         b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8],
         b[9], b[10], b[11], b[12], b[13], b[14], b[15], b[16])
+end
+
+--- The table holding the last part of a dotted field path (`"tls.verify"` -> conf.tls, "verify"),
+--- or nil when a part on the way is not a table.
+local function field_owner(conf, path)
+    local parts = {}
+    for p in path:gmatch("[^.]+") do
+        parts[#parts + 1] = p
+    end
+    local t = conf
+    for i = 1, #parts - 1 do
+        t = t[parts[i]]
+        if type(t) ~= "table" then
+            return nil
+        end
+    end
+    return t, parts[#parts]
+end
+
+local function warn_plain(plugin_name, field, v)
+    if type(v) == "string" and not str_find(v, "^https") then
+        ngx.log(ngx.WARN, "Using ", plugin_name, " ", field, " with no TLS is a security risk")
+    end
+end
+
+--- APISIX's check_https: a warning for each URL (or URL in a list) under the dotted `fields`
+--- of `conf` that is not https. Never refuses a conf.
+function _M.check_https(fields, conf, plugin_name)
+    for _, field in ipairs(fields) do
+        local owner, key = field_owner(conf, field)
+        local v = owner and owner[key]
+        if type(v) == "table" then
+            for _, u in ipairs(v) do
+                warn_plain(plugin_name, field, u)
+            end
+        elseif v then
+            warn_plain(plugin_name, field, v)
+        end
+    end
+end
+
+--- APISIX's check_tls_bool: a warning for each dotted field that is set to anything but true
+--- (certificate verification turned off).
+function _M.check_tls_bool(fields, conf, plugin_name)
+    for _, field in ipairs(fields) do
+        local owner, key = field_owner(conf, field)
+        if not owner then
+            return
+        end
+        local v = owner[key]
+        if v ~= true and v ~= nil then
+            ngx.log(ngx.WARN, "Keeping ", field, " disabled in ", plugin_name,
+                    " configuration is a security risk")
+        end
+    end
 end
 
 return _M

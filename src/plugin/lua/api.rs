@@ -1553,18 +1553,21 @@ fn install_require(lua: &Lua, settings: &Settings) -> mlua::Result<()> {
         })?;
         preload.set(*name, loader)?;
     }
+    super::crypto::install(lua, &preload)?;
+    super::compress::install(lua, &preload)?;
+    // The plugin folders are not on `package.path`: a plugin file named like a library
+    // (`brotli.lua`, `prometheus.lua`) would be found by its own `require("brotli")`. Our
+    // searcher serves `apisix.plugins.NAME[.SUB]` from `NAME.lua`/`NAME/SUB.lua` (or
+    // `init.lua`) and other dotted names from the same path under the folder (APISIX helper
+    // modules staged there, e.g. `apisix/utils/log-util.lua`); a name without a dot never
+    // resolves to a plugin folder.
     let dirs: Vec<std::path::PathBuf> = settings.plugin_dirs.clone();
-    let mut path = String::new();
-    for d in &dirs {
-        let _ = write!(path, "{0}/?.lua;{0}/?/init.lua;", d.display());
-    }
-    let old: String = package.get("path").unwrap_or_default();
-    package.set("path", format!("{path}{old}"))?;
     let searcher = lua.create_function(move |lua, name: String| {
-        let Some(rest) = name.strip_prefix("apisix.plugins.") else {
-            return Ok(Value::Nil);
+        let rel = match name.strip_prefix("apisix.plugins.") {
+            Some(rest) => rest.replace('.', "/"),
+            None if name.contains('.') => name.replace('.', "/"),
+            None => return Ok(Value::Nil),
         };
-        let rel = rest.replace('.', "/");
         let mut tried = String::new();
         for d in &dirs {
             for cand in [d.join(format!("{rel}.lua")), d.join(&rel).join("init.lua")] {

@@ -7,6 +7,8 @@
 /// `resty.lrucache`, `resty.ipmatcher`, `resty.limit.count`/`req`/`conn`, `resty.lock`,
 /// `resty.string`, `resty.jit-uuid`, `pl.stringx`, and cosocket clients that load but refuse to
 /// connect: `resty.redis`, `resty.rediscluster`, `resty.redis.connector`, `resty.http`). `table.new` and `table.clear` are LuaJIT built-ins.
+/// Modules backed by Rust (digests, ciphers, zlib, brotli) are registered by `crypto.rs` and
+/// `compress.rs`.
 pub const MODULES: &[(&str, &str)] = &[
     ("apisix.core", include_str!("../../../lua/apisix/core.lua")),
     (

@@ -13,7 +13,9 @@
 //! gets 500, the error is logged with plugin, phase and traceback) and the VM keeps serving.
 
 pub mod api;
+mod compress;
 mod convert;
+mod crypto;
 pub mod embedded;
 mod fast;
 mod prelude;
@@ -136,11 +138,8 @@ impl LuaPlugin {
     pub fn load(path: &Path, settings: Arc<Settings>) -> Result<LuaPlugin, String> {
         let source = std::fs::read_to_string(path)
             .map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
-        let name = path
-            .file_stem()
-            .and_then(|s| s.to_str())
-            .ok_or_else(|| format!("{}: the file name is not valid UTF-8", path.display()))?
-            .to_string();
+        let name = plugin_name_of(path)
+            .ok_or_else(|| format!("{}: the file name is not valid UTF-8", path.display()))?;
         Self::from_source(&name, path, source.into(), settings)
     }
 
@@ -484,18 +483,8 @@ fn load_filtered(
                 continue;
             }
         };
-        let mut files: Vec<PathBuf> = entries
-            .filter_map(|e| e.ok())
-            .map(|e| e.path())
-            .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "lua"))
-            .collect();
-        files.sort();
-        for path in files {
-            let Some(name) = path
-                .file_stem()
-                .and_then(|s| s.to_str())
-                .map(str::to_string)
-            else {
+        for (path, packaged) in plugin_files(entries) {
+            let Some(name) = plugin_name_of(&path) else {
                 continue;
             };
             if enabled.is_some_and(|list| !list.contains(&name)) {
@@ -505,9 +494,17 @@ fn load_filtered(
                 tracing::warn!("{} is shadowed by {}", path.display(), first.display());
                 continue;
             }
-            seen.insert(name.clone(), path.clone());
             match LuaPlugin::load(&path, settings.clone()) {
-                Ok(p) => plugins.push(Arc::new(p)),
+                Ok(p) => {
+                    seen.insert(name.clone(), path.clone());
+                    plugins.push(Arc::new(p));
+                }
+                // A `NAME/init.lua` nobody asked for may be a plugin's helper module rather
+                // than a plugin (APISIX's `limit-count/` beside `limit-count.lua` has one, and
+                // `ext-plugin/init.lua` is shared by three plugins): not a plugin, not an error.
+                Err(e) if packaged && enabled.is_none() => {
+                    tracing::debug!("{} is not loaded as a plugin: {e}", path.display());
+                }
                 Err(e) => errors.push(ConfigError::new("", e)),
             }
         }
@@ -517,6 +514,43 @@ fn load_filtered(
     } else {
         Err(errors)
     }
+}
+
+/// The plugin files of one folder, sorted: every `NAME.lua`, and `NAME/init.lua` for a `NAME`
+/// with no `NAME.lua` (APISIX ships proxy-cache that way). The flag marks the second kind.
+fn plugin_files(entries: std::fs::ReadDir) -> Vec<(PathBuf, bool)> {
+    let mut files = Vec::new();
+    let mut dirs = Vec::new();
+    for path in entries.filter_map(|e| e.ok()).map(|e| e.path()) {
+        if path.is_file() && path.extension().is_some_and(|x| x == "lua") {
+            files.push(path);
+        } else if path.is_dir() && path.join("init.lua").is_file() {
+            dirs.push(path);
+        }
+    }
+    let mut out: Vec<(PathBuf, bool)> = dirs
+        .into_iter()
+        .filter(|d| !d.with_extension("lua").is_file())
+        .map(|d| (d.join("init.lua"), true))
+        .collect();
+    out.extend(files.into_iter().map(|f| (f, false)));
+    out.sort();
+    out
+}
+
+/// A plugin's name from its file: `NAME.lua`, or the folder of a `NAME/init.lua`.
+pub fn plugin_name_of(path: &Path) -> Option<String> {
+    let stem = path.file_stem()?.to_str()?;
+    if stem == "init" {
+        if let Some(dir) = path
+            .parent()
+            .and_then(|d| d.file_name())
+            .and_then(|n| n.to_str())
+        {
+            return Some(dir.to_string());
+        }
+    }
+    Some(stem.to_string())
 }
 
 /// Adds the node's Lua plugins to a registry (only the enabled ones when the node lists them).
@@ -538,7 +572,12 @@ pub fn add_to_registry(registry: &mut Registry, node: &NodeConfig) -> Result<(),
         let path = node
             .plugin_dirs
             .iter()
-            .map(|d| d.join(format!("{}.lua", p.name())))
+            .flat_map(|d| {
+                [
+                    d.join(format!("{}.lua", p.name())),
+                    d.join(p.name()).join("init.lua"),
+                ]
+            })
             .find(|f| f.is_file());
         if let Some(path) = path {
             registry.sources.insert(p.name().to_string(), path);
