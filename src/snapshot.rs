@@ -15,7 +15,9 @@ use std::time::SystemTime;
 use arc_swap::ArcSwap;
 use serde_json::{Map, Value};
 
-use crate::config::{ConfigError, ConfigErrors, Document, Node, PassHost, Timeout, Upstream};
+use crate::config::{
+    wire, ConfigError, ConfigErrors, Document, Node, PassHost, Route, Timeout, Upstream,
+};
 use crate::plugin::chain::{Chain, ChainEntry};
 use crate::plugin::metadata::{MetadataEntry, PluginMetadata};
 use crate::plugin::{ConfScope, Plugin, PluginConf};
@@ -320,8 +322,8 @@ pub fn build(
             errors.push(ConfigError::new(format!("{path}.id"), "an id is required"));
             continue;
         };
-        if let Err(e) = check_upstream(u) {
-            errors.push(ConfigError::new(path, e));
+        if let Err(e) = check_upstream(&path, u) {
+            errors.push(e);
             continue;
         }
         if upstreams
@@ -352,6 +354,11 @@ pub fn build(
             errors.push(ConfigError::new(format!("{path}.id"), "an id is required"));
             continue;
         };
+        for (j, h) in s.hosts.iter().flatten().enumerate() {
+            if let Err(e) = wire::check_field(h) {
+                errors.push(ConfigError::new(format!("{path}.hosts[{j}]"), e));
+            }
+        }
         let upstream = resolve_upstream(
             &path,
             s.upstream.as_ref(),
@@ -483,6 +490,7 @@ pub fn build(
                 "expected 0 or 1",
             ));
         }
+        check_wire_fields(&path, r, &mut errors);
         let service = match &r.service_id {
             Some(sid) => match services.get(&sid.0) {
                 Some(s) => Some(s),
@@ -630,7 +638,7 @@ fn consumer_plugin(
         ));
         return None;
     }
-    match plugin.check_conf(&mut conf, scope) {
+    match check_plugin_conf(plugin.as_ref(), &mut conf, scope) {
         Ok(compiled) => {
             let entry = ChainEntry::new(
                 plugin.clone(),
@@ -867,7 +875,9 @@ fn build_plugin_metadata(
         conf.remove("create_time");
         conf.remove("update_time");
         let mut conf = Value::Object(conf);
-        if let Err(e) = plugin.check_metadata(&mut conf) {
+        if let Err(e) =
+            wire::check_plugin_conf(name, &conf).and_then(|()| plugin.check_metadata(&mut conf))
+        {
             errors.push(ConfigError::new(
                 path,
                 format!("invalid configuration: {e}"),
@@ -898,10 +908,10 @@ fn resolve_upstream(
             ));
             None
         }
-        (Some(u), None) => match check_upstream(u) {
+        (Some(u), None) => match check_upstream(&format!("{path}.upstream"), u) {
             Ok(()) => Some(Arc::new(UpstreamEntry::new(None, u.clone()))),
             Err(e) => {
-                errors.push(ConfigError::new(format!("{path}.upstream"), e));
+                errors.push(e);
                 None
             }
         },
@@ -919,26 +929,65 @@ fn resolve_upstream(
     }
 }
 
-/// Checks an upstream's fields beyond their types.
+/// Checks an upstream's fields beyond their types; `path` is where the upstream is.
 // `!(v > 0.0)` on purpose: NaN must be refused too.
 #[allow(clippy::neg_cmp_op_on_partial_ord)]
-pub fn check_upstream(u: &Upstream) -> Result<(), String> {
+pub fn check_upstream(path: &str, u: &Upstream) -> Result<(), ConfigError> {
+    let whole = |msg: String| ConfigError::new(path, msg);
     if u.pass_host == PassHost::Rewrite && u.upstream_host.as_deref().unwrap_or("").is_empty() {
-        return Err("pass_host \"rewrite\" needs \"upstream_host\"".into());
+        return Err(whole(
+            "pass_host \"rewrite\" needs \"upstream_host\"".into(),
+        ));
+    }
+    if let Some(h) = &u.upstream_host {
+        wire::check_field(h).map_err(|e| ConfigError::new(format!("{path}.upstream_host"), e))?;
+    }
+    for (i, n) in u.nodes.0.iter().enumerate() {
+        wire::check_field(&n.host)
+            .map_err(|e| ConfigError::new(format!("{path}.nodes[{i}].host"), e))?;
     }
     if let Some(t) = &u.timeout {
         for (name, v) in [("connect", t.connect), ("send", t.send), ("read", t.read)] {
             if !(v > 0.0) {
-                return Err(format!("timeout.{name} must be greater than 0"));
+                return Err(whole(format!("timeout.{name} must be greater than 0")));
             }
         }
     }
     if let Some(p) = &u.keepalive_pool {
         if !(p.idle_timeout >= 0.0) {
-            return Err("keepalive_pool.idle_timeout must not be negative".into());
+            return Err(whole(
+                "keepalive_pool.idle_timeout must not be negative".into(),
+            ));
         }
     }
     Ok(())
+}
+
+/// Checks a route's strings that go onto the wire as they are (`uri`, `uris`, `host`, `hosts`).
+fn check_wire_fields(path: &str, r: &Route, errors: &mut Vec<ConfigError>) {
+    let uris = r.uri.iter().map(|u| (format!("{path}.uri"), u));
+    let list = r.uris.iter().flatten().enumerate();
+    let uris = uris.chain(list.map(|(j, u)| (format!("{path}.uris[{j}]"), u)));
+    let host = r.host.iter().map(|h| (format!("{path}.host"), h));
+    let hosts = r.hosts.iter().flatten().enumerate();
+    let hosts = host.chain(hosts.map(|(j, h)| (format!("{path}.hosts[{j}]"), h)));
+    for (at, value) in uris.chain(hosts) {
+        if let Err(e) = wire::check_field(value) {
+            errors.push(ConfigError::new(at, e));
+        }
+    }
+}
+
+/// A plugin's own check of a conf, after the gateway's: no header, request target or host the
+/// plugin sends on may hold CR, LF or NUL (`config::wire`). Every plugin conf (route, service,
+/// global rule, consumer, Admin API check) goes through here.
+pub fn check_plugin_conf(
+    plugin: &dyn Plugin,
+    conf: &mut Value,
+    scope: ConfScope,
+) -> Result<Arc<dyn std::any::Any + Send + Sync>, String> {
+    wire::check_plugin_conf(plugin.name(), conf)?;
+    plugin.check_conf(conf, scope)
 }
 
 /// Validates one plugin conf and makes its chain entry, or records why not.
@@ -970,7 +1019,7 @@ fn make_entry(
         ));
         return None;
     }
-    match plugin.check_conf(&mut conf, ConfScope::Route) {
+    match check_plugin_conf(plugin.as_ref(), &mut conf, ConfScope::Route) {
         Ok(compiled) => {
             match ChainEntry::new(
                 plugin.clone(),

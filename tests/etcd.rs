@@ -396,8 +396,16 @@ fn invalid_values_written_into_etcd_are_skipped_and_reported() {
         "/apisix/routes/dangling",
         &json!({"uri": "/dangling", "upstream_id": "nope"}).to_string(),
     );
+    // A header injection in a plugin conf: refused by the same check as files and the API.
+    etcd.put(
+        "/apisix/routes/crlf",
+        &json!({"uri": "/crlf", "plugins": {"response-headers": {"set": {"X-A": "v\r\nX-B: 1"}}},
+                "upstream": {"nodes": {up.node(): 1}}})
+        .to_string(),
+    );
     etcd.put("/apisix/routes/later", &route("/later", &up).to_string());
     wait_status(&n, "/later", 200, Duration::from_secs(10));
+    assert_eq!(n.get("/crlf").status, 404);
     assert_eq!(n.get("/good").status, 200);
     assert_eq!(n.get("/dangling").status, 404);
 
@@ -411,7 +419,7 @@ fn invalid_values_written_into_etcd_are_skipped_and_reported() {
             })
             .unwrap_or_default()
     };
-    let all_reported = poll(Duration::from_secs(10), || skipped(&n).len() == 4);
+    let all_reported = poll(Duration::from_secs(10), || skipped(&n).len() == 5);
     let list = skipped(&n);
     assert!(all_reported, "{list:?}\n{}", n.gw.logs());
     let find = |key: &str| list.iter().find(|s| s.starts_with(key)).cloned();
@@ -429,6 +437,11 @@ fn invalid_values_written_into_etcd_are_skipped_and_reported() {
     );
     assert!(
         find("/apisix/routes/dangling ").is_some_and(|s| s.contains("nope")),
+        "{list:?}"
+    );
+    assert!(
+        find("/apisix/routes/crlf ")
+            .is_some_and(|s| s.contains("\\\"set.X-A\\\" must not hold CR, LF or NUL")),
         "{list:?}"
     );
     for key in [
@@ -451,7 +464,7 @@ fn invalid_values_written_into_etcd_are_skipped_and_reported() {
     etcd.put("/apisix/routes/typo", &route("/typo", &up).to_string());
     wait_status(&n, "/dangling", 200, Duration::from_secs(10));
     wait_status(&n, "/typo", 200, Duration::from_secs(10));
-    let healed = poll(Duration::from_secs(10), || skipped(&n).len() == 2);
+    let healed = poll(Duration::from_secs(10), || skipped(&n).len() == 3);
     assert!(healed, "{:?}", skipped(&n));
 }
 

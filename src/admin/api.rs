@@ -861,7 +861,8 @@ fn check_plugins(snap: &crate::snapshot::Snapshot, plugins: Option<&Value>) -> O
                 json_type(&conf)
             ));
         }
-        if let Err(e) = p.check_conf(&mut conf, ConfScope::Route) {
+        if let Err(e) = crate::snapshot::check_plugin_conf(p.as_ref(), &mut conf, ConfScope::Route)
+        {
             return Some(format!(
                 "failed to check the configuration of plugin {name} err: {e}"
             ));

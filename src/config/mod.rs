@@ -7,6 +7,7 @@
 //! snapshot is built (`crate::snapshot`), because they need the plugin registry.
 
 pub mod resources;
+pub mod wire;
 
 use std::fmt;
 use std::net::SocketAddr;

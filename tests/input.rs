@@ -1,0 +1,159 @@
+//! Input the gateway must refuse or bound, over raw sockets: config values that can never be
+//! sent (CR, LF or NUL in a header, a request target, a host), Admin API bodies that stop
+//! arriving, route hosts spelled as clients spell them, and malformed bodies a Lua plugin reads.
+
+mod common;
+
+use std::net::SocketAddr;
+
+use common::*;
+
+const KEY: &str = "test-admin-key-0123456789";
+
+/// A Lua plugin that copies `conf.headers` onto the upstream request.
+const ADD_HEADERS: &str = r#"local core = require("apisix.core")
+local _M = { version = 0.1, priority = 100, name = "add-headers",
+    schema = { type = "object", properties = { headers = { type = "object" } } } }
+function _M.check_schema(conf) return core.schema.check(_M.schema, conf) end
+function _M.rewrite(conf, ctx)
+    for k, v in pairs(conf.headers or {}) do core.request.set_header(ctx, k, v) end
+end
+return _M
+"#;
+
+/// Sends `METHOD PATH` with `body` to the Admin API as raw bytes (what curl would send, with
+/// nothing checked on the way) and reads the answer.
+fn raw_admin(addr: SocketAddr, method: &str, path: &str, body: &str) -> RawResp {
+    raw_resp(
+        addr,
+        format!(
+            "{method} /apisix/admin{path} HTTP/1.1\r\nHost: {addr}\r\nX-API-KEY: {KEY}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+}
+
+#[test]
+fn admin_api_refuses_values_that_can_never_be_sent() {
+    let up = Upstream::echo();
+    let node = up.node();
+    let gw = Gateway::start_with_plugins(
+        &[("add-headers", ADD_HEADERS)],
+        &format!("workers: 1\nadmin:\n  listen: 127.0.0.1:0\n  key: {KEY}\nplugins: [add-headers, response-headers]\n"),
+    );
+    let admin = gw.admin_addr();
+    let upstream = format!(r#"{{"nodes":{{"{node}":1}}}}"#);
+    // JSON escapes: the strings hold real CR, LF and NUL bytes once parsed.
+    let cases = [
+        (
+            format!(r#"{{"uri":"/a\r\nX-Injected: 1","upstream":{upstream}}}"#),
+            r#"invalid configuration: uri: must not hold CR, LF or NUL: "/a\r\nX-Injected: 1""#,
+        ),
+        (
+            format!(r#"{{"uris":["/ok","/b\u0000"],"upstream":{upstream}}}"#),
+            "invalid configuration: uris[1]: must not hold CR, LF or NUL",
+        ),
+        (
+            format!(r#"{{"uri":"/a","hosts":["a.example\r\nX: y"],"upstream":{upstream}}}"#),
+            "invalid configuration: hosts[0]: ",
+        ),
+        (
+            format!(r#"{{"uri":"/a","host":"a.example\n","upstream":{upstream}}}"#),
+            "invalid configuration: host: ",
+        ),
+        (
+            format!(
+                r#"{{"uri":"/a","upstream":{{"pass_host":"rewrite","upstream_host":"up\r\nX-Evil: 1","nodes":{{"{node}":1}}}}}}"#
+            ),
+            "invalid configuration: upstream.upstream_host: must not hold CR, LF or NUL",
+        ),
+        (
+            format!(
+                r#"{{"uri":"/a","plugins":{{"response-headers":{{"set":{{"X-A":"v\r\nSet-Cookie: s=1"}}}}}},"upstream":{upstream}}}"#
+            ),
+            r#"failed to check the configuration of plugin response-headers err: property "set.X-A" must not hold CR, LF or NUL"#,
+        ),
+        (
+            format!(
+                r#"{{"uri":"/a","plugins":{{"add-headers":{{"headers":{{"X-B\nX-C":"1"}}}}}},"upstream":{upstream}}}"#
+            ),
+            r#"failed to check the configuration of plugin add-headers err: property "headers" has a key that must not hold CR, LF or NUL"#,
+        ),
+        (
+            r#"{"uri":"/a","upstream_id":"u\r\n1"}"#.to_string(),
+            "upstream_id",
+        ),
+    ];
+    for (body, expected) in &cases {
+        let r = raw_admin(admin, "PUT", "/routes/r1", body);
+        assert_eq!(r.status, 400, "{body}\n{}\n{}", r.head, r.body);
+        let msg = r.json()["error_msg"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        assert!(
+            msg.contains(expected),
+            "{body}\ngot: {msg}\nwanted: {expected}"
+        );
+        assert_eq!(
+            raw_admin(admin, "GET", "/routes/r1", "").status,
+            404,
+            "{body} was stored"
+        );
+    }
+    // An id in the path is held to APISIX's id rule.
+    let r = raw_admin(
+        admin,
+        "PUT",
+        "/routes/r%0D%0A1",
+        &format!(r#"{{"uri":"/a","upstream":{upstream}}}"#),
+    );
+    assert_eq!(r.status, 400, "{}", r.body);
+    // The same route without the bad byte is taken, and serves.
+    let r = raw_admin(
+        admin,
+        "PUT",
+        "/routes/r1",
+        &format!(
+            r#"{{"uri":"/a","hosts":["a.example"],"plugins":{{"response-headers":{{"set":{{"X-A":"v"}}}},"add-headers":{{"headers":{{"X-B":"1"}}}}}},"upstream":{upstream}}}"#
+        ),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let resp = get_host(&gw.url("/a"), "a.example");
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.header("x-a").as_deref(), Some("v"));
+}
+
+#[test]
+fn check_refuses_a_config_file_with_values_that_can_never_be_sent() {
+    let (code, out) = check(
+        "routes:
+  - id: r1
+    uri: \"/a\\r\\nX-Injected: 1\"
+    upstream: {nodes: {\"127.0.0.1:1\": 1}}
+  - id: r2
+    uri: /b
+    plugins:
+      response-headers: {set: {X-A: \"v\\nw\"}}
+    upstream:
+      pass_host: rewrite
+      upstream_host: \"up\\u0000\"
+      nodes: {\"127.0.0.1:1\": 1}
+",
+    );
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains(r#"routes[0].uri: must not hold CR, LF or NUL: "/a\r\nX-Injected: 1""#),
+        "{out}"
+    );
+    assert!(
+        out.contains("routes[1].upstream.upstream_host: must not hold CR, LF or NUL"),
+        "{out}"
+    );
+    assert!(
+        out.contains(r#"routes[1].plugins.response-headers: failed to check the configuration of plugin response-headers err: property "set.X-A" must not hold CR, LF or NUL"#),
+        "{out}"
+    );
+}
