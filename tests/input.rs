@@ -4,7 +4,9 @@
 
 mod common;
 
-use std::net::SocketAddr;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -156,4 +158,58 @@ fn check_refuses_a_config_file_with_values_that_can_never_be_sent() {
         out.contains(r#"routes[1].plugins.response-headers: failed to check the configuration of plugin response-headers err: property "set.X-A" must not hold CR, LF or NUL"#),
         "{out}"
     );
+}
+
+#[test]
+fn admin_api_body_that_stops_arriving_gets_408() {
+    let gw = Gateway::start(&format!(
+        "workers: 1\nadmin:\n  listen: 127.0.0.1:0\n  key: {KEY}\n  client_body_timeout: 1\n"
+    ));
+    let admin = gw.admin_addr();
+    let body = r#"{"uri":"/slow","plugins":{"response-headers":{"set":{"X-A":"v"}}}}"#;
+    let mut s = TcpStream::connect(admin).expect("connect");
+    // Half the body, then nothing: the answer must come without the client closing.
+    s.write_all(
+        format!(
+            "PUT /apisix/admin/routes/slow HTTP/1.1\r\nHost: {admin}\r\nX-API-KEY: {KEY}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{}",
+            body.len(),
+            &body[..body.len() / 2]
+        )
+        .as_bytes(),
+    )
+    .expect("write");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let started = Instant::now();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    // Read until the gateway closes (bounded by the read timeout).
+    while let Ok(n) = s.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&buf[..n]);
+    }
+    let r = RawResp::parse(&String::from_utf8_lossy(&out));
+    assert_eq!(
+        r.status,
+        408,
+        "after {:?}: {}\n{}",
+        started.elapsed(),
+        r.head,
+        r.body
+    );
+    assert_eq!(r.header("connection"), Some("close"), "{}", r.head);
+    assert!(
+        r.json()["error_msg"]
+            .as_str()
+            .is_some_and(|m| m.contains("client_body_timeout")),
+        "{}",
+        r.body
+    );
+    // Nothing was stored, and the Admin API still answers.
+    assert_eq!(raw_admin(admin, "GET", "/routes/slow", "").status, 404);
+    let r = raw_admin(admin, "PUT", "/routes/slow", body);
+    assert_eq!(r.status, 201, "{}", r.body);
 }

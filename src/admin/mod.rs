@@ -11,10 +11,11 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -129,9 +130,13 @@ pub fn start(
     listeners: Vec<BoundListener>,
 ) -> Result<AdminHandle, AdminError> {
     let key = resolve_key(conf, std::env::var(KEY_ENV).ok())?;
+    let http = Http {
+        key: Arc::from(key),
+        body_timeout: body_timeout(conf.client_body_timeout),
+    };
     if let Some(store) = external {
         let admin = Arc::new(Admin::new(reloader, store));
-        return serve_on(listeners, admin, key, rt);
+        return serve_on(listeners, admin, http, rt);
     }
     let dir = data_dir(node, reloader.config_path());
     std::fs::create_dir_all(&dir)
@@ -147,17 +152,35 @@ pub fn start(
         });
     }
     let admin = Arc::new(Admin::new(reloader, store));
-    serve_on(listeners, admin, key, rt)
+    serve_on(listeners, admin, http, rt)
+}
+
+/// What every Admin API connection is served with.
+#[derive(Clone)]
+struct Http {
+    key: Arc<str>,
+    /// The longest wait for the next piece of a request body.
+    body_timeout: Duration,
+}
+
+/// `admin.client_body_timeout` as a duration: at least a millisecond, at most a day (so a
+/// zero, negative, NaN or infinite value cannot disable the bound or panic).
+fn body_timeout(secs: f64) -> Duration {
+    const DAY: f64 = 86_400.0;
+    Duration::from_secs_f64(if secs.is_nan() {
+        10.0
+    } else {
+        secs.clamp(0.001, DAY)
+    })
 }
 
 /// Serves `admin` on `rt` over its listeners (bound by the supervisor, or in `main`).
 fn serve_on(
     listeners: Vec<BoundListener>,
     admin: Arc<Admin>,
-    key: String,
+    http: Http,
     rt: &tokio::runtime::Handle,
 ) -> Result<AdminHandle, AdminError> {
-    let key: Arc<str> = Arc::from(key);
     let mut addrs = Vec::new();
     for bound in listeners {
         let addr = bound.local;
@@ -167,7 +190,7 @@ fn serve_on(
                 tokio::net::TcpListener::from_std(std_listener)
                     .map_err(|err| AdminError::Listen { addr, err })?
             };
-            rt.spawn(accept_loop(listener, admin.clone(), key.clone()));
+            rt.spawn(accept_loop(listener, admin.clone(), http.clone()));
         }
         tracing::info!("admin API listening on http://{addr}");
         addrs.push(addr);
@@ -175,7 +198,7 @@ fn serve_on(
     Ok(AdminHandle { addrs, admin })
 }
 
-async fn accept_loop(listener: tokio::net::TcpListener, admin: Arc<Admin>, key: Arc<str>) {
+async fn accept_loop(listener: tokio::net::TcpListener, admin: Arc<Admin>, http: Http) {
     loop {
         let (stream, remote) = match listener.accept().await {
             Ok(x) => x,
@@ -187,12 +210,12 @@ async fn accept_loop(listener: tokio::net::TcpListener, admin: Arc<Admin>, key: 
             }
         };
         let admin = admin.clone();
-        let key = key.clone();
+        let http = http.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let admin = admin.clone();
-                let key = key.clone();
-                async move { Ok::<_, Infallible>(serve(req, admin, key).await) }
+                let http = http.clone();
+                async move { Ok::<_, Infallible>(serve(req, admin, http).await) }
             });
             // A client that never finishes its header must not hold a connection forever.
             if let Err(e) = hyper::server::conn::http1::Builder::new()
@@ -237,7 +260,7 @@ fn key_matches(sent: &str, key: &str) -> bool {
     sent.as_bytes().ct_eq(key.as_bytes()).into()
 }
 
-async fn serve(req: Request<Incoming>, admin: Arc<Admin>, key: Arc<str>) -> Response<Full<Bytes>> {
+async fn serve(req: Request<Incoming>, admin: Arc<Admin>, http: Http) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_string();
     let Some(rest) = path.strip_prefix("/apisix/admin") else {
         return respond(Reply::error(
@@ -247,7 +270,7 @@ async fn serve(req: Request<Incoming>, admin: Arc<Admin>, key: Arc<str>) -> Resp
     };
     match sent_key(&req) {
         None => return respond(unauthorized("missing apikey")),
-        Some(k) if !key_matches(&k, &key) => return respond(unauthorized("wrong apikey")),
+        Some(k) if !key_matches(&k, &http.key) => return respond(unauthorized("wrong apikey")),
         Some(_) => {}
     }
     let segs: Vec<String> = rest
@@ -270,15 +293,24 @@ async fn serve(req: Request<Incoming>, admin: Arc<Admin>, key: Arc<str>) -> Resp
         crate::body::drain(req.into_body()).await;
         return respond(body_too_large());
     }
-    let bytes = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) => {
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some()
-            {
-                return respond(body_too_large());
-            }
-            return respond(Reply::bad(format!("invalid request body: {e}")));
+    let bytes = match read_body(req.into_body(), http.body_timeout).await {
+        Ok(b) => b,
+        Err(BodyError::TooLarge) => return respond(body_too_large()),
+        Err(BodyError::Timeout) => {
+            let mut resp = respond(Reply::error(
+                408,
+                format!(
+                    "invalid request body: no data for {:?} (admin.client_body_timeout)",
+                    http.body_timeout
+                ),
+            ));
+            // The rest of the body may still come: this connection cannot serve another request.
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return resp;
+        }
+        Err(BodyError::Read(e)) => {
+            return respond(Reply::bad(format!("invalid request body: {e}")))
         }
     };
     let body: Option<Value> = if bytes.iter().all(|b| b.is_ascii_whitespace()) {
@@ -299,6 +331,36 @@ async fn serve(req: Request<Incoming>, admin: Arc<Admin>, key: Arc<str>) -> Resp
         Err(e) => Reply::error(500, format!("admin API call failed: {e}")),
     };
     respond(reply)
+}
+
+/// Why a request body was not read.
+enum BodyError {
+    TooLarge,
+    /// No data for the body timeout.
+    Timeout,
+    Read(Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// Reads a request body of at most [`MAX_BODY`] bytes, each wait for data bounded by `timeout`
+/// (nginx's `client_body_timeout` is per read too, so a slow but steady upload passes).
+async fn read_body(body: Incoming, timeout: Duration) -> Result<Bytes, BodyError> {
+    let mut body = Limited::new(body, MAX_BODY);
+    let mut out = bytes::BytesMut::new();
+    loop {
+        match tokio::time::timeout(timeout, body.frame()).await {
+            Err(_) => return Err(BodyError::Timeout),
+            Ok(None) => return Ok(out.freeze()),
+            Ok(Some(Err(e))) if e.downcast_ref::<LengthLimitError>().is_some() => {
+                return Err(BodyError::TooLarge)
+            }
+            Ok(Some(Err(e))) => return Err(BodyError::Read(e)),
+            Ok(Some(Ok(frame))) => {
+                if let Some(d) = frame.data_ref() {
+                    out.extend_from_slice(d);
+                }
+            }
+        }
+    }
 }
 
 fn unauthorized(why: &str) -> Reply {
@@ -459,6 +521,7 @@ mod tests {
         AdminConfig {
             listen: Listen(vec![listen.parse().unwrap()]),
             key: key.map(String::from),
+            client_body_timeout: 10.0,
         }
     }
 

@@ -227,10 +227,18 @@ pub struct AdminConfig {
     /// The `X-API-KEY` value; `MOONGATE_ADMIN_KEY` overrides it.
     #[serde(default)]
     pub key: Option<String>,
+    /// Seconds a request body may go without sending data before the request is answered 408
+    /// (nginx's `client_body_timeout`).
+    #[serde(default = "default_admin_body_timeout")]
+    pub client_body_timeout: f64,
 }
 
 fn default_admin_listen() -> Listen {
     Listen(vec![SocketAddr::from(([127, 0, 0, 1], 9180))])
+}
+
+fn default_admin_body_timeout() -> f64 {
+    10.0
 }
 
 /// Limits and timeouts of the client side of the proxy.
