@@ -38,6 +38,8 @@ pub enum HostError {
     InvalidPort,
     #[error("user information in the request target's authority")]
     UserInfo,
+    #[error("a route host is matched without a port")]
+    RoutePort,
 }
 
 /// A validated host and optional port, both borrowed from what the client sent.
@@ -194,6 +196,29 @@ pub fn normalize_request(uri: &Uri, headers: &mut HeaderMap) -> Result<(), HostE
     Ok(())
 }
 
+/// A route's (or service's) `hosts` entry in the form request hosts take, so it matches every
+/// spelling a client may use: lower-cased, one trailing dot removed. A leading `*` (a wildcard:
+/// `*.example.com`, `*example.com`, `*` alone) is kept. An entry no request host can equal is
+/// refused: one with a port (routes match the host without it, as APISIX's `$host`), or
+/// anything [`Authority::parse`] refuses.
+pub fn normalize_route_host(raw: &str) -> Result<String, HostError> {
+    let (wildcard, rest) = match raw.strip_prefix('*') {
+        Some("") => return Ok("*".into()),
+        Some(rest) => ("*", rest),
+        None => ("", raw),
+    };
+    // `*.example.com`: the dot belongs to the pattern, the rest must be a host.
+    let (dot, name) = match rest.strip_prefix('.') {
+        Some(name) if !wildcard.is_empty() => (".", name),
+        _ => ("", rest),
+    };
+    let a = Authority::parse(name.as_bytes())?;
+    if a.port().is_some() || name.ends_with(':') {
+        return Err(HostError::RoutePort);
+    }
+    Ok(format!("{wildcard}{dot}{}", a.host()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -247,6 +272,34 @@ mod tests {
             ("::1", InvalidPort),
         ] {
             assert_eq!(norm(raw), Err(why), "{raw:?}");
+        }
+    }
+
+    #[test]
+    fn route_hosts() {
+        for (raw, normal) in [
+            ("internal.example", "internal.example"),
+            ("Internal.Example.", "internal.example"),
+            ("*.Wild.Example.", "*.wild.example"),
+            ("*wild.example", "*wild.example"),
+            ("*", "*"),
+            ("[::1]", "[::1]"),
+            ("127.0.0.1", "127.0.0.1"),
+        ] {
+            assert_eq!(normalize_route_host(raw).as_deref(), Ok(normal), "{raw:?}");
+        }
+        for (raw, why) in [
+            ("a.example:8080", HostError::RoutePort),
+            ("a.example:", HostError::RoutePort),
+            ("a b", HostError::InvalidChar),
+            ("a\r\nb", HostError::InvalidChar),
+            ("", HostError::Empty),
+            ("*.", HostError::Empty),
+            ("**.a", HostError::InvalidChar),
+            ("a.*.b", HostError::InvalidChar),
+            ("a..b", HostError::EmptyLabel),
+        ] {
+            assert_eq!(normalize_route_host(raw), Err(why), "{raw:?}");
         }
     }
 

@@ -354,11 +354,6 @@ pub fn build(
             errors.push(ConfigError::new(format!("{path}.id"), "an id is required"));
             continue;
         };
-        for (j, h) in s.hosts.iter().flatten().enumerate() {
-            if let Err(e) = wire::check_field(h) {
-                errors.push(ConfigError::new(format!("{path}.hosts[{j}]"), e));
-            }
-        }
         let upstream = resolve_upstream(
             &path,
             s.upstream.as_ref(),
@@ -386,7 +381,10 @@ pub fn build(
                 ServiceEntry {
                     plugins,
                     upstream,
-                    hosts: s.hosts.clone(),
+                    hosts: s
+                        .hosts
+                        .as_ref()
+                        .map(|hs| route_hosts(&format!("{path}.hosts"), hs, true, &mut errors)),
                 },
             )
             .is_some()
@@ -547,19 +545,21 @@ pub fn build(
                 entries.push(e);
             }
         }
+        let hosts: Vec<String> = match (&r.host, &r.hosts) {
+            (Some(h), _) => route_hosts(
+                &format!("{path}.host"),
+                std::slice::from_ref(h),
+                false,
+                &mut errors,
+            ),
+            (_, Some(hs)) => route_hosts(&format!("{path}.hosts"), hs, true, &mut errors),
+            _ => service.and_then(|s| s.hosts.clone()).unwrap_or_default(),
+        };
         if errors.len() > before {
             continue;
         }
         if r.status == 0 {
             continue;
-        }
-        let mut hosts: Vec<String> = match (&r.host, &r.hosts) {
-            (Some(h), _) => vec![h.clone()],
-            (_, Some(hs)) => hs.clone(),
-            _ => service.and_then(|s| s.hosts.clone()).unwrap_or_default(),
-        };
-        for h in &mut hosts {
-            h.make_ascii_lowercase();
         }
         specs.push(RouteSpec {
             id: id.0.clone(),
@@ -963,19 +963,42 @@ pub fn check_upstream(path: &str, u: &Upstream) -> Result<(), ConfigError> {
     Ok(())
 }
 
-/// Checks a route's strings that go onto the wire as they are (`uri`, `uris`, `host`, `hosts`).
+/// Checks a route's request targets (`uri`, `uris`), which can never hold CR, LF or NUL.
 fn check_wire_fields(path: &str, r: &Route, errors: &mut Vec<ConfigError>) {
     let uris = r.uri.iter().map(|u| (format!("{path}.uri"), u));
     let list = r.uris.iter().flatten().enumerate();
     let uris = uris.chain(list.map(|(j, u)| (format!("{path}.uris[{j}]"), u)));
-    let host = r.host.iter().map(|h| (format!("{path}.host"), h));
-    let hosts = r.hosts.iter().flatten().enumerate();
-    let hosts = host.chain(hosts.map(|(j, h)| (format!("{path}.hosts[{j}]"), h)));
-    for (at, value) in uris.chain(hosts) {
+    for (at, value) in uris {
         if let Err(e) = wire::check_field(value) {
             errors.push(ConfigError::new(at, e));
         }
     }
+}
+
+/// A route's or service's `hosts` in the form request hosts take (`host::normalize_route_host`):
+/// `Internal.Example.` protects `Host: internal.example`. One that can never match is an error
+/// at `FIELD[i]` (at `FIELD` for a route's single `host`, `list` false).
+fn route_hosts(
+    field: &str,
+    hosts: &[String],
+    list: bool,
+    errors: &mut Vec<ConfigError>,
+) -> Vec<String> {
+    let mut out = Vec::with_capacity(hosts.len());
+    for (j, h) in hosts.iter().enumerate() {
+        match crate::host::normalize_route_host(h) {
+            Ok(normal) => out.push(normal),
+            Err(e) => {
+                let at = if list {
+                    format!("{field}[{j}]")
+                } else {
+                    field.to_string()
+                };
+                errors.push(ConfigError::new(at, format!("invalid host {h:?}: {e}")));
+            }
+        }
+    }
+    out
 }
 
 /// A plugin's own check of a conf, after the gateway's: no header, request target or host the

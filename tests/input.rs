@@ -213,3 +213,97 @@ fn admin_api_body_that_stops_arriving_gets_408() {
     let r = raw_admin(admin, "PUT", "/routes/slow", body);
     assert_eq!(r.status, 201, "{}", r.body);
 }
+
+/// Answers 403 in access: the guard of a host-restricted route.
+const DENY: &str = r#"local _M = { version = 0.1, priority = 3000, name = "deny", schema = { type = "object" } }
+function _M.access(conf, ctx)
+    return 403, { message = "denied by the internal route" }
+end
+return _M
+"#;
+
+#[test]
+fn route_hosts_are_normalised_as_request_hosts_are() {
+    let up = Upstream::echo();
+    let node = up.node();
+    let gw = Gateway::start_with_plugins(
+        &[("deny", DENY)],
+        &format!(
+            "workers: 1
+services:
+  - id: wild
+    hosts: [\"*.Wild.Example.\"]
+routes:
+  - id: internal
+    uri: /*
+    hosts: [Internal.Example.]
+    plugins:
+      deny: {{}}
+    upstream:
+      nodes:
+        \"{node}\": 1
+  - id: wild
+    uri: /*
+    service_id: wild
+    plugins:
+      deny: {{}}
+    upstream:
+      nodes:
+        \"{node}\": 1
+  - id: catch-all
+    uri: /*
+    upstream:
+      nodes:
+        \"{node}\": 1
+"
+        ),
+    );
+    for host in [
+        "internal.example",
+        "Internal.Example.",
+        "internal.example:80",
+        "a.wild.example",
+        "A.WILD.example.",
+    ] {
+        let r = raw_resp(
+            gw.addr(),
+            format!("GET /x HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+        );
+        assert_eq!(
+            r.status, 403,
+            "Host: {host} reached the catch-all:\n{}",
+            r.head
+        );
+    }
+    let r = raw_resp(
+        gw.addr(),
+        b"GET /x HTTP/1.1\r\nHost: public.example\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(r.status, 200, "{}", r.head);
+}
+
+#[test]
+fn route_hosts_that_can_never_match_are_refused() {
+    let (code, out) = check(
+        "routes:
+  - id: r1
+    uri: /a
+    hosts: [ok.example, \"a b.example\", \"a.example:8080\", \"a..example\", \"\"]
+    upstream: {nodes: {\"127.0.0.1:1\": 1}}
+services:
+  - id: s1
+    hosts: [\"a/b\"]
+",
+    );
+    assert_eq!(code, 1, "{out}");
+    for line in [
+        "routes[0].hosts[1]: invalid host \"a b.example\": invalid character in host",
+        "routes[0].hosts[2]: invalid host \"a.example:8080\": a route host is matched without a port",
+        "routes[0].hosts[3]: invalid host \"a..example\": empty label in host",
+        "routes[0].hosts[4]: invalid host \"\": empty host",
+        "services[0].hosts[0]: invalid host \"a/b\": invalid character in host",
+    ] {
+        assert!(out.contains(line), "missing {line:?} in:\n{out}");
+    }
+    assert!(!out.contains("routes[0].hosts[0]"), "{out}");
+}
