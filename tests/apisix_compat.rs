@@ -877,6 +877,8 @@ const TARGETS: &[(&str, &[&str])] = &[
     ),
     ("ua-restriction", &["ua-restriction.lua"]),
     ("referer-restriction", &["referer-restriction.lua"]),
+    ("request-validation", &["request-validation.lua"]),
+    ("jwt-auth", &["jwt-auth.lua", "jwt-auth/parser.lua"]),
 ];
 
 /// One behaviour check: the route's plugin conf (YAML, indented for `plugins:`), whether it
@@ -1544,6 +1546,37 @@ fn checks() -> Vec<Check> {
             headers: &[("referer", "http://good.com/")],
             ..check("referer-restriction", "another referer passes the blacklist", "referer-restriction:\n        blacklist: [\"*.bad.com\"]\n        message: \"no bad referers\"")
         },
+        // request-validation (t/plugin/request-validation.t): header_schema names headers in
+        // any case; the request's are found whatever case they were sent in.
+        Check {
+            path: "/rv",
+            headers: &[("x-api-version", "v1")],
+            ..check("request-validation", "a header the schema requires, sent lower-case, passes", "request-validation:\n        header_schema:\n          type: object\n          required: [\"X-Api-Version\"]\n          properties:\n            X-Api-Version:\n              type: string\n              enum: [\"v1\", \"v2\"]")
+        },
+        Check {
+            path: "/rv",
+            status: 400,
+            body_has: &["property \"X-Api-Version\" is required"],
+            ..check("request-validation", "a missing required header is 400 with the schema's message", "request-validation:\n        header_schema:\n          type: object\n          required: [\"X-Api-Version\"]\n          properties:\n            X-Api-Version:\n              type: string\n              enum: [\"v1\", \"v2\"]")
+        },
+        Check {
+            path: "/rv",
+            headers: &[("X-API-VERSION", "v3")],
+            status: 400,
+            body_has: &["X-Api-Version"],
+            ..check("request-validation", "a header outside the enum is 400", "request-validation:\n        header_schema:\n          type: object\n          required: [\"X-Api-Version\"]\n          properties:\n            X-Api-Version:\n              type: string\n              enum: [\"v1\", \"v2\"]")
+        },
+        // workflow with a plugin action (t/plugin/workflow.t): limit-count registers itself
+        // through its workflow_handler.
+        Check {
+            path: "/wf-limit",
+            ..check("workflow", "a limit-count action lets the first request through", "workflow:\n        rules:\n          - case: [[\"uri\", \"==\", \"/wf-limit\"]]\n            actions:\n              - [\"limit-count\", {count: 1, time_window: 60, rejected_code: 503, key_type: \"constant\", key: \"wf\"}]")
+        },
+        Check {
+            path: "/wf-limit",
+            status: 503,
+            ..check("workflow", "the limit-count action refuses the next one", "workflow:\n        rules:\n          - case: [[\"uri\", \"==\", \"/wf-limit\"]]\n            actions:\n              - [\"limit-count\", {count: 1, time_window: 60, rejected_code: 503, key_type: \"constant\", key: \"wf\"}]")
+        },
     ]
 }
 
@@ -2107,4 +2140,508 @@ fn library_modules_and_plugin_folders_serve_apisix_code() {
     let p = get(&gw.url("/packaged"));
     assert_eq!(p.status, 200, "{}", gw.logs());
     assert_eq!(p.json()["sub"], "packaged.sub");
+}
+
+/// A dispatcher written here with the shape of APISIX's `workflow`: plugins register actions
+/// with `register(name, check, handler)` from their `workflow_handler`, and `check_schema`
+/// refuses an action nobody registered.
+const WORKFLOW: &str = r#"
+local core = require("apisix.core")
+local actions = {}
+local _M = { version = 0.1, priority = 1006, schema = { type = "object",
+    properties = { action = { type = "string" }, conf = { type = "object" } },
+    required = { "action" } } }
+function _M.register(name, check, handler)
+    actions[name] = { check = check, handler = handler }
+end
+function _M.check_schema(conf)
+    local ok, err = core.schema.check(_M.schema, conf)
+    if not ok then return false, err end
+    local a = actions[conf.action]
+    if not a then return false, "unsupported action: " .. conf.action end
+    return a.check(conf.conf or {})
+end
+function _M.access(conf, ctx)
+    return actions[conf.action].handler(conf.conf or {}, ctx)
+end
+return _M
+"#;
+
+/// Registers itself as a `workflow` action (`workflow_handler`) and also works as a plugin:
+/// answers 429 after `max` requests.
+const COUNTED: &str = r#"
+local core = require("apisix.core")
+local workflow = require("apisix.plugins.workflow")
+local seen = 0
+local schema = { type = "object", properties = { max = { type = "integer", minimum = 1 } },
+    required = { "max" } }
+local _M = { version = 0.1, priority = 1000, schema = schema }
+local function limit(conf)
+    seen = seen + 1
+    if seen > conf.max then return 429, { error_msg = "over " .. conf.max } end
+end
+function _M.check_schema(conf) return core.schema.check(schema, conf) end
+function _M.access(conf, ctx) return limit(conf) end
+function _M.workflow_handler()
+    workflow.register("counted", function(conf) return core.schema.check(schema, conf) end,
+        function(conf, ctx) return limit(conf) end)
+end
+return _M
+"#;
+
+/// Checks request headers against a schema with the schema's spelling of their names.
+const HEADER_SCHEMA: &str = r#"
+local core = require("apisix.core")
+local _M = { version = 0.1, priority = 2800, schema = { type = "object" } }
+function _M.access(conf, ctx)
+    local ok, err = core.schema.check({ type = "object", required = { "X-Token" },
+        properties = { ["X-Token"] = { type = "string", pattern = "^t-" } } },
+        core.request.headers(ctx))
+    if not ok then return 400, err end
+end
+return _M
+"#;
+
+/// APISIX's loader calls a plugin's `workflow_handler` when it loads it, so `workflow` knows
+/// the plugin as an action: whichever of the two a VM loads first (`counted` requires
+/// `apisix.plugins.workflow` as a library before `workflow` runs as a plugin on /first).
+/// And `core.schema.check` on request headers finds them by the schema's spelling, as
+/// APISIX's validator does through the headers table's lookups (request-validation's
+/// `header_schema`).
+#[test]
+fn workflow_actions_and_header_schemas_work_as_in_apisix() {
+    let up = Upstream::echo();
+    let u = upstream_yaml(&up);
+    let routes = format!(
+        "  - id: first\n    uri: /first\n    plugins:\n      counted:\n        max: 5\n{u}\
+         \x20 - id: wf\n    uri: /wf\n    plugins:\n      workflow:\n        action: counted\n        conf:\n          max: 1\n{u}\
+         \x20 - id: hdr\n    uri: /hdr\n    plugins:\n      header-schema: {{}}\n{u}"
+    );
+    let (_tmp, gw) = gateway_with(
+        &[
+            ("workflow", WORKFLOW),
+            ("counted", COUNTED),
+            ("header-schema", HEADER_SCHEMA),
+        ],
+        &routes,
+    );
+    assert_eq!(get(&gw.url("/first")).status, 200, "{}", gw.logs());
+    // One counter per loaded module: the action shares `counted`'s, as in APISIX.
+    let r = get(&gw.url("/wf"));
+    assert_eq!(r.status, 429, "{}\n{}", r.text(), gw.logs());
+    assert!(r.text().contains("over 1"), "{}", r.text());
+
+    let ok = Req::get(&gw.url("/hdr")).header("x-token", "t-1").send();
+    assert_eq!(ok.status, 200, "{}\n{}", ok.text(), gw.logs());
+    let bad = Req::get(&gw.url("/hdr")).header("X-TOKEN", "nope").send();
+    assert_eq!(bad.status, 400);
+    assert!(bad.text().contains("X-Token"), "{}", bad.text());
+    let missing = get(&gw.url("/hdr"));
+    assert_eq!(missing.status, 400);
+    assert!(
+        missing.text().contains(r#"property "X-Token" is required"#),
+        "{}",
+        missing.text()
+    );
+
+    // An action no plugin registered is refused at load, with its path.
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path().join("plugins");
+    std::fs::create_dir_all(&dir).expect("plugins dir");
+    for (name, src) in [("workflow", WORKFLOW), ("counted", COUNTED)] {
+        std::fs::write(dir.join(format!("{name}.lua")), src).expect("write plugin");
+    }
+    let file = tmp.path().join("config.yaml");
+    std::fs::write(
+        &file,
+        format!("plugin_dirs: [plugins]\nroutes:\n  - id: bad\n    uri: /bad\n    plugins:\n      workflow:\n        action: nobody\n{u}"),
+    )
+    .expect("write config");
+    let (code, out) = common::check_file(&file);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("routes[0].plugins.workflow") && out.contains("unsupported action: nobody"),
+        "{out}"
+    );
+}
+
+/// Signs and verifies the request body with the keys in its conf (`?what=sign|verify|jwt`),
+/// through `resty.openssl.pkey`, `ngx.base64` and `resty.jwt`.
+const PKEY_PROBE: &str = r#"
+local core = require("apisix.core")
+local pkey = require("resty.openssl.pkey")
+local jwt = require("resty.jwt")
+local b64 = require("ngx.base64")
+local _M = { version = 0.1, priority = 100, schema = { type = "object" } }
+local function mode(conf)
+    return conf.md, conf.pss and pkey.PADDINGS.RSA_PKCS1_PSS_PADDING or nil,
+        conf.raw and { ecdsa_use_raw = true } or nil
+end
+function _M.access(conf, ctx)
+    local data = core.request.get_body() or ""
+    local what = ngx.var.arg_what
+    if what == "sign" then
+        local k = assert(pkey.new(conf.private))
+        local sig, err = k:sign(data, mode(conf))
+        return 200, { sig = sig and b64.encode_base64url(sig), err = err,
+            private = k:is_private(), type = k:get_key_type().sn }
+    elseif what == "verify" then
+        local k = assert(pkey.new(conf.public))
+        local sig = b64.decode_base64url(core.request.header(ctx, "x-sig"))
+        local ok, err = k:verify(sig, data, mode(conf))
+        return 200, { ok = ok, err = err, private = k:is_private() }
+    elseif what == "jwt" then
+        local token = jwt:sign(conf.private, { header = { typ = "JWT", alg = conf.alg },
+            payload = { sub = "jack", exp = ngx.time() + 60 } })
+        local good = jwt:verify(conf.public, token)
+        local forged = jwt:load_jwt(token)
+        forged.raw_payload = b64.encode_base64url('{"sub":"rose"}')
+        local bad = jwt:verify_jwt_obj(conf.public, forged)
+        local expired = jwt:verify(conf.public, jwt:sign(conf.private, { header = { alg = conf.alg },
+            payload = { exp = ngx.time() - 10 } }))
+        return 200, { verified = good.verified, sub = good.payload.sub, forged = bad.verified,
+            expired = expired.verified, reason = expired.reason,
+            garbage = jwt:load_jwt("a.b").reason }
+    end
+    local _, err = pkey.new("not a key")
+    return 200, { err = err }
+end
+return _M
+"#;
+
+/// Runs `openssl ARGS` in `dir`; panics with its stderr when it fails.
+fn openssl(dir: &Path, args: &[&str]) -> Vec<u8> {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run openssl (Debian package openssl)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// `resty.openssl.pkey` with keys of every supported kind made by the openssl command:
+/// signatures it makes verify with openssl, and signatures openssl makes verify with it, for
+/// RSA PKCS#1 v1.5 and PSS (PKCS#8 and PKCS#1 files), ECDSA P-256 (a SEC1 file) and Ed25519;
+/// `resty.jwt` signs and verifies tokens and refuses forged and expired ones.
+#[test]
+fn pkey_and_jwt_interoperate_with_openssl() {
+    let up = Upstream::echo();
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let d = tmp.path();
+    openssl(
+        d,
+        &[
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+            "-out",
+            "rsa.pem",
+        ],
+    );
+    openssl(d, &["genrsa", "-traditional", "-out", "rsa1.pem", "2048"]);
+    openssl(
+        d,
+        &[
+            "ecparam",
+            "-name",
+            "prime256v1",
+            "-genkey",
+            "-noout",
+            "-out",
+            "ec.pem",
+        ],
+    );
+    openssl(d, &["genpkey", "-algorithm", "ed25519", "-out", "ed.pem"]);
+    for k in ["rsa", "rsa1", "ec", "ed"] {
+        openssl(
+            d,
+            &[
+                "pkey",
+                "-in",
+                &format!("{k}.pem"),
+                "-pubout",
+                "-out",
+                &format!("{k}.pub"),
+            ],
+        );
+    }
+    let read = |f: &str| {
+        serde_json::to_string(&std::fs::read_to_string(d.join(f)).expect("key")).expect("json")
+    };
+    // (route, key file, conf extras)
+    let kinds = [
+        ("rsa", "rsa", "md: sha256\n        alg: RS256"),
+        ("rsa1", "rsa1", "md: sha512\n        alg: RS512"),
+        (
+            "pss",
+            "rsa",
+            "md: sha256\n        pss: true\n        alg: PS256",
+        ),
+        ("ec", "ec", "md: sha256\n        alg: ES256"),
+        ("ed", "ed", "alg: EdDSA"),
+    ];
+    let u = upstream_yaml(&up);
+    let mut routes = String::new();
+    for (route, key, extra) in kinds {
+        routes.push_str(&format!(
+            "  - id: {route}\n    uri: /{route}\n    plugins:\n      pkey-probe:\n        private: {}\n        public: {}\n        {extra}\n{u}",
+            read(&format!("{key}.pem")),
+            read(&format!("{key}.pub"))
+        ));
+    }
+    routes.push_str(&format!(
+        "  - id: bad\n    uri: /bad\n    plugins:\n      pkey-probe: {{}}\n{u}"
+    ));
+    let (_tmp, gw) = gateway_with(&[("pkey-probe", PKEY_PROBE)], &routes);
+    let data = b"moongate signs this";
+    std::fs::write(d.join("data"), data).expect("data");
+    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    use base64::Engine;
+    for (route, key, _) in kinds {
+        // moongate signs, openssl verifies.
+        let r = Req::post(&gw.url(&format!("/{route}?what=sign")))
+            .body(data.to_vec())
+            .send();
+        assert_eq!(r.status, 200, "{route}: {}\n{}", r.text(), gw.logs());
+        let v = r.json();
+        assert_eq!(v["private"], true, "{route}: {v}");
+        let sig = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(v["sig"].as_str().unwrap_or_else(|| panic!("{route}: {v}")))
+            .expect("base64url");
+        std::fs::write(d.join("sig"), &sig).expect("sig");
+        let pubf = format!("{key}.pub");
+        let check: Vec<&str> = match route {
+            "ed" => vec![
+                "pkeyutl", "-verify", "-pubin", "-inkey", &pubf, "-rawin", "-in", "data",
+                "-sigfile", "sig",
+            ],
+            "pss" => vec![
+                "dgst",
+                "-sha256",
+                "-verify",
+                &pubf,
+                "-sigopt",
+                "rsa_padding_mode:pss",
+                "-signature",
+                "sig",
+                "data",
+            ],
+            "rsa1" => vec![
+                "dgst",
+                "-sha512",
+                "-verify",
+                &pubf,
+                "-signature",
+                "sig",
+                "data",
+            ],
+            _ => vec![
+                "dgst",
+                "-sha256",
+                "-verify",
+                &pubf,
+                "-signature",
+                "sig",
+                "data",
+            ],
+        };
+        openssl(d, &check);
+        // openssl signs, moongate verifies; one flipped byte fails.
+        let keyf = format!("{key}.pem");
+        let make: Vec<&str> = match route {
+            "ed" => vec![
+                "pkeyutl", "-sign", "-inkey", &keyf, "-rawin", "-in", "data", "-out", "osig",
+            ],
+            "pss" => vec![
+                "dgst",
+                "-sha256",
+                "-sign",
+                &keyf,
+                "-sigopt",
+                "rsa_padding_mode:pss",
+                "-sigopt",
+                "rsa_pss_saltlen:digest",
+                "-out",
+                "osig",
+                "data",
+            ],
+            "rsa1" => vec!["dgst", "-sha512", "-sign", &keyf, "-out", "osig", "data"],
+            _ => vec!["dgst", "-sha256", "-sign", &keyf, "-out", "osig", "data"],
+        };
+        openssl(d, &make);
+        let mut osig = std::fs::read(d.join("osig")).expect("osig");
+        let r = Req::post(&gw.url(&format!("/{route}?what=verify")))
+            .header("x-sig", &b64(&osig))
+            .body(data.to_vec())
+            .send();
+        assert_eq!(r.json()["ok"], true, "{route}: {}", r.text());
+        assert_eq!(r.json()["private"], false, "{route}: {}", r.text());
+        let last = osig.len() - 1;
+        osig[last] ^= 1;
+        let r = Req::post(&gw.url(&format!("/{route}?what=verify")))
+            .header("x-sig", &b64(&osig))
+            .body(data.to_vec())
+            .send();
+        assert_eq!(r.json()["ok"], false, "{route}: {}", r.text());
+        // Tokens.
+        let r = Req::get(&gw.url(&format!("/{route}?what=jwt"))).send();
+        let v = r.json();
+        assert_eq!(v["verified"], true, "{route}: {v}\n{}", gw.logs());
+        assert_eq!(v["sub"], "jack", "{route}: {v}");
+        assert_eq!(v["forged"], false, "{route}: {v}");
+        assert_eq!(v["expired"], false, "{route}: {v}");
+        assert!(
+            v["reason"]
+                .as_str()
+                .unwrap_or("")
+                .contains("'exp' claim expired"),
+            "{v}"
+        );
+        assert_eq!(v["garbage"], "invalid jwt string", "{v}");
+    }
+    let r = get(&gw.url("/bad"));
+    assert!(
+        r.json()["err"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("pkey:new: "),
+        "{}",
+        r.text()
+    );
+}
+
+/// APISIX's own jwt-auth (APISIX_SRC) with HS256 and RS256 consumers: tokens made here (HMAC
+/// with the hmac crate, RSA with the openssl command) pass in the header, the query and the
+/// cookie; a wrong signature, an expired token, an unknown key and no token are 401
+/// (t/plugin/jwt-auth.t, restated).
+#[test]
+fn real_jwt_auth_verifies_hs256_and_rs256_tokens() {
+    use base64::Engine;
+    use hmac::Mac;
+    let Some(src) = std::env::var_os("APISIX_SRC") else {
+        eprintln!("APISIX_SRC is not set: skipping the checks with APISIX's jwt-auth");
+        return;
+    };
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path().join("plugins");
+    std::fs::create_dir_all(&dir).expect("plugins dir");
+    copy_targets(Path::new(&src), &dir);
+    let d = tmp.path();
+    openssl(
+        d,
+        &[
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+            "-out",
+            "rsa.pem",
+        ],
+    );
+    openssl(d, &["pkey", "-in", "rsa.pem", "-pubout", "-out", "rsa.pub"]);
+    let public = serde_json::to_string(&std::fs::read_to_string(d.join("rsa.pub")).expect("pub"))
+        .expect("json");
+    let up = Upstream::echo();
+    let yaml = format!(
+        "workers: 1\nplugin_dirs:\n  - plugins\nroutes:\n  - id: jwt\n    uri: /jwt\n    plugins:\n      jwt-auth: {{}}\n{}\
+         consumers:\n  - username: jack\n    plugins:\n      jwt-auth:\n        key: jack-key\n        secret: jack-secret\n\
+         \x20 - username: rose\n    plugins:\n      jwt-auth:\n        key: rose-key\n        algorithm: RS256\n        public_key: {public}\n",
+        upstream_yaml(&up)
+    );
+    let gw = Gateway::start_in(tmp.path(), &yaml);
+    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let hs = |key: &str, secret: &[u8], exp: u64| {
+        let head = format!(
+            "{}.{}",
+            b64(br#"{"alg":"HS256","typ":"JWT"}"#),
+            b64(format!(r#"{{"key":"{key}","exp":{exp}}}"#).as_bytes())
+        );
+        let mut m = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret).expect("hmac");
+        m.update(head.as_bytes());
+        format!("{head}.{}", b64(&m.finalize().into_bytes()))
+    };
+    let good = hs("jack-key", b"jack-secret", now + 60);
+    let r = Req::get(&gw.url("/jwt"))
+        .header("authorization", &good)
+        .send();
+    assert_eq!(r.status, 200, "{}\n{}", r.text(), gw.logs());
+    assert_eq!(
+        r.json()["headers"]["x-consumer-username"],
+        "jack",
+        "{}",
+        r.text()
+    );
+    assert_eq!(
+        Req::get(&gw.url(&format!("/jwt?jwt={good}"))).send().status,
+        200
+    );
+    assert_eq!(
+        Req::get(&gw.url("/jwt"))
+            .header("cookie", &format!("jwt={good}"))
+            .send()
+            .status,
+        200
+    );
+    for (what, token) in [
+        (
+            "a wrong secret",
+            hs("jack-key", b"not-the-secret", now + 60),
+        ),
+        (
+            "an expired token",
+            hs("jack-key", b"jack-secret", now - 100),
+        ),
+        ("an unknown key", hs("nobody", b"jack-secret", now + 60)),
+    ] {
+        let r = Req::get(&gw.url("/jwt"))
+            .header("authorization", &token)
+            .send();
+        assert_eq!(r.status, 401, "{what}: {}", r.text());
+    }
+    assert_eq!(get(&gw.url("/jwt")).status, 401);
+    // RS256, signed by openssl.
+    let head = format!(
+        "{}.{}",
+        b64(br#"{"alg":"RS256","typ":"JWT"}"#),
+        b64(format!(r#"{{"key":"rose-key","exp":{}}}"#, now + 60).as_bytes())
+    );
+    std::fs::write(d.join("jwt-data"), &head).expect("data");
+    openssl(
+        d,
+        &[
+            "dgst", "-sha256", "-sign", "rsa.pem", "-out", "jwt-sig", "jwt-data",
+        ],
+    );
+    let sig = std::fs::read(d.join("jwt-sig")).expect("sig");
+    let token = format!("{head}.{}", b64(&sig));
+    let r = Req::get(&gw.url("/jwt"))
+        .header("authorization", &format!("Bearer {token}"))
+        .send();
+    assert_eq!(r.status, 200, "{}\n{}", r.text(), gw.logs());
+    assert_eq!(r.json()["headers"]["x-consumer-username"], "rose");
+    let forged = format!(
+        "{}.{}.{}",
+        b64(br#"{"alg":"RS256","typ":"JWT"}"#),
+        b64(br#"{"key":"rose-key","exp":9999999999}"#),
+        b64(&sig)
+    );
+    assert_eq!(
+        Req::get(&gw.url("/jwt"))
+            .header("authorization", &forged)
+            .send()
+            .status,
+        401
+    );
 }

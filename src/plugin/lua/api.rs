@@ -1555,6 +1555,7 @@ fn install_require(lua: &Lua, settings: &Settings) -> mlua::Result<()> {
     }
     super::crypto::install(lua, &preload)?;
     super::compress::install(lua, &preload)?;
+    super::pkey::install(lua, &preload)?;
     // The plugin folders are not on `package.path`: a plugin file named like a library
     // (`brotli.lua`, `prometheus.lua`) would be found by its own `require("brotli")`. Our
     // searcher serves `apisix.plugins.NAME[.SUB]` from `NAME.lua`/`NAME/SUB.lua` (or
@@ -1574,9 +1575,12 @@ fn install_require(lua: &Lua, settings: &Settings) -> mlua::Result<()> {
                 match std::fs::read(&cand) {
                     Ok(src) => {
                         let f: Function = lua
-                            .load(src)
+                            .load(&src)
                             .set_name(format!("@{}", cand.display()))
                             .into_function()?;
+                        // What was loaded as a library, so the runtime can take the same
+                        // table when it loads the same file as a plugin.
+                        searched_table(lua)?.raw_set(name.as_str(), lua.create_string(&src)?)?;
                         return Ok(Value::Function(f));
                     }
                     Err(_) => {
@@ -1591,6 +1595,17 @@ fn install_require(lua: &Lua, settings: &Settings) -> mlua::Result<()> {
     let loaders: Table = package.get("loaders")?;
     loaders.raw_insert(2, searcher)?;
     Ok(())
+}
+
+/// The registry table of sources `require` loaded from a plugin folder, by module name.
+pub(crate) fn searched_table(lua: &Lua) -> mlua::Result<Table> {
+    const KEY: &str = "moongate.searched";
+    if let Ok(t) = lua.named_registry_value::<Table>(KEY) {
+        return Ok(t);
+    }
+    let t = lua.create_table()?;
+    lua.set_named_registry_value(KEY, &t)?;
+    Ok(t)
 }
 
 /// `__moongate.plugin_metadata_index(name)` and `__moongate.plugin_metadata(name)`: the published

@@ -150,6 +150,7 @@ pub const MODULES: &[(&str, &str)] = &[
         "resty.string",
         include_str!("../../../lua/resty/string.lua"),
     ),
+    ("resty.jwt", include_str!("../../../lua/resty/jwt.lua")),
     ("xml2lua", include_str!("../../../lua/xml2lua.lua")),
 ];
 

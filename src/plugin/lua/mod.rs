@@ -18,6 +18,7 @@ mod convert;
 mod crypto;
 pub mod embedded;
 mod fast;
+mod pkey;
 mod prelude;
 mod re;
 pub mod runtime;
@@ -54,6 +55,10 @@ pub struct Settings {
     pub memory_limit: usize,
     /// Where `require("apisix.plugins.NAME")` looks.
     pub plugin_dirs: Vec<PathBuf>,
+    /// The plugins of this build that define `workflow_handler` (APISIX calls it when a plugin
+    /// loads; the handler registers the plugin as a `workflow` action). A VM loading `workflow`
+    /// loads these too, so their actions are known to its `check_schema`.
+    pub workflow_plugins: Arc<std::sync::Mutex<Vec<std::sync::Weak<LuaPlugin>>>>,
 }
 
 impl Settings {
@@ -65,6 +70,7 @@ impl Settings {
             call_budget: Duration::from_millis(cfg.call_budget_ms.max(1)),
             memory_limit: cfg.memory_limit_mb.max(1).saturating_mul(1024 * 1024),
             plugin_dirs: plugin_dirs.to_vec(),
+            workflow_plugins: Arc::default(),
         }
     }
 }
@@ -94,6 +100,8 @@ pub struct LuaPlugin {
     /// The phases the module defines.
     lua_phases: PhaseSet,
     has_check_schema: bool,
+    /// The module defines `workflow_handler`.
+    workflow_handler: bool,
     /// The module's `type` is `"auth"`.
     auth: bool,
     path: PathBuf,
@@ -229,6 +237,10 @@ impl LuaPlugin {
         }
         let has_check_schema =
             matches!(module.get::<Value>("check_schema"), Ok(Value::Function(_)));
+        let workflow_handler = matches!(
+            module.get::<Value>("workflow_handler"),
+            Ok(Value::Function(_))
+        );
         let auth =
             matches!(module.get::<Value>("type"), Ok(Value::String(t)) if t.as_bytes() == b"auth");
         let metadata_schema = match module.get::<Value>("metadata_schema") {
@@ -256,6 +268,7 @@ impl LuaPlugin {
             metadata_schema,
             lua_phases,
             has_check_schema,
+            workflow_handler,
             auth,
             path: path.to_path_buf(),
             source,
@@ -497,7 +510,13 @@ fn load_filtered(
             match LuaPlugin::load(&path, settings.clone()) {
                 Ok(p) => {
                     seen.insert(name.clone(), path.clone());
-                    plugins.push(Arc::new(p));
+                    let p = Arc::new(p);
+                    if p.workflow_handler {
+                        if let Ok(mut list) = settings.workflow_plugins.lock() {
+                            list.push(Arc::downgrade(&p));
+                        }
+                    }
+                    plugins.push(p);
                 }
                 // A `NAME/init.lua` nobody asked for may be a plugin's helper module rather
                 // than a plugin (APISIX's `limit-count/` beside `limit-count.lua` has one, and

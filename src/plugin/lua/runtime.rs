@@ -643,25 +643,49 @@ impl LuaRuntime {
             plugin: name as *const str,
             ..Frame::NONE
         };
+        let key = format!("apisix.plugins.{}", p.name);
+        let loaded: Table = self.lua.globals().get::<Table>("package")?.get("loaded")?;
+        // Another module may have required this plugin's file as a library before it is used
+        // as a plugin (`limit-count` requires `apisix.plugins.workflow`): the same source
+        // gives the same table, so what was registered in it stays.
+        let required = match loaded.raw_get::<Value>(key.as_str())? {
+            Value::Table(t) => {
+                let src: Option<mlua::String> =
+                    api::searched_table(&self.lua)?.raw_get(key.as_str())?;
+                src.filter(|s| s.as_bytes() == p.source.as_bytes())
+                    .map(|_| t)
+            }
+            _ => None,
+        };
+        let fresh = required.is_none();
         let table = self.guarded(fr, || {
-            let chunk = self
-                .lua
-                .load(&*p.source)
-                .set_name(format!("@{}", p.path.display()))
-                .into_function()?;
-            let v: Value = chunk.call(())?;
-            let Value::Table(t) = v else {
-                return Err(mlua::Error::runtime(format!(
-                    "{} did not return a module table",
-                    p.path.display()
-                )));
+            let t = match required {
+                Some(t) => t,
+                None => {
+                    let chunk = self
+                        .lua
+                        .load(&*p.source)
+                        .set_name(format!("@{}", p.path.display()))
+                        .into_function()?;
+                    let v: Value = chunk.call(())?;
+                    let Value::Table(t) = v else {
+                        return Err(mlua::Error::runtime(format!(
+                            "{} did not return a module table",
+                            p.path.display()
+                        )));
+                    };
+                    t
+                }
             };
             // APISIX names a plugin after its file.
             t.set("name", p.name.as_str())?;
-            let loaded: Table = self.lua.globals().get::<Table>("package")?.get("loaded")?;
-            loaded.set(format!("apisix.plugins.{}", p.name), &t)?;
+            loaded.set(key.as_str(), &t)?;
+            // APISIX's loader order: `init()`, then `workflow_handler()`.
             if let Some(init) = t.get::<Option<Function>>("init")? {
                 init.call::<()>(())?;
+            }
+            if let Some(h) = t.get::<Option<Function>>("workflow_handler")? {
+                h.call::<()>(())?;
             }
             Ok(t)
         })?;
@@ -681,6 +705,27 @@ impl LuaRuntime {
                 name_lua: self.lua.create_string(&p.name)?,
             },
         );
+        if p.name == "workflow" {
+            self.load_workflow_actions(p, fresh)?;
+        }
+        Ok(())
+    }
+
+    /// Loads the build's plugins that register `workflow` actions, so `workflow`'s
+    /// `check_schema` knows them as APISIX's (which loads every plugin at start) does. When
+    /// `workflow` was just evaluated anew, a handler plugin loaded earlier registered itself
+    /// in an older `workflow` table: it is evaluated again to register in this one.
+    fn load_workflow_actions(&self, workflow: &LuaPlugin, fresh: bool) -> mlua::Result<()> {
+        let handlers: Vec<Arc<LuaPlugin>> = match workflow.settings.workflow_plugins.lock() {
+            Ok(list) => list.iter().filter_map(std::sync::Weak::upgrade).collect(),
+            Err(_) => return Ok(()),
+        };
+        for q in handlers {
+            if fresh {
+                self.modules.borrow_mut().remove(&q.version_id);
+            }
+            self.module(&q)?;
+        }
         Ok(())
     }
 
