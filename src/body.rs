@@ -32,8 +32,25 @@ pub struct BodyTooLarge {
 pub enum BodyReadError {
     #[error(transparent)]
     TooLarge(#[from] BodyTooLarge),
+    /// The client's fault: framing the body cannot have, or the client went away mid-body.
+    #[error("failed to read the request body: {message}")]
+    Client {
+        fault: ClientBodyFault,
+        message: String,
+    },
     #[error("failed to read the request body: {0}")]
     Io(String),
+}
+
+impl BodyReadError {
+    /// The client's fault this stands for, if it is one (a body over the limit is too).
+    pub fn client_fault(&self) -> Option<ClientBodyFault> {
+        match self {
+            BodyReadError::TooLarge(_) => Some(ClientBodyFault::TooLarge),
+            BodyReadError::Client { fault, .. } => Some(*fault),
+            BodyReadError::Io(_) => None,
+        }
+    }
 }
 
 /// A request body still on the client connection, whatever HTTP version the client speaks.
@@ -121,7 +138,13 @@ impl RequestBody {
                 }
                 let mut buf = BytesMut::new();
                 while let Some(frame) = incoming.frame().await {
-                    let frame = frame.map_err(|e| BodyReadError::Io(e.to_string()))?;
+                    let frame = frame.map_err(|e| match ClientBodyFault::of(&e) {
+                        Some(fault) => BodyReadError::Client {
+                            fault,
+                            message: e.to_string(),
+                        },
+                        None => BodyReadError::Io(e.to_string()),
+                    })?;
                     if let Ok(data) = frame.into_data() {
                         if (buf.len() + data.len()) as u64 > max {
                             return Err(BodyTooLarge {
@@ -202,6 +225,35 @@ impl ClientBodyFault {
                 Some(ClientBodyFault::Malformed)
             }
             ClientBodyError::Http2(_) => Some(ClientBodyFault::Incomplete),
+        }
+    }
+}
+
+impl ClientBodyFault {
+    /// The status the client is answered with: 413 or 400, as nginx.
+    pub fn status(self) -> http::StatusCode {
+        match self {
+            ClientBodyFault::TooLarge => http::StatusCode::PAYLOAD_TOO_LARGE,
+            ClientBodyFault::Malformed | ClientBodyFault::Incomplete => {
+                http::StatusCode::BAD_REQUEST
+            }
+        }
+    }
+
+    /// Logs the fault as the client's (nginx logs a client's bad body at `info`): `warn` for a
+    /// malformed body, `info` for a client that went away, nothing for one over the limit
+    /// (its 413 in the access log says it).
+    pub fn log(self, route: &str, client: &std::net::SocketAddr, e: &dyn std::fmt::Display) {
+        match self {
+            ClientBodyFault::TooLarge => {}
+            ClientBodyFault::Malformed => {
+                tracing::warn!(route, client = %client, "bad request body from the client: {e}")
+            }
+            ClientBodyFault::Incomplete => tracing::info!(
+                route,
+                client = %client,
+                "client closed the connection before sending the whole request body: {e}"
+            ),
         }
     }
 }

@@ -307,3 +307,111 @@ services:
     }
     assert!(!out.contains("routes[0].hosts[0]"), "{out}");
 }
+
+/// Reads the request body the two ways plugins do; the pcall one shows a bad body cannot be
+/// swallowed by the plugin (nginx finalizes the request on it).
+const READ_BODY: &str = r#"local core = require("apisix.core")
+local _M = { version = 0.1, priority = 100, name = "read-body", schema = { type = "object" } }
+function _M.access(conf, ctx)
+    if ctx.var.uri == "/pcall" then
+        local ok, err = pcall(ngx.req.read_body)
+        return 200, "read_body swallowed: " .. tostring(err)
+    end
+    local body, err = core.request.get_body()
+    return 200, "got " .. tostring(body and #body) .. " bytes, err " .. tostring(err)
+end
+return _M
+"#;
+
+/// Sends `head` and `body`, then closes the writing side, and reads the answer to its end.
+fn send_then_close(addr: SocketAddr, head: &str, body: &[u8]) -> RawResp {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    s.write_all(head.as_bytes()).expect("write head");
+    s.write_all(body).expect("write body");
+    s.shutdown(std::net::Shutdown::Write).expect("half close");
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    RawResp::parse(&String::from_utf8_lossy(&out))
+}
+
+#[test]
+fn lua_reading_a_bad_client_body_is_the_clients_error() {
+    let gw = Gateway::start_with_plugins(
+        &[("read-body", READ_BODY)],
+        "workers: 1
+routes:
+  - id: body
+    uris: [/body, /pcall]
+    plugins:
+      read-body: {}
+",
+    );
+    let addr = gw.addr();
+    // A whole body reads (the plugin works at all).
+    let r = raw_resp(
+        addr,
+        b"POST /body HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
+    );
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (200, "got 5 bytes, err nil"),
+        "{}",
+        r.head
+    );
+
+    for (what, path, head, body) in [
+        (
+            "a bad chunk size",
+            "/body",
+            "Transfer-Encoding: chunked",
+            &b"5\r\nhello\r\nzz\r\n"[..],
+        ),
+        (
+            "a bare LF in chunk framing",
+            "/pcall",
+            "Transfer-Encoding: chunked",
+            &b"5\nhello\r\n0\r\n\r\n"[..],
+        ),
+        (
+            "a body cut short",
+            "/body",
+            "Content-Length: 100",
+            &b"only 16 of them."[..],
+        ),
+        (
+            "a body cut short",
+            "/pcall",
+            "Content-Length: 100",
+            &b"only 16 of them."[..],
+        ),
+    ] {
+        let r = send_then_close(
+            addr,
+            &format!("POST {path} HTTP/1.1\r\nHost: x\r\n{head}\r\n\r\n"),
+            body,
+        );
+        assert_eq!(r.status, 400, "{what} on {path}:\n{}\n{}", r.head, r.body);
+        assert_eq!(
+            r.header("connection"),
+            Some("close"),
+            "{what} on {path}: {}",
+            r.head
+        );
+    }
+    assert!(
+        gw.wait_for_log("bad request body from the client", Duration::from_secs(5)),
+        "{}",
+        gw.logs()
+    );
+    let logs = gw.logs();
+    assert!(
+        logs.contains("client closed the connection before sending the whole request body"),
+        "{logs}"
+    );
+    assert!(
+        !logs.contains("ERROR"),
+        "a client's bad body logged as an error:\n{logs}"
+    );
+}

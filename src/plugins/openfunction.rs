@@ -32,7 +32,7 @@ use http::{StatusCode, Uri};
 use percent_encoding::{utf8_percent_encode, AsciiSet, CONTROLS};
 use serde_json::{json, Value};
 
-use crate::body::{IdleTimeout, RequestBody, ResponseBody, UpstreamRequestBody};
+use crate::body::{ClientBodyFault, IdleTimeout, RequestBody, ResponseBody, UpstreamRequestBody};
 use crate::http1::client::{put_header, HeadEdit, RequestHead, ResponseLines};
 use crate::plugin::{
     ConfScope, Ctx, Flow, LocalResponse, Phase, PhaseResult, PhaseSet, Plugin, PluginConf,
@@ -421,10 +421,16 @@ impl Plugin for OpenFunction {
         let body = match ctx.body.read_all(c.max_req_body_size).await {
             Ok(b) => b,
             Err(e) => {
-                tracing::error!(
-                    route = ctx.route_id(),
-                    "error while reading request body: {e}"
-                );
+                match e.client_fault() {
+                    // A malformed body or a client gone mid-body: the client's error.
+                    Some(f) if f != ClientBodyFault::TooLarge => {
+                        f.log(ctx.route_id(), &ctx.remote_addr, &e)
+                    }
+                    _ => tracing::error!(
+                        route = ctx.route_id(),
+                        "error while reading request body: {e}"
+                    ),
+                }
                 return exit(StatusCode::BAD_REQUEST);
             }
         };

@@ -422,17 +422,13 @@ pub(super) fn client_body_failed(
     fault: ClientBodyFault,
     e: &ClientError,
 ) -> LocalResponse {
+    fault.log(ctx.route_id(), &ctx.remote_addr, e);
     match fault {
         ClientBodyFault::TooLarge => LocalResponse::error(
             StatusCode::PAYLOAD_TOO_LARGE,
             "413 Request Entity Too Large",
         ),
-        ClientBodyFault::Malformed => {
-            tracing::warn!(route = ctx.route_id(), client = %ctx.remote_addr, "bad request body from the client: {e}");
-            LocalResponse::error(StatusCode::BAD_REQUEST, "400 Bad Request")
-        }
-        ClientBodyFault::Incomplete => {
-            tracing::info!(route = ctx.route_id(), client = %ctx.remote_addr, "client closed the connection before sending the whole request body: {e}");
+        ClientBodyFault::Malformed | ClientBodyFault::Incomplete => {
             LocalResponse::error(StatusCode::BAD_REQUEST, "400 Bad Request")
         }
     }

@@ -498,7 +498,15 @@ fn install_req(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
             match r {
                 Ok(Some(b)) => with_ctx(|c| c.body = RequestBody::Full(b))?,
                 Ok(None) => with_ctx(|c| c.body = RequestBody::Empty)?,
-                Err(e) => return Err(err(e.to_string())),
+                Err(e) => match e.client_fault() {
+                    // The client's error, not the plugin's: the runtime ends the request with
+                    // it instead of resuming the plugin.
+                    Some(fault) => with_ctx(|c| {
+                        fault.log(c.route_id(), &c.remote_addr, &e);
+                        lua_request(c).body_fault = Some(fault);
+                    })?,
+                    None => return Err(err(e.to_string())),
+                },
             }
             Ok(())
         })?,

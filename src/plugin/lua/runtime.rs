@@ -31,7 +31,7 @@ use mlua::{Function, LightUserData, Lua, LuaOptions, MultiValue, StdLib, Table, 
 use super::convert::{self, Unsupported};
 use super::watchdog::Budget;
 use super::{api, LuaConf, LuaPlugin, Settings};
-use crate::body::ResponseBody;
+use crate::body::{ClientBodyFault, ResponseBody};
 use crate::plugin::ctx::IdHasher;
 use crate::plugin::{
     BodyChunk, Ctx, Flow, LocalResponse, Phase, PhaseCall, PhaseResult, PluginConf, PluginError,
@@ -319,6 +319,9 @@ pub(crate) struct LuaRequest {
     pub output: Vec<u8>,
     /// `ngx.exit(status)` was called.
     pub exit: Option<i64>,
+    /// The client's body failed while a plugin read it (`ngx.req.read_body`): the request ends
+    /// with the client's error (400, 413), as nginx finalizes it, whatever the plugin does.
+    pub body_fault: Option<ClientBodyFault>,
 }
 
 /// A request's slot in its thread's runtime's `CTXS` table; the slot's table is emptied and the
@@ -1308,6 +1311,15 @@ async fn wait_request_phase(
             plugin: name,
         }
         .await;
+        if let Some(fault) = ctx
+            .data_mut::<LuaRequest>()
+            .and_then(|r| r.body_fault.take())
+        {
+            // Not resumed: no pcall in the plugin can go on with a body that is not there.
+            let text = fault.status().canonical_reason().unwrap_or("Bad Request");
+            let text = format!("{} {text}", fault.status().as_u16());
+            return Ok(Flow::respond(LocalResponse::error(fault.status(), &text)));
+        }
         let values = wake_values(&rt.lua, woke).map_err(|e| plugin_error(p, phase, &e))?;
         // On an error the runner is dead (or stuck in a yield it cannot leave): dropped.
         match rt
