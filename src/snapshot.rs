@@ -213,6 +213,9 @@ pub struct RouteEntry {
     pub upstream: Option<Arc<UpstreamEntry>>,
     /// The route's own `timeout`; when set it replaces the upstream's (as in APISIX).
     pub timeout: Option<Timeout>,
+    /// `enable_websocket` in effect (the route's, else its service's): an upgrade to
+    /// WebSocket is forwarded and tunnelled.
+    pub enable_websocket: bool,
     pub conf_type: &'static str,
     pub conf_id: Arc<str>,
     pub conf_version: Arc<str>,
@@ -346,6 +349,7 @@ pub fn build(
         plugins: Vec<ChainEntry>,
         upstream: Option<Arc<UpstreamEntry>>,
         hosts: Option<Vec<String>>,
+        enable_websocket: Option<bool>,
     }
     let mut services: HashMap<String, ServiceEntry> = HashMap::new();
     for (i, s) in doc.services.iter().enumerate() {
@@ -385,6 +389,7 @@ pub fn build(
                         .hosts
                         .as_ref()
                         .map(|hs| route_hosts(&format!("{path}.hosts"), hs, true, &mut errors)),
+                    enable_websocket: s.enable_websocket,
                 },
             )
             .is_some()
@@ -583,6 +588,11 @@ pub fn build(
             chain: Chain::new(entries),
             upstream,
             timeout: r.timeout,
+            // The route's own setting, else its service's (APISIX's `http_access_phase`).
+            enable_websocket: r
+                .enable_websocket
+                .or(service.and_then(|s| s.enable_websocket))
+                .unwrap_or(false),
             conf_type,
             conf_id: conf_id.into(),
             conf_version: conf_version.clone(),

@@ -104,6 +104,10 @@ pub struct Route {
     pub status: u8,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<Timeout>,
+    /// APISIX's `enable_websocket`: an `Upgrade: websocket` request is proxied with its upgrade
+    /// headers and, on the upstream's 101, tunnelled. Unset: the service's setting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enable_websocket: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub create_time: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -455,6 +459,9 @@ pub struct Service {
     pub upstream_id: Option<Id>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hosts: Option<Vec<String>>,
+    /// APISIX's `enable_websocket`, for the service's routes that do not set it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enable_websocket: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub create_time: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -192,6 +192,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         &mut self.io
     }
 
+    /// The stream and what was read from it past the last response head: after a `101`,
+    /// the first bytes of the protocol switched to.
+    pub fn into_parts(self) -> (S, Bytes) {
+        (self.io, self.read_buf.freeze())
+    }
+
     /// Sends one request and reads the head of its final response (interim 1xx responses are
     /// skipped). The body is written in the same write as the head when it is ready at once
     /// and small (a body already in memory); other bodies stream, framed by `Content-Length`
@@ -751,6 +757,17 @@ pub struct ResponseBody<S, R: Recycle<S>> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin, R: Recycle<S>> ResponseBody<S, R> {
+    /// A body with nothing in it and no connection (a `101`'s, whose connection was taken
+    /// for what follows it).
+    pub fn none() -> Self {
+        ResponseBody {
+            conn: None,
+            framing: Framing::Empty,
+            keep_alive: false,
+            recycle: None,
+        }
+    }
+
     /// The body of the response `head` read on `conn`. `recycle` (None: the connection is not
     /// to be reused) gets the connection back when the body has been read. A body without
     /// bytes returns the connection at once.

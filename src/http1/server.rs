@@ -73,6 +73,70 @@ pub trait HeadLines {
     fn early_failure_status(&self) -> Option<StatusCode> {
         None
     }
+
+    /// Asked when the response is a `101 Switching Protocols`: what takes the connection over
+    /// once the head is written (the server then writes `Connection: upgrade` and is done with
+    /// the connection). None: no switch (the connection goes on as HTTP/1.1).
+    fn take_upgrade(&mut self) -> Option<OnUpgrade> {
+        None
+    }
+}
+
+/// What serves a connection after a `101`: gets the client's connection and what the client
+/// sent after the request head (the new protocol's first bytes), and runs until it is done
+/// with them.
+pub type OnUpgrade = Box<dyn FnOnce(Upgraded, Bytes) -> Pin<Box<dyn Future<Output = ()>>>>;
+
+/// A client connection handed over after a `101`; shutdown closes the sending side.
+pub struct Upgraded {
+    conn: Rc<Conn>,
+}
+
+impl tokio::io::AsyncRead for Upgraded {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            // Free when the caller's buffer is initialised already (tokio's copy loops' are).
+            match self.conn.io.try_read(buf.initialize_unfilled()) {
+                Ok(n) => {
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    ready!(self.conn.io.poll_read_ready(cx))?;
+                }
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Upgraded {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            match self.conn.io.try_write(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    ready!(self.conn.io.poll_write_ready(cx))?;
+                }
+                r => return Poll::Ready(r),
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(socket2::SockRef::from(&self.conn.io).shutdown(std::net::Shutdown::Write))
+    }
 }
 
 /// How writing a response ended.
@@ -81,6 +145,8 @@ enum Written {
     Done,
     /// The body failed before anything was written: answer with this status, then close.
     Replace(StatusCode),
+    /// A `101` head was written: the connection is this one's now.
+    Upgrade(OnUpgrade),
 }
 
 /// Limits of a connection.
@@ -648,6 +714,22 @@ pub async fn serve<H, F, B>(
         let mut keep_alive = keep_alive && !lp.stopping;
         match write_response(&mut lp, res, head_request, version, &mut keep_alive).await {
             Ok(Written::Done) => {}
+            Ok(Written::Upgrade(on_upgrade)) => {
+                // What the client sent past the request head belongs to the new protocol.
+                let pending = {
+                    let mut st = lp.conn.st.borrow_mut();
+                    st.gen += 1;
+                    st.rbuf.split().freeze()
+                };
+                on_upgrade(
+                    Upgraded {
+                        conn: lp.conn.clone(),
+                    },
+                    pending,
+                )
+                .await;
+                return;
+            }
             Ok(Written::Replace(status)) => {
                 // The response's body (and its log) is done with; the client gets this
                 // instead, and the connection closes.
@@ -774,7 +856,12 @@ where
     B: Body<Data = Bytes> + HeadLines,
     B::Error: fmt::Display,
 {
-    let (parts, body) = res.into_parts();
+    let (parts, mut body) = res.into_parts();
+    let upgrade = if parts.status == StatusCode::SWITCHING_PROTOCOLS {
+        body.take_upgrade()
+    } else {
+        None
+    };
     let mut body = pin!(body);
     let status = parts.status;
     let headers = &parts.headers;
@@ -896,7 +983,9 @@ where
         Framing::Chunked => wbuf.extend_from_slice(b"transfer-encoding: chunked\r\n"),
         Framing::None | Framing::Close => {}
     }
-    if !*keep_alive {
+    if upgrade.is_some() {
+        wbuf.extend_from_slice(b"connection: upgrade\r\n");
+    } else if !*keep_alive {
         wbuf.extend_from_slice(b"connection: close\r\n");
     } else if version == Version::HTTP_10 {
         wbuf.extend_from_slice(b"connection: keep-alive\r\n");
@@ -904,9 +993,11 @@ where
     wbuf.extend_from_slice(b"\r\n");
 
     if framing == Framing::None {
-        return write_all(&lp.conn.io, &mut [IoSlice::new(wbuf)])
-            .await
-            .map(|()| Written::Done);
+        write_all(&lp.conn.io, &mut [IoSlice::new(wbuf)]).await?;
+        return Ok(match upgrade {
+            Some(u) => Written::Upgrade(u),
+            None => Written::Done,
+        });
     }
     let mut out = BodyWriter {
         io: &lp.conn.io,

@@ -209,6 +209,15 @@ pub struct UpstreamResponse {
     /// The header lines as received, when the request asked for them (`headers` is empty).
     pub raw: Option<RawHead>,
     pub body: UpstreamBody,
+    /// After a `101 Switching Protocols`: the connection, for the tunnel (`body` is empty).
+    pub upgraded: Option<Upgraded>,
+}
+
+/// An upstream connection that switched protocols: the stream, and what the upstream sent
+/// after the `101` head (the new protocol's first bytes), to be passed on first.
+pub struct Upgraded {
+    pub io: Stream,
+    pub rest: bytes::Bytes,
 }
 
 /// Where a connection goes when its response has been read: back to its worker's pool.
@@ -396,6 +405,18 @@ impl Conn {
             None => return Err(ClientError::Timeout),
             Some(r) => r?,
         };
+        if head.status == StatusCode::SWITCHING_PROTOCOLS {
+            // The connection now speaks another protocol: never pooled, handed over whole.
+            let (io, rest) = conn.into_parts();
+            return Ok(UpstreamResponse {
+                status: head.status,
+                headers: head.headers,
+                te_or_trailer: head.te_or_trailer,
+                raw: head.raw,
+                body: h1::ResponseBody::none(),
+                upgraded: Some(Upgraded { io, rest }),
+            });
+        }
         requests += 1;
         let limit_reached = pool.max_requests > 0 && requests >= pool.max_requests;
         let recycle = (pool.max_idle > 0 && !limit_reached).then(|| PoolReturn {
@@ -412,6 +433,7 @@ impl Conn {
             te_or_trailer: head.te_or_trailer,
             raw: head.raw,
             body,
+            upgraded: None,
         })
     }
 }

@@ -20,13 +20,14 @@ use crate::body::{
 };
 use crate::config::{Node, NodeConfig, PassHost, Timeout, Upstream};
 use crate::http1::client::{RequestHead, ResponseLines};
-use crate::http1::server::HeadLines;
+use crate::http1::server::{HeadLines, OnUpgrade};
 use crate::http1::RawHead;
 use crate::plugin::chain::{self, Chain};
 use crate::plugin::ctx::normalize_path;
 use crate::plugin::{BodyChunk, Ctx, Flow, LocalResponse, Phase, PluginError, ResponseHead};
 use crate::proxy::client::{worker_client, ClientError, PoolOptions};
 use crate::proxy::headers::{ConnValues, Forwarding};
+use crate::proxy::tunnel::{self, TunnelEnd};
 use crate::snapshot::{Gateway, RouteEntry, Snapshot};
 
 /// The `Server` header moongate sends.
@@ -345,13 +346,16 @@ async fn proxy(
     // `X-Forwarded-Host` is `$host` (APISIX's `$var_x_forwarded_host`): the normalised host,
     // without the port, when the client named one.
     let forwarded_host = client_host.map(|_| ctx.host.as_bytes());
+    // A WebSocket handshake on a route that allows it asks the upstream to switch too.
+    let upgrade = super::tunnel::requested(&ctx, &route);
     let forwarding = Forwarding::new(
         &ctx.headers,
         &conn_values,
         ctx.scheme,
         host_value,
         forwarded_host,
-    );
+    )
+    .with_upgrade(upgrade);
     // Nothing looks at or changes the response headers: the upstream's lines pass through
     // unparsed.
     let lines = if ctx.response_untouched() {
@@ -369,7 +373,7 @@ async fn proxy(
     let wait = secs(timeout.send) + secs(timeout.read);
     let res = conn.send_head(&client, &head, body, wait, pool).await;
     drop(forwarding);
-    let res = match res {
+    let mut res = match res {
         Ok(r) => r,
         Err(e) => {
             let local = match fault.get() {
@@ -388,10 +392,14 @@ async fn proxy(
         }
     };
     ctx.upstream_status = Some(res.status.as_u16());
-    // A switch of protocols nobody asked for: what follows is not HTTP the client expects,
-    // and passing the 101 on would hand the client's connection to the upstream. (A request
-    // that asked for an upgrade is the tunnel's business.)
-    if res.status == StatusCode::SWITCHING_PROTOCOLS && !ctx.headers.contains_key(header::UPGRADE) {
+    if res.status == StatusCode::SWITCHING_PROTOCOLS {
+        if let (Some(_), Some(up)) = (upgrade, res.upgraded.take()) {
+            let idle = secs(timeout.read);
+            return super::tunnel::respond(ctx, snap, res, up, idle, &env.node);
+        }
+        // A switch of protocols the gateway did not ask for: what follows is not HTTP the
+        // client expects, and passing the 101 on would hand the client's connection to the
+        // upstream.
         tracing::error!(route = %route.id, node = ctx.upstream_addr.as_deref().unwrap_or(""), "upstream answered 101 Switching Protocols to a request that asked for no upgrade");
         return respond_local(
             ctx,
@@ -539,6 +547,7 @@ pub(super) fn respond(
         ended: false,
         failed: None,
         replaced: Cell::new(None),
+        tunnel: None,
     });
     *res.status_mut() = head.status;
     *res.headers_mut() = head.headers;
@@ -612,7 +621,7 @@ impl Finish {
                 c.route_id(),
                 c.upstream_addr.as_deref().unwrap_or("-"),
                 c.start.elapsed().as_secs_f64() * 1000.0,
-                outcome.note()
+                outcome
             );
         }
     }
@@ -627,12 +636,14 @@ enum Outcome {
     Incomplete,
     /// The body failed after part of the response was sent: the connection was closed.
     Failed(Failure),
+    /// The `101` was followed by a tunnel, now closed.
+    Tunnel(TunnelEnd),
 }
 
-impl Outcome {
-    /// The access log's suffix.
-    fn note(self) -> &'static str {
-        match self {
+/// The access log's suffix.
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
             Outcome::Completed => "",
             Outcome::Incomplete => " (incomplete)",
             Outcome::Failed(Failure::BodyFilter) => {
@@ -641,7 +652,8 @@ impl Outcome {
             Outcome::Failed(Failure::Upstream) => {
                 " (incomplete: upstream response failed, connection closed)"
             }
-        }
+            Outcome::Tunnel(end) => return end.fmt(f),
+        })
     }
 }
 
@@ -667,9 +679,17 @@ pub struct GatewayBody {
     /// Set when the server answered with this status instead, the body having failed before
     /// any of the response was written ([`HeadLines::early_failure_status`]).
     replaced: Cell<Option<StatusCode>>,
+    /// A `101`'s upstream connection, for the server to join to the client's.
+    tunnel: Option<tunnel::Peer>,
 }
 
 impl GatewayBody {
+    /// Makes the response (a `101`) one that switches the client's connection to a tunnel to
+    /// `peer`.
+    pub(super) fn set_tunnel(&mut self, peer: tunnel::Peer) {
+        self.tunnel = Some(peer);
+    }
+
     fn end(&mut self, outcome: Outcome) {
         self.ended = true;
         if let Some(f) = self.finish.take() {
@@ -711,6 +731,53 @@ impl HeadLines for GatewayBody {
         };
         self.replaced.set(Some(status));
         Some(status)
+    }
+
+    /// The tunnel, with the log phase moved to its end.
+    fn take_upgrade(&mut self) -> Option<OnUpgrade> {
+        let peer = self.tunnel.take()?;
+        let finish = self.finish.take()?;
+        self.ended = true;
+        Some(Box::new(move |client, pending| {
+            Box::pin(async move {
+                let meter = tunnel::Meter::default();
+                // Logs the tunnel's end however it comes: also when the worker stops with it
+                // open and drops this future.
+                let mut log = TunnelLog {
+                    finish: Some(finish),
+                    meter: &meter,
+                };
+                let route = log
+                    .finish
+                    .as_ref()
+                    .map_or("", |f| f.ctx.route_id())
+                    .to_string();
+                let closed = tunnel::run(client, pending, peer, &meter, &route).await;
+                log.end(closed);
+            })
+        }))
+    }
+}
+
+/// Runs the log phase when a tunnel ends.
+struct TunnelLog<'a> {
+    finish: Option<Finish>,
+    meter: &'a tunnel::Meter,
+}
+
+impl TunnelLog<'_> {
+    fn end(&mut self, closed: tunnel::Closed) {
+        if let Some(mut f) = self.finish.take() {
+            let end = self.meter.end(closed);
+            end.record(&mut f.ctx);
+            f.log(Outcome::Tunnel(end));
+        }
+    }
+}
+
+impl Drop for TunnelLog<'_> {
+    fn drop(&mut self) {
+        self.end(tunnel::Closed::Shutdown);
     }
 }
 

@@ -156,6 +156,9 @@ pub struct Forwarding<'a> {
     hop: HopByHop,
     /// The client sent an `X-Forwarded-For` list.
     xff: bool,
+    /// The protocol a tunnelled upgrade asks for: `Upgrade` and `Connection: upgrade` are
+    /// written (the client's own are hop-by-hop and left out like the rest).
+    upgrade: Option<&'a HeaderValue>,
 }
 
 impl<'a> Forwarding<'a> {
@@ -191,7 +194,15 @@ impl<'a> Forwarding<'a> {
             client_host,
             hop,
             xff,
+            upgrade: None,
         }
+    }
+
+    /// Asks the upstream to switch to `protocol` (a WebSocket upgrade on a route that allows
+    /// it; None: no upgrade, as for every other request).
+    pub fn with_upgrade(mut self, protocol: Option<&'a HeaderValue>) -> Self {
+        self.upgrade = protocol;
+        self
     }
 }
 
@@ -207,6 +218,7 @@ impl HeadEdit for Forwarding<'_> {
             0
         };
         64 + xff
+            + self.upgrade.map_or(0, |u| u.len() + 32)
             + self.conn.lines.len()
             + self.proto.len()
             + self.host.as_ref().map_or(0, |h| h.len())
@@ -266,6 +278,10 @@ impl HeadEdit for Forwarding<'_> {
         }
         if let Some(h) = self.client_host {
             put_header(dst, b"x-forwarded-host", h);
+        }
+        if let Some(protocol) = self.upgrade {
+            put_header(dst, b"upgrade", protocol.as_bytes());
+            put_header(dst, b"connection", b"upgrade");
         }
     }
 }

@@ -10,6 +10,7 @@ mod consumer;
 mod grpc;
 pub mod handler;
 pub mod headers;
+mod tunnel;
 
 use std::cell::Cell;
 use std::io;

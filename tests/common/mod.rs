@@ -1061,3 +1061,4 @@ pub fn tool(name: &str) -> Command {
     assert!(found, "`{name}` is not installed (.ci/run installs it)");
     Command::new(name)
 }
+pub mod websocket;
