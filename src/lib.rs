@@ -3,9 +3,10 @@
 //! The crate is laid out as the request meets it: [`config`] (what the operator wrote),
 //! [`snapshot`] (what a request reads, built and validated whole), [`host`] (the one request
 //! host), [`router`], [`plugin`] (the interface every plugin implements), [`plugins`] (the
-//! native ones), [`proxy`] (listeners, workers, the upstream client), [`reload`] (building
-//! snapshots) and [`supervisor`] (the parent process that keeps the listening sockets and
-//! restarts a crashed serving process).
+//! native ones), [`proxy`] (listeners, workers, the upstream client), [`startup`] (what `run`
+//! and `check` both check before serving), [`reload`] (building snapshots) and
+//! [`supervisor`] (the parent process that keeps the listening sockets and restarts a crashed
+//! serving process).
 
 pub mod admin;
 pub mod body;
@@ -19,5 +20,6 @@ pub mod proxy;
 pub mod reload;
 pub mod router;
 pub mod snapshot;
+pub mod startup;
 pub mod store;
 pub mod supervisor;

@@ -8,10 +8,11 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
-use moongate::config::{self, NodeConfig};
+use moongate::config::{self, ConfigErrors, NodeConfig};
 use moongate::proxy;
 use moongate::reload::{self, Reloader};
 use moongate::snapshot::Gateway;
+use moongate::startup;
 use moongate::supervisor;
 
 const DEFAULT_CONFIG: &str = "conf/config.yaml";
@@ -95,18 +96,20 @@ fn worker_count(node: &NodeConfig) -> usize {
 /// `moongate run`: binds every listener, then keeps a serving process running on them
 /// (`src/supervisor/`).
 fn supervise(path: &std::path::Path) -> ExitCode {
-    let doc = match config::load_file(path) {
-        Ok(d) => d,
-        Err(errors) => {
-            init_logging(None);
-            for e in &errors.0 {
-                eprintln!("{}: {e}", path.display());
-            }
-            return ExitCode::FAILURE;
-        }
+    let partial = match startup::read(path) {
+        Ok(p) => p,
+        Err(errors) => return refuse(&errors),
     };
-    let node = &doc.node;
-    init_logging(node.log_level.as_deref());
+    init_logging(partial.doc.node.log_level.as_deref());
+    if !partial.errors.is_empty() || !startup::node_problems(&partial.doc.node).is_empty() {
+        // Before anything binds: the same full report the serving process (and `check`)
+        // would give.
+        return match startup::build(partial) {
+            Ok(_) => ExitCode::FAILURE,
+            Err(errors) => refuse(&errors),
+        };
+    }
+    let node = &partial.doc.node;
     let mut listeners = supervisor::ListenerSet::new();
     let workers = worker_count(node);
     let admin = node.admin.iter().flat_map(|a| a.listen.0.iter());
@@ -134,9 +137,10 @@ fn supervise(path: &std::path::Path) -> ExitCode {
     )
 }
 
+/// `moongate check`: the start-up of `run` up to the first snapshot ([`startup::prepare`]).
 fn check(path: &std::path::Path) -> ExitCode {
-    init_logging(None);
-    match reload::build_from_file(path, 1) {
+    init_check_logging();
+    match startup::prepare(path) {
         Ok(snap) => {
             println!(
                 "{}: ok ({} routes, {} plugins available)",
@@ -155,6 +159,53 @@ fn check(path: &std::path::Path) -> ExitCode {
     }
 }
 
+/// `moongate run` refusing a config: the problems as `check` prints them, one per line, on
+/// stderr.
+fn refuse(errors: &ConfigErrors) -> ExitCode {
+    for e in &errors.0 {
+        eprintln!("{e}");
+    }
+    ExitCode::FAILURE
+}
+
+/// `check`'s log: warnings only (unless `RUST_LOG` says otherwise), as plain `warning: ...`
+/// lines beside its report.
+fn init_check_logging() {
+    use tracing_subscriber::fmt::format::Writer;
+    use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+    struct Plain;
+    impl<S, N> FormatEvent<S, N> for Plain
+    where
+        S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+        N: for<'a> FormatFields<'a> + 'static,
+    {
+        fn format_event(
+            &self,
+            ctx: &FmtContext<'_, S, N>,
+            mut w: Writer<'_>,
+            event: &tracing::Event<'_>,
+        ) -> std::fmt::Result {
+            let level = match *event.metadata().level() {
+                tracing::Level::ERROR => "error",
+                tracing::Level::WARN => "warning",
+                _ => "note",
+            };
+            write!(w, "{level}: ")?;
+            ctx.field_format().format_fields(w.by_ref(), event)?;
+            writeln!(w)
+        }
+    }
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(v) if !v.is_empty() => EnvFilter::new(v),
+        _ => EnvFilter::new("warn"),
+    };
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .event_format(Plain)
+        .try_init();
+}
+
 fn init_logging(level: Option<&str>) {
     let filter = match std::env::var("RUST_LOG") {
         Ok(v) if !v.is_empty() => EnvFilter::new(v),
@@ -170,27 +221,16 @@ fn init_logging(level: Option<&str>) {
 /// The serving process: workers, the control runtime, the Admin API, on the listeners the
 /// supervisor handed over (or its own).
 fn serve(path: &std::path::Path, mut inherited: supervisor::Inherited) -> ExitCode {
-    let doc = match config::load_file(path) {
-        Ok(d) => d,
-        Err(errors) => {
-            init_logging(None);
-            for e in &errors.0 {
-                eprintln!("{}: {e}", path.display());
-            }
-            return ExitCode::FAILURE;
-        }
+    let partial = match startup::read(path) {
+        Ok(p) => p,
+        Err(errors) => return refuse(&errors),
     };
-    init_logging(doc.node.log_level.as_deref());
-    let node: Arc<NodeConfig> = Arc::new(doc.node.clone());
-    let snap = match reload::build_from_document(doc, 1) {
+    init_logging(partial.doc.node.log_level.as_deref());
+    let snap = match startup::build(partial) {
         Ok(s) => s,
-        Err(errors) => {
-            for e in &errors.0 {
-                tracing::error!("{}: {e}", path.display());
-            }
-            return ExitCode::FAILURE;
-        }
+        Err(errors) => return refuse(&errors),
     };
+    let node: Arc<NodeConfig> = Arc::new(snap.doc.node.clone());
     let routes = snap.routes.len();
     let gw = Arc::new(Gateway::new(snap));
     let reloader = Arc::new(Reloader::new(

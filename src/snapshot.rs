@@ -6,7 +6,7 @@
 //! Building checks every cross-reference and every plugin conf; any problem fails the whole
 //! build with a list of [`ConfigError`]s and nothing is swapped.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -30,6 +30,14 @@ pub struct Registry {
     plugins: BTreeMap<String, Arc<dyn Plugin>>,
     /// Where each Lua plugin came from (for status and error messages).
     pub sources: BTreeMap<String, PathBuf>,
+    /// The folders Lua plugins were looked for in (`plugin_dirs`), for the message about an
+    /// unknown plugin.
+    pub dirs: Vec<PathBuf>,
+    /// Plugins whose file did not load: that file's error says what is wrong, so a conf
+    /// naming one is not reported as an unknown plugin too.
+    pub broken: BTreeSet<String>,
+    /// Plugins left out by the node's `plugins` list, with their file (None: native).
+    pub not_enabled: BTreeMap<String, Option<PathBuf>>,
 }
 
 impl Registry {
@@ -53,24 +61,68 @@ impl Registry {
         self.plugins.values()
     }
 
-    /// Keeps only the named plugins (the node's `plugins` list); unknown names are errors.
+    /// Keeps only the named plugins (the node's `plugins` list); unknown names are errors
+    /// (the registry is narrowed either way).
     pub fn retain_enabled(&mut self, enabled: &[String]) -> Result<(), ConfigErrors> {
         let mut errors = Vec::new();
         for (i, name) in enabled.iter().enumerate() {
             if !self.plugins.contains_key(name) {
-                errors.push(ConfigError::new(
-                    format!("plugins[{i}]"),
-                    format!("unknown plugin [{name}]: no native plugin and no {name}.lua in plugin_dirs"),
-                ));
+                if let Some(why) = self.unknown_plugin(name) {
+                    errors.push(ConfigError::new(format!("plugins[{i}]"), why));
+                }
             }
         }
-        if !errors.is_empty() {
-            return Err(ConfigErrors(errors));
-        }
         let keep: HashSet<&String> = enabled.iter().collect();
-        self.plugins.retain(|k, _| keep.contains(k));
-        self.sources.retain(|k, _| keep.contains(k));
-        Ok(())
+        let left_out: Vec<String> = self
+            .plugins
+            .keys()
+            .filter(|k| !keep.contains(k))
+            .cloned()
+            .collect();
+        for name in left_out {
+            self.plugins.remove(&name);
+            let file = self.sources.remove(&name);
+            self.not_enabled.insert(name, file);
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigErrors(errors))
+        }
+    }
+
+    /// What to say about a conf naming `name`, a plugin this registry does not have; None when
+    /// its file failed to load (that error is reported with the file).
+    pub fn unknown_plugin(&self, name: &str) -> Option<String> {
+        if self.broken.contains(name) {
+            return None;
+        }
+        Some(match self.not_enabled.get(name) {
+            Some(Some(file)) => format!(
+                "unknown plugin [{name}]: {} is not enabled: add {name} to the node's plugins list",
+                file.display()
+            ),
+            Some(None) => format!(
+                "unknown plugin [{name}]: the native plugin is not enabled: add {name} to the node's plugins list"
+            ),
+            None => {
+                let dirs = if self.dirs.is_empty() {
+                    "none".to_string()
+                } else {
+                    self.dirs
+                        .iter()
+                        .map(|d| d.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                };
+                format!(
+                    "unknown plugin [{name}]: it is not a native plugin and there is no {name}.lua \
+                     or {name}/init.lua in plugin_dirs ({dirs}); APISIX's bundled plugin files run \
+                     unmodified: copy them into one of those folders (see \"APISIX's bundled Lua \
+                     plugins, unmodified\" in docs/compatibility.md)"
+                )
+            }
+        })
     }
 }
 
@@ -634,7 +686,11 @@ fn consumer_plugin(
     errors: &mut Vec<ConfigError>,
 ) -> Option<(Value, ChainEntry)> {
     let Some(plugin) = registry.get(name) else {
-        errors.push(ConfigError::new(at, format!("unknown plugin [{name}]")));
+        errors.extend(
+            registry
+                .unknown_plugin(name)
+                .map(|why| ConfigError::new(at, why)),
+        );
         return None;
     };
     let mut conf = conf.clone();
@@ -867,10 +923,9 @@ fn build_plugin_metadata(
         let path = format!("plugin_metadata[{i}]");
         let name = m.id.0.as_str();
         let Some(plugin) = registry.get(name) else {
-            errors.push(ConfigError::new(
-                format!("{path}.id"),
-                format!("unknown plugin [{name}]: metadata needs an enabled plugin of that name"),
-            ));
+            if let Some(why) = registry.unknown_plugin(name) {
+                errors.push(ConfigError::new(format!("{path}.id"), why));
+            }
             continue;
         };
         if out.entries.contains_key(name) {
@@ -1035,10 +1090,9 @@ fn make_entry(
     errors: &mut Vec<ConfigError>,
 ) -> Option<ChainEntry> {
     let Some(plugin) = registry.get(name) else {
-        errors.push(ConfigError::new(
-            format!("{path}.{name}"),
-            format!("unknown plugin [{name}]"),
-        ));
+        if let Some(why) = registry.unknown_plugin(name) {
+            errors.push(ConfigError::new(format!("{path}.{name}"), why));
+        }
         return None;
     };
     let mut conf = conf.clone();

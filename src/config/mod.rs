@@ -9,6 +9,7 @@
 pub mod resources;
 pub mod wire;
 
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -511,22 +512,28 @@ const RESOURCE_KEYS: [&str; 7] = [
 
 /// Reads and parses a config file (YAML, or JSON, which YAML accepts too).
 pub fn load_file(path: &Path) -> Result<Document, ConfigErrors> {
+    load_partial(path)?.into_document()
+}
+
+/// Reads a config file and parses as much of it as parses ([`Partial`]). Only a file that
+/// cannot be read, or text that is not YAML/JSON (`FILE:LINE:COLUMN: message`), is an `Err`.
+pub fn load_partial(path: &Path) -> Result<Partial, ConfigErrors> {
     let text = std::fs::read_to_string(path).map_err(|e| {
         ConfigErrors(vec![ConfigError::new(
             "",
             format!("cannot read {}: {e}", path.display()),
         )])
     })?;
-    let mut doc = parse_document(&text)?;
+    let mut partial = parse_partial(&text, Some(path))?;
     let base = path.parent().unwrap_or(Path::new("."));
     let base = if base.as_os_str().is_empty() {
         Path::new(".")
     } else {
         base
     };
-    resolve_paths(&mut doc.node, base);
-    doc.path = Some(path.to_path_buf());
-    Ok(doc)
+    resolve_paths(&mut partial.doc.node, base);
+    partial.doc.path = Some(path.to_path_buf());
+    Ok(partial)
 }
 
 /// Makes the file's relative paths relative to the folder the file is in.
@@ -553,26 +560,115 @@ fn resolve_paths(node: &mut NodeConfig, base: &Path) {
     }
 }
 
+/// A config text parsed as far as it goes: every resource and node setting that parsed, the
+/// problems of the rest, and where each parsed resource sits in the text. `moongate check`
+/// builds what parsed, so a typo in one route does not hide a problem in another.
+#[derive(Debug, Clone, Default)]
+pub struct Partial {
+    /// What parsed; node settings that did not parse have their defaults.
+    pub doc: Document,
+    /// One per resource or node setting that did not parse, in the text's order per list.
+    pub errors: Vec<ConfigError>,
+    /// The text's top-level keys, in its order.
+    pub keys: Vec<String>,
+    /// Per list of `doc` (`routes`, ..., `credentials`), the index in the text of each parsed
+    /// item: `doc.routes[i]` is the text's `routes[origin["routes"][i]]`.
+    pub origin: HashMap<&'static str, Vec<usize>>,
+    /// Per list, the ids (for `consumers`, the usernames) of the items that did not parse.
+    pub unparsed: HashMap<&'static str, HashSet<String>>,
+    /// The top-level node settings that did not parse.
+    pub unparsed_node: Vec<String>,
+}
+
+impl Partial {
+    /// The whole document, or every problem found.
+    pub fn into_document(self) -> Result<Document, ConfigErrors> {
+        if self.errors.is_empty() {
+            Ok(self.doc)
+        } else {
+            Err(ConfigErrors(self.errors))
+        }
+    }
+
+    /// `path` as the text has it: a path into `doc` (`routes[1].plugins.x`, `credentials[0]`)
+    /// with the item's index in the text (`routes[2].plugins.x`, `consumers[3]`).
+    pub fn text_path(&self, path: &str) -> String {
+        let Some((list, rest)) = path.split_once('[') else {
+            return path.to_string();
+        };
+        let Some((index, tail)) = rest.split_once(']') else {
+            return path.to_string();
+        };
+        let (Some((key, origin)), Ok(i)) =
+            (self.origin.get_key_value(list), index.parse::<usize>())
+        else {
+            return path.to_string();
+        };
+        match origin.get(i) {
+            Some(at) => format!("{}[{at}]{tail}", text_list(key)),
+            None => path.to_string(),
+        }
+    }
+
+    /// Whether the list `list` of the text had an item with this id that did not parse.
+    pub fn unparsed(&self, list: &str, id: &str) -> bool {
+        self.unparsed.get(list).is_some_and(|ids| ids.contains(id))
+    }
+}
+
+/// The text's list a list of [`Document`] comes from (credentials are `consumers:` items).
+fn text_list(list: &'static str) -> &'static str {
+    match list {
+        "credentials" => "consumers",
+        other => other,
+    }
+}
+
+/// The top-level key a path is under: `routes` for `routes[1].uri`, `admin` for `admin.key`.
+pub fn top_key(path: &str) -> &str {
+    let end = path.find(['.', '[']).unwrap_or(path.len());
+    &path[..end]
+}
+
 /// Parses config text, collecting every problem with its path.
 pub fn parse_document(text: &str) -> Result<Document, ConfigErrors> {
-    let value: Value = if text.trim().is_empty() {
-        Value::Object(Map::new())
-    } else {
-        serde_yaml_ng::from_str(text).map_err(|e| {
-            ConfigErrors(vec![ConfigError::new(
-                "",
-                format!("not valid YAML/JSON: {e}"),
-            )])
-        })?
-    };
+    parse_partial(text, None)?.into_document()
+}
+
+/// The text as a JSON value. A syntax error is `FILE:LINE:COLUMN: message` when the file is
+/// known.
+fn parse_text(text: &str, file: Option<&Path>) -> Result<Value, ConfigError> {
+    if text.trim().is_empty() {
+        return Ok(Value::Object(Map::new()));
+    }
+    serde_yaml_ng::from_str(text).map_err(|e| match (file, e.location()) {
+        (Some(file), Some(at)) => {
+            let full = e.to_string();
+            let mark = format!(" at line {} column {}", at.line(), at.column());
+            ConfigError::new(
+                format!("{}:{}:{}", file.display(), at.line(), at.column()),
+                full.replacen(&mark, "", 1),
+            )
+        }
+        (Some(file), None) => ConfigError::new(file.display().to_string(), e.to_string()),
+        (None, _) => ConfigError::new("", format!("not valid YAML/JSON: {e}")),
+    })
+}
+
+/// Parses config text as far as it goes (see [`Partial`]). Only text that is not YAML/JSON or
+/// not a mapping is an `Err`.
+pub fn parse_partial(text: &str, file: Option<&Path>) -> Result<Partial, ConfigErrors> {
+    let value = parse_text(text, file).map_err(|e| ConfigErrors(vec![e]))?;
     let Value::Object(mut top) = value else {
         return Err(ConfigErrors(vec![ConfigError::new(
             "",
             "the config must be a mapping of settings",
         )]));
     };
-    let mut errors = Vec::new();
-    let mut doc = Document::default();
+    let mut p = Partial {
+        keys: top.keys().cloned().collect(),
+        ..Partial::default()
+    };
 
     let mut take_list = |key: &str, errors: &mut Vec<ConfigError>| -> Vec<Value> {
         match top.remove(key) {
@@ -584,18 +680,18 @@ pub fn parse_document(text: &str) -> Result<Document, ConfigErrors> {
             }
         }
     };
-    let routes = take_list("routes", &mut errors);
-    let upstreams = take_list("upstreams", &mut errors);
-    let services = take_list("services", &mut errors);
-    let global_rules = take_list("global_rules", &mut errors);
-    let consumers = take_list("consumers", &mut errors);
-    let consumer_groups = take_list("consumer_groups", &mut errors);
-    let plugin_metadata = take_list("plugin_metadata", &mut errors);
+    let routes = take_list("routes", &mut p.errors);
+    let upstreams = take_list("upstreams", &mut p.errors);
+    let services = take_list("services", &mut p.errors);
+    let global_rules = take_list("global_rules", &mut p.errors);
+    let consumers = take_list("consumers", &mut p.errors);
+    let consumer_groups = take_list("consumer_groups", &mut p.errors);
+    let plugin_metadata = take_list("plugin_metadata", &mut p.errors);
 
-    doc.routes = parse_list("routes", routes, &mut errors);
-    doc.upstreams = parse_list("upstreams", upstreams, &mut errors);
-    doc.services = parse_list("services", services, &mut errors);
-    doc.global_rules = parse_list("global_rules", global_rules, &mut errors);
+    p.doc.routes = parse_list("routes", routes, &mut p);
+    p.doc.upstreams = parse_list("upstreams", upstreams, &mut p);
+    p.doc.services = parse_list("services", services, &mut p);
+    p.doc.global_rules = parse_list("global_rules", global_rules, &mut p);
     // A `consumers:` item whose id reads `USERNAME/credentials/ID` is a credential.
     for (i, item) in consumers.into_iter().enumerate() {
         let is_credential = item
@@ -605,40 +701,80 @@ pub fn parse_document(text: &str) -> Result<Document, ConfigErrors> {
         let at = format!("consumers[{i}]");
         if is_credential {
             match from_value_at::<Credential>(&at, item) {
-                Ok(c) => doc.credentials.push(c),
-                Err(e) => errors.push(e),
+                Ok(c) => {
+                    p.doc.credentials.push(c);
+                    p.origin.entry("credentials").or_default().push(i);
+                }
+                Err(e) => p.errors.push(e),
             }
         } else {
+            let username = id_of(&item, "username");
             match from_value_at::<Consumer>(&at, item) {
-                Ok(c) => doc.consumers.push(c),
-                Err(e) => errors.push(e),
+                Ok(c) => {
+                    p.doc.consumers.push(c);
+                    p.origin.entry("consumers").or_default().push(i);
+                }
+                Err(e) => {
+                    p.errors.push(e);
+                    if let Some(name) = username {
+                        p.unparsed.entry("consumers").or_default().insert(name);
+                    }
+                }
             }
         }
     }
-    doc.consumer_groups = parse_list("consumer_groups", consumer_groups, &mut errors);
-    doc.plugin_metadata = parse_list("plugin_metadata", plugin_metadata, &mut errors);
-    match from_value_at::<NodeConfig>("", Value::Object(top)) {
-        Ok(node) => doc.node = node,
-        Err(e) => errors.push(e),
+    p.doc.consumer_groups = parse_list("consumer_groups", consumer_groups, &mut p);
+    p.doc.plugin_metadata = parse_list("plugin_metadata", plugin_metadata, &mut p);
+    // Node settings: a setting that does not parse is reported and left at its default, and
+    // the rest are parsed again without it, so every bad setting is found in one pass.
+    loop {
+        match from_value_at::<NodeConfig>("", Value::Object(top.clone())) {
+            Ok(node) => {
+                p.doc.node = node;
+                break;
+            }
+            Err(e) => {
+                let key = top_key(&e.path).to_string();
+                p.errors.push(e);
+                if top.remove(&key).is_none() {
+                    break;
+                }
+                p.unparsed_node.push(key);
+            }
+        }
     }
-    if errors.is_empty() {
-        Ok(doc)
-    } else {
-        Err(ConfigErrors(errors))
+    Ok(p)
+}
+
+/// An item's id (or other key field) as the text has it, if it is a string or a number.
+fn id_of(item: &Value, field: &str) -> Option<String> {
+    match item.get(field)? {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
     }
 }
 
 fn parse_list<T: DeserializeOwned>(
-    key: &str,
+    key: &'static str,
     items: Vec<Value>,
-    errors: &mut Vec<ConfigError>,
+    p: &mut Partial,
 ) -> Vec<T> {
     debug_assert!(RESOURCE_KEYS.contains(&key));
     let mut out = Vec::with_capacity(items.len());
     for (i, item) in items.into_iter().enumerate() {
+        let id = id_of(&item, "id");
         match from_value_at::<T>(&format!("{key}[{i}]"), item) {
-            Ok(v) => out.push(v),
-            Err(e) => errors.push(e),
+            Ok(v) => {
+                out.push(v);
+                p.origin.entry(key).or_default().push(i);
+            }
+            Err(e) => {
+                p.errors.push(e);
+                if let Some(id) = id {
+                    p.unparsed.entry(key).or_default().insert(id);
+                }
+            }
         }
     }
     out

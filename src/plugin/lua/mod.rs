@@ -27,6 +27,7 @@ pub mod timer;
 mod watchdog;
 
 use std::any::Any;
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -469,18 +470,42 @@ pub fn load_plugins(
     dirs: &[PathBuf],
     lua_cfg: &LuaConfig,
 ) -> Result<Vec<Arc<dyn Plugin>>, Vec<ConfigError>> {
-    load_filtered(dirs, lua_cfg, None)
+    let loaded = load_filtered(dirs, lua_cfg, None, &HashSet::new());
+    if loaded.errors.is_empty() {
+        Ok(loaded.plugins)
+    } else {
+        Err(loaded.errors)
+    }
 }
 
+/// What loading the plugin folders gave: the plugins that loaded and what did not.
+struct Loaded {
+    plugins: Vec<Arc<dyn Plugin>>,
+    /// One per file that did not load (or folder that could not be read).
+    errors: Vec<ConfigError>,
+    /// The names of the plugins whose file did not load.
+    broken: Vec<String>,
+    /// Plugin files left out by the node's `plugins` list, by name.
+    not_enabled: Vec<(String, PathBuf)>,
+}
+
+/// Loads the plugin files of `dirs`: only the `enabled` ones when there is a list, never one
+/// named like a `native` plugin (the native plugin wins; the file is named in one warning and
+/// not run, so it cannot fail the build).
 fn load_filtered(
     dirs: &[PathBuf],
     lua_cfg: &LuaConfig,
     enabled: Option<&[String]>,
-) -> Result<Vec<Arc<dyn Plugin>>, Vec<ConfigError>> {
+    native: &HashSet<String>,
+) -> Loaded {
     let settings = Arc::new(Settings::new(lua_cfg, dirs));
     let mut seen: std::collections::HashMap<String, PathBuf> = std::collections::HashMap::new();
-    let mut plugins: Vec<Arc<dyn Plugin>> = Vec::new();
-    let mut errors = Vec::new();
+    let mut out = Loaded {
+        plugins: Vec::new(),
+        errors: Vec::new(),
+        broken: Vec::new(),
+        not_enabled: Vec::new(),
+    };
     for dir in dirs {
         let entries = match std::fs::read_dir(dir) {
             Ok(e) => e,
@@ -489,7 +514,7 @@ fn load_filtered(
                 continue;
             }
             Err(e) => {
-                errors.push(ConfigError::new(
+                out.errors.push(ConfigError::new(
                     "plugin_dirs",
                     format!("cannot read {}: {e}", dir.display()),
                 ));
@@ -500,7 +525,17 @@ fn load_filtered(
             let Some(name) = plugin_name_of(&path) else {
                 continue;
             };
+            if native.contains(&name) {
+                tracing::warn!(
+                    "{} is not loaded: {name} is a native plugin, which takes precedence over a Lua file of the same name",
+                    path.display()
+                );
+                continue;
+            }
             if enabled.is_some_and(|list| !list.contains(&name)) {
+                if !packaged {
+                    out.not_enabled.push((name, path));
+                }
                 continue;
             }
             if let Some(first) = seen.get(&name) {
@@ -516,7 +551,7 @@ fn load_filtered(
                             list.push(Arc::downgrade(&p));
                         }
                     }
-                    plugins.push(p);
+                    out.plugins.push(p);
                 }
                 // A `NAME/init.lua` nobody asked for may be a plugin's helper module rather
                 // than a plugin (APISIX's `limit-count/` beside `limit-count.lua` has one, and
@@ -524,15 +559,15 @@ fn load_filtered(
                 Err(e) if packaged && enabled.is_none() => {
                     tracing::debug!("{} is not loaded as a plugin: {e}", path.display());
                 }
-                Err(e) => errors.push(ConfigError::new("", e)),
+                Err(e) => {
+                    out.errors.push(ConfigError::new("", e));
+                    seen.insert(name.clone(), path.clone());
+                    out.broken.push(name);
+                }
             }
         }
     }
-    if errors.is_empty() {
-        Ok(plugins)
-    } else {
-        Err(errors)
-    }
+    out
 }
 
 /// The plugin files of one folder, sorted: every `NAME.lua`, and `NAME/init.lua` for a `NAME`
@@ -573,21 +608,36 @@ pub fn plugin_name_of(path: &Path) -> Option<String> {
 }
 
 /// Adds the node's Lua plugins to a registry (only the enabled ones when the node lists them).
-/// A Lua file named like a native plugin is skipped with a warning: the native one stays.
+/// A Lua file named like a plugin already in the registry (a native one) is not loaded: the
+/// native plugin wins, and one warning names the file. Any file that does not load fails it.
 pub fn add_to_registry(registry: &mut Registry, node: &NodeConfig) -> Result<(), ConfigErrors> {
+    let errors = add_what_loads(registry, node);
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(ConfigErrors(errors))
+    }
+}
+
+/// As [`add_to_registry`], but adds every plugin that loads and returns the problems of the
+/// rest; their names go to `registry.broken` (`moongate check` reports everything in one pass).
+pub fn add_what_loads(registry: &mut Registry, node: &NodeConfig) -> Vec<ConfigError> {
     if let Some(n) = node.workers {
         WORKERS.store(n, Ordering::Relaxed);
     }
-    let plugins = load_filtered(&node.plugin_dirs, &node.lua, node.plugins.as_deref())
-        .map_err(ConfigErrors)?;
-    for p in plugins {
-        if registry.get(p.name()).is_some() {
-            tracing::warn!(
-                "Lua plugin \"{}\" has the name of a native plugin and is not used",
-                p.name()
-            );
-            continue;
-        }
+    let native: HashSet<String> = registry.names().map(str::to_string).collect();
+    let loaded = load_filtered(
+        &node.plugin_dirs,
+        &node.lua,
+        node.plugins.as_deref(),
+        &native,
+    );
+    registry.dirs = node.plugin_dirs.clone();
+    registry.broken.extend(loaded.broken);
+    for (name, file) in loaded.not_enabled {
+        registry.not_enabled.entry(name).or_insert(Some(file));
+    }
+    for p in loaded.plugins {
         let path = node
             .plugin_dirs
             .iter()
@@ -603,5 +653,5 @@ pub fn add_to_registry(registry: &mut Registry, node: &NodeConfig) -> Result<(),
         }
         registry.insert(p);
     }
-    Ok(())
+    loaded.errors
 }
