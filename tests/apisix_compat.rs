@@ -14,6 +14,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use common::*;
 
@@ -2643,5 +2644,123 @@ fn real_jwt_auth_verifies_hs256_and_rs256_tokens() {
             .send()
             .status,
         401
+    );
+}
+
+/// Drives `resty.roundrobin`, `apisix.balancer.roundrobin`, `apisix.timers` and
+/// `apisix.constants` and answers what it saw.
+const BALANCE_PROBE: &str = r#"
+local core = require("apisix.core")
+local rr = require("resty.roundrobin")
+local balancer = require("apisix.balancer.roundrobin")
+local timers = require("apisix.timers")
+local constants = require("apisix.constants")
+local ticks = 0
+local _M = { version = 0.1, priority = 100, schema = { type = "object" } }
+function _M.access(conf, ctx)
+    local what = ngx.var.arg_what
+    if what == "rr" then
+        local p = rr:new({ a = 5, b = 1, c = 1 })
+        local seq = {}
+        for i = 1, 7 do seq[i] = p:find() end
+        local w = rr:new({ x = 1, y = 2, z = 3 })
+        local counts = { x = 0, y = 0, z = 0 }
+        for _ = 1, 600 do local id = w:find(); counts[id] = counts[id] + 1 end
+        w:set("x", 0)
+        local after = {}
+        for i = 1, 5 do after[i] = w:find() end
+        local up = { id = 1 }
+        local tables = rr:new({ [up] = 1 })
+        return 200, { seq = table.concat(seq), counts = counts, after = table.concat(after),
+            table_id = tables:find() == up }
+    elseif what == "balancer" then
+        local b = balancer.new({ ["127.0.0.1:1"] = 1, ["127.0.0.1:2"] = 1 }, {})
+        local c = {}
+        local first = b.get(c)
+        c.balancer_server = first
+        b.after_balance(c, true)
+        local second = b.get(c)
+        c.balancer_server = second
+        b.after_balance(c, true)
+        local third, err = b.get(c)
+        return 200, { distinct = first ~= second, third = third or false, err = err }
+    elseif what == "start" then
+        timers.register_timer("probe", function() ticks = ticks + 1 end)
+        timers.register_timer("broken", function() error("boom") end)
+        return 200, { interval = timers.check_interval() }
+    elseif what == "stop" then
+        timers.unregister_timer("probe")
+        timers.unregister_timer("broken")
+        return 200, { ticks = ticks }
+    elseif what == "ticks" then
+        return 200, { ticks = ticks }
+    end
+    return 200, { rpc = constants.RPC_HTTP_REQ_CALL, routes = constants.HTTP_ETCD_DIRECTORY["/routes"] }
+end
+return _M
+"#;
+
+/// The APISIX modules plugins use to pick among nodes and to run work in the background:
+/// smooth weighted round-robin (nginx's sequence for 5:1:1, exact shares over a full cycle, a
+/// weight set to 0 leaves the rotation, tables as ids), the balancer object skipping nodes
+/// tried before a retry, and `apisix.timers` running a registered callback every second (a
+/// failing one logged, not stopping the others) until it is unregistered.
+#[test]
+fn balancer_and_timer_modules_work_as_in_apisix() {
+    let up = Upstream::echo();
+    let routes = format!(
+        "  - id: probe\n    uri: /probe\n    plugins:\n      balance-probe: {{}}\n{}",
+        upstream_yaml(&up)
+    );
+    let (_tmp, gw) = gateway_with(&[("balance-probe", BALANCE_PROBE)], &routes);
+    let v = get(&gw.url("/probe?what=rr")).json();
+    // nginx's smooth sequence for a:5, b:1, c:1 is a a b a c a a (b and c in either order:
+    // they tie).
+    let seq = v["seq"].as_str().unwrap_or("");
+    assert!(seq == "aabacaa" || seq == "aacabaa", "{v}");
+    assert_eq!(
+        v["counts"],
+        serde_json::json!({"x": 100, "y": 200, "z": 300}),
+        "{v}"
+    );
+    assert!(!v["after"].as_str().unwrap_or("x").contains('x'), "{v}");
+    assert_eq!(v["table_id"], true, "{v}");
+    let v = get(&gw.url("/probe?what=balancer")).json();
+    assert_eq!(v["distinct"], true, "{v}");
+    assert_eq!(v["third"], false, "{v}");
+    assert_eq!(v["err"], "all upstream servers tried", "{v}");
+    let v = get(&gw.url("/probe?what=consts")).json();
+    assert_eq!(v["rpc"], 2);
+    assert_eq!(v["routes"], true);
+
+    assert_eq!(get(&gw.url("/probe?what=start")).json()["interval"], 1);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut ticks = 0;
+    while std::time::Instant::now() < deadline {
+        ticks = get(&gw.url("/probe?what=ticks")).json()["ticks"]
+            .as_i64()
+            .unwrap_or(0);
+        if ticks >= 2 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(ticks >= 2, "the timer ran {ticks} times\n{}", gw.logs());
+    assert!(
+        gw.wait_for_log("timer [broken] failed", Duration::from_secs(5)),
+        "{}",
+        gw.logs()
+    );
+    let stopped = get(&gw.url("/probe?what=stop")).json()["ticks"]
+        .as_i64()
+        .unwrap_or(0);
+    // After unregistering, at most a run already under way lands.
+    std::thread::sleep(Duration::from_millis(1500));
+    let later = get(&gw.url("/probe?what=ticks")).json()["ticks"]
+        .as_i64()
+        .unwrap_or(0);
+    assert!(
+        later <= stopped + 1,
+        "still ticking: {stopped} then {later}"
     );
 }

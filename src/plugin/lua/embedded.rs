@@ -150,7 +150,27 @@ pub const MODULES: &[(&str, &str)] = &[
         "resty.string",
         include_str!("../../../lua/resty/string.lua"),
     ),
+    (
+        "apisix.timers",
+        include_str!("../../../lua/apisix/timers.lua"),
+    ),
+    (
+        "apisix.constants",
+        include_str!("../../../lua/apisix/constants.lua"),
+    ),
+    (
+        "apisix.balancer.roundrobin",
+        include_str!("../../../lua/apisix/balancer/roundrobin.lua"),
+    ),
+    (
+        "resty.roundrobin",
+        include_str!("../../../lua/resty/roundrobin.lua"),
+    ),
     ("resty.jwt", include_str!("../../../lua/resty/jwt.lua")),
+    (
+        "apisix.plugins.prometheus.exporter",
+        include_str!("../../../lua/apisix/plugins/prometheus/exporter.lua"),
+    ),
     ("xml2lua", include_str!("../../../lua/xml2lua.lua")),
 ];
 
