@@ -2,7 +2,7 @@
 //! `Hello, <last path segment>!` (`/default/function-sample/test` → `Hello, test!`).
 //!
 //! ```text
-//! cargo run --example function_sample -- --listen 127.0.0.1:3233
+//! cargo run --release --example function_sample -- --listen 127.0.0.1:3233
 //! curl http://127.0.0.1:3233/default/function-sample/world   # Hello, world!
 //! ```
 //!

@@ -79,8 +79,9 @@ pub fn build(partial: Partial) -> Result<Snapshot, ConfigErrors> {
     }
 }
 
-/// The node settings `run` refuses beyond their types: the Admin API key. (The supervisor
-/// checks them before it binds anything.)
+/// The node settings `run` refuses beyond their types: the Admin API key and the `etcd`
+/// section (what can be checked without contacting etcd). The supervisor checks them before
+/// it binds anything.
 pub fn node_problems(node: &NodeConfig) -> Vec<ConfigError> {
     let mut errors = Vec::new();
     if let Some(admin) = &node.admin {
@@ -91,6 +92,19 @@ pub fn node_problems(node: &NodeConfig) -> Vec<ConfigError> {
                 other => other.to_string(),
             };
             errors.push(ConfigError::new("admin.key", why));
+        }
+    }
+    if node.config_provider == config::ConfigProvider::Etcd {
+        match &node.etcd {
+            None => errors.push(ConfigError::new(
+                "config_provider",
+                "is etcd, but the config file has no `etcd` section",
+            )),
+            Some(etcd) => {
+                if let Err(e) = crate::store::etcd::check_conf(etcd) {
+                    errors.push(ConfigError::new("etcd", e.0));
+                }
+            }
         }
     }
     errors

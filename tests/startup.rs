@@ -144,6 +144,27 @@ fn apisix_default_admin_key_is_refused_by_check_and_run() {
 }
 
 #[test]
+fn etcd_settings_are_refused_by_check_as_by_run() {
+    // What can be told without contacting etcd.
+    let dir = layout(&[(
+        "conf/config.yaml",
+        "listen: 127.0.0.1:0\nconfig_provider: etcd\n",
+    )]);
+    assert_refused(
+        dir.path(),
+        &["config_provider: is etcd, but the config file has no `etcd` section"],
+    );
+    let dir = layout(&[(
+        "conf/config.yaml",
+        "listen: 127.0.0.1:0\nconfig_provider: etcd\netcd:\n  endpoints: [\"127.0.0.1:2379\"]\n",
+    )]);
+    assert_refused(
+        dir.path(),
+        &["etcd: etcd endpoint \"127.0.0.1:2379\" must start with http:// or https://"],
+    );
+}
+
+#[test]
 fn every_problem_is_reported_in_one_pass_in_file_order() {
     // upstreams[0] does not parse, so routes[1]'s reference to it is not a second problem;
     // routes[0] does not parse, yet routes[1] and routes[2] are still checked (and named by

@@ -233,39 +233,9 @@ pub fn start(
 impl EtcdStore {
     /// A store for `conf` whose requests run on `rt`. Does not contact etcd.
     pub fn new(conf: &EtcdConfig, rt: &tokio::runtime::Handle) -> Result<EtcdStore, StoreError> {
-        if conf.endpoints.is_empty() {
-            return Err(StoreError(
-                "etcd.endpoints is empty: list at least one URL like http://127.0.0.1:2379".into(),
-            ));
-        }
-        for e in &conf.endpoints {
-            if !(e.starts_with("http://") || e.starts_with("https://")) {
-                return Err(StoreError(format!(
-                    "etcd endpoint {e:?} must start with http:// or https://"
-                )));
-            }
-        }
-        if !(conf.timeout > 0.0 && conf.timeout.is_finite()) {
-            return Err(StoreError(
-                "etcd.timeout must be a positive number of seconds".into(),
-            ));
-        }
-        let user = match (&conf.user, &conf.password) {
-            (Some(u), Some(p)) => Some((u.clone(), p.clone())),
-            (None, None) => None,
-            _ => {
-                return Err(StoreError(
-                    "etcd.user and etcd.password go together: set both or neither".into(),
-                ))
-            }
-        };
+        check_conf(conf)?;
+        let user = conf.user.clone().zip(conf.password.clone());
         let prefix = conf.prefix.trim_end_matches('/').to_string();
-        if !prefix.starts_with('/') {
-            return Err(StoreError(format!(
-                "etcd.prefix {:?} must start with '/', like \"/apisix\"",
-                conf.prefix
-            )));
-        }
         let tls = tls_config(conf)?;
         let mut http = HttpConnector::new();
         http.enforce_http(false);
@@ -299,6 +269,40 @@ impl EtcdStore {
             }),
         })
     }
+}
+
+/// The checks of an `etcd` section that need no cluster (`moongate check` makes them too):
+/// endpoints, timeout, user and password, prefix, and the TLS settings.
+pub fn check_conf(conf: &EtcdConfig) -> Result<(), StoreError> {
+    if conf.endpoints.is_empty() {
+        return Err(StoreError(
+            "etcd.endpoints is empty: list at least one URL like http://127.0.0.1:2379".into(),
+        ));
+    }
+    for e in &conf.endpoints {
+        if !(e.starts_with("http://") || e.starts_with("https://")) {
+            return Err(StoreError(format!(
+                "etcd endpoint {e:?} must start with http:// or https://"
+            )));
+        }
+    }
+    if !(conf.timeout > 0.0 && conf.timeout.is_finite()) {
+        return Err(StoreError(
+            "etcd.timeout must be a positive number of seconds".into(),
+        ));
+    }
+    if conf.user.is_some() != conf.password.is_some() {
+        return Err(StoreError(
+            "etcd.user and etcd.password go together: set both or neither".into(),
+        ));
+    }
+    if !conf.prefix.trim_end_matches('/').starts_with('/') {
+        return Err(StoreError(format!(
+            "etcd.prefix {:?} must start with '/', like \"/apisix\"",
+            conf.prefix
+        )));
+    }
+    tls_config(conf).map(|_| ())
 }
 
 fn tls_config(conf: &EtcdConfig) -> Result<rustls::ClientConfig, StoreError> {
