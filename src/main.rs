@@ -265,6 +265,8 @@ fn serve(path: &std::path::Path, mut inherited: supervisor::Inherited) -> ExitCo
             return ExitCode::FAILURE;
         }
     };
+    // Health checkers run on the control runtime (one per upstream with `checks`).
+    moongate::health::registry().start(rt.handle().clone());
     // etcd: a full read and the first build with it, then the watch; before the workers
     // start, like the embedded store below.
     let etcd_store: Option<Arc<dyn moongate::store::ResourceStore>> = match node.config_provider {

@@ -18,6 +18,7 @@ use serde_json::{Map, Value};
 use crate::config::{
     wire, ConfigError, ConfigErrors, Document, Node, PassHost, Route, Timeout, Upstream,
 };
+use crate::health::UpstreamHealth;
 use crate::plugin::chain::{Chain, ChainEntry};
 use crate::plugin::metadata::{MetadataEntry, PluginMetadata};
 use crate::plugin::{ConfScope, Plugin, PluginConf};
@@ -139,6 +140,8 @@ pub struct UpstreamEntry {
     next: AtomicUsize,
     /// Nodes with a weight above 0.
     live: usize,
+    /// Node health, when the upstream has `checks` (shared with its checker and every worker).
+    pub health: Option<Arc<UpstreamHealth>>,
 }
 
 /// One node of an upstream, ready to connect to.
@@ -149,7 +152,10 @@ pub struct NodeTarget {
 }
 
 impl UpstreamEntry {
-    pub fn new(id: Option<String>, config: Upstream) -> Self {
+    /// `key`: the owning resource in APISIX's layout (`/apisix/upstreams/1`, or the route or
+    /// service of an inline upstream), which keys its health state.
+    pub fn new(id: Option<String>, config: Upstream, key: &str) -> Self {
+        let health = crate::health::registry().state_for(key, &config);
         let schedule = weighted_schedule(&config.nodes.0);
         let tls = config.scheme.is_tls();
         let verify = config.tls.map(|t| t.verify).unwrap_or(false);
@@ -178,25 +184,32 @@ impl UpstreamEntry {
             schedule,
             next: AtomicUsize::new(0),
             live,
+            health,
         }
     }
 
     /// The nodes to try for one request, as indices into `config.nodes` and `targets`: the
     /// round-robin pick first, then the other nodes with a weight (for retries after a connect
-    /// failure). Empty when no node has a weight.
+    /// failure). Nodes health checks marked down are skipped, unless every node is down (then
+    /// all are used, as in APISIX). Empty when no node has a weight.
     pub fn pick_order(&self) -> impl Iterator<Item = usize> + '_ {
         let n = self.config.nodes.0.len();
+        let usable = move |idx: usize| self.health.as_ref().is_none_or(|h| h.usable(idx));
         let first = if self.schedule.is_empty() {
             None
         } else {
             let k = self.next.fetch_add(1, Ordering::Relaxed);
-            Some(self.schedule[k % self.schedule.len()])
+            let len = self.schedule.len();
+            // The next usable node in the schedule (one probe when all are healthy).
+            (0..len)
+                .map(|j| self.schedule[(k + j) % len])
+                .find(|&idx| usable(idx))
         };
         first.into_iter().flat_map(move |first| {
             std::iter::once(first).chain(
                 (1..n)
                     .map(move |i| (first + i) % n)
-                    .filter(move |&idx| self.config.nodes.0[idx].weight > 0),
+                    .filter(move |&idx| self.config.nodes.0[idx].weight > 0 && usable(idx)),
             )
         })
     }
@@ -341,6 +354,9 @@ pub struct Snapshot {
     pub plugin_metadata: Arc<PluginMetadata>,
     /// The resources it was built from.
     pub doc: Arc<Document>,
+    /// The health state of every upstream with `checks` (their checkers run while this
+    /// snapshot is the published one).
+    pub health: Vec<Arc<UpstreamHealth>>,
 }
 
 impl Snapshot {
@@ -356,6 +372,7 @@ impl Snapshot {
             consumers: Arc::new(Consumers::default()),
             plugin_metadata: Arc::new(PluginMetadata::default()),
             doc: Arc::new(Document::default()),
+            health: Vec::new(),
         }
     }
 }
@@ -384,7 +401,11 @@ pub fn build(
         if upstreams
             .insert(
                 id.0.clone(),
-                Arc::new(UpstreamEntry::new(Some(id.0.clone()), u.clone())),
+                Arc::new(UpstreamEntry::new(
+                    Some(id.0.clone()),
+                    u.clone(),
+                    &format!("/apisix/upstreams/{id}"),
+                )),
             )
             .is_some()
         {
@@ -412,6 +433,7 @@ pub fn build(
         };
         let upstream = resolve_upstream(
             &path,
+            &format!("/apisix/services/{id}"),
             s.upstream.as_ref(),
             s.upstream_id.as_ref().map(|i| i.0.as_str()),
             &upstreams,
@@ -561,6 +583,7 @@ pub fn build(
         };
         let mut upstream = resolve_upstream(
             &path,
+            &format!("/apisix/routes/{id}"),
             r.upstream.as_ref(),
             r.upstream_id.as_ref().map(|i| i.0.as_str()),
             &upstreams,
@@ -662,6 +685,15 @@ pub fn build(
     if !errors.is_empty() {
         return Err(ConfigErrors(errors));
     }
+    // Every health state, once (an upstream shared by routes has one).
+    let mut health: BTreeMap<Arc<str>, Arc<UpstreamHealth>> = BTreeMap::new();
+    let entries = upstreams
+        .values()
+        .chain(services.values().filter_map(|s| s.upstream.as_ref()))
+        .chain(routes.iter().filter_map(|r| r.upstream.as_ref()));
+    for h in entries.filter_map(|u| u.health.as_ref()) {
+        health.entry(h.key.clone()).or_insert_with(|| h.clone());
+    }
     Ok(Snapshot {
         generation,
         built_at: SystemTime::now(),
@@ -672,6 +704,7 @@ pub fn build(
         consumers,
         plugin_metadata,
         doc,
+        health: health.into_values().collect(),
     })
 }
 
@@ -960,6 +993,7 @@ fn build_plugin_metadata(
 
 fn resolve_upstream(
     path: &str,
+    key: &str,
     inline: Option<&Upstream>,
     id: Option<&str>,
     upstreams: &HashMap<String, Arc<UpstreamEntry>>,
@@ -974,7 +1008,7 @@ fn resolve_upstream(
             None
         }
         (Some(u), None) => match check_upstream(&format!("{path}.upstream"), u) {
-            Ok(()) => Some(Arc::new(UpstreamEntry::new(None, u.clone()))),
+            Ok(()) => Some(Arc::new(UpstreamEntry::new(None, u.clone(), key))),
             Err(e) => {
                 errors.push(e);
                 None
@@ -1024,6 +1058,9 @@ pub fn check_upstream(path: &str, u: &Upstream) -> Result<(), ConfigError> {
                 "keepalive_pool.idle_timeout must not be negative".into(),
             ));
         }
+    }
+    if let Some(c) = &u.checks {
+        c.validate().map_err(whole)?;
     }
     Ok(())
 }
@@ -1164,6 +1201,7 @@ impl Gateway {
     pub fn new(initial: Snapshot) -> Self {
         let next = initial.generation + 1;
         crate::plugin::metadata::publish(initial.plugin_metadata.clone());
+        crate::health::registry().publish(&initial.health);
         Gateway {
             current: ArcSwap::from_pointee(initial),
             next_generation: AtomicU64::new(next),
@@ -1189,6 +1227,7 @@ impl Gateway {
     pub fn publish(&self, snapshot: Snapshot) -> Arc<Snapshot> {
         *self.last_failure.lock().unwrap_or_else(|e| e.into_inner()) = None;
         crate::plugin::metadata::publish(snapshot.plugin_metadata.clone());
+        crate::health::registry().publish(&snapshot.health);
         self.current.swap(Arc::new(snapshot))
     }
 

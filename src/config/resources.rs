@@ -433,6 +433,9 @@ pub struct Upstream {
     pub keepalive_pool: Option<KeepalivePool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<UpstreamTls>,
+    /// Health checks (`src/health/`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checks: Option<crate::health::Checks>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub create_time: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

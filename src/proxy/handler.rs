@@ -19,6 +19,7 @@ use crate::body::{
     UpstreamRequestBody,
 };
 use crate::config::{Node, NodeConfig, PassHost, Timeout, Upstream};
+use crate::health::{Observation, Source};
 use crate::http1::client::{RequestHead, ResponseLines};
 use crate::http1::server::{HeadLines, OnUpgrade};
 use crate::http1::RawHead;
@@ -28,7 +29,7 @@ use crate::plugin::{BodyChunk, Ctx, Flow, LocalResponse, Phase, PluginError, Res
 use crate::proxy::client::{worker_client, ClientError, PoolOptions};
 use crate::proxy::headers::{ConnValues, Forwarding};
 use crate::proxy::tunnel::{self, TunnelEnd};
-use crate::snapshot::{Gateway, RouteEntry, Snapshot};
+use crate::snapshot::{Gateway, RouteEntry, Snapshot, UpstreamEntry};
 
 /// The `Server` header moongate sends.
 pub static SERVER: HeaderValue =
@@ -297,11 +298,12 @@ async fn proxy(
             }
             Err(e) => {
                 tracing::error!(route = %route.id, node = %nt.addr, "upstream connect failed: {e}");
+                passive_failure(&upstream, idx, &e);
                 last_err = Some(e);
             }
         }
     }
-    let Some((conn, node)) = conn else {
+    let Some((conn, node_idx)) = conn else {
         let status = match &last_err {
             Some(e) if e.is_timeout() => StatusCode::GATEWAY_TIMEOUT,
             _ => StatusCode::BAD_GATEWAY,
@@ -318,7 +320,7 @@ async fn proxy(
         n => Some(n),
     };
     let body = UpstreamRequestBody::new(std::mem::take(&mut ctx.body), max_body, fault.clone());
-    let node = &cfg.nodes.0[node];
+    let node = &cfg.nodes.0[node_idx];
     let port = node.port.unwrap_or(cfg.scheme.default_port());
     let client_host = ctx.headers.get(header::HOST);
     let host_value = upstream_host(&ctx, cfg, node, port);
@@ -380,6 +382,7 @@ async fn proxy(
                 Some(f) => client_body_failed(&ctx, f, &e),
                 None => {
                     tracing::error!(route = %route.id, node = ctx.upstream_addr.as_deref().unwrap_or(""), "upstream request failed: {e}");
+                    passive_failure(&upstream, node_idx, &e);
                     let status = if e.is_timeout() {
                         StatusCode::GATEWAY_TIMEOUT
                     } else {
@@ -392,6 +395,9 @@ async fn proxy(
         }
     };
     ctx.upstream_status = Some(res.status.as_u16());
+    if let Some(h) = upstream.health.as_ref().filter(|h| h.passive()) {
+        h.report_status(node_idx, Source::Passive, res.status.as_u16());
+    }
     if res.status == StatusCode::SWITCHING_PROTOCOLS {
         if let (Some(_), Some(up)) = (upgrade, res.upgraded.take()) {
             let idle = secs(timeout.read);
@@ -464,6 +470,18 @@ pub(super) fn upstream_host(
             .upstream_host
             .as_deref()
             .and_then(|h| HeaderValue::from_str(h).ok()),
+    }
+}
+
+/// Counts a failed connect or exchange against the node, when the upstream has passive checks.
+pub(super) fn passive_failure(upstream: &UpstreamEntry, idx: usize, e: &ClientError) {
+    if let Some(h) = upstream.health.as_ref().filter(|h| h.passive()) {
+        let obs = if e.is_timeout() {
+            Observation::Timeout
+        } else {
+            Observation::TcpFailure(e.to_string())
+        };
+        h.report(idx, Source::Passive, obs);
     }
 }
 

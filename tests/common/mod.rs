@@ -21,6 +21,8 @@
 
 #![allow(dead_code)]
 
+pub mod health;
+
 use std::convert::Infallible;
 use std::future::Future;
 use std::io::{BufRead, BufReader, Read, Write};

@@ -1,0 +1,286 @@
+//! Upstream health checks (APISIX's `checks`) over real loopback nodes the tests kill, bring
+//! back and make answer 500: passive checks from traffic, the active checker, what the
+//! balancer does with the result, what clients see while a node dies, and state kept over a
+//! reload that leaves the upstream alone.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::health::{poll_until, LoadClient, Node};
+use common::*;
+
+/// Upper bound for anything the tests wait for (never reached when things work).
+const WAIT: Duration = Duration::from_secs(20);
+
+fn route(nodes: &[&Node], checks: &str) -> String {
+    let nodes: String = nodes
+        .iter()
+        .map(|n| format!("        \"{}\": 1\n", n.node()))
+        .collect();
+    format!(
+        "workers: 2\nroutes:\n  - id: r1\n    uri: /x\n    upstream_id: u1\nupstreams:\n  - id: u1\n    nodes:\n{nodes}    checks:\n{checks}"
+    )
+}
+
+/// How many log lines contain both `a` and `b`.
+fn log_count(gw: &Gateway, a: &str, b: &str) -> usize {
+    gw.logs()
+        .lines()
+        .filter(|l| l.contains(a) && l.contains(b))
+        .count()
+}
+
+fn marked_down(gw: &Gateway, node: &Node) -> usize {
+    log_count(
+        gw,
+        "upstream node marked unhealthy",
+        &format!("node={}", node.node()),
+    )
+}
+
+fn marked_up(gw: &Gateway, node: &Node) -> usize {
+    log_count(
+        gw,
+        "upstream node is healthy again",
+        &format!("node={}", node.node()),
+    )
+}
+
+/// Sends `n` requests; how many each node's port served, and the non-200 count.
+fn spread(client: &mut LoadClient, n: usize) -> (std::collections::HashMap<String, usize>, usize) {
+    let mut by = std::collections::HashMap::new();
+    let mut bad = 0;
+    for _ in 0..n {
+        match client.get("/x") {
+            Ok((200, body)) => *by.entry(body).or_insert(0) += 1,
+            _ => bad += 1,
+        }
+    }
+    (by, bad)
+}
+
+#[test]
+fn passive_checks_take_a_failing_node_out_and_active_checks_bring_it_back() {
+    let a = Node::start();
+    let b = Node::start();
+    // Healthy nodes are probed once a minute (so the passive checks are what notices), an
+    // unhealthy one every second.
+    let checks = "      active:\n        http_path: /health\n        healthy: {interval: 60, successes: 2}\n        unhealthy: {interval: 1}\n      passive:\n        unhealthy: {http_failures: 3}\n";
+    let gw = Gateway::start(&route(&[&a, &b], checks));
+    let mut client = LoadClient::new(gw.addr());
+    let (by, bad) = spread(&mut client, 40);
+    assert_eq!(bad, 0);
+    assert!(by.contains_key(&a.port().to_string()) && by.contains_key(&b.port().to_string()));
+
+    a.set_failing(true);
+    let mut served_500 = 0;
+    for _ in 0..200 {
+        if let Ok((500, _)) = client.get("/x") {
+            served_500 += 1;
+        }
+        if marked_down(&gw, &a) == 1 {
+            break;
+        }
+    }
+    assert_eq!(marked_down(&gw, &a), 1, "{}", gw.logs());
+    // Exactly the configured failures reached a client before the node was taken out.
+    assert_eq!(served_500, 3);
+    let line = gw
+        .logs()
+        .lines()
+        .find(|l| l.contains("upstream node marked unhealthy"))
+        .map(str::to_string)
+        .unwrap_or_default();
+    assert!(
+        line.contains("upstream=/apisix/upstreams/u1")
+            && line.contains("3 HTTP failures in a row (passive check; last: status 500)"),
+        "{line}"
+    );
+
+    // No traffic reaches it now: every request is served by the other node.
+    let before = a.traffic();
+    let (by, bad) = spread(&mut client, 40);
+    assert_eq!((bad, by.get(&b.port().to_string())), (0, Some(&40)));
+    assert_eq!(a.traffic(), before);
+
+    // Recovered: the active checker's probes (every second while unhealthy) bring it back
+    // after 2 successes.
+    a.set_failing(false);
+    assert!(
+        poll_until(WAIT, || marked_up(&gw, &a) == 1),
+        "{}",
+        gw.logs()
+    );
+    assert!(a.probes() >= 2);
+    let (by, bad) = spread(&mut client, 40);
+    assert_eq!(bad, 0);
+    assert!(by.get(&a.port().to_string()).is_some_and(|&n| n > 0));
+    // Each change was logged once.
+    assert_eq!((marked_down(&gw, &a), marked_up(&gw, &a)), (1, 1));
+}
+
+#[test]
+fn a_killed_node_is_taken_out_by_active_checks_and_few_requests_fail() {
+    let a = Node::start();
+    let b = Node::start();
+    let checks = "      active:\n        type: http\n        timeout: 1\n        http_path: /health\n        healthy: {interval: 1, successes: 2}\n        unhealthy: {interval: 1, tcp_failures: 2}\n";
+    let gw = Gateway::start(&route(&[&a, &b], checks));
+    let addr = gw.addr();
+
+    // Four clients send requests one after the other, counting what fails.
+    const CLIENTS: usize = 4;
+    let stop = Arc::new(AtomicBool::new(false));
+    let failed = Arc::new(AtomicU64::new(0));
+    let done: Arc<Vec<AtomicU64>> = Arc::new((0..CLIENTS).map(|_| AtomicU64::new(0)).collect());
+    let threads: Vec<_> = (0..CLIENTS)
+        .map(|t| {
+            let (stop, failed, done) = (stop.clone(), failed.clone(), done.clone());
+            std::thread::spawn(move || {
+                let mut c = LoadClient::new(addr);
+                let end = Instant::now() + Duration::from_secs(60);
+                for _ in 0..200_000 {
+                    if stop.load(Ordering::SeqCst) || Instant::now() > end {
+                        break;
+                    }
+                    if !matches!(c.get("/x"), Ok((200, _))) {
+                        failed.fetch_add(1, Ordering::SeqCst);
+                    }
+                    done[t].fetch_add(1, Ordering::SeqCst);
+                }
+            })
+        })
+        .collect();
+    let total = |done: &Vec<AtomicU64>| done.iter().map(|d| d.load(Ordering::SeqCst)).sum::<u64>();
+    assert!(poll_until(WAIT, || total(&done) >= 200 && a.traffic() > 0));
+
+    let killed = Instant::now();
+    a.kill();
+    assert!(
+        poll_until(WAIT, || marked_down(&gw, &a) == 1),
+        "{}",
+        gw.logs()
+    );
+    let took = killed.elapsed();
+    let failed_during_kill = failed.load(Ordering::SeqCst);
+    // Let each client finish the request it had in flight when the node was marked down.
+    let at_mark: Vec<u64> = done.iter().map(|d| d.load(Ordering::SeqCst)).collect();
+    assert!(poll_until(WAIT, || done
+        .iter()
+        .zip(&at_mark)
+        .all(|(d, m)| d.load(Ordering::SeqCst) >= m + 2)));
+    let connect_failures = || {
+        log_count(
+            &gw,
+            "upstream connect failed",
+            &format!("node={}", a.node()),
+        )
+    };
+    let tried_after_mark = connect_failures();
+    let failed_at_mark = failed.load(Ordering::SeqCst);
+    let start = total(&done);
+    assert!(poll_until(WAIT, || total(&done) >= start + 400));
+    // Once marked down the dead node is not tried at all, and nothing fails.
+    assert_eq!(connect_failures(), tried_after_mark);
+    assert_eq!(failed.load(Ordering::SeqCst), failed_at_mark);
+    println!(
+        "node killed: marked down after {took:?} (interval 1 s x tcp_failures 2); \
+         client requests failed meanwhile: {failed_during_kill} of {}; \
+         connect attempts to the dead node: {tried_after_mark}",
+        total(&done)
+    );
+    // Connect failures are retried on the other node: at most the requests in flight on the
+    // node when it died can fail.
+    assert!(
+        failed_during_kill <= CLIENTS as u64,
+        "{failed_during_kill} failed"
+    );
+
+    // Back on the same port: 2 successful probes bring it back, and it serves again.
+    a.revive();
+    let traffic = a.traffic();
+    assert!(
+        poll_until(WAIT, || marked_up(&gw, &a) == 1),
+        "{}",
+        gw.logs()
+    );
+    assert!(poll_until(WAIT, || a.traffic() > traffic));
+    stop.store(true, Ordering::SeqCst);
+    for t in threads {
+        t.join().expect("client thread");
+    }
+    assert_eq!(failed.load(Ordering::SeqCst), failed_at_mark);
+}
+
+#[test]
+fn a_reload_that_leaves_the_upstream_alone_keeps_its_health() {
+    let a = Node::start();
+    let b = Node::start();
+    a.set_failing(true);
+    let checks = "      active:\n        http_path: /health\n        healthy: {interval: 1}\n        unhealthy: {interval: 1, http_failures: 1}\n";
+    let yaml = route(&[&a, &b], checks);
+    let gw = Gateway::start(&yaml);
+    assert!(
+        poll_until(WAIT, || marked_down(&gw, &a) == 1),
+        "{}",
+        gw.logs()
+    );
+
+    // Another route changes; the upstream does not.
+    let edited = format!("{yaml}  # edited\n").replace(
+        "routes:\n",
+        "routes:\n  - id: r2\n    uri: /other\n    upstream_id: u1\n",
+    );
+    std::fs::write(gw.config_path(), format!("listen: 127.0.0.1:0\n{edited}")).expect("write");
+    assert!(gw.wait_for_log("new configuration generation is serving", WAIT));
+    // A fresh state would start with the node healthy and send it about half of these.
+    let before = a.traffic();
+    let mut client = LoadClient::new(gw.addr());
+    let (_, bad) = spread(&mut client, 30);
+    assert_eq!(bad, 0);
+    assert_eq!(a.traffic(), before);
+    assert_eq!(marked_down(&gw, &a), 1);
+
+    // The upstream changes (a node's weight): its checker starts fresh and finds the node
+    // failing again.
+    let changed = edited.replace(
+        &format!("\"{}\": 1", a.node()),
+        &format!("\"{}\": 2", a.node()),
+    );
+    std::fs::write(gw.config_path(), format!("listen: 127.0.0.1:0\n{changed}")).expect("write");
+    assert!(
+        poll_until(WAIT, || marked_down(&gw, &a) == 2),
+        "{}",
+        gw.logs()
+    );
+}
+
+#[test]
+fn bad_checks_are_refused_with_the_field_path() {
+    let base = "routes:\n  - id: r1\n    uri: /x\n    upstream:\n      nodes: {\"127.0.0.1:1\": 1}\n      checks:\n";
+    let (code, out) = check(&format!(
+        "{base}        active:\n          healthy: {{successes: 0}}\n"
+    ));
+    assert_ne!(code, 0);
+    assert!(
+        out.contains(
+            "routes[0].upstream: checks.active.healthy.successes must be between 1 and 254, got 0"
+        ),
+        "{out}"
+    );
+    let (code, out) = check(&format!(
+        "{base}        active:\n          unhealthy: {{intervall: 1}}\n"
+    ));
+    assert_ne!(code, 0);
+    assert!(
+        out.contains("checks.active.unhealthy") && out.contains("unknown field `intervall`"),
+        "{out}"
+    );
+    let (code, out) = check(&format!("{base}        passive: {{}}\n"));
+    assert_ne!(code, 0);
+    assert!(out.contains("missing field `active`"), "{out}");
+    let (code, out) = check(&format!("{base}        active: {{}}\n"));
+    assert_eq!(code, 0, "{out}");
+}
