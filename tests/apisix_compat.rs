@@ -1399,7 +1399,7 @@ fn checks() -> Vec<Check> {
             body_has: &["failed to limit count"],
             ..check(
                 "limit-count",
-                "policy redis without cosockets fails the request with 500, not the worker",
+                "policy redis where Redis cannot be used fails the request with 500, not the worker",
                 "limit-count:\n        count: 1\n        time_window: 60\n        policy: redis\n        redis_host: 127.0.0.1",
             )
         },
@@ -1691,6 +1691,9 @@ fn copy_targets(src: &Path, dir: &Path) {
                 .unwrap_or_else(|e| panic!("cannot copy {}: {e}", from.display()));
         }
     }
+    // The limit plugins' redis policies load the real lua-resty-redis (Debian's, unmodified);
+    // dotted names are searched under the plugin folder too.
+    common::lua_libs::install_as_resty("lua-nginx-redis", "redis.lua", dir);
 }
 
 /// APISIX's own key-auth with consumers, credentials and consumer plugins written through the

@@ -296,6 +296,33 @@ pub struct LuaConfig {
     /// (`"10m"`, `"512k"`), like nginx's `lua_shared_dict`.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub shared_dicts: std::collections::BTreeMap<String, ShmSize>,
+    /// Module search patterns (`/opt/lua/?.lua`) searched before the system's, like nginx's
+    /// `lua_package_path` and APISIX's `extra_lua_path`. Relative ones are relative to the
+    /// config file's folder.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub package_path: Vec<LuaPathPattern>,
+}
+
+/// One `package.path` pattern: a path with `?` where the module name (dots made slashes) goes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct LuaPathPattern(pub String);
+
+impl<'de> Deserialize<'de> for LuaPathPattern {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if !s.contains('?') {
+            return Err(serde::de::Error::custom(format!(
+                "\"{s}\" has no \"?\" where the module name goes (e.g. \"/opt/lua/?.lua\")"
+            )));
+        }
+        if s.contains(';') {
+            return Err(serde::de::Error::custom(format!(
+                "\"{s}\": give one pattern per list item instead of \";\"-separated ones"
+            )));
+        }
+        Ok(LuaPathPattern(s))
+    }
 }
 
 /// A shared dictionary's size in bytes, written as nginx sizes are: a number of bytes with an
@@ -378,6 +405,7 @@ impl Default for LuaConfig {
             call_budget_ms: default_lua_budget(),
             memory_limit_mb: default_lua_memory(),
             shared_dicts: Default::default(),
+            package_path: Vec::new(),
         }
     }
 }
@@ -538,6 +566,11 @@ pub fn load_partial(path: &Path) -> Result<Partial, ConfigErrors> {
 
 /// Makes the file's relative paths relative to the folder the file is in.
 fn resolve_paths(node: &mut NodeConfig, base: &Path) {
+    for pat in &mut node.lua.package_path {
+        if Path::new(&pat.0).is_relative() {
+            pat.0 = base.join(&pat.0).to_string_lossy().into_owned();
+        }
+    }
     for dir in &mut node.plugin_dirs {
         if dir.is_relative() {
             *dir = base.join(&*dir);

@@ -22,6 +22,7 @@
 #![allow(dead_code)]
 
 pub mod health;
+pub mod lua_libs;
 
 use std::convert::Infallible;
 use std::future::Future;

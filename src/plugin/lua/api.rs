@@ -218,6 +218,7 @@ fn constants(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
     ngx.set("worker", worker)?;
     super::shared_dict::install(lua, ngx)?;
     super::timer::install(lua, ngx)?;
+    super::cosocket::install(lua, ngx)?;
     Ok(())
 }
 
@@ -1546,6 +1547,28 @@ fn install_consumers(lua: &Lua, mg: &Table) -> mlua::Result<()> {
     Ok(())
 }
 
+/// Where luarocks and Debian install Lua 5.1 modules, searched after `lua.package_path` and
+/// before LuaJIT's built-in path.
+const SYSTEM_LUA_PATH: &[&str] = &[
+    "/usr/local/share/lua/5.1/?.lua",
+    "/usr/local/share/lua/5.1/?/init.lua",
+    "/usr/share/lua/5.1/?.lua",
+    "/usr/share/lua/5.1/?/init.lua",
+];
+
+/// `package.path`: the node's patterns, the system's, then what LuaJIT started with (its
+/// built-in path, or `LUA_PATH`), each pattern once.
+fn package_path(node: &[String], builtin: &str) -> String {
+    let mut seen = std::collections::HashSet::new();
+    node.iter()
+        .map(String::as_str)
+        .chain(SYSTEM_LUA_PATH.iter().copied())
+        .chain(builtin.split(';'))
+        .filter(|p| !p.is_empty() && seen.insert(*p))
+        .collect::<Vec<_>>()
+        .join(";")
+}
+
 /// `require` for the embedded `lua/` tree (package.preload) and for `apisix.plugins.NAME`
 /// (searched in `plugin_dirs`).
 fn install_require(lua: &Lua, settings: &Settings) -> mlua::Result<()> {
@@ -1564,6 +1587,10 @@ fn install_require(lua: &Lua, settings: &Settings) -> mlua::Result<()> {
     super::crypto::install(lua, &preload)?;
     super::compress::install(lua, &preload)?;
     super::pkey::install(lua, &preload)?;
+    package.set(
+        "path",
+        package_path(&settings.package_path, &package.get::<String>("path")?),
+    )?;
     // The plugin folders are not on `package.path`: a plugin file named like a library
     // (`brotli.lua`, `prometheus.lua`) would be found by its own `require("brotli")`. Our
     // searcher serves `apisix.plugins.NAME[.SUB]` from `NAME.lua`/`NAME/SUB.lua` (or

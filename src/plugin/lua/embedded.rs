@@ -6,7 +6,8 @@
 /// (`cjson`, `cjson.safe`, `table.nkeys`/`isarray`/`isempty`/`clone`, `tablepool`,
 /// `resty.lrucache`, `resty.ipmatcher`, `resty.limit.count`/`req`/`conn`, `resty.lock`,
 /// `resty.string`, `resty.jit-uuid`, `pl.stringx`, and cosocket clients that load but refuse to
-/// connect: `resty.redis`, `resty.rediscluster`, `resty.redis.connector`, `resty.http`). `table.new` and `table.clear` are LuaJIT built-ins.
+/// connect: `resty.rediscluster`, `resty.redis.connector`, `resty.http`). `resty.redis` is the
+/// real lua-resty-redis, found on `package.path` (see `lua.package_path`). `table.new` and `table.clear` are LuaJIT built-ins.
 /// Modules backed by Rust (digests, ciphers, zlib, brotli) are registered by `crypto.rs` and
 /// `compress.rs`.
 pub const MODULES: &[(&str, &str)] = &[
@@ -137,7 +138,6 @@ pub const MODULES: &[(&str, &str)] = &[
         include_str!("../../../lua/resty/limit/req.lua"),
     ),
     ("resty.lock", include_str!("../../../lua/resty/lock.lua")),
-    ("resty.redis", include_str!("../../../lua/resty/redis.lua")),
     (
         "resty.redis.connector",
         include_str!("../../../lua/resty/redis/connector.lua"),

@@ -15,6 +15,7 @@
 pub mod api;
 mod compress;
 mod convert;
+mod cosocket;
 mod crypto;
 pub mod embedded;
 mod fast;
@@ -60,6 +61,8 @@ pub struct Settings {
     /// loads; the handler registers the plugin as a `workflow` action). A VM loading `workflow`
     /// loads these too, so their actions are known to its `check_schema`.
     pub workflow_plugins: Arc<std::sync::Mutex<Vec<std::sync::Weak<LuaPlugin>>>>,
+    /// `lua.package_path`: searched before the system's patterns.
+    pub package_path: Vec<String>,
 }
 
 impl Settings {
@@ -72,6 +75,7 @@ impl Settings {
             memory_limit: cfg.memory_limit_mb.max(1).saturating_mul(1024 * 1024),
             plugin_dirs: plugin_dirs.to_vec(),
             workflow_plugins: Arc::default(),
+            package_path: cfg.package_path.iter().map(|p| p.0.clone()).collect(),
         }
     }
 }

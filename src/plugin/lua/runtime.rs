@@ -207,9 +207,9 @@ where
     let start = lua.create_function(move |lua, args: A| {
         let runner = RUNNER.with(|c| c.get());
         if runner.is_null() {
-            let phase = frame().phase.map(Phase::as_str).unwrap_or("init");
             return Err(mlua::Error::runtime(format!(
-                "API disabled in the context of {phase}"
+                "API disabled in the context of {}",
+                super::cosocket::context_name(frame().phase)
             )));
         }
         if lua.current_thread().state() != runner {
@@ -322,6 +322,8 @@ pub(crate) struct LuaRequest {
     /// The client's body failed while a plugin read it (`ngx.req.read_body`): the request ends
     /// with the client's error (400, 413), as nginx finalizes it, whatever the plugin does.
     pub body_fault: Option<ClientBodyFault>,
+    /// Its cosockets, closed when the request ends.
+    pub sockets: super::cosocket::Owned,
 }
 
 /// A request's slot in its thread's runtime's `CTXS` table; the slot's table is emptied and the

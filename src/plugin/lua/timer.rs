@@ -182,9 +182,14 @@ async fn run(
     first.push_back(Value::Boolean(premature));
     first.extend(args.iter().cloned());
     let mut input = Resume::Wake(first);
+    // The sockets this run makes, closed when it ends.
+    let mut sockets = super::cosocket::Owned::default();
     loop {
         IN_TIMER.with(|c| c.set(true));
-        let stop = rt.resume(&thread, Frame::NONE, input);
+        let stop = {
+            let _owned = super::cosocket::TimerOwnedGuard::set(&mut sockets);
+            rt.resume(&thread, Frame::NONE, input)
+        };
         IN_TIMER.with(|c| c.set(false));
         match stop {
             Ok(Stop::Done(..)) => return,

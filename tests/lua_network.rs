@@ -1,0 +1,563 @@
+//! Lua plugins that talk to the network: `ngx.socket.tcp` against a line server this test runs
+//! on loopback (TCP and a unix socket), through the real gateway binary.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// What the line server saw.
+#[derive(Default)]
+struct Seen {
+    accepted: AtomicU64,
+    /// Connections whose client closed (EOF).
+    closed: AtomicU64,
+    commands: Mutex<Vec<String>>,
+}
+
+/// A line protocol: `PING` -> `+PONG\r\n`; `MULTI` -> two parts after `--B` boundaries;
+/// then close; `PARTIAL` -> `abc` then close; `SLOW ms` -> `late\n` after ms; `BYTES n` -> n `x` then
+/// close; `ANY` -> `hello`; anything else is recorded and answered `ok\n`.
+fn serve<S: std::io::Read + Write>(s: S, seen: &Seen) {
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        match r.read_line(&mut line) {
+            Ok(0) | Err(_) => {
+                seen.closed.fetch_add(1, Ordering::SeqCst);
+                return;
+            }
+            Ok(_) => {}
+        }
+        let cmd = line.trim_end().to_string();
+        seen.commands.lock().unwrap().push(cmd.clone());
+        let w = r.get_mut();
+        let mut words = cmd.split(' ');
+        let out: Vec<u8> = match words.next().unwrap_or("") {
+            "PING" => b"+PONG\r\n".to_vec(),
+            "MULTI" => {
+                let _ = w.write_all(b"first--Bsecond part--Bthird");
+                return;
+            }
+            "PARTIAL" => {
+                let _ = w.write_all(b"abc");
+                return;
+            }
+            "SLOW" => {
+                let ms = words.next().and_then(|n| n.parse().ok()).unwrap_or(500);
+                std::thread::sleep(Duration::from_millis(ms));
+                b"late\n".to_vec()
+            }
+            "BYTES" => {
+                let n = words.next().and_then(|n| n.parse().ok()).unwrap_or(0);
+                let _ = w.write_all(&vec![b'x'; n]);
+                return;
+            }
+            "ANY" => b"hello".to_vec(),
+            _ => b"ok\n".to_vec(),
+        };
+        if w.write_all(&out).is_err() {
+            return;
+        }
+    }
+}
+
+/// Serves every connection `conns` yields on a thread of its own.
+fn accept_all<S, I>(conns: I) -> Arc<Seen>
+where
+    S: std::io::Read + Write + Send + 'static,
+    I: Iterator<Item = S> + Send + 'static,
+{
+    let seen = Arc::new(Seen::default());
+    let s2 = seen.clone();
+    std::thread::spawn(move || {
+        for c in conns {
+            s2.accepted.fetch_add(1, Ordering::SeqCst);
+            let s3 = s2.clone();
+            std::thread::spawn(move || serve(c, &s3));
+        }
+    });
+    seen
+}
+
+fn line_server() -> (u16, Arc<Seen>) {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    let conns = std::iter::from_fn(move || l.accept().ok().map(|(s, _)| s));
+    (port, accept_all::<TcpStream, _>(conns))
+}
+
+fn unix_server(path: &std::path::Path) -> Arc<Seen> {
+    let l = UnixListener::bind(path).expect("bind unix");
+    let conns = std::iter::from_fn(move || l.accept().ok().map(|(s, _)| s));
+    accept_all::<UnixStream, _>(conns)
+}
+
+const PROBE: &str = r#"
+local core = require("apisix.core")
+local _M = { version = 0.1, priority = 100, name = "sock-probe", schema = { type = "object" } }
+
+local function connect(conf)
+    local s = ngx.socket.tcp()
+    local ok, err = s:connect("127.0.0.1", conf.port)
+    assert(ok == 1, err)
+    return s
+end
+
+local ops = {}
+
+function ops.basic(conf)
+    local s = connect(conf)
+    local sent, err = s:send({ "PI", { "N", "G" }, "\n" })
+    local line = s:receive()
+    local reused = s:getreusedtimes()
+    local ok = s:setkeepalive(10000, 4)
+    return { sent = sent, line = line, reused = reused, keepalive = ok, closed = select(2, s:send("x")) }
+end
+
+ops["until"] = function(conf)
+    local s = connect(conf)
+    s:send("MULTI\n")
+    local r = s:receiveuntil("--B")
+    local a = r()
+    local b = s:receiveuntil("--B", { inclusive = true })()
+    local rest, err, partial = s:receive(10)
+    return { a = a, b = b, err = err, partial = partial }
+end
+
+function ops.sized(conf)
+    local s = connect(conf)
+    s:send("MULTI\n")
+    local r = s:receiveuntil("--B")
+    local chunks = {}
+    for _ = 1, 10 do
+        local data, err = r(2)
+        if not data then
+            chunks[#chunks + 1] = err and ("err:" .. err) or "done"
+            break
+        end
+        chunks[#chunks + 1] = data
+    end
+    -- The iterator resets: it reads up to the next boundary.
+    local second = r()
+    return { chunks = table.concat(chunks, "|"), second = second }
+end
+
+function ops.partial(conf)
+    local s = connect(conf)
+    s:send("PARTIAL\n")
+    local data, err, partial = s:receive(10)
+    local _, after = s:receive()
+    return { data = data or "nil", err = err, partial = partial, after = after }
+end
+
+function ops.timeout(conf)
+    local s = connect(conf)
+    s:settimeouts(1000, 1000, 100)
+    s:send("SLOW 400\n")
+    local data, err, partial = s:receive()
+    -- A read timeout leaves the socket usable.
+    s:settimeout(2000)
+    local late = s:receive()
+    return { err = err, partial = partial, late = late }
+end
+
+function ops.wait(conf)
+    -- Waits far longer than the CPU budget: waiting is not running.
+    local s = connect(conf)
+    s:send("SLOW 400\n")
+    local late, err = s:receive("*l")
+    s:close()
+    return { late = late, err = err }
+end
+
+function ops.all(conf)
+    local s = connect(conf)
+    s:send("BYTES 20000\n")
+    local data, err = s:receive("*a")
+    return { len = data and #data, err = err }
+end
+
+function ops.any(conf)
+    local s = connect(conf)
+    s:send("ANY\n")
+    local a = s:receiveany(3)
+    local b = s:receiveany(100)
+    local ok, err = pcall(s.receiveany, s, 0)
+    return { a = a, b = b, bad = tostring(err) }
+end
+
+function ops.refused(conf)
+    local s = ngx.socket.tcp()
+    local ok, err = s:connect("127.0.0.1", conf.closed_port)
+    local _, err2 = s:send("x")
+    return { ok = ok or "nil", err = err, send = err2 }
+end
+
+function ops.resolve(conf)
+    local s = ngx.socket.tcp()
+    local ok, err = s:connect("localhost", conf.port)
+    if ok then s:send("PING\n") end
+    local line = ok and s:receive()
+    local ok2, err2 = ngx.socket.tcp():connect("no-such-host.invalid", 80)
+    return { ok = ok, line = line, bad = err2 }
+end
+
+function ops.unix(conf)
+    local s, err = ngx.socket.connect("unix:" .. conf.path)
+    if not s then return { err = err } end
+    s:send("PING\n")
+    local line = s:receive()
+    return { line = line, peer = s:getpeername() }
+end
+
+function ops.pool(conf)
+    local s = ngx.socket.tcp()
+    assert(s:connect("127.0.0.1", conf.port, { pool = "named" }))
+    s:send("PING\n")
+    s:receive()
+    local reused = s:getreusedtimes()
+    s:setkeepalive()
+    return { reused = reused }
+end
+
+function ops.leak(conf)
+    local s = connect(conf)
+    s:send("LEAK\n")
+    s:receive()
+    return { left = "open" }
+end
+
+function ops.timer(conf)
+    local ok, err = ngx.timer.at(0, function(premature, port)
+        local s = ngx.socket.tcp()
+        assert(s:connect("127.0.0.1", port))
+        s:send("FROM-TIMER\n")
+        s:receive()
+        s:setkeepalive()
+    end, conf.port)
+    return { ok = ok }
+end
+
+function ops.lib(conf)
+    -- From lua.package_path (relative to the config file's folder).
+    local greet = require("probe.greet")
+    return { hello = greet.hello(), where = package.path:match("^[^;]*") }
+end
+
+function _M.access(conf, ctx)
+    local op = ngx.var.arg_op
+    return 200, ops[op](conf)
+end
+
+function _M.header_filter(conf, ctx)
+    local ok, err = pcall(ngx.socket.tcp)
+    ngx.header["X-Header-Filter"] = tostring(err):match("API disabled[^\n]*")
+end
+
+function _M.log(conf, ctx)
+    local ok, err = pcall(ngx.socket.tcp)
+    core.log.warn("log phase socket: ", tostring(err):match("API disabled[^\n]*"))
+end
+
+return _M
+"#;
+
+fn poll(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn tcp_cosockets() {
+    let (port, seen) = line_server();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let sock_path = dir.path().join("line.sock");
+    let useen = unix_server(&sock_path);
+    let plugins = dir.path().join("plugins");
+    std::fs::create_dir_all(&plugins).expect("plugins dir");
+    std::fs::write(plugins.join("sock-probe.lua"), PROBE).expect("write plugin");
+    let libs = dir.path().join("libs/probe");
+    std::fs::create_dir_all(&libs).expect("libs dir");
+    std::fs::write(
+        libs.join("greet.lua"),
+        "return { hello = function() return 'hi from libs' end }\n",
+    )
+    .expect("write lib");
+    let yaml = format!(
+        "plugin_dirs:\n  - plugins\nworkers: 1\nlua:\n  call_budget_ms: 100\n  package_path:\n    - libs/?.lua\nroutes:\n  - id: s\n    uri: /s\n    plugins:\n      sock-probe: {{port: {port}, closed_port: {}, path: \"{}\"}}\n    upstream:\n      nodes:\n        \"127.0.0.1:1\": 1\n",
+        closed_port(),
+        sock_path.display()
+    );
+    let gw = Gateway::start_in(dir.path(), &yaml);
+    let call = |op: &str| {
+        eprintln!("op {op}");
+        let r = get(&gw.url(&format!("/s?op={op}")));
+        assert_eq!(r.status, 200, "{op}: {}\n{}", r.text(), gw.logs());
+        r
+    };
+
+    // Send a nested table, read a line (CR dropped), keep the connection alive: the second
+    // request reuses it (one accepted connection, reused once).
+    let r = call("basic");
+    let j = r.json();
+    assert_eq!(j["sent"], 5);
+    assert_eq!(j["line"], "+PONG");
+    assert_eq!(j["reused"], 0);
+    assert_eq!(j["keepalive"], 1);
+    assert_eq!(j["closed"], "closed", "{j}");
+    assert_eq!(
+        r.header("x-header-filter").as_deref(),
+        Some("API disabled in the context of header_filter_by_lua*")
+    );
+    let accepted = seen.accepted.load(Ordering::SeqCst);
+    let j = call("basic").json();
+    assert_eq!(j["reused"], 1, "{j}");
+    assert_eq!(seen.accepted.load(Ordering::SeqCst), accepted);
+    assert!(gw.wait_for_log(
+        "log phase socket: API disabled in the context of log_by_lua*",
+        Duration::from_secs(5)
+    ));
+
+    let j = call("lib").json();
+    assert_eq!(j["hello"], "hi from libs");
+    assert_eq!(j["where"], format!("{}/libs/?.lua", dir.path().display()));
+
+    let j = call("until").json();
+    assert_eq!(j["a"], "first");
+    assert_eq!(j["b"], "second part--B");
+    assert_eq!(j["err"], "closed");
+    assert_eq!(j["partial"], "third");
+
+    let j = call("sized").json();
+    assert_eq!(j["chunks"], "fi|rs|t|done", "{j}");
+    assert_eq!(j["second"], "second part");
+
+    let j = call("partial").json();
+    assert_eq!(j["data"], "nil");
+    assert_eq!(j["err"], "closed");
+    assert_eq!(j["partial"], "abc");
+    assert_eq!(j["after"], "closed");
+
+    let j = call("timeout").json();
+    assert_eq!(j["err"], "timeout");
+    assert_eq!(j["partial"], "");
+    assert_eq!(j["late"], "late");
+
+    // 400 ms of waiting under a 100 ms CPU budget.
+    let j = call("wait").json();
+    assert_eq!(j["late"], "late", "{j}");
+
+    let j = call("all").json();
+    assert_eq!(j["len"], 20000, "{j}");
+
+    let j = call("any").json();
+    assert_eq!(j["a"], "hel");
+    assert_eq!(j["b"], "lo");
+    assert!(
+        j["bad"].as_str().unwrap_or("").contains("bad max argument"),
+        "{j}"
+    );
+
+    let j = call("refused").json();
+    assert_eq!(j["err"], "connection refused");
+    assert_eq!(j["send"], "closed");
+
+    let j = call("resolve").json();
+    assert_eq!(j["line"], "+PONG", "{j}");
+    assert!(
+        j["bad"]
+            .as_str()
+            .unwrap_or("")
+            .contains("could not be resolved"),
+        "{j}"
+    );
+
+    let j = call("unix").json();
+    assert_eq!(j["line"], "+PONG", "{j}");
+    assert_eq!(j["peer"], sock_path.display().to_string());
+    assert_eq!(useen.accepted.load(Ordering::SeqCst), 1);
+
+    // opts.pool names the pool: a new pool, then reused.
+    let before = seen.accepted.load(Ordering::SeqCst);
+    assert_eq!(call("pool").json()["reused"], 0);
+    assert_eq!(call("pool").json()["reused"], 1);
+    assert_eq!(seen.accepted.load(Ordering::SeqCst), before + 1);
+
+    // A socket the request left open is closed when the request ends.
+    let closed = seen.closed.load(Ordering::SeqCst);
+    call("leak");
+    poll("the leaked socket to be closed", || {
+        seen.closed.load(Ordering::SeqCst) > closed
+    });
+
+    // Timers can use cosockets.
+    call("timer");
+    poll("the timer's command", || {
+        seen.commands
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|c| c == "FROM-TIMER")
+    });
+}
+
+#[test]
+fn package_path_patterns_are_checked() {
+    let (code, out) = check("lua:\n  package_path:\n    - /opt/lua/x.lua\n");
+    assert_ne!(code, 0, "{out}");
+    assert!(
+        out.contains("lua.package_path") && out.contains("has no \"?\""),
+        "{out}"
+    );
+    let (code, out) = check("lua:\n  package_path:\n    - \"/a/?.lua;/b/?.lua\"\n");
+    assert_ne!(code, 0, "{out}");
+    assert!(out.contains("one pattern per list item"), "{out}");
+    let (code, out) = check("lua:\n  package_path:\n    - /opt/lua/?.lua\n");
+    assert_eq!(code, 0, "{out}");
+}
+
+/// A server process this test started; killed when dropped.
+struct Server(std::process::Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `cmd` (a server that will listen on `port`) and waits until the port accepts.
+fn start_server(cmd: &mut std::process::Command, port: u16) -> Server {
+    let child = cmd
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+    let server = Server(child);
+    poll("the server to listen", || {
+        TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    server
+}
+
+/// Redis's `CLIENT LIST`, one line per connected client.
+fn redis_clients(port: u16) -> Vec<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to redis");
+    s.write_all(b"CLIENT LIST\r\n").expect("send");
+    let mut r = BufReader::new(s);
+    let mut head = String::new();
+    r.read_line(&mut head).expect("read");
+    let len: usize = head
+        .trim_start_matches('$')
+        .trim()
+        .parse()
+        .expect("bulk length");
+    let mut body = vec![0u8; len];
+    std::io::Read::read_exact(&mut r, &mut body).expect("read body");
+    String::from_utf8_lossy(&body)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+const KV_PROBE: &str = r#"
+local _M = { version = 0.1, priority = 100, name = "kv-probe", schema = { type = "object" } }
+
+local function redis_incr(conf)
+    local redis = require("resty.redis")
+    local red = redis:new()
+    red:set_timeout(1000)
+    local ok, err = red:connect("127.0.0.1", conf.redis_port)
+    if not ok then return { err = err } end
+    local n, err = red:incr("moongate:hits")
+    local reused = red:get_reused_times()
+    local kept = red:set_keepalive(10000, 8)
+    return { n = n, err = err, reused = reused, kept = kept }
+end
+
+local function memcached_incr(conf)
+    local memcached = require("resty.memcached")
+    local m = memcached:new()
+    m:set_timeout(1000)
+    local ok, err = m:connect("127.0.0.1", conf.memcached_port)
+    if not ok then return { err = err } end
+    m:add("hits", 0)
+    local n, err = m:incr("hits", 1)
+    local reused = m:get_reused_times()
+    local kept = m:set_keepalive(10000, 8)
+    return { n = tonumber(n), err = err, reused = reused, kept = kept }
+end
+
+function _M.access(conf, ctx)
+    if ngx.var.arg_kv == "memcached" then
+        return 200, memcached_incr(conf)
+    end
+    return 200, redis_incr(conf)
+end
+
+return _M
+"#;
+
+/// The real lua-resty-redis and lua-resty-memcached (Debian's lua-nginx-redis and
+/// lua-nginx-memcached, unmodified) over cosockets, against redis-server and memcached.
+#[test]
+fn real_redis_and_memcached_clients() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let libs = dir.path().join("libs");
+    common::lua_libs::install_as_resty("lua-nginx-redis", "redis.lua", &libs);
+    common::lua_libs::install_as_resty("lua-nginx-memcached", "memcached.lua", &libs);
+    let redis_port = closed_port();
+    let _redis = start_server(
+        std::process::Command::new("redis-server")
+            .args(["--port", &redis_port.to_string()])
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]),
+        redis_port,
+    );
+    let mc_port = closed_port();
+    let _memcached = start_server(
+        std::process::Command::new("memcached").args([
+            "-l",
+            "127.0.0.1",
+            "-p",
+            &mc_port.to_string(),
+            "-U",
+            "0",
+            "-u",
+            "root",
+        ]),
+        mc_port,
+    );
+    let plugins = dir.path().join("plugins");
+    std::fs::create_dir_all(&plugins).expect("plugins dir");
+    std::fs::write(plugins.join("kv-probe.lua"), KV_PROBE).expect("write plugin");
+    let yaml = format!(
+        "plugin_dirs:\n  - plugins\nworkers: 1\nlua:\n  package_path:\n    - libs/?.lua\nroutes:\n  - id: kv\n    uri: /kv\n    plugins:\n      kv-probe: {{redis_port: {redis_port}, memcached_port: {mc_port}}}\n    upstream:\n      nodes:\n        \"127.0.0.1:1\": 1\n"
+    );
+    let gw = Gateway::start_in(dir.path(), &yaml);
+    for kv in ["redis", "memcached"] {
+        for i in 1..=5 {
+            let r = get(&gw.url(&format!("/kv?kv={kv}")));
+            assert_eq!(r.status, 200, "{}\n{}", r.text(), gw.logs());
+            let j = r.json();
+            assert_eq!(j["n"], i, "{kv}: {j}");
+            assert_eq!(j["kept"], 1, "{kv}: {j}");
+            // One connection, kept alive: every request after the first reuses it.
+            assert_eq!(j["reused"], i - 1, "{kv}: {j}");
+        }
+    }
+    // Redis sees the gateway's one pooled connection (and this one).
+    let clients = redis_clients(redis_port);
+    assert_eq!(clients.len(), 2, "{clients:?}");
+}
