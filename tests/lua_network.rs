@@ -561,3 +561,245 @@ fn real_redis_and_memcached_clients() {
     let clients = redis_clients(redis_port);
     assert_eq!(clients.len(), 2, "{clients:?}");
 }
+
+/// A keep-alive HTTP/1.1 server: `/hello` (Content-Length), `/chunked`, `/stall` (sends part
+/// of its body, then nothing), `/big` (10 MB), `/echo` (the request head and body back),
+/// `/close` (Connection: close). Counts the connections it accepted.
+fn http_server() -> (u16, Arc<AtomicU64>) {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    let accepted = Arc::new(AtomicU64::new(0));
+    let a2 = accepted.clone();
+    std::thread::spawn(move || {
+        for c in l.incoming().flatten() {
+            a2.fetch_add(1, Ordering::SeqCst);
+            std::thread::spawn(move || http_conn(c));
+        }
+    });
+    (port, accepted)
+}
+
+fn http_conn(c: TcpStream) {
+    let mut r = BufReader::new(c);
+    loop {
+        let mut head = Vec::new();
+        loop {
+            let mut line = String::new();
+            match r.read_line(&mut line) {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+            if line == "\r\n" {
+                break;
+            }
+            head.push(line.trim_end().to_string());
+        }
+        let len: usize = head
+            .iter()
+            .find_map(|h| {
+                h.to_ascii_lowercase()
+                    .strip_prefix("content-length:")
+                    .map(|v| v.trim().parse().unwrap_or(0))
+            })
+            .unwrap_or(0);
+        let mut body = vec![0u8; len];
+        if std::io::Read::read_exact(&mut r, &mut body).is_err() {
+            return;
+        }
+        let target = head
+            .first()
+            .and_then(|l| l.split(' ').nth(1))
+            .unwrap_or("/")
+            .to_string();
+        let path = target.split('?').next().unwrap_or("/").to_string();
+        let w = r.get_mut();
+        let ok = match path.as_str() {
+            "/hello" => w.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nX-Multi: a\r\nX-Multi: b\r\nContent-Length: 5\r\n\r\nhello"),
+            "/chunked" => w.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nchun\r\n6;ext=1\r\nked ok\r\n0\r\nX-Trailer: t\r\n\r\n"),
+            "/stall" => {
+                let _ = w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly ten b");
+                std::thread::sleep(Duration::from_millis(1500));
+                return;
+            }
+            "/big" => {
+                let chunk = vec![b'z'; 1 << 20];
+                let mut r = w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 10485760\r\n\r\n");
+                for _ in 0..10 {
+                    r = r.and_then(|_| w.write_all(&chunk));
+                }
+                r
+            }
+            "/close" => {
+                let _ = w.write_all(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nby");
+                return;
+            }
+            _ => {
+                let mut out = head.join("\n");
+                out.push_str("\n\n");
+                out.push_str(&String::from_utf8_lossy(&body));
+                w.write_all(format!("HTTP/1.1 201 Created\r\nContent-Length: {}\r\n\r\n{out}", out.len()).as_bytes())
+            }
+        };
+        if ok.is_err() {
+            return;
+        }
+    }
+}
+
+const HTTP_PROBE: &str = r#"
+local http = require("resty.http")
+local _M = { version = 0.1, priority = 100, name = "http-probe", schema = { type = "object" } }
+local ops = {}
+
+function ops.uri(conf)
+    local httpc = http.new()
+    local res, err = httpc:request_uri("http://127.0.0.1:" .. conf.port .. "/echo?a=1", {
+        method = "POST", body = "payload", headers = { ["X-Probe"] = "yes" },
+    })
+    if not res then return { err = err } end
+    return { status = res.status, body = res.body }
+end
+
+function ops.hello(conf)
+    local httpc = http.new()
+    assert(httpc:connect({ scheme = "http", host = "127.0.0.1", port = conf.port }))
+    local reused = httpc:get_reused_times()
+    local res, err = httpc:request({ path = "/hello" })
+    if not res then return { err = err } end
+    local body = res:read_body()
+    assert(httpc:set_keepalive(10000, 4))
+    local n = 0
+    for _ in pairs(res.headers) do n = n + 1 end
+    return { status = res.status, body = body, ct = res.headers["content_type"], count = n,
+             multi = table.concat(res.headers["X-Multi"], ","), reused = reused }
+end
+
+function ops.chunked(conf)
+    local httpc = http.new()
+    assert(httpc:connect({ scheme = "http", host = "127.0.0.1", port = conf.port }))
+    local res = assert(httpc:request({ path = "/chunked", query = { x = "1" } }))
+    local body, err = res:read_body()
+    local ok, kerr = httpc:set_keepalive()
+    return { body = body, err = err, kept = ok }
+end
+
+function ops.stall(conf)
+    local httpc = http.new()
+    httpc:set_timeouts(1000, 1000, 200)
+    assert(httpc:connect("127.0.0.1", conf.port))
+    local res = assert(httpc:request({ path = "/stall" }))
+    local body, err, partial = res:read_body()
+    local ok, kerr = httpc:set_keepalive()
+    return { status = res.status, err = err, partial = partial, kerr = kerr }
+end
+
+function ops.big(conf)
+    local httpc = http.new()
+    assert(httpc:connect("127.0.0.1", conf.port))
+    local res = assert(httpc:request({ path = "/big" }))
+    collectgarbage("collect")
+    local base = collectgarbage("count")
+    local total, biggest, peak = 0, 0, 0
+    while true do
+        local chunk, err = res.body_reader(65536)
+        if err then return { err = err } end
+        if not chunk then break end
+        total = total + #chunk
+        if #chunk > biggest then biggest = #chunk end
+        local used = collectgarbage("count") - base
+        if used > peak then peak = used end
+    end
+    httpc:set_keepalive()
+    return { total = total, biggest = biggest, peak_kb = math.floor(peak) }
+end
+
+function ops.close(conf)
+    local httpc = http.new()
+    local res = assert(httpc:request_uri("http://127.0.0.1:" .. conf.port .. "/close"))
+    return { body = res.body }
+end
+
+function ops.refused(conf)
+    local res, err = http.new():request_uri("http://127.0.0.1:" .. conf.closed_port .. "/")
+    local p = http:parse_uri("http://example.com:8080/a/b?c=d", false)
+    return { err = err, parsed = p[2] .. "|" .. p[3] .. "|" .. p[4] .. "|" .. p[5] }
+end
+
+function _M.access(conf, ctx)
+    return 200, ops[ngx.var.arg_op](conf)
+end
+
+return _M
+"#;
+
+/// `resty.http` (lua-resty-http's API) against a server this test runs: keep-alive reuse seen
+/// at the server, chunked bodies, a read timeout mid-body, a 10 MB body streamed through
+/// `body_reader`.
+#[test]
+fn resty_http_client() {
+    let (port, accepted) = http_server();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let plugins = dir.path().join("plugins");
+    std::fs::create_dir_all(&plugins).expect("plugins dir");
+    std::fs::write(plugins.join("http-probe.lua"), HTTP_PROBE).expect("write plugin");
+    let yaml = format!(
+        "plugin_dirs:\n  - plugins\nworkers: 1\nroutes:\n  - id: h\n    uri: /h\n    plugins:\n      http-probe: {{port: {port}, closed_port: {}}}\n    upstream:\n      nodes:\n        \"127.0.0.1:1\": 1\n",
+        closed_port()
+    );
+    let gw = Gateway::start_in(dir.path(), &yaml);
+    let call = |op: &str| {
+        let r = get(&gw.url(&format!("/h?op={op}")));
+        assert_eq!(r.status, 200, "{op}: {}\n{}", r.text(), gw.logs());
+        r.json()
+    };
+
+    let j = call("uri");
+    assert_eq!(j["status"], 201, "{j}");
+    let body = j["body"].as_str().unwrap_or("");
+    assert!(body.starts_with("POST /echo?a=1 HTTP/1.1\n"), "{body}");
+    assert!(body.contains(&format!("Host: 127.0.0.1:{port}")), "{body}");
+    assert!(
+        body.contains("X-Probe: yes") && body.contains("Content-Length: 7"),
+        "{body}"
+    );
+    assert!(body.contains("User-Agent: lua-resty-http/"), "{body}");
+    assert!(body.ends_with("\n\npayload"), "{body}");
+
+    // Kept alive: the next requests reuse the connection; the server accepted one.
+    for i in 1..=3 {
+        let j = call("hello");
+        assert_eq!(j["status"], 200);
+        assert_eq!(j["body"], "hello");
+        assert_eq!(j["ct"], "text/plain");
+        assert_eq!(j["multi"], "a,b");
+        assert_eq!(j["count"], 3, "{j}");
+        assert_eq!(j["reused"], i, "{j}");
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+
+    let j = call("chunked");
+    assert_eq!(j["body"], "chunked ok", "{j}");
+    assert_eq!(j["kept"], 1, "{j}");
+
+    let j = call("stall");
+    assert_eq!(j["status"], 200);
+    assert_eq!(j["err"], "timeout", "{j}");
+    assert_eq!(j["partial"], "", "{j}");
+    assert_eq!(j["kerr"], "response not fully read", "{j}");
+
+    let j = call("big");
+    assert_eq!(j["total"], 10 * 1024 * 1024, "{j}");
+    assert_eq!(j["biggest"], 65536, "{j}");
+    // Streamed: the VM never held the body (garbage of a few chunks at most).
+    assert!(j["peak_kb"].as_i64().unwrap_or(i64::MAX) < 4096, "{j}");
+
+    let before = accepted.load(Ordering::SeqCst);
+    assert_eq!(call("close")["body"], "by");
+    // Connection: close is not pooled: the next request connects anew.
+    assert_eq!(call("hello")["status"], 200);
+    assert_eq!(accepted.load(Ordering::SeqCst), before + 1);
+
+    let j = call("refused");
+    assert_eq!(j["err"], "connection refused");
+    assert_eq!(j["parsed"], "example.com|8080|/a/b|c=d");
+}

@@ -1,5 +1,4 @@
--- Shared by the client modules not provided yet (resty.rediscluster, resty.redis.connector,
--- the connecting half of resty.http), so
+-- Shared by the client modules not provided yet (resty.rediscluster, resty.redis.connector), so
 -- these modules load (plugins that only reference them work) and every call on a client
 -- returns nil and an error naming what is missing.
 local setmetatable = setmetatable

@@ -6,7 +6,7 @@
 /// (`cjson`, `cjson.safe`, `table.nkeys`/`isarray`/`isempty`/`clone`, `tablepool`,
 /// `resty.lrucache`, `resty.ipmatcher`, `resty.limit.count`/`req`/`conn`, `resty.lock`,
 /// `resty.string`, `resty.jit-uuid`, `pl.stringx`, and cosocket clients that load but refuse to
-/// connect: `resty.rediscluster`, `resty.redis.connector`, `resty.http`). `resty.redis` is the
+/// connect: `resty.rediscluster`, `resty.redis.connector`), `resty.http` over cosockets. `resty.redis` is the
 /// real lua-resty-redis, found on `package.path` (see `lua.package_path`). `table.new` and `table.clear` are LuaJIT built-ins.
 /// Modules backed by Rust (digests, ciphers, zlib, brotli) are registered by `crypto.rs` and
 /// `compress.rs`.
