@@ -4,9 +4,9 @@
 //! [`snapshot`] (what a request reads, built and validated whole), [`host`] (the one request
 //! host), [`router`], [`plugin`] (the interface every plugin implements), [`plugins`] (the
 //! native ones), [`proxy`] (listeners, workers, the upstream client), [`startup`] (what `run`
-//! and `check` both check before serving), [`reload`] (building snapshots) and
-//! [`supervisor`] (the parent process that keeps the listening sockets and restarts a crashed
-//! serving process).
+//! and `check` both check before serving), [`reload`] (building snapshots), [`supervisor`]
+//! (the parent process that keeps the listening sockets and restarts a crashed serving
+//! process) and [`testrunner`] (`moongate test`, for plugin authors).
 
 pub mod admin;
 pub mod body;
@@ -24,3 +24,4 @@ pub mod snapshot;
 pub mod startup;
 pub mod store;
 pub mod supervisor;
+pub mod testrunner;

@@ -1,4 +1,4 @@
-//! The `moongate` command: `run` serves, `check` validates.
+//! The `moongate` command: `run` serves, `check` validates, `test` runs plugin tests.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -51,6 +51,18 @@ enum Command {
         #[arg(short, long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
+    /// Run plugin test files (`*.test.yaml`) against the gateway in this process: one line
+    /// per case, `N passed, M failed`, exit 1 on a failure (docs/plugin-guide.md).
+    Test {
+        /// Test files, or folders holding them (default: tests/ and plugins/tests/).
+        paths: Vec<PathBuf>,
+        /// Also write the results as JUnit XML to this file.
+        #[arg(long)]
+        junit: Option<PathBuf>,
+        /// Re-run the affected test files whenever a plugin or test file is saved.
+        #[arg(long)]
+        watch: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -60,6 +72,15 @@ fn main() -> ExitCode {
         single_process: false,
     }) {
         Command::Check { config } => check(&config),
+        Command::Test {
+            paths,
+            junit,
+            watch,
+        } => moongate::testrunner::main(moongate::testrunner::Options {
+            paths,
+            junit,
+            watch,
+        }),
         Command::Run {
             config,
             single_process,

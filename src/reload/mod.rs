@@ -20,7 +20,7 @@ use serde_json::{json, Value};
 use crate::config::{self, ConfigError, ConfigErrors, Document, NodeConfig};
 use crate::snapshot::{self, Gateway, Registry, Snapshot};
 
-pub use watch::watch_files;
+pub use watch::{watch_dirs, watch_files, Burst};
 
 /// The plugins a node offers: native ones plus the Lua files in `plugin_dirs`, narrowed to
 /// the node's `plugins` list when it has one.

@@ -4,12 +4,15 @@
 //! temporary file and renaming it over the old one, and Kubernetes swaps a `..data` symlink,
 //! both of which replace the watched inode. Events are debounced: the first one starts a quiet
 //! period, later ones extend it, and one rebuild follows the burst.
+//!
+//! [`watch_dirs`] is the watcher itself (folders, relevance, debounce); [`watch_files`] is hot
+//! reload on top of it, and `moongate test --watch` uses it to re-run tests.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use notify::{Event, EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 
@@ -17,6 +20,15 @@ use super::Reloader;
 
 /// Quiet time after the last event before a rebuild starts.
 pub const DEBOUNCE: Duration = Duration::from_millis(100);
+
+/// One debounced burst of changes.
+#[derive(Debug, Clone)]
+pub struct Burst {
+    /// The relevant paths the burst's events named, in the order first seen, without repeats.
+    pub paths: Vec<PathBuf>,
+    /// When the burst's first relevant event arrived (a save-to-result time starts here).
+    pub first_event: Instant,
+}
 
 /// Starts watching; rebuilds through `reloader` on changes, for the life of the process.
 pub fn watch_files(reloader: Arc<Reloader>) -> notify::Result<()> {
@@ -30,13 +42,6 @@ pub fn watch_files(reloader: Arc<Reloader>) -> notify::Result<()> {
         .map(|d| absolute(d))
         .collect();
 
-    let (tx, rx) = mpsc::channel::<Event>();
-    let mut watcher = notify::recommended_watcher(move |res: notify::Result<Event>| {
-        if let Ok(ev) = res {
-            let _ = tx.send(ev);
-        }
-    })?;
-
     let mut dirs = BTreeSet::new();
     if let Some(parent) = config.parent() {
         dirs.insert(parent.to_path_buf());
@@ -47,16 +52,51 @@ pub fn watch_files(reloader: Arc<Reloader>) -> notify::Result<()> {
             dirs.insert(parent.to_path_buf());
         }
     }
-    let mut watched = BTreeSet::new();
-    watch_existing(&mut watcher, &dirs, &mut watched);
-
     let relevant = Relevance {
         config,
         plugin_dirs,
     };
+    watch_dirs(
+        "moongate-reload",
+        dirs,
+        move |p| relevant.matters(p),
+        move |burst| {
+            let trigger = burst
+                .paths
+                .first()
+                .map(|p| format!("file change: {}", p.display()))
+                .unwrap_or_else(|| "file change".to_string());
+            // A failed build is logged and kept by the reloader; the next event retries.
+            let _ = reloader.rebuild(&trigger, false);
+        },
+    )
+}
+
+/// Watches each folder of `dirs` (non-recursively; one created later is picked up on the next
+/// event) on a thread of its own named `thread`, and calls `on_change` once per debounced burst
+/// of changes to paths for which `matters` is true, for the life of the process.
+pub fn watch_dirs(
+    thread: &str,
+    dirs: BTreeSet<PathBuf>,
+    matters: impl Fn(&Path) -> bool + Send + 'static,
+    on_change: impl FnMut(Burst) + Send + 'static,
+) -> notify::Result<()> {
+    let (tx, rx) = mpsc::channel::<Event>();
+    let mut watcher = notify::recommended_watcher(move |res: notify::Result<Event>| {
+        if let Ok(ev) = res {
+            let _ = tx.send(ev);
+        }
+    })?;
+    let mut watched = BTreeSet::new();
+    watch_existing(&mut watcher, &dirs, &mut watched);
+    let mut watch = DirWatch {
+        watcher,
+        dirs,
+        watched,
+    };
     std::thread::Builder::new()
-        .name("moongate-reload".into())
-        .spawn(move || debounce_loop(rx, relevant, reloader, watcher, dirs, watched))
+        .name(thread.into())
+        .spawn(move || debounce_loop(rx, matters, on_change, &mut watch))
         .map_err(|e| notify::Error::generic(&e.to_string()))?;
     Ok(())
 }
@@ -107,36 +147,49 @@ impl Relevance {
     }
 }
 
+/// The watcher and the folders it should watch (kept with the loop: dropping the watcher ends
+/// the events).
+struct DirWatch {
+    watcher: RecommendedWatcher,
+    dirs: BTreeSet<PathBuf>,
+    watched: BTreeSet<PathBuf>,
+}
+
 fn debounce_loop(
     rx: mpsc::Receiver<Event>,
-    relevant: Relevance,
-    reloader: Arc<Reloader>,
-    mut watcher: RecommendedWatcher,
-    dirs: BTreeSet<PathBuf>,
-    mut watched: BTreeSet<PathBuf>,
+    matters: impl Fn(&Path) -> bool,
+    mut on_change: impl FnMut(Burst),
+    watch: &mut DirWatch,
 ) {
+    let relevant_paths = |ev: &Event, paths: &mut Vec<PathBuf>| {
+        if !is_change(ev) {
+            return;
+        }
+        for p in &ev.paths {
+            if matters(p) && !paths.contains(p) {
+                paths.push(p.clone());
+            }
+        }
+    };
     loop {
         // Wait for the first relevant event.
         let Ok(ev) = rx.recv() else { return };
-        watch_existing(&mut watcher, &dirs, &mut watched);
-        if !is_change(&ev) || !ev.paths.iter().any(|p| relevant.matters(p)) {
+        watch_existing(&mut watch.watcher, &watch.dirs, &mut watch.watched);
+        let mut paths = Vec::new();
+        relevant_paths(&ev, &mut paths);
+        if paths.is_empty() {
             continue;
         }
+        let first_event = Instant::now();
         // Drain the burst: rebuild once things have been quiet for DEBOUNCE.
         loop {
             match rx.recv_timeout(DEBOUNCE) {
-                Ok(_) => continue,
+                Ok(ev) => relevant_paths(&ev, &mut paths),
                 Err(mpsc::RecvTimeoutError::Timeout) => break,
                 Err(mpsc::RecvTimeoutError::Disconnected) => return,
             }
         }
-        let trigger = ev
-            .paths
-            .first()
-            .map(|p| format!("file change: {}", p.display()))
-            .unwrap_or_else(|| "file change".to_string());
-        // A failed build is logged and kept by the reloader; the next event retries.
-        let _ = reloader.rebuild(&trigger, false);
+        on_change(Burst { paths, first_event });
     }
 }
 
