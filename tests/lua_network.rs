@@ -803,3 +803,60 @@ fn resty_http_client() {
     assert_eq!(j["err"], "connection refused");
     assert_eq!(j["parsed"], "example.com|8080|/a/b|c=d");
 }
+
+const SEMA_PROBE: &str = r#"
+local semaphore = require("ngx.semaphore")
+local process = require("ngx.process")
+local sema = semaphore.new(0)
+local _M = { version = 0.1, priority = 100, name = "sema-probe", schema = { type = "object" } }
+
+function _M.access(conf, ctx)
+    local op = ngx.var.arg_op
+    if op == "wait" then
+        local ok, err = sema:wait(5)
+        return 200, { ok = ok, err = err }
+    elseif op == "count" then
+        return 200, { count = sema:count() }
+    elseif op == "post" then
+        return 200, { posted = sema:post(1) }
+    elseif op == "short" then
+        local ok, err = sema:wait(0.05)
+        local ok0, err0 = sema:wait(0)
+        return 200, { err = err, err0 = err0 }
+    end
+    return 200, { type = process.type(), master = process.get_master_pid() }
+end
+
+return _M
+"#;
+
+/// `ngx.semaphore` between two requests of one worker, and `ngx.process`.
+#[test]
+fn semaphores_and_process() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let plugins = dir.path().join("plugins");
+    std::fs::create_dir_all(&plugins).expect("plugins dir");
+    std::fs::write(plugins.join("sema-probe.lua"), SEMA_PROBE).expect("write plugin");
+    let yaml = "plugin_dirs:\n  - plugins\nworkers: 1\nroutes:\n  - id: m\n    uri: /m\n    plugins:\n      sema-probe: {}\n    upstream:\n      nodes:\n        \"127.0.0.1:1\": 1\n";
+    let gw = Gateway::start_in(dir.path(), yaml);
+    let url = |op: &str| gw.url(&format!("/m?op={op}"));
+
+    let j = get(&url("short")).json();
+    assert_eq!(j["err"], "timeout");
+    assert_eq!(j["err0"], "timeout");
+
+    let wait_url = url("wait");
+    let waiter = std::thread::spawn(move || get(&wait_url).json());
+    // The waiter is parked: the count goes negative.
+    poll("the waiter to park", || {
+        get(&url("count")).json()["count"] == -1
+    });
+    assert_eq!(get(&url("post")).json()["posted"], true);
+    let j = waiter.join().expect("waiter");
+    assert_eq!(j["ok"], true, "{j}");
+    assert_eq!(get(&url("count")).json()["count"], 0);
+
+    let j = get(&url("process")).json();
+    assert_eq!(j["type"], "worker");
+    assert_eq!(j["master"], gw.pid());
+}

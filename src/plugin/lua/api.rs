@@ -1587,6 +1587,7 @@ fn install_require(lua: &Lua, settings: &Settings) -> mlua::Result<()> {
     super::crypto::install(lua, &preload)?;
     super::compress::install(lua, &preload)?;
     super::pkey::install(lua, &preload)?;
+    super::semaphore::install(lua, &preload)?;
     package.set(
         "path",
         package_path(&settings.package_path, &package.get::<String>("path")?),

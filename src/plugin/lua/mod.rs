@@ -23,6 +23,7 @@ mod pkey;
 mod prelude;
 mod re;
 pub mod runtime;
+mod semaphore;
 pub mod shared_dict;
 pub mod timer;
 mod watchdog;
