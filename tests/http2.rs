@@ -454,3 +454,48 @@ fn floods_cost_only_the_offending_connection() {
     }
     assert!(serves(), "still serving");
 }
+
+#[test]
+fn a_stream_the_client_resets_mid_request_is_logged() {
+    let up = Upstream::slow(Duration::from_secs(20));
+    let gw = Gateway::start(&h2_config("", &proxy_route("slow", "/*", &up.node(), "")));
+    let mut s = TcpStream::connect(gw.addr()).expect("connect");
+    let mut open = http2_preface_and_settings();
+    open.extend(frame(
+        HEADERS,
+        END_HEADERS | END_STREAM,
+        1,
+        &get_headers_block(),
+    ));
+    s.write_all(&open).expect("send the request");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while up.requests() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the request never reached the upstream"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // CANCEL while the upstream is still working on it.
+    s.write_all(&frame(RST_STREAM, 0, 1, &8u32.to_be_bytes()))
+        .expect("send RST_STREAM");
+    assert!(
+        gw.wait_for_log(
+            "HTTP/2 client reset the stream before its response",
+            Duration::from_secs(20)
+        ),
+        "{}",
+        gw.logs()
+    );
+    let logs = gw.logs();
+    let line = logs
+        .lines()
+        .find(|l| l.contains("client reset the stream"))
+        .unwrap_or_default();
+    assert!(line.contains("INFO"), "{line}");
+    assert!(
+        line.contains("method=GET") && line.contains("path=/"),
+        "{line}"
+    );
+    assert!(line.contains("reason=CANCEL"), "{line}");
+}

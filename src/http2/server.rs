@@ -234,12 +234,17 @@ async fn serve_stream<H, F, B>(
         }
     };
     let head_request = req.method() == Method::HEAD;
+    // For the log line of a reset (refcount bumps, no copy of the text).
+    let (method, uri) = (req.method().clone(), req.uri().clone());
     // The client may reset the stream while the handler works: the handler (and its upstream
     // request) is dropped then.
     let res = tokio::select! {
         res = handler(req) => res,
-        _ = poll_fn(|cx| respond.poll_reset(cx)) => {
+        r = poll_fn(|cx| respond.poll_reset(cx)) => {
             shared.note_reset();
+            // nginx logs such a request with status 499; this is its line here (the handler,
+            // dropped, writes no access log).
+            tracing::info!(%method, path = %uri.path(), reason = %reset_reason(r), "HTTP/2 client reset the stream before its response");
             return;
         }
     };
@@ -272,7 +277,10 @@ async fn serve_stream<H, F, B>(
     }
     if let Err(e) = send_body(&mut send, body).await {
         match e {
-            SendError::Reset => shared.note_reset(),
+            SendError::Reset => {
+                shared.note_reset();
+                tracing::info!(%method, path = %uri.path(), "HTTP/2 client reset the stream during its response body");
+            }
             SendError::Body(e) => {
                 tracing::debug!("HTTP/2 response body failed: {e}");
                 send.send_reset(h2::Reason::INTERNAL_ERROR);
@@ -281,6 +289,14 @@ async fn serve_stream<H, F, B>(
         }
     }
     drop(guard);
+}
+
+/// What a client's RST_STREAM said (its error code's name).
+fn reset_reason(r: Result<h2::Reason, h2::Error>) -> String {
+    match r {
+        Ok(reason) => format!("{reason:?}"),
+        Err(e) => e.to_string(),
+    }
 }
 
 enum SendError {
