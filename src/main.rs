@@ -336,6 +336,12 @@ fn serve(path: &std::path::Path, mut inherited: supervisor::Inherited) -> ExitCo
         }
         None => None,
     };
+    // Before anything says it serves: a SIGHUP or SIGTERM from then on (a `systemctl reload`
+    // right after start) must find its handler, not end the process.
+    let signals = {
+        let _rt = rt.enter();
+        Signals::install()
+    };
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let handles = match proxy::start_workers(node.clone(), gw.clone(), listeners, shutdown_rx) {
         Ok(h) => h,
@@ -363,7 +369,7 @@ fn serve(path: &std::path::Path, mut inherited: supervisor::Inherited) -> ExitCo
         path.display()
     );
     rt.block_on(async {
-        wait_for_signal(&reloader).await;
+        wait_for_signal(signals, &reloader).await;
         tracing::info!(
             "shutting down: no new connections; in-flight requests get up to {}s",
             node.proxy.graceful_shutdown_timeout
@@ -377,26 +383,46 @@ fn serve(path: &std::path::Path, mut inherited: supervisor::Inherited) -> ExitCo
     ExitCode::SUCCESS
 }
 
+/// The signals the serving process takes: SIGTERM and SIGINT stop it, SIGHUP reloads.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Installs the handlers (inside a tokio runtime context); None, logged, if that fails.
+    fn install() -> Option<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let installed = (|| {
+            Ok::<_, std::io::Error>(Signals {
+                term: signal(SignalKind::terminate())?,
+                int: signal(SignalKind::interrupt())?,
+                hup: signal(SignalKind::hangup())?,
+            })
+        })();
+        match installed {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!("cannot watch SIGTERM/SIGINT/SIGHUP: {e}");
+                None
+            }
+        }
+    }
+}
+
 /// Waits for SIGTERM or SIGINT (the caller then shuts down). SIGHUP rebuilds from the files
 /// meanwhile, as `PUT /apisix/admin/plugins/reload` does (nginx reloads its config on SIGHUP).
-async fn wait_for_signal(reloader: &Arc<Reloader>) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (mut term, mut hup) = match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::hangup()),
-    ) {
-        (Ok(t), Ok(h)) => (t, h),
-        (Err(e), _) | (_, Err(e)) => {
-            tracing::warn!("cannot watch SIGTERM/SIGHUP: {e}");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
+async fn wait_for_signal(signals: Option<Signals>, reloader: &Arc<Reloader>) {
+    let Some(mut s) = signals else {
+        let _ = tokio::signal::ctrl_c().await;
+        return;
     };
     loop {
         tokio::select! {
-            _ = term.recv() => return,
-            _ = tokio::signal::ctrl_c() => return,
-            _ = hup.recv() => {
+            _ = s.term.recv() => return,
+            _ = s.int.recv() => return,
+            _ = s.hup.recv() => {
                 let reloader = reloader.clone();
                 // A failed build is logged and kept by the reloader.
                 let _ = tokio::task::spawn_blocking(move || reloader.rebuild("SIGHUP", true)).await;

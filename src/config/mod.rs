@@ -704,7 +704,7 @@ pub fn parse_partial(text: &str, file: Option<&Path>) -> Result<Partial, ConfigE
     };
 
     let mut take_list = |key: &str, errors: &mut Vec<ConfigError>| -> Vec<Value> {
-        match top.remove(key) {
+        match top.shift_remove(key) {
             None | Some(Value::Null) => Vec::new(),
             Some(Value::Array(items)) => items,
             Some(_) => {
@@ -769,7 +769,7 @@ pub fn parse_partial(text: &str, file: Option<&Path>) -> Result<Partial, ConfigE
             Err(e) => {
                 let key = top_key(&e.path).to_string();
                 p.errors.push(e);
-                if top.remove(&key).is_none() {
+                if top.shift_remove(&key).is_none() {
                     break;
                 }
                 p.unparsed_node.push(key);
@@ -903,6 +903,43 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("listen"), "{e}");
+    }
+
+    #[test]
+    fn a_partial_parse_keeps_what_parses_and_maps_paths_back() {
+        let p = parse_partial(
+            "routes:\n  - id: a\n    urii: /x\n  - id: b\n    uri: /b\nconsumers:\n  - username: 5x\n    plugins: 1\n  - username: u\n  - id: u/credentials/c\n    plugins: {}\nworkers: x\nlistne: 1\n",
+            None,
+        )
+        .unwrap();
+        assert_eq!(p.doc.routes.len(), 1);
+        assert_eq!(p.text_path("routes[0].plugins.x"), "routes[1].plugins.x");
+        assert_eq!(p.text_path("credentials[0].id"), "consumers[2].id");
+        assert_eq!(p.text_path("consumers[0]"), "consumers[1]");
+        assert_eq!(p.text_path("admin.key"), "admin.key");
+        assert!(p.unparsed("routes", "a") && !p.unparsed("routes", "b"));
+        assert!(p.unparsed("consumers", "5x"));
+        // Both bad node settings are found; the rest keep their defaults.
+        assert_eq!(p.unparsed_node, ["workers", "listne"]);
+        let paths: Vec<_> = p.errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "routes[0].urii",
+                "consumers[0].plugins",
+                "workers",
+                "listne"
+            ]
+        );
+        assert_eq!(p.keys, ["routes", "consumers", "workers", "listne"]);
+    }
+
+    #[test]
+    fn a_syntax_error_names_the_file() {
+        let e = parse_partial("a: [1\n", Some(Path::new("conf/x.yaml"))).unwrap_err();
+        assert!(e.0[0].path.starts_with("conf/x.yaml:2:1"), "{e}");
+        let e = parse_partial("a: [1\n", None).unwrap_err();
+        assert!(e.0[0].message.starts_with("not valid YAML/JSON: "), "{e}");
     }
 
     #[test]
