@@ -15,6 +15,7 @@ pub mod health;
 pub mod host;
 pub mod http1;
 pub mod http2;
+pub mod metrics;
 pub mod plugin;
 pub mod plugins;
 pub mod proxy;

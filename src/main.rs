@@ -252,6 +252,10 @@ fn serve(path: &std::path::Path, mut inherited: supervisor::Inherited) -> ExitCo
         Err(errors) => return refuse(&errors),
     };
     let node: Arc<NodeConfig> = Arc::new(snap.doc.node.clone());
+    // Checked by the start-up already (`startup::node_problems`).
+    if let Ok(s) = moongate::metrics::Settings::from_node(&node) {
+        moongate::metrics::init(s);
+    }
     let routes = snap.routes.len();
     let gw = Arc::new(Gateway::new(snap));
     let reloader = Arc::new(Reloader::new(
@@ -342,6 +346,13 @@ fn serve(path: &std::path::Path, mut inherited: supervisor::Inherited) -> ExitCo
         let _rt = rt.enter();
         Signals::install()
     };
+    let metric_sources: Vec<Arc<dyn moongate::metrics::expose::Source>> = vec![Arc::new(
+        moongate::metrics::sources::ConfigSource(reloader.clone()),
+    )];
+    if let Err(e) = moongate::metrics::start_export(rt.handle(), metric_sources) {
+        tracing::error!("{e}");
+        return ExitCode::FAILURE;
+    }
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let handles = match proxy::start_workers(node.clone(), gw.clone(), listeners, shutdown_rx) {
         Ok(h) => h,

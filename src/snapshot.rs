@@ -273,6 +273,11 @@ pub struct RouteEntry {
     pub id: String,
     pub name: Option<String>,
     pub service_id: Option<String>,
+    /// The name of the route's service, if it has one (metrics' `prefer_name`).
+    pub service_name: Option<String>,
+    /// The host patterns the route matches (its own or its service's), lower-cased; empty
+    /// for any host. Metrics name the one that matched (`matched_host`).
+    pub hosts: Vec<String>,
     /// The route's plugins, with its service's merged in (the route's conf wins by name).
     pub chain: Chain,
     pub upstream: Option<Arc<UpstreamEntry>>,
@@ -423,6 +428,7 @@ pub fn build(
         upstream: Option<Arc<UpstreamEntry>>,
         hosts: Option<Vec<String>>,
         enable_websocket: Option<bool>,
+        name: Option<String>,
     }
     let mut services: HashMap<String, ServiceEntry> = HashMap::new();
     for (i, s) in doc.services.iter().enumerate() {
@@ -464,6 +470,7 @@ pub fn build(
                         .as_ref()
                         .map(|hs| route_hosts(&format!("{path}.hosts"), hs, true, &mut errors)),
                     enable_websocket: s.enable_websocket,
+                    name: s.name.clone(),
                 },
             )
             .is_some()
@@ -641,6 +648,7 @@ pub fn build(
         if r.status == 0 {
             continue;
         }
+        let matched_hosts = hosts.clone();
         specs.push(RouteSpec {
             id: id.0.clone(),
             uris,
@@ -660,6 +668,8 @@ pub fn build(
             id: id.0.clone(),
             name: r.name.clone(),
             service_id: r.service_id.as_ref().map(|s| s.0.clone()),
+            service_name: service.and_then(|s| s.name.clone()),
+            hosts: matched_hosts,
             chain: Chain::new(entries),
             upstream,
             timeout: r.timeout,

@@ -79,9 +79,9 @@ pub fn build(partial: Partial) -> Result<Snapshot, ConfigErrors> {
     }
 }
 
-/// The node settings `run` refuses beyond their types: the Admin API key and the `etcd`
-/// section (what can be checked without contacting etcd). The supervisor checks them before
-/// it binds anything.
+/// The node settings `run` refuses beyond their types: the Admin API key, the `etcd`
+/// section (what can be checked without contacting etcd) and the metrics settings
+/// (`plugin_attr.prometheus`). The supervisor checks them before it binds anything.
 pub fn node_problems(node: &NodeConfig) -> Vec<ConfigError> {
     let mut errors = Vec::new();
     if let Some(admin) = &node.admin {
@@ -106,6 +106,9 @@ pub fn node_problems(node: &NodeConfig) -> Vec<ConfigError> {
                 }
             }
         }
+    }
+    if let Err(e) = crate::metrics::Settings::from_node(node) {
+        errors.push(e);
     }
     errors
 }

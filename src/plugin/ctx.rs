@@ -49,6 +49,16 @@ pub struct Ctx {
     /// The node the request went to, `host:port`.
     pub upstream_addr: Option<Arc<str>>,
     pub upstream_status: Option<u16>,
+    /// When the proxy started on the upstream (its first connection attempt): the upstream
+    /// latency and `$upstream_response_time` run from here.
+    pub upstream_start: Option<Instant>,
+    /// Bytes of the response sent to the client so far: the head (estimated when it is
+    /// written) and the body frames handed to the server (nginx's `$bytes_sent`).
+    pub bytes_sent: u64,
+    /// Body bytes of the response handed to the server (nginx's `$body_bytes_sent`).
+    pub body_bytes_sent: u64,
+    /// Counts the request as in flight for the metrics until the ctx is dropped.
+    _in_flight: crate::metrics::store::InFlight,
     /// The status sent to the client (0 until the response head is known).
     pub status: u16,
     /// APISIX's `conf_type`, `conf_id`, `conf_version` for the route (and service) in effect.
@@ -135,6 +145,10 @@ impl Ctx {
             upstream_host: None,
             upstream_addr: None,
             upstream_status: None,
+            upstream_start: None,
+            bytes_sent: 0,
+            body_bytes_sent: 0,
+            _in_flight: crate::metrics::store::InFlight::new(),
             status: 0,
             conf_type: "",
             conf_id: Arc::from(""),

@@ -1,6 +1,7 @@
 //! Native (Rust) plugins shipped with moongate.
 
 pub mod openfunction;
+pub mod prometheus;
 pub mod response_headers;
 
 use std::sync::Arc;
@@ -12,5 +13,6 @@ pub fn native() -> Vec<Arc<dyn Plugin>> {
     vec![
         Arc::new(response_headers::ResponseHeaders),
         Arc::new(openfunction::OpenFunction),
+        Arc::new(prometheus::Prometheus),
     ]
 }

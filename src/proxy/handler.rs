@@ -258,6 +258,7 @@ async fn proxy(
             max_requests: 1000,
         },
     };
+    ctx.upstream_start = Some(std::time::Instant::now());
     if cfg.scheme.is_http2() {
         let nodes = std::iter::once(first)
             .chain(order)
@@ -542,6 +543,7 @@ pub(super) fn respond(
         filter_body = chain::any_has(&chains, &[Phase::BodyFilter]);
     }
     ctx.status = head.status.as_u16();
+    ctx.bytes_sent += head_size(&head.headers, raw.as_ref());
     if filter_body {
         // The body may change size: let it go out chunked.
         head.headers.remove(header::CONTENT_LENGTH);
@@ -570,6 +572,18 @@ pub(super) fn respond(
     *res.status_mut() = head.status;
     *res.headers_mut() = head.headers;
     res
+}
+
+/// The response head's size on the wire, estimated: status line, header lines, the blank
+/// line (nginx's `$bytes_sent` counts the head too). The `Server`, `Date` and framing lines
+/// the server adds come to about this much.
+fn head_size(headers: &HeaderMap, raw: Option<&RawHead>) -> u64 {
+    let mut n = 17 + 2 + 60;
+    for (k, v) in headers {
+        n += k.as_str().len() + v.len() + 4;
+    }
+    n += raw.map_or(0, |r| r.lines.len());
+    n as u64
 }
 
 /// Response headers a plugin set before the response existed replace the response's own of
@@ -702,6 +716,14 @@ pub struct GatewayBody {
 }
 
 impl GatewayBody {
+    /// Counts body bytes handed to the server (`$body_bytes_sent`, `$bytes_sent`).
+    fn count_sent(&mut self, n: usize) {
+        if let Some(f) = self.finish.as_mut() {
+            f.ctx.body_bytes_sent += n as u64;
+            f.ctx.bytes_sent += n as u64;
+        }
+    }
+
     /// Makes the response (a `101`) one that switches the client's connection to a tunnel to
     /// `peer`.
     pub(super) fn set_tunnel(&mut self, peer: tunnel::Peer) {
@@ -842,7 +864,13 @@ impl Body for GatewayBody {
                         Ok(d) => d,
                         Err(frame) => return Poll::Ready(Some(Ok(frame))),
                     };
-                    if !this.finish.as_ref().is_some_and(|f| f.filter_body) {
+                    if let Some(f) = this.finish.as_mut() {
+                        if !f.filter_body {
+                            f.ctx.body_bytes_sent += data.len() as u64;
+                            f.ctx.bytes_sent += data.len() as u64;
+                            return Poll::Ready(Some(Ok(Frame::data(data))));
+                        }
+                    } else {
                         return Poll::Ready(Some(Ok(Frame::data(data))));
                     }
                     match this.filter(data, false) {
@@ -858,6 +886,7 @@ impl Body for GatewayBody {
                                 }
                                 continue;
                             }
+                            this.count_sent(chunk.data.len());
                             return Poll::Ready(Some(Ok(Frame::data(chunk.data))));
                         }
                         Err(e) => {
@@ -888,6 +917,7 @@ impl Body for GatewayBody {
                     } else {
                         Bytes::new()
                     };
+                    this.count_sent(last.len());
                     this.end(Outcome::Completed);
                     if last.is_empty() {
                         return Poll::Ready(None);

@@ -224,6 +224,7 @@ async fn serve_connection(
     shutdown: watch::Receiver<bool>,
     _guard: ActiveGuard,
 ) {
+    let _counted = crate::metrics::store::ConnectionGuard::new();
     let proxy = &env.node.proxy;
     let header_timeout = Duration::from_secs_f64(proxy.client_header_timeout.max(0.001));
     // The client address and port as the forwarding headers carry them: formatted once per

@@ -23,6 +23,7 @@
 
 pub mod health;
 pub mod lua_libs;
+pub mod observability;
 
 use std::convert::Infallible;
 use std::future::Future;

@@ -623,6 +623,18 @@ pub fn configure(extra: &BTreeMap<String, crate::config::ShmSize>) {
     }
 }
 
+/// Every declared dictionary with its name, sorted by name (for the metrics).
+pub fn all() -> Vec<(String, Arc<SharedDict>)> {
+    let mut v: Vec<_> = registry()
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .map(|(k, d)| (k.clone(), d.clone()))
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
 /// The dictionary called `name`, if declared.
 pub fn lookup(name: &str) -> Option<Arc<SharedDict>> {
     registry()

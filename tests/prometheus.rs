@@ -1,0 +1,328 @@
+//! The `prometheus` plugin and its export server: a real scrape after known traffic, read
+//! with Prometheus' own parser (PyPI `prometheus-client`).
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use common::observability::{is, metrics_url, scrape, value, Sample};
+use common::*;
+
+/// An auth plugin that attaches the consumer whose `token` the `X-Token` header carries.
+const TOKEN_AUTH: &str = r#"
+local core = require("apisix.core")
+local consumer_mod = require("apisix.consumer")
+local _M = { version = 0.1, priority = 2600, type = "auth", name = "token-auth",
+             schema = { type = "object" } }
+function _M.check_schema(conf, schema_type)
+    if schema_type == core.schema.TYPE_CONSUMER then
+        return core.schema.check({ type = "object", properties = { token = { type = "string" } },
+                                   required = { "token" } }, conf)
+    end
+    return core.schema.check(_M.schema, conf)
+end
+function _M.rewrite(conf, ctx)
+    local token = core.request.header(ctx, "X-Token")
+    local consumer, consumer_conf = consumer_mod.find_consumer("token-auth", "token", token or "")
+    if not consumer then
+        return 401, { message = "Invalid token" }
+    end
+    consumer_mod.attach_consumer(ctx, consumer, consumer_conf)
+end
+return _M
+"#;
+
+fn config(up: &Upstream) -> String {
+    let node = up.node();
+    format!(
+        "workers: 2\n\
+plugin_attr:\n  prometheus:\n    export_addr: {{ip: 127.0.0.1, port: 0}}\n    metrics:\n      http_status:\n        extra_labels:\n          - method: $request_method\n\
+global_rules:\n  - id: g\n    plugins:\n      prometheus: {{}}\n\
+services:\n  - id: s1\n    name: shop\n    upstream:\n      nodes:\n        \"{node}\": 1\n\
+routes:\n\
+\x20 - id: r1\n    name: hello\n    uri: /hello\n    service_id: s1\n    plugins:\n      prometheus: {{prefer_name: true}}\n\
+\x20 - id: r2\n    uris: [/auth, /auth2]\n    hosts: [\"*.example.com\"]\n    plugins:\n      token-auth: {{}}\n    upstream:\n      nodes:\n        \"{node}\": 1\n\
+\x20 - id: r3\n    uri: /nowhere\n    upstream:\n      nodes:\n        \"127.0.0.1:{closed}\": 1\n\
+consumers:\n  - username: jack\n    plugins:\n      token-auth: {{token: jack-token}}\n",
+        closed = closed_port()
+    )
+}
+
+fn samples_named<'a>(samples: &'a [Sample], name: &str) -> Vec<&'a Sample> {
+    samples.iter().filter(|s| is(s, name)).collect()
+}
+
+#[test]
+fn a_scrape_after_known_traffic_counts_it_exactly() {
+    let up = Upstream::echo();
+    let gw = Gateway::start_with_plugins(&[("token-auth", TOKEN_AUTH)], &config(&up));
+    let url = metrics_url(&gw);
+
+    for _ in 0..5 {
+        assert_eq!(get(&gw.url("/hello")).status, 200);
+    }
+    for _ in 0..3 {
+        assert_eq!(get(&gw.url("/no-route")).status, 404);
+    }
+    for path in ["/auth", "/auth2"] {
+        let r = Req::get(&gw.url(path))
+            .header("host", "a.example.com")
+            .header("x-token", "jack-token")
+            .send();
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let r = Req::post(&gw.url("/auth"))
+        .header("host", "b.example.com")
+        .body("12345")
+        .send();
+    assert_eq!(r.status, 401);
+    assert_eq!(get(&gw.url("/nowhere")).status, 502);
+
+    // The log phase runs once the response is sent, so the last request may still be
+    // recording as the client reads it: scrape until all 12 are in (bounded).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (ctype, s, text) = loop {
+        let got = scrape(&url, None);
+        let total: f64 = samples_named(&got.1, "apisix_http_status")
+            .iter()
+            .map(|x| x.value)
+            .sum();
+        if total >= 12.0 || Instant::now() > deadline {
+            break got;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(ctype.starts_with("text/plain; version=0.0.4"), "{ctype}");
+    // APISIX's names as its exporter writes them.
+    assert!(
+        text.contains("\n# TYPE apisix_http_status counter\napisix_http_status{code="),
+        "{text}"
+    );
+
+    // The route's own conf (prefer_name) wins over the global rule's: one count each, by name.
+    let status = |labels: &[(&str, &str)]| value(&s, "apisix_http_status", labels);
+    assert_eq!(
+        status(&[
+            ("code", "200"),
+            ("route", "hello"),
+            ("matched_uri", "/hello"),
+            ("matched_host", ""),
+            ("service", "shop"),
+            ("consumer", ""),
+            ("node", "127.0.0.1"),
+            ("method", "GET"),
+        ]),
+        5.0
+    );
+    assert_eq!(status(&[("code", "200"), ("route", "r1")]), 0.0);
+    // No route: the global rule records it with empty route labels.
+    assert_eq!(
+        status(&[
+            ("code", "404"),
+            ("route", ""),
+            ("matched_uri", ""),
+            ("node", "")
+        ]),
+        3.0
+    );
+    for uri in ["/auth", "/auth2"] {
+        assert_eq!(
+            status(&[
+                ("code", "200"),
+                ("route", "r2"),
+                ("matched_uri", uri),
+                ("matched_host", "*.example.com"),
+                ("consumer", "jack"),
+            ]),
+            1.0,
+            "{uri}"
+        );
+    }
+    assert_eq!(
+        status(&[
+            ("code", "401"),
+            ("route", "r2"),
+            ("consumer", ""),
+            ("node", ""),
+            ("method", "POST"),
+        ]),
+        1.0
+    );
+    assert_eq!(status(&[("code", "502"), ("route", "r3")]), 1.0);
+    let total: f64 = samples_named(&s, "apisix_http_status")
+        .iter()
+        .map(|x| x.value)
+        .sum();
+    assert_eq!(total, 12.0);
+
+    // Latency histograms: buckets are cumulative and +Inf is the count.
+    let counts = samples_named(&s, "apisix_http_latency_count");
+    assert!(!counts.is_empty());
+    for c in &counts {
+        let mut buckets: Vec<&Sample> = s
+            .iter()
+            .filter(|b| {
+                b.name == "apisix_http_latency_bucket"
+                    && c.labels.iter().all(|(k, v)| b.labels.get(k) == Some(v))
+            })
+            .collect();
+        buckets.sort_by(|a, b| {
+            let le = |x: &Sample| {
+                x.labels["le"]
+                    .as_str()
+                    .unwrap()
+                    .parse::<f64>()
+                    .unwrap_or(f64::INFINITY)
+            };
+            le(a).partial_cmp(&le(b)).unwrap()
+        });
+        assert_eq!(buckets.len(), 16, "{:?}", c.labels);
+        assert!(buckets.windows(2).all(|w| w[0].value <= w[1].value));
+        assert_eq!(buckets.last().unwrap().labels["le"], "+Inf");
+        assert_eq!(buckets.last().unwrap().value, c.value, "{:?}", c.labels);
+    }
+    let lat = |t: &str, route: &str| {
+        value(
+            &s,
+            "apisix_http_latency_count",
+            &[("type", t), ("route", route), ("consumer", "")],
+        )
+    };
+    assert_eq!(lat("request", "hello"), 5.0);
+    assert_eq!(lat("upstream", "hello"), 5.0);
+    assert_eq!(lat("apisix", "hello"), 5.0);
+    // A request no upstream answered has no upstream latency.
+    assert_eq!(lat("request", ""), 3.0);
+    assert_eq!(lat("upstream", ""), 0.0);
+    assert_eq!(lat("upstream", "r3"), 0.0);
+    assert_eq!(lat("request", "r3"), 1.0);
+
+    // Bandwidth: the 401 answered a 5-byte body; egress counts every response byte.
+    let ingress = value(
+        &s,
+        "apisix_bandwidth",
+        &[("type", "ingress"), ("route", "r2"), ("consumer", "")],
+    );
+    assert!(ingress > 5.0, "{ingress}");
+    let egress = value(
+        &s,
+        "apisix_bandwidth",
+        &[("type", "egress"), ("route", "hello")],
+    );
+    assert!(egress > 5.0 * 100.0, "{egress}");
+
+    // Node gauges.
+    assert!(value(&s, "apisix_http_requests_total", &[]) >= 12.0);
+    let info = samples_named(&s, "apisix_node_info");
+    assert_eq!(info.len(), 1);
+    assert_eq!(info[0].labels["version"], env!("CARGO_PKG_VERSION"));
+    assert!(
+        value(
+            &s,
+            "apisix_shared_dict_capacity_bytes",
+            &[("name", "internal-status")]
+        ) > 0.0
+            || !samples_named(&s, "apisix_shared_dict_capacity_bytes").is_empty()
+    );
+    assert_eq!(value(&s, "moongate_config_generation", &[]), 1.0);
+    assert_eq!(value(&s, "moongate_config_reloads_refused_total", &[]), 0.0);
+    let reloads = s
+        .iter()
+        .find(|x| x.name == "moongate_config_reloads_total")
+        .expect("reloads counter");
+    assert_eq!(reloads.kind, "counter");
+
+    // OpenMetrics on Accept: the same names (APISIX's counters keep theirs), and the strict
+    // OpenMetrics parser reads it.
+    let (ctype, om, om_text) = scrape(
+        &url,
+        Some("application/openmetrics-text;version=1.0.0;q=0.5,text/plain;version=0.0.4;q=0.4"),
+    );
+    assert!(ctype.starts_with("application/openmetrics-text"), "{ctype}");
+    assert!(om_text.contains("\napisix_http_status{code="), "{om_text}");
+    assert_eq!(
+        value(
+            &om,
+            "apisix_http_status",
+            &[("code", "200"), ("route", "hello")]
+        ),
+        5.0
+    );
+    assert_eq!(
+        value(&om, "moongate_config_reloads_refused_total", &[]),
+        0.0
+    );
+
+    // Other paths on the export server are 404.
+    assert_eq!(
+        get(&url.replace("/apisix/prometheus/metrics", "/x")).status,
+        404
+    );
+}
+
+/// `apisix_nginx_http_current_connections` by state, from one scrape.
+fn connections(url: &str) -> std::collections::HashMap<String, f64> {
+    let (_, s, _) = scrape(url, None);
+    s.iter()
+        .filter(|x| x.name == "apisix_nginx_http_current_connections")
+        .map(|x| {
+            (
+                x.labels["state"].as_str().unwrap_or("").to_string(),
+                x.value,
+            )
+        })
+        .collect()
+}
+
+/// One keep-alive request on a raw socket, left open.
+fn open_idle(gw: &Gateway) -> TcpStream {
+    let mut c = TcpStream::connect(gw.addr()).expect("connect");
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.write_all(b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    let mut got = Vec::new();
+    while !got.windows(5).any(|w| w == b"hello" || w == b"\"uri\"") {
+        let n = c.read(&mut buf).expect("read");
+        assert!(n > 0, "closed");
+        got.extend_from_slice(&buf[..n]);
+    }
+    c
+}
+
+#[test]
+fn the_connections_gauge_follows_open_connections() {
+    let up = Upstream::text("hello");
+    let gw = Gateway::start(&format!(
+        "plugin_attr:\n  prometheus:\n    export_addr: {{ip: 127.0.0.1, port: 0}}\nroutes:\n  - id: h\n    uri: /hello\n    upstream:\n      nodes:\n        \"{}\": 1\n",
+        up.node()
+    ));
+    let url = metrics_url(&gw);
+    let before = connections(&url);
+    let conns: Vec<TcpStream> = (0..3).map(|_| open_idle(&gw)).collect();
+    let open = connections(&url);
+    assert_eq!(open["active"], before["active"] + 3.0, "{open:?}");
+    assert_eq!(open["waiting"], before["waiting"] + 3.0, "{open:?}");
+    assert_eq!(open["writing"], 0.0, "{open:?}");
+    assert_eq!(open["accepted"], before["accepted"] + 3.0, "{open:?}");
+    assert_eq!(open["handled"], open["accepted"], "{open:?}");
+    drop(conns);
+    // The server notices the closes on its own time: poll, bounded.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while connections(&url)["active"] != before["active"] {
+        assert!(Instant::now() < deadline, "connections still counted");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_bad_export_setting_stops_the_start_with_its_path() {
+    let (code, out) = check("plugin_attr:\n  prometheus:\n    default_buckets: [10, 5]\n");
+    assert_ne!(code, 0);
+    assert!(
+        out.contains("plugin_attr.prometheus.default_buckets[1]: buckets must be increasing"),
+        "{out}"
+    );
+}
