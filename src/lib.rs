@@ -11,6 +11,7 @@
 pub mod admin;
 pub mod body;
 pub mod config;
+pub mod control;
 pub mod health;
 pub mod host;
 pub mod http1;

@@ -340,6 +340,23 @@ fn serve(path: &std::path::Path, mut inherited: supervisor::Inherited) -> ExitCo
         }
         None => None,
     };
+    // APISIX's control API. An address in use is logged and leaves it off: it is an
+    // operator's window, not worth refusing to serve traffic for.
+    if node.enable_control {
+        let addr = node.control.addr();
+        match inherited.listeners.take_or_bind(
+            moongate::control::ROLE,
+            addr,
+            supervisor::Sharing::Single,
+        ) {
+            Ok(l) => {
+                if let Err(e) = moongate::control::start(l, gw.clone(), rt.handle()) {
+                    tracing::error!("control API: {e}; it is off");
+                }
+            }
+            Err(e) => tracing::error!("control API: {e}; it is off"),
+        }
+    }
     // Before anything says it serves: a SIGHUP or SIGTERM from then on (a `systemctl reload`
     // right after start) must find its handler, not end the process.
     let signals = {

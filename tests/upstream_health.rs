@@ -220,8 +220,7 @@ fn a_reload_that_leaves_the_upstream_alone_keeps_its_health() {
     let b = Node::start();
     a.set_failing(true);
     let checks = "      active:\n        http_path: /health\n        healthy: {interval: 1}\n        unhealthy: {interval: 1, http_failures: 1}\n";
-    let yaml = route(&[&a, &b], checks);
-    let gw = Gateway::start(&yaml);
+    let gw = Gateway::start(&route(&[&a, &b], checks));
     assert!(
         poll_until(WAIT, || marked_down(&gw, &a) == 1),
         "{}",
@@ -229,11 +228,12 @@ fn a_reload_that_leaves_the_upstream_alone_keeps_its_health() {
     );
 
     // Another route changes; the upstream does not.
-    let edited = format!("{yaml}  # edited\n").replace(
+    let file = std::fs::read_to_string(gw.config_path()).expect("read config");
+    let edited = format!("{file}  # edited\n").replace(
         "routes:\n",
         "routes:\n  - id: r2\n    uri: /other\n    upstream_id: u1\n",
     );
-    std::fs::write(gw.config_path(), format!("listen: 127.0.0.1:0\n{edited}")).expect("write");
+    std::fs::write(gw.config_path(), &edited).expect("write");
     assert!(gw.wait_for_log("new configuration generation is serving", WAIT));
     // A fresh state would start with the node healthy and send it about half of these.
     let before = a.traffic();
@@ -249,7 +249,7 @@ fn a_reload_that_leaves_the_upstream_alone_keeps_its_health() {
         &format!("\"{}\": 1", a.node()),
         &format!("\"{}\": 2", a.node()),
     );
-    std::fs::write(gw.config_path(), format!("listen: 127.0.0.1:0\n{changed}")).expect("write");
+    std::fs::write(gw.config_path(), changed).expect("write");
     assert!(
         poll_until(WAIT, || marked_down(&gw, &a) == 2),
         "{}",
@@ -283,4 +283,116 @@ fn bad_checks_are_refused_with_the_field_path() {
     assert!(out.contains("missing field `active`"), "{out}");
     let (code, out) = check(&format!("{base}        active: {{}}\n"));
     assert_eq!(code, 0, "{out}");
+}
+
+#[test]
+fn the_control_api_shows_node_health_in_apisix_s_shapes() {
+    let a = Node::start();
+    let b = Node::start();
+    a.set_failing(true);
+    let checks = "      active:\n        http_path: /health\n        unhealthy: {interval: 1, http_failures: 1}\n";
+    // u1 (a named upstream, used by r1) and r2's inline upstream.
+    let yaml = route(&[&a, &b], checks).replace(
+        "upstreams:\n",
+        &format!(
+            "  - id: r2\n    uri: /inline\n    upstream:\n      nodes: {{\"{}\": 1}}\n      checks:\n        active: {{type: tcp}}\nupstreams:\n",
+            b.node()
+        ),
+    );
+    let yaml = format!("control: {{ip: 127.0.0.1, port: 0}}\n{yaml}");
+    let gw = Gateway::start(&yaml);
+    let control = gw.control_addr();
+    let url = |p: &str| format!("http://{control}{p}");
+    assert!(
+        poll_until(WAIT, || marked_down(&gw, &a) == 1),
+        "{}",
+        gw.logs()
+    );
+
+    let all = get(&url("/v1/healthcheck"));
+    assert_eq!(all.status, 200);
+    let all = all.json();
+    let names: Vec<&str> = all
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter_map(|c| c["name"].as_str())
+        .collect();
+    assert_eq!(names, ["/apisix/routes/r2", "/apisix/upstreams/u1"]);
+    assert_eq!(all[0]["type"], "tcp");
+
+    let one = get(&url("/v1/healthcheck/upstreams/u1"));
+    assert_eq!(one.status, 200);
+    let one = one.json();
+    assert_eq!(
+        (one["name"].as_str(), one["type"].as_str()),
+        (Some("/apisix/upstreams/u1"), Some("http"))
+    );
+    let node = |port: u16| {
+        one["nodes"]
+            .as_array()
+            .and_then(|ns| ns.iter().find(|n| n["port"] == port).cloned())
+            .expect("node listed")
+    };
+    let down = node(a.port());
+    assert_eq!(down["ip"], "127.0.0.1");
+    assert!(
+        down["status"] == "unhealthy" || down["status"] == "mostly_unhealthy",
+        "{down}"
+    );
+    for k in ["success", "http_failure", "tcp_failure", "timeout_failure"] {
+        assert!(down["counter"][k].is_u64(), "{down}");
+    }
+    assert_eq!(node(b.port())["status"], "healthy");
+
+    // Recovery shows too.
+    a.set_failing(false);
+    assert!(poll_until(WAIT, || {
+        get(&url("/v1/healthcheck/upstreams/u1")).json()["nodes"]
+            .as_array()
+            .is_some_and(|ns| ns.iter().all(|n| n["status"] == "healthy"))
+    }));
+
+    // APISIX's errors.
+    let r = get(&url("/v1/healthcheck/upstreams/nope"));
+    assert_eq!(
+        (r.status, r.json()["error_msg"].as_str()),
+        (404, Some("upstreams[nope] not found"))
+    );
+    let r = get(&url("/v1/healthcheck/routes/r1"));
+    assert_eq!(
+        (r.status, r.json()["error_msg"].as_str()),
+        (404, Some("no checker for routes[r1]"))
+    );
+    let r = get(&url("/v1/healthcheck/plugins/1"));
+    assert_eq!(
+        (r.status, r.json()["error_msg"].as_str()),
+        (400, Some("invalid src type plugins"))
+    );
+
+    // A browser gets APISIX's table.
+    let r = Req::get(&url("/v1/healthcheck"))
+        .header("Accept", "text/html")
+        .send();
+    assert_eq!(r.header("content-type").as_deref(), Some("text/html"));
+    assert!(
+        r.text()
+            .contains(&format!("<td>127.0.0.1:{}</td>", a.port())),
+        "{}",
+        r.text()
+    );
+}
+
+#[test]
+fn a_control_address_in_use_leaves_the_control_api_off_and_traffic_served() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port();
+    let b = Node::start();
+    let gw = Gateway::start(&format!(
+        "control: {{ip: 127.0.0.1, port: {port}}}\nroutes:\n  - id: r1\n    uri: /x\n    upstream:\n      nodes: {{\"{}\": 1}}\n",
+        b.node()
+    ));
+    assert!(gw.wait_for_log("control API: ", WAIT), "{}", gw.logs());
+    assert!(gw.logs().contains("it is off"));
+    assert_eq!(get(&gw.url("/x")).status, 200);
 }

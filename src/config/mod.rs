@@ -499,6 +499,45 @@ pub struct NodeConfig {
     /// Per-plugin node attributes, APISIX's `plugin_attr`.
     #[serde(default)]
     pub plugin_attr: Map<String, Value>,
+    /// Serve APISIX's control API (`/v1/healthcheck`) on `control` (default true, as APISIX).
+    #[serde(default = "yes")]
+    pub enable_control: bool,
+    /// The control API's address, APISIX's `control: {ip, port}`.
+    #[serde(default)]
+    pub control: ControlConfig,
+}
+
+/// `control`: where the control API listens (APISIX's default 127.0.0.1:9090).
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ControlConfig {
+    #[serde(default = "default_control_ip")]
+    pub ip: std::net::IpAddr,
+    #[serde(default = "default_control_port")]
+    pub port: u16,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        ControlConfig {
+            ip: default_control_ip(),
+            port: default_control_port(),
+        }
+    }
+}
+
+impl ControlConfig {
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::new(self.ip, self.port)
+    }
+}
+
+fn default_control_ip() -> std::net::IpAddr {
+    std::net::IpAddr::from([127, 0, 0, 1])
+}
+
+fn default_control_port() -> u16 {
+    9090
 }
 
 fn yes() -> bool {

@@ -241,3 +241,22 @@ impl LoadClient {
         Ok((status, String::from_utf8_lossy(&body).into_owned()))
     }
 }
+
+impl super::Gateway {
+    /// The control API's address, from the gateway's `control API listening at http://ADDR`
+    /// line (waits up to 20 s for it).
+    pub fn control_addr(&self) -> SocketAddr {
+        assert!(
+            self.wait_for_log("control API listening at http://", Duration::from_secs(20)),
+            "no control API line; log:\n{}",
+            self.logs()
+        );
+        self.logs()
+            .lines()
+            .find_map(|l| {
+                let rest = l.split("control API listening at http://").nth(1)?;
+                rest.split_whitespace().next()?.parse().ok()
+            })
+            .expect("control address parses")
+    }
+}

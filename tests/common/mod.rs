@@ -149,14 +149,21 @@ pub struct Gateway {
     exit: Option<ExitStatus>,
 }
 
-/// Prepends `listen: 127.0.0.1:0` when the config sets no `listen` of its own, so tests
-/// never collide on ports.
+/// Prepends `listen: 127.0.0.1:0` when the config sets no `listen` of its own, and
+/// `enable_control: false` when it says nothing about the control API (APISIX's default
+/// address, 127.0.0.1:9090, is one port for every gateway), so tests never collide on ports.
 fn with_loopback_listen(yaml: &str) -> String {
-    if yaml.lines().any(|l| l.starts_with("listen:")) {
-        yaml.to_string()
-    } else {
-        format!("listen: 127.0.0.1:0\n{yaml}")
+    let mut out = String::new();
+    if !yaml.lines().any(|l| l.starts_with("listen:")) {
+        out.push_str("listen: 127.0.0.1:0\n");
     }
+    if !yaml
+        .lines()
+        .any(|l| l.starts_with("control:") || l.starts_with("enable_control:"))
+    {
+        out.push_str("enable_control: false\n");
+    }
+    out + yaml
 }
 
 impl Gateway {
