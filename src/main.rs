@@ -1,7 +1,7 @@
 //! The `moongate` command: `run` serves, `check` validates, `test` runs plugin tests.
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -63,6 +63,27 @@ enum Command {
         #[arg(long)]
         watch: bool,
     },
+    /// Work with plugin files.
+    Plugins {
+        #[command(subcommand)]
+        command: PluginsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PluginsCommand {
+    /// Copy APISIX's plugin files (and the apisix/plugins and apisix/utils modules they
+    /// require) from an APISIX release or checkout into a plugin folder, and say what each
+    /// one needs that neither moongate nor the checkout provides.
+    Import {
+        /// The APISIX tree (the folder that holds apisix/plugins).
+        apisix: PathBuf,
+        /// Plugins to import (default: all of them).
+        names: Vec<String>,
+        /// The plugin folder to write into (one of the config's plugin_dirs).
+        #[arg(long, default_value = "plugins")]
+        to: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -81,6 +102,9 @@ fn main() -> ExitCode {
             junit,
             watch,
         }),
+        Command::Plugins {
+            command: PluginsCommand::Import { apisix, names, to },
+        } => import_plugins(&apisix, &names, &to),
         Command::Run {
             config,
             single_process,
@@ -457,4 +481,48 @@ async fn wait_for_signal(signals: Option<Signals>, reloader: &Arc<Reloader>) {
             }
         }
     }
+}
+
+/// `moongate plugins import`: one line per plugin imported or skipped, then what each needs.
+fn import_plugins(apisix: &Path, names: &[String], to: &Path) -> ExitCode {
+    use moongate::plugin::import;
+    let provided = match moongate::plugin::lua::provided_modules() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("cannot start a Lua VM: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let natives: Vec<String> = moongate::plugins::native()
+        .iter()
+        .map(|p| p.name().to_string())
+        .collect();
+    let report = match import::import(apisix, names, to, &|m| provided.contains(m), &|n| {
+        natives.iter().any(|x| x == n)
+    }) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    for (name, files) in &report.imported {
+        match report.missing.get(name) {
+            None => println!("{name}: {} file(s)", files.len()),
+            Some(m) => println!(
+                "{name}: {} file(s); needs modules moongate does not provide: {}",
+                files.len(),
+                m.iter().cloned().collect::<Vec<_>>().join(", ")
+            ),
+        }
+    }
+    for (name, why) in &report.skipped {
+        println!("{name}: skipped: {why}");
+    }
+    println!(
+        "imported {} plugin(s) into {}; third-party Lua libraries (net.url, resty.session, ...) are installed with luarocks, as for APISIX (docs/compatibility.md)",
+        report.imported.len(),
+        to.display()
+    );
+    ExitCode::SUCCESS
 }

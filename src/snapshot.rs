@@ -119,8 +119,9 @@ impl Registry {
                 format!(
                     "unknown plugin [{name}]: it is not a native plugin and there is no {name}.lua \
                      or {name}/init.lua in plugin_dirs ({dirs}); APISIX's bundled plugin files run \
-                     unmodified: copy them into one of those folders (see \"APISIX's bundled Lua \
-                     plugins, unmodified\" in docs/compatibility.md)"
+                     unmodified: `moongate plugins import /path/to/apisix {name} --to DIR` stages \
+                     one with what it requires (see \"APISIX's bundled Lua plugins, unmodified\" \
+                     in docs/compatibility.md)"
                 )
             }
         })

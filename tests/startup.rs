@@ -114,8 +114,9 @@ fn unknown_plugin(at: &str, name: &str) -> String {
     format!(
         "{at}: unknown plugin [{name}]: it is not a native plugin and there is no {name}.lua or \
          {name}/init.lua in plugin_dirs (conf/plugins); APISIX's bundled plugin files run \
-         unmodified: copy them into one of those folders (see \"APISIX's bundled Lua plugins, \
-         unmodified\" in docs/compatibility.md)"
+         unmodified: `moongate plugins import /path/to/apisix {name} --to DIR` stages one with \
+         what it requires (see \"APISIX's bundled Lua plugins, unmodified\" in \
+         docs/compatibility.md)"
     )
 }
 

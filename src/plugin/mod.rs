@@ -8,6 +8,7 @@
 pub mod chain;
 pub mod ctx;
 pub mod expr;
+pub mod import;
 pub mod lua;
 pub mod metadata;
 pub mod schema;

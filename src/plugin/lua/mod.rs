@@ -660,3 +660,19 @@ pub fn add_what_loads(registry: &mut Registry, node: &NodeConfig) -> Vec<ConfigE
     }
     loaded.errors
 }
+
+/// The module names a plugin's `require` finds without any file: the embedded `lua/` tree,
+/// the native modules and LuaJIT's own libraries (for `moongate plugins import`).
+pub fn provided_modules() -> mlua::Result<std::collections::HashSet<String>> {
+    let settings = Settings::new(&LuaConfig::default(), &[]);
+    let rt = LuaRuntime::new(&settings)?;
+    let package: mlua::Table = rt.lua().globals().get("package")?;
+    let mut names = std::collections::HashSet::new();
+    for key in ["preload", "loaded"] {
+        let t: mlua::Table = package.get(key)?;
+        for pair in t.pairs::<String, Value>() {
+            names.insert(pair?.0);
+        }
+    }
+    Ok(names)
+}
