@@ -1229,13 +1229,17 @@ impl Gateway {
         self.current.load_full()
     }
 
-    /// Reserves the generation number for the next build.
+    /// The generation number the next published snapshot takes. A build that fails uses no
+    /// number: only [`Gateway::publish`] moves it on, so generations never skip. (Builds are
+    /// serialised by the `Reloader`, so two builds never hold the same number.)
     pub fn next_generation(&self) -> u64 {
-        self.next_generation.fetch_add(1, Ordering::Relaxed)
+        self.next_generation.load(Ordering::Relaxed)
     }
 
     /// Publishes a fully built snapshot; returns the one it replaced.
     pub fn publish(&self, snapshot: Snapshot) -> Arc<Snapshot> {
+        self.next_generation
+            .fetch_max(snapshot.generation + 1, Ordering::Relaxed);
         *self.last_failure.lock().unwrap_or_else(|e| e.into_inner()) = None;
         crate::plugin::metadata::publish(snapshot.plugin_metadata.clone());
         crate::health::registry().publish(&snapshot.health);

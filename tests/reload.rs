@@ -288,3 +288,200 @@ fn fifty_reloads_under_load_drop_nothing() {
         "requests failed during reloads"
     );
 }
+
+/// A config serving `/gen` with `X-Gen: GEN` (the response-headers plugin), on `addr`.
+fn gen_config(listen: Option<std::net::SocketAddr>, up: &Upstream, gen: &str) -> String {
+    let listen = listen.map(|a| format!("listen: {a}\n")).unwrap_or_default();
+    format!(
+        "{listen}plugin_dirs: [plugins]\nroutes:\n  - id: r1\n    uri: /gen\n    plugins:\n      response-headers: {{set: {{X-Gen: \"{gen}\"}}}}\n    upstream:\n      nodes: {{\"{}\": 1}}\n",
+        up.node()
+    )
+}
+
+fn served_gen(gw: &Gateway) -> Option<String> {
+    get(&gw.url("/gen")).header("x-gen")
+}
+
+/// The last `new configuration generation is serving` line of the log.
+fn last_reload_line(gw: &Gateway) -> String {
+    gw.logs()
+        .lines()
+        .rfind(|l| l.contains("new configuration generation is serving"))
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// A log file next to the config, written every 20 ms for as long as the test runs, must not
+/// hold a reload back: only the config file and plugin files count towards the quiet period.
+#[test]
+fn a_busy_file_next_to_the_config_does_not_delay_a_reload() {
+    let up = Upstream::echo();
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::create_dir(dir.path().join("plugins")).expect("plugins dir");
+    let gw = Gateway::start_in(dir.path(), &gen_config(None, &up, "1"));
+    assert_eq!(served_gen(&gw).as_deref(), Some("1"));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (stop, dir) = (stop.clone(), dir.path().to_path_buf());
+        std::thread::spawn(move || {
+            use std::io::Write;
+            let mut log = std::fs::File::create(dir.join("access.log")).expect("log file");
+            let mut db = std::fs::File::create(dir.join("plugins/.state.db")).expect("db file");
+            // Bounded: 1000 writes (20 s) at most.
+            for i in 0..1000 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let _ = writeln!(log, "line {i}");
+                let _ = writeln!(db, "row {i}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    // The writer is busy before the save.
+    let log = dir.path().join("access.log");
+    assert!(eventually(
+        || std::fs::metadata(&log).is_ok_and(|m| m.len() > 20)
+    ));
+    atomic_write(gw.config_path(), &gen_config(Some(gw.addr()), &up, "2"));
+    let served = eventually(|| served_gen(&gw).as_deref() == Some("2"));
+    stop.store(true, Ordering::Relaxed);
+    writer.join().expect("writer thread");
+    assert!(served, "the save never took effect; log:\n{}", gw.logs());
+    let line = last_reload_line(&gw);
+    let config = gw.config_path().display().to_string();
+    assert!(line.contains(&format!("file change: {config}\"")), "{line}");
+}
+
+/// `sed -i` writes a temp file (`sedXXXXXX`) and renames it onto the config; an editor saves a
+/// plugin as `.NAME.lua.tmp` renamed onto `NAME.lua`. The log names the file that changed.
+#[test]
+fn a_rename_save_logs_the_real_file_name() {
+    let (gw, _up, dir) = start_with_probe("v1");
+    let status = common::tool("sed")
+        .arg("-i")
+        .arg("s|uri: /probe|uri: /probe2|")
+        .arg(gw.config_path())
+        .status()
+        .expect("run sed");
+    assert!(status.success());
+    assert!(
+        eventually(|| get(&gw.url("/probe2")).status == 200),
+        "the sed save never took effect; log:\n{}",
+        gw.logs()
+    );
+    let line = last_reload_line(&gw);
+    let config = gw.config_path().display().to_string();
+    assert!(line.contains(&format!("file change: {config}\"")), "{line}");
+    assert!(!line.contains("/sed"), "{line}");
+
+    let plugin = dir.path().join("plugins/reload-probe.lua");
+    let tmp = dir.path().join("plugins/.reload-probe.lua.tmp");
+    std::fs::write(&tmp, probe_plugin("v2")).expect("write temp");
+    std::fs::rename(&tmp, &plugin).expect("rename");
+    assert!(
+        eventually(|| get(&gw.url("/probe2")).header("x-probe-version").as_deref() == Some("v2")),
+        "the plugin save never took effect; log:\n{}",
+        gw.logs()
+    );
+    let line = last_reload_line(&gw);
+    assert!(
+        line.contains(&format!("file change: {}\"", plugin.display())),
+        "{line}"
+    );
+}
+
+/// A refused reload uses no generation number: the next good one follows the last served.
+#[test]
+fn generations_do_not_skip_after_a_refused_reload() {
+    let up = Upstream::echo();
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::create_dir(dir.path().join("plugins")).expect("plugins dir");
+    let gw = Gateway::start_in(dir.path(), &gen_config(None, &up, "1"));
+    let listen = Some(gw.addr());
+    atomic_write(gw.config_path(), &gen_config(listen, &up, "2"));
+    assert!(eventually(|| served_gen(&gw).as_deref() == Some("2")));
+    assert!(
+        last_reload_line(&gw).contains("generation=2 previous=1"),
+        "{}",
+        gw.logs()
+    );
+    for _ in 0..2 {
+        let before = gw.logs().matches("reload refused").count();
+        atomic_write(
+            gw.config_path(),
+            &gen_config(listen, &up, "3").replace("response-headers", "no-such-plugin"),
+        );
+        assert!(
+            eventually(|| gw.logs().matches("reload refused").count() > before),
+            "{}",
+            gw.logs()
+        );
+    }
+    atomic_write(gw.config_path(), &gen_config(listen, &up, "3"));
+    assert!(eventually(|| served_gen(&gw).as_deref() == Some("3")));
+    let line = last_reload_line(&gw);
+    assert!(line.contains("generation=3 previous=2"), "{line}");
+}
+
+/// A plugin whose module takes a while to load, and says when it starts loading: it holds the
+/// first build open long enough for a save to land between reading the config and arming the
+/// watchers.
+const SLOW_LOAD: &str = r#"local marker = os.getenv("MOONGATE_TEST_MARKER")
+if marker then
+    local f = io.open(marker, "w")
+    if f then f:write("loading") f:close() end
+end
+local t = os.clock()
+while os.clock() - t < 0.3 do end
+return { version = 0.1, priority = 1, name = "slow-load", schema = { type = "object" } }
+"#;
+
+/// A save made while the gateway starts (after the config was read, before the watchers were
+/// armed) is not lost.
+#[test]
+fn a_save_during_start_up_is_not_lost() {
+    let up = Upstream::echo();
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::create_dir(dir.path().join("plugins")).expect("plugins dir");
+    std::fs::write(dir.path().join("plugins/slow-load.lua"), SLOW_LOAD).expect("plugin");
+    let marker = dir.path().join("loading");
+    std::env::set_var("MOONGATE_TEST_MARKER", &marker);
+    let listen = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port");
+    let config = dir.path().join("config.yaml");
+    // The slow module load must not hit the Lua time budget on a busy machine.
+    let text = |gen| {
+        format!(
+            "lua:\n  call_budget_ms: 20000\n{}",
+            gen_config(Some(listen), &up, gen)
+        )
+    };
+    std::fs::write(&config, text("1")).expect("config");
+    let saver = {
+        let (marker, config, text) = (marker.clone(), config.clone(), text("2"));
+        std::thread::spawn(move || {
+            // Bounded: the gateway loads the plugin within 10 s or the test fails below.
+            let end = Instant::now() + SHOW_UP;
+            while !marker.exists() && Instant::now() < end {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if marker.exists() {
+                atomic_write(&config, &text);
+            }
+            marker.exists()
+        })
+    };
+    let gw = Gateway::start_file(&config);
+    assert!(
+        saver.join().expect("saver thread"),
+        "the plugin never loaded"
+    );
+    assert!(
+        eventually(|| served_gen(&gw).as_deref() == Some("2")),
+        "the save made during start-up was lost; log:\n{}",
+        gw.logs()
+    );
+}

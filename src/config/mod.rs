@@ -565,6 +565,9 @@ pub struct Document {
     pub plugin_metadata: Vec<PluginMetadataConf>,
     /// The file it came from (for reload and error messages), if any.
     pub path: Option<PathBuf>,
+    /// A hash of the file's text as it was parsed: reload compares what a snapshot was built
+    /// from with what is on disk by it (0 when the document did not come from a file).
+    pub source_hash: u64,
 }
 
 const RESOURCE_KEYS: [&str; 7] = [
@@ -576,6 +579,14 @@ const RESOURCE_KEYS: [&str; 7] = [
     "consumer_groups",
     "plugin_metadata",
 ];
+
+/// The hash reload compares file texts by (`Document::source_hash`, `Plugin::source_digest`).
+pub fn text_hash(text: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    text.hash(&mut h);
+    h.finish()
+}
 
 /// Reads and parses a config file (YAML, or JSON, which YAML accepts too).
 pub fn load_file(path: &Path) -> Result<Document, ConfigErrors> {
@@ -592,6 +603,7 @@ pub fn load_partial(path: &Path) -> Result<Partial, ConfigErrors> {
         )])
     })?;
     let mut partial = parse_partial(&text, Some(path))?;
+    partial.doc.source_hash = text_hash(&text);
     let base = path.parent().unwrap_or(Path::new("."));
     let base = if base.as_os_str().is_empty() {
         Path::new(".")

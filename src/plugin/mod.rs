@@ -316,6 +316,12 @@ pub trait Plugin: Send + Sync + 'static {
         PluginKind::Native
     }
 
+    /// For a plugin loaded from a file: a hash of the source it was loaded from, so reload can
+    /// tell whether the file on disk is still what serves. None for native plugins.
+    fn source_digest(&self) -> Option<u64> {
+        None
+    }
+
     /// An authentication plugin (APISIX's `type = "auth"`): it identifies consumers, so a
     /// consumer's conf of it is a credential, not a plugin to merge into the route.
     fn is_auth(&self) -> bool {

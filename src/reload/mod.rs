@@ -130,7 +130,7 @@ impl Reloader {
     pub fn new(gw: Arc<Gateway>, config_path: PathBuf, started_node: NodeConfig) -> Self {
         let snap = gw.load_full();
         let files = input_files(&config_path, &snap.doc.node, &snap.registry);
-        let fingerprint = fingerprint(&files);
+        let fingerprint = fingerprint(&snap.doc, &snap.registry, &files);
         Reloader {
             gw,
             config_path,
@@ -203,7 +203,7 @@ impl Reloader {
             self.warn_unreloadable(&doc.node);
             let registry = build_registry(&doc.node)?;
             let files = input_files(&self.config_path, &doc.node, &registry);
-            let fp = fingerprint(&files);
+            let fp = fingerprint(&doc, &registry, &files);
             if !force && fp == state.fingerprint {
                 return Ok(None);
             }
@@ -252,6 +252,27 @@ impl Reloader {
         }
     }
 
+    /// Whether the files on disk differ from what the serving generation was built from: the
+    /// config text, each Lua plugin's source, the set of input files. Reads files only (no
+    /// build), for the check once the watchers are armed.
+    pub fn disk_differs(&self) -> bool {
+        let snap = self.gw.load_full();
+        let built_files = self.status().files;
+        let config_differs = std::fs::read_to_string(&self.config_path)
+            .map(|t| config::text_hash(&t) != snap.doc.source_hash)
+            .unwrap_or(true);
+        let plugin_differs = snap.registry.sources.iter().any(|(name, path)| {
+            let digest = snap.registry.get(name).and_then(|p| p.source_digest());
+            let on_disk = std::fs::read_to_string(path)
+                .ok()
+                .map(|t| config::text_hash(&t));
+            digest.is_some() && digest != on_disk
+        });
+        config_differs
+            || plugin_differs
+            || input_files(&self.config_path, &snap.doc.node, &snap.registry) != built_files
+    }
+
     fn warn_unreloadable(&self, node: &NodeConfig) {
         let old = &self.started_node;
         for (name, changed) in [
@@ -295,11 +316,25 @@ fn input_files(config_path: &Path, node: &NodeConfig, registry: &Registry) -> Ve
     files
 }
 
-/// Hash of the files' names and contents.
-fn fingerprint(files: &[PathBuf]) -> u64 {
+/// What a build was made from: the config text it parsed, the source of each plugin loaded
+/// from a file, and (read now) the other `.lua` files in the plugin folders, which plugins may
+/// `require`. Hashing what the build used rather than the files on disk afterwards means a
+/// save that lands while a build runs is never taken for the version that serves.
+fn fingerprint(doc: &Document, registry: &Registry, files: &[PathBuf]) -> u64 {
     let mut h = DefaultHasher::new();
+    doc.path.hash(&mut h);
+    doc.source_hash.hash(&mut h);
+    for p in registry.iter() {
+        if let Some(d) = p.source_digest() {
+            (p.name(), d).hash(&mut h);
+        }
+    }
+    let sources: Vec<&PathBuf> = registry.sources.values().collect();
     for f in files {
         f.hash(&mut h);
+        if Some(f) == doc.path.as_ref() || sources.contains(&f) {
+            continue;
+        }
         match std::fs::read(f) {
             Ok(bytes) => bytes.hash(&mut h),
             Err(_) => 0u8.hash(&mut h),

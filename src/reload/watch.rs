@@ -2,8 +2,13 @@
 //!
 //! Folders are watched rather than files, and their parents too: editors save by writing a
 //! temporary file and renaming it over the old one, and Kubernetes swaps a `..data` symlink,
-//! both of which replace the watched inode. Events are debounced: the first one starts a quiet
-//! period, later ones extend it, and one rebuild follows the burst.
+//! both of which replace the watched inode. Only events on the config file and on plugin files
+//! count: other files in those folders (a log the gateway writes, a database, an editor's swap
+//! or temp file) neither start nor extend a rebuild. Events are debounced: the first relevant
+//! one starts a quiet period, later relevant ones extend it, and one rebuild follows the burst,
+//! its log naming the files that changed (for a rename onto the file, the file, not the temp
+//! name). Once the watchers are armed, what was built at start-up is compared with the disk, so
+//! a save made while the gateway started is not lost.
 //!
 //! [`watch_dirs`] is the watcher itself (folders, relevance, debounce); [`watch_files`] is hot
 //! reload on top of it, and `moongate test --watch` uses it to re-run tests.
@@ -56,20 +61,28 @@ pub fn watch_files(reloader: Arc<Reloader>) -> notify::Result<()> {
         config,
         plugin_dirs,
     };
+    let on_change = reloader.clone();
     watch_dirs(
         "moongate-reload",
         dirs,
         move |p| relevant.matters(p),
         move |burst| {
-            let trigger = burst
+            let names: Vec<String> = burst
                 .paths
-                .first()
-                .map(|p| format!("file change: {}", p.display()))
-                .unwrap_or_else(|| "file change".to_string());
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect();
+            let trigger = format!("file change: {}", names.join(", "));
             // A failed build is logged and kept by the reloader; the next event retries.
-            let _ = reloader.rebuild(&trigger, false);
+            let _ = on_change.rebuild(&trigger, false);
         },
-    )
+    )?;
+    // The watchers are armed: a save made since the start-up build read the files (which no
+    // event reports) shows as a difference between what serves and the disk.
+    if reloader.disk_differs() {
+        let _ = reloader.rebuild("files changed during start-up", false);
+    }
+    Ok(())
 }
 
 /// Watches each folder of `dirs` (non-recursively; one created later is picked up on the next
@@ -126,8 +139,10 @@ fn absolute(p: &Path) -> PathBuf {
     std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
 }
 
-/// Which paths matter: the config file, anything in a plugin folder, a plugin folder itself
-/// being replaced, and Kubernetes' `..data` swap next to the config.
+/// Which paths matter: the config file, Kubernetes' `..data` swap next to it, a plugin folder
+/// itself being replaced, and in a plugin folder the `.lua` files and the folders (`NAME/` with
+/// an `init.lua`). Anything else there (`sedXXXXXX`, `.x.lua.tmp`, `x.lua.swp`, `access.log`)
+/// is not an input of a build.
 struct Relevance {
     config: PathBuf,
     plugin_dirs: Vec<PathBuf>,
@@ -135,15 +150,18 @@ struct Relevance {
 
 impl Relevance {
     fn matters(&self, path: &Path) -> bool {
-        if path == self.config || path.file_name().is_some_and(|n| n == "..data") {
+        if path == self.config {
             return true;
         }
-        if path.parent() == self.config.parent() && path.file_name() == self.config.file_name() {
+        if path.parent() == self.config.parent() && path.file_name().is_some_and(|n| n == "..data")
+        {
             return true;
         }
-        self.plugin_dirs
-            .iter()
-            .any(|d| path == d || path.parent() == Some(d.as_path()))
+        self.plugin_dirs.iter().any(|d| {
+            path == d
+                || (path.parent() == Some(d.as_path())
+                    && (path.extension().is_some_and(|x| x == "lua") || path.is_dir()))
+        })
     }
 }
 
@@ -161,15 +179,19 @@ fn debounce_loop(
     mut on_change: impl FnMut(Burst),
     watch: &mut DirWatch,
 ) {
+    // Adds the paths of `ev` that matter; whether there was one.
     let relevant_paths = |ev: &Event, paths: &mut Vec<PathBuf>| {
         if !is_change(ev) {
-            return;
+            return false;
         }
-        for p in &ev.paths {
-            if matters(p) && !paths.contains(p) {
+        let mut any = false;
+        for p in ev.paths.iter().filter(|p| matters(p)) {
+            any = true;
+            if !paths.contains(p) {
                 paths.push(p.clone());
             }
         }
+        any
     };
     loop {
         // Wait for the first relevant event.
@@ -181,10 +203,16 @@ fn debounce_loop(
             continue;
         }
         let first_event = Instant::now();
-        // Drain the burst: rebuild once things have been quiet for DEBOUNCE.
-        loop {
-            match rx.recv_timeout(DEBOUNCE) {
-                Ok(ev) => relevant_paths(&ev, &mut paths),
+        // Drain the burst: done once no relevant event came for DEBOUNCE. Other events are
+        // read and dropped without moving the deadline.
+        let mut deadline = Instant::now() + DEBOUNCE;
+        while let Some(wait) = deadline.checked_duration_since(Instant::now()) {
+            match rx.recv_timeout(wait) {
+                Ok(ev) => {
+                    if relevant_paths(&ev, &mut paths) {
+                        deadline = Instant::now() + DEBOUNCE;
+                    }
+                }
                 Err(mpsc::RecvTimeoutError::Timeout) => break,
                 Err(mpsc::RecvTimeoutError::Disconnected) => return,
             }

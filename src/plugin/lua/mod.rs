@@ -355,6 +355,10 @@ impl Plugin for LuaPlugin {
         &self.name
     }
 
+    fn source_digest(&self) -> Option<u64> {
+        Some(crate::config::text_hash(&self.source))
+    }
+
     fn priority(&self) -> i64 {
         self.priority
     }
