@@ -4,9 +4,10 @@
 //! [`snapshot`] (what a request reads, built and validated whole), [`host`] (the one request
 //! host), [`router`], [`plugin`] (the interface every plugin implements), [`plugins`] (the
 //! native ones), [`proxy`] (listeners, workers, the upstream client), [`startup`] (what `run`
-//! and `check` both check before serving), [`reload`] (building snapshots), [`supervisor`]
-//! (the parent process that keeps the listening sockets and restarts a crashed serving
-//! process) and [`testrunner`] (`moongate test`, for plugin authors).
+//! and `check` both check before serving), [`reload`] (building snapshots), [`tls`] (TLS
+//! termination: listeners, certificates by SNI), [`supervisor`] (the parent process that keeps
+//! the listening sockets and restarts a crashed serving process) and [`testrunner`]
+//! (`moongate test`, for plugin authors).
 
 pub mod admin;
 pub mod body;
@@ -27,3 +28,4 @@ pub mod startup;
 pub mod store;
 pub mod supervisor;
 pub mod testrunner;
+pub mod tls;

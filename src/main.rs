@@ -158,17 +158,9 @@ fn supervise(path: &std::path::Path) -> ExitCode {
     let mut listeners = supervisor::ListenerSet::new();
     let workers = worker_count(node);
     let admin = node.admin.iter().flat_map(|a| a.listen.0.iter());
-    let wanted = node
-        .listen
-        .0
-        .iter()
-        .map(|a| {
-            (
-                proxy::HTTP_ROLE,
-                a.addr,
-                supervisor::Sharing::PerWorker(workers),
-            )
-        })
+    let wanted = proxy::listener_specs(node)
+        .into_iter()
+        .map(|l| (l.role, l.addr, supervisor::Sharing::PerWorker(workers)))
         .chain(admin.map(|a| (moongate::admin::ROLE, *a, supervisor::Sharing::Single)));
     for (role, addr, sharing) in wanted {
         if let Err(e) = listeners.bind(role, addr, sharing) {
@@ -292,7 +284,7 @@ fn serve(path: &std::path::Path, mut inherited: supervisor::Inherited) -> ExitCo
     }
     let (listeners, bound) = match proxy::bind_all(
         &mut inherited.listeners,
-        &node.listen.addrs(),
+        &proxy::listener_specs(&node),
         worker_count(&node),
     ) {
         Ok(x) => x,
@@ -402,8 +394,9 @@ fn serve(path: &std::path::Path, mut inherited: supervisor::Inherited) -> ExitCo
             return ExitCode::FAILURE;
         }
     };
-    for addr in &bound {
-        tracing::info!("listening on http://{addr}");
+    for (spec, addr) in &bound {
+        let scheme = if spec.tls { "https" } else { "http" };
+        tracing::info!("listening on {scheme}://{addr}");
     }
     for rest in std::mem::take(&mut inherited.listeners).into_rest() {
         tracing::warn!(

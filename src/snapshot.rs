@@ -358,6 +358,8 @@ pub struct Snapshot {
     pub consumers: Arc<Consumers>,
     /// Plugin metadata by plugin name (published process-wide with the snapshot).
     pub plugin_metadata: Arc<PluginMetadata>,
+    /// Certificates by server name (`ssls`), read by each TLS handshake.
+    pub tls: Arc<crate::tls::CertTable>,
     /// The resources it was built from.
     pub doc: Arc<Document>,
     /// The health state of every upstream with `checks` (their checkers run while this
@@ -377,6 +379,7 @@ impl Snapshot {
             registry: Arc::new(Registry::new()),
             consumers: Arc::new(Consumers::default()),
             plugin_metadata: Arc::new(PluginMetadata::default()),
+            tls: Arc::new(crate::tls::CertTable::default()),
             doc: Arc::new(Document::default()),
             health: Vec::new(),
         }
@@ -526,6 +529,11 @@ pub fn build(
 
     let consumers = Arc::new(build_consumers(&doc, &registry, generation, &mut errors));
     let plugin_metadata = Arc::new(build_plugin_metadata(&doc, &registry, &mut errors));
+    let tls = Arc::new(crate::tls::CertTable::build(
+        &doc.ssls,
+        doc.node.ssl.as_ref(),
+        &mut errors,
+    ));
 
     // Routes.
     let mut routes = Vec::new();
@@ -714,6 +722,7 @@ pub fn build(
         registry,
         consumers,
         plugin_metadata,
+        tls,
         doc,
         health: health.into_values().collect(),
     })

@@ -152,71 +152,81 @@ impl Default for NodeListen {
 
 impl<'de> Deserialize<'de> for NodeListen {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(deny_unknown_fields)]
-        struct Object {
-            #[serde(default)]
-            ip: Option<String>,
-            port: u16,
-            #[serde(default)]
-            enable_http2: bool,
-        }
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Item {
-            Port(u16),
-            Text(String),
-            Object(Object),
-        }
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum OneOrMany {
-            One(Item),
-            Many(Vec<Item>),
-        }
-        let items = match OneOrMany::deserialize(d).map_err(|_| {
-            serde::de::Error::custom(
-                "expected an address like \"0.0.0.0:9080\", a port, {ip, port, enable_http2}, or a list of them",
-            )
-        })? {
-            OneOrMany::One(i) => vec![i],
-            OneOrMany::Many(v) => v,
-        };
-        let mut out = Vec::with_capacity(items.len());
-        for (n, item) in items.into_iter().enumerate() {
-            let l = match item {
-                Item::Port(port) => ListenAddr {
-                    addr: SocketAddr::from(([0, 0, 0, 0], port)),
-                    enable_http2: false,
-                },
-                Item::Text(s) => ListenAddr {
-                    addr: parse_listen(&s).map_err(serde::de::Error::custom)?,
-                    enable_http2: false,
-                },
-                Item::Object(o) => {
-                    let ip = o.ip.as_deref().unwrap_or("0.0.0.0");
-                    let ip: std::net::IpAddr = ip
-                        .trim_start_matches('[')
-                        .trim_end_matches(']')
-                        .parse()
-                        .map_err(|_| {
-                            serde::de::Error::custom(format!(
-                                "[{n}].ip: bad address {ip:?}: expected an IPv4 or IPv6 address"
-                            ))
-                        })?;
-                    ListenAddr {
-                        addr: SocketAddr::new(ip, o.port),
-                        enable_http2: o.enable_http2,
-                    }
-                }
-            };
-            out.push(l);
-        }
-        if out.is_empty() {
-            return Err(serde::de::Error::custom("at least one address is required"));
-        }
-        Ok(NodeListen(out))
+        listen_items(d, false).map(NodeListen)
     }
+}
+
+/// A `listen` value: an address (`"127.0.0.1:9080"`), a port, an `{ip, port, enable_http2}`
+/// object, or a list of them. `ip` defaults to `0.0.0.0`, `enable_http2` to `default_http2`
+/// (false for plain listeners, true for APISIX's `ssl.listen`).
+pub(crate) fn listen_items<'de, D: serde::Deserializer<'de>>(
+    d: D,
+    default_http2: bool,
+) -> Result<Vec<ListenAddr>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Object {
+        #[serde(default)]
+        ip: Option<String>,
+        port: u16,
+        #[serde(default)]
+        enable_http2: Option<bool>,
+    }
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Item {
+        Port(u16),
+        Text(String),
+        Object(Object),
+    }
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(Item),
+        Many(Vec<Item>),
+    }
+    let items = match OneOrMany::deserialize(d).map_err(|_| {
+        serde::de::Error::custom(
+            "expected an address like \"0.0.0.0:9080\", a port, {ip, port, enable_http2}, or a list of them",
+        )
+    })? {
+        OneOrMany::One(i) => vec![i],
+        OneOrMany::Many(v) => v,
+    };
+    let mut out = Vec::with_capacity(items.len());
+    for (n, item) in items.into_iter().enumerate() {
+        let l = match item {
+            Item::Port(port) => ListenAddr {
+                addr: SocketAddr::from(([0, 0, 0, 0], port)),
+                enable_http2: default_http2,
+            },
+            Item::Text(s) => ListenAddr {
+                addr: parse_listen(&s).map_err(serde::de::Error::custom)?,
+                enable_http2: default_http2,
+            },
+            Item::Object(o) => {
+                let ip = o.ip.as_deref().unwrap_or("0.0.0.0");
+                let ip: std::net::IpAddr = ip
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .parse()
+                    .map_err(|_| {
+                        serde::de::Error::custom(format!(
+                            "[{n}].ip: bad address {ip:?}: expected an IPv4 or IPv6 address"
+                        ))
+                    })?;
+                ListenAddr {
+                    addr: SocketAddr::new(ip, o.port),
+                    enable_http2: o.enable_http2.unwrap_or(default_http2),
+                }
+            }
+        };
+        out.push(l);
+    }
+    if out.is_empty() {
+        return Err(serde::de::Error::custom("at least one address is required"));
+    }
+    Ok(out)
 }
 
 /// `admin`: the Admin API listener.
@@ -505,6 +515,9 @@ pub struct NodeConfig {
     /// The control API's address, APISIX's `control: {ip, port}`.
     #[serde(default)]
     pub control: ControlConfig,
+    /// TLS listeners and their settings, APISIX's `apisix.ssl` (see docs/tls.md).
+    #[serde(default)]
+    pub ssl: Option<crate::tls::SslNodeConfig>,
 }
 
 /// `control`: where the control API listens (APISIX's default 127.0.0.1:9090).
@@ -563,6 +576,8 @@ pub struct Document {
     pub credentials: Vec<Credential>,
     /// Plugin metadata (`plugin_metadata:`), one per plugin name.
     pub plugin_metadata: Vec<PluginMetadataConf>,
+    /// Certificates (`ssls:`), APISIX's `/apisix/ssls`.
+    pub ssls: Vec<crate::tls::Ssl>,
     /// The file it came from (for reload and error messages), if any.
     pub path: Option<PathBuf>,
     /// A hash of the file's text as it was parsed: reload compares what a snapshot was built
@@ -570,7 +585,7 @@ pub struct Document {
     pub source_hash: u64,
 }
 
-const RESOURCE_KEYS: [&str; 7] = [
+const RESOURCE_KEYS: [&str; 8] = [
     "routes",
     "upstreams",
     "services",
@@ -578,6 +593,7 @@ const RESOURCE_KEYS: [&str; 7] = [
     "consumers",
     "consumer_groups",
     "plugin_metadata",
+    "ssls",
 ];
 
 /// The hash reload compares file texts by (`Document::source_hash`, `Plugin::source_digest`).
@@ -771,6 +787,7 @@ pub fn parse_partial(text: &str, file: Option<&Path>) -> Result<Partial, ConfigE
     let consumers = take_list("consumers", &mut p.errors);
     let consumer_groups = take_list("consumer_groups", &mut p.errors);
     let plugin_metadata = take_list("plugin_metadata", &mut p.errors);
+    let ssls = take_list("ssls", &mut p.errors);
 
     p.doc.routes = parse_list("routes", routes, &mut p);
     p.doc.upstreams = parse_list("upstreams", upstreams, &mut p);
@@ -809,6 +826,7 @@ pub fn parse_partial(text: &str, file: Option<&Path>) -> Result<Partial, ConfigE
     }
     p.doc.consumer_groups = parse_list("consumer_groups", consumer_groups, &mut p);
     p.doc.plugin_metadata = parse_list("plugin_metadata", plugin_metadata, &mut p);
+    p.doc.ssls = parse_list("ssls", ssls, &mut p);
     // Node settings: a setting that does not parse is reported and left at its default, and
     // the rest are parsed again without it, so every bad setting is found in one pass.
     loop {

@@ -3,6 +3,7 @@
 
 pub mod chunked;
 pub mod client;
+pub mod io;
 pub mod server;
 
 use std::future::Future;

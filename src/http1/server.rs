@@ -28,12 +28,11 @@ use std::rc::Rc;
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use super::io::ConnIo;
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
-use tokio::io::Interest;
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -204,7 +203,7 @@ struct State {
 }
 
 struct Conn {
-    io: TcpStream,
+    io: ConnIo,
     st: RefCell<State>,
     /// Whether a short read may drop the socket's read readiness (see [`Conn::read_into`]).
     drop_readiness: bool,
@@ -225,9 +224,7 @@ impl Conn {
         let room = buf.capacity() - buf.len();
         let n = self.io.try_read_buf(buf)?;
         if self.drop_readiness && n > 0 && n < room {
-            let _ = self.io.try_io(Interest::READABLE, || {
-                Err::<(), _>(io::ErrorKind::WouldBlock.into())
-            });
+            self.io.drop_read_readiness();
         }
         Ok(n)
     }
@@ -276,7 +273,7 @@ impl Conn {
                 Err(e) => return Poll::Ready(Err(e)),
             }
         }
-        Poll::Ready(Ok(()))
+        self.io.poll_flush(cx)
     }
 
     /// The next piece of the request body.
@@ -665,7 +662,7 @@ impl Loop<'_> {
 /// Serves one client connection until it closes, a request cannot be framed, the header
 /// timeout passes, or (after `shutdown` turns true) the request in flight is answered.
 pub async fn serve<H, F, B>(
-    io: TcpStream,
+    io: impl Into<ConnIo>,
     cfg: &Config,
     shutdown: watch::Receiver<bool>,
     mut handler: H,
@@ -676,6 +673,8 @@ pub async fn serve<H, F, B>(
     B::Error: fmt::Display,
 {
     let stopping = *shutdown.borrow();
+    let io = io.into();
+    let plain = io.is_plain();
     let mut lp = Loop {
         conn: Rc::new(Conn {
             io,
@@ -686,8 +685,9 @@ pub async fn serve<H, F, B>(
                 cont: Continue::No,
                 eof: false,
             }),
-            drop_readiness: tokio::runtime::Handle::current().runtime_flavor()
-                == tokio::runtime::RuntimeFlavor::CurrentThread,
+            drop_readiness: plain
+                && tokio::runtime::Handle::current().runtime_flavor()
+                    == tokio::runtime::RuntimeFlavor::CurrentThread,
         }),
         cfg,
         shutdown,
@@ -787,7 +787,7 @@ async fn drain(conn: &Rc<Conn>) -> bool {
 /// Before closing with data unread: stop sending, and read (and drop) what the client still
 /// sends for a moment, so the close does not reset the connection under the response.
 async fn linger(conn: &Rc<Conn>) {
-    let _ = socket2::SockRef::from(&conn.io).shutdown(std::net::Shutdown::Write);
+    conn.io.shutdown_write();
     let read = async {
         let mut buf = [0u8; 16 * 1024];
         let mut seen = 0usize;
@@ -1052,7 +1052,7 @@ where
 
 /// Writes body frames in the response's framing.
 struct BodyWriter<'a> {
-    io: &'a TcpStream,
+    io: &'a ConnIo,
     framing: Framing,
     /// Bytes still allowed (Content-Length).
     left: u64,
@@ -1130,7 +1130,7 @@ impl BodyWriter<'_> {
 }
 
 /// Writes all of `bufs`.
-async fn write_all(io: &TcpStream, mut bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
+async fn write_all(io: &ConnIo, mut bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
     IoSlice::advance_slices(&mut bufs, 0);
     while !bufs.is_empty() {
         match io.try_write_vectored(bufs) {
@@ -1140,7 +1140,7 @@ async fn write_all(io: &TcpStream, mut bufs: &mut [IoSlice<'_>]) -> io::Result<(
             Err(e) => return Err(e),
         }
     }
-    Ok(())
+    io.flush().await
 }
 
 fn push_status(buf: &mut Vec<u8>, status: StatusCode) {

@@ -36,6 +36,8 @@ pub struct Ctx {
     pub remote_addr: SocketAddr,
     pub local_addr: SocketAddr,
     pub scheme: &'static str,
+    /// The connection's TLS parameters, on a TLS listener (`ssl_*` variables).
+    pub tls: Option<std::rc::Rc<crate::tls::TlsInfo>>,
     /// The request host, lower-cased, without port (nginx's `$host`).
     pub host: String,
     /// The matched route, once routing has run.
@@ -138,6 +140,7 @@ impl Ctx {
             remote_addr,
             local_addr,
             scheme,
+            tls: None,
             host,
             route: None,
             matched: None,
@@ -226,6 +229,12 @@ impl Ctx {
         }
         if let Some(c) = name.strip_prefix("cookie_") {
             return self.cookie(c).map(Cow::Borrowed);
+        }
+        if name.starts_with("ssl_") || name == "https" {
+            return match &self.tls {
+                Some(t) => t.var(name),
+                None => crate::tls::plain_var(name),
+            };
         }
         let v: Cow<str> = match name {
             "uri" => Cow::Borrowed(&self.uri),

@@ -78,8 +78,9 @@ pub async fn handle(
         RequestBody::Stream(body),
         remote,
         local,
-        "http",
+        conn_values.scheme,
     ));
+    ctx.tls = conn_values.tls.clone();
     // What the client's `Connection` names is hop-by-hop: gone before any phase, so a header
     // a plugin sets under such a name still reaches the upstream.
     crate::proxy::headers::remove_connection_named(&mut ctx.headers);

@@ -112,6 +112,8 @@ pub struct ConnValues {
     lines: Bytes,
     /// Length of the `x-forwarded-for` line at the front of `lines`.
     xff_line: usize,
+    /// The connection's TLS parameters (`ctx.var.ssl_*`), on a TLS listener.
+    pub tls: Option<std::rc::Rc<crate::tls::TlsInfo>>,
 }
 
 impl ConnValues {
@@ -130,7 +132,14 @@ impl ConnValues {
             scheme,
             lines: lines.freeze(),
             xff_line,
+            tls: None,
         }
+    }
+
+    /// The same, for a connection with TLS parameters `info`.
+    pub fn with_tls(mut self, info: std::rc::Rc<crate::tls::TlsInfo>) -> Self {
+        self.tls = Some(info);
+        self
     }
 }
 

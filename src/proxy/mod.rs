@@ -33,31 +33,73 @@ use handler::{handle, WorkerEnv};
 /// The role of the proxy's plain-HTTP listeners in a [`ListenerSet`].
 pub const HTTP_ROLE: &str = "http";
 
+/// One proxy listener as the node config describes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListenerSpec {
+    /// [`HTTP_ROLE`] or [`crate::tls::HTTPS_ROLE`].
+    pub role: &'static str,
+    pub addr: SocketAddr,
+    /// TLS termination (`ssl.listen`).
+    pub tls: bool,
+    /// HTTP/2 besides HTTP/1.1: h2c with prior knowledge, or ALPN `h2` over TLS.
+    pub http2: bool,
+}
+
+/// Every proxy listener of `node`: `listen`, then `ssl.listen`.
+pub fn listener_specs(node: &NodeConfig) -> Vec<ListenerSpec> {
+    let plain = node.listen.0.iter().map(|l| ListenerSpec {
+        role: HTTP_ROLE,
+        addr: l.addr,
+        tls: false,
+        http2: l.enable_http2,
+    });
+    let tls = node
+        .ssl
+        .iter()
+        .flat_map(|s| s.listeners())
+        .map(|l| ListenerSpec {
+            role: crate::tls::HTTPS_ROLE,
+            addr: l.addr,
+            tls: true,
+            http2: l.enable_http2,
+        });
+    plain.chain(tls).collect()
+}
+
+/// A worker's listening socket and what it serves.
+pub type WorkerListener = (StdListener, ListenerSpec);
+
+/// [`bind_all`]'s result: the listeners by worker, and each spec with its bound address.
+pub type Bound = (Vec<Vec<WorkerListener>>, Vec<(ListenerSpec, SocketAddr)>);
+
 /// Takes one listener per worker per address from `set` (the supervisor's sockets), binding
 /// what it does not hold. A port of 0 is chosen once, so all workers share it. Returns the
 /// listeners by worker and the bound addresses. An inherited address keeps the socket count
 /// the supervisor bound it with, and that count sets the number of workers.
 pub fn bind_all(
     set: &mut ListenerSet,
-    addrs: &[SocketAddr],
+    specs: &[ListenerSpec],
     workers: usize,
-) -> Result<(Vec<Vec<StdListener>>, Vec<SocketAddr>), BindError> {
-    let mut taken = Vec::with_capacity(addrs.len());
-    for addr in addrs {
-        taken.push(set.take_or_bind(HTTP_ROLE, *addr, Sharing::PerWorker(workers))?);
+) -> Result<Bound, BindError> {
+    let mut taken = Vec::with_capacity(specs.len());
+    for spec in specs {
+        taken.push((
+            *spec,
+            set.take_or_bind(spec.role, spec.addr, Sharing::PerWorker(workers))?,
+        ));
     }
     let workers = taken
         .iter()
-        .map(|l| l.sockets.len())
+        .map(|(_, l)| l.sockets.len())
         .max()
         .unwrap_or(workers)
         .max(1);
-    let mut per_worker: Vec<Vec<StdListener>> = (0..workers).map(|_| Vec::new()).collect();
+    let mut per_worker: Vec<Vec<WorkerListener>> = (0..workers).map(|_| Vec::new()).collect();
     let mut bound = Vec::new();
-    for listener in taken {
-        bound.push(listener.local);
+    for (spec, listener) in taken {
+        bound.push((spec, listener.local));
         for (i, sock) in listener.sockets.into_iter().enumerate() {
-            per_worker[i % workers].push(sock);
+            per_worker[i % workers].push((sock, spec));
         }
     }
     Ok((per_worker, bound))
@@ -68,7 +110,7 @@ pub fn bind_all(
 pub fn start_workers(
     node: Arc<NodeConfig>,
     gw: Arc<Gateway>,
-    listeners: Vec<Vec<StdListener>>,
+    listeners: Vec<Vec<WorkerListener>>,
     shutdown: watch::Receiver<bool>,
 ) -> io::Result<Vec<JoinHandle<()>>> {
     let mut handles = Vec::new();
@@ -88,7 +130,7 @@ fn worker_main(
     id: usize,
     node: Arc<NodeConfig>,
     gw: Arc<Gateway>,
-    socks: Vec<StdListener>,
+    socks: Vec<WorkerListener>,
     shutdown: watch::Receiver<bool>,
 ) {
     let rt = match tokio::runtime::Builder::new_current_thread()
@@ -111,9 +153,7 @@ fn worker_main(
         });
         let active = Rc::new(Cell::new(0usize));
         let idle = Rc::new(Notify::new());
-        // The listeners are in the order of `listen`'s addresses.
-        for (i, sock) in socks.into_iter().enumerate() {
-            let http2 = node.listen.0.get(i).is_some_and(|l| l.enable_http2);
+        for (sock, spec) in socks {
             let listener = match TcpListener::from_std(sock) {
                 Ok(l) => l,
                 Err(e) => {
@@ -123,7 +163,7 @@ fn worker_main(
             };
             tokio::task::spawn_local(accept_loop(
                 listener,
-                http2,
+                spec,
                 env.clone(),
                 shutdown.clone(),
                 active.clone(),
@@ -158,7 +198,7 @@ fn worker_main(
 
 async fn accept_loop(
     listener: TcpListener,
-    http2: bool,
+    spec: ListenerSpec,
     env: Rc<WorkerEnv>,
     mut shutdown: watch::Receiver<bool>,
     active: Rc<Cell<usize>>,
@@ -188,7 +228,7 @@ async fn accept_loop(
         };
         tokio::task::spawn_local(serve_connection(
             stream,
-            http2,
+            spec,
             remote,
             local_addr,
             env.clone(),
@@ -213,11 +253,12 @@ impl Drop for ActiveGuard {
     }
 }
 
-/// Serves one plain connection: HTTP/1.1, or on a listener with `enable_http2` HTTP/2 when
-/// the client starts with the HTTP/2 preface (prior knowledge).
+/// Serves one connection: on a TLS listener the handshake first, then HTTP/2 when ALPN chose
+/// `h2`, else HTTP/1.1; on a plain one HTTP/1.1, or with `enable_http2` HTTP/2 when the client
+/// starts with the HTTP/2 preface (prior knowledge).
 async fn serve_connection(
     stream: tokio::net::TcpStream,
-    http2: bool,
+    spec: ListenerSpec,
     remote: SocketAddr,
     local: SocketAddr,
     env: Rc<WorkerEnv>,
@@ -227,10 +268,33 @@ async fn serve_connection(
     let _counted = crate::metrics::store::ConnectionGuard::new();
     let proxy = &env.node.proxy;
     let header_timeout = Duration::from_secs_f64(proxy.client_header_timeout.max(0.001));
+    if spec.tls {
+        let gw = env.gw.clone();
+        let Some((tls, info)) = crate::tls::accept(
+            stream,
+            move || gw.load().tls.clone(),
+            spec.http2,
+            header_timeout,
+            remote,
+        )
+        .await
+        else {
+            return;
+        };
+        let h2 = info.alpn.as_deref() == Some("h2");
+        let conn_values =
+            Rc::new(headers::ConnValues::new(remote.ip(), local.port(), "https").with_tls(info));
+        if h2 {
+            serve_http2(tls, env, remote, local, conn_values, shutdown).await;
+        } else {
+            serve_http1(tls, env, remote, local, conn_values, shutdown).await;
+        }
+        return;
+    }
     // The client address and port as the forwarding headers carry them: formatted once per
     // connection.
     let conn_values = Rc::new(headers::ConnValues::new(remote.ip(), local.port(), "http"));
-    if http2 {
+    if spec.http2 {
         match sniff_preface(&stream, header_timeout).await {
             Some(true) => {
                 serve_http2(stream, env, remote, local, conn_values, shutdown).await;
@@ -240,13 +304,27 @@ async fn serve_connection(
             None => return,
         }
     }
+    serve_http1(stream, env, remote, local, conn_values, shutdown).await;
+}
+
+/// Serves an HTTP/1.1 connection over a plain or TLS transport.
+async fn serve_http1(
+    io: impl Into<crate::http1::io::ConnIo>,
+    env: Rc<WorkerEnv>,
+    remote: SocketAddr,
+    local: SocketAddr,
+    conn_values: Rc<headers::ConnValues>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let proxy = &env.node.proxy;
+    let header_timeout = Duration::from_secs_f64(proxy.client_header_timeout.max(0.001));
     let cfg = server::Config {
         header_timeout,
         max_header_size: proxy.client_header_buffer_size.min(u32::MAX as usize),
         server: handler::SERVER.clone(),
     };
     let h_env = env.clone();
-    server::serve(stream, &cfg, shutdown, move |req| {
+    server::serve(io, &cfg, shutdown, move |req| {
         handle(
             h_env.clone(),
             req.map(ClientBody::Http1),

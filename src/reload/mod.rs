@@ -287,6 +287,10 @@ impl Reloader {
                 node.config_provider != old.config_provider,
             ),
             ("etcd", node.etcd != old.etcd),
+            (
+                "ssl.listen",
+                node.ssl.as_ref().map(|s| s.listeners()) != old.ssl.as_ref().map(|s| s.listeners()),
+            ),
         ] {
             if changed {
                 tracing::warn!(

@@ -24,6 +24,7 @@
 pub mod health;
 pub mod lua_libs;
 pub mod observability;
+pub mod tls;
 
 use std::convert::Infallible;
 use std::future::Future;

@@ -1,0 +1,358 @@
+//! TLS termination against real peers: a rustls client written here, `openssl s_client` for
+//! raw ALPN/SNI/alert checks and `curl` for HTTP/2 over TLS. Certificates are made at test time
+//! (rcgen; RSA keys by `openssl genpkey`).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::tls::*;
+use common::*;
+
+/// A Lua plugin answering with the TLS variables APISIX plugins read.
+const TLS_VARS: &str = r#"
+local core = require("apisix.core")
+local _M = { version = 0.1, priority = 0, name = "tls-vars", schema = { type = "object" } }
+function _M.access(conf, ctx)
+    local v = ctx.var
+    return 200, {
+        scheme = v.scheme, https = v.https, sni = v.ssl_server_name,
+        protocol = v.ssl_protocol, reused = v.ssl_session_reused,
+        verify = v.ssl_client_verify, s_dn = v.ssl_client_s_dn, i_dn = v.ssl_client_i_dn,
+        serial = v.ssl_client_serial, v_end = v.ssl_client_v_end,
+    }
+end
+return _M
+"#;
+
+/// One `ssls` item in YAML.
+fn ssl_item(id: &str, snis: &[&str], pair: &Pair, extra: &str) -> String {
+    let snis: Vec<String> = snis.iter().map(|s| format!("\"{s}\"")).collect();
+    format!(
+        "  - id: {id}\n    snis: [{}]\n    cert: |\n{}    key: |\n{}{extra}",
+        snis.join(", "),
+        yaml_block(&pair.cert, 6),
+        yaml_block(&pair.key, 6)
+    )
+}
+
+struct Setup {
+    pki: Pki,
+    a: Pair,
+    rsa: Pair,
+    ecdsa: Pair,
+    client_ca: Pki,
+    up: Upstream,
+}
+
+impl Setup {
+    fn new() -> Setup {
+        let pki = Pki::new("moongate test CA");
+        let rsa_key = rsa_key();
+        Setup {
+            a: pki.server(&["a.test"], "a-1"),
+            rsa: pki.server_with_key(&["pair.test"], "pair-rsa", &rsa_key),
+            ecdsa: pki.server(&["pair.test"], "pair-ecdsa"),
+            client_ca: Pki::new("moongate client CA"),
+            up: Upstream::echo(),
+            pki,
+        }
+    }
+
+    /// The config: two TLS listeners (HTTP/2 on the first only), `a` as given, and `fallback`.
+    fn yaml(&self, a: &Pair, fallback: Option<&str>) -> String {
+        let p = &self.pki;
+        let mut ssls = String::new();
+        ssls += &ssl_item("a", &["a.test"], a, "");
+        ssls += &ssl_item(
+            "wild",
+            &["*.wild.test"],
+            &p.server(&["*.wild.test"], "wild"),
+            "",
+        );
+        ssls += &ssl_item(
+            "exact",
+            &["X.Wild.Test."],
+            &p.server(&["x.wild.test"], "exact"),
+            "",
+        );
+        ssls += &ssl_item(
+            "pair",
+            &["pair.test"],
+            &self.rsa,
+            &format!(
+                "    certs:\n      - |\n{}    keys:\n      - |\n{}",
+                yaml_block(&self.ecdsa.cert, 8),
+                yaml_block(&self.ecdsa.key, 8)
+            ),
+        );
+        ssls += &ssl_item(
+            "mtls",
+            &["mtls.test"],
+            &p.server(&["mtls.test"], "mtls"),
+            &format!(
+                "    client:\n      ca: |\n{}",
+                yaml_block(&self.client_ca.ca_pem, 8)
+            ),
+        );
+        ssls += &ssl_item("old", &["old.test"], &p.expired(&["old.test"], "old"), "");
+        let fallback = fallback
+            .map(|f| format!("  fallback_sni: {f}\n"))
+            .unwrap_or_default();
+        format!(
+            "workers: 1\nplugin_dirs: [plugins]\nssl:\n  listen:\n    - {{ip: 127.0.0.1, port: 0}}\n    - {{ip: 127.0.0.1, port: 0, enable_http2: false}}\n{fallback}ssls:\n{ssls}routes:\n  - id: echo\n    uri: /echo\n    upstream:\n      nodes:\n        \"{}\": 1\n  - id: vars\n    uri: /vars\n    plugins:\n      tls-vars: {{}}\n",
+            self.up.node()
+        )
+    }
+}
+
+fn start(yaml: &str) -> Gateway {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path().to_path_buf();
+    std::fs::create_dir_all(dir.join("plugins")).expect("plugins dir");
+    std::fs::write(dir.join("plugins/tls-vars.lua"), TLS_VARS).expect("write plugin");
+    // The temp dir lives as long as the test process.
+    std::mem::forget(tmp);
+    Gateway::start_in(&dir, yaml)
+}
+
+fn json(body: &str) -> serde_json::Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
+}
+
+#[test]
+fn sni_selection_mtls_alpn_and_certificate_swap() {
+    let s = Setup::new();
+    let gw = start(&s.yaml(&s.a, None));
+    let addrs = https_addrs(&gw);
+    assert_eq!(addrs.len(), 2, "{}", gw.logs());
+    let (h2_addr, h1_addr) = (addrs[0], addrs[1]);
+    let ca = s.pki.ca_pem.as_str();
+
+    // Exact names, wildcards one label deep, exact before wildcard (names are normalised).
+    for (name, cn) in [
+        ("a.test", "a-1"),
+        ("y.wild.test", "wild"),
+        ("x.wild.test", "exact"),
+    ] {
+        let conn = tls_connect(h2_addr, &ClientOpts::new(ca, name))
+            .unwrap_or_else(|e| panic!("{name}: {e}\n{}", gw.logs()));
+        assert_eq!(peer_cn(&conn), cn, "{name}");
+    }
+
+    // No match, no SNI, no fallback_sni: unrecognized_name, one log line each.
+    let e = tls_connect(h2_addr, &ClientOpts::new(ca, "deep.y.wild.test")).err();
+    assert!(
+        e.as_deref().is_some_and(|e| e.contains("UnrecognisedName")),
+        "{e:?}"
+    );
+    let mut no_sni = ClientOpts::new(ca, "a.test");
+    no_sni.send_sni = false;
+    let e = tls_connect(h2_addr, &no_sni).err();
+    assert!(
+        e.as_deref().is_some_and(|e| e.contains("UnrecognisedName")),
+        "{e:?}"
+    );
+    let out = s_client(h2_addr, &["-servername", "nope.test"]);
+    assert!(out.contains("unrecognized name"), "{out}");
+    assert!(gw.wait_for_log(
+        "no ssls entry serves server name \"nope.test\"",
+        Duration::from_secs(5)
+    ));
+    assert!(gw.logs().contains("server name (none sent)"));
+
+    // HTTP/1.1 over TLS: the upstream is told https; Lua sees the TLS variables.
+    let mut kept = tls_connect(h2_addr, &ClientOpts::new(ca, "a.test")).expect("connect a.test");
+    let r = tls_get(&mut kept, "a.test", "/echo").expect("GET /echo");
+    assert_eq!(r.status, 200, "{}", r.body);
+    let echo = json(&r.body);
+    assert_eq!(echo["headers"]["x-forwarded-proto"], "https");
+    assert_eq!(
+        echo["headers"]["x-forwarded-port"],
+        h2_addr.port().to_string()
+    );
+    let cfg = client_config(&ClientOpts::new(ca, "a.test"));
+    let mut c = tls_connect_with(h2_addr, cfg.clone(), "a.test").expect("connect");
+    let v = json(&tls_get(&mut c, "a.test", "/vars").expect("GET /vars").body);
+    assert_eq!(v["scheme"], "https");
+    assert_eq!(v["https"], "on");
+    assert_eq!(v["sni"], "a.test");
+    assert_eq!(v["protocol"], "TLSv1.3");
+    assert_eq!(v["reused"], ".");
+    assert_eq!(v["verify"], "NONE");
+    drop(c);
+    // Session resumption: the same client config resumes.
+    let mut c = tls_connect_with(h2_addr, cfg, "a.test").expect("reconnect");
+    let v = json(&tls_get(&mut c, "a.test", "/vars").expect("GET /vars").body);
+    assert_eq!(v["reused"], "r", "{v}");
+
+    // ECDSA beside RSA: the client's signature algorithms choose.
+    let out = s_client(h2_addr, &["-servername", "pair.test"]);
+    assert!(out.contains("CN = pair-ecdsa"), "{out}");
+    let out = s_client(
+        h2_addr,
+        &["-servername", "pair.test", "-sigalgs", "RSA-PSS+SHA256"],
+    );
+    assert!(out.contains("CN = pair-rsa"), "{out}");
+    let out = s_client(
+        h2_addr,
+        &[
+            "-servername",
+            "pair.test",
+            "-tls1_2",
+            "-sigalgs",
+            "RSA+SHA256",
+        ],
+    );
+    assert!(
+        out.contains("CN = pair-rsa") && out.contains("TLSv1.2"),
+        "{out}"
+    );
+
+    // An expired certificate is served, with a warning.
+    assert!(gw.logs().contains("ssls[5].cert: the certificate for"));
+    assert!(gw.logs().contains("expired on"));
+
+    // mTLS: a certificate from the client CA is required, and plugins see who it is.
+    let good = s.client_ca.client("client-1");
+    let mut opts = ClientOpts::new(ca, "mtls.test");
+    assert!(tls_get_any(tls_connect(h2_addr, &opts)).is_err());
+    let stranger = s.pki.client("stranger");
+    opts.client_cert = Some(&stranger);
+    assert!(tls_get_any(tls_connect(h2_addr, &opts)).is_err());
+    opts.client_cert = Some(&good);
+    let mut c = tls_connect(h2_addr, &opts).expect("mTLS connect");
+    let v = json(
+        &tls_get(&mut c, "mtls.test", "/vars")
+            .expect("GET /vars")
+            .body,
+    );
+    assert_eq!(v["verify"], "SUCCESS", "{v}");
+    assert_eq!(v["s_dn"], "O=moongate tests,CN=client-1", "{v}");
+    assert_eq!(v["i_dn"], "CN=moongate client CA", "{v}");
+    assert!(v["serial"].as_str().is_some_and(|s| !s.is_empty()), "{v}");
+    assert!(
+        v["v_end"].as_str().is_some_and(|s| s.ends_with(" GMT")),
+        "{v}"
+    );
+
+    // ALPN: h2 on the first listener (curl --http2), HTTP/1.1 only on the second.
+    let out = s_client(h2_addr, &["-servername", "a.test", "-alpn", "h2,http/1.1"]);
+    assert!(out.contains("ALPN protocol: h2"), "{out}");
+    let out = s_client(h1_addr, &["-servername", "a.test", "-alpn", "h2,http/1.1"]);
+    assert!(out.contains("ALPN protocol: http/1.1"), "{out}");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca).expect("write CA");
+    for (addr, want) in [(h2_addr, "HTTP/2 200"), (h1_addr, "HTTP/1.1 200")] {
+        let out = tool("curl")
+            .args(["-s", "--http2", "-D", "-", "--max-time", "20", "--cacert"])
+            .arg(&ca_file)
+            .arg("--resolve")
+            .arg(format!("a.test:{}:127.0.0.1", addr.port()))
+            .arg(format!("https://a.test:{}/vars", addr.port()))
+            .output()
+            .expect("run curl");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.starts_with(want), "{want}: {text}");
+        assert!(text.contains("\"scheme\":\"https\""), "{text}");
+    }
+
+    // The config file changes a.test's certificate and sets fallback_sni: the next handshake
+    // gets the new certificate, with no restart, and the connection opened before keeps
+    // serving.
+    let a2 = s.pki.server(&["a.test"], "a-2");
+    std::fs::write(gw.config_path(), s.yaml(&a2, Some("a.test"))).expect("rewrite config");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let conn = tls_connect(h2_addr, &ClientOpts::new(ca, "a.test")).expect("connect");
+        if peer_cn(&conn) == "a-2" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the new certificate was not served; log:\n{}",
+            gw.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let r = tls_get(&mut kept, "a.test", "/echo").expect("old connection after the swap");
+    assert_eq!(r.status, 200);
+    // fallback_sni now serves clients without SNI and with unknown names.
+    let conn = tls_connect(h2_addr, &no_sni).expect("fallback without SNI");
+    assert_eq!(peer_cn(&conn), "a-2");
+    let out = s_client(h2_addr, &["-servername", "nope.test"]);
+    assert!(out.contains("CN = a-2"), "{out}");
+}
+
+/// Makes a request on a connection that may have been refused late (TLS 1.3 clients learn of
+/// a refused client certificate only on their first read).
+fn tls_get_any(conn: Result<TlsConn, String>) -> Result<TlsResp, String> {
+    tls_get(&mut conn?, "mtls.test", "/vars")
+}
+
+#[test]
+fn bad_certificates_are_refused_with_their_path() {
+    let pki = Pki::new("ca");
+    let good = pki.server(&["a.test"], "a");
+    let other = pki.server(&["b.test"], "b");
+    let garbage = Pair {
+        cert:
+            "-----BEGIN CERTIFICATE-----\nMIIBzzCCAXWgAwIBAgIUZm9vYmFy\n-----END CERTIFICATE-----\n"
+                .to_string(),
+        key: good.key.clone(),
+    };
+    let mismatched = Pair {
+        cert: good.cert.clone(),
+        key: other.key.clone(),
+    };
+    let not_pem = Pair {
+        cert: "hello".to_string(),
+        key: "world".to_string(),
+    };
+    let yaml = format!(
+        "ssls:\n{}{}{}{}",
+        ssl_item("1", &["a.test"], &garbage, ""),
+        ssl_item("2", &["a.test"], &mismatched, ""),
+        ssl_item("3", &["c.test"], &not_pem, ""),
+        ssl_item("4", &["d.*.test"], &good, "    certs: [x]\n"),
+    );
+    let (code, out) = check(&yaml);
+    assert_ne!(code, 0, "{out}");
+    assert!(out.contains("ssls[0].cert: failed to parse cert"), "{out}");
+    assert!(
+        out.contains("ssls[1].key: the key does not match the certificate"),
+        "{out}"
+    );
+    assert!(out.contains("ssls[2].cert: failed to parse cert"), "{out}");
+    assert!(
+        out.contains("ssls[3].keys: mismatched number of certs and keys"),
+        "{out}"
+    );
+    assert!(out.contains("ssls[3].snis[0]: bad server name"), "{out}");
+    // Two entries for one name.
+    let yaml = format!(
+        "ssls:\n{}{}",
+        ssl_item("1", &["a.test"], &good, ""),
+        ssl_item("2", &["A.test"], &good, ""),
+    );
+    let (code, out) = check(&yaml);
+    assert_ne!(code, 0, "{out}");
+    assert!(
+        out.contains("ssls[1].snis[0]: server name \"a.test\" is already served by ssl \"1\""),
+        "{out}"
+    );
+}
+
+#[test]
+fn a_silent_client_is_dropped_after_the_handshake_timeout() {
+    let gw = Gateway::start(
+        "proxy:\n  client_header_timeout: 0.5\nssl:\n  listen: [{ip: 127.0.0.1, port: 0}]\n",
+    );
+    let addr = https_addrs(&gw)[0];
+    let mut tcp = std::net::TcpStream::connect(addr).expect("connect");
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).ok();
+    let mut buf = [0u8; 16];
+    let n = std::io::Read::read(&mut tcp, &mut buf).expect("closed, not timed out");
+    assert_eq!(n, 0);
+}
