@@ -125,8 +125,9 @@ pub fn https_addrs(gw: &Gateway) -> Vec<SocketAddr> {
         "no TLS listener line; log:\n{}",
         gw.logs()
     );
-    // Logged after every listener line.
-    assert!(gw.wait_for_log(" serving ", Duration::from_secs(20)));
+    // The serving line (`moongate VERSION serving FILE ... generation=N`) comes after every
+    // listener line.
+    assert!(gw.wait_for_log("generation=", Duration::from_secs(20)));
     gw.logs()
         .lines()
         .filter_map(|l| {
