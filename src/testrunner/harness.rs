@@ -43,9 +43,14 @@ impl InProcess {
         let node = Arc::new(node.clone());
         let gw = Arc::new(Gateway::new(Snapshot::empty()));
         let mut set = ListenerSet::new();
+        // The plain listeners only: tests speak plain HTTP to the gateway.
+        let specs: Vec<_> = crate::proxy::listener_specs(&node)
+            .into_iter()
+            .filter(|l| !l.tls)
+            .collect();
         let (listeners, bound) =
-            crate::proxy::bind_all(&mut set, &node.listen.addrs(), 1).map_err(|e| e.to_string())?;
-        let addr = *bound.first().ok_or("no listener was bound")?;
+            crate::proxy::bind_all(&mut set, &specs, 1).map_err(|e| e.to_string())?;
+        let addr = bound.first().ok_or("no listener was bound")?.1;
         let (shutdown, rx) = tokio::sync::watch::channel(false);
         let workers = crate::proxy::start_workers(node, gw.clone(), listeners, rx)
             .map_err(|e| format!("cannot start the gateway worker: {e}"))?;
