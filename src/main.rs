@@ -199,8 +199,12 @@ fn check(path: &std::path::Path) -> ExitCode {
 /// `moongate run` refusing a config: the problems as `check` prints them, one per line, on
 /// stderr.
 fn refuse(errors: &ConfigErrors) -> ExitCode {
+    use std::io::Write;
+    // One write per line: the serving process shares stderr with the supervisor, and
+    // `eprintln!` of a multi-part Display writes each part on its own, so lines interleaved.
+    let mut err = std::io::stderr().lock();
     for e in &errors.0 {
-        eprintln!("{e}");
+        let _ = err.write_all(format!("{e}\n").as_bytes());
     }
     ExitCode::FAILURE
 }
