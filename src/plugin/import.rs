@@ -85,10 +85,8 @@ fn required_modules(src: &str) -> BTreeSet<String> {
 /// `apisix.plugins.A.B` is `A/B.lua` under the folder, any other dotted name its own path.
 fn locate(apisix: &Path, module: &str) -> Option<(PathBuf, PathBuf)> {
     let rel = module.replace('.', "/");
-    let dest_rel = match module.strip_prefix("apisix.plugins.") {
-        Some(rest) => rest.replace('.', "/"),
-        None => rel.clone(),
-    };
+    // The path the runtime's searcher looks at (only dotted names are ever staged).
+    let dest_rel = super::lua::folder_path(module)?;
     for (src, dest) in [
         (
             apisix.join(format!("{rel}.lua")),

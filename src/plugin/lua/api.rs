@@ -1600,10 +1600,8 @@ fn install_require(lua: &Lua, settings: &Settings) -> mlua::Result<()> {
     // resolves to a plugin folder.
     let dirs: Vec<std::path::PathBuf> = settings.plugin_dirs.clone();
     let searcher = lua.create_function(move |lua, name: String| {
-        let rel = match name.strip_prefix("apisix.plugins.") {
-            Some(rest) => rest.replace('.', "/"),
-            None if name.contains('.') => name.replace('.', "/"),
-            None => return Ok(Value::Nil),
+        let Some(rel) = super::folder_path(&name) else {
+            return Ok(Value::Nil);
         };
         let mut tried = String::new();
         for d in &dirs {

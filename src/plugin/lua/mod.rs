@@ -680,3 +680,14 @@ pub fn provided_modules() -> mlua::Result<std::collections::HashSet<String>> {
     }
     Ok(names)
 }
+
+/// Where a module lives under a plugin folder, without `.lua`: `apisix.plugins.NAME.SUB` at
+/// `NAME/SUB`, any other dotted name at its own path (`apisix/utils/log-util`). A name without
+/// a dot is never looked for there (a plugin named like a library must not find itself).
+pub fn folder_path(module: &str) -> Option<String> {
+    match module.strip_prefix("apisix.plugins.") {
+        Some(rest) => Some(rest.replace('.', "/")),
+        None if module.contains('.') => Some(module.replace('.', "/")),
+        None => None,
+    }
+}

@@ -347,35 +347,20 @@ impl Key {
     }
 
     fn verify(&self, sig: &[u8], data: &[u8], m: &Mode) -> Result<bool, String> {
-        let ok = match self {
-            Key::RsaPrivate(kp) => {
-                UnparsedPublicKey::new(rsa_verify_alg(&m.md, m.pss)?, kp.public().as_ref())
-                    .verify(data, sig)
-                    .is_ok()
-            }
-            Key::RsaPublic(der) => UnparsedPublicKey::new(rsa_verify_alg(&m.md, m.pss)?, der)
-                .verify(data, sig)
-                .is_ok(),
+        // Every kind verifies with its public half: pick the algorithm and those bytes once.
+        let (alg, public): (&'static dyn signature::VerificationAlgorithm, &[u8]) = match self {
+            Key::RsaPrivate(kp) => (rsa_verify_alg(&m.md, m.pss)?, kp.public().as_ref()),
+            Key::RsaPublic(der) => (rsa_verify_alg(&m.md, m.pss)?, der),
             Key::EcPrivate { curve, public, .. } => {
-                UnparsedPublicKey::new(ecdsa_verify_alg(*curve, &m.md, m.raw)?, public)
-                    .verify(data, sig)
-                    .is_ok()
+                (ecdsa_verify_alg(*curve, &m.md, m.raw)?, public)
             }
-            Key::EcPublic { curve, point } => {
-                UnparsedPublicKey::new(ecdsa_verify_alg(*curve, &m.md, m.raw)?, point)
-                    .verify(data, sig)
-                    .is_ok()
-            }
-            Key::Ed25519Private(kp) => {
-                UnparsedPublicKey::new(&signature::ED25519, kp.public_key().as_ref())
-                    .verify(data, sig)
-                    .is_ok()
-            }
-            Key::Ed25519Public(k) => UnparsedPublicKey::new(&signature::ED25519, k)
-                .verify(data, sig)
-                .is_ok(),
+            Key::EcPublic { curve, point } => (ecdsa_verify_alg(*curve, &m.md, m.raw)?, point),
+            Key::Ed25519Private(kp) => (&signature::ED25519, kp.public_key().as_ref()),
+            Key::Ed25519Public(k) => (&signature::ED25519, k),
         };
-        Ok(ok)
+        Ok(UnparsedPublicKey::new(alg, public)
+            .verify(data, sig)
+            .is_ok())
     }
 }
 
