@@ -165,6 +165,9 @@ fn real_import_of_apisix_plugins_passes_check() {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let (code, out) = import(&args, tmp.path());
     assert_eq!(code, 0, "{out}");
+    // The limit plugins require lua-resty-redis at load, which APISIX's build installs and
+    // import does not (a third-party library): Debian's, unmodified, where `require` finds it.
+    common::lua_libs::install_as_resty("lua-nginx-redis", "redis.lua", &tmp.path().join("plugins"));
     let file = tmp.path().join("config.yaml");
     std::fs::write(
         &file,
