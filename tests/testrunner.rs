@@ -285,8 +285,36 @@ fn a_lua_error_shows_file_line_and_traceback() {
             "0 passed, 2 failed",
         ],
     );
-    // The traceback is shown on its own lines, not as one joined log line.
+    // The traceback is shown on its own lines, not as one joined log line, and without the
+    // gateway's own runner frames.
     assert!(!out.contains(" | stack traceback"), "{}", r.out());
+    assert!(!out.contains("moongate.call"), "{}", r.out());
+}
+
+#[test]
+fn no_test_files_is_an_error() {
+    // A CI job pointed at the wrong folder must fail, not pass with nothing run.
+    let p = Project::new();
+    let r = p.test(&[]);
+    assert_eq!(r.code, Some(1), "{}", r.out());
+    assert!(
+        r.stderr
+            .contains("no test files (*.test.yaml) found in tests, plugins/tests"),
+        "{}",
+        r.out()
+    );
+    std::fs::create_dir_all(p.path("empty")).expect("folder");
+    let r = p.test(&["empty"]);
+    assert_eq!(r.code, Some(1), "{}", r.out());
+    assert!(r.stderr.contains("found in empty"), "{}", r.out());
+    let r = p.test(&["missing.test.yaml"]);
+    assert_eq!(r.code, Some(1), "{}", r.out());
+    assert!(
+        r.stderr
+            .contains("missing.test.yaml: no such file or folder"),
+        "{}",
+        r.out()
+    );
 }
 
 #[test]

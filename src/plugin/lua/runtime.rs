@@ -942,11 +942,17 @@ fn is_memory_error(e: &mlua::Error) -> bool {
 }
 
 /// Lua error text on one line (tracebacks joined with " | "), so one failure is one log line.
+/// The runner's own traceback frames (`moongate.call:N: in ...`) are left out: they are the
+/// same in every traceback and say nothing about the plugin.
 pub(crate) fn one_line(s: &str) -> String {
     let s = s.strip_prefix("runtime error: ").unwrap_or(s);
+    let mut in_traceback = false;
     s.lines()
         .map(str::trim)
-        .filter(|l| !l.is_empty())
+        .filter(|l| {
+            in_traceback |= *l == "stack traceback:";
+            !l.is_empty() && !(in_traceback && l.starts_with("moongate.call:"))
+        })
         .collect::<Vec<_>>()
         .join(" | ")
 }
@@ -1665,9 +1671,25 @@ mod tests {
         };
         assert!(e.message.contains("boom"), "{}", e.message);
         assert!(e.message.contains("stack traceback"), "{}", e.message);
+        // The plugin's frames are there, the runner's are not.
+        assert!(e.message.contains("t.lua:3: in upvalue"), "{}", e.message);
+        assert!(!e.message.contains("moongate.call"), "{}", e.message);
         let mut c = ctx();
         c.uri = "/other".into();
         assert_eq!(response(access(&p, &conf, &mut c)), (0, String::new()));
+    }
+
+    #[test]
+    fn one_line_drops_only_the_runners_traceback_frames() {
+        let text = "runtime error: moongate.call:30: plugin call exceeded its time budget\n\
+                    stack traceback:\n\
+                    \tp.lua:3: in upvalue 'call'\n\
+                    \tmoongate.call:26: in function <moongate.call:23>\n";
+        assert_eq!(
+            one_line(text),
+            "moongate.call:30: plugin call exceeded its time budget | stack traceback: | \
+             p.lua:3: in upvalue 'call'"
+        );
     }
 
     #[test]
