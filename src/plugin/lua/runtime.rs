@@ -951,7 +951,8 @@ pub(crate) fn one_line(s: &str) -> String {
         .map(str::trim)
         .filter(|l| {
             in_traceback |= *l == "stack traceback:";
-            !l.is_empty() && !(in_traceback && l.starts_with("moongate.call:"))
+            let runner_frame = in_traceback && l.starts_with("moongate.call:");
+            !l.is_empty() && !runner_frame
         })
         .collect::<Vec<_>>()
         .join(" | ")
