@@ -243,6 +243,7 @@ fn init_check_logging() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .event_format(Plain)
         .try_init();
 }

@@ -2767,3 +2767,94 @@ fn balancer_and_timer_modules_work_as_in_apisix() {
         "still ticking: {stopped} then {later}"
     );
 }
+
+/// Copies a folder tree (APISIX's helper modules, for a plugin that needs many of them).
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("folder");
+    for e in std::fs::read_dir(from).expect("read folder") {
+        let e = e.expect("entry");
+        let dest = to.join(e.file_name());
+        if e.file_type().expect("type").is_dir() {
+            copy_tree(&e.path(), &dest);
+        } else {
+            std::fs::copy(e.path(), &dest).expect("copy");
+        }
+    }
+}
+
+/// APISIX's own http-logger (APISIX_SRC) with its batch processor, log-util and net.url: log
+/// entries reach a collector the test runs, two at a time when `batch_max_size` fills, the
+/// rest after `inactive_timeout` (t/plugin/http-logger*.t).
+#[test]
+fn real_http_logger_sends_batches_to_a_collector() {
+    let Some(src) = std::env::var_os("APISIX_SRC") else {
+        eprintln!("APISIX_SRC is not set: skipping APISIX's http-logger");
+        return;
+    };
+    let src = PathBuf::from(src);
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path().join("plugins");
+    std::fs::create_dir_all(&dir).expect("plugins dir");
+    std::fs::copy(
+        src.join("apisix/plugins/http-logger.lua"),
+        dir.join("http-logger.lua"),
+    )
+    .expect("copy http-logger");
+    copy_tree(&src.join("apisix/utils"), &dir.join("apisix/utils"));
+
+    // The collector: each POST's target, content type and body, in arrival order.
+    let (tx, rx) = std::sync::mpsc::channel::<(String, String, String)>();
+    let collector = Upstream::start(move |req| {
+        let tx = tx.clone();
+        async move {
+            use http_body_util::BodyExt;
+            let target = req.uri().to_string();
+            let ctype = req
+                .headers()
+                .get("content-type")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string();
+            let body = req.into_body().collect().await.expect("body").to_bytes();
+            let _ = tx.send((target, ctype, String::from_utf8_lossy(&body).into_owned()));
+            hyper::Response::new(full("ok"))
+        }
+    });
+    let up = Upstream::echo();
+    let yaml = format!(
+        "workers: 1\nplugin_dirs:\n  - \"{}\"\nroutes:\n  - id: hl\n    uri: /log/*\n    plugins:\n      http-logger:\n        uri: \"http://{}/ingest?src=gw\"\n        batch_max_size: 2\n        inactive_timeout: 1\n{}",
+        dir.display(),
+        collector.addr(),
+        upstream_yaml(&up)
+    );
+    let gw = Gateway::start_in(tmp.path(), &yaml);
+    for path in ["/log/a", "/log/b?x=1", "/log/c"] {
+        assert_eq!(Req::get(&gw.url(path)).send().status, 200, "{}", gw.logs());
+    }
+    let wait = Duration::from_secs(10);
+    let batch = |rx: &std::sync::mpsc::Receiver<(String, String, String)>| {
+        let (target, ctype, body) = rx
+            .recv_timeout(wait)
+            .unwrap_or_else(|_| panic!("no batch reached the collector\n{}", gw.logs()));
+        assert_eq!(target, "/ingest?src=gw");
+        assert_eq!(ctype, "application/json");
+        let v: serde_json::Value = serde_json::from_str(&body).expect("a JSON batch");
+        v.as_array().expect("an array of entries").clone()
+    };
+    // The first two fill the batch and go at once.
+    let first = batch(&rx);
+    assert_eq!(first.len(), 2, "{first:?}");
+    assert_eq!(first[0]["request"]["uri"], "/log/a");
+    assert_eq!(first[1]["request"]["uri"], "/log/b?x=1");
+    assert_eq!(first[1]["request"]["querystring"]["x"], "1");
+    for e in &first {
+        assert_eq!(e["route_id"], "hl");
+        assert_eq!(e["response"]["status"], 200);
+        assert_eq!(e["upstream"], up.addr().to_string());
+        assert_eq!(e["client_ip"], "127.0.0.1");
+    }
+    // The third after the batch has been idle for inactive_timeout.
+    let second = batch(&rx);
+    assert_eq!(second.len(), 1, "{second:?}");
+    assert_eq!(second[0]["request"]["uri"], "/log/c");
+}

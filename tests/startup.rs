@@ -310,6 +310,32 @@ fn a_lua_file_named_like_a_native_plugin_is_skipped_by_check() {
 }
 
 #[test]
+fn a_plugins_warning_at_check_is_plain_text() {
+    // Fields after the message (plugin=, phase=) carry no terminal colour codes when stderr is
+    // not a terminal: the lines end up in CI logs and editors.
+    let dir = layout(&[
+        (
+            "conf/config.yaml",
+            "listen: 127.0.0.1:0\nroutes:\n  - id: w\n    uri: /w\n    plugins:\n      warner: {}\n",
+        ),
+        (
+            "conf/plugins/warner.lua",
+            "local core = require('apisix.core')\n\
+             return {name = 'warner', priority = 1, version = 0.1, schema = {type = 'object'},\n\
+             check_schema = function(conf) core.log.warn('risky conf'); return true end}\n",
+        ),
+    ]);
+    let c = check(dir.path());
+    assert_eq!(c.code, 0, "{}{}", c.stdout, c.stderr);
+    assert!(
+        c.stderr.contains("risky conf plugin=warner"),
+        "{}",
+        c.stderr
+    );
+    assert!(!c.stderr.contains('\x1b'), "{:?}", c.stderr);
+}
+
+#[test]
 fn a_lua_file_named_like_a_native_plugin_is_skipped_by_run_and_reload() {
     let dir = layout(&[
         ("conf/config.yaml", OPENFUNCTION_ROUTE),

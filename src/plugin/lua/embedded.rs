@@ -172,6 +172,7 @@ pub const MODULES: &[(&str, &str)] = &[
         include_str!("../../../lua/apisix/plugins/prometheus/exporter.lua"),
     ),
     ("xml2lua", include_str!("../../../lua/xml2lua.lua")),
+    ("net.url", include_str!("../../../lua/net/url.lua")),
 ];
 
 #[cfg(test)]
@@ -187,5 +188,66 @@ mod tests {
         assert_eq!(before, names.len(), "a module is listed twice");
         assert!(MODULES.iter().all(|(_, src)| !src.trim().is_empty()));
         assert!(names.contains(&"apisix.core"));
+    }
+
+    /// Runs `code` (which `error`s on a mismatch) with module `name` as `require(name)`.
+    fn check_pure_module(name: &str, code: &str) {
+        let (_, src) = MODULES.iter().find(|(n, _)| *n == name).expect("module");
+        let lua = mlua::Lua::new();
+        let module: mlua::Value = lua.load(*src).set_name(name).eval().expect("module loads");
+        lua.globals().set("M", module).expect("global");
+        if let Err(e) = lua.load(code).exec() {
+            panic!("{e}");
+        }
+    }
+
+    #[test]
+    fn net_url_parses_builds_and_resolves() {
+        check_pure_module(
+            "net.url",
+            r##"
+            local function eq(got, want)
+                if got ~= want then
+                    error(("got %s, want %s"):format(tostring(got), tostring(want)), 2)
+                end
+            end
+            -- what APISIX's http-logger reads
+            local u = M.parse("https://user:p%40ss@Logs.Example.com:8443/v1/ingest?x=1&y=a+b#top")
+            eq(u.scheme, "https"); eq(u.host, "Logs.Example.com"); eq(u.port, 8443)
+            eq(u.user, "user"); eq(u.password, "p@ss"); eq(u.path, "/v1/ingest")
+            eq(u.query.x, "1"); eq(u.query.y, "a b"); eq(u.fragment, "top")
+            eq(tostring(u.query), "x=1&y=a%20b")
+            local bare = M.parse("http://127.0.0.1:9000")
+            eq(bare.port, 9000); eq(bare.path, ""); eq(next(bare.query), nil)
+            eq(M.parse("http://[::1]:80/a").host, "[::1]")
+            eq(M.parse("http://h").port, nil)
+            -- building
+            local b = M.parse("http://www.example.com")
+            b.query.foo = "bar"
+            eq(tostring(b), "http://www.example.com/?foo=bar")
+            eq(tostring(M.parse("http://h/a%20b?q=1")), "http://h/a%20b?q=1")
+            -- bracketed queries, as the rock's
+            local q = M.parseQuery("first=abc&a[]=123&a[]=false&b[k]=v")
+            eq(q.first, "abc"); eq(q.a[1], "123"); eq(q.a[2], "false"); eq(q.b.k, "v")
+            eq(tostring(q), "a[1]=123&a[2]=false&b[k]=v&first=abc")
+            -- normalize
+            eq(tostring(M.parse("http://www.FOO.com:80///foo/../foo/./bar"):normalize()),
+               "http://www.foo.com/foo/bar")
+            eq(M.removeDotSegments("/a/b/c/./../../g"), "/a/g")
+            eq(M.removeDotSegments("mid/content=5/../6"), "mid/6")
+            -- RFC 3986, 5.4.1 normal examples
+            local base = M.parse("http://a/b/c/d;p?q")
+            for ref, want in pairs({
+                ["g"] = "http://a/b/c/g", ["./g"] = "http://a/b/c/g", ["g/"] = "http://a/b/c/g/",
+                ["/g"] = "http://a/g", ["//g"] = "http://g", ["?y"] = "http://a/b/c/d;p?y",
+                ["g?y"] = "http://a/b/c/g?y", ["#s"] = "http://a/b/c/d;p?q#s",
+                ["g#s"] = "http://a/b/c/g#s", [".."] = "http://a/b/", ["../g"] = "http://a/b/g",
+                ["../.."] = "http://a/", ["../../g"] = "http://a/g", [""] = "http://a/b/c/d;p?q",
+                ["g:h"] = "g:h",
+            }) do
+                eq(tostring(base:resolve(ref)), want)
+            end
+            "##,
+        );
     }
 }
