@@ -9,6 +9,7 @@
 //! the listening sockets and restarts a crashed serving process) and [`testrunner`]
 //! (`moongate test`, for plugin authors).
 
+pub mod accesslog;
 pub mod admin;
 pub mod body;
 pub mod config;

@@ -272,18 +272,27 @@ fn serve(path: &std::path::Path, mut inherited: supervisor::Inherited) -> ExitCo
         Ok(s) => s,
         Err(errors) => return refuse(&errors),
     };
-    let node: Arc<NodeConfig> = Arc::new(snap.doc.node.clone());
+    let mut served = snap.doc.node.clone();
+    // Checked by the start-up already (`startup::node_problems`).
+    match moongate::accesslog::Mode::from_node(&served) {
+        Ok(moongate::accesslog::Mode::Formatted(settings)) => {
+            if let Err(e) = moongate::accesslog::start(settings) {
+                tracing::error!("{e}");
+                return ExitCode::FAILURE;
+            }
+        }
+        Ok(moongate::accesslog::Mode::Off) => served.access_log = false,
+        _ => {}
+    }
+    let node: Arc<NodeConfig> = Arc::new(served);
     // Checked by the start-up already (`startup::node_problems`).
     if let Ok(s) = moongate::metrics::Settings::from_node(&node) {
         moongate::metrics::init(s);
     }
     let routes = snap.routes.len();
+    let snap_node = snap.doc.node.clone();
     let gw = Arc::new(Gateway::new(snap));
-    let reloader = Arc::new(Reloader::new(
-        gw.clone(),
-        path.to_path_buf(),
-        (*node).clone(),
-    ));
+    let reloader = Arc::new(Reloader::new(gw.clone(), path.to_path_buf(), snap_node));
     if let Err(e) = reload::watch_files(reloader.clone()) {
         tracing::warn!("file watching is off, changes need a restart: {e}");
     }
@@ -384,9 +393,10 @@ fn serve(path: &std::path::Path, mut inherited: supervisor::Inherited) -> ExitCo
         let _rt = rt.enter();
         Signals::install()
     };
-    let metric_sources: Vec<Arc<dyn moongate::metrics::expose::Source>> = vec![Arc::new(
-        moongate::metrics::sources::ConfigSource(reloader.clone()),
-    )];
+    let metric_sources: Vec<Arc<dyn moongate::metrics::expose::Source>> = vec![
+        Arc::new(moongate::metrics::sources::ConfigSource(reloader.clone())),
+        Arc::new(moongate::accesslog::DroppedSource),
+    ];
     if let Err(e) = moongate::metrics::start_export(rt.handle(), metric_sources) {
         tracing::error!("{e}");
         return ExitCode::FAILURE;
@@ -429,15 +439,20 @@ fn serve(path: &std::path::Path, mut inherited: supervisor::Inherited) -> ExitCo
     for h in handles {
         let _ = h.join();
     }
+    if let Some(log) = moongate::accesslog::get() {
+        log.flush(std::time::Duration::from_secs(5));
+    }
     tracing::info!("stopped");
     ExitCode::SUCCESS
 }
 
-/// The signals the serving process takes: SIGTERM and SIGINT stop it, SIGHUP reloads.
+/// The signals the serving process takes: SIGTERM and SIGINT stop it, SIGHUP reloads,
+/// SIGUSR1 reopens the access log.
 struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
     hup: tokio::signal::unix::Signal,
+    usr1: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -449,12 +464,13 @@ impl Signals {
                 term: signal(SignalKind::terminate())?,
                 int: signal(SignalKind::interrupt())?,
                 hup: signal(SignalKind::hangup())?,
+                usr1: signal(SignalKind::user_defined1())?,
             })
         })();
         match installed {
             Ok(s) => Some(s),
             Err(e) => {
-                tracing::warn!("cannot watch SIGTERM/SIGINT/SIGHUP: {e}");
+                tracing::warn!("cannot watch SIGTERM/SIGINT/SIGHUP/SIGUSR1: {e}");
                 None
             }
         }
@@ -476,6 +492,12 @@ async fn wait_for_signal(signals: Option<Signals>, reloader: &Arc<Reloader>) {
                 let reloader = reloader.clone();
                 // A failed build is logged and kept by the reloader.
                 let _ = tokio::task::spawn_blocking(move || reloader.rebuild("SIGHUP", true)).await;
+            }
+            _ = s.usr1.recv() => {
+                // nginx's USR1: reopen the log files (logrotate has renamed them).
+                if let Some(log) = moongate::accesslog::get() {
+                    log.reopen();
+                }
             }
         }
     }

@@ -107,6 +107,9 @@ pub fn node_problems(node: &NodeConfig) -> Vec<ConfigError> {
             }
         }
     }
+    if let Err(e) = crate::accesslog::Mode::from_node(node) {
+        errors.push(e);
+    }
     if let Err(e) = crate::metrics::Settings::from_node(node) {
         errors.push(e);
     }

@@ -499,9 +499,13 @@ pub struct NodeConfig {
     /// Log level filter (`info`, `debug`, `moongate=debug,info`, ...); `RUST_LOG` overrides it.
     #[serde(default)]
     pub log_level: Option<String>,
-    /// Write one access-log line per request (default true).
+    /// moongate's one-line summary per request on stderr (default true), when
+    /// `nginx_config.http` sets no access log of its own.
     #[serde(default = "yes")]
     pub access_log: bool,
+    /// APISIX's `nginx_config`: the access log (`nginx_config.http.access_log`, ...).
+    #[serde(default)]
+    pub nginx_config: crate::accesslog::NginxConfig,
     #[serde(default)]
     pub proxy: ProxyConfig,
     #[serde(default)]
@@ -653,6 +657,7 @@ fn resolve_paths(node: &mut NodeConfig, base: &Path) {
             *ca = base.join(&*ca);
         }
     }
+    crate::accesslog::resolve_path(&mut node.nginx_config.http, base);
     if let Some(d) = &mut node.data_dir {
         if d.is_relative() {
             *d = base.join(&*d);

@@ -80,6 +80,8 @@ pub struct Ctx {
     /// response's headers (true until the handler knows the chains; see
     /// [`Ctx::response_untouched`]).
     pub response_phases: bool,
+    /// nginx's `$request_id` (32 hex digits), made on first read.
+    request_id: std::cell::OnceCell<Box<str>>,
     /// Per-type data, few entries per request (the Lua plugins' state, a native plugin's): a
     /// list searched by `TypeId` costs less than hashing into a map, and one allocation less.
     data: Vec<(TypeId, Box<dyn Any>)>,
@@ -161,6 +163,7 @@ impl Ctx {
             vars: HashMap::new(),
             consumer: None,
             plugins: None,
+            request_id: std::cell::OnceCell::new(),
             data: Vec::new(),
         }
     }
@@ -250,16 +253,28 @@ impl Ctx {
             "server_addr" => Cow::Owned(self.local_addr.ip().to_string()),
             "server_port" => Cow::Owned(self.local_addr.port().to_string()),
             "route_id" => Cow::Borrowed(self.route.as_ref()?.id.as_str()),
-            "route_name" => Cow::Borrowed(self.route.as_ref()?.name.as_deref()?),
             "service_id" => Cow::Borrowed(self.route.as_ref()?.service_id.as_deref()?),
             "upstream_uri" => Cow::Borrowed(self.effective_upstream_uri()),
-            "upstream_host" => Cow::Borrowed(self.upstream_host.as_deref()?),
             "upstream_addr" => Cow::Borrowed(self.upstream_addr.as_deref()?),
             "upstream_status" => Cow::Owned(self.upstream_status?.to_string()),
             "status" => Cow::Owned(self.status.to_string()),
             "content_type" => self.header_var("content_type")?,
             "content_length" => self.header_var("content_length")?,
             "request_time" => Cow::Owned(format!("{:.3}", self.start.elapsed().as_secs_f64())),
+            "route_name"
+            | "service_name"
+            | "consumer_name"
+            | "remote_user"
+            | "request"
+            | "body_bytes_sent"
+            | "bytes_sent"
+            | "upstream_scheme"
+            | "upstream_response_time"
+            | "request_id"
+            | "apisix_request_id"
+            | "time_local"
+            | "time_iso8601"
+            | "upstream_host" => return self.log_var(name),
             "msec" => Cow::Owned(format!(
                 "{:.3}",
                 SystemTime::now()
@@ -270,6 +285,90 @@ impl Ctx {
             _ => return None,
         };
         Some(v)
+    }
+
+    /// The variables access logs mostly ask for (kept out of [`Ctx::var`]'s common arms).
+    fn log_var(&self, name: &str) -> Option<Cow<'_, str>> {
+        let route = self.route.as_deref();
+        let v: Cow<str> = match name {
+            "route_name" => Cow::Borrowed(route?.name.as_deref()?),
+            "service_name" => Cow::Borrowed(route?.service_name.as_deref()?),
+            "consumer_name" => Cow::Borrowed(self.consumer.as_ref()?.username.as_str()),
+            "remote_user" => Cow::Owned(self.basic_auth_user()?),
+            "request" => Cow::Owned(format!(
+                "{} {} {}",
+                self.method,
+                self.request_uri,
+                version_str(self.version)
+            )),
+            "body_bytes_sent" => Cow::Owned(self.body_bytes_sent.to_string()),
+            "bytes_sent" => Cow::Owned(self.bytes_sent.to_string()),
+            // As APISIX's defaults in nginx.conf: `http` and the client's Host until an
+            // upstream says otherwise.
+            "upstream_scheme" => Cow::Borrowed(
+                route
+                    .and_then(|r| r.upstream.as_ref())
+                    .map_or("http", |u| u.config.scheme.as_str()),
+            ),
+            "upstream_host" => return self.upstream_host_var(),
+            "upstream_response_time" => {
+                self.upstream_status?;
+                let start = self.upstream_start?;
+                Cow::Owned(format!("{:.3}", start.elapsed().as_secs_f64()))
+            }
+            // The request-id plugin sets `apisix_request_id` in `vars`, read before this.
+            "request_id" | "apisix_request_id" => Cow::Borrowed(self.request_id()),
+            "time_local" => Cow::Owned(crate::accesslog::time::local()),
+            "time_iso8601" => Cow::Owned(crate::accesslog::time::iso8601()),
+            _ => return None,
+        };
+        Some(v)
+    }
+
+    /// `$upstream_host`: the Host the upstream request carries (a plugin's choice, else as
+    /// the upstream's `pass_host` says), the client's before an upstream is known.
+    fn upstream_host_var(&self) -> Option<Cow<'_, str>> {
+        use crate::config::PassHost;
+        if let Some(h) = &self.upstream_host {
+            return Some(Cow::Borrowed(h));
+        }
+        let client = || self.header("host").map(Cow::Borrowed);
+        let Some(up) = self.route.as_ref().and_then(|r| r.upstream.as_ref()) else {
+            return client();
+        };
+        match up.config.pass_host {
+            PassHost::Pass => client(),
+            PassHost::Rewrite => up.config.upstream_host.as_deref().map(Cow::Borrowed),
+            PassHost::Node => {
+                let addr = self.upstream_addr.as_deref()?;
+                let default = format!(":{}", up.config.scheme.default_port());
+                Some(Cow::Borrowed(
+                    addr.strip_suffix(default.as_str()).unwrap_or(addr),
+                ))
+            }
+        }
+    }
+
+    /// nginx's `$request_id`: 16 random bytes as hex, the same for the whole request.
+    pub fn request_id(&self) -> &str {
+        self.request_id
+            .get_or_init(|| uuid::Uuid::new_v4().simple().to_string().into_boxed_str())
+    }
+
+    /// nginx's `$remote_user`: the user name of a `Basic` `Authorization` header.
+    fn basic_auth_user(&self) -> Option<String> {
+        use base64::Engine;
+        let v = self.header("authorization")?;
+        let (scheme, cred) = v.trim().split_once(' ')?;
+        if !scheme.eq_ignore_ascii_case("basic") {
+            return None;
+        }
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(cred.trim())
+            .ok()?;
+        let text = String::from_utf8(raw).ok()?;
+        let (user, _) = text.split_once(':')?;
+        Some(user.to_string())
     }
 
     /// `http_NAME`: the header with `_` read as `-`, case-insensitive; repeated headers joined

@@ -642,7 +642,9 @@ impl Finish {
     /// client went away, or the response failed).
     fn log(mut self, outcome: Outcome) {
         self.chains_run(chain::run_log);
-        if self.access_log {
+        if let Some(log) = crate::accesslog::get() {
+            log.record(&self.ctx);
+        } else if self.access_log {
             let c = &self.ctx;
             tracing::info!(
                 target: "moongate::access",

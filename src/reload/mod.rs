@@ -287,6 +287,8 @@ impl Reloader {
                 node.config_provider != old.config_provider,
             ),
             ("etcd", node.etcd != old.etcd),
+            ("access_log", node.access_log != old.access_log),
+            ("nginx_config", node.nginx_config != old.nginx_config),
             (
                 "ssl.listen",
                 node.ssl.as_ref().map(|s| s.listeners()) != old.ssl.as_ref().map(|s| s.listeners()),

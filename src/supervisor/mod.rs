@@ -7,8 +7,8 @@
 //! code, an abort, the OOM killer) the supervisor logs the cause and starts a new one at once
 //! on the same sockets, so the ports never stop accepting: connections made in between wait in
 //! the accept queues. Crashes in a row back off (0.1 s doubling up to 10 s) so a crash loop
-//! does not spin; a process that served for [`STABLE`] starts the count over. SIGTERM, SIGINT
-//! and SIGHUP are passed on to the serving process; after SIGTERM/SIGINT the supervisor closes
+//! does not spin; a process that served for [`STABLE`] starts the count over. SIGTERM, SIGINT,
+//! SIGHUP and SIGUSR1 are passed on to the serving process; after SIGTERM/SIGINT the supervisor closes
 //! its sockets (new connections are refused, not left queued), waits for the serving process
 //! and exits with its status.
 //!
@@ -169,7 +169,13 @@ fn signal_set() -> libc::sigset_t {
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
-        for s in [libc::SIGCHLD, libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+        for s in [
+            libc::SIGCHLD,
+            libc::SIGTERM,
+            libc::SIGINT,
+            libc::SIGHUP,
+            libc::SIGUSR1,
+        ] {
             libc::sigaddset(&mut set, s);
         }
         set
@@ -264,7 +270,8 @@ pub fn run(mut listeners: ListenerSet, args: Vec<OsString>) -> ExitCode {
                 next_start = Some(Instant::now() + delay);
             }
             sig => {
-                if sig != libc::SIGHUP {
+                // SIGHUP (reload) and SIGUSR1 (reopen the access log) only pass on.
+                if sig != libc::SIGHUP && sig != libc::SIGUSR1 {
                     stopping = true;
                     // No new serving process will take them: refuse new connections now
                     // instead of queueing them until we exit.

@@ -96,6 +96,7 @@ pub fn node_config(
     }]);
     node.workers = Some(1);
     node.access_log = true;
+    node.nginx_config = Default::default();
     node.admin = None;
     node.proxy.graceful_shutdown_timeout = node.proxy.graceful_shutdown_timeout.min(1.0);
     Ok(node)
