@@ -1,6 +1,9 @@
---- xml2lua: only `toXml(tbl, root)`, which APISIX's mocking plugin uses to send a generated
--- example as XML. Keys become elements (sorted, so the text is stable); arrays repeat their
--- parent element; text is escaped.
+--- xml2lua: `toXml(tbl, root)`, which APISIX's mocking plugin uses to send a generated
+-- example as XML (keys become elements, sorted so the text is stable; arrays repeat their
+-- parent element; text is escaped), and `parser(handler):parse(xml)`, which body-transformer
+-- uses with `xmlhandler.tree`. The document is read by moongate's native tokenizer
+-- (quick-xml); the events go to the handler's `starttag`, `endtag`, `text`, `cdata`,
+-- `comment`, `decl`, `pi` and `dtd`, whichever it has.
 local type = type
 local pairs = pairs
 local ipairs = ipairs
@@ -58,6 +61,52 @@ function _M.toXml(tbl, root)
     local out = {}
     emit(out, root or "root", tbl, 0)
     return concat(out, "\n") .. "\n"
+end
+
+local handler_calls = {
+    starttag = function(h, ev) return h.starttag, { name = ev.name, attrs = ev.attrs } end,
+    endtag = function(h, ev) return h.endtag, { name = ev.name } end,
+}
+
+--- A parser that feeds `handler`. `parser.options.stripWS` (default true) trims text and
+-- drops whitespace-only text, as xml2lua's default.
+function _M.parser(handler)
+    local p = { handler = handler, options = { stripWS = true, expandEntities = true } }
+
+    function p.parse(self, xml)
+        if type(xml) ~= "string" then
+            error("xml2lua: the document must be a string, got " .. type(xml), 2)
+        end
+        local h = self.handler
+        local strip = self.options.stripWS
+        local events = require("moongate.xml").events(xml)
+        for _, ev in ipairs(events) do
+            local kind = ev.kind
+            local call = handler_calls[kind]
+            if call then
+                local f, arg = call(h, ev)
+                if f then f(h, arg) end
+            elseif kind == "text" then
+                local t = ev.text
+                if strip then
+                    t = gsub(gsub(t, "^%s+", ""), "%s+$", "")
+                end
+                if t ~= "" and h.text then
+                    h:text(t)
+                end
+            elseif kind == "cdata" then
+                if h.cdata then
+                    h:cdata(ev.text)
+                elseif h.text then
+                    h:text(ev.text)
+                end
+            elseif h[kind] then
+                h[kind](h, ev.text)
+            end
+        end
+    end
+
+    return p
 end
 
 return _M

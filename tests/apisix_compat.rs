@@ -2768,7 +2768,20 @@ fn balancer_and_timer_modules_work_as_in_apisix() {
     );
 }
 
-/// Copies a folder tree (APISIX's helper modules, for a plugin that needs many of them).
+/// A temp folder with `plugins/NAME.lua` from the checkout and APISIX's helper modules
+/// (`apisix/utils/`) beside it, as a user stages them; returns the folder and `plugins/`.
+fn stage_plugin(src: &Path, name: &str) -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path().join("plugins");
+    std::fs::create_dir_all(&dir).expect("plugins dir");
+    let file = format!("{name}.lua");
+    std::fs::copy(src.join("apisix/plugins").join(&file), dir.join(&file))
+        .unwrap_or_else(|e| panic!("cannot copy {file}: {e}"));
+    copy_tree(&src.join("apisix/utils"), &dir.join("apisix/utils"));
+    (tmp, dir)
+}
+
+/// Copies a folder tree.
 fn copy_tree(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).expect("folder");
     for e in std::fs::read_dir(from).expect("read folder") {
@@ -2791,16 +2804,7 @@ fn real_http_logger_sends_batches_to_a_collector() {
         eprintln!("APISIX_SRC is not set: skipping APISIX's http-logger");
         return;
     };
-    let src = PathBuf::from(src);
-    let tmp = tempfile::tempdir().expect("temp dir");
-    let dir = tmp.path().join("plugins");
-    std::fs::create_dir_all(&dir).expect("plugins dir");
-    std::fs::copy(
-        src.join("apisix/plugins/http-logger.lua"),
-        dir.join("http-logger.lua"),
-    )
-    .expect("copy http-logger");
-    copy_tree(&src.join("apisix/utils"), &dir.join("apisix/utils"));
+    let (tmp, dir) = stage_plugin(&PathBuf::from(src), "http-logger");
 
     // The collector: each POST's target, content type and body, in arrival order.
     let (tx, rx) = std::sync::mpsc::channel::<(String, String, String)>();
@@ -2857,4 +2861,83 @@ fn real_http_logger_sends_batches_to_a_collector() {
     let second = batch(&rx);
     assert_eq!(second.len(), 1, "{second:?}");
     assert_eq!(second[0]["request"]["uri"], "/log/c");
+}
+
+/// APISIX's own body-transformer (APISIX_SRC) with resty.template, xml2lua's parser and
+/// xmlhandler.tree: a JSON request becomes a SOAP call upstream and the SOAP answer (or its
+/// fault) becomes JSON for the client (docs/en/latest/plugins/body-transformer.md's use case).
+#[test]
+fn real_body_transformer_turns_json_into_soap_and_back() {
+    let Some(src) = std::env::var_os("APISIX_SRC") else {
+        eprintln!("APISIX_SRC is not set: skipping APISIX's body-transformer");
+        return;
+    };
+    let (tmp, dir) = stage_plugin(&PathBuf::from(src), "body-transformer");
+    // The SOAP service: answers for a city it knows, a fault (with xml:lang on the text)
+    // otherwise.
+    let soap = Upstream::start(|req| async move {
+        use http_body_util::BodyExt;
+        let body = req.into_body().collect().await.expect("body").to_bytes();
+        let body = String::from_utf8_lossy(&body).into_owned();
+        let answer = if body.contains("<q:city>Oslo</q:city>") {
+            "<?xml version=\"1.0\"?><env:Envelope xmlns:env=\"urn:env\"><env:Body>\
+             <q:lookupResponse xmlns:q=\"urn:q\"><q:place><q:city>Oslo</q:city>\
+             <q:people>709000</q:people><q:note>fjords &amp; \"boats\"</q:note></q:place>\
+             </q:lookupResponse></env:Body></env:Envelope>"
+                .to_string()
+        } else {
+            format!(
+                "<env:Envelope xmlns:env=\"urn:env\"><env:Body><env:Fault>\
+                 <faultcode>env:Client</faultcode><faultstring xml:lang=\"en\">no such city \
+                 in {} bytes</faultstring></env:Fault></env:Body></env:Envelope>",
+                body.len()
+            )
+        };
+        let mut r = hyper::Response::new(full(answer));
+        r.headers_mut().insert(
+            "content-type",
+            hyper::header::HeaderValue::from_static("text/xml; charset=utf-8"),
+        );
+        r
+    });
+    let req_template = r#"<?xml version="1.0"?>
+<env:Envelope xmlns:env="urn:env"><env:Body>
+  <q:lookup xmlns:q="urn:q"><q:city>{{_escape_xml(city)}}</q:city></q:lookup>
+</env:Body></env:Envelope>"#;
+    let rsp_template = r#"{% local b = Envelope.Body %}
+{% if b.Fault == nil then %}
+{"city": "{{b.lookupResponse.place.city}}", "people": {{b.lookupResponse.place.people}},
+ "note": {*_escape_json(b.lookupResponse.place.note)*}, "status": {{_ctx.var.status}}}
+{% else %}
+{"error": {*_escape_json(b.Fault.faultstring[1])*}, "code": "{{b.Fault.faultcode}}"}
+{% end %}"#;
+    let yaml = format!(
+        "workers: 1\nplugin_dirs:\n  - \"{}\"\nroutes:\n  - id: soap\n    uri: /lookup\n    plugins:\n      body-transformer:\n        request:\n          input_format: json\n          template: {}\n        response:\n          input_format: xml\n          template: {}\n{}",
+        dir.display(),
+        serde_json::to_string(req_template).expect("json"),
+        serde_json::to_string(rsp_template).expect("json"),
+        upstream_yaml(&soap)
+    );
+    let gw = Gateway::start_in(tmp.path(), &yaml);
+    let r = Req::post(&gw.url("/lookup"))
+        .header("content-type", "application/json")
+        .body(r#"{"city": "Oslo"}"#)
+        .send();
+    assert_eq!(r.status, 200, "{}\n{}", r.text(), gw.logs());
+    let v: serde_json::Value = serde_json::from_str(&r.text())
+        .unwrap_or_else(|e| panic!("{e}: {}\n{}", r.text(), gw.logs()));
+    assert_eq!(
+        v,
+        serde_json::json!({"city": "Oslo", "people": 709000, "note": "fjords & \"boats\"", "status": 200})
+    );
+    // A city the service does not know: its fault, as JSON; the escaped request went out.
+    let r = Req::post(&gw.url("/lookup"))
+        .header("content-type", "application/json")
+        .body(r#"{"city": "<Atlantis>"}"#)
+        .send();
+    let v: serde_json::Value = serde_json::from_str(&r.text())
+        .unwrap_or_else(|e| panic!("{e}: {}\n{}", r.text(), gw.logs()));
+    assert_eq!(v["code"], "env:Client", "{v}");
+    let err = v["error"].as_str().expect("error text");
+    assert!(err.starts_with("no such city in "), "{err}");
 }

@@ -1588,6 +1588,7 @@ fn install_require(lua: &Lua, settings: &Settings) -> mlua::Result<()> {
     super::compress::install(lua, &preload)?;
     super::pkey::install(lua, &preload)?;
     super::semaphore::install(lua, &preload)?;
+    super::xml::install(lua, &preload)?;
     package.set(
         "path",
         package_path(&settings.package_path, &package.get::<String>("path")?),

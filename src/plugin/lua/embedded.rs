@@ -173,6 +173,15 @@ pub const MODULES: &[(&str, &str)] = &[
     ),
     ("xml2lua", include_str!("../../../lua/xml2lua.lua")),
     ("net.url", include_str!("../../../lua/net/url.lua")),
+    ("multipart", include_str!("../../../lua/multipart.lua")),
+    (
+        "resty.template",
+        include_str!("../../../lua/resty/template.lua"),
+    ),
+    (
+        "xmlhandler.tree",
+        include_str!("../../../lua/xmlhandler/tree.lua"),
+    ),
 ];
 
 #[cfg(test)]
@@ -190,12 +199,20 @@ mod tests {
         assert!(names.contains(&"apisix.core"));
     }
 
-    /// Runs `code` (which `error`s on a mismatch) with module `name` as `require(name)`.
+    /// Runs `code` with module `name` as the global `M` and `eq(got, want)`, which raises an
+    /// error naming both values when they differ.
     fn check_pure_module(name: &str, code: &str) {
+        const EQ: &str = r#"
+            function eq(got, want)
+                if got ~= want then
+                    error(("got %q, want %q"):format(tostring(got), tostring(want)), 2)
+                end
+            end"#;
         let (_, src) = MODULES.iter().find(|(n, _)| *n == name).expect("module");
         let lua = mlua::Lua::new();
         let module: mlua::Value = lua.load(*src).set_name(name).eval().expect("module loads");
         lua.globals().set("M", module).expect("global");
+        lua.load(EQ).exec().expect("eq");
         if let Err(e) = lua.load(code).exec() {
             panic!("{e}");
         }
@@ -206,11 +223,6 @@ mod tests {
         check_pure_module(
             "net.url",
             r##"
-            local function eq(got, want)
-                if got ~= want then
-                    error(("got %s, want %s"):format(tostring(got), tostring(want)), 2)
-                end
-            end
             -- what APISIX's http-logger reads
             local u = M.parse("https://user:p%40ss@Logs.Example.com:8443/v1/ingest?x=1&y=a+b#top")
             eq(u.scheme, "https"); eq(u.host, "Logs.Example.com"); eq(u.port, 8443)
@@ -247,6 +259,87 @@ mod tests {
             }) do
                 eq(tostring(base:resolve(ref)), want)
             end
+            "##,
+        );
+    }
+
+    #[test]
+    fn resty_template_renders_lua_resty_template_syntax() {
+        check_pure_module(
+            "resty.template",
+            r##"
+            local t = M
+            local function run(view, ctx) return t.compile(view)(ctx) end
+            eq(run("Hello {{name}}!", { name = "<b>\"x\"</b>" }),
+               "Hello &lt;b&gt;&quot;x&quot;&lt;&#47;b&gt;!")
+            eq(run("{*name*}|{*missing*}|{*f*}", { name = "<raw>", f = function() return 7 end }),
+               "<raw>||7")
+            -- a code tag alone on its line leaves no blank line
+            eq(run("[\n{% for i, v in ipairs(list) do %}\n  {{v}}\n{% end %}\n]", { list = { "a", "b" } }),
+               "[\n  a\n  b\n]")
+            eq(run("a{# note #}b"), "ab")
+            eq(run("\\{{x}} {{x}}", { x = 1 }), "{{x}} 1")
+            eq(run("{-raw-}{{x}}{-raw-}", { x = 1 }), "{{x}}")
+            -- helpers from the context's metatable, as body-transformer passes them
+            local ctx = setmetatable({ name = "n" }, { __index = { up = string.upper } })
+            eq(run("{*up(name)*}", ctx), "N")
+            -- context and globals
+            eq(run("{*context.k*}{*type(k)*}", { k = "v" }), "vstring")
+            -- an include with its own context
+            eq(run("<{(inner {{x}}, {x = 2})}>", { x = 1 }), "<inner 2>")
+            -- a block is kept, not written
+            local out = run("{-side-}S{{x}}{-side-}main", { x = 3 })
+            eq(out, "main")
+            -- a template that does not compile is an error the caller can catch
+            local ok, err = pcall(t.compile, "{% if %}")
+            eq(ok, false)
+            assert(tostring(err):find("expected", 1, true) or tostring(err):find("unexpected", 1, true), err)
+            "##,
+        );
+    }
+
+    #[test]
+    fn multipart_parses_edits_and_builds_form_data() {
+        check_pure_module(
+            "multipart",
+            r##"
+            local body = table.concat({
+                "--XyZ",
+                'Content-Disposition: form-data; name="status"',
+                "",
+                "ok",
+                "--XyZ",
+                'Content-Disposition: form-data; name="tag"',
+                "",
+                "a",
+                "--XyZ",
+                'Content-Disposition: form-data; name="tag"',
+                "",
+                "b\r\nwith a line",
+                "--XyZ",
+                'Content-Disposition: form-data; name="file"; filename="f.txt"',
+                "Content-Type: text/plain",
+                "",
+                "file text",
+                "--XyZ--",
+                "",
+            }, "\r\n")
+            local m = M(body, 'multipart/form-data; boundary="XyZ"')
+            eq(m:get("status").value, "ok")
+            eq(m:get("file").filename, "f.txt")
+            eq(m:get("file").headers[2], "Content-Type: text/plain")
+            local all = m:get_all_with_arrays()
+            eq(all.status, "ok"); eq(all.tag[1], "a"); eq(all.tag[2], "b\r\nwith a line")
+            eq(m:get_all().tag, "b\r\nwith a line")
+            eq(#m:get_as_array("tag"), 2)
+            m:set_simple("status", "major")
+            m:delete("file")
+            local again = M(m:tostring(), "multipart/form-data; boundary=XyZ")
+            eq(again:get("status").value, "major")
+            eq(again:get("file"), nil)
+            eq(#again:get_as_array("tag"), 2)
+            -- no boundary: no parts
+            eq(next(M("x=1", "application/x-www-form-urlencoded"):get_all()), nil)
             "##,
         );
     }

@@ -27,6 +27,7 @@ mod semaphore;
 pub mod shared_dict;
 pub mod timer;
 mod watchdog;
+mod xml;
 
 use std::any::Any;
 use std::collections::HashSet;
