@@ -26,6 +26,7 @@ pub mod reload;
 pub mod router;
 pub mod snapshot;
 pub mod startup;
+pub mod status;
 pub mod store;
 pub mod supervisor;
 pub mod testrunner;

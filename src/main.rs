@@ -336,6 +336,24 @@ fn serve(path: &std::path::Path, mut inherited: supervisor::Inherited) -> ExitCo
         }
         config::ConfigProvider::Embedded => None,
     };
+    // APISIX's status API. As the control API: an address in use is logged and leaves it off.
+    moongate::status::init_workers(workers);
+    if let Some(status) = &node.status {
+        match inherited.listeners.take_or_bind(
+            moongate::status::ROLE,
+            status.addr(),
+            supervisor::Sharing::Single,
+        ) {
+            Ok(l) => {
+                if let Err(e) =
+                    moongate::status::start(l, gw.clone(), etcd_store.clone(), rt.handle())
+                {
+                    tracing::error!("status API: {e}; it is off");
+                }
+            }
+            Err(e) => tracing::error!("status API: {e}; it is off"),
+        }
+    }
     // Before the workers start, so the stored resources serve from the first request on.
     let _admin = match &node.admin {
         Some(conf) => {

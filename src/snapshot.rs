@@ -1215,17 +1215,21 @@ pub struct Gateway {
     current: ArcSwap<Snapshot>,
     next_generation: AtomicU64,
     pub last_failure: Mutex<Option<FailedBuild>>,
+    /// The generation in force, for whoever follows publications (the workers' readiness).
+    published: tokio::sync::watch::Sender<u64>,
 }
 
 impl Gateway {
     pub fn new(initial: Snapshot) -> Self {
         let next = initial.generation + 1;
+        let initial_generation = initial.generation;
         crate::plugin::metadata::publish(initial.plugin_metadata.clone());
         crate::health::registry().publish(&initial.health);
         Gateway {
             current: ArcSwap::from_pointee(initial),
             next_generation: AtomicU64::new(next),
             last_failure: Mutex::new(None),
+            published: tokio::sync::watch::Sender::new(initial_generation),
         }
     }
 
@@ -1252,7 +1256,16 @@ impl Gateway {
         *self.last_failure.lock().unwrap_or_else(|e| e.into_inner()) = None;
         crate::plugin::metadata::publish(snapshot.plugin_metadata.clone());
         crate::health::registry().publish(&snapshot.health);
-        self.current.swap(Arc::new(snapshot))
+        let generation = snapshot.generation;
+        let old = self.current.swap(Arc::new(snapshot));
+        self.published.send_replace(generation);
+        old
+    }
+
+    /// Follows publications: the receiver sees each new generation (after its snapshot is in
+    /// force).
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.published.subscribe()
     }
 
     pub fn record_failure(&self, trigger: &str, errors: &ConfigErrors) {

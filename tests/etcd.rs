@@ -712,3 +712,38 @@ fn plugin_metadata_in_apisix_key_layout() {
         a.get("/g").header("x-greeting").as_deref() == Some("none")
     }));
 }
+
+/// `/status/ready` answers 503 with the reason while etcd is down and 200 once the watch is
+/// back; `/status` stays 200 throughout.
+#[test]
+fn readiness_follows_the_etcd_watch() {
+    let mut etcd = Etcd::start();
+    let gw = Gateway::start(&format!(
+        "{}status: {{ip: 127.0.0.1, port: 0}}\n",
+        node_yaml(&etcd)
+    ));
+    let addr = common::observability::status_addr(&gw);
+    let ready = format!("http://{addr}/status/ready");
+    let answers = |status: u16| poll(Duration::from_secs(30), || get(&ready).status == status);
+    assert!(answers(200), "not ready; log:\n{}", gw.logs());
+
+    etcd.stop();
+    assert!(
+        answers(503),
+        "still ready with etcd down; log:\n{}",
+        gw.logs()
+    );
+    let r = get(&ready);
+    assert_eq!(r.json()["status"], "error");
+    let why = r.json()["error"].as_str().unwrap_or_default().to_string();
+    assert!(why.starts_with("etcd is not connected: "), "{why}");
+    assert_eq!(get(&format!("http://{addr}/status")).status, 200);
+
+    etcd.restart();
+    assert!(
+        answers(200),
+        "not ready after etcd came back; log:\n{}",
+        gw.logs()
+    );
+    assert_eq!(get(&ready).json(), json!({"status": "ok"}));
+}

@@ -519,6 +519,9 @@ pub struct NodeConfig {
     /// The control API's address, APISIX's `control: {ip, port}`.
     #[serde(default)]
     pub control: ControlConfig,
+    /// APISIX's status API (`/status`, `/status/ready`), `status: {ip, port}`; off when absent.
+    #[serde(default)]
+    pub status: Option<crate::status::StatusConfig>,
     /// TLS listeners and their settings, APISIX's `apisix.ssl` (see docs/tls.md).
     #[serde(default)]
     pub ssl: Option<crate::tls::SslNodeConfig>,

@@ -151,6 +151,8 @@ fn worker_main(
             node: node.clone(),
             worker_id: id,
         });
+        // Readiness (`/status/ready`): this worker's loop takes up each generation.
+        tokio::task::spawn_local(crate::status::follow(id, env.gw.clone()));
         let active = Rc::new(Cell::new(0usize));
         let idle = Rc::new(Notify::new());
         for (sock, spec) in socks {

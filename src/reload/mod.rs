@@ -288,6 +288,7 @@ impl Reloader {
             ),
             ("etcd", node.etcd != old.etcd),
             ("access_log", node.access_log != old.access_log),
+            ("status", node.status != old.status),
             ("nginx_config", node.nginx_config != old.nginx_config),
             (
                 "ssl.listen",

@@ -26,6 +26,27 @@ pub fn metrics_url(gw: &Gateway) -> String {
         .expect("metrics url")
 }
 
+/// The status API's address, from its `status API listening at http://ADDR` line.
+pub fn status_addr(gw: &Gateway) -> std::net::SocketAddr {
+    const NEEDLE: &str = "status API listening at http://";
+    assert!(
+        gw.wait_for_log(NEEDLE, Duration::from_secs(20)),
+        "no status API line; log:\n{}",
+        gw.logs()
+    );
+    gw.logs()
+        .lines()
+        .find_map(|l| {
+            l.split(NEEDLE)
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .expect("status address")
+}
+
 /// One sample as the parser read it.
 #[derive(Debug, Clone)]
 pub struct Sample {
