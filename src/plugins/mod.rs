@@ -2,6 +2,7 @@
 
 pub mod openfunction;
 pub mod prometheus;
+pub mod request_id;
 pub mod response_headers;
 
 use std::sync::Arc;
@@ -14,5 +15,6 @@ pub fn native() -> Vec<Arc<dyn Plugin>> {
         Arc::new(response_headers::ResponseHeaders),
         Arc::new(openfunction::OpenFunction),
         Arc::new(prometheus::Prometheus),
+        Arc::new(request_id::RequestId),
     ]
 }
