@@ -11,6 +11,16 @@ use common::websocket::{WsClient, WsServer};
 use common::*;
 use serde_json::Value;
 
+/// Registers `$tenant` (`core.ctx.register_var`) when it loads.
+const TENANT: &str = r#"
+local core = require("apisix.core")
+core.ctx.register_var("tenant", function(ctx) return "t-" .. ctx.var.uri end)
+local _M = { version = 0.1, priority = 100, name = "tenant", schema = { type = "object" } }
+function _M.check_schema(conf) return true end
+function _M.access(conf, ctx) ctx.var.plan = "gold" end
+return _M
+"#;
+
 const DENY: &str = r#"
 local _M = { version = 0.1, priority = 100, name = "deny", schema = { type = "object" } }
 function _M.check_schema(conf) return true end
@@ -355,5 +365,23 @@ fn bad_settings_are_refused_with_their_path() {
     assert!(
         out.contains("nginx_config.http.access_log_format_escape"),
         "{out}"
+    );
+}
+
+#[test]
+fn lua_registered_and_plugin_set_variables_work_in_the_format() {
+    let up = Upstream::echo();
+    let gw = Gateway::start_with_plugins(
+        &[("tenant", TENANT)],
+        &format!(
+            "nginx_config:\n  http:\n    access_log: logs/access.log\n    access_log_format: '$uri $tenant $plan $never_set'\n\
+routes:\n  - id: r1\n    uri: /hello\n    plugins:\n      tenant: {{}}\n    upstream:\n      nodes:\n        \"{}\": 1\n",
+            up.node()
+        ),
+    );
+    assert_eq!(get(&gw.url("/hello")).status, 200);
+    assert_eq!(
+        wait_lines(&log_path(&gw), 1),
+        vec!["/hello t-/hello gold -"]
     );
 }

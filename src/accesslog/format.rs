@@ -29,6 +29,9 @@ enum Segment {
     Header(String),
     /// Any other variable, read through [`Ctx::var`].
     Var(String),
+    /// A name that is no built-in variable: set by a plugin (`ctx.var.NAME = v`) or registered
+    /// by a Lua one (`core.ctx.register_var`), computed on the worker's VM.
+    Registered(String),
 }
 
 /// A template: `$remote_addr - [$time_local] "$request"`.
@@ -87,7 +90,8 @@ impl Template {
                 Some(h) if !h.is_empty() => {
                     Segment::Header(h.to_ascii_lowercase().replace('_', "-"))
                 }
-                _ => Segment::Var(name.to_string()),
+                _ if Ctx::is_builtin_var(name) => Segment::Var(name.to_string()),
+                _ => Segment::Registered(name.to_string()),
             });
             i = end;
         }
@@ -99,10 +103,13 @@ impl Template {
 
     /// The value of the template's only segment when it is one variable.
     fn single_var(&self) -> bool {
-        matches!(self.0.as_slice(), [Segment::Header(_) | Segment::Var(_)])
+        matches!(
+            self.0.as_slice(),
+            [Segment::Header(_) | Segment::Var(_) | Segment::Registered(_)]
+        )
     }
 
-    fn render(&self, ctx: &Ctx, escape: Escape, out: &mut Vec<u8>) {
+    fn render(&self, ctx: &mut Ctx, escape: Escape, out: &mut Vec<u8>) {
         for seg in &self.0 {
             match seg {
                 Segment::Text(t) => out.extend_from_slice(t.as_bytes()),
@@ -117,7 +124,7 @@ impl Template {
 }
 
 /// A variable's value as bytes; None when unset.
-fn value<'a>(seg: &Segment, ctx: &'a Ctx) -> Option<Cow<'a, [u8]>> {
+fn value<'a>(seg: &Segment, ctx: &'a mut Ctx) -> Option<Cow<'a, [u8]>> {
     match seg {
         Segment::Header(name) => {
             let mut values = ctx.headers.get_all(name.as_str()).iter();
@@ -136,6 +143,13 @@ fn value<'a>(seg: &Segment, ctx: &'a Ctx) -> Option<Cow<'a, [u8]>> {
             Cow::Borrowed(s) => Some(Cow::Borrowed(s.as_bytes())),
             Cow::Owned(s) => Some(Cow::Owned(s.into_bytes())),
         },
+        Segment::Registered(name) => {
+            if let Some(v) = ctx.vars.get(name) {
+                return Some(Cow::Owned(v.clone().into_bytes()));
+            }
+            crate::plugin::lua::runtime::registered_var(ctx, name)
+                .map(|v| Cow::Owned(v.into_bytes()))
+        }
         Segment::Text(t) => Some(Cow::Owned(t.clone().into_bytes())),
     }
 }
@@ -222,7 +236,7 @@ impl Format {
     }
 
     /// Appends the request's line (without the newline) to `out`.
-    pub fn render(&self, ctx: &Ctx, escape: Escape, out: &mut Vec<u8>) {
+    pub fn render(&self, ctx: &mut Ctx, escape: Escape, out: &mut Vec<u8>) {
         match self {
             Format::Text(t) => t.render(ctx, escape, out),
             Format::Json(fields) => {
@@ -234,8 +248,16 @@ impl Format {
                     out.push(b'"');
                     push_json(k.as_bytes(), out);
                     out.extend_from_slice(b"\":");
-                    if t.single_var() && value(&t.0[0], ctx).is_none() {
-                        out.extend_from_slice(b"null");
+                    if t.single_var() {
+                        // Computed once (a registered variable runs Lua).
+                        match value(&t.0[0], ctx) {
+                            None => out.extend_from_slice(b"null"),
+                            Some(v) => {
+                                out.push(b'"');
+                                push_json(&v, out);
+                                out.push(b'"');
+                            }
+                        }
                         continue;
                     }
                     out.push(b'"');

@@ -224,7 +224,7 @@ pub fn start(settings: Settings) -> Result<(), String> {
 
 impl AccessLog {
     /// Renders the request's line and queues it; a full queue drops it (counted).
-    pub fn record(&self, ctx: &Ctx) {
+    pub fn record(&self, ctx: &mut Ctx) {
         let mut line = Vec::with_capacity(256);
         self.format.render(ctx, self.escape, &mut line);
         line.push(b'\n');

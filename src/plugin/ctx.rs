@@ -287,6 +287,55 @@ impl Ctx {
         Some(v)
     }
 
+    /// Whether `name` is one of the variables [`Ctx::var`] computes itself (or a family of
+    /// them); any other name can only be set by a plugin or registered by a Lua one.
+    pub fn is_builtin_var(name: &str) -> bool {
+        const NAMES: &[&str] = &[
+            "uri",
+            "request_uri",
+            "args",
+            "query_string",
+            "is_args",
+            "host",
+            "request_method",
+            "scheme",
+            "server_protocol",
+            "remote_addr",
+            "remote_port",
+            "server_addr",
+            "server_port",
+            "route_id",
+            "route_name",
+            "service_id",
+            "service_name",
+            "consumer_name",
+            "remote_user",
+            "request",
+            "body_bytes_sent",
+            "bytes_sent",
+            "upstream_scheme",
+            "upstream_response_time",
+            "upstream_uri",
+            "upstream_host",
+            "upstream_addr",
+            "upstream_status",
+            "status",
+            "content_type",
+            "content_length",
+            "request_time",
+            "request_id",
+            "apisix_request_id",
+            "time_local",
+            "time_iso8601",
+            "msec",
+            "https",
+        ];
+        NAMES.contains(&name)
+            || ["http_", "arg_", "cookie_", "ssl_"]
+                .iter()
+                .any(|p| name.starts_with(p))
+    }
+
     /// The variables access logs mostly ask for (kept out of [`Ctx::var`]'s common arms).
     fn log_var(&self, name: &str) -> Option<Cow<'_, str>> {
         let route = self.route.as_deref();

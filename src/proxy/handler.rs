@@ -643,7 +643,7 @@ impl Finish {
     fn log(mut self, outcome: Outcome) {
         self.chains_run(chain::run_log);
         if let Some(log) = crate::accesslog::get() {
-            log.record(&self.ctx);
+            log.record(&mut self.ctx);
         } else if self.access_log {
             let c = &self.ctx;
             tracing::info!(

@@ -1571,6 +1571,67 @@ pub fn call_budget(settings: &Settings) -> Duration {
     settings.call_budget
 }
 
+/// Looks a variable up in `apisix.core.ctx`'s registry (`core.ctx.register_var`) and computes
+/// it for the request (the getter gets the request's `ctx` table); nil when the module was
+/// never loaded or nothing registered the name.
+const REGISTERED_VAR_SRC: &str = r#"
+local name, ctx = ...
+local m = package.loaded["apisix.core.ctx"]
+local reg = m and m.registered_var and m.registered_var[name]
+if not reg then return nil end
+local v = reg.getter(ctx)
+if v == nil then return nil end
+return tostring(v)
+"#;
+const REGISTERED_VAR_KEY: &str = "moongate.registered_var";
+
+/// A variable a Lua plugin registered (`core.ctx.register_var`), computed on this thread's VM
+/// for the request; None when the thread has no VM, nothing registered `name`, or the getter
+/// failed (logged).
+pub fn registered_var(ctx: &mut Ctx, name: &str) -> Option<String> {
+    let rt = current_runtime()?;
+    let lookup = match rt
+        .lua
+        .named_registry_value::<Option<Function>>(REGISTERED_VAR_KEY)
+    {
+        Ok(Some(f)) => f,
+        _ => {
+            let f = rt
+                .lua
+                .load(REGISTERED_VAR_SRC)
+                .set_name("=moongate.registered_var")
+                .into_function()
+                .ok()?;
+            rt.lua
+                .set_named_registry_value(REGISTERED_VAR_KEY, &f)
+                .ok()?;
+            f
+        }
+    };
+    let slot = rt.ctx_slot(ctx);
+    let fr = Frame {
+        ctx: ctx as *mut Ctx,
+        phase: Some(Phase::Log),
+        plugin: "" as *const str,
+        head: std::ptr::null_mut(),
+        chunk: std::ptr::null_mut(),
+    };
+    let r = rt.guarded(fr, || {
+        let t = rt.ctx_table(slot)?;
+        lookup.call::<Option<String>>((name, t))
+    });
+    match r {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::error!(
+                "registered variable {name} failed: {}",
+                one_line(&e.to_string())
+            );
+            None
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::net::SocketAddr;
