@@ -174,6 +174,7 @@ pub const MODULES: &[(&str, &str)] = &[
     ("xml2lua", include_str!("../../../lua/xml2lua.lua")),
     ("net.url", include_str!("../../../lua/net/url.lua")),
     ("multipart", include_str!("../../../lua/multipart.lua")),
+    ("jsonpath", include_str!("../../../lua/jsonpath.lua")),
     (
         "resty.template",
         include_str!("../../../lua/resty/template.lua"),
@@ -340,6 +341,65 @@ mod tests {
             eq(#again:get_as_array("tag"), 2)
             -- no boundary: no parts
             eq(next(M("x=1", "application/x-www-form-urlencoded"):get_all()), nil)
+            "##,
+        );
+    }
+
+    #[test]
+    fn jsonpath_queries_lua_tables() {
+        check_pure_module(
+            "jsonpath",
+            r##"
+            local jp = M
+            local store = {
+                store = {
+                    book = {
+                        { category = "reference", author = "Nigel Rees", price = 8.95 },
+                        { category = "fiction", author = "Evelyn Waugh", price = 12.99 },
+                        { category = "fiction", author = "J. R. R. Tolkien", price = 22.99,
+                          isbn = "0-395-19395-8" },
+                    },
+                    bicycle = { color = "red", price = 19.95 },
+                },
+            }
+            local function join(list)
+                local out = {}
+                for i, v in ipairs(list) do out[i] = tostring(v) end
+                return table.concat(out, "|")
+            end
+            eq(join(jp.query(store, "$.store.book[*].author")),
+               "Nigel Rees|Evelyn Waugh|J. R. R. Tolkien")
+            eq(join(jp.query(store, "$..author")), "Nigel Rees|Evelyn Waugh|J. R. R. Tolkien")
+            eq(join(jp.query(store, "$.store..price")), "19.95|8.95|12.99|22.99")
+            eq(jp.value(store, "$..book[2].author"), "J. R. R. Tolkien")
+            eq(jp.value(store, "$..book[-1].price"), 22.99)
+            eq(join(jp.query(store, "$..book[0,1].price")), "8.95|12.99")
+            eq(join(jp.query(store, "$..book[:2].price")), "8.95|12.99")
+            eq(join(jp.query(store, "$..book[1:].price")), "12.99|22.99")
+            eq(jp.value(store, "$..book[(@.length-1)].author"), "J. R. R. Tolkien")
+            eq(join(jp.query(store, "$..book[?(@.isbn)].author")), "J. R. R. Tolkien")
+            eq(join(jp.query(store, "$..book[?(@.price < 10)].author")), "Nigel Rees")
+            eq(join(jp.query(store, "$..book[?(@.category == 'fiction' && @.price > 20)].price")),
+               "22.99")
+            eq(jp.value(store, "$['store']['bicycle'].color"), "red")
+            eq(#jp.query(store, "$..*", 3), 3)
+            eq(#jp.query(store, "$.nothing.here"), 0)
+            -- paths are 0-based, as data-mask reads them
+            local nodes = jp.nodes(store, "$..author")
+            eq(join(nodes[2].path), "$|store|book|1|author")
+            eq(nodes[2].value, "Evelyn Waugh")
+            -- apply changes the table itself
+            jp.apply(store, "$.store.book[*].price", function(p) return p * 2 end)
+            eq(store.store.book[1].price, 17.9)
+            -- errors, as acl checks them
+            local ast, err = jp.parse("$.a[")
+            eq(ast, nil); assert(err:find("unclosed", 1, true), err)
+            eq(jp.value(store, "store.bicycle.color"), "red")
+            local _, err2 = jp.parse("..a")
+            assert(err2:find("starts with", 1, true), err2)
+            local _, err3 = jp.parse("$..book[?(@.price <)]")
+            assert(err3, "a broken filter is an error")
+            eq(jp.query("not a table", "$.a"), nil)
             "##,
         );
     }

@@ -28,8 +28,17 @@ local VAR_MT = {
         if tv == "string" or v == nil then
             local c = rawget(t, var_cache_key)
             if c then c[k] = nil end
-            var_set(k, v)
-            return
+            local ok, err = pcall(var_set, k, v)
+            if ok then
+                return
+            end
+            -- APISIX's ctx.var is a cache in front of the variables: a gateway variable that
+            -- cannot change (request_uri, as data-mask sets it for the loggers after it) keeps
+            -- the value for this request's later reads and the request itself is untouched.
+            -- ngx.var keeps OpenResty's error.
+            if v == nil or not tostring(err):find("not changeable", 1, true) then
+                error(err, 2)
+            end
         end
         local c = rawget(t, var_cache_key)
         if not c then

@@ -1712,6 +1712,25 @@ mod tests {
     }
 
     #[test]
+    fn a_fixed_variable_set_through_ctx_var_is_kept_for_the_request_only() {
+        // APISIX's data-mask sets ctx.var.request_uri for the loggers after it; ngx.var
+        // keeps OpenResty's error.
+        let (p, conf) = plugin(
+            "ctx.var.request_uri = \"/masked\"\n\
+             local ok, err = pcall(function() ngx.var.request_uri = \"/x\" end)\n\
+             return 200, ctx.var.request_uri .. \"|\" .. ngx.var.request_uri .. \"|\" .. tostring(ok) .. \"|\" .. tostring(err)",
+        );
+        let mut c = ctx();
+        let (status, body) = response(access(&p, &conf, &mut c));
+        assert_eq!(status, 200);
+        assert!(
+            body.starts_with("/masked|/t|false|") && body.contains("not changeable"),
+            "{body}"
+        );
+        assert_eq!(c.request_uri, "/t");
+    }
+
+    #[test]
     fn exit_is_not_caught_by_pcall() {
         let (p, conf) = plugin(
             "pcall(function() ngx.say(\"bye\") ngx.exit(403) end)\n\
