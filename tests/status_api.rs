@@ -65,7 +65,7 @@ fn status_and_ready_answer_as_apisix() {
 fn ready_is_503_while_a_worker_has_not_taken_up_the_new_configuration() {
     let gw = Gateway::start_with_plugins(
         &[("spin", SPIN)],
-        "workers: 1\nstatus: {ip: 127.0.0.1, port: 0}\nlua:\n  call_budget_ms: 4000\n\
+        "workers: 1\nstatus: {ip: 127.0.0.1, port: 0}\nlua:\n  call_budget_ms: 8000\n\
 routes:\n  - id: spin\n    uri: /spin\n    plugins:\n      spin: {}\n",
     );
     let ready_url = format!("http://{}/status/ready", status_addr(&gw));
