@@ -8,15 +8,16 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
 use serde_json::{Map, Value};
 
+use crate::balancer::Balancer;
 use crate::config::{
-    wire, ConfigError, ConfigErrors, Document, Node, PassHost, Route, Timeout, Upstream,
+    wire, ConfigError, ConfigErrors, Document, PassHost, Route, Timeout, Upstream,
 };
 use crate::health::UpstreamHealth;
 use crate::plugin::chain::{Chain, ChainEntry};
@@ -135,12 +136,8 @@ pub struct UpstreamEntry {
     /// Per node (same order as `config.nodes`): where to connect and its `host:port`, made once
     /// here rather than on every request.
     pub targets: Vec<NodeTarget>,
-    /// Node indices expanded by weight (divided by their gcd): weighted round-robin is one
-    /// atomic increment per pick, shared by all workers without a lock.
-    schedule: Vec<usize>,
-    next: AtomicUsize,
-    /// Nodes with a weight above 0.
-    live: usize,
+    /// Node selection (`src/balancer/`): built once here, shared by all workers.
+    pub balancer: Balancer,
     /// Node health, when the upstream has `checks` (shared with its checker and every worker).
     pub health: Option<Arc<UpstreamHealth>>,
 }
@@ -154,13 +151,12 @@ pub struct NodeTarget {
 
 impl UpstreamEntry {
     /// `key`: the owning resource in APISIX's layout (`/apisix/upstreams/1`, or the route or
-    /// service of an inline upstream), which keys its health state.
+    /// service of an inline upstream), which keys its health and load state.
     pub fn new(id: Option<String>, config: Upstream, key: &str) -> Self {
         let health = crate::health::registry().state_for(key, &config);
-        let schedule = weighted_schedule(&config.nodes.0);
         let tls = config.scheme.is_tls();
         let verify = config.tls.map(|t| t.verify).unwrap_or(false);
-        let targets = config
+        let targets: Vec<NodeTarget> = config
             .nodes
             .0
             .iter()
@@ -177,96 +173,27 @@ impl UpstreamEntry {
                 }
             })
             .collect();
-        let live = config.nodes.0.iter().filter(|n| n.weight > 0).count();
+        let addrs: Vec<&str> = targets.iter().map(|t| &*t.addr).collect();
+        let balancer = Balancer::new(&config, key, &addrs);
         UpstreamEntry {
             id,
             config,
             targets,
-            schedule,
-            next: AtomicUsize::new(0),
-            live,
+            balancer,
             health,
         }
-    }
-
-    /// The nodes to try for one request, as indices into `config.nodes` and `targets`: the
-    /// round-robin pick first, then the other nodes with a weight (for retries after a connect
-    /// failure). Nodes health checks marked down are skipped, unless every node is down (then
-    /// all are used, as in APISIX). Empty when no node has a weight.
-    pub fn pick_order(&self) -> impl Iterator<Item = usize> + '_ {
-        let n = self.config.nodes.0.len();
-        let usable = move |idx: usize| self.health.as_ref().is_none_or(|h| h.usable(idx));
-        let first = if self.schedule.is_empty() {
-            None
-        } else {
-            let k = self.next.fetch_add(1, Ordering::Relaxed);
-            let len = self.schedule.len();
-            // The next usable node in the schedule (one probe when all are healthy).
-            (0..len)
-                .map(|j| self.schedule[(k + j) % len])
-                .find(|&idx| usable(idx))
-        };
-        first.into_iter().flat_map(move |first| {
-            std::iter::once(first).chain(
-                (1..n)
-                    .map(move |i| (first + i) % n)
-                    .filter(move |&idx| self.config.nodes.0[idx].weight > 0 && usable(idx)),
-            )
-        })
     }
 
     /// How many nodes a request may try: the first and its retries (APISIX: `retries`,
     /// default nodes - 1), at most the nodes with a weight.
     pub fn attempts(&self) -> usize {
+        let live = self.balancer.live();
         let retries = match self.config.retries {
             Some(r) => r as usize,
-            None => self.live.saturating_sub(1),
+            None => live.saturating_sub(1),
         };
-        (retries + 1).min(self.live.max(1))
+        (retries + 1).min(live.max(1))
     }
-}
-
-fn gcd(a: u32, b: u32) -> u32 {
-    if b == 0 {
-        a
-    } else {
-        gcd(b, a % b)
-    }
-}
-
-/// Interleaves node indices by weight (smooth weighted round-robin over one cycle), so a
-/// weight-3/weight-1 pair gives a,a,b,a rather than bursts.
-fn weighted_schedule(nodes: &[Node]) -> Vec<usize> {
-    let g = nodes.iter().map(|n| n.weight).fold(0, gcd);
-    if g == 0 {
-        return Vec::new();
-    }
-    let mut weights: Vec<i64> = nodes.iter().map(|n| (n.weight / g) as i64).collect();
-    let total: i64 = weights.iter().sum();
-    // Cap the cycle length; very large weight ratios are scaled down proportionally.
-    const MAX_CYCLE: i64 = 4096;
-    if total > MAX_CYCLE {
-        for w in &mut weights {
-            if *w > 0 {
-                *w = (*w * MAX_CYCLE / total).max(1);
-            }
-        }
-    }
-    let total: i64 = weights.iter().sum();
-    let mut current = vec![0i64; weights.len()];
-    let mut out = Vec::with_capacity(total as usize);
-    for _ in 0..total {
-        let mut best = 0;
-        for i in 0..weights.len() {
-            current[i] += weights[i];
-            if current[i] > current[best] {
-                best = i;
-            }
-        }
-        current[best] -= total;
-        out.push(best);
-    }
-    out
 }
 
 /// A route ready to serve.
@@ -1082,6 +1009,12 @@ pub fn check_upstream(path: &str, u: &Upstream) -> Result<(), ConfigError> {
     if let Some(c) = &u.checks {
         c.validate().map_err(whole)?;
     }
+    if let Some(t) = u.retry_timeout {
+        if !(t >= 0.0) {
+            return Err(whole("retry_timeout must not be negative".into()));
+        }
+    }
+    crate::balancer::check(u).map_err(|e| ConfigError::new(format!("{path}.key"), e))?;
     Ok(())
 }
 
@@ -1280,30 +1213,6 @@ impl Gateway {
 /// Resource JSON with APISIX's shape for a plugin map (used by listings).
 pub fn plugins_json(map: &Map<String, Value>) -> Value {
     Value::Object(map.clone())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn node(w: u32) -> Node {
-        Node {
-            host: "h".into(),
-            port: Some(1),
-            weight: w,
-        }
-    }
-
-    #[test]
-    fn schedule_is_smooth_and_weighted() {
-        let s = weighted_schedule(&[node(3), node(1)]);
-        assert_eq!(s, vec![0, 0, 1, 0]);
-        let s = weighted_schedule(&[node(2), node(2)]);
-        assert_eq!(s, vec![0, 1]);
-        assert!(weighted_schedule(&[node(0)]).is_empty());
-        let s = weighted_schedule(&[node(1_000_000), node(1)]);
-        assert!(s.len() <= 4097 && s.contains(&1));
-    }
 }
 
 #[cfg(test)]

@@ -273,11 +273,22 @@ fn bad_input_gets_4xx_and_stores_nothing() {
     );
     let r = admin.put(
         "/routes/1",
-        json!({"uri":"/x","upstream":{"nodes":{up.node(): 1},"type":"chash"}}),
+        json!({"uri":"/x","upstream":{"nodes":{up.node(): 1},"type":"maglev"}}),
     );
     assert_eq!(r.status, 400);
     assert!(
         error_msg(&r).starts_with("invalid configuration: upstream.type"),
+        "{}",
+        r.text()
+    );
+    // chash without the key it hashes on.
+    let r = admin.put(
+        "/routes/1",
+        json!({"uri":"/x","upstream":{"nodes":{up.node(): 1},"type":"chash"}}),
+    );
+    assert_eq!(r.status, 400);
+    assert!(
+        error_msg(&r).contains("upstream.key: missing key"),
         "{}",
         r.text()
     );

@@ -934,7 +934,7 @@ mod tests {
     #[test]
     fn collects_every_problem() {
         let err = parse_document(
-            "routes:\n  - uri: 5\n  - uri: /b\n    priority: x\nupstreams:\n  - nodes: {}\n    type: chash\n",
+            "routes:\n  - uri: 5\n  - uri: /b\n    priority: x\nupstreams:\n  - nodes: {}\n    type: maglev\n",
         )
         .unwrap_err();
         let paths: Vec<_> = err.0.iter().map(|e| e.path.as_str()).collect();

@@ -166,13 +166,59 @@ impl Default for Timeout {
     }
 }
 
-/// Load-balancing algorithm. Only weighted round-robin is implemented; the other APISIX names
-/// are refused with a clear message rather than silently treated as round-robin.
+/// Load-balancing algorithm, APISIX's upstream `type` (`src/balancer/`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "snake_case")]
 pub enum BalancerType {
+    /// Weighted round-robin.
     #[default]
     Roundrobin,
+    /// Consistent hashing on `hash_on` / `key`.
+    Chash,
+    /// Fewest in-flight requests per unit of weight.
+    LeastConn,
+    /// Lowest decayed response time of two random nodes.
+    Ewma,
+}
+
+impl BalancerType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BalancerType::Roundrobin => "roundrobin",
+            BalancerType::Chash => "chash",
+            BalancerType::LeastConn => "least_conn",
+            BalancerType::Ewma => "ewma",
+        }
+    }
+}
+
+/// What `chash` hashes (APISIX's `hash_on`; `key` names the variable, header or cookie).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum HashOn {
+    /// An nginx variable named by `key` (`uri`, `remote_addr`, `arg_NAME`, ...).
+    #[default]
+    Vars,
+    /// The request header `key`.
+    Header,
+    /// The cookie `key`.
+    Cookie,
+    /// The consumer an auth plugin identified (`key` unused).
+    Consumer,
+    /// `key` is a template of variables, `$remote_addr-${http_x_user}`.
+    VarsCombinations,
+}
+
+impl HashOn {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HashOn::Vars => "vars",
+            HashOn::Header => "header",
+            HashOn::Cookie => "cookie",
+            HashOn::Consumer => "consumer",
+            HashOn::VarsCombinations => "vars_combinations",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
@@ -229,8 +275,12 @@ pub enum PassHost {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Node {
     pub host: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
     pub weight: u32,
+    /// APISIX's node `priority` (list form only; default 0): nodes of a lower priority take
+    /// traffic only when every node of the higher ones is unhealthy or failed for the request.
+    pub priority: i64,
 }
 
 /// `nodes`: either `{"host:port": weight}` or `[{"host": .., "port": .., "weight": ..}]`.
@@ -241,8 +291,12 @@ const NODES_EXPECTED: &str =
     "expected a map of \"host:port\" to weight, or a list of {host, port, weight}";
 
 impl Serialize for Nodes {
+    /// The map form, unless a node has a priority (which only the list form can carry).
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeMap;
+        if self.0.iter().any(|n| n.priority != 0) {
+            return s.collect_seq(&self.0);
+        }
         let mut m = s.serialize_map(Some(self.0.len()))?;
         for n in &self.0 {
             let key = match n.port {
@@ -293,7 +347,12 @@ impl<'de> Deserialize<'de> for Nodes {
                         .and_then(|w| u32::try_from(w).ok())
                         .ok_or_else(|| de::Error::custom(NODES_EXPECTED))?;
                     let (host, port) = parse_host_port(&key).map_err(de::Error::custom)?;
-                    out.push(Node { host, port, weight });
+                    out.push(Node {
+                        host,
+                        port,
+                        weight,
+                        priority: 0,
+                    });
                 }
                 Ok(Nodes(out))
             }
@@ -307,7 +366,6 @@ impl<'de> Deserialize<'de> for Nodes {
                     #[serde(default = "one")]
                     weight: u32,
                     #[serde(default)]
-                    #[allow(dead_code)]
                     priority: i64,
                 }
                 fn one() -> u32 {
@@ -322,6 +380,7 @@ impl<'de> Deserialize<'de> for Nodes {
                         host: n.host,
                         port: n.port,
                         weight: n.weight,
+                        priority: n.priority,
                     });
                 }
                 Ok(Nodes(out))
@@ -424,9 +483,17 @@ pub struct Upstream {
     pub upstream_host: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<Timeout>,
-    /// Retries on connect failure; default: number of nodes - 1 (as APISIX).
+    /// `chash`: what is hashed (default `vars`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash_on: Option<HashOn>,
+    /// `chash`: the variable, header or cookie name, or the `vars_combinations` template.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// Tries after the first on another node (connect errors, timeouts and failures before
+    /// any response byte); default: number of nodes - 1 (as APISIX).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retries: Option<u32>,
+    /// Seconds after the first try's start past which no retry starts (0: no limit).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_timeout: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -61,6 +61,9 @@ pub struct Ctx {
     pub body_bytes_sent: u64,
     /// Counts the request as in flight for the metrics until the ctx is dropped.
     _in_flight: crate::metrics::store::InFlight,
+    /// The request counted as in flight on its upstream node (`least_conn`) until the ctx is
+    /// dropped, after the log phase.
+    pub upstream_load: Option<crate::balancer::InFlight>,
     /// The status sent to the client (0 until the response head is known).
     pub status: u16,
     /// APISIX's `conf_type`, `conf_id`, `conf_version` for the route (and service) in effect.
@@ -154,6 +157,7 @@ impl Ctx {
             bytes_sent: 0,
             body_bytes_sent: 0,
             _in_flight: crate::metrics::store::InFlight::new(),
+            upstream_load: None,
             status: 0,
             conf_type: "",
             conf_id: Arc::from(""),

@@ -62,6 +62,17 @@ impl ClientError {
         )
     }
 
+    /// A failure after the request went out but before any byte of the response: the node
+    /// may have seen the request, so only a request that may be sent twice goes to another
+    /// node (nginx's `proxy_next_upstream error timeout`).
+    pub fn resendable(&self) -> bool {
+        match self {
+            ClientError::Timeout => true,
+            ClientError::Http(e) => e.before_response(),
+            _ => false,
+        }
+    }
+
     pub fn is_timeout(&self) -> bool {
         matches!(self, ClientError::ConnectTimeout | ClientError::Timeout)
     }

@@ -45,6 +45,7 @@ pub(super) async fn proxy(
         match h2c::connect(&nt.target, secs(timeout.connect)).await {
             Ok(s) => {
                 ctx.upstream_addr = Some(nt.addr.clone());
+                ctx.upstream_load = upstream.balancer.start_try(idx);
                 picked = Some((s, idx));
                 break;
             }

@@ -7,7 +7,7 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
@@ -227,8 +227,9 @@ async fn proxy(
         );
         return respond_local(ctx, snap, r, &env.node);
     };
-    let mut order = upstream.pick_order();
-    let Some(first) = order.next() else {
+    let health = upstream.health.as_deref();
+    let mut sel = upstream.balancer.begin(&ctx);
+    let Some(first) = upstream.balancer.next(&mut sel, health) else {
         tracing::error!(route = %route.id, "no valid upstream node");
         let r = LocalResponse::error(StatusCode::SERVICE_UNAVAILABLE, "no valid upstream node");
         return respond_local(ctx, snap, r, &env.node);
@@ -259,12 +260,17 @@ async fn proxy(
             max_requests: 1000,
         },
     };
-    ctx.upstream_start = Some(std::time::Instant::now());
+    ctx.upstream_start = Some(Instant::now());
+    let attempts = upstream.attempts();
     if cfg.scheme.is_http2() {
-        let nodes = std::iter::once(first)
-            .chain(order)
-            .take(upstream.attempts())
-            .collect();
+        let mut nodes = Vec::with_capacity(attempts);
+        nodes.push(first);
+        while nodes.len() < attempts {
+            match upstream.balancer.next(&mut sel, health) {
+                Some(i) => nodes.push(i),
+                None => break,
+            }
+        }
         return super::grpc::proxy(
             env,
             snap,
@@ -279,53 +285,6 @@ async fn proxy(
     }
     let client = worker_client();
 
-    let mut last_err: Option<ClientError> = None;
-    let mut conn = None;
-    for idx in std::iter::once(first)
-        .chain(order)
-        .take(upstream.attempts())
-    {
-        let nt = &upstream.targets[idx];
-        match client
-            .checkout(&nt.target, secs(timeout.connect), pool)
-            .await
-        {
-            Ok(c) => {
-                // The first node's address is already in ctx; only a retry changes it.
-                if idx != first {
-                    ctx.upstream_addr = Some(nt.addr.clone());
-                }
-                conn = Some((c, idx));
-                break;
-            }
-            Err(e) => {
-                tracing::error!(route = %route.id, node = %nt.addr, "upstream connect failed: {e}");
-                passive_failure(&upstream, idx, &e);
-                last_err = Some(e);
-            }
-        }
-    }
-    let Some((conn, node_idx)) = conn else {
-        let status = match &last_err {
-            Some(e) if e.is_timeout() => StatusCode::GATEWAY_TIMEOUT,
-            _ => StatusCode::BAD_GATEWAY,
-        };
-        return respond_local(ctx, snap, LocalResponse::text(status, ""), &env.node);
-    };
-
-    // The upstream request: the request as plugins left it, sent from ctx without a copy (the
-    // forwarding changes are applied while the head is written; header_filter, body_filter and
-    // log still read `$http_*` as the client sent them).
-    let fault: FaultCell = Rc::new(Cell::new(None));
-    let max_body = match env.node.proxy.client_max_body_size {
-        0 => None,
-        n => Some(n),
-    };
-    let body = UpstreamRequestBody::new(std::mem::take(&mut ctx.body), max_body, fault.clone());
-    let node = &cfg.nodes.0[node_idx];
-    let port = node.port.unwrap_or(cfg.scheme.default_port());
-    let client_host = ctx.headers.get(header::HOST);
-    let host_value = upstream_host(&ctx, cfg, node, port);
     // A path a plugin set is checked as a request target (it goes into the request line); the
     // client's own was checked by the parser.
     let rewritten;
@@ -347,19 +306,31 @@ async fn proxy(
             }
         },
     };
-    // `X-Forwarded-Host` is `$host` (APISIX's `$var_x_forwarded_host`): the normalised host,
-    // without the port, when the client named one.
-    let forwarded_host = client_host.map(|_| ctx.host.as_bytes());
+    // The upstream request: the request as plugins left it, sent from ctx without a copy (the
+    // forwarding changes are applied while the head is written; header_filter, body_filter and
+    // log still read `$http_*` as the client sent them).
+    let fault: FaultCell = Rc::new(Cell::new(None));
+    let max_body = match env.node.proxy.client_max_body_size {
+        0 => None,
+        n => Some(n),
+    };
+    // The body for the next try: taken by a send; put back only when it can be sent again.
+    let mut body = Some(UpstreamRequestBody::new(
+        std::mem::take(&mut ctx.body),
+        max_body,
+        fault.clone(),
+    ));
+    // nginx's `proxy_next_upstream error timeout` (APISIX's): a request a node may have seen
+    // goes to the next one only if its method is idempotent and its body can be sent again.
+    let resendable = !matches!(ctx.method.as_str(), "POST" | "LOCK" | "PATCH");
+    // `retry_timeout`: no retry starts after this (APISIX's `proxy_retry_deadline`).
+    let retry_deadline = cfg
+        .retry_timeout
+        .filter(|t| *t > 0.0)
+        .map(|t| Instant::now() + secs(t));
+    let client_host = ctx.headers.contains_key(header::HOST);
     // A WebSocket handshake on a route that allows it asks the upstream to switch too.
     let upgrade = super::tunnel::requested(&ctx, &route);
-    let forwarding = Forwarding::new(
-        &ctx.headers,
-        &conn_values,
-        ctx.scheme,
-        host_value,
-        forwarded_host,
-    )
-    .with_upgrade(upgrade);
     // Nothing looks at or changes the response headers: the upstream's lines pass through
     // unparsed.
     let lines = if ctx.response_untouched() {
@@ -367,33 +338,98 @@ async fn proxy(
     } else {
         ResponseLines::Parsed
     };
-    let head = RequestHead {
-        method: &ctx.method,
-        target,
-        headers: &ctx.headers,
-        edit: &forwarding,
-        lines,
-    };
     let wait = secs(timeout.send) + secs(timeout.read);
-    let res = conn.send_head(&client, &head, body, wait, pool).await;
-    drop(forwarding);
-    let mut res = match res {
-        Ok(r) => r,
-        Err(e) => {
-            let local = match fault.get() {
-                Some(f) => client_body_failed(&ctx, f, &e),
-                None => {
-                    tracing::error!(route = %route.id, node = ctx.upstream_addr.as_deref().unwrap_or(""), "upstream request failed: {e}");
-                    passive_failure(&upstream, node_idx, &e);
-                    let status = if e.is_timeout() {
-                        StatusCode::GATEWAY_TIMEOUT
-                    } else {
-                        StatusCode::BAD_GATEWAY
-                    };
-                    LocalResponse::text(status, "")
+    let mut node_idx = first;
+    let mut tries = 1;
+    let outcome = loop {
+        let nt = &upstream.targets[node_idx];
+        let load = upstream.balancer.start_try(node_idx);
+        let started = Instant::now();
+        let err = match client
+            .checkout(&nt.target, secs(timeout.connect), pool)
+            .await
+        {
+            Err(e) => {
+                tracing::error!(route = %route.id, node = %nt.addr, "upstream connect failed: {e}");
+                e
+            }
+            Ok(conn) => {
+                let Some(this_body) = body.take() else {
+                    break Err(StatusCode::BAD_GATEWAY);
+                };
+                let replay = if tries < attempts && resendable {
+                    this_body.replay()
+                } else {
+                    None
+                };
+                let node = &cfg.nodes.0[node_idx];
+                let host_value = upstream_host(&ctx, cfg, node, nt.target.port);
+                // `X-Forwarded-Host` is `$host` (APISIX's `$var_x_forwarded_host`): the
+                // normalised host, without the port, when the client named one.
+                let forwarded_host = client_host.then_some(ctx.host.as_bytes());
+                let forwarding = Forwarding::new(
+                    &ctx.headers,
+                    &conn_values,
+                    ctx.scheme,
+                    host_value,
+                    forwarded_host,
+                )
+                .with_upgrade(upgrade);
+                let head = RequestHead {
+                    method: &ctx.method,
+                    target,
+                    headers: &ctx.headers,
+                    edit: &forwarding,
+                    lines,
+                };
+                let res = conn.send_head(&client, &head, this_body, wait, pool).await;
+                drop(forwarding);
+                match res {
+                    Ok(r) => {
+                        upstream.balancer.observe(node_idx, started.elapsed());
+                        break Ok((r, load));
+                    }
+                    Err(e) => {
+                        if let Some(f) = fault.get() {
+                            let local = client_body_failed(&ctx, f, &e);
+                            return respond_local(ctx, snap, local, &env.node);
+                        }
+                        tracing::error!(route = %route.id, node = %nt.addr, "upstream request failed: {e}");
+                        if e.resendable() {
+                            body = replay;
+                        }
+                        e
+                    }
                 }
-            };
-            return respond_local(ctx, snap, local, &env.node);
+            }
+        };
+        passive_failure(&upstream, node_idx, &err);
+        let status = if err.is_timeout() {
+            StatusCode::GATEWAY_TIMEOUT
+        } else {
+            StatusCode::BAD_GATEWAY
+        };
+        if body.is_none() || tries >= attempts {
+            break Err(status);
+        }
+        if retry_deadline.is_some_and(|d| Instant::now() >= d) {
+            tracing::error!(route = %route.id, "proxy retry timeout, retry count: {}", tries - 1);
+            break Err(StatusCode::BAD_GATEWAY);
+        }
+        let Some(next) = upstream.balancer.next(&mut sel, health) else {
+            break Err(status);
+        };
+        node_idx = next;
+        tries += 1;
+        ctx.upstream_addr = Some(upstream.targets[next].addr.clone());
+    };
+    let mut res = match outcome {
+        Ok((res, load)) => {
+            ctx.upstream_load = load;
+            res
+        }
+        Err(status) => {
+            return respond_local(ctx, snap, LocalResponse::text(status, ""), &env.node);
         }
     };
     ctx.upstream_status = Some(res.status.as_u16());

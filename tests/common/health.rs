@@ -190,14 +190,23 @@ impl LoadClient {
 
     /// `GET path`: the status and body, or what went wrong.
     pub fn get(&mut self, path: &str) -> Result<(u16, String), String> {
-        let r = self.try_get(path);
+        self.get_with(path, &[])
+    }
+
+    /// `GET path` with more header lines (`("X-User", "u1")`).
+    pub fn get_with(
+        &mut self,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<(u16, String), String> {
+        let r = self.try_get(path, headers);
         if r.is_err() {
             self.conn = None;
         }
         r
     }
 
-    fn try_get(&mut self, path: &str) -> Result<(u16, String), String> {
+    fn try_get(&mut self, path: &str, headers: &[(&str, &str)]) -> Result<(u16, String), String> {
         use std::io::{BufRead, Read, Write};
         if self.conn.is_none() {
             let s = std::net::TcpStream::connect_timeout(&self.addr, Duration::from_secs(5))
@@ -207,7 +216,13 @@ impl LoadClient {
             self.conn = Some(std::io::BufReader::new(s));
         }
         let conn = self.conn.as_mut().ok_or("no connection")?;
-        write!(conn.get_mut(), "GET {path} HTTP/1.1\r\nHost: test\r\n\r\n")
+        let mut head = format!("GET {path} HTTP/1.1\r\nHost: test\r\n");
+        for (k, v) in headers {
+            head.push_str(&format!("{k}: {v}\r\n"));
+        }
+        head.push_str("\r\n");
+        conn.get_mut()
+            .write_all(head.as_bytes())
             .map_err(|e| e.to_string())?;
         let mut line = String::new();
         conn.read_line(&mut line).map_err(|e| e.to_string())?;
