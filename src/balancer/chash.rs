@@ -71,8 +71,14 @@ impl Ring {
     }
 
     /// Walks the ring from `start` to the first point whose node `ok` accepts: its position.
-    /// `any`: whether any node of the ring is acceptable (so the walk ends).
-    pub fn walk(&self, start: usize, any: bool, ok: impl Fn(usize) -> bool) -> Option<usize> {
+    /// `any`: whether any node of the ring is acceptable (asked only when the first point's
+    /// node is not, so a walk that cannot end is not started).
+    pub fn walk(
+        &self,
+        start: usize,
+        any: impl FnOnce() -> bool,
+        ok: impl Fn(usize) -> bool,
+    ) -> Option<usize> {
         let len = self.points.len();
         if len == 0 {
             return None;
@@ -80,7 +86,7 @@ impl Ring {
         if ok(self.node_at(start)) {
             return Some(start % len);
         }
-        if !any {
+        if !any() {
             return None;
         }
         (1..len)
@@ -394,8 +400,10 @@ mod tests {
         let r = ring(3);
         let start = r.find(hash(b"x"));
         let first = r.node_at(start);
-        let pos = r.walk(start, true, |i| i != first).expect("another node");
+        let pos = r
+            .walk(start, || true, |i| i != first)
+            .expect("another node");
         assert_ne!(r.node_at(pos), first);
-        assert_eq!(r.walk(start, false, |_| false), None);
+        assert_eq!(r.walk(start, || false, |_| false), None);
     }
 }

@@ -177,6 +177,12 @@ impl UpstreamHealth {
         self.nodes.get(i).is_none_or(|n| n.is_healthy()) || self.all_down()
     }
 
+    /// No node is marked down (the balancer then checks no node one by one).
+    #[inline]
+    pub fn all_healthy(&self) -> bool {
+        self.healthy_count.load(Ordering::Relaxed) == self.nodes.len()
+    }
+
     #[inline]
     pub fn all_down(&self) -> bool {
         self.healthy_count.load(Ordering::Relaxed) == 0
