@@ -3,7 +3,7 @@
 //! Bodies are never buffered unless a plugin asks for the whole body (`core.request.get_body`,
 //! openfunction) or a `body_filter` needs it: a 1 GiB upload or download passes in chunks.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -262,6 +262,58 @@ impl ClientBodyFault {
 /// upstream call has failed.
 pub type FaultCell = Rc<Cell<Option<ClientBodyFault>>>;
 
+/// A copy of a streamed request body kept for the log phase (nginx keeps a body up to
+/// `client_body_buffer_size` in memory, where `ngx.req.get_body_data()` in log finds it).
+/// Filled as the body streams upstream; given up once it passes its limit.
+#[derive(Debug, Clone)]
+pub struct KeptBody(Rc<RefCell<Kept>>);
+
+#[derive(Debug)]
+struct Kept {
+    buf: BytesMut,
+    limit: usize,
+    /// The client sent the whole body and all of it is in `buf`.
+    complete: bool,
+    /// The body passed `limit`: nothing is kept.
+    overflow: bool,
+}
+
+impl KeptBody {
+    /// Keeps up to `limit` bytes.
+    pub fn new(limit: usize) -> KeptBody {
+        KeptBody(Rc::new(RefCell::new(Kept {
+            buf: BytesMut::new(),
+            limit,
+            complete: false,
+            overflow: false,
+        })))
+    }
+
+    fn push(&self, data: &Bytes) {
+        let mut k = self.0.borrow_mut();
+        if k.overflow {
+            return;
+        }
+        if k.buf.len() + data.len() > k.limit {
+            k.overflow = true;
+            k.buf = BytesMut::new();
+            return;
+        }
+        k.buf.extend_from_slice(data);
+    }
+
+    fn finish(&self) {
+        let mut k = self.0.borrow_mut();
+        k.complete = !k.overflow;
+    }
+
+    /// The whole body, when the client sent all of it and it fit.
+    pub fn get(&self) -> Option<Bytes> {
+        let k = self.0.borrow();
+        k.complete.then(|| Bytes::copy_from_slice(&k.buf))
+    }
+}
+
 /// A request body on its way upstream, enforcing the client body limit while it streams.
 pub struct UpstreamRequestBody {
     inner: RequestBody,
@@ -269,6 +321,8 @@ pub struct UpstreamRequestBody {
     max: Option<u64>,
     /// Set when the body failed by the client's fault.
     fault: FaultCell,
+    /// Where a streamed body is copied for the log phase, when one asked.
+    keep: Option<KeptBody>,
 }
 
 impl UpstreamRequestBody {
@@ -278,7 +332,14 @@ impl UpstreamRequestBody {
             sent: 0,
             max,
             fault,
+            keep: None,
         }
+    }
+
+    /// Copies a streamed body into `keep` as it goes upstream.
+    pub fn keeping(mut self, keep: KeptBody) -> Self {
+        self.keep = Some(keep);
+        self
     }
 }
 
@@ -298,6 +359,7 @@ impl UpstreamRequestBody {
             sent: 0,
             max: self.max,
             fault: self.fault.clone(),
+            keep: None,
         })
     }
 }
@@ -322,7 +384,7 @@ impl Body for UpstreamRequestBody {
                     Poll::Ready(Some(Ok(Frame::data(data))))
                 }
             }
-            RequestBody::Stream(incoming) => match Pin::new(incoming).poll_frame(cx) {
+            RequestBody::Stream(incoming) => match Pin::new(&mut *incoming).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
                     if let Some(data) = frame.data_ref() {
                         this.sent += data.len() as u64;
@@ -335,6 +397,13 @@ impl Body for UpstreamRequestBody {
                                 }))));
                             }
                         }
+                        if let Some(k) = &this.keep {
+                            k.push(data);
+                            // The sender may stop polling at the end of a sized body.
+                            if incoming.is_end_stream() {
+                                k.finish();
+                            }
+                        }
                     }
                     Poll::Ready(Some(Ok(frame)))
                 }
@@ -342,7 +411,12 @@ impl Body for UpstreamRequestBody {
                     this.fault.set(ClientBodyFault::of(&e));
                     Poll::Ready(Some(Err(Box::new(e))))
                 }
-                Poll::Ready(None) => Poll::Ready(None),
+                Poll::Ready(None) => {
+                    if let Some(k) = &this.keep {
+                        k.finish();
+                    }
+                    Poll::Ready(None)
+                }
                 Poll::Pending => Poll::Pending,
             },
         }

@@ -2955,10 +2955,9 @@ fn real_body_transformer_turns_json_into_soap_and_back() {
 }
 
 /// APISIX's own data-mask with its http-logger (APISIX_SRC): data-mask runs first in the log
-/// phase and hides a query argument and a header from the loggers after it (it sets
-/// `ctx.var.request_uri`, which the logger reads back), while the upstream got them as sent
-/// (t/plugin/data-mask.t). Body masking needs the request body in the log phase, which a
-/// streamed body does not keep (docs/compatibility.md).
+/// phase and hides a query argument, a header and JSON body fields from the loggers after it
+/// (it sets `ctx.var.request_uri`, which the logger reads back, and the body the logger's
+/// `include_req_body` reads), while the upstream got them as sent (t/plugin/data-mask.t).
 #[test]
 fn real_data_mask_hides_fields_from_loggers() {
     let Some(src) = std::env::var_os("APISIX_SRC") else {
@@ -2975,14 +2974,17 @@ fn real_data_mask_hides_fields_from_loggers() {
     let (collector, rx) = log_collector();
     let up = Upstream::echo();
     let yaml = format!(
-        "workers: 1\nplugin_dirs:\n  - \"{}\"\nroutes:\n  - id: dm\n    uri: /pay\n    plugins:\n      data-mask:\n        request:\n          - {{type: query, name: card, action: regex, regex: \"\\\\d{{12}}(\\\\d{{4}})\", value: \"************$1\"}}\n          - {{type: query, name: cvc, action: remove}}\n          - {{type: header, name: authorization, action: replace, value: \"*****\"}}\n      http-logger:\n        uri: \"http://{}/ingest?src=gw\"\n        batch_max_size: 1\n{}",
+        "workers: 1\nplugin_dirs:\n  - \"{}\"\nroutes:\n  - id: dm\n    uri: /pay\n    plugins:\n      data-mask:\n        request:\n          - {{type: query, name: card, action: regex, regex: \"\\\\d{{12}}(\\\\d{{4}})\", value: \"************$1\"}}\n          - {{type: query, name: cvc, action: remove}}\n          - {{type: header, name: authorization, action: replace, value: \"*****\"}}\n          - {{type: body, body_format: json, name: \"$.users[*].password\", action: replace, value: \"xxx\"}}\n          - {{type: body, body_format: json, name: \"$.note\", action: regex, regex: \"\\\\d{{4}}\", value: \"####\"}}\n      http-logger:\n        uri: \"http://{}/ingest?src=gw\"\n        batch_max_size: 1\n        include_req_body: true\n{}",
         dir.display(),
         collector.addr(),
         upstream_yaml(&up)
     );
     let gw = Gateway::start_in(tmp.path(), &yaml);
-    let r = Req::get(&gw.url("/pay?card=4111111111111111&cvc=123&keep=1"))
+    let body = r#"{"users":[{"name":"a","password":"p1"},{"name":"b","password":"p2"}],"note":"pin 1234"}"#;
+    let r = Req::post(&gw.url("/pay?card=4111111111111111&cvc=123&keep=1"))
         .header("authorization", "Bearer secret")
+        .header("content-type", "application/json")
+        .body(body)
         .send();
     assert_eq!(r.status, 200, "{}", gw.logs());
     // The upstream got everything as sent.
@@ -3006,5 +3008,12 @@ fn real_data_mask_hides_fields_from_loggers() {
         "{entry}"
     );
     assert_eq!(req["headers"]["authorization"], "*****", "{entry}");
+    assert_eq!(echoed["body_len"], body.len());
+    let logged: serde_json::Value =
+        serde_json::from_str(req["body"].as_str().expect("the body")).expect("JSON body");
+    assert_eq!(logged["users"][0]["password"], "xxx");
+    assert_eq!(logged["users"][1]["password"], "xxx");
+    assert_eq!(logged["users"][1]["name"], "b");
+    assert_eq!(logged["note"], "pin ####");
     assert!(!gw.logs().contains("not changeable"), "{}", gw.logs());
 }

@@ -875,3 +875,61 @@ return _M
     assert_eq!(all("x-other"), ["1"]);
     assert_eq!(all("set-cookie"), ["a=1", "b=2"]);
 }
+
+/// A Lua plugin's log phase reads the request body (`ngx.req.get_body_data()`, as APISIX's
+/// loggers' `include_req_body` and data-mask do) though it streamed to the upstream: nginx
+/// keeps a body up to `client_body_buffer_size` in memory. A larger one is not kept.
+#[test]
+fn the_log_phase_sees_a_streamed_request_body_that_fits_the_buffer() {
+    const BODY_LOG: &str = r#"
+local core = require("apisix.core")
+local _M = { version = 0.1, priority = 7, name = "body-log", schema = { type = "object" } }
+function _M.log(conf, ctx)
+    local b = ngx.req.get_body_data()
+    core.log.warn("log-body[", ctx.var.uri, "]=", b and (#b > 40 and #b .. " bytes" or b) or "nil")
+end
+return _M
+"#;
+    let up = Upstream::echo();
+    let (_tmp, gw) = probe_gateway(
+        &[("body-log", BODY_LOG)],
+        &format!(
+            "  - id: bl\n    uri: /bl/*\n    plugins:\n      body-log: {{}}\n{}",
+            upstream_yaml(&up)
+        ),
+    );
+    let r = Req::post(&gw.url("/bl/sized")).body("hello=1").send();
+    assert_eq!(r.status, 200);
+    // Chunked, in two chunks, straight from a socket.
+    let resp = raw(
+        gw.addr(),
+        b"POST /bl/chunked HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
+    );
+    assert_eq!(raw_status(&resp), 200, "{resp}");
+    // The default buffer is 16 KiB: one byte more is not kept; exactly 16 KiB is.
+    let r = Req::post(&gw.url("/bl/big"))
+        .body(vec![b'x'; 16 * 1024 + 1])
+        .send();
+    assert_eq!(r.status, 200);
+    let echoed: serde_json::Value = serde_json::from_str(&r.text()).expect("echo");
+    assert_eq!(echoed["body_len"], 16 * 1024 + 1);
+    let r = Req::post(&gw.url("/bl/full"))
+        .body(vec![b'y'; 16 * 1024])
+        .send();
+    assert_eq!(r.status, 200);
+    let r = Req::get(&gw.url("/bl/none")).send();
+    assert_eq!(r.status, 200);
+    for line in [
+        "log-body[/bl/sized]=hello=1",
+        "log-body[/bl/chunked]=hello world",
+        "log-body[/bl/big]=nil",
+        "log-body[/bl/full]=16384 bytes",
+        "log-body[/bl/none]=nil",
+    ] {
+        assert!(
+            gw.wait_for_log(line, Duration::from_secs(5)),
+            "{line}\n{}",
+            gw.logs()
+        );
+    }
+}

@@ -265,6 +265,12 @@ pub struct ProxyConfig {
     /// Largest request body in bytes; a larger one gets 413. 0 means unlimited (APISIX's default).
     #[serde(default)]
     pub client_max_body_size: u64,
+    /// nginx's `client_body_buffer_size`: a request body up to this many bytes that streams
+    /// to the upstream is also kept in memory until the request ends, when a Lua plugin in
+    /// effect has a log phase (`ngx.req.get_body_data()` there, the loggers'
+    /// `include_req_body`, data-mask). 0 keeps none.
+    #[serde(default = "default_body_buffer")]
+    pub client_body_buffer_size: usize,
     /// Seconds in-flight requests get to finish on SIGTERM/Ctrl-C before the process exits.
     #[serde(default = "default_shutdown")]
     pub graceful_shutdown_timeout: f64,
@@ -277,6 +283,10 @@ fn default_max_header() -> usize {
     // nginx's large_client_header_buffers default is 4 x 8k.
     32 * 1024
 }
+fn default_body_buffer() -> usize {
+    // nginx's default on 64-bit platforms (two pages).
+    16 * 1024
+}
 fn default_shutdown() -> f64 {
     30.0
 }
@@ -287,6 +297,7 @@ impl Default for ProxyConfig {
             client_header_timeout: sixty(),
             client_header_buffer_size: default_max_header(),
             client_max_body_size: 0,
+            client_body_buffer_size: default_body_buffer(),
             graceful_shutdown_timeout: default_shutdown(),
         }
     }

@@ -119,6 +119,16 @@ pub fn any_has(chains: &[&Chain], phases: &[Phase]) -> bool {
     chains.iter().any(|c| phases.iter().any(|&p| c.has(p)))
 }
 
+/// Whether a Lua plugin in the chains has a log phase: one that may read the request body
+/// there (`ngx.req.get_body_data()`), so the proxy keeps a copy of a streamed body.
+pub fn lua_logs(chains: &[&Chain]) -> bool {
+    chains.iter().filter(|c| c.has(Phase::Log)).any(|c| {
+        c.entries.iter().any(|e| {
+            e.plugin.kind() == super::PluginKind::Lua && e.plugin.phases().contains(Phase::Log)
+        })
+    })
+}
+
 /// Runs a request phase (rewrite, access, before_proxy) over each chain in turn. The first
 /// plugin that answers ends the phase and the request.
 pub async fn run_request_phase(phase: Phase, chains: &[&Chain], ctx: &mut Ctx) -> PhaseResult {

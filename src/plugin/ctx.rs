@@ -11,7 +11,7 @@ use std::time::{Instant, SystemTime};
 
 use http::{HeaderMap, Method, Version};
 
-use crate::body::RequestBody;
+use crate::body::{KeptBody, RequestBody};
 use crate::plugin::chain::Chain;
 use crate::router::RouteMatch;
 use crate::snapshot::{ConsumerEntry, RouteEntry};
@@ -33,6 +33,9 @@ pub struct Ctx {
     /// the proxy applies them to the upstream's response before header_filter, as nginx does.
     pub staged_headers: HeaderMap,
     pub body: RequestBody,
+    /// The copy of a streamed body the proxy keeps for the log phase (see
+    /// [`Ctx::body_for_log`]).
+    pub kept_body: Option<KeptBody>,
     pub remote_addr: SocketAddr,
     pub local_addr: SocketAddr,
     pub scheme: &'static str,
@@ -118,6 +121,16 @@ impl Ctx {
         !self.response_phases && self.staged_headers.is_empty()
     }
 
+    /// The request body as a log-phase plugin sees it (`ngx.req.get_body_data()`): the body
+    /// read into memory, or the copy the proxy kept while it streamed upstream; None for no
+    /// body, or one that was not kept whole.
+    pub fn body_for_log(&self) -> Option<bytes::Bytes> {
+        match &self.body {
+            RequestBody::Full(b) => Some(b.clone()),
+            _ => self.kept_body.as_ref().and_then(KeptBody::get),
+        }
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         method: Method,
@@ -142,6 +155,7 @@ impl Ctx {
             staged_headers: HeaderMap::new(),
             response_phases: true,
             body,
+            kept_body: None,
             remote_addr,
             local_addr,
             scheme,

@@ -15,8 +15,8 @@ use http::{HeaderMap, Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 
 use crate::body::{
-    BoxError, ClientBody, ClientBodyFault, FaultCell, IdleTimeout, RequestBody, ResponseBody,
-    UpstreamRequestBody,
+    BoxError, ClientBody, ClientBodyFault, FaultCell, IdleTimeout, KeptBody, RequestBody,
+    ResponseBody, UpstreamRequestBody,
 };
 use crate::config::{Node, NodeConfig, PassHost, Timeout, Upstream};
 use crate::health::{Observation, Source};
@@ -315,11 +315,23 @@ async fn proxy(
         n => Some(n),
     };
     // The body for the next try: taken by a send; put back only when it can be sent again.
-    let mut body = Some(UpstreamRequestBody::new(
-        std::mem::take(&mut ctx.body),
-        max_body,
-        fault.clone(),
-    ));
+    // A Lua plugin's log phase may read the body (nginx keeps it in memory up to
+    // client_body_buffer_size): one read whole stays in ctx, a small streamed one is copied
+    // as it goes.
+    let keep_limit = env.node.proxy.client_body_buffer_size;
+    let lua_logs = chain::lua_logs(&chains);
+    let streaming = matches!(&ctx.body, RequestBody::Stream(b) if !b.is_end_stream());
+    let upstream_body = match &ctx.body {
+        RequestBody::Full(b) if lua_logs => RequestBody::Full(b.clone()),
+        _ => std::mem::take(&mut ctx.body),
+    };
+    let mut first_body = UpstreamRequestBody::new(upstream_body, max_body, fault.clone());
+    if keep_limit > 0 && streaming && lua_logs {
+        let kept = KeptBody::new(keep_limit);
+        ctx.kept_body = Some(kept.clone());
+        first_body = first_body.keeping(kept);
+    }
+    let mut body = Some(first_body);
     // nginx's `proxy_next_upstream error timeout` (APISIX's): a request a node may have seen
     // goes to the next one only if its method is idempotent and its body can be sent again.
     let resendable = !matches!(ctx.method.as_str(), "POST" | "LOCK" | "PATCH");

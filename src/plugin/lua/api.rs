@@ -515,10 +515,7 @@ fn install_req(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
     req.set(
         "get_body_data",
         lua.create_function(|lua, ()| {
-            let b = with_ctx(|c| match &c.body {
-                RequestBody::Full(b) => Some(b.clone()),
-                _ => None,
-            })?;
+            let b = with_ctx(|c| c.body_for_log())?;
             match b {
                 Some(b) => Ok(Value::String(lua.create_string(&b[..])?)),
                 None => Ok(Value::Nil),
