@@ -268,3 +268,63 @@ fn bad_hash_on_and_key_are_refused_with_the_field_path() {
     ));
     assert_eq!(code, 0, "{out}");
 }
+
+/// An auth plugin that attaches the consumer whose `token` the `X-Token` header carries.
+const TOKEN_AUTH: &str = r#"
+local core = require("apisix.core")
+local consumer_mod = require("apisix.consumer")
+local _M = { version = 0.1, priority = 2600, type = "auth", name = "token-auth",
+             schema = { type = "object" } }
+function _M.check_schema(conf, schema_type)
+    if schema_type == core.schema.TYPE_CONSUMER then
+        return core.schema.check({ type = "object", properties = { token = { type = "string" } },
+                                   required = { "token" } }, conf)
+    end
+    return core.schema.check(_M.schema, conf)
+end
+function _M.rewrite(conf, ctx)
+    local token = core.request.header(ctx, "X-Token")
+    local consumer, consumer_conf = consumer_mod.find_consumer("token-auth", "token", token or "")
+    if not consumer then
+        return 401, { message = "Invalid token" }
+    end
+    consumer_mod.attach_consumer(ctx, consumer, consumer_conf)
+end
+return _M
+"#;
+
+#[test]
+fn chash_on_consumer_hashes_the_consumer_name() {
+    let nodes: Vec<Node> = (0..3).map(|_| Node::start()).collect();
+    let list: String = nodes
+        .iter()
+        .map(|n| format!("        \"{}\": 1\n", n.node()))
+        .collect();
+    let consumers: String = (0..30)
+        .map(|i| {
+            format!("  - username: user{i}\n    plugins:\n      token-auth: {{token: t{i}}}\n")
+        })
+        .collect();
+    // The same nodes hashed on a header carrying the user name: the consumer's name is the key
+    // exactly when both routes agree.
+    let gw = Gateway::start_with_plugins(
+        &[("token-auth", TOKEN_AUTH)],
+        &format!(
+            "workers: 2\nroutes:\n  - id: by-consumer\n    uri: /x\n    plugins:\n      token-auth: {{}}\n    upstream:\n      type: chash\n      hash_on: consumer\n      nodes:\n{list}  - id: by-header\n    uri: /h\n    upstream:\n      type: chash\n      hash_on: header\n      key: X-Name\n      nodes:\n{list}consumers:\n{consumers}"
+        ),
+    );
+    let mut client = LoadClient::new(gw.addr());
+    let mut used = std::collections::HashSet::new();
+    for i in 0..30 {
+        let token = format!("t{i}");
+        let name = format!("user{i}");
+        let by_header = client.get_with("/h", &[("X-Name", &name)]);
+        for _ in 0..3 {
+            let by_consumer = client.get_with("/x", &[("X-Token", &token)]);
+            assert!(matches!(&by_consumer, Ok((200, _))), "{by_consumer:?}");
+            assert_eq!(by_consumer, by_header, "{name}");
+        }
+        used.insert(by_header.map(|r| r.1).unwrap_or_default());
+    }
+    assert_eq!(used.len(), 3, "{used:?}");
+}
