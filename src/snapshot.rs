@@ -459,6 +459,7 @@ pub fn build(
     let tls = Arc::new(crate::tls::CertTable::build(
         &doc.ssls,
         doc.node.ssl.as_ref(),
+        &doc.node.keyring(),
         &mut errors,
     ));
 

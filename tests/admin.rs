@@ -369,7 +369,7 @@ fn bad_input_gets_4xx_and_stores_nothing() {
     );
     let r = admin.call("PUT", "/routes/1", Some(&big));
     assert_eq!(r.status, 413, "{}", r.text());
-    let r = admin.get("/ssls");
+    let r = admin.get("/protos");
     assert_eq!(r.status, 404);
     assert!(
         error_msg(&r).contains("unknown resource type"),

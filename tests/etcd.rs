@@ -747,3 +747,95 @@ fn readiness_follows_the_etcd_watch() {
     );
     assert_eq!(get(&ready).json(), json!({"status": "ok"}));
 }
+
+/// `openssl enc` with APISIX's key encryption (AES-128-CBC, the keyring entry as key and IV,
+/// base64 on one line); `decrypt` reverses it.
+fn apisix_cipher(keyring_entry: &str, input: &str, decrypt: bool) -> String {
+    use std::io::Write;
+    let hex: String = keyring_entry.bytes().map(|b| format!("{b:02x}")).collect();
+    let mut args = vec![
+        "enc",
+        "-aes-128-cbc",
+        "-base64",
+        "-A",
+        "-K",
+        &hex,
+        "-iv",
+        &hex,
+    ];
+    if decrypt {
+        args.push("-d");
+    }
+    let mut child = Command::new("openssl")
+        .args(&args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("run openssl enc");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input.as_bytes())
+        .expect("write to openssl");
+    let out = child.wait_with_output().expect("openssl enc");
+    assert!(out.status.success(), "openssl enc failed");
+    String::from_utf8(out.stdout).expect("text")
+}
+
+/// `ssls` under `/apisix/ssls/ID`: an entry APISIX wrote (its key encrypted with the keyring)
+/// serves; one written through the Admin API is stored encrypted and serves on the other node.
+#[test]
+fn ssls_in_apisix_key_layout_with_encrypted_keys() {
+    use common::tls::*;
+    const KEYRING: &str = "qeddd145sfvddff3";
+    let etcd = Etcd::start();
+    let pki = Pki::new("etcd CA");
+    let a = pki.server(&["a.test"], "from-apisix");
+    etcd.put(
+        "/apisix/ssls/1",
+        &json!({"id": "1", "snis": ["a.test"], "cert": a.cert,
+            "key": apisix_cipher(KEYRING, &a.key, false), "create_time": 1, "update_time": 1})
+        .to_string(),
+    );
+    let yaml = format!(
+        "{}ssl:\n  listen: [{{ip: 127.0.0.1, port: 0}}]\ndata_encryption:\n  keyring: [{KEYRING}]\n",
+        node_yaml(&etcd)
+    );
+    let start = || {
+        let gw = Gateway::start(&yaml);
+        let addr = gw.admin_addr();
+        Node { gw, admin: addr }
+    };
+    let n1 = start();
+    let n2 = start();
+    let ca = pki.ca_pem.as_str();
+    let conn = tls_connect(https_addrs(&n1.gw)[0], &ClientOpts::new(ca, "a.test"))
+        .unwrap_or_else(|e| panic!("{e}\n{}", n1.gw.logs()));
+    assert_eq!(peer_cn(&conn), "from-apisix");
+
+    let b = pki.server(&["b.test"], "from-admin");
+    let r = n1.put(
+        "/ssls/2",
+        json!({"snis": ["b.test"], "cert": b.cert, "key": b.key}),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert!(r.json()["value"].get("key").is_none());
+    let stored: Value =
+        serde_json::from_str(&etcd.get("/apisix/ssls/2").expect("stored")).expect("JSON");
+    let key = stored["key"].as_str().expect("key stored");
+    assert!(!key.starts_with("---"), "stored in clear: {key}");
+    assert_eq!(apisix_cipher(KEYRING, key, true), b.key);
+    let n2_addr = https_addrs(&n2.gw)[0];
+    assert!(
+        poll(Duration::from_secs(10), || {
+            tls_connect(n2_addr, &ClientOpts::new(ca, "b.test"))
+                .is_ok_and(|c| peer_cn(&c) == "from-admin")
+        }),
+        "node 2 did not serve the new entry; log:\n{}",
+        n2.gw.logs()
+    );
+    let got = n2.call("GET", "/ssls/1", None).json();
+    assert_eq!(got["value"]["cert"], a.cert.as_str());
+    assert!(got["value"].get("key").is_none(), "{got}");
+}

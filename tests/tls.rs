@@ -356,3 +356,165 @@ fn a_silent_client_is_dropped_after_the_handshake_timeout() {
     let n = std::io::Read::read(&mut tcp, &mut buf).expect("closed, not timed out");
     assert_eq!(n, 0);
 }
+
+const ADMIN_KEY: &str = "tls-admin-key-0123456789";
+
+fn admin(gw: &Gateway, method: &str, path: &str, body: Option<serde_json::Value>) -> Resp {
+    let body = body.map(|b| b.to_string());
+    admin_request(gw.admin_addr(), ADMIN_KEY, method, path, body.as_deref())
+}
+
+fn ssl_json(snis: &[&str], pair: &Pair) -> serde_json::Value {
+    serde_json::json!({ "snis": snis, "cert": pair.cert, "key": pair.key })
+}
+
+/// `ssls` through the Admin API: a PUT serves the next handshake while a connection opened
+/// before keeps serving; keys never come back; bad entries are refused with their field.
+#[test]
+fn ssls_through_the_admin_api() {
+    let pki = Pki::new("admin CA");
+    let up = Upstream::echo();
+    let gw = Gateway::start(&format!(
+        "workers: 1\nadmin:\n  listen: 127.0.0.1:0\n  key: {ADMIN_KEY}\ndata_encryption:\n  keyring: [qeddd145sfvddff3]\nssl:\n  listen: [{{ip: 127.0.0.1, port: 0}}]\nroutes:\n  - id: echo\n    uri: /echo\n    upstream:\n      nodes:\n        \"{}\": 1\n",
+        up.node()
+    ));
+    let addr = https_addrs(&gw)[0];
+    let ca = pki.ca_pem.as_str();
+    let opts = ClientOpts::new(ca, "a.test");
+
+    let a1 = pki.server(&["a.test"], "a-1");
+    let r = admin(&gw, "PUT", "/ssls/1", Some(ssl_json(&["a.test"], &a1)));
+    assert_eq!(r.status, 201, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["key"], "/apisix/ssls/1");
+    assert_eq!(v["value"]["snis"], serde_json::json!(["a.test"]));
+    assert_eq!(v["value"]["cert"], a1.cert.as_str());
+    assert!(v["value"].get("key").is_none(), "{v}");
+    assert!(v.get("warning").is_none(), "{v}");
+
+    let mut kept = tls_connect(addr, &opts).unwrap_or_else(|e| panic!("{e}\n{}", gw.logs()));
+    assert_eq!(peer_cn(&kept), "a-1");
+    let first_serial = peer_serial(&kept);
+    assert_eq!(
+        tls_get(&mut kept, "a.test", "/echo").expect("GET").status,
+        200
+    );
+
+    // A new certificate for the name: a 2xx means serving, so the next handshake has it.
+    let a2 = pki.server(&["a.test", "b.test"], "a-2");
+    let r = admin(&gw, "PUT", "/ssls/1", Some(ssl_json(&["a.test"], &a2)));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let conn = tls_connect(addr, &opts).expect("handshake after the PUT");
+    assert_eq!(peer_cn(&conn), "a-2");
+    assert_ne!(peer_serial(&conn), first_serial);
+    let r = tls_get(&mut kept, "a.test", "/echo").expect("old connection after the PUT");
+    assert_eq!(r.status, 200, "{}", r.body);
+
+    // Reads never show the keys (extra pairs' keys neither).
+    let ecdsa = pki.server(&["a.test", "b.test"], "a-3");
+    let mut with_pairs = ssl_json(&["a.test"], &a2);
+    with_pairs["certs"] = serde_json::json!([ecdsa.cert]);
+    with_pairs["keys"] = serde_json::json!([ecdsa.key]);
+    let r = admin(&gw, "PUT", "/ssls/1", Some(with_pairs));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = admin(&gw, "GET", "/ssls/1", None).json();
+    assert_eq!(v["value"]["id"], "1");
+    assert!(
+        v["value"].get("key").is_none() && v["value"].get("keys").is_none(),
+        "{v}"
+    );
+    assert_eq!(v["value"]["certs"][0], ecdsa.cert.as_str());
+    let list = admin(&gw, "GET", "/ssls", None).json();
+    assert_eq!(list["total"], 1);
+    let text = list.to_string();
+    assert!(
+        !text.contains("PRIVATE KEY") && !text.contains("\"key\":\"-"),
+        "{text}"
+    );
+
+    // PATCH adds a name; the stored (encrypted) key still serves.
+    let r = admin(
+        &gw,
+        "PATCH",
+        "/ssls/1",
+        Some(serde_json::json!({"snis": ["a.test", "b.test"]})),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.json()["value"].get("key").is_none());
+    let conn = tls_connect(addr, &ClientOpts::new(ca, "b.test")).expect("b.test after PATCH");
+    assert_eq!(peer_cn(&conn), "a-2");
+
+    // Refusals name the field; nothing changes.
+    let other = pki.server(&["c.test"], "c");
+    let cases = [
+        (
+            serde_json::json!({"snis": ["c.test"], "cert": "garbage", "key": other.key}),
+            "invalid configuration: cert: failed to parse cert",
+        ),
+        (
+            serde_json::json!({"snis": ["c.test"], "cert": other.cert, "key": a1.key}),
+            "invalid configuration: key: the key does not match the certificate's public key",
+        ),
+        (
+            serde_json::json!({"snis": ["c.test"], "cert": other.cert, "key": other.key,
+                "certs": [other.cert, a1.cert], "keys": [other.key, other.key]}),
+            "invalid configuration: keys[1]: the key does not match",
+        ),
+        (
+            serde_json::json!({"snis": ["c.test"], "cert": other.cert,
+                "key": "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n"}),
+            "invalid configuration: key: failed to parse key",
+        ),
+        (
+            // With a keyring, a value that is not PEM is taken for an encrypted one (APISIX).
+            serde_json::json!({"snis": ["c.test"], "cert": other.cert, "key": "not a key"}),
+            "invalid configuration: key: failed to decrypt previous encrypted key",
+        ),
+        (
+            serde_json::json!({"snis": ["b.test"], "cert": other.cert, "key": other.key}),
+            "server name \"b.test\" is already served by ssl \"1\"",
+        ),
+    ];
+    for (body, want) in cases {
+        let r = admin(&gw, "PUT", "/ssls/2", Some(body));
+        assert_eq!(r.status, 400, "{want}: {}", r.text());
+        let msg = r.json()["error_msg"].as_str().unwrap_or("").to_string();
+        assert!(msg.contains(want), "want {want:?}, got {msg:?}");
+    }
+    assert_eq!(admin(&gw, "GET", "/ssls/2", None).status, 404);
+
+    // An expired certificate is stored and served, with a warning in the answer and the log.
+    let old = pki.expired(&["old.test"], "old");
+    let r = admin(&gw, "POST", "/ssls", Some(ssl_json(&["old.test"], &old)));
+    assert_eq!(r.status, 201, "{}", r.text());
+    let v = r.json();
+    let warning = v["warning"].as_str().unwrap_or("").to_string();
+    assert!(warning.contains("expired on"), "{v}");
+    let id = v["value"]["id"].as_str().expect("generated id").to_string();
+    assert_eq!(id.len(), 20, "{id}");
+    assert!(gw.logs().contains("the certificate for"), "{}", gw.logs());
+    let out = s_client(addr, &["-servername", "old.test"]);
+    assert!(out.contains("CN = old"), "{out}");
+
+    // A client certificate (for upstreams) needs no names and is not served.
+    let client = pki.client("to-upstream");
+    let r = admin(
+        &gw,
+        "PUT",
+        "/ssls/c1",
+        Some(serde_json::json!({"type": "client", "cert": client.cert, "key": client.key})),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+
+    // Deleting the entry: the name is unknown again.
+    let r = admin(&gw, "DELETE", "/ssls/1", None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["deleted"], "1");
+    let e = tls_connect(addr, &opts).err();
+    assert!(
+        e.as_deref().is_some_and(|e| e.contains("UnrecognisedName")),
+        "{e:?}"
+    );
+    let r = tls_get(&mut kept, "a.test", "/echo").expect("old connection after the DELETE");
+    assert_eq!(r.status, 200);
+}

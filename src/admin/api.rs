@@ -139,7 +139,7 @@ impl Admin {
     // ---- reads ------------------------------------------------------------------------------
 
     fn item(kind: Kind, id: &str, value: Value, source: &str) -> Value {
-        json!({ "key": kind.key(id), "value": value, "source": source })
+        json!({ "key": kind.key(id), "value": redact(kind, value), "source": source })
     }
 
     fn list(&self, kind: Kind) -> Result<Reply, store::StoreError> {
@@ -529,6 +529,21 @@ impl Admin {
                 return Ok(Reply::bad(msg));
             }
         }
+        let warnings: Vec<String> = match (kind, index) {
+            (Kind::Ssls, Some(i)) => snap
+                .tls
+                .warnings
+                .iter()
+                .filter(|(at, _)| *at == i)
+                .map(|(_, w)| w.clone())
+                .collect(),
+            _ => Vec::new(),
+        };
+        // APISIX stores `ssls` keys encrypted with the node's keyring, if it has one.
+        let new = match (kind, new) {
+            (Kind::Ssls, Some(v)) => Some(encrypt_keys(v, &snap.doc.node.keyring())),
+            (_, new) => new,
+        };
         drop(snap);
 
         let started = Instant::now();
@@ -573,7 +588,13 @@ impl Admin {
             "admin api write is live"
         );
         Ok(match new {
-            Some(v) => Reply::json(status, json!({ "key": kind.key(id), "value": v })),
+            Some(v) => {
+                let mut body = json!({ "key": kind.key(id), "value": redact(kind, v) });
+                if !warnings.is_empty() {
+                    body["warning"] = json!(warnings.join("; "));
+                }
+                Reply::json(status, body)
+            }
             None => Reply::json(200, json!({ "deleted": "1", "key": kind.key(id) })),
         })
     }
@@ -744,6 +765,34 @@ fn referrers(doc: &Document, kind: Kind, id: &str) -> Option<String> {
         msg.push_str(&format!(" (also: {})", users[1..].join(", ")));
     }
     Some(msg)
+}
+
+/// A resource as the Admin API shows it: an `ssls` entry without its private keys (`key`,
+/// `keys`), which APISIX leaves out of reads too.
+fn redact(kind: Kind, mut value: Value) -> Value {
+    if kind == Kind::Ssls {
+        if let Value::Object(m) = &mut value {
+            m.remove("key");
+            m.remove("keys");
+        }
+    }
+    value
+}
+
+/// An `ssls` value with `key` and every `keys` item encrypted by `keyring` (PEM ones only; no
+/// keyring leaves them as they are).
+fn encrypt_keys(mut value: Value, keyring: &crate::tls::Keyring) -> Value {
+    if let Some(Value::String(k)) = value.get_mut("key") {
+        *k = keyring.encrypt(k);
+    }
+    if let Some(Value::Array(ks)) = value.get_mut("keys") {
+        for k in ks.iter_mut() {
+            if let Value::String(s) = k {
+                *s = keyring.encrypt(s);
+            }
+        }
+    }
+    value
 }
 
 /// APISIX's answer to a method plugin metadata does not have.

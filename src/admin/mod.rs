@@ -425,7 +425,7 @@ pub fn route(method: &Method, segs: &[String], body: Option<Value>) -> Result<Ca
                 return Err(Reply::error(
                     404,
                     format!(
-                        "unknown resource type \"{res}\": moongate serves routes, upstreams, services, global_rules, consumers, consumer_groups, plugin_metadata, plugins"
+                        "unknown resource type \"{res}\": moongate serves routes, upstreams, services, global_rules, consumers, consumer_groups, plugin_metadata, ssls, plugins"
                     ),
                 ));
             };
@@ -574,8 +574,12 @@ mod tests {
             route(&Method::GET, &segs("consumers/jack"), None),
             Ok(Call::Get(Kind::Consumers, ref id)) if id == "jack"
         ));
+        assert!(matches!(
+            route(&Method::GET, &segs("ssls/1"), None),
+            Ok(Call::Get(Kind::Ssls, ref id)) if id == "1"
+        ));
         assert_eq!(
-            route(&Method::GET, &segs("ssls/1"), None)
+            route(&Method::GET, &segs("protos/1"), None)
                 .unwrap_err()
                 .status,
             404

@@ -536,6 +536,19 @@ pub struct NodeConfig {
     /// TLS listeners and their settings, APISIX's `apisix.ssl` (see docs/tls.md).
     #[serde(default)]
     pub ssl: Option<crate::tls::SslNodeConfig>,
+    /// APISIX's `apisix.data_encryption`: the keyring `ssls` keys are stored encrypted with.
+    #[serde(default)]
+    pub data_encryption: Option<crate::tls::DataEncryption>,
+}
+
+impl NodeConfig {
+    /// The `data_encryption.keyring` (empty when unset).
+    pub fn keyring(&self) -> crate::tls::Keyring {
+        self.data_encryption
+            .as_ref()
+            .map(|d| d.keyring.clone())
+            .unwrap_or_default()
+    }
 }
 
 /// `control`: where the control API listens (APISIX's default 127.0.0.1:9090).

@@ -1256,7 +1256,11 @@ mod tests {
             s.classify("/apisix/consumers/jack/credentials/a/b"),
             KeyKind::Bad(_)
         ));
-        assert_eq!(s.classify("/apisix/ssls/1"), KeyKind::Ignored);
+        assert_eq!(
+            s.classify("/apisix/ssls/1"),
+            KeyKind::Resource(Kind::Ssls, "1".into())
+        );
+        assert_eq!(s.classify("/apisix/protos/1"), KeyKind::Ignored);
         assert_eq!(s.classify("/apisix/gen_id"), KeyKind::Ignored);
         assert!(matches!(s.classify("/apisix/routes/a/b"), KeyKind::Bad(_)));
         // APISIX's `host` spelling is accepted.

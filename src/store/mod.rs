@@ -18,6 +18,7 @@ use crate::config::{
     PluginMetadataConf, Route, Service, Upstream,
 };
 use crate::reload::ResourceOverlay;
+use crate::tls::Ssl;
 
 pub use redb_store::RedbStore;
 
@@ -33,11 +34,13 @@ pub enum Kind {
     /// Consumer credentials; the id is `USERNAME/credentials/ID` (the key under `consumers`).
     Credentials,
     PluginMetadata,
+    /// Certificates (`/apisix/ssls/ID`); their keys never leave the Admin API.
+    Ssls,
 }
 
 impl Kind {
     /// Every kind, in the order builds see them.
-    pub const ALL: [Kind; 8] = [
+    pub const ALL: [Kind; 9] = [
         Kind::Routes,
         Kind::Upstreams,
         Kind::Services,
@@ -46,6 +49,7 @@ impl Kind {
         Kind::ConsumerGroups,
         Kind::Credentials,
         Kind::PluginMetadata,
+        Kind::Ssls,
     ];
 
     /// The path segment and config-file key: `routes`, `global_rules`, ...
@@ -59,6 +63,7 @@ impl Kind {
             Kind::ConsumerGroups => "consumer_groups",
             Kind::Credentials => "credentials",
             Kind::PluginMetadata => "plugin_metadata",
+            Kind::Ssls => "ssls",
         }
     }
 
@@ -81,6 +86,7 @@ impl Kind {
             Kind::ConsumerGroups => "consumer group",
             Kind::Credentials => "credential",
             Kind::PluginMetadata => "plugin_metadata",
+            Kind::Ssls => "ssl",
         }
     }
 
@@ -321,6 +327,14 @@ pub fn insert_resource(
             |m: &PluginMetadataConf| Some(&m.id),
             |v| config::from_value_at("", v),
         ),
+        Kind::Ssls => put(
+            &mut doc.ssls,
+            id,
+            value,
+            mode,
+            |s: &Ssl| s.id.as_ref(),
+            |v| config::from_value_at("", v),
+        ),
     }
 }
 
@@ -344,6 +358,7 @@ pub fn remove_resource(doc: &mut Document, kind: Kind, id: &str) -> bool {
             doc.credentials.len() != before
         }
         Kind::PluginMetadata => remove(&mut doc.plugin_metadata, id, |m| Some(&m.id)),
+        Kind::Ssls => remove(&mut doc.ssls, id, |s| s.id.as_ref()),
     }
 }
 
@@ -363,6 +378,7 @@ pub fn resource_ids(doc: &Document, kind: Kind) -> Vec<String> {
         Kind::ConsumerGroups => ids(&doc.consumer_groups, |g| g.id.as_ref()),
         Kind::Credentials => doc.credentials.iter().map(|c| c.id.clone()).collect(),
         Kind::PluginMetadata => ids(&doc.plugin_metadata, |m| Some(&m.id)),
+        Kind::Ssls => ids(&doc.ssls, |s| s.id.as_ref()),
     }
 }
 
@@ -390,6 +406,7 @@ pub fn resource_json(doc: &Document, kind: Kind, id: &str) -> Option<Value> {
             .find(|c| c.id == id)
             .and_then(|c| serde_json::to_value(c).ok()),
         Kind::PluginMetadata => find(&doc.plugin_metadata, id, |m| Some(&m.id)),
+        Kind::Ssls => find(&doc.ssls, id, |s| s.id.as_ref()),
     }
 }
 

@@ -28,6 +28,7 @@ use rustls::{
 };
 
 use super::config::{Protocol, Protocols, SslNodeConfig};
+use super::keyring::Keyring;
 use super::resource::{Ssl, SslType};
 use crate::config::ConfigError;
 
@@ -89,6 +90,9 @@ pub struct CertTable {
     fallback: Option<Arc<Served>>,
     /// `type: client` entries by id (certificates presented to upstreams).
     pub clients: HashMap<String, Arc<CertifiedKey>>,
+    /// Warnings of the build (a certificate outside its validity period), by entry index:
+    /// logged, and shown in the answer to the Admin API write that caused them.
+    pub warnings: Vec<(usize, String)>,
 }
 
 impl fmt::Debug for CertTable {
@@ -132,6 +136,7 @@ impl CertTable {
     pub fn build(
         ssls: &[Ssl],
         node: Option<&SslNodeConfig>,
+        keyring: &Keyring,
         errors: &mut Vec<ConfigError>,
     ) -> CertTable {
         let default_node = SslNodeConfig::default();
@@ -152,7 +157,11 @@ impl CertTable {
                 continue;
             }
             let before = errors.len();
-            let pairs = parse_pairs(ssl, &path, errors);
+            let pairs = parse_pairs(ssl, &path, keyring, errors);
+            for w in pairs.iter().filter_map(|p| validity_warning(&p.cert[0])) {
+                tracing::warn!("{path}.cert: {w}");
+                table.warnings.push((i, w));
+            }
             if ssl.status > 1 {
                 errors.push(ConfigError::new(
                     format!("{path}.status"),
@@ -297,9 +306,14 @@ fn check_name(name: &str) -> Result<(), &'static str> {
 
 /// Parses `cert`/`key` and the `certs`/`keys` pairs; ECDSA and EdDSA pairs go first (they are
 /// chosen when the client supports them).
-fn parse_pairs(ssl: &Ssl, path: &str, errors: &mut Vec<ConfigError>) -> Vec<Arc<CertifiedKey>> {
+fn parse_pairs(
+    ssl: &Ssl,
+    path: &str,
+    keyring: &Keyring,
+    errors: &mut Vec<ConfigError>,
+) -> Vec<Arc<CertifiedKey>> {
     let mut pairs = Vec::new();
-    match parse_pair(&ssl.cert, &ssl.key) {
+    match parse_pair(&ssl.cert, &ssl.key, keyring) {
         Ok(p) => pairs.push(p),
         Err((field, msg)) => errors.push(ConfigError::new(format!("{path}.{field}"), msg)),
     }
@@ -313,15 +327,12 @@ fn parse_pairs(ssl: &Ssl, path: &str, errors: &mut Vec<ConfigError>) -> Vec<Arc<
         return pairs;
     }
     for (j, (c, k)) in certs.iter().zip(keys).enumerate() {
-        match parse_pair(c, k) {
+        match parse_pair(c, k, keyring) {
             Ok(p) => pairs.push(p),
             Err((field, msg)) => {
                 errors.push(ConfigError::new(format!("{path}.{field}s[{j}]"), msg))
             }
         }
-    }
-    for p in &pairs {
-        warn_validity(&p.cert[0], path);
     }
     pairs.sort_by_key(|p| match p.key.algorithm() {
         SignatureAlgorithm::ECDSA | SignatureAlgorithm::ED25519 | SignatureAlgorithm::ED448 => 0,
@@ -344,9 +355,15 @@ pub fn parse_certs(pem: &str) -> Result<Vec<CertificateDer<'static>>, String> {
     Ok(certs)
 }
 
-/// A certificate chain and its key; the error names the field (`cert` or `key`).
-fn parse_pair(cert: &str, key: &str) -> Result<Arc<CertifiedKey>, (&'static str, String)> {
+/// A certificate chain and its key (PEM, or encrypted with `keyring`); the error names the
+/// field (`cert` or `key`).
+pub fn parse_pair(
+    cert: &str,
+    key: &str,
+    keyring: &Keyring,
+) -> Result<Arc<CertifiedKey>, (&'static str, String)> {
     let chain = parse_certs(cert).map_err(|m| ("cert", m))?;
+    let key = keyring.decrypt(key).map_err(|m| ("key", m))?;
     let der = PrivateKeyDer::from_pem_slice(key.as_bytes())
         .map_err(|e| ("key", format!("failed to parse key: {e}")))?;
     let signing = provider()
@@ -366,26 +383,26 @@ fn parse_pair(cert: &str, key: &str) -> Result<Arc<CertifiedKey>, (&'static str,
     Ok(Arc::new(ck))
 }
 
-/// Logs a warning for a certificate outside its validity period (it is still served, as
+/// What to say about a certificate outside its validity period (it is still served, as
 /// APISIX serves it; clients will refuse it).
-fn warn_validity(cert: &CertificateDer<'_>, path: &str) {
-    let Ok((_, parsed)) = x509_parser::parse_x509_certificate(cert) else {
-        return;
-    };
+fn validity_warning(cert: &CertificateDer<'_>) -> Option<String> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert).ok()?;
     let v = parsed.validity();
     let now = x509_parser::time::ASN1Time::now();
     if v.not_after < now {
-        tracing::warn!(
-            "{path}.cert: the certificate for {} expired on {}",
+        Some(format!(
+            "the certificate for {} expired on {}",
             parsed.subject(),
             v.not_after
-        );
+        ))
     } else if v.not_before > now {
-        tracing::warn!(
-            "{path}.cert: the certificate for {} is not valid before {}",
+        Some(format!(
+            "the certificate for {} is not valid before {}",
             parsed.subject(),
             v.not_before
-        );
+        ))
+    } else {
+        None
     }
 }
 

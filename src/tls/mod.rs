@@ -12,6 +12,7 @@
 mod certs;
 mod config;
 mod info;
+mod keyring;
 mod resource;
 pub mod stream;
 
@@ -24,6 +25,7 @@ use tokio::net::TcpStream;
 pub use certs::{normalize_name, parse_certs, CertTable, Served};
 pub use config::{Protocol, Protocols, SslListen, SslNodeConfig};
 pub use info::{plain_var, ClientCert, TlsInfo};
+pub use keyring::{DataEncryption, Keyring};
 pub use resource::{Ssl, SslClient, SslType};
 pub use stream::{HandshakeError, TlsStream};
 

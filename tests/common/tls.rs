@@ -230,6 +230,13 @@ pub fn peer_cn(conn: &TlsConn) -> String {
     cn
 }
 
+/// The serial number (hex) of the certificate the server presented.
+pub fn peer_serial(conn: &TlsConn) -> String {
+    let der = &conn.conn.peer_certificates().expect("server certificate")[0];
+    let (_, cert) = x509_parser::parse_x509_certificate(der).expect("parse server certificate");
+    cert.raw_serial_as_string()
+}
+
 /// A response read off a TLS connection.
 pub struct TlsResp {
     pub status: u16,
