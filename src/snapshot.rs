@@ -219,6 +219,9 @@ pub struct RouteEntry {
     pub conf_version: Arc<str>,
     /// The snapshot's consumers (shared by every route of it), for auth plugins.
     pub consumers: Arc<Consumers>,
+    /// The snapshot's upstreams by id (shared by every route of it), for a plugin that picks
+    /// one (`apisix.upstream.get_by_id`).
+    pub upstreams: Arc<HashMap<String, Arc<UpstreamEntry>>>,
 }
 
 /// One consumer as auth plugins see it: its fields and its plugin confs, each checked with the
@@ -292,6 +295,8 @@ pub struct Snapshot {
     /// The health state of every upstream with `checks` (their checkers run while this
     /// snapshot is the published one).
     pub health: Vec<Arc<UpstreamHealth>>,
+    /// Upstreams by id, for a plugin that picks one per request (`ctx.upstream_id`).
+    pub upstreams: Arc<HashMap<String, Arc<UpstreamEntry>>>,
 }
 
 impl Snapshot {
@@ -309,6 +314,7 @@ impl Snapshot {
             tls: Arc::new(crate::tls::CertTable::default()),
             doc: Arc::new(Document::default()),
             health: Vec::new(),
+            upstreams: Arc::new(HashMap::new()),
         }
     }
 }
@@ -351,6 +357,7 @@ pub fn build(
             ));
         }
     }
+    let upstreams = Arc::new(upstreams);
 
     // Services by id, with their plugin confs checked once here (whether or not a route uses
     // the service) and shared by the routes that name it.
@@ -619,6 +626,7 @@ pub fn build(
             conf_id: conf_id.into(),
             conf_version: conf_version.clone(),
             consumers: consumers.clone(),
+            upstreams: upstreams.clone(),
         }));
     }
 
@@ -653,6 +661,7 @@ pub fn build(
         tls,
         doc,
         health: health.into_values().collect(),
+        upstreams,
     })
 }
 

@@ -3017,3 +3017,43 @@ fn real_data_mask_hides_fields_from_loggers() {
     assert_eq!(logged["note"], "pin ####");
     assert!(!gw.logs().contains("not changeable"), "{}", gw.logs());
 }
+
+/// APISIX's own traffic-split (APISIX_SRC): a matching rule sends the request to a configured
+/// upstream by id; otherwise the weights split requests between an inline upstream and the
+/// route's own (t/plugin/traffic-split.t).
+#[test]
+fn real_traffic_split_routes_by_rule_and_weight() {
+    let Some(src) = std::env::var_os("APISIX_SRC") else {
+        eprintln!("APISIX_SRC is not set: skipping APISIX's traffic-split");
+        return;
+    };
+    let (tmp, dir) = stage_plugin(&PathBuf::from(src), "traffic-split");
+    let one = Upstream::text("one");
+    let two = Upstream::text("two");
+    let three = Upstream::text("three");
+    let yaml = format!(
+        "workers: 1\nplugin_dirs:\n  - \"{}\"\nupstreams:\n  - id: u2\n    nodes:\n      \"{}\": 1\nroutes:\n  - id: ts\n    uri: /ts\n    plugins:\n      traffic-split:\n        rules:\n          - match:\n              - vars: [[\"arg_name\", \"==\", \"jack\"]]\n            weighted_upstreams:\n              - {{upstream_id: u2, weight: 1}}\n          - weighted_upstreams:\n              - upstream:\n                  type: roundrobin\n                  nodes:\n                    \"{}\": 1\n                weight: 1\n              - weight: 1\n{}",
+        dir.display(),
+        two.node(),
+        three.node(),
+        upstream_yaml(&one)
+    );
+    let gw = Gateway::start_in(tmp.path(), &yaml);
+    for _ in 0..3 {
+        let r = Req::get(&gw.url("/ts?name=jack")).send();
+        assert_eq!((r.status, r.text().as_str()), (200, "two"), "{}", gw.logs());
+    }
+    let mut seen = std::collections::BTreeMap::new();
+    for _ in 0..10 {
+        let r = Req::get(&gw.url("/ts")).send();
+        assert_eq!(r.status, 200, "{}", gw.logs());
+        *seen.entry(r.text()).or_insert(0) += 1;
+    }
+    // Weights 1:1, picked by weighted round-robin: exactly half each.
+    assert_eq!(
+        seen,
+        [("one".to_string(), 5), ("three".to_string(), 5)].into(),
+        "{}",
+        gw.logs()
+    );
+}

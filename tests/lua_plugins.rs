@@ -933,3 +933,88 @@ return _M
         );
     }
 }
+
+/// A plugin picks the request's upstream, as APISIX's traffic-split does: `ctx.upstream_id`
+/// for a configured one, `apisix.upstream.set` for one it makes; otherwise the route's.
+#[test]
+fn a_plugin_picks_the_upstream_for_its_request() {
+    const SPLIT: &str = r#"
+local core = require("apisix.core")
+local upstream = require("apisix.upstream")
+local _M = { version = 0.1, priority = 966, name = "split", schema = { type = "object" } }
+function _M.access(conf, ctx)
+    local to = core.request.header(ctx, "x-to")
+    if to == "id" then
+        ctx.upstream_id = "u2"
+    elseif to == "missing" then
+        ctx.upstream_id = "nope"
+    elseif to == "made" or to == "bad" then
+        local up = { type = "roundrobin", scheme = "http",
+                     nodes = { { host = "127.0.0.1", port = tonumber(core.request.header(ctx, "x-port")),
+                                 weight = 1, domain = "ignored" } },
+                     parent = ctx.matched_route }
+        if to == "bad" then up.type = "nope" end
+        local ok, err = upstream.check_schema(up)
+        if not ok then
+            return 500, { error = err }
+        end
+        assert(upstream.set(ctx, "made#" .. up.nodes[1].port, ctx.conf_version, up))
+    elseif to == "cleared" then
+        ctx.upstream_id = "u2"
+        ctx.upstream_id = nil
+    end
+    ngx.header["x-chosen"] = tostring(ctx.upstream_id)
+    ngx.header["x-known"] = tostring(upstream.get_by_id("u2") ~= nil) .. "," ..
+                            tostring(upstream.get_by_id("nope") ~= nil)
+end
+return _M
+"#;
+    let one = Upstream::text("one");
+    let two = Upstream::text("two");
+    let three = Upstream::text("three");
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path().join("plugins");
+    std::fs::create_dir_all(&dir).expect("plugins dir");
+    std::fs::write(dir.join("split.lua"), SPLIT).expect("write plugin");
+    let yaml = format!(
+        "workers: 1\nplugin_dirs:\n  - plugins\nupstreams:\n  - id: u2\n    nodes:\n      \"{}\": 1\nroutes:\n  - id: s\n    uri: /s\n    plugins:\n      split: {{}}\n{}",
+        two.node(),
+        upstream_yaml(&one)
+    );
+    let gw = Gateway::start_in(tmp.path(), &yaml);
+    let get = |to: &str| {
+        Req::get(&gw.url("/s"))
+            .header("x-to", to)
+            .header("x-port", &three.addr().port().to_string())
+            .send()
+    };
+    let r = get("none");
+    assert_eq!((r.status, r.text().as_str()), (200, "one"));
+    assert_eq!(r.header("x-known").as_deref(), Some("true,false"));
+    let r = get("id");
+    assert_eq!((r.status, r.text().as_str()), (200, "two"));
+    assert_eq!(r.header("x-chosen").as_deref(), Some("u2"));
+    let r = get("cleared");
+    assert_eq!((r.status, r.text().as_str()), (200, "one"));
+    for _ in 0..3 {
+        let r = get("made");
+        assert_eq!(
+            (r.status, r.text().as_str()),
+            (200, "three"),
+            "{}",
+            gw.logs()
+        );
+    }
+    // The made upstream is built once and keeps its pooled connection.
+    assert_eq!(three.connections(), 1);
+    let r = get("bad");
+    assert_eq!(r.status, 500);
+    assert!(r.text().contains("type"), "{}", r.text());
+    let r = get("missing");
+    assert_eq!(r.status, 503);
+    assert!(
+        r.text().contains("failed to find upstream by id: nope"),
+        "{}",
+        r.text()
+    );
+}

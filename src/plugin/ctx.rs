@@ -36,6 +36,9 @@ pub struct Ctx {
     /// The copy of a streamed body the proxy keeps for the log phase (see
     /// [`Ctx::body_for_log`]).
     pub kept_body: Option<KeptBody>,
+    /// The upstream a plugin chose for this request instead of the route's (APISIX's
+    /// `ctx.upstream_id`, `apisix.upstream.set`).
+    pub upstream_choice: Option<UpstreamChoice>,
     pub remote_addr: SocketAddr,
     pub local_addr: SocketAddr,
     pub scheme: &'static str,
@@ -113,6 +116,19 @@ impl Hasher for IdHasher {
     }
 }
 
+/// An upstream a plugin chose for one request.
+#[derive(Debug, Clone)]
+pub enum UpstreamChoice {
+    /// One of the configured upstreams, by id.
+    Id(String),
+    /// An upstream the plugin made (`apisix.upstream.set`): its cache key (APISIX's
+    /// `upstream_key` and conf version) and its checked configuration.
+    Conf {
+        key: String,
+        conf: Box<crate::config::Upstream>,
+    },
+}
+
 impl Ctx {
     /// Whether nothing will see or change the response's headers (no plugin in effect with a
     /// response phase, none staged by an earlier phase): a response made from a peer's (the
@@ -156,6 +172,7 @@ impl Ctx {
             response_phases: true,
             body,
             kept_body: None,
+            upstream_choice: None,
             remote_addr,
             local_addr,
             scheme,

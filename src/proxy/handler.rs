@@ -219,7 +219,19 @@ async fn proxy(
     mut ctx: Box<Ctx>,
     conn_values: Rc<ConnValues>,
 ) -> Response<GatewayBody> {
-    let Some(upstream) = route.upstream.clone() else {
+    // A plugin's choice (traffic-split) replaces the route's upstream for this request.
+    let chosen = match ctx.upstream_choice.take() {
+        None => route.upstream.clone(),
+        Some(choice) => match super::chosen::resolve(&snap, &route.id, &choice) {
+            Ok(u) => Some(u),
+            Err(msg) => {
+                tracing::error!(route = %route.id, "{msg}");
+                let r = LocalResponse::error(StatusCode::SERVICE_UNAVAILABLE, &msg);
+                return respond_local(ctx, snap, r, &env.node);
+            }
+        },
+    };
+    let Some(upstream) = chosen else {
         tracing::error!(route = %route.id, "missing upstream configuration in Route or Service");
         let r = LocalResponse::error(
             StatusCode::SERVICE_UNAVAILABLE,

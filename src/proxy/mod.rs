@@ -5,6 +5,7 @@
 //! pool and (lazily) its own Lua VM, like nginx workers. Nothing on the request path takes a
 //! lock; the only shared state is the snapshot pointer.
 
+mod chosen;
 pub mod client;
 mod consumer;
 mod grpc;

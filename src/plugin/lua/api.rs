@@ -162,6 +162,7 @@ pub fn install(lua: &Lua, settings: &Settings) -> mlua::Result<()> {
     install_internal(lua, &mg)?;
     super::re::install(lua, &ngx, &mg)?;
     install_consumers(lua, &mg)?;
+    super::upstream::install(lua, &mg)?;
     install_plugin_metadata(lua, &mg)?;
     install_require(lua, settings)?;
 

@@ -173,6 +173,10 @@ pub const MODULES: &[(&str, &str)] = &[
     ),
     ("xml2lua", include_str!("../../../lua/xml2lua.lua")),
     ("net.url", include_str!("../../../lua/net/url.lua")),
+    (
+        "apisix.upstream",
+        include_str!("../../../lua/apisix/upstream.lua"),
+    ),
     ("multipart", include_str!("../../../lua/multipart.lua")),
     ("jsonpath", include_str!("../../../lua/jsonpath.lua")),
     (

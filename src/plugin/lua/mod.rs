@@ -26,6 +26,7 @@ pub mod runtime;
 mod semaphore;
 pub mod shared_dict;
 pub mod timer;
+mod upstream;
 mod watchdog;
 mod xml;
 

@@ -68,8 +68,19 @@ local LAZY = {
     curr_req_matched = true, matched_params = true, ngx_ctx = true,
 }
 local CONF_FIELD = { conf_type = true, conf_id = true, conf_version = true }
+local upstream_id_get, upstream_id_set = mg.upstream_id_get, mg.upstream_id_set
 mg.CTX_MT = {
+    -- `ctx.upstream_id` is the gateway's: a plugin that sets it picks the request's upstream.
+    __newindex = function(t, k, v)
+        if k == "upstream_id" then
+            return upstream_id_set(v ~= nil and tostring(v) or nil)
+        end
+        rawset(t, k, v)
+    end,
     __index = function(t, k)
+        if k == "upstream_id" then
+            return upstream_id_get()
+        end
         if k == "var" then
             local v = setmetatable({}, VAR_MT)
             rawset(t, "var", v)
