@@ -184,15 +184,20 @@ impl UpstreamEntry {
         }
     }
 
-    /// How many nodes a request may try: the first and its retries (APISIX: `retries`,
-    /// default nodes - 1), at most the nodes with a weight.
+    /// How many tries a request may make: the first and its retries (APISIX: `retries`,
+    /// default nodes - 1), at most the nodes with a weight, except that a single node may be
+    /// tried again as often as `retries` says (as APISIX does).
     pub fn attempts(&self) -> usize {
         let live = self.balancer.live();
         let retries = match self.config.retries {
             Some(r) => r as usize,
             None => live.saturating_sub(1),
         };
-        (retries + 1).min(live.max(1))
+        if live <= 1 {
+            retries + 1
+        } else {
+            (retries + 1).min(live)
+        }
     }
 }
 

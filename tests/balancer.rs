@@ -328,3 +328,50 @@ fn chash_on_consumer_hashes_the_consumer_name() {
     }
     assert_eq!(used.len(), 3, "{used:?}");
 }
+
+/// A node on 127.0.0.1 that closes its first connection after reading the request head and
+/// answers `200 ok` on the later ones; how many connections it took.
+fn closes_first_connection() -> (String, Arc<AtomicU64>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr").to_string();
+    let conns = Arc::new(AtomicU64::new(0));
+    let seen = conns.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(10) {
+            let Ok(mut s) = stream else { continue };
+            let n = seen.fetch_add(1, Ordering::SeqCst);
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(k) => head.extend_from_slice(&buf[..k]),
+                }
+            }
+            if n > 0 {
+                let _ = s.write_all(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
+                );
+            }
+        }
+    });
+    (addr, conns)
+}
+
+#[test]
+fn a_single_node_is_retried_itself_when_retries_allow() {
+    let (node, conns) = closes_first_connection();
+    let cfg = |extra: &str| {
+        format!("routes:\n  - id: r1\n    uri: /x\n    upstream:\n{extra}      nodes:\n        \"{node}\": 1\n")
+    };
+    let gw = Gateway::start(&cfg("      retries: 1\n"));
+    assert_eq!(LoadClient::new(gw.addr()).get("/x"), Ok((200, "ok".into())));
+    assert_eq!(conns.load(Ordering::SeqCst), 2);
+    drop(gw);
+    // One node: no retry by default.
+    let (node2, conns2) = closes_first_connection();
+    let gw = Gateway::start(&cfg("").replace(&node, &node2));
+    assert_eq!(LoadClient::new(gw.addr()).get("/x").map(|r| r.0), Ok(502));
+    assert_eq!(conns2.load(Ordering::SeqCst), 1);
+}

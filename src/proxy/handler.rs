@@ -440,8 +440,12 @@ async fn proxy(
             tracing::error!(route = %route.id, "proxy retry timeout, retry count: {}", tries - 1);
             break Err(StatusCode::BAD_GATEWAY);
         }
-        let Some(next) = upstream.balancer.next(&mut sel, health) else {
-            break Err(status);
+        // The only node is retried itself (APISIX: "with a single node the retry has to land
+        // on it again").
+        let next = match upstream.balancer.next(&mut sel, health) {
+            Some(n) => n,
+            None if upstream.balancer.live() == 1 => node_idx,
+            None => break Err(status),
         };
         node_idx = next;
         tries += 1;
