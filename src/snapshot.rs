@@ -1167,12 +1167,23 @@ pub struct Gateway {
     published: tokio::sync::watch::Sender<u64>,
 }
 
+/// The resources of the published snapshot and its generation, for code that has no request
+/// at hand (plugins' timers reading `apisix.http.service`).
+static PUBLISHED_DOC: arc_swap::ArcSwapOption<(u64, Arc<Document>)> =
+    arc_swap::ArcSwapOption::const_empty();
+
+/// The published snapshot's resources and generation.
+pub fn published_doc() -> Option<Arc<(u64, Arc<Document>)>> {
+    PUBLISHED_DOC.load_full()
+}
+
 impl Gateway {
     pub fn new(initial: Snapshot) -> Self {
         let next = initial.generation + 1;
         let initial_generation = initial.generation;
         crate::plugin::metadata::publish(initial.plugin_metadata.clone());
         crate::health::registry().publish(&initial.health);
+        PUBLISHED_DOC.store(Some(Arc::new((initial.generation, initial.doc.clone()))));
         Gateway {
             current: ArcSwap::from_pointee(initial),
             next_generation: AtomicU64::new(next),
@@ -1204,6 +1215,7 @@ impl Gateway {
         *self.last_failure.lock().unwrap_or_else(|e| e.into_inner()) = None;
         crate::plugin::metadata::publish(snapshot.plugin_metadata.clone());
         crate::health::registry().publish(&snapshot.health);
+        PUBLISHED_DOC.store(Some(Arc::new((snapshot.generation, snapshot.doc.clone()))));
         let generation = snapshot.generation;
         let old = self.current.swap(Arc::new(snapshot));
         self.published.send_replace(generation);

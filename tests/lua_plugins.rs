@@ -1018,3 +1018,44 @@ return _M
         r.text()
     );
 }
+
+/// `apisix.http.service` reads the configured services (datadog's service names, opa's
+/// `with_service`), in a request and in a timer alike.
+#[test]
+fn plugins_read_services_by_id() {
+    const SVC: &str = r#"
+local service = require("apisix.http.service")
+local _M = { version = 0.1, priority = 7, name = "svc", schema = { type = "object" } }
+function _M.access(conf, ctx)
+    local s = service.get(ctx.service_id)
+    local list, version = service.services()
+    local from_timer
+    ngx.timer.at(0, function() from_timer = service.get("s1").value.name end)
+    ngx.sleep(0.01)
+    return 200, { name = s and s.value.name, key = s and s.key, count = #list,
+                  versioned = type(version) == "number", missing = service.get("nope") == nil,
+                  from_timer = from_timer }
+end
+return _M
+"#;
+    let up = Upstream::echo();
+    let yaml = format!(
+        "services:\n  - id: s1\n    name: billing\n  - id: s2\n    name: other\nroutes:\n  - id: r\n    uri: /svc\n    service_id: s1\n    plugins:\n      svc: {{}}\n{}",
+        upstream_yaml(&up)
+    );
+    let tmp = tempfile::tempdir().expect("temp dir");
+    std::fs::create_dir_all(tmp.path().join("plugins")).expect("plugins");
+    std::fs::write(tmp.path().join("plugins/svc.lua"), SVC).expect("plugin");
+    let gw = Gateway::start_in(
+        tmp.path(),
+        &format!("workers: 1\nplugin_dirs:\n  - plugins\n{yaml}"),
+    );
+    let r = Req::get(&gw.url("/svc")).send();
+    assert_eq!(r.status, 200, "{}", gw.logs());
+    let v: Value = serde_json::from_str(&r.text()).expect("json");
+    assert_eq!(
+        v,
+        json!({"name": "billing", "key": "/apisix/services/s1", "count": 2, "versioned": true,
+               "missing": true, "from_timer": "billing"})
+    );
+}

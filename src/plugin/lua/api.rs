@@ -163,6 +163,7 @@ pub fn install(lua: &Lua, settings: &Settings) -> mlua::Result<()> {
     super::re::install(lua, &ngx, &mg)?;
     install_consumers(lua, &mg)?;
     super::upstream::install(lua, &mg)?;
+    super::resources::install(lua, &mg)?;
     install_plugin_metadata(lua, &mg)?;
     install_require(lua, settings)?;
 

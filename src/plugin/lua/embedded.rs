@@ -174,6 +174,10 @@ pub const MODULES: &[(&str, &str)] = &[
     ("xml2lua", include_str!("../../../lua/xml2lua.lua")),
     ("net.url", include_str!("../../../lua/net/url.lua")),
     (
+        "apisix.http.service",
+        include_str!("../../../lua/apisix/http/service.lua"),
+    ),
+    (
         "apisix.upstream",
         include_str!("../../../lua/apisix/upstream.lua"),
     ),

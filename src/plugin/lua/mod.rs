@@ -22,6 +22,7 @@ mod fast;
 mod pkey;
 mod prelude;
 mod re;
+mod resources;
 pub mod runtime;
 mod semaphore;
 pub mod shared_dict;
