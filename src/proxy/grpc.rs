@@ -39,14 +39,15 @@ pub(super) async fn proxy(
 ) -> Response<GatewayBody> {
     let cfg = &upstream.config;
     let mut last_err: Option<ClientError> = None;
-    let mut picked: Option<(Sender, usize)> = None;
+    let mut picked: Option<(Sender, usize, std::time::Instant)> = None;
     for idx in nodes {
         let nt = &upstream.targets[idx];
+        let started = std::time::Instant::now();
         match h2c::connect(&nt.target, secs(timeout.connect)).await {
             Ok(s) => {
                 ctx.upstream_addr = Some(nt.addr.clone());
                 ctx.upstream_load = upstream.balancer.start_try(idx);
-                picked = Some((s, idx));
+                picked = Some((s, idx, started));
                 break;
             }
             Err(e) => {
@@ -55,7 +56,7 @@ pub(super) async fn proxy(
             }
         }
     }
-    let Some((sender, idx)) = picked else {
+    let Some((sender, idx, started)) = picked else {
         let status = match &last_err {
             Some(e) if e.is_timeout() => StatusCode::GATEWAY_TIMEOUT,
             _ => StatusCode::BAD_GATEWAY,
@@ -120,6 +121,7 @@ pub(super) async fn proxy(
         }
     };
     ctx.upstream_status = Some(res.status.as_u16());
+    upstream.balancer.observe(idx, started.elapsed());
     let mut head = ResponseHead {
         status: res.status,
         headers: res.headers,
