@@ -16,6 +16,10 @@ local core = require("apisix.core")
 local consumer_mod = require("apisix.consumer")
 local _M = { version = 0.1, priority = 2600, type = "auth", name = "token-auth",
              schema = { type = "object" } }
+-- A Lua-registered variable, used as an extra metrics label.
+core.ctx.register_var("tier", function(ctx)
+    return ctx.consumer_name and "paid" or "free"
+end)
 function _M.check_schema(conf, schema_type)
     if schema_type == core.schema.TYPE_CONSUMER then
         return core.schema.check({ type = "object", properties = { token = { type = "string" } },
@@ -38,7 +42,7 @@ fn config(up: &Upstream) -> String {
     let node = up.node();
     format!(
         "workers: 2\n\
-plugin_attr:\n  prometheus:\n    export_addr: {{ip: 127.0.0.1, port: 0}}\n    metrics:\n      http_status:\n        extra_labels:\n          - method: $request_method\n\
+plugin_attr:\n  prometheus:\n    export_addr: {{ip: 127.0.0.1, port: 0}}\n    metrics:\n      http_status:\n        extra_labels:\n          - method: $request_method\n          - tier: $tier\n\
 global_rules:\n  - id: g\n    plugins:\n      prometheus: {{}}\n\
 services:\n  - id: s1\n    name: shop\n    upstream:\n      nodes:\n        \"{node}\": 1\n\
 routes:\n\
@@ -117,6 +121,12 @@ fn a_scrape_after_known_traffic_counts_it_exactly() {
         5.0
     );
     assert_eq!(status(&[("code", "200"), ("route", "r1")]), 0.0);
+    // The Lua-registered label, on the route whose plugin registers it: paid with a consumer,
+    // free without.
+    assert_eq!(
+        status(&[("code", "401"), ("route", "r2"), ("tier", "free")]),
+        1.0
+    );
     // No route: the global rule records it with empty route labels.
     assert_eq!(
         status(&[
@@ -135,6 +145,7 @@ fn a_scrape_after_known_traffic_counts_it_exactly() {
                 ("matched_uri", uri),
                 ("matched_host", "*.example.com"),
                 ("consumer", "jack"),
+                ("tier", "paid"),
             ]),
             1.0,
             "{uri}"

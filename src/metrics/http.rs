@@ -58,6 +58,25 @@ fn extras<'a>(labels: &[ExtraLabel], ctx: &'a Ctx, out: &mut Vec<Cow<'a, str>>) 
     }
 }
 
+/// Computes the extra labels' variables that Lua plugins registered (`core.ctx.register_var`)
+/// and keeps them in `ctx.vars`, where [`record`] reads them: they run Lua, which needs the
+/// request mutably. Nothing to do without extra labels.
+pub fn resolve_registered(ctx: &mut Ctx) {
+    let settings = super::settings();
+    let labels = settings
+        .status_labels
+        .iter()
+        .chain(&settings.latency_labels)
+        .chain(&settings.bandwidth_labels);
+    for l in labels {
+        if ctx.var(&l.var).is_none() {
+            if let Some(v) = crate::plugin::lua::runtime::registered_var(ctx, &l.var) {
+                ctx.vars.insert(l.var.clone(), v);
+            }
+        }
+    }
+}
+
 /// Records `ctx` (at its log phase). `prefer_name`: label routes and services by name when
 /// they have one.
 pub fn record(ctx: &Ctx, prefer_name: bool) {

@@ -97,6 +97,7 @@ impl Plugin for Prometheus {
         if global && route_has_own(ctx) {
             return;
         }
+        crate::metrics::http::resolve_registered(ctx);
         crate::metrics::http::record(ctx, prefer_name);
     }
 }
