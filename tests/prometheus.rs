@@ -117,6 +117,7 @@ fn a_scrape_after_known_traffic_counts_it_exactly() {
             ("consumer", ""),
             ("node", "127.0.0.1"),
             ("method", "GET"),
+            ("tier", "free"),
         ]),
         5.0
     );

@@ -359,6 +359,12 @@ pub trait Plugin: Send + Sync + 'static {
         }
     }
 
+    /// Called on each worker when a configuration holding this plugin starts serving there,
+    /// before its requests need it: APISIX loads every plugin in every worker at start, so a
+    /// Lua plugin's module body and `init()` run then (its timers start, its variables are
+    /// registered). The default does nothing.
+    fn worker_start(&self) {}
+
     /// The phases this plugin implements.
     fn phases(&self) -> PhaseSet;
 

@@ -152,6 +152,9 @@ fn worker_main(
             node: node.clone(),
             worker_id: id,
         });
+        // Every plugin of each configuration is loaded on this worker as it arrives, as
+        // APISIX's workers load theirs at start (Lua module bodies and `init()` run here).
+        tokio::task::spawn_local(start_plugins(env.gw.clone()));
         // Readiness (`/status/ready`): this worker's loop takes up each generation.
         tokio::task::spawn_local(crate::status::follow(id, env.gw.clone()));
         let active = Rc::new(Cell::new(0usize));
@@ -197,6 +200,22 @@ fn worker_main(
         }
         crate::plugin::lua::timer::drain(deadline.into()).await;
     });
+}
+
+/// Runs on a worker's event loop for its whole life: each published configuration's plugins
+/// get [`Plugin::worker_start`](crate::plugin::Plugin::worker_start) on this worker.
+async fn start_plugins(gw: Arc<Gateway>) {
+    let mut rx = gw.subscribe();
+    loop {
+        rx.borrow_and_update();
+        let snap = gw.load_full();
+        for p in snap.registry.iter() {
+            p.worker_start();
+        }
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 async fn accept_loop(

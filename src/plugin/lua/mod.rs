@@ -358,6 +358,10 @@ impl Plugin for LuaPlugin {
         &self.name
     }
 
+    fn worker_start(&self) {
+        runtime::warm(self);
+    }
+
     fn source_digest(&self) -> Option<u64> {
         Some(crate::config::text_hash(&self.source))
     }

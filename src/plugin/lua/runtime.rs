@@ -963,6 +963,15 @@ pub(crate) fn current_runtime() -> Option<Rc<LuaRuntime>> {
     RUNTIME.with(|r| r.borrow().clone())
 }
 
+/// Loads `p`'s module (and runs its `init()`) in this worker's VM now, as a worker starting
+/// with the configuration does; a failure is logged and left for the first request to meet.
+pub(crate) fn warm(p: &LuaPlugin) {
+    let loaded = runtime(&p.settings).and_then(|rt| rt.module(p));
+    if let Err(e) = loaded {
+        tracing::error!(plugin = %p.name, "failed to load plugin: {}", one_line(&e.to_string()));
+    }
+}
+
 /// This thread's runtime, created on first use.
 pub(crate) fn runtime(settings: &Settings) -> mlua::Result<Rc<LuaRuntime>> {
     RUNTIME.with(|r| {
