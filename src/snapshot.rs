@@ -1182,6 +1182,7 @@ impl Gateway {
         let next = initial.generation + 1;
         let initial_generation = initial.generation;
         crate::plugin::metadata::publish(initial.plugin_metadata.clone());
+        crate::plugin::local_conf::publish(&initial.doc.node);
         crate::health::registry().publish(&initial.health);
         PUBLISHED_DOC.store(Some(Arc::new((initial.generation, initial.doc.clone()))));
         Gateway {
@@ -1214,6 +1215,7 @@ impl Gateway {
             .fetch_max(snapshot.generation + 1, Ordering::Relaxed);
         *self.last_failure.lock().unwrap_or_else(|e| e.into_inner()) = None;
         crate::plugin::metadata::publish(snapshot.plugin_metadata.clone());
+        crate::plugin::local_conf::publish(&snapshot.doc.node);
         crate::health::registry().publish(&snapshot.health);
         PUBLISHED_DOC.store(Some(Arc::new((snapshot.generation, snapshot.doc.clone()))));
         let generation = snapshot.generation;

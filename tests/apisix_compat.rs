@@ -3057,3 +3057,56 @@ fn real_traffic_split_routes_by_rule_and_weight() {
         gw.logs()
     );
 }
+
+/// APISIX's own redirect (APISIX_SRC): `http_to_https` sends a plain request to the TLS
+/// listener's real port, read from `apisix.ssl.listen` in `core.config.local_conf()`; with
+/// `plugin_attr.redirect.https_port` that port wins. Over TLS the request passes.
+#[test]
+fn real_redirect_http_to_https_uses_the_tls_port() {
+    use common::tls::*;
+    let Some(src) = std::env::var_os("APISIX_SRC") else {
+        eprintln!("APISIX_SRC is not set: skipping APISIX's redirect with http_to_https");
+        return;
+    };
+    let redirect = std::fs::read_to_string(PathBuf::from(src).join("apisix/plugins/redirect.lua"))
+        .expect("redirect.lua");
+    let pki = Pki::new("redirect CA");
+    let a = pki.server(&["a.test"], "a");
+    let up = Upstream::echo();
+    let yaml = |attr: &str| {
+        format!(
+            "workers: 1\n{attr}ssl:\n  listen: [{{ip: 127.0.0.1, port: 0}}]\nssls:\n  - id: a\n    snis: [a.test]\n    cert: |\n{}    key: |\n{}routes:\n  - id: r\n    uri: /r\n    plugins:\n      redirect: {{http_to_https: true}}\n    upstream:\n      nodes:\n        \"{}\": 1\n",
+            yaml_block(&a.cert, 6),
+            yaml_block(&a.key, 6),
+            up.node()
+        )
+    };
+    let gw = Gateway::start_with_plugins(&[("redirect", redirect.as_str())], &yaml(""));
+    let tls_port = https_addrs(&gw)[0].port();
+    let r = Req::get(&gw.url("/r?q=1")).header("host", "a.test").send();
+    assert_eq!(r.status, 301, "{}\n{}", r.text(), gw.logs());
+    assert_eq!(
+        r.header("location").as_deref(),
+        Some(format!("https://a.test:{tls_port}/r?q=1").as_str())
+    );
+    let r = Req::post(&gw.url("/r")).header("host", "a.test").send();
+    assert_eq!(r.status, 308);
+    let mut conn = tls_connect(
+        ([127, 0, 0, 1], tls_port).into(),
+        &ClientOpts::new(&pki.ca_pem, "a.test"),
+    )
+    .expect("connect to the TLS port");
+    let r = tls_get(&mut conn, "a.test", "/r?q=1").expect("GET over TLS");
+    assert_eq!(r.status, 200, "{}", r.body);
+    drop(gw);
+
+    let gw = Gateway::start_with_plugins(
+        &[("redirect", redirect.as_str())],
+        &yaml("plugin_attr:\n  redirect: {https_port: 8443}\n"),
+    );
+    let r = Req::get(&gw.url("/r")).header("host", "a.test").send();
+    assert_eq!(
+        r.header("location").as_deref(),
+        Some("https://a.test:8443/r")
+    );
+}

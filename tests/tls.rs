@@ -518,3 +518,62 @@ fn ssls_through_the_admin_api() {
     let r = tls_get(&mut kept, "a.test", "/echo").expect("old connection after the DELETE");
     assert_eq!(r.status, 200);
 }
+
+/// A plugin of our own that reads the node config as APISIX plugins do, and redirects plain
+/// requests to the TLS listener it finds there (what APISIX's `redirect` does with
+/// `http_to_https`).
+const NODE_CONF: &str = r#"
+local core = require("apisix.core")
+local plugin = require("apisix.plugin")
+local _M = { version = 0.1, priority = 0, name = "node-conf", schema = { type = "object" } }
+function _M.access(conf, ctx)
+    local lc = core.config.local_conf()
+    local ssl = lc.apisix.ssl
+    local port = ssl.listen[1].port
+    if ctx.var.scheme ~= "https" then
+        core.response.set_header("Location",
+            "https://" .. ctx.var.host .. ":" .. port .. ctx.var.request_uri)
+        return 301
+    end
+    return 200, {
+        ssl_enable = ssl.enable, ssl_port = port, server_port = tonumber(ctx.var.server_port),
+        node_port = lc.apisix.node_listen[1].port, attr = plugin.plugin_attr("node-conf"),
+    }
+end
+return _M
+"#;
+
+#[test]
+fn lua_plugins_see_the_node_config_with_bound_ports() {
+    let pki = Pki::new("conf CA");
+    let a = pki.server(&["a.test"], "a");
+    let gw = Gateway::start_with_plugins(
+        &[("node-conf", NODE_CONF)],
+        &format!(
+            "workers: 1\nplugin_attr:\n  node-conf: {{answer: 42}}\nssl:\n  listen: [{{ip: 127.0.0.1, port: 0}}]\nssls:\n{}routes:\n  - id: c\n    uri: /conf\n    plugins:\n      node-conf: {{}}\n",
+            ssl_item("a", &["a.test"], &a, "")
+        ),
+    );
+    let tls_port = https_addrs(&gw)[0].port();
+    let r = Req::get(&gw.url("/conf?x=1"))
+        .header("host", "a.test")
+        .send();
+    assert_eq!(r.status, 301, "{}", r.text());
+    let location = r.header("location").expect("Location");
+    assert_eq!(location, format!("https://a.test:{tls_port}/conf?x=1"));
+
+    // Following it reaches the TLS listener, where the plugin sees the same table.
+    let mut conn = tls_connect(
+        ([127, 0, 0, 1], tls_port).into(),
+        &ClientOpts::new(&pki.ca_pem, "a.test"),
+    )
+    .expect("connect to the TLS port");
+    let r = tls_get(&mut conn, "a.test", "/conf?x=1").expect("GET over TLS");
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = json(&r.body);
+    assert_eq!(v["ssl_enable"], true);
+    assert_eq!(v["ssl_port"], tls_port);
+    assert_eq!(v["server_port"], tls_port);
+    assert_eq!(v["node_port"], gw.addr().port());
+    assert_eq!(v["attr"]["answer"], 42);
+}

@@ -9,6 +9,7 @@ pub mod chain;
 pub mod ctx;
 pub mod expr;
 pub mod import;
+pub mod local_conf;
 pub mod lua;
 pub mod metadata;
 pub mod schema;

@@ -103,6 +103,16 @@ pub fn bind_all(
             per_worker[i % workers].push((sock, spec));
         }
     }
+    crate::plugin::local_conf::note_listeners(
+        bound
+            .iter()
+            .map(|(spec, addr)| crate::plugin::local_conf::BoundListener {
+                addr: *addr,
+                tls: spec.tls,
+                http2: spec.http2,
+            })
+            .collect(),
+    );
     Ok((per_worker, bound))
 }
 

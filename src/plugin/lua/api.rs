@@ -165,6 +165,7 @@ pub fn install(lua: &Lua, settings: &Settings) -> mlua::Result<()> {
     super::upstream::install(lua, &mg)?;
     super::resources::install(lua, &mg)?;
     install_plugin_metadata(lua, &mg)?;
+    install_local_conf(lua, &mg)?;
     install_require(lua, settings)?;
 
     g.set("ngx", &ngx)?;
@@ -1664,6 +1665,24 @@ fn install_plugin_metadata(lua: &Lua, mg: &Table) -> mlua::Result<()> {
                 None => Ok((Value::Nil, Value::Nil)),
             },
         )?,
+    )?;
+    Ok(())
+}
+
+/// `__moongate.local_conf_version()` and `__moongate.local_conf()`: the node config in
+/// APISIX's `local_conf` shape (see `plugin::local_conf`); `apisix.core.config_local` converts
+/// it once per version in each VM.
+fn install_local_conf(lua: &Lua, mg: &Table) -> mlua::Result<()> {
+    mg.set(
+        "local_conf_version",
+        lua.create_function(|_, ()| Ok(crate::plugin::local_conf::version()))?,
+    )?;
+    mg.set(
+        "local_conf",
+        lua.create_function(|lua, ()| match crate::plugin::local_conf::current() {
+            Some(c) => convert::json_to_lua(lua, &c.value),
+            None => Ok(Value::Nil),
+        })?,
     )?;
     Ok(())
 }
