@@ -558,7 +558,7 @@ fn import_plugins(apisix: &Path, names: &[String], to: &Path) -> ExitCode {
         println!("{name}: skipped: {why}");
     }
     println!(
-        "imported {} plugin(s) into {}; third-party Lua libraries (net.url, resty.session, ...) are installed with luarocks, as for APISIX (docs/compatibility.md)",
+        "imported {} plugin(s) into {}; third-party Lua libraries (resty.session, resty.openidc, ...) are installed with luarocks, as for APISIX (docs/compatibility.md)",
         report.imported.len(),
         to.display()
     );
