@@ -19,6 +19,7 @@ pub mod health;
 pub mod host;
 pub mod http1;
 pub mod http2;
+pub mod local_api;
 pub mod metrics;
 pub mod plugin;
 pub mod plugins;

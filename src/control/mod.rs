@@ -3,15 +3,12 @@
 //! show it, read from the current snapshot. Served on the control runtime; no key (it listens
 //! on loopback by default, as in APISIX).
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::{json, Value};
 
 use crate::health::UpstreamHealth;
@@ -21,48 +18,15 @@ use crate::supervisor::BoundListener;
 /// The role of the control API's listener in a [`crate::supervisor::ListenerSet`].
 pub const ROLE: &str = "control";
 
-/// Serves the control API on `listener` (on `rt`). Prints `control API listening at
+/// Serves the control API on `listener` (on `rt`). Logs `control API listening at
 /// http://ADDR`.
 pub fn start(
     listener: BoundListener,
     gw: Arc<Gateway>,
     rt: &tokio::runtime::Handle,
 ) -> std::io::Result<SocketAddr> {
-    let addr = listener.local;
-    for std_listener in listener.sockets {
-        let l = {
-            let _enter = rt.enter();
-            tokio::net::TcpListener::from_std(std_listener)?
-        };
-        rt.spawn(accept_loop(l, gw.clone()));
-    }
-    tracing::info!("control API listening at http://{addr}");
-    Ok(addr)
-}
-
-async fn accept_loop(listener: tokio::net::TcpListener, gw: Arc<Gateway>) {
-    loop {
-        let stream = match listener.accept().await {
-            Ok((s, _)) => s,
-            Err(e) => {
-                tracing::warn!("control API accept failed: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let gw = gw.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |req| {
-                let snap = gw.load_full();
-                async move { Ok::<_, Infallible>(respond(&req, &snap)) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(std::time::Duration::from_secs(30))
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
-    }
+    let handler = Arc::new(move |req: &Request<_>| respond(req, &gw.load_full()));
+    crate::local_api::serve("control API", listener, rt, handler)
 }
 
 fn respond<B>(req: &Request<B>, snap: &Snapshot) -> Response<Full<Bytes>> {

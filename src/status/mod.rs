@@ -4,7 +4,6 @@
 //! watch is connected, else 503 with the reason. For load balancers' health probes. Served on
 //! the control runtime; no key (loopback by default).
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -12,8 +11,6 @@ use std::sync::{Arc, OnceLock};
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -112,7 +109,7 @@ pub fn not_ready(gw: &Gateway, store: Option<&dyn ResourceStore>) -> Option<Stri
     None
 }
 
-/// Serves the status API on `listener` (on `rt`). Prints `status API listening at
+/// Serves the status API on `listener` (on `rt`). Logs `status API listening at
 /// http://ADDR`.
 pub fn start(
     listener: BoundListener,
@@ -120,45 +117,8 @@ pub fn start(
     store: Option<Arc<dyn ResourceStore>>,
     rt: &tokio::runtime::Handle,
 ) -> std::io::Result<SocketAddr> {
-    let addr = listener.local;
-    for std_listener in listener.sockets {
-        let l = {
-            let _enter = rt.enter();
-            tokio::net::TcpListener::from_std(std_listener)?
-        };
-        rt.spawn(accept_loop(l, gw.clone(), store.clone()));
-    }
-    tracing::info!("status API listening at http://{addr}");
-    Ok(addr)
-}
-
-async fn accept_loop(
-    listener: tokio::net::TcpListener,
-    gw: Arc<Gateway>,
-    store: Option<Arc<dyn ResourceStore>>,
-) {
-    loop {
-        let stream = match listener.accept().await {
-            Ok((s, _)) => s,
-            Err(e) => {
-                tracing::warn!("status API accept failed: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let (gw, store) = (gw.clone(), store.clone());
-        tokio::spawn(async move {
-            let service = service_fn(move |req| {
-                let r = respond(&req, &gw, store.as_deref());
-                async move { Ok::<_, Infallible>(r) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(std::time::Duration::from_secs(30))
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
-    }
+    let handler = Arc::new(move |req: &Request<_>| respond(req, &gw, store.as_deref()));
+    crate::local_api::serve("status API", listener, rt, handler)
 }
 
 fn respond<B>(
