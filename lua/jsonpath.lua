@@ -603,30 +603,27 @@ function M.nodes(obj, expr, count)
     return nodes
 end
 
---- The matching values.
-function M.query(obj, expr, count)
+-- One field (`value` or `path`) of each matching node.
+local function nodes_field(obj, expr, count, field)
     local nodes, err = M.nodes(obj, expr, count)
     if not nodes then
         return nil, err
     end
     local out = {}
     for i, n in ipairs(nodes) do
-        out[i] = n.value
+        out[i] = n[field]
     end
     return out
 end
 
+--- The matching values.
+function M.query(obj, expr, count)
+    return nodes_field(obj, expr, count, "value")
+end
+
 --- The matching paths.
 function M.paths(obj, expr, count)
-    local nodes, err = M.nodes(obj, expr, count)
-    if not nodes then
-        return nil, err
-    end
-    local out = {}
-    for i, n in ipairs(nodes) do
-        out[i] = n.path
-    end
-    return out
+    return nodes_field(obj, expr, count, "path")
 end
 
 --- The first matching value, or nil.
