@@ -269,30 +269,6 @@ fn bad_hash_on_and_key_are_refused_with_the_field_path() {
     assert_eq!(code, 0, "{out}");
 }
 
-/// An auth plugin that attaches the consumer whose `token` the `X-Token` header carries.
-const TOKEN_AUTH: &str = r#"
-local core = require("apisix.core")
-local consumer_mod = require("apisix.consumer")
-local _M = { version = 0.1, priority = 2600, type = "auth", name = "token-auth",
-             schema = { type = "object" } }
-function _M.check_schema(conf, schema_type)
-    if schema_type == core.schema.TYPE_CONSUMER then
-        return core.schema.check({ type = "object", properties = { token = { type = "string" } },
-                                   required = { "token" } }, conf)
-    end
-    return core.schema.check(_M.schema, conf)
-end
-function _M.rewrite(conf, ctx)
-    local token = core.request.header(ctx, "X-Token")
-    local consumer, consumer_conf = consumer_mod.find_consumer("token-auth", "token", token or "")
-    if not consumer then
-        return 401, { message = "Invalid token" }
-    end
-    consumer_mod.attach_consumer(ctx, consumer, consumer_conf)
-end
-return _M
-"#;
-
 #[test]
 fn chash_on_consumer_hashes_the_consumer_name() {
     let nodes: Vec<Node> = (0..3).map(|_| Node::start()).collect();
@@ -308,7 +284,7 @@ fn chash_on_consumer_hashes_the_consumer_name() {
     // The same nodes hashed on a header carrying the user name: the consumer's name is the key
     // exactly when both routes agree.
     let gw = Gateway::start_with_plugins(
-        &[("token-auth", TOKEN_AUTH)],
+        &[("token-auth", common::lua_plugins::TOKEN_AUTH)],
         &format!(
             "workers: 2\nroutes:\n  - id: by-consumer\n    uri: /x\n    plugins:\n      token-auth: {{}}\n    upstream:\n      type: chash\n      hash_on: consumer\n      nodes:\n{list}  - id: by-header\n    uri: /h\n    upstream:\n      type: chash\n      hash_on: header\n      key: X-Name\n      nodes:\n{list}consumers:\n{consumers}"
         ),

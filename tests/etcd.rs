@@ -533,44 +533,16 @@ fn a_node_without_a_reachable_etcd_does_not_start() {
     );
 }
 
-/// An auth plugin written for this test: `X-Token` must be the `token` of a consumer conf or
-/// credential of `token-auth`.
-const TOKEN_AUTH: &str = r#"
-local core = require("apisix.core")
-local consumer_mod = require("apisix.consumer")
-local consumer_schema = {
-    type = "object",
-    properties = { token = { type = "string" } },
-    required = { "token" },
-}
-local _M = { version = 0.1, priority = 2600, type = "auth", name = "token-auth",
-             schema = { type = "object" } }
-
-function _M.check_schema(conf, schema_type)
-    if schema_type == core.schema.TYPE_CONSUMER then
-        return core.schema.check(consumer_schema, conf)
-    end
-    return core.schema.check(_M.schema, conf)
-end
-
-function _M.rewrite(conf, ctx)
-    local consumer, consumer_conf = consumer_mod.find_consumer("token-auth", "token",
-        core.request.header(ctx, "X-Token"))
-    if not consumer then
-        return 401, { message = "Invalid token" }
-    end
-    consumer_mod.attach_consumer(ctx, consumer, consumer_conf)
-end
-
-return _M
-"#;
-
 #[test]
 fn consumers_groups_and_credentials_in_apisix_key_layout() {
     let etcd = Etcd::start();
     let up = Upstream::echo();
     let plugins = tempfile::tempdir().expect("plugins dir");
-    std::fs::write(plugins.path().join("token-auth.lua"), TOKEN_AUTH).expect("write plugin");
+    std::fs::write(
+        plugins.path().join("token-auth.lua"),
+        common::lua_plugins::TOKEN_AUTH,
+    )
+    .expect("write plugin");
     // Written as APISIX's tooling writes them: a group, a consumer naming it, a credential
     // under the consumer's key.
     etcd.put(

@@ -10,33 +10,19 @@ use std::time::{Duration, Instant};
 use common::observability::{is, metrics_url, scrape, value, Sample};
 use common::*;
 
-/// An auth plugin that attaches the consumer whose `token` the `X-Token` header carries.
-const TOKEN_AUTH: &str = r#"
+/// The shared token-auth plugin, registering a variable used as an extra metrics label.
+fn token_auth() -> String {
+    common::lua_plugins::TOKEN_AUTH.replace(
+        "\nreturn _M\n",
+        r#"
 local core = require("apisix.core")
-local consumer_mod = require("apisix.consumer")
-local _M = { version = 0.1, priority = 2600, type = "auth", name = "token-auth",
-             schema = { type = "object" } }
--- A Lua-registered variable, used as an extra metrics label.
 core.ctx.register_var("tier", function(ctx)
     return ctx.consumer_name and "paid" or "free"
 end)
-function _M.check_schema(conf, schema_type)
-    if schema_type == core.schema.TYPE_CONSUMER then
-        return core.schema.check({ type = "object", properties = { token = { type = "string" } },
-                                   required = { "token" } }, conf)
-    end
-    return core.schema.check(_M.schema, conf)
-end
-function _M.rewrite(conf, ctx)
-    local token = core.request.header(ctx, "X-Token")
-    local consumer, consumer_conf = consumer_mod.find_consumer("token-auth", "token", token or "")
-    if not consumer then
-        return 401, { message = "Invalid token" }
-    end
-    consumer_mod.attach_consumer(ctx, consumer, consumer_conf)
-end
 return _M
-"#;
+"#,
+    )
+}
 
 fn config(up: &Upstream) -> String {
     let node = up.node();
@@ -61,7 +47,7 @@ fn samples_named<'a>(samples: &'a [Sample], name: &str) -> Vec<&'a Sample> {
 #[test]
 fn a_scrape_after_known_traffic_counts_it_exactly() {
     let up = Upstream::echo();
-    let gw = Gateway::start_with_plugins(&[("token-auth", TOKEN_AUTH)], &config(&up));
+    let gw = Gateway::start_with_plugins(&[("token-auth", &token_auth())], &config(&up));
     let url = metrics_url(&gw);
 
     for _ in 0..5 {

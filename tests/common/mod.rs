@@ -23,6 +23,7 @@
 
 pub mod health;
 pub mod lua_libs;
+pub mod lua_plugins;
 pub mod observability;
 pub mod tls;
 
