@@ -3110,3 +3110,55 @@ fn real_redirect_http_to_https_uses_the_tls_port() {
         Some("https://a.test:8443/r")
     );
 }
+
+/// APISIX's own real-ip, client-control and proxy-control (APISIX_SRC), on this project's
+/// `resty.apisix.client`: the address from X-Forwarded-For behind a trusted proxy (the
+/// upstream's X-Forwarded-For and X-Real-IP follow it), a route's body limit above the node's,
+/// and request buffering.
+#[test]
+fn real_real_ip_client_control_and_proxy_control() {
+    let Some(src) = std::env::var_os("APISIX_SRC") else {
+        eprintln!(
+            "APISIX_SRC is not set: skipping APISIX's real-ip, client-control, proxy-control"
+        );
+        return;
+    };
+    let src = PathBuf::from(src);
+    let (tmp, dir) = stage_plugin(&src, "real-ip");
+    for name in ["client-control", "proxy-control"] {
+        let file = format!("{name}.lua");
+        std::fs::copy(src.join("apisix/plugins").join(&file), dir.join(&file)).expect("copy");
+    }
+    let up = Upstream::echo();
+    let node = up.node();
+    let yaml = format!(
+        "workers: 1\nplugin_dirs:\n  - \"{}\"\nproxy:\n  client_max_body_size: 1024\nroutes:\n  - id: ip\n    uri: /ip\n    plugins:\n      real-ip:\n        source: http_x_forwarded_for\n        trusted_addresses: [127.0.0.0/8]\n        recursive: true\n    upstream:\n      nodes:\n        \"{node}\": 1\n  - id: big\n    uri: /big\n    plugins:\n      client-control:\n        max_body_size: 4096\n      proxy-control:\n        request_buffering: true\n    upstream:\n      nodes:\n        \"{node}\": 1\n",
+        dir.display(),
+    );
+    let gw = Gateway::start_in(tmp.path(), &yaml);
+    let r = Req::get(&gw.url("/ip"))
+        .header("X-Forwarded-For", "198.51.100.9, 127.0.0.5")
+        .send();
+    assert_eq!(r.status, 200, "{}", gw.logs());
+    let h = &r.json()["headers"];
+    assert_eq!(h["x-real-ip"], "198.51.100.9", "{h}");
+    assert_eq!(
+        h["x-forwarded-for"], "198.51.100.9, 127.0.0.5, 198.51.100.9",
+        "{h}"
+    );
+
+    let post = |len: usize| Req::post(&gw.url("/big")).body(vec![b'a'; len]).send();
+    assert_eq!(post(3000).status, 200, "{}", gw.logs());
+    assert_eq!(post(5000).status, 413);
+    let resp = raw(
+        gw.addr(),
+        format!(
+            "POST /big HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\nbb8\r\n{}\r\n0\r\n\r\n",
+            "b".repeat(3000)
+        )
+        .as_bytes(),
+    );
+    let r = RawResp::parse(&resp);
+    assert_eq!(r.status, 200, "{resp}");
+    assert_eq!(r.json()["headers"]["content-length"], "3000");
+}

@@ -420,3 +420,58 @@ routes:
         "{line}"
     );
 }
+
+/// client_max_body_size also holds for a body a Lua plugin reads into memory: a chunked body
+/// has no length to refuse up front, and reading it whole used to ignore the limit (a client
+/// could make the worker hold any amount). A plugin that raises the limit for its route
+/// (APISIX's client-control) lets the bigger body through there only.
+#[test]
+fn a_lua_plugin_reading_the_body_keeps_client_max_body_size() {
+    let up = Upstream::echo();
+    let node = up.node();
+    let gw = Gateway::start_with_plugins(
+        &[("client-ctl", common::lua_plugins::CLIENT_CTL)],
+        &format!(
+            "workers: 1
+proxy:
+  client_max_body_size: 1024
+routes:
+  - id: read
+    uri: /read
+    plugins:
+      client-ctl: {{read_body: true}}
+    upstream:
+      nodes:
+        \"{node}\": 1
+  - id: raised
+    uri: /raised
+    plugins:
+      client-ctl: {{read_body: true, max_body_size: 8192}}
+    upstream:
+      nodes:
+        \"{node}\": 1
+"
+        ),
+    );
+    let chunked = |path: &str, len: usize| {
+        let data = "z".repeat(len);
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n{len:x}\r\n{data}\r\n0\r\n\r\n"
+        )
+    };
+    let r = exchange(&gw, chunked("/read", 1000).as_bytes(), false);
+    assert_eq!(r.status, 200, "{}\n{}", r.head, r.body);
+    assert_eq!(r.json()["body_len"], 1000);
+    let r = exchange(&gw, chunked("/read", 4000).as_bytes(), false);
+    assert_eq!(r.status, 413, "{}\n{}", r.head, r.body);
+    assert_eq!(
+        up.requests(),
+        1,
+        "the refused body never reached the upstream"
+    );
+    let r = exchange(&gw, chunked("/raised", 4000).as_bytes(), false);
+    assert_eq!(r.status, 200, "{}\n{}", r.head, r.body);
+    assert_eq!(r.json()["body_len"], 4000);
+    let r = exchange(&gw, chunked("/raised", 9000).as_bytes(), false);
+    assert_eq!(r.status, 413, "{}\n{}", r.head, r.body);
+}

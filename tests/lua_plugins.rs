@@ -1059,3 +1059,101 @@ return _M
                "missing": true, "from_timer": "billing"})
     );
 }
+
+/// `resty.apisix.client` (APISIX-Runtime's module that APISIX's real-ip, client-control and
+/// proxy-control call), used by a plugin of this project's.
+#[test]
+fn apisix_runtime_client_controls_address_body_limit_and_buffering() {
+    let up = Upstream::echo();
+    let node = up.node();
+    let route = |id: &str, conf: &str| {
+        format!(
+            "  - id: {id}\n    uri: /{id}\n    plugins:\n      client-ctl: {conf}\n    upstream:\n      nodes:\n        \"{node}\": 1\n"
+        )
+    };
+    let gw = Gateway::start_with_plugins(
+        &[("client-ctl", common::lua_plugins::CLIENT_CTL)],
+        &format!(
+            "workers: 1\nproxy:\n  client_max_body_size: 1024\nroutes:\n{}{}{}{}{}",
+            route("ip", "{real_ip_header: X-Real-IP}"),
+            route("big", "{max_body_size: 4096}"),
+            route("small", "{max_body_size: 10}"),
+            route("unlimited", "{max_body_size: 0}"),
+            route("buffered", "{request_buffering: true}"),
+        ),
+    );
+
+    // The client address: what later plugins, the upstream's X-Forwarded-For and the
+    // variables see; the connection's own stays in realip_remote_addr.
+    let r = Req::get(&gw.url("/ip"))
+        .header("X-Real-IP", "203.0.113.7:4000")
+        .send();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let h = &r.json()["headers"];
+    assert_eq!(h["x-seen-remote"], "203.0.113.7 4000 127.0.0.1");
+    assert_eq!(h["x-real-ip"], "203.0.113.7");
+    assert_eq!(h["x-forwarded-for"], "203.0.113.7");
+    // No port: nginx leaves $remote_port empty.
+    let r = Req::get(&gw.url("/ip"))
+        .header("X-Real-IP", "2001:db8::1")
+        .send();
+    assert_eq!(
+        r.json()["headers"]["x-seen-remote"],
+        "2001:db8::1  127.0.0.1"
+    );
+    let r = Req::get(&gw.url("/ip"))
+        .header("X-Real-IP", "not-an-ip")
+        .send();
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["error"], "error while setting real ip, rc: -1");
+    // Without the header, the connection's address.
+    let r = Req::get(&gw.url("/ip")).send();
+    let seen = r.json()["headers"]["x-seen-remote"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        seen.starts_with("127.0.0.1 ") && seen.ends_with(" 127.0.0.1"),
+        "{seen}"
+    );
+
+    // The body limit for the route, above or below the node's 1024, checked on the declared
+    // length and while a chunked body streams.
+    let post = |path: &str, len: usize| Req::post(&gw.url(path)).body(vec![b'a'; len]).send();
+    assert_eq!(post("/big", 3000).status, 200);
+    assert_eq!(post("/big", 5000).status, 413);
+    assert_eq!(post("/small", 10).status, 200);
+    assert_eq!(post("/small", 11).status, 413);
+    assert_eq!(post("/unlimited", 100_000).status, 200);
+    let r = Req::post(&gw.url("/big"))
+        .body_stream(generated(3000))
+        .send();
+    assert_eq!(r.status, 200);
+    let chunk = "c".repeat(2000);
+    for (path, status) in [("/big", 200), ("/small", 413)] {
+        let resp = raw(
+            gw.addr(),
+            format!(
+                "POST {path} HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n7d0\r\n{chunk}\r\n0\r\n\r\n"
+            )
+            .as_bytes(),
+        );
+        assert_eq!(raw_status(&resp), status, "{path}: {resp}");
+    }
+
+    // Buffering: a chunked client body reaches the upstream whole, with its length.
+    let resp = raw(
+        gw.addr(),
+        format!(
+            "POST /buffered HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n3e8\r\n{}\r\n0\r\n\r\n",
+            "b".repeat(1000)
+        )
+        .as_bytes(),
+    );
+    let r = RawResp::parse(&resp);
+    assert_eq!(r.status, 200, "{resp}");
+    let h = &r.json()["headers"];
+    assert_eq!(h["content-length"], "1000", "{h}");
+    assert!(h.get("transfer-encoding").is_none(), "{h}");
+    assert_eq!(r.json()["body_len"], 1000);
+}

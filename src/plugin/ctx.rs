@@ -39,8 +39,13 @@ pub struct Ctx {
     /// The upstream a plugin chose for this request instead of the route's (APISIX's
     /// `ctx.upstream_id`, `apisix.upstream.set`).
     pub upstream_choice: Option<UpstreamChoice>,
+    /// The client's address: the connection's peer, or the one a plugin set from a header
+    /// (APISIX's `real-ip`); [`ClientControl::realip_from`] keeps the peer then.
     pub remote_addr: SocketAddr,
     pub local_addr: SocketAddr,
+    /// How plugins changed this request's client handling (APISIX-Runtime's
+    /// `resty.apisix.client`).
+    pub client: ClientControl,
     pub scheme: &'static str,
     /// The connection's TLS parameters, on a TLS listener (`ssl_*` variables).
     pub tls: Option<std::rc::Rc<crate::tls::TlsInfo>>,
@@ -116,6 +121,29 @@ impl Hasher for IdHasher {
     }
 }
 
+/// How one request's client is handled: the node's settings, as plugins changed them
+/// (APISIX-Runtime's `resty.apisix.client`, which APISIX's `real-ip`, `client-control` and
+/// `proxy-control` call).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ClientControl {
+    /// The connection's own peer, once a plugin replaced [`Ctx::remote_addr`] (nginx's
+    /// `$realip_remote_addr` and `$realip_remote_port`).
+    pub realip_from: Option<SocketAddr>,
+    /// `client_max_body_size` for this request, 0 for no limit (the node's until a plugin sets
+    /// it; checked when the body is read, by a plugin or for the upstream).
+    pub max_body_size: u64,
+    /// `proxy_request_buffering`: read the whole body before the upstream request (which then
+    /// carries a Content-Length) instead of streaming it.
+    pub request_buffering: bool,
+}
+
+impl ClientControl {
+    /// The body size limit in effect, None for no limit.
+    pub fn body_limit(&self) -> Option<u64> {
+        (self.max_body_size > 0).then_some(self.max_body_size)
+    }
+}
+
 /// An upstream a plugin chose for one request.
 #[derive(Debug, Clone)]
 pub enum UpstreamChoice {
@@ -175,6 +203,7 @@ impl Ctx {
             upstream_choice: None,
             remote_addr,
             local_addr,
+            client: ClientControl::default(),
             scheme,
             tls: None,
             host,
@@ -284,7 +313,18 @@ impl Ctx {
             "scheme" => Cow::Borrowed(self.scheme),
             "server_protocol" => Cow::Borrowed(version_str(self.version)),
             "remote_addr" => Cow::Owned(self.remote_addr.ip().to_string()),
-            "remote_port" => Cow::Owned(self.remote_addr.port().to_string()),
+            // nginx prints no port for an address given without one (port 0).
+            "remote_port" => Cow::Owned(port_str(self.remote_addr.port())),
+            "realip_remote_addr" => Cow::Owned(
+                self.client
+                    .realip_from
+                    .unwrap_or(self.remote_addr)
+                    .ip()
+                    .to_string(),
+            ),
+            "realip_remote_port" => Cow::Owned(port_str(
+                self.client.realip_from.unwrap_or(self.remote_addr).port(),
+            )),
             "server_addr" => Cow::Owned(self.local_addr.ip().to_string()),
             "server_port" => Cow::Owned(self.local_addr.port().to_string()),
             "route_id" => Cow::Borrowed(self.route.as_ref()?.id.as_str()),
@@ -337,6 +377,8 @@ impl Ctx {
             "server_protocol",
             "remote_addr",
             "remote_port",
+            "realip_remote_addr",
+            "realip_remote_port",
             "server_addr",
             "server_port",
             "route_id",
@@ -499,6 +541,14 @@ impl Ctx {
             }
         }
         None
+    }
+}
+
+fn port_str(port: u16) -> String {
+    if port == 0 {
+        String::new()
+    } else {
+        port.to_string()
     }
 }
 

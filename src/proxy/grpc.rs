@@ -84,10 +84,7 @@ pub(super) async fn proxy(
     };
 
     let fault: FaultCell = Rc::new(Cell::new(None));
-    let max_body = match env.node.proxy.client_max_body_size {
-        0 => None,
-        n => Some(n),
-    };
+    let max_body = ctx.client.body_limit();
     let body = UpstreamRequestBody::new(std::mem::take(&mut ctx.body), max_body, fault.clone());
     let mut headers = forwarded_headers(&ctx, &conn_values);
     // gRPC requires it; it is hop-by-hop for HTTP/1.1, so the forwarding rules dropped it.
@@ -140,7 +137,8 @@ fn forwarded_headers(ctx: &Ctx, conn_values: &ConnValues) -> HeaderMap {
         .headers
         .contains_key(header::HOST)
         .then_some(ctx.host.as_bytes());
-    let forwarding = Forwarding::new(&ctx.headers, conn_values, ctx.scheme, None, forwarded_host);
+    let forwarding = Forwarding::new(&ctx.headers, conn_values, ctx.scheme, None, forwarded_host)
+        .with_client(ctx.client.realip_from.map(|_| ctx.remote_addr.ip()));
     let mut lines = BytesMut::with_capacity(forwarding.extra_len() + 256);
     forwarding.write_first(&mut lines);
     for (name, value) in &ctx.headers {

@@ -92,26 +92,10 @@ pub async fn handle(
             &env.node,
         );
     }
-    // nginx's client_max_body_size: refused on the header, before any phase.
-    let max_body = env.node.proxy.client_max_body_size;
-    if max_body > 0 {
-        if let Some(len) = ctx.body.exact_len() {
-            if len > max_body {
-                if let RequestBody::Stream(incoming) = std::mem::take(&mut ctx.body) {
-                    crate::body::drain(incoming).await;
-                }
-                return respond_local(
-                    ctx,
-                    snap,
-                    LocalResponse::error(
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        "413 Request Entity Too Large",
-                    ),
-                    &env.node,
-                );
-            }
-        }
-    }
+    // nginx's client_max_body_size, checked where the body is read (a plugin's read, or the
+    // upstream request), as APISIX's `apisix_delay_client_max_body_check` does: a plugin
+    // (client-control) may change it for the request first.
+    ctx.client.max_body_size = env.node.proxy.client_max_body_size;
 
     let matched = snap.router.find(ctx.method.as_str(), &ctx.host, &ctx.uri);
     let Some(m) = matched else {
@@ -259,6 +243,10 @@ async fn proxy(
         }
     }
 
+    if let Err(r) = super::request_body::prepare(&mut ctx).await {
+        return respond_local(ctx, snap, *r, &env.node);
+    }
+
     let timeout: Timeout = route.timeout.or(cfg.timeout).unwrap_or_default();
     let pool = match &cfg.keepalive_pool {
         Some(p) => PoolOptions {
@@ -322,10 +310,7 @@ async fn proxy(
     // forwarding changes are applied while the head is written; header_filter, body_filter and
     // log still read `$http_*` as the client sent them).
     let fault: FaultCell = Rc::new(Cell::new(None));
-    let max_body = match env.node.proxy.client_max_body_size {
-        0 => None,
-        n => Some(n),
-    };
+    let max_body = ctx.client.body_limit();
     // The body for the next try: taken by a send; put back only when it can be sent again.
     // A Lua plugin's log phase may read the body (nginx keeps it in memory up to
     // client_body_buffer_size): one read whole stays in ctx, a small streamed one is copied
@@ -353,6 +338,8 @@ async fn proxy(
         .filter(|t| *t > 0.0)
         .map(|t| Instant::now() + secs(t));
     let client_host = ctx.headers.contains_key(header::HOST);
+    // The client address a plugin set (real-ip) goes upstream instead of the connection's.
+    let realip = ctx.client.realip_from.map(|_| ctx.remote_addr.ip());
     // A WebSocket handshake on a route that allows it asks the upstream to switch too.
     let upgrade = super::tunnel::requested(&ctx, &route);
     // Nothing looks at or changes the response headers: the upstream's lines pass through
@@ -398,7 +385,8 @@ async fn proxy(
                     host_value,
                     forwarded_host,
                 )
-                .with_upgrade(upgrade);
+                .with_upgrade(upgrade)
+                .with_client(realip);
                 let head = RequestHead {
                     method: &ctx.method,
                     target,

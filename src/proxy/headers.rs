@@ -168,6 +168,8 @@ pub struct Forwarding<'a> {
     /// The protocol a tunnelled upgrade asks for: `Upgrade` and `Connection: upgrade` are
     /// written (the client's own are hop-by-hop and left out like the rest).
     upgrade: Option<&'a HeaderValue>,
+    /// The client address a plugin set for the request (real-ip), instead of the connection's.
+    client_ip: Option<HeaderValue>,
 }
 
 impl<'a> Forwarding<'a> {
@@ -204,7 +206,15 @@ impl<'a> Forwarding<'a> {
             hop,
             xff,
             upgrade: None,
+            client_ip: None,
         }
+    }
+
+    /// The client address the request goes with when a plugin replaced the connection's
+    /// (None: the connection's).
+    pub fn with_client(mut self, ip: Option<IpAddr>) -> Self {
+        self.client_ip = ip.map(ip_value);
+        self
     }
 
     /// Asks the upstream to switch to `protocol` (a WebSocket upgrade on a route that allows
@@ -229,6 +239,7 @@ impl HeadEdit for Forwarding<'_> {
         64 + xff
             + self.upgrade.map_or(0, |u| u.len() + 32)
             + self.conn.lines.len()
+            + self.client_ip.as_ref().map_or(0, |ip| 2 * ip.len() + 40)
             + self.proto.len()
             + self.host.as_ref().map_or(0, |h| h.len())
             + self.client_host.map_or(0, |h| h.len())
@@ -257,9 +268,13 @@ impl HeadEdit for Forwarding<'_> {
 
     fn write_last(&self, dst: &mut BytesMut) {
         let conn = self.conn;
-        let ip = conn.client_ip.as_bytes();
-        // The connection's lines serve as they are unless the client sent a list or the
-        // scheme is not the connection's.
+        let ip = self
+            .client_ip
+            .as_ref()
+            .unwrap_or(&conn.client_ip)
+            .as_bytes();
+        // The connection's lines serve as they are unless the client sent a list, or the
+        // scheme or the client address is not the connection's.
         let mut fixed = &conn.lines[..];
         if self.xff {
             dst.put_slice(b"x-forwarded-for: ");
@@ -273,7 +288,7 @@ impl HeadEdit for Forwarding<'_> {
             dst.put_slice(b"\r\n");
             fixed = &fixed[conn.xff_line..];
         }
-        if self.proto == conn.scheme {
+        if self.proto == conn.scheme && self.client_ip.is_none() {
             dst.put_slice(fixed);
         } else {
             if !self.xff {

@@ -11,6 +11,7 @@ mod consumer;
 mod grpc;
 pub mod handler;
 pub mod headers;
+mod request_body;
 mod tunnel;
 
 use std::cell::Cell;

@@ -24,3 +24,47 @@ function _M.rewrite(conf, ctx)
 end
 return _M
 "#;
+
+/// APISIX-Runtime's client controls, as APISIX's real-ip / client-control / proxy-control use
+/// them: `real_ip_header` (an `ip` or `ip:port` header that becomes the client address),
+/// `max_body_size`, `request_buffering`, and `read_body` (reads the body in rewrite). Tells the
+/// upstream what the variables were after it, in `X-Seen-Remote`.
+pub const CLIENT_CTL: &str = r#"
+local core = require("apisix.core")
+local client = require("resty.apisix.client")
+local _M = { version = 0.1, priority = 22500, name = "client-ctl", schema = { type = "object" } }
+function _M.check_schema(conf)
+    return core.schema.check(_M.schema, conf)
+end
+function _M.rewrite(conf, ctx)
+    if conf.real_ip_header then
+        local v = core.request.header(ctx, conf.real_ip_header)
+        if v then
+            local ip, port = v:match("^%[(.+)%]:(%d+)$")
+            if not ip then
+                ip, port = v:match("^([%d.]+):(%d+)$")
+            end
+            local ok, err = client.set_real_ip(ip or v, tonumber(port))
+            if not ok then
+                return 400, { error = err }
+            end
+            ctx.var.remote_addr = nil
+            ctx.var.remote_port = nil
+            ctx.var.realip_remote_addr = nil
+            ctx.var.realip_remote_port = nil
+        end
+    end
+    if conf.max_body_size then
+        assert(client.set_client_max_body_size(conf.max_body_size))
+    end
+    if conf.request_buffering ~= nil then
+        assert(client.set_proxy_request_buffering(conf.request_buffering))
+    end
+    if conf.read_body then
+        ngx.req.read_body()
+    end
+    core.request.set_header(ctx, "X-Seen-Remote", ctx.var.remote_addr .. " "
+        .. ctx.var.remote_port .. " " .. ctx.var.realip_remote_addr)
+end
+return _M
+"#;

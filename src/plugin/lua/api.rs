@@ -495,8 +495,11 @@ fn install_req(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
     req.set(
         "read_body",
         runtime::create_waiting_function(lua, |_, ()| async move {
-            let mut body = with_ctx(|c| std::mem::take(&mut c.body))?;
-            let r = body.read_all(u64::MAX).await;
+            // The request's client_max_body_size holds here too (nginx checks it as the body
+            // is read): a chunked body has no length to refuse up front.
+            let (mut body, limit) =
+                with_ctx(|c| (std::mem::take(&mut c.body), c.client.body_limit()))?;
+            let r = body.read_all(limit.unwrap_or(u64::MAX)).await;
             // The request may have moved on to another poll; put the body back through the
             // frame of this request (the coroutine only resumes inside its own request's poll).
             match r {
@@ -969,9 +972,11 @@ fn set_var(c: &mut Ctx, k: &str, v: Option<String>) -> Result<(), String> {
                 .map_err(|_| "unsupported HTTP method".to_string())?;
         }
         "uri" | "request_uri" | "host" | "scheme" | "remote_addr" | "remote_port"
-        | "server_addr" | "server_port" | "server_protocol" | "is_args" | "route_id"
-        | "route_name" | "service_id" | "upstream_addr" | "upstream_status" | "status"
-        | "request_time" | "msec" => return Err(format!("variable \"{k}\" not changeable")),
+        | "realip_remote_addr" | "realip_remote_port" | "server_addr" | "server_port"
+        | "server_protocol" | "is_args" | "route_id" | "route_name" | "service_id"
+        | "upstream_addr" | "upstream_status" | "status" | "request_time" | "msec" => {
+            return Err(format!("variable \"{k}\" not changeable"))
+        }
         _ => match v {
             Some(v) => {
                 c.vars.insert(k.to_string(), v);
@@ -1589,6 +1594,7 @@ fn install_require(lua: &Lua, settings: &Settings) -> mlua::Result<()> {
     super::pkey::install(lua, &preload)?;
     super::semaphore::install(lua, &preload)?;
     super::xml::install(lua, &preload)?;
+    super::apisix_runtime::install(lua, &preload)?;
     package.set(
         "path",
         package_path(&settings.package_path, &package.get::<String>("path")?),

@@ -13,6 +13,7 @@
 //! gets 500, the error is logged with plugin, phase and traceback) and the VM keeps serving.
 
 pub mod api;
+mod apisix_runtime;
 mod compress;
 mod convert;
 mod cosocket;

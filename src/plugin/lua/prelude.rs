@@ -35,9 +35,13 @@ local VAR_MT = {
             -- APISIX's ctx.var is a cache in front of the variables: a gateway variable that
             -- cannot change (request_uri, as data-mask sets it for the loggers after it) keeps
             -- the value for this request's later reads and the request itself is untouched.
-            -- ngx.var keeps OpenResty's error.
-            if v == nil or not tostring(err):find("not changeable", 1, true) then
+            -- Clearing one only drops the cached value (real-ip does it after it changed the
+            -- client address). ngx.var keeps OpenResty's error.
+            if not tostring(err):find("not changeable", 1, true) then
                 error(err, 2)
+            end
+            if v == nil then
+                return
             end
         end
         local c = rawget(t, var_cache_key)
