@@ -15,6 +15,7 @@ pub mod balancer;
 pub mod body;
 pub mod config;
 pub mod control;
+pub mod dns;
 pub mod health;
 pub mod host;
 pub mod http1;

@@ -268,6 +268,8 @@ fn serve(path: &std::path::Path, mut inherited: supervisor::Inherited) -> ExitCo
         Err(errors) => return refuse(&errors),
     };
     init_logging(partial.doc.node.log_level.as_deref());
+    // Before the first build: its upstream nodes' names are looked up from here on.
+    moongate::dns::start(moongate::dns::Settings::from_node(&partial.doc.node));
     let snap = match startup::build(partial) {
         Ok(s) => s,
         Err(errors) => return refuse(&errors),

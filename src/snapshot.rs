@@ -174,7 +174,12 @@ impl UpstreamEntry {
             })
             .collect();
         let addrs: Vec<&str> = targets.iter().map(|t| &*t.addr).collect();
-        let balancer = Balancer::new(&config, key, &addrs);
+        // Nodes by host name: kept resolved from now on, skipped while they do not resolve.
+        let names = targets
+            .iter()
+            .map(|t| crate::dns::node_name(&t.target.host, key, &t.addr))
+            .collect();
+        let balancer = Balancer::new(&config, key, &addrs).with_names(names);
         UpstreamEntry {
             id,
             config,

@@ -8,7 +8,9 @@
 //! its last pick was, which nodes it tried), so retries go to another node and, once every node
 //! of a priority is unhealthy or tried, to the next lower priority (apisix/balancer/priority.lua).
 //! Every type skips nodes the health checks marked down, unless every node of the upstream is
-//! down (then all are used, as APISIX does; the health state logs that once).
+//! down (then all are used, as APISIX does; the health state logs that once). A node whose host
+//! name does not resolve is left out altogether, as APISIX leaves it out of the nodes it
+//! balances over (`parse_domain_for_nodes`): with every node's name down, no node is picked.
 
 mod chash;
 mod load;
@@ -21,6 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::{BalancerType, HashOn, Upstream};
+use crate::dns::NodeName;
 use crate::health::UpstreamHealth;
 use crate::plugin::Ctx;
 
@@ -43,6 +46,9 @@ pub struct Balancer {
     live: usize,
     /// The `remote_addr` fallback of `chash` has been logged at WARN once.
     warned_fallback: AtomicBool,
+    /// Per node, its host name in the DNS cache (None for an IP literal); empty when every
+    /// node is a literal, so such upstreams look at none.
+    names: Vec<Option<NodeName>>,
 }
 
 struct Group {
@@ -144,7 +150,24 @@ impl Balancer {
             hash_key,
             live: nodes.iter().filter(|n| n.weight > 0).count(),
             warned_fallback: AtomicBool::new(false),
+            names: Vec::new(),
         }
+    }
+
+    /// The nodes' host names (per node, None for an IP literal; see [`crate::dns::node_name`]):
+    /// a node is skipped while its name does not resolve.
+    pub fn with_names(mut self, names: Vec<Option<NodeName>>) -> Balancer {
+        if names.iter().any(Option::is_some) {
+            self.names = names;
+        }
+        self
+    }
+
+    /// Node `i`'s host name does not resolve.
+    fn unresolved(&self, i: usize) -> bool {
+        self.names
+            .get(i)
+            .is_some_and(|n| n.as_ref().is_some_and(NodeName::is_down))
     }
 
     /// Nodes with a weight above 0.
@@ -196,10 +219,16 @@ impl Balancer {
         } = sel;
         // The usual first pick: nothing tried, no node down, so no node needs a look (at 100
         // nodes this halves least_conn's and ewma's cost).
-        let all_ok = tried.first.is_none() && health.is_none_or(UpstreamHealth::all_healthy);
+        let resolved = self.names.iter().flatten().all(|n| !n.is_down());
+        let all_ok =
+            tried.first.is_none() && resolved && health.is_none_or(UpstreamHealth::all_healthy);
         while let Some(g) = self.groups.get(*group) {
-            let ok =
-                |i: usize| all_ok || (!tried.contains(i) && health.is_none_or(|h| h.usable(i)));
+            let ok = |i: usize| {
+                all_ok
+                    || (!tried.contains(i)
+                        && health.is_none_or(|h| h.usable(i))
+                        && (resolved || !self.unresolved(i)))
+            };
             let found = match &g.pick {
                 GroupPick::RoundRobin(s) => {
                     let pos = match *at {
@@ -227,6 +256,13 @@ impl Balancer {
             }
             *group += 1;
             *at = None;
+        }
+        // The nodes that resolve are all unhealthy, while a node out by DNS still counts as
+        // healthy: "every node down: use them all" is about the nodes that resolve (APISIX
+        // checks only those), so the first pick is made again without health.
+        if tried.first.is_none() && !resolved && health.is_some() {
+            *group = 0;
+            return self.next(sel, None);
         }
         None
     }

@@ -123,6 +123,38 @@ fn every_type_skips_unhealthy_nodes() {
 }
 
 #[test]
+fn every_type_leaves_out_nodes_whose_name_does_not_resolve() {
+    crate::dns::force("down.balancer.test", true);
+    crate::dns::force("up.balancer.test", false);
+    for kind in ["roundrobin", "chash", "least_conn", "ewma"] {
+        let nodes = json!({"type": kind, "key": "arg_k",
+            "nodes": {"up.balancer.test:1": 1, "down.balancer.test:1": 1, "127.0.0.1:1": 1}});
+        let (u, b) = balancer(nodes);
+        let names = u
+            .nodes
+            .0
+            .iter()
+            .map(|n| crate::dns::node_name(&n.host, "/test/dns", &n.host))
+            .collect();
+        let b = b.with_names(names);
+        for k in 0..30 {
+            let c = ctx(&format!("k={k}"), &[]);
+            let picks = all_picks(&b, &c, None);
+            assert!(picks.len() == 2 && !picks.contains(&1), "{kind}: {picks:?}");
+        }
+        // The nodes that resolve are unhealthy, the one out by DNS is not: the others are
+        // used all the same, never the one that does not resolve.
+        let h = health(3);
+        mark_down(&h, 0);
+        mark_down(&h, 2);
+        let c = ctx("k=1", &[]);
+        let mut sel = b.begin(&c);
+        let first = b.next(&mut sel, Some(&h));
+        assert!(matches!(first, Some(0 | 2)), "{kind}: {first:?}");
+    }
+}
+
+#[test]
 fn chash_is_sticky_per_key_and_hashes_header_cookie_and_combinations() {
     let (_, b) = balancer(
         json!({"type": "chash", "hash_on": "header", "key": "X-User",

@@ -539,6 +539,19 @@ pub struct NodeConfig {
     /// APISIX's `apisix.data_encryption`: the keyring `ssls` keys are stored encrypted with.
     #[serde(default)]
     pub data_encryption: Option<crate::tls::DataEncryption>,
+    /// DNS servers for host names in upstream nodes and the like (`ip` or `ip:port`);
+    /// default: /etc/resolv.conf's nameservers (see `crate::dns`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns_resolver: Option<crate::dns::DnsServers>,
+    /// Seconds one resolution may take (default 5).
+    #[serde(default)]
+    pub resolver_timeout: crate::dns::ResolverTimeout,
+    /// Seconds every positive DNS answer is kept, instead of its TTL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns_resolver_valid: Option<u64>,
+    /// /etc/resolv.conf's `search` and `domain` apply to host names (unset: true, as APISIX).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enable_resolv_search_opt: Option<bool>,
 }
 
 impl NodeConfig {

@@ -19,14 +19,17 @@ use http::{HeaderMap, Request, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 
 use crate::body::{BoxError, UpstreamRequestBody};
-use crate::proxy::client::{connect_stream, Alpn, ClientError, Target};
+use crate::dns;
+use crate::proxy::client::{connect_pinned, Alpn, ClientError, Target};
 
 use super::RecvBody;
 
+/// A worker's connection to one target, with the DNS answer it was made with.
+type Pooled = (h2::client::SendRequest<Bytes>, Option<dns::Pin>);
+
 thread_local! {
     /// This worker's connections, one per target.
-    static CONNECTIONS: RefCell<HashMap<Target, h2::client::SendRequest<Bytes>>> =
-        RefCell::new(HashMap::new());
+    static CONNECTIONS: RefCell<HashMap<Target, Pooled>> = RefCell::new(HashMap::new());
 }
 
 /// An upstream's answer over HTTP/2.
@@ -82,6 +85,15 @@ pub struct Sender(h2::client::SendRequest<Bytes>);
 /// within `connect_timeout`.
 pub async fn connect(target: &Target, connect_timeout: Duration) -> Result<Sender, ClientError> {
     let cached = CONNECTIONS.with(|c| c.borrow().get(target).cloned());
+    // A connection made with a DNS answer that has changed since takes no new request: the
+    // streams it carries finish on it, new ones go to the new addresses.
+    let cached = cached.and_then(|(sender, pin)| match pin {
+        Some(pin) if !pin.current() => {
+            CONNECTIONS.with(|c| c.borrow_mut().remove(target));
+            None
+        }
+        _ => Some(sender),
+    });
     if let Some(sender) = cached {
         match sender.ready().await {
             Ok(s) => return Ok(Sender(s)),
@@ -92,7 +104,7 @@ pub async fn connect(target: &Target, connect_timeout: Duration) -> Result<Sende
             }
         }
     }
-    let io = connect_stream(target, connect_timeout, Alpn::Http2).await?;
+    let (io, pin) = connect_pinned(target, connect_timeout, Alpn::Http2).await?;
     let handshake = h2::client::Builder::new()
         .initial_window_size(256 * 1024)
         .initial_connection_window_size(1024 * 1024)
@@ -107,7 +119,7 @@ pub async fn connect(target: &Target, connect_timeout: Duration) -> Result<Sende
             tracing::debug!(node = %addr, "HTTP/2 upstream connection ended: {e}");
         }
     });
-    CONNECTIONS.with(|c| c.borrow_mut().insert(target.clone(), sender.clone()));
+    CONNECTIONS.with(|c| c.borrow_mut().insert(target.clone(), (sender.clone(), pin)));
     Ok(Sender(sender.ready().await?))
 }
 

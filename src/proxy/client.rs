@@ -25,6 +25,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
 use crate::body::UpstreamRequestBody;
+use crate::dns;
 use crate::http1::client::{self as h1, Connection, NoEdit, Recycle, RequestHead, ResponseLines};
 use crate::http1::{arm_timer, poll_deadline, ConnTimer, RawHead};
 
@@ -140,13 +141,18 @@ struct Idle {
     deadline: Instant,
     requests: u64,
     timer: Option<ConnTimer>,
+    /// The DNS answer it was made with (a target by name).
+    dns: Option<dns::Pin>,
 }
 
 impl Idle {
-    /// Within its idle timeout and not closed (or written to) by the upstream meanwhile.
+    /// Within its idle timeout, made with the name's current answer (a changed answer moves
+    /// traffic to the new addresses) and not closed (or written to) by the upstream meanwhile.
     fn usable(&mut self, now: Instant) -> bool {
         // Only a socket that became readable needs the read that tells close from quiet.
-        now < self.deadline && (self.conn.io().quiet() || self.conn.idle_alive())
+        now < self.deadline
+            && self.dns.as_ref().is_none_or(dns::Pin::current)
+            && (self.conn.io().quiet() || self.conn.idle_alive())
     }
 }
 
@@ -204,6 +210,7 @@ pub struct Conn {
     /// True when it came from the pool.
     pub reused: bool,
     timer: Option<ConnTimer>,
+    dns: Option<dns::Pin>,
 }
 
 /// An upstream response body: streams from the connection and returns it to the pool at its end.
@@ -238,6 +245,7 @@ pub struct PoolReturn {
     pool: PoolOptions,
     requests: u64,
     timer: Option<ConnTimer>,
+    dns: Option<dns::Pin>,
 }
 
 impl Recycle<Stream> for PoolReturn {
@@ -249,6 +257,7 @@ impl Recycle<Stream> for PoolReturn {
                 deadline: Instant::now() + self.pool.idle_timeout,
                 requests: self.requests,
                 timer: self.timer,
+                dns: self.dns,
             },
             self.pool,
         );
@@ -268,7 +277,7 @@ impl Client {
                 return Ok(conn);
             }
         }
-        let conn = Box::pin(connect(target, connect_timeout)).await?;
+        let (conn, dns) = Box::pin(connect(target, connect_timeout)).await?;
         Ok(Conn {
             conn,
             target: target.clone(),
@@ -276,6 +285,7 @@ impl Client {
             connect_timeout,
             reused: false,
             timer: None,
+            dns,
         })
     }
 
@@ -294,6 +304,7 @@ impl Client {
                 connect_timeout,
                 reused: true,
                 timer: idle.timer,
+                dns: idle.dns,
             });
         }
         None
@@ -385,6 +396,7 @@ impl Conn {
             connect_timeout,
             reused,
             mut timer,
+            mut dns,
         } = self;
         let deadline = tokio::time::Instant::now() + timeout;
         let done = {
@@ -395,7 +407,7 @@ impl Conn {
                     Ok(res) => Ok(res),
                     Err(e) if e.before_response() && replay.is_some() => {
                         tracing::debug!(node = %target.addr(), "reused upstream connection failed ({e}); retrying on a new one");
-                        conn = Box::pin(connect(&target, connect_timeout)).await?;
+                        (conn, dns) = Box::pin(connect(&target, connect_timeout)).await?;
                         requests = 0;
                         let body = replay.expect("checked above");
                         Ok(conn.send_request(head, body).await?)
@@ -436,6 +448,7 @@ impl Conn {
             pool,
             requests,
             timer,
+            dns,
         });
         let body = h1::ResponseBody::new(conn, &mut head, recycle);
         Ok(UpstreamResponse {
@@ -451,10 +464,12 @@ impl Conn {
 
 /// Called boxed: its future (DNS, TCP, TLS handshake) is large, and inline it would make every
 /// request's future that large, to be moved on each request while connections are reused.
-async fn connect(target: &Target, timeout: Duration) -> Result<Connection<Stream>, ClientError> {
-    Ok(Connection::new(
-        connect_stream(target, timeout, Alpn::Http1).await?,
-    ))
+async fn connect(
+    target: &Target,
+    timeout: Duration,
+) -> Result<(Connection<Stream>, Option<dns::Pin>), ClientError> {
+    let (stream, pin) = connect_pinned(target, timeout, Alpn::Http1).await?;
+    Ok((Connection::new(stream), pin))
 }
 
 /// The protocol a TLS connection offers by ALPN.
@@ -471,21 +486,27 @@ pub async fn connect_stream(
     timeout: Duration,
     alpn: Alpn,
 ) -> Result<Stream, ClientError> {
+    Ok(connect_pinned(target, timeout, alpn).await?.0)
+}
+
+/// [`connect_stream`], also giving what tells whether the name's answer the connection was
+/// made with is still current (None for an IP literal), for the pools.
+pub async fn connect_pinned(
+    target: &Target,
+    timeout: Duration,
+    alpn: Alpn,
+) -> Result<(Stream, Option<dns::Pin>), ClientError> {
     let deadline = Instant::now() + timeout;
     let attempt = async {
-        let addrs: Vec<std::net::SocketAddr> = match target.host.parse::<std::net::IpAddr>() {
-            Ok(ip) => vec![std::net::SocketAddr::new(ip, target.port)],
-            Err(_) => tokio::net::lookup_host((&*target.host, target.port))
-                .await
-                .map_err(|e| ClientError::Dns {
-                    host: target.host.to_string(),
-                    reason: e.to_string(),
-                })?
-                .collect(),
-        };
+        let resolved = dns::resolve(&target.host)
+            .await
+            .map_err(|reason| ClientError::Dns {
+                host: target.host.to_string(),
+                reason,
+            })?;
         let mut last = None;
         let mut stream = None;
-        for addr in addrs {
+        for addr in resolved.socket_addrs(target.port) {
             match TcpStream::connect(addr).await {
                 Ok(s) => {
                     stream = Some(s);
@@ -504,8 +525,9 @@ pub async fn connect_stream(
             }
         };
         let _ = stream.set_nodelay(true);
+        let pin = resolved.pin;
         if !target.tls {
-            return Ok(Stream::Plain(stream));
+            return Ok((Stream::Plain(stream), pin));
         }
         let config = tls_config(target.verify, alpn);
         let name = ServerName::try_from(target.host.to_string())
@@ -519,7 +541,7 @@ pub async fn connect_stream(
                 "the upstream did not agree to HTTP/2 (ALPN h2)".to_string(),
             ));
         }
-        Ok(Stream::Tls(Box::new(tls)))
+        Ok((Stream::Tls(Box::new(tls)), pin))
     };
     match tokio::time::timeout_at(deadline.into(), attempt).await {
         Ok(r) => r,

@@ -290,6 +290,19 @@ impl Reloader {
             ("access_log", node.access_log != old.access_log),
             ("status", node.status != old.status),
             ("nginx_config", node.nginx_config != old.nginx_config),
+            ("dns_resolver", node.dns_resolver != old.dns_resolver),
+            (
+                "resolver_timeout",
+                node.resolver_timeout != old.resolver_timeout,
+            ),
+            (
+                "dns_resolver_valid",
+                node.dns_resolver_valid != old.dns_resolver_valid,
+            ),
+            (
+                "enable_resolv_search_opt",
+                node.enable_resolv_search_opt != old.enable_resolv_search_opt,
+            ),
             (
                 "ssl.listen",
                 node.ssl.as_ref().map(|s| s.listeners()) != old.ssl.as_ref().map(|s| s.listeners()),

@@ -21,6 +21,7 @@
 
 #![allow(dead_code)]
 
+pub mod dns;
 pub mod health;
 pub mod lua_libs;
 pub mod lua_plugins;
@@ -81,7 +82,7 @@ pub fn block_on<F: Future>(f: F) -> F::Output {
 
 /// Log lines collected from a gateway's stderr, with a condvar so waiters wake on new lines.
 #[derive(Default)]
-struct LogBuf {
+pub struct LogBuf {
     lines: Mutex<Vec<String>>,
     changed: Condvar,
     /// Set when stderr reached EOF (the process ended).
@@ -89,6 +90,22 @@ struct LogBuf {
 }
 
 impl LogBuf {
+    /// Collects the lines of `r` (a child's stderr) as they come, on a thread of its own.
+    pub fn capture(r: impl Read + Send + 'static) -> Arc<LogBuf> {
+        let logs = Arc::new(LogBuf::default());
+        let buf = logs.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(r).lines() {
+                match line {
+                    Ok(l) => buf.push(l),
+                    Err(_) => break,
+                }
+            }
+            buf.close();
+        });
+        logs
+    }
+
     fn push(&self, line: String) {
         self.lines
             .lock()
@@ -102,7 +119,7 @@ impl LogBuf {
         self.changed.notify_all();
     }
 
-    fn text(&self) -> String {
+    pub fn text(&self) -> String {
         self.lines
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -110,7 +127,11 @@ impl LogBuf {
     }
 
     /// Waits until some line satisfies `f`; returns its result, or None on timeout or EOF.
-    fn wait_for<T>(&self, timeout: Duration, mut f: impl FnMut(&str) -> Option<T>) -> Option<T> {
+    pub fn wait_for<T>(
+        &self,
+        timeout: Duration,
+        mut f: impl FnMut(&str) -> Option<T>,
+    ) -> Option<T> {
         let deadline = Instant::now() + timeout;
         let mut seen = 0;
         let mut lines = self.lines.lock().unwrap_or_else(|e| e.into_inner());
@@ -220,20 +241,7 @@ impl Gateway {
             .stderr(Stdio::piped())
             .spawn()
             .expect("start moongate");
-        let logs = Arc::new(LogBuf::default());
-        let stderr = child.stderr.take().expect("piped stderr");
-        {
-            let logs = logs.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stderr).lines() {
-                    match line {
-                        Ok(l) => logs.push(l),
-                        Err(_) => break,
-                    }
-                }
-                logs.close();
-            });
-        }
+        let logs = LogBuf::capture(child.stderr.take().expect("piped stderr"));
         let addr = logs.wait_for(START_TIMEOUT, |l| {
             if l.contains("admin") {
                 return None;
@@ -518,6 +526,17 @@ impl Upstream {
         F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Response<Body>> + Send + 'static,
     {
+        let listener = StdTcpListener::bind("127.0.0.1:0").expect("bind upstream");
+        Upstream::start_on(listener, handler)
+    }
+
+    /// Serves every request with `handler` on a listener the test bound (another loopback
+    /// address, a given port).
+    pub fn start_on<F, Fut>(std_listener: StdTcpListener, handler: F) -> Upstream
+    where
+        F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Response<Body>> + Send + 'static,
+    {
         let handler: Handler = Arc::new(move |req| Box::pin(handler(req)));
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -525,7 +544,6 @@ impl Upstream {
             .enable_all()
             .build()
             .expect("upstream runtime");
-        let std_listener = StdTcpListener::bind("127.0.0.1:0").expect("bind upstream");
         std_listener.set_nonblocking(true).expect("nonblocking");
         let addr = std_listener.local_addr().expect("local addr");
         let connections = Arc::new(AtomicU64::new(0));

@@ -19,7 +19,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::rc::{Rc, Weak};
 use std::task::{Context, Poll, Waker};
@@ -612,16 +612,14 @@ async fn open(addr: &Addr) -> Result<(Box<dyn Stream>, Option<SocketAddr>), Stri
             .map(|s| (Box::new(s) as Box<dyn Stream>, None))
             .map_err(|e| io_text(&e)),
         Addr::Tcp(host, port) => {
-            let literal = host
-                .strip_prefix('[')
-                .and_then(|h| h.strip_suffix(']'))
-                .unwrap_or(host);
-            let addrs: Vec<SocketAddr> = match literal.parse::<IpAddr>() {
-                Ok(ip) => vec![SocketAddr::new(ip, *port)],
-                Err(_) => match tokio::net::lookup_host((host.as_str(), *port)).await {
-                    Ok(a) => a.collect(),
-                    Err(_) => Vec::new(),
-                },
+            // The gateway's resolver and cache (hosts file, dns_resolver), shared with the
+            // upstream nodes.
+            let addrs: Vec<SocketAddr> = match crate::dns::resolve(host).await {
+                Ok(r) => r.socket_addrs(*port).collect(),
+                Err(e) => {
+                    tracing::debug!("cosocket: failed to resolve {host}: {e}");
+                    Vec::new()
+                }
             };
             if addrs.is_empty() {
                 return Err(format!("{host} could not be resolved (3: Host not found)"));
