@@ -5,7 +5,8 @@
 //! host), [`router`], [`plugin`] (the interface every plugin implements), [`plugins`] (the
 //! native ones), [`proxy`] (listeners, workers, the upstream client), [`startup`] (what `run`
 //! and `check` both check before serving), [`reload`] (building snapshots), [`tls`] (TLS
-//! termination: listeners, certificates by SNI), [`supervisor`] (the parent process that keeps
+//! termination: listeners, certificates by SNI), [`compress`] (gzip of responses a plugin asks
+//! for), [`supervisor`] (the parent process that keeps
 //! the listening sockets and restarts a crashed serving process) and [`testrunner`]
 //! (`moongate test`, for plugin authors).
 
@@ -13,6 +14,7 @@ pub mod accesslog;
 pub mod admin;
 pub mod balancer;
 pub mod body;
+pub mod compress;
 pub mod config;
 pub mod control;
 pub mod dns;

@@ -3162,3 +3162,77 @@ fn real_real_ip_client_control_and_proxy_control() {
     assert_eq!(r.status, 200, "{resp}");
     assert_eq!(r.json()["headers"]["content-length"], "3000");
 }
+
+/// APISIX's `gzip` (APISIX_SRC), over `resty.apisix.response.set_gzip`: its `types`,
+/// `min_length`, `http_version` and `vary` checks, then nginx's gzip filter.
+#[test]
+fn real_gzip() {
+    use std::io::Read;
+    let Some(src) = std::env::var_os("APISIX_SRC") else {
+        eprintln!("APISIX_SRC is not set: skipping APISIX's gzip");
+        return;
+    };
+    let src = PathBuf::from(src);
+    let (tmp, dir) = stage_plugin(&src, "gzip");
+    let page: &'static str = Box::leak("<p>moongate</p>\n".repeat(500).into_boxed_str());
+    let up = Upstream::start(move |req| async move {
+        let (ctype, body) = match req.uri().path() {
+            "/plain" => ("text/plain", page),
+            "/tiny" => ("text/html; charset=utf-8", "<p>tiny</p>"),
+            _ => ("text/html; charset=utf-8", page),
+        };
+        let mut res = http::Response::new(full(body));
+        res.headers_mut()
+            .insert("content-type", ctype.parse().unwrap());
+        res.headers_mut()
+            .insert("vary", "upstream".parse().unwrap());
+        res
+    });
+    let node = up.node();
+    let yaml = format!(
+        "workers: 1\nplugin_dirs:\n  - \"{}\"\nroutes:\n  - id: gz\n    uris: [/page, /plain, /tiny]\n    plugins:\n      gzip: {{}}\n    upstream:\n      nodes:\n        \"{node}\": 1\n  - id: vary\n    uri: /vary\n    plugins:\n      gzip:\n        types: \"*\"\n        comp_level: 9\n        vary: true\n    upstream:\n      nodes:\n        \"{node}\": 1\n",
+        dir.display(),
+    );
+    let gw = Gateway::start_in(tmp.path(), &yaml);
+    let gz = |path: &str| {
+        Req::get(&gw.url(path))
+            .header("Accept-Encoding", "gzip")
+            .send()
+    };
+    let gunzip = |body: &[u8]| {
+        let mut out = String::new();
+        flate2::read::GzDecoder::new(body)
+            .read_to_string(&mut out)
+            .expect("a gzip stream");
+        out
+    };
+    let r = gz("/page");
+    assert_eq!(r.status, 200, "{}", gw.logs());
+    assert_eq!(r.header("content-encoding").as_deref(), Some("gzip"));
+    assert_eq!(r.header("vary").as_deref(), Some("upstream"));
+    assert_eq!(gunzip(&r.body), page);
+    // Not in `types` (default text/html), or shorter than min_length (20): as it came.
+    for path in ["/plain", "/tiny"] {
+        let r = gz(path);
+        assert_eq!(r.header("content-encoding"), None, "{path}");
+        assert!(r.header("content-length").is_some(), "{path}");
+    }
+    // http_version 1.1: an HTTP/1.0 request is answered uncompressed.
+    let resp = raw(
+        gw.addr(),
+        b"GET /page HTTP/1.0\r\nHost: t\r\nAccept-Encoding: gzip\r\n\r\n",
+    );
+    let head = resp.split("\r\n\r\n").next().unwrap().to_ascii_lowercase();
+    assert!(!head.contains("content-encoding"), "{head}");
+    // `types: "*"` and `vary`: any type, and Vary gets Accept-Encoding after the upstream's.
+    let r = gz("/vary");
+    assert_eq!(r.header("content-encoding").as_deref(), Some("gzip"));
+    let vary: Vec<_> = r
+        .headers
+        .get_all("vary")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_string())
+        .collect();
+    assert_eq!(vary.join(", "), "upstream, Accept-Encoding");
+    assert_eq!(gunzip(&r.body), page);
+}

@@ -1157,3 +1157,124 @@ fn apisix_runtime_client_controls_address_body_limit_and_buffering() {
     assert!(h.get("transfer-encoding").is_none(), "{h}");
     assert_eq!(r.json()["body_len"], 1000);
 }
+
+/// `resty.apisix.response.set_gzip` (what APISIX's `gzip` calls): the response goes out
+/// gzip-compressed where nginx's gzip filter would compress it, after any body_filter.
+#[test]
+fn set_gzip_compresses_as_nginx_gzip_filter() {
+    use std::io::Read;
+    let text: String = (0..40_000)
+        .map(|i| format!("line {i} of moongate\n"))
+        .collect();
+    let text: &'static str = Box::leak(text.into_boxed_str());
+    let up = Upstream::start(move |req| async move {
+        let mut res = http::Response::new(full(text));
+        let h = res.headers_mut();
+        h.insert("content-type", "text/html".parse().unwrap());
+        h.insert("etag", "\"v1\"".parse().unwrap());
+        h.insert("accept-ranges", "bytes".parse().unwrap());
+        match req.uri().path() {
+            "/gz/encoded" => {
+                h.insert("content-encoding", "br".parse().unwrap());
+            }
+            "/gz/partial" => *res.status_mut() = http::StatusCode::PARTIAL_CONTENT,
+            "/gz/missing" => *res.status_mut() = http::StatusCode::NOT_FOUND,
+            _ => {}
+        }
+        res
+    });
+    let node = up.node();
+    let route = |id: &str, uri: &str, plugins: &str| {
+        format!(
+            "  - id: {id}\n    uri: {uri}\n    plugins:\n{plugins}    upstream:\n      nodes:\n        \"{node}\": 1\n"
+        )
+    };
+    let gw = Gateway::start_with_plugins(
+        &[
+            ("gzip-on", common::lua_plugins::GZIP_ON),
+            ("upper-body", common::lua_plugins::UPPER_BODY),
+        ],
+        &format!(
+            "workers: 1\nroutes:\n{}{}{}",
+            route("gz", "/gz/*", "      gzip-on: {level: 6}\n"),
+            route(
+                "upper",
+                "/upper",
+                "      gzip-on: {}\n      upper-body: {}\n"
+            ),
+            route("bad", "/bad", "      gzip-on: {bad: true}\n"),
+        ),
+    );
+    let gunzip = |body: &[u8]| {
+        let mut out = String::new();
+        flate2::read::GzDecoder::new(body)
+            .read_to_string(&mut out)
+            .expect("a gzip stream");
+        out
+    };
+    let gz = |path: &str| {
+        Req::get(&gw.url(path))
+            .header("Accept-Encoding", "br;q=0.9, gzip")
+            .send()
+    };
+
+    let r = gz("/gz/page");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-encoding").as_deref(), Some("gzip"));
+    assert_eq!(r.header("content-length"), None);
+    assert_eq!(r.header("accept-ranges"), None);
+    assert_eq!(r.header("etag").as_deref(), Some("W/\"v1\""));
+    assert!(r.body.len() < text.len() / 5, "{} bytes", r.body.len());
+    assert_eq!(gunzip(&r.body), text);
+    // 404 is compressed too, as nginx does.
+    let r = gz("/gz/missing");
+    assert_eq!(r.status, 404);
+    assert_eq!(gunzip(&r.body), text);
+
+    // Where nginx leaves the response alone: no gzip in Accept-Encoding (or q=0), a HEAD, a
+    // request through another proxy (Via), a body already encoded, a 206.
+    for (path, method, headers) in [
+        ("/gz/page", "GET", vec![]),
+        ("/gz/page", "GET", vec![("Accept-Encoding", "gzip;q=0, br")]),
+        ("/gz/page", "HEAD", vec![("Accept-Encoding", "gzip")]),
+        (
+            "/gz/page",
+            "GET",
+            vec![("Accept-Encoding", "gzip"), ("Via", "1.1 edge")],
+        ),
+        ("/gz/partial", "GET", vec![("Accept-Encoding", "gzip")]),
+    ] {
+        let mut req = Req::new(method, &gw.url(path));
+        for (k, v) in &headers {
+            req = req.header(k, v);
+        }
+        let r = req.send();
+        assert_eq!(
+            r.header("content-encoding"),
+            None,
+            "{method} {path} {headers:?}"
+        );
+        assert_eq!(r.header("etag").as_deref(), Some("\"v1\""));
+        assert_eq!(
+            r.header("content-length").as_deref(),
+            Some(text.len().to_string().as_str())
+        );
+        if method == "GET" {
+            assert_eq!(r.body.len(), text.len());
+        }
+    }
+    let r = gz("/gz/encoded");
+    assert_eq!(r.header("content-encoding").as_deref(), Some("br"));
+    assert_eq!(r.body.len(), text.len());
+
+    // Compression comes after body_filter.
+    let r = gz("/upper");
+    assert_eq!(r.header("content-encoding").as_deref(), Some("gzip"));
+    assert_eq!(gunzip(&r.body), text.to_uppercase());
+
+    // Out-of-range buffers: nil, err, and the response as it was.
+    let r = gz("/bad");
+    assert_eq!(r.header("x-bad").as_deref(), Some("nil failed to set gzip"));
+    assert_eq!(r.header("content-encoding"), None);
+    assert_eq!(r.body.len(), text.len());
+}

@@ -46,6 +46,10 @@ pub struct Ctx {
     /// How plugins changed this request's client handling (APISIX-Runtime's
     /// `resty.apisix.client`).
     pub client: ClientControl,
+    /// Compress this response with gzip (APISIX-Runtime's `resty.apisix.response.set_gzip`,
+    /// called in header_filter by APISIX's `gzip`): applied as the head goes out, where
+    /// [`crate::compress::applies`] says nginx would.
+    pub gzip: Option<crate::compress::GzipRequest>,
     pub scheme: &'static str,
     /// The connection's TLS parameters, on a TLS listener (`ssl_*` variables).
     pub tls: Option<std::rc::Rc<crate::tls::TlsInfo>>,
@@ -204,6 +208,7 @@ impl Ctx {
             remote_addr,
             local_addr,
             client: ClientControl::default(),
+            gzip: None,
             scheme,
             tls: None,
             host,

@@ -18,6 +18,7 @@ use crate::body::{
     BoxError, ClientBody, ClientBodyFault, FaultCell, IdleTimeout, KeptBody, RequestBody,
     ResponseBody, UpstreamRequestBody,
 };
+use crate::compress;
 use crate::config::{Node, NodeConfig, PassHost, Timeout, Upstream};
 use crate::health::{Observation, Source};
 use crate::http1::client::{RequestHead, ResponseLines};
@@ -577,7 +578,9 @@ pub(super) fn respond(
         // Lines kept unparsed become headers when something is to see or change them after all
         // (whoever kept them expected nothing would; this keeps that a matter of speed only).
         if raw.is_some()
-            && (!ctx.staged_headers.is_empty() || chain::any_has(&chains, chain::RESPONSE_PHASES))
+            && (!ctx.staged_headers.is_empty()
+                || ctx.gzip.is_some()
+                || chain::any_has(&chains, chain::RESPONSE_PHASES))
         {
             if let Some(raw) = raw.take() {
                 raw.into_headers(&mut head.headers);
@@ -596,6 +599,14 @@ pub(super) fn respond(
         filter_body = chain::any_has(&chains, &[Phase::BodyFilter]);
     }
     ctx.status = head.status.as_u16();
+    // A plugin asked for gzip (APISIX's `gzip`, in header_filter): where nginx would compress.
+    let gzip = ctx
+        .gzip
+        .filter(|_| compress::applies(&ctx.method, &ctx.headers, head.status, &head.headers))
+        .map(|req| {
+            compress::prepare_headers(&mut head.headers);
+            compress::Gzip::new(req)
+        });
     ctx.bytes_sent += head_size(&head.headers, raw.as_ref());
     if filter_body {
         // The body may change size: let it go out chunked.
@@ -621,6 +632,7 @@ pub(super) fn respond(
         failed: None,
         replaced: Cell::new(None),
         tunnel: None,
+        gzip,
     });
     *res.status_mut() = head.status;
     *res.headers_mut() = head.headers;
@@ -768,6 +780,9 @@ pub struct GatewayBody {
     replaced: Cell<Option<StatusCode>>,
     /// A `101`'s upstream connection, for the server to join to the client's.
     tunnel: Option<tunnel::Peer>,
+    /// The encoder when the response goes out gzip-compressed (after body_filter, as nginx's
+    /// gzip filter runs after the Lua body filter).
+    gzip: Option<compress::Gzip>,
 }
 
 impl GatewayBody {
@@ -798,6 +813,22 @@ impl GatewayBody {
         self.failed = Some(why);
         self.inner = ResponseBody::Empty;
         Poll::Ready(Some(Err(e)))
+    }
+
+    /// What goes out for `data`: compressed when gzip is on (`last`: the stream's end, with
+    /// the trailer).
+    fn encode(&mut self, data: Bytes, last: bool) -> Bytes {
+        match self.gzip.as_mut() {
+            Some(gz) if last => gz.finish_with(&data),
+            Some(gz) if !data.is_empty() => gz.push(&data),
+            Some(_) => Bytes::new(),
+            None => data,
+        }
+    }
+
+    /// Whether body frames pass as they come (no body_filter, no compression).
+    fn passes_through(&self) -> bool {
+        self.gzip.is_none() && !self.finish.as_ref().is_some_and(|f| f.filter_body)
     }
 
     fn filter(&mut self, data: Bytes, eof: bool) -> Result<BodyChunk, PluginError> {
@@ -886,8 +917,7 @@ impl Drop for GatewayBody {
             Outcome::Completed
         } else if let Some(why) = self.failed {
             Outcome::Failed(why)
-        } else if !self.finish.as_ref().is_some_and(|f| f.filter_body) && self.inner.is_end_stream()
-        {
+        } else if self.passes_through() && self.inner.is_end_stream() {
             // The body ended without being polled to its end (an empty body).
             Outcome::Completed
         } else {
@@ -919,30 +949,31 @@ impl Body for GatewayBody {
                         Ok(d) => d,
                         Err(frame) => return Poll::Ready(Some(Ok(frame))),
                     };
-                    if let Some(f) = this.finish.as_mut() {
-                        if !f.filter_body {
-                            f.ctx.body_bytes_sent += data.len() as u64;
-                            f.ctx.bytes_sent += data.len() as u64;
-                            return Poll::Ready(Some(Ok(Frame::data(data))));
-                        }
-                    } else {
+                    if this.passes_through() {
+                        this.count_sent(data.len());
                         return Poll::Ready(Some(Ok(Frame::data(data))));
                     }
-                    match this.filter(data, false) {
+                    let filtered = if this.finish.as_ref().is_some_and(|f| f.filter_body) {
+                        this.filter(data, false)
+                    } else {
+                        Ok(BodyChunk { data, eof: false })
+                    };
+                    match filtered {
                         Ok(chunk) => {
+                            let out = this.encode(chunk.data, chunk.eof);
+                            this.count_sent(out.len());
                             if chunk.eof {
                                 // A plugin ended the body early: drop the rest.
                                 this.inner = ResponseBody::Empty;
                                 this.end(Outcome::Completed);
                             }
-                            if chunk.data.is_empty() {
+                            if out.is_empty() {
                                 if this.ended {
                                     return Poll::Ready(None);
                                 }
                                 continue;
                             }
-                            this.count_sent(chunk.data.len());
-                            return Poll::Ready(Some(Ok(Frame::data(chunk.data))));
+                            return Poll::Ready(Some(Ok(Frame::data(out))));
                         }
                         Err(e) => {
                             tracing::error!(plugin = %e.plugin, phase = e.phase, "{}", e.message);
@@ -972,6 +1003,7 @@ impl Body for GatewayBody {
                     } else {
                         Bytes::new()
                     };
+                    let last = this.encode(last, true);
                     this.count_sent(last.len());
                     this.end(Outcome::Completed);
                     if last.is_empty() {
@@ -985,12 +1017,11 @@ impl Body for GatewayBody {
 
     fn is_end_stream(&self) -> bool {
         // With body filters a last chunk may still come at the end; never claim the end early.
-        self.ended
-            || (!self.finish.as_ref().is_some_and(|f| f.filter_body) && self.inner.is_end_stream())
+        self.ended || (self.passes_through() && self.inner.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
-        if self.finish.as_ref().is_some_and(|f| f.filter_body) {
+        if !self.passes_through() {
             SizeHint::default()
         } else {
             self.inner.size_hint()

@@ -68,3 +68,37 @@ function _M.rewrite(conf, ctx)
 end
 return _M
 "#;
+
+/// Asks for gzip in header_filter through `resty.apisix.response` (as APISIX's `gzip` does);
+/// `bad`: instead shows what a call with out-of-range buffers answers, in `X-Bad`.
+pub const GZIP_ON: &str = r#"
+local core = require("apisix.core")
+local response = require("resty.apisix.response")
+local _M = { version = 0.1, priority = 995, name = "gzip-on", schema = { type = "object" } }
+function _M.check_schema(conf)
+    return core.schema.check(_M.schema, conf)
+end
+function _M.header_filter(conf, ctx)
+    if conf.bad then
+        local ok, err = response.set_gzip({ buffer_num = 0, buffer_size = 4096, compress_level = 1 })
+        core.response.set_header("X-Bad", tostring(ok) .. " " .. tostring(err))
+        return
+    end
+    assert(response.set_gzip({ buffer_num = 32, buffer_size = 4096, compress_level = conf.level or 1 }))
+end
+return _M
+"#;
+
+/// A body_filter that upper-cases the response body.
+pub const UPPER_BODY: &str = r#"
+local _M = { version = 0.1, priority = 10, name = "upper-body", schema = { type = "object" } }
+function _M.check_schema(conf)
+    return true
+end
+function _M.body_filter(conf, ctx)
+    if ngx.arg[1] then
+        ngx.arg[1] = string.upper(ngx.arg[1])
+    end
+end
+return _M
+"#;

@@ -11,6 +11,12 @@
 //! * `set_proxy_request_buffering(on)`: read the whole body before the upstream request (it then
 //!   goes with a Content-Length) instead of streaming it.
 //! * `enable_mirror()`: request mirroring is not provided; it answers `nil, err`.
+//!
+//! And `require("resty.apisix.response")`, what APISIX's `gzip` calls:
+//!
+//! * `set_gzip({buffer_num, buffer_size, compress_level})`: compress this response with gzip at
+//!   that level (1-9), where nginx's gzip filter would ([`crate::compress`]). Called in
+//!   header_filter, before the head goes out; the buffer sizes are checked and otherwise unused.
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -23,7 +29,50 @@ pub(crate) fn install(lua: &Lua, preload: &Table) -> mlua::Result<()> {
     preload.set(
         "resty.apisix.client",
         lua.create_function(|lua, _: mlua::MultiValue| client_module(lua))?,
+    )?;
+    preload.set(
+        "resty.apisix.response",
+        lua.create_function(|lua, _: mlua::MultiValue| response_module(lua))?,
     )
+}
+
+fn response_module(lua: &Lua) -> mlua::Result<Table> {
+    let m = lua.create_table()?;
+    m.set(
+        "set_gzip",
+        lua.create_function(|lua, opts: Value| {
+            let Value::Table(opts) = opts else {
+                return Err(mlua::Error::runtime(format!(
+                    "bad opts type: {}",
+                    opts.type_name()
+                )));
+            };
+            let int = |k: &str| -> mlua::Result<Option<i64>> {
+                Ok(match opts.get::<Value>(k)? {
+                    Value::Integer(n) => Some(n),
+                    Value::Number(n) if n.fract() == 0.0 => Some(n as i64),
+                    _ => None,
+                })
+            };
+            let (Some(num), Some(size), Some(level)) = (
+                int("buffer_num")?,
+                int("buffer_size")?,
+                int("compress_level")?,
+            ) else {
+                return fail(lua, "failed to set gzip");
+            };
+            if num < 1 || size < 1 || !(1..=9).contains(&level) {
+                return fail(lua, "failed to set gzip");
+            }
+            with_ctx(|c| {
+                c.gzip = Some(crate::compress::GzipRequest {
+                    level: level as u32,
+                })
+            })?;
+            Ok((Value::Boolean(true), Value::Nil))
+        })?,
+    )?;
+    Ok(m)
 }
 
 fn client_module(lua: &Lua) -> mlua::Result<Table> {
