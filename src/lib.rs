@@ -18,6 +18,7 @@ pub mod compress;
 pub mod config;
 pub mod control;
 pub mod dns;
+pub mod errorlog;
 pub mod health;
 pub mod host;
 pub mod http1;

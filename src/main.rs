@@ -145,7 +145,9 @@ fn supervise(path: &std::path::Path) -> ExitCode {
         Ok(p) => p,
         Err(errors) => return refuse(&errors),
     };
-    init_logging(partial.doc.node.log_level.as_deref());
+    if !init_logging(Some(&partial.doc.node)) {
+        return ExitCode::FAILURE;
+    }
     if !partial.errors.is_empty() || !startup::node_problems(&partial.doc.node).is_empty() {
         // Before anything binds: the same full report the serving process (and `check`)
         // would give.
@@ -248,16 +250,26 @@ fn init_check_logging() {
         .try_init();
 }
 
-fn init_logging(level: Option<&str>) {
-    let filter = match std::env::var("RUST_LOG") {
-        Ok(v) if !v.is_empty() => EnvFilter::new(v),
-        _ => EnvFilter::new(level.unwrap_or("info")),
-    };
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .try_init();
+/// The error log as the node's settings say (`src/errorlog/`); before a config is read, or
+/// when its settings are bad (the start-up refuses them next), stderr at `info`. False, logged
+/// on stderr, when the configured file cannot be opened.
+fn init_logging(node: Option<&NodeConfig>) -> bool {
+    let settings = node
+        .and_then(|n| moongate::errorlog::Settings::from_node(n).ok())
+        .unwrap_or_else(|| moongate::errorlog::Settings {
+            destination: moongate::errorlog::Destination::Stderr,
+            format: Default::default(),
+            filter: node
+                .and_then(|n| n.log_level.clone())
+                .unwrap_or_else(|| "info".into()),
+        });
+    match moongate::errorlog::init(&settings) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::error!("{e}");
+            false
+        }
+    }
 }
 
 /// The serving process: workers, the control runtime, the Admin API, on the listeners the
@@ -267,7 +279,9 @@ fn serve(path: &std::path::Path, mut inherited: supervisor::Inherited) -> ExitCo
         Ok(p) => p,
         Err(errors) => return refuse(&errors),
     };
-    init_logging(partial.doc.node.log_level.as_deref());
+    if !init_logging(Some(&partial.doc.node)) {
+        return ExitCode::FAILURE;
+    }
     // Before the first build: its upstream nodes' names are looked up from here on.
     moongate::dns::start(moongate::dns::Settings::from_node(&partial.doc.node));
     let snap = match startup::build(partial) {
@@ -467,7 +481,7 @@ fn serve(path: &std::path::Path, mut inherited: supervisor::Inherited) -> ExitCo
 }
 
 /// The signals the serving process takes: SIGTERM and SIGINT stop it, SIGHUP reloads,
-/// SIGUSR1 reopens the access log.
+/// SIGUSR1 reopens the access and error logs.
 struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
@@ -518,6 +532,7 @@ async fn wait_for_signal(signals: Option<Signals>, reloader: &Arc<Reloader>) {
                 if let Some(log) = moongate::accesslog::get() {
                     log.reopen();
                 }
+                moongate::errorlog::reopen();
             }
         }
     }

@@ -110,6 +110,9 @@ pub fn node_problems(node: &NodeConfig) -> Vec<ConfigError> {
     if let Err(e) = crate::accesslog::Mode::from_node(node) {
         errors.push(e);
     }
+    if let Err(e) = crate::errorlog::Settings::from_node(node) {
+        errors.push(e);
+    }
     if let Err(e) = crate::metrics::Settings::from_node(node) {
         errors.push(e);
     }

@@ -36,6 +36,15 @@ pub const DEFAULT_PATH: &str = "logs/access.log";
 pub struct NginxConfig {
     #[serde(default)]
     pub http: HttpConfig,
+    /// The error log: a file path or `stderr` (default), see [`crate::errorlog`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_log: Option<String>,
+    /// nginx's level names (`debug` ... `emerg`); `log_level` overrides it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_log_level: Option<String>,
+    /// `text` (default) or `json` lines (moongate's).
+    #[serde(default)]
+    pub error_log_format: crate::errorlog::ErrorLogFormat,
 }
 
 /// `nginx_config.http`: the access log.

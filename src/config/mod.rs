@@ -698,6 +698,7 @@ fn resolve_paths(node: &mut NodeConfig, base: &Path) {
         }
     }
     crate::accesslog::resolve_path(&mut node.nginx_config.http, base);
+    crate::errorlog::resolve_path(&mut node.nginx_config.error_log, base);
     if let Some(d) = &mut node.data_dir {
         if d.is_relative() {
             *d = base.join(&*d);

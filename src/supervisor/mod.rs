@@ -270,7 +270,11 @@ pub fn run(mut listeners: ListenerSet, args: Vec<OsString>) -> ExitCode {
                 next_start = Some(Instant::now() + delay);
             }
             sig => {
-                // SIGHUP (reload) and SIGUSR1 (reopen the access log) only pass on.
+                // SIGHUP (reload) and SIGUSR1 (reopen the logs) pass on; the supervisor
+                // reopens its own error log file on SIGUSR1.
+                if sig == libc::SIGUSR1 {
+                    crate::errorlog::reopen();
+                }
                 if sig != libc::SIGHUP && sig != libc::SIGUSR1 {
                     stopping = true;
                     // No new serving process will take them: refuse new connections now
