@@ -430,6 +430,7 @@ fn serve(path: &std::path::Path, mut inherited: supervisor::Inherited) -> ExitCo
     let metric_sources: Vec<Arc<dyn moongate::metrics::expose::Source>> = vec![
         Arc::new(moongate::metrics::sources::ConfigSource(reloader.clone())),
         Arc::new(moongate::accesslog::DroppedSource),
+        Arc::new(moongate::metrics::runtime::RuntimeSource),
     ];
     if let Err(e) = moongate::metrics::start_export(rt.handle(), metric_sources) {
         tracing::error!("{e}");

@@ -333,3 +333,126 @@ fn a_bad_export_setting_stops_the_start_with_its_path() {
         "{out}"
     );
 }
+
+/// Stops a call by spinning (`spin`) or by filling the VM past its cap (`hog`).
+const MISBEHAVE: &str = r#"
+local _M = { version = 0.1, priority = 100, name = "misbehave", schema = { type = "object" } }
+function _M.check_schema(conf) return true end
+function _M.access(conf, ctx)
+    if conf.spin then
+        while true do end
+    end
+    if conf.hog then
+        local t = {}
+        for i = 1, 1e8 do t[i] = string.rep("x", 1024) .. i end
+    end
+end
+return _M
+"#;
+
+/// moongate's runtime families: Lua calls stopped by reason, the worker's VM memory, upstream
+/// connections made, idle and active, openfunction calls by outcome.
+#[test]
+fn moongate_runtime_families_follow_what_happened() {
+    let up = Upstream::echo();
+    let function = Upstream::start(|req| async move {
+        let mut res = http::Response::new(full("from the function"));
+        if req.uri().path() == "/err" {
+            *res.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
+        }
+        res
+    });
+    let node = up.node();
+    let f = function.node();
+    let route = |id: &str, plugins: &str| {
+        format!("  - id: {id}\n    uri: /{id}\n    plugins:\n{plugins}    upstream:\n      nodes:\n        \"{node}\": 1\n")
+    };
+    let yaml = format!(
+        "workers: 1\nlua:\n  call_budget_ms: 100\n  memory_limit_mb: 32\nplugin_attr:\n  prometheus:\n    export_addr: {{ip: 127.0.0.1, port: 0}}\nroutes:\n{}{}{}{}{}{}",
+        route("hello", "      misbehave: {}\n"),
+        route("spin", "      misbehave: {spin: true}\n"),
+        route("hog", "      misbehave: {hog: true}\n"),
+        route("ok", &format!("      openfunction: {{function_uri: \"http://{f}/ok\"}}\n")),
+        route("err", &format!("      openfunction: {{function_uri: \"http://{f}/err\"}}\n")),
+        route(
+            "dead",
+            &format!(
+                "      openfunction: {{function_uri: \"http://127.0.0.1:{}/\"}}\n",
+                closed_port()
+            )
+        ),
+    );
+    let gw = Gateway::start_with_plugins(&[("misbehave", MISBEHAVE)], &yaml);
+    let url = metrics_url(&gw);
+
+    assert_eq!(get(&gw.url("/spin")).status, 500);
+    assert_eq!(get(&gw.url("/hog")).status, 500);
+    assert_eq!(get(&gw.url("/hog")).status, 500);
+    assert_eq!(get(&gw.url("/ok")).status, 200);
+    assert_eq!(get(&gw.url("/ok")).status, 200);
+    assert_eq!(get(&gw.url("/err")).status, 500);
+    assert_eq!(get(&gw.url("/dead")).status, 503);
+    assert_eq!(get(&gw.url("/hello")).status, 200);
+
+    // The worker publishes its gauges once a second: scrape until the two kept-alive
+    // connections (the echo upstream's, the function's) show as idle (bounded).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let s = loop {
+        let (_, s, _) = scrape(&url, None);
+        let idle = value(
+            &s,
+            "moongate_upstream_connections",
+            &[("worker", "0"), ("state", "idle")],
+        );
+        if idle == 2.0 {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "idle upstream connections: {idle}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let stopped = |reason| {
+        value(
+            &s,
+            "moongate_lua_calls_stopped_total",
+            &[("reason", reason)],
+        )
+    };
+    assert_eq!(stopped("time_budget"), 1.0);
+    assert_eq!(stopped("memory_cap"), 2.0);
+    let calls = |outcome| {
+        value(
+            &s,
+            "moongate_openfunction_calls_total",
+            &[("outcome", outcome)],
+        )
+    };
+    assert_eq!(calls("ok"), 2.0);
+    assert_eq!(calls("function_error"), 1.0);
+    assert_eq!(calls("failed"), 1.0);
+    assert_eq!(calls("bad_request"), 0.0);
+    assert_eq!(
+        value(
+            &s,
+            "moongate_upstream_connections",
+            &[("worker", "0"), ("state", "active")]
+        ),
+        0.0
+    );
+    let lua = value(&s, "moongate_lua_memory_bytes", &[("worker", "0")]);
+    assert!(lua > 100_000.0 && lua < 32.0 * 1024.0 * 1024.0, "{lua}");
+    let created = value(&s, "moongate_upstream_connections_created_total", &[]);
+    assert!(created >= 2.0, "{created}");
+    // Kept-alive connections are reused: more requests make none.
+    for _ in 0..3 {
+        assert_eq!(get(&gw.url("/hello")).status, 200);
+        assert_eq!(get(&gw.url("/ok")).status, 200);
+    }
+    let (_, s, _) = scrape(&url, None);
+    assert_eq!(
+        value(&s, "moongate_upstream_connections_created_total", &[]),
+        created
+    );
+}

@@ -12,6 +12,7 @@
 
 pub mod expose;
 pub mod http;
+pub mod runtime;
 pub mod server;
 pub mod sources;
 pub mod store;

@@ -34,6 +34,7 @@ use serde_json::{json, Value};
 
 use crate::body::{ClientBodyFault, IdleTimeout, RequestBody, ResponseBody, UpstreamRequestBody};
 use crate::http1::client::{put_header, HeadEdit, RequestHead, ResponseLines};
+use crate::metrics::runtime::{self, OpenFunctionOutcome as Outcome};
 use crate::plugin::{
     ConfScope, Ctx, Flow, LocalResponse, Phase, PhaseResult, PhaseSet, Plugin, PluginConf,
     PluginError, Schema,
@@ -431,16 +432,20 @@ impl Plugin for OpenFunction {
                         "error while reading request body: {e}"
                     ),
                 }
+                runtime::openfunction(Outcome::BadRequest);
                 return exit(StatusCode::BAD_REQUEST);
             }
         };
         match call(c, ctx, body).await {
             Ok(local) => {
                 if local.status.as_u16() >= 400 {
+                    runtime::openfunction(Outcome::FunctionError);
                     tracing::warn!(
                         "{NAME} exits with http status code {}",
                         local.status.as_u16()
                     );
+                } else {
+                    runtime::openfunction(Outcome::Ok);
                 }
                 Ok(Flow::respond(local))
             }
@@ -449,6 +454,7 @@ impl Plugin for OpenFunction {
                     route = ctx.route_id(),
                     "failed to process {NAME}, err: {reason}"
                 );
+                runtime::openfunction(Outcome::Failed);
                 exit(StatusCode::SERVICE_UNAVAILABLE)
             }
         }

@@ -7,7 +7,7 @@
 //! ([`crate::http1::client`]): no task per connection; the response body puts it back into the
 //! pool when it has been read to its end.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -200,8 +200,31 @@ pub fn worker_client() -> Client {
     WORKER_CLIENT.with(Client::clone)
 }
 
+thread_local! {
+    /// This worker's HTTP/1.1 upstream connections carrying a request (checked out of the pool
+    /// or new, until back in the pool or closed): `moongate_upstream_connections`.
+    static ACTIVE: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Counts one connection in [`ACTIVE`] while it lives.
+struct Active(());
+
+impl Active {
+    fn new() -> Active {
+        ACTIVE.with(|a| a.set(a.get() + 1));
+        Active(())
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        ACTIVE.with(|a| a.set(a.get().saturating_sub(1)));
+    }
+}
+
 /// A connection ready for one request.
 pub struct Conn {
+    active: Active,
     conn: Connection<Stream>,
     target: Target,
     requests: u64,
@@ -240,6 +263,10 @@ pub struct Upgraded {
 
 /// Where a connection goes when its response has been read: back to its worker's pool.
 pub struct PoolReturn {
+    active: Active,
+    /// False: the connection closes when its body is read (the pool is off for the upstream,
+    /// or the connection has served `max_requests`).
+    reuse: bool,
     client: Client,
     target: Target,
     pool: PoolOptions,
@@ -250,6 +277,10 @@ pub struct PoolReturn {
 
 impl Recycle<Stream> for PoolReturn {
     fn recycle(self, conn: Connection<Stream>) {
+        drop(self.active);
+        if !self.reuse {
+            return;
+        }
         self.client.put_idle(
             Idle {
                 conn,
@@ -279,6 +310,7 @@ impl Client {
         }
         let (conn, dns) = Box::pin(connect(target, connect_timeout)).await?;
         Ok(Conn {
+            active: Active::new(),
             conn,
             target: target.clone(),
             requests: 0,
@@ -298,6 +330,7 @@ impl Client {
                 continue;
             }
             return Some(Conn {
+                active: Active::new(),
                 conn: idle.conn,
                 target: idle.target,
                 requests: idle.requests,
@@ -308,6 +341,18 @@ impl Client {
             });
         }
         None
+    }
+
+    /// This worker's connections: idle in the pool, and carrying a request.
+    pub fn connection_counts(&self) -> (u64, u64) {
+        let idle = self
+            .state
+            .borrow()
+            .idle
+            .values()
+            .map(|l| l.len() as u64)
+            .sum();
+        (idle, ACTIVE.with(Cell::get))
     }
 
     /// Number of idle connections kept for `target` (for tests and status).
@@ -390,6 +435,7 @@ impl Conn {
         pool: PoolOptions,
     ) -> Result<UpstreamResponse, ClientError> {
         let Conn {
+            active,
             mut conn,
             target,
             mut requests,
@@ -442,7 +488,9 @@ impl Conn {
         }
         requests += 1;
         let limit_reached = pool.max_requests > 0 && requests >= pool.max_requests;
-        let recycle = (pool.max_idle > 0 && !limit_reached).then(|| PoolReturn {
+        let recycle = Some(PoolReturn {
+            active,
+            reuse: pool.max_idle > 0 && !limit_reached,
             client: client.clone(),
             target,
             pool,
@@ -469,6 +517,7 @@ async fn connect(
     timeout: Duration,
 ) -> Result<(Connection<Stream>, Option<dns::Pin>), ClientError> {
     let (stream, pin) = connect_pinned(target, timeout, Alpn::Http1).await?;
+    crate::metrics::runtime::UPSTREAM_CREATED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     Ok((Connection::new(stream), pin))
 }
 

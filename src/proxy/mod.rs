@@ -168,6 +168,8 @@ fn worker_main(
         tokio::task::spawn_local(start_plugins(env.gw.clone()));
         // Readiness (`/status/ready`): this worker's loop takes up each generation.
         tokio::task::spawn_local(crate::status::follow(id, env.gw.clone()));
+        // moongate_lua_memory_bytes, moongate_upstream_connections.
+        tokio::task::spawn_local(crate::metrics::runtime::follow(id));
         let active = Rc::new(Cell::new(0usize));
         let idle = Rc::new(Notify::new());
         for (sock, spec) in socks {

@@ -51,6 +51,11 @@ use crate::plugin::{
 use crate::snapshot::Registry;
 
 pub use runtime::LuaRuntime;
+
+/// Memory held by the calling worker's Lua VM (None on a thread without one).
+pub fn used_memory() -> Option<usize> {
+    runtime::used_memory()
+}
 pub use watchdog::BUDGET_EXCEEDED;
 
 /// Runtime settings shared by every plugin version loaded by one build.

@@ -548,6 +548,8 @@ impl LuaRuntime {
 
     fn after_error(&self, e: &mlua::Error) {
         if is_memory_error(e) {
+            crate::metrics::runtime::LUA_MEMORY_STOPS
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             // The VM is fine; give the memory back before the next request.
             let _ = self.lua.gc_collect();
             let _ = self.lua.gc_collect();
@@ -959,6 +961,11 @@ pub(crate) fn one_line(s: &str) -> String {
 }
 
 /// This thread's runtime if it has one (for `ngx.timer`, called from Lua running in it).
+/// Memory held by this thread's VM, if it has one.
+pub(crate) fn used_memory() -> Option<usize> {
+    RUNTIME.with(|r| r.borrow().as_ref().map(|rt| rt.lua.used_memory()))
+}
+
 pub(crate) fn current_runtime() -> Option<Rc<LuaRuntime>> {
     RUNTIME.with(|r| r.borrow().clone())
 }

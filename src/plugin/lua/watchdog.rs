@@ -156,6 +156,7 @@ impl Budget {
             .compare_exchange(s, s | FIRED, Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
         {
+            crate::metrics::runtime::LUA_BUDGET_STOPS.fetch_add(1, Ordering::Relaxed);
             // SAFETY: LuaJIT's lua_sethook only stores the hook fields in the global state
             // and updates the dispatch table, which is meant to be done asynchronously (from
             // a signal handler or another thread) while the VM runs. The state is alive:
