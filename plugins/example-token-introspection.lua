@@ -186,11 +186,15 @@ function _M.access(conf, ctx)
     local key = cache_key(conf, token)
 
     -- The cached entry: "-" for an inactive token, else the JSON of what we keep of the answer.
+    -- Routes asking the same endpoint share entries; a route with a cache turned off ignores
+    -- them.
     local cached = dict:get(key)
     local info
     if cached == "-" then
-        return unauthorized(conf, "The access token is not active", true)
-    elseif cached then
+        if conf.negative_cache_ttl > 0 then
+            return unauthorized(conf, "The access token is not active", true)
+        end
+    elseif cached and conf.cache_ttl > 0 then
         info = core.json.decode(cached)
     end
 
