@@ -4,8 +4,8 @@
 One run starts every server, then measures all targets interleaved, repetition after
 repetition (the order flips every other repetition so slow drift of the machine hits both
 sides alike). Placement as in the method notes ("A"): wrk alone on CPU0, every server (the
-upstream, the function server, nginx, moongate) on CPU1, one worker each, keep-alive on both
-sides. For each target: requests/s (median, min, max), p50/p99 latency, the gateway's CPU
+upstream, the function server, redis-server, nginx, moongate) on CPU1, one worker each,
+keep-alive on both sides. For each target: requests/s (median, min, max), p50/p99 latency, the gateway's CPU
 microseconds per request (utime+stime delta from /proc/PID/stat over the requests wrk
 completed, also split into user and kernel time), its context switches per request (voluntary +
 involuntary, every thread) and its peak RSS (VmHWM). Per-repetition ratios moongate/nginx are the figures to
@@ -14,6 +14,7 @@ trust; absolute rps on a shared VM drift by tens of percent.
     python3 bench/run.py            # 5 reps x 5 s, 1 s warm-up per target and rep
     python3 bench/run.py --quick    # 2 reps x 2 s
     python3 bench/run.py --only nginx,moongate --reps 9
+    python3 bench/run.py --only nginx_lua_redis,moongate_redis,moongate,moongate_http
 
 Output: a table on stdout and bench/out/results.json. Every server it started is stopped by
 PID at the end, also on Ctrl-C or error.
@@ -39,6 +40,8 @@ OUT = os.path.join(BENCH, "out")
 RUN = os.path.join(OUT, "run")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 NGINX_MODULES = "/usr/lib/nginx/modules"
+# lua-resty-redis from Debian's lua-nginx-redis, as resty/redis.lua (never committed).
+LUA_LIBS = os.path.join(OUT, "lua")
 FN_TOKEN = "test:test"
 
 # name, server that answers, path, the gateway whose CPU is charged, the upstream behind it
@@ -51,6 +54,13 @@ TARGETS = [
     ("fn_direct", "function", "/default/function-sample/test", "function", None),
     ("nginx_fn", "nginx", "/fn/test", "nginx", "function"),
     ("moongate_fn", "moongate", "/fn/test", "moongate", "function"),
+    # One Redis INCR per request (bench/plugins/bench-redis-incr.lua, the same file on both
+    # sides, with Debian's lua-resty-redis), then proxied. Redis's CPU is not charged.
+    ("nginx_lua_redis", "nginx", "/redis/", "nginx", "upstream"),
+    ("moongate_redis", "moongate", "/redis/", "moongate", "upstream"),
+    # One resty.http GET to the upstream's /ping per request (bench/plugins/bench-http-get.lua),
+    # then proxied: against "moongate", what the call adds. The upstream serves both requests.
+    ("moongate_http", "moongate", "/http/", "moongate", "upstream"),
 ]
 
 # (label, numerator, denominator): per-repetition ratios
@@ -60,6 +70,8 @@ PAIRS = [
     ("moongate_fn/nginx_fn", "moongate_fn", "nginx_fn"),
     ("moongate_lua/moongate", "moongate_lua", "moongate"),
     ("nginx_lua/nginx", "nginx_lua", "nginx"),
+    ("moongate_redis/nginx_lua_redis", "moongate_redis", "nginx_lua_redis"),
+    ("moongate_http/moongate", "moongate_http", "moongate"),
 ]
 
 started = []  # (name, Popen)
@@ -76,11 +88,33 @@ def sh(cmd, **kw):
 
 def ensure_tools():
     have_lua = os.path.exists(os.path.join(NGINX_MODULES, "ngx_http_lua_module.so"))
-    if shutil.which("nginx") and shutil.which("wrk") and have_lua:
+    if shutil.which("nginx") and shutil.which("wrk") and shutil.which("redis-server") and have_lua:
         return
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     sh(["apt-get", "update"], env=env)
-    sh(["apt-get", "install", "-y", "nginx", "libnginx-mod-http-lua", "wrk"], env=env)
+    sh(["apt-get", "install", "-y", "nginx", "libnginx-mod-http-lua", "wrk", "redis-server"], env=env)
+
+
+def ensure_lua_redis():
+    """Debian's lua-nginx-redis (lua-resty-redis 0.27) as bench/out/lua/resty/redis.lua: the
+    installed file when the package is installed, else the package fetched with `apt-get
+    download` and unpacked with `dpkg -x` (installing it would pull in nginx-extras)."""
+    dst = os.path.join(LUA_LIBS, "resty", "redis.lua")
+    if os.path.exists(dst):
+        return
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    installed = "/usr/share/lua/5.1/nginx/redis.lua"
+    if os.path.exists(installed):
+        shutil.copy(installed, dst)
+        return
+    work = os.path.join(OUT, "deb")
+    shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(work)
+    sh(["apt-get", "download", "-q", "lua-nginx-redis"], cwd=work)
+    deb = next(f for f in os.listdir(work) if f.endswith(".deb"))
+    sh(["dpkg", "-x", os.path.join(work, deb), os.path.join(work, "root")])
+    shutil.copy(os.path.join(work, "root/usr/share/lua/5.1/nginx/redis.lua"), dst)
+    shutil.rmtree(work)
 
 
 def build():
@@ -115,12 +149,15 @@ http {{
         location / {{ return 200 "hello"; }}
         location /check {{ return 200 "x-gw=$http_x_gw"; }}
         location /lua/check {{ return 200 "x-gw=$http_x_gw"; }}
+        location /redis/check {{ return 200 "x-hits=$http_x_hits"; }}
+        location /http/check {{ return 200 "x-got=$http_x_got"; }}
+        location /ping {{ return 200 "pong"; }}
     }}
 }}
 """
 
 
-def nginx_conf(port, up_port, fn_port):
+def nginx_conf(port, up_port, fn_port, redis_port):
     auth = base64.b64encode(FN_TOKEN.encode()).decode()
     return f"""
 load_module {NGINX_MODULES}/ndk_http_module.so;
@@ -133,6 +170,9 @@ events {{ worker_connections 4096; }}
 http {{
     access_log off;
     keepalive_requests 1000000;
+    lua_package_path "{BENCH}/plugins/?.lua;{LUA_LIBS}/?.lua;;";
+    # The plugin's conf, made once as moongate makes it once per route version.
+    init_by_lua_block {{ bench_redis_conf = {{ host = "127.0.0.1", port = {redis_port} }} }}
     upstream backend {{
         server 127.0.0.1:{up_port};
         keepalive 128;
@@ -154,6 +194,13 @@ http {{
             access_by_lua_block {{ ngx.req.set_header("X-Gw", "1") }}
             proxy_pass http://backend;
         }}
+        location /redis/ {{
+            access_by_lua_block {{
+                local code = require("bench-redis-incr").access(bench_redis_conf)
+                if code then return ngx.exit(code) end
+            }}
+            proxy_pass http://backend;
+        }}
         location /fn/ {{
             # proxy_set_header at this level replaces the server's: repeat Connection "".
             proxy_set_header Connection "";
@@ -165,7 +212,7 @@ http {{
 """
 
 
-def moongate_conf(port, up_port, fn_port):
+def moongate_conf(port, up_port, fn_port, redis_port):
     pool = "{size: 128, idle_timeout: 60, requests: 1000000}"
     return f"""
 listen: 127.0.0.1:{port}
@@ -173,6 +220,8 @@ workers: 1
 plugin_dirs: [{BENCH}/plugins]
 log_level: warn
 access_log: false
+lua:
+  package_path: ["{LUA_LIBS}/?.lua"]
 routes:
   - id: plain
     uri: /*
@@ -184,6 +233,22 @@ routes:
     uri: /lua/*
     plugins:
       bench-set-header: {{}}
+    upstream:
+      type: roundrobin
+      nodes: {{"127.0.0.1:{up_port}": 1}}
+      keepalive_pool: {pool}
+  - id: redis
+    uri: /redis/*
+    plugins:
+      bench-redis-incr: {{host: 127.0.0.1, port: {redis_port}}}
+    upstream:
+      type: roundrobin
+      nodes: {{"127.0.0.1:{up_port}": 1}}
+      keepalive_pool: {pool}
+  - id: http
+    uri: /http/*
+    plugins:
+      bench-http-get: {{url: "http://127.0.0.1:{up_port}/ping"}}
     upstream:
       type: roundrobin
       nodes: {{"127.0.0.1:{up_port}": 1}}
@@ -216,6 +281,7 @@ def stop_all():
         if p.poll() is None:
             try:
                 # nginx: QUIT is a graceful stop; moongate treats TERM as one.
+                # redis-server: TERM (it saves nothing: --save "").
                 p.send_signal(signal.SIGQUIT if name in ("upstream", "nginx") else signal.SIGTERM)
                 p.wait(timeout=10)
             except subprocess.TimeoutExpired:
@@ -239,6 +305,19 @@ def wait_http(url, expect=None, tries=100):
             last = e
         time.sleep(0.1)
     raise RuntimeError(f"{url} did not answer as expected: {last}")
+
+
+def wait_redis(port, tries=100):
+    for _ in range(tries):
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(16).startswith(b"+PONG"):
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"redis-server on port {port} did not answer PING")
 
 
 def tree(pid):
@@ -367,11 +446,11 @@ def setup():
     """Writes the configs to bench/out/run/, starts every server on CPU1 and checks that each
     answers as the table says. Returns (processes, base URLs, idle RSS KiB), by server name."""
     os.makedirs(RUN, exist_ok=True)
-    up_port, ngx_port, mg_port, fn_port = free_ports(4)
+    up_port, ngx_port, mg_port, fn_port, redis_port = free_ports(5)
     files = {
         "upstream.conf": upstream_conf(up_port),
-        "nginx.conf": nginx_conf(ngx_port, up_port, fn_port),
-        "moongate.yaml": moongate_conf(mg_port, up_port, fn_port),
+        "nginx.conf": nginx_conf(ngx_port, up_port, fn_port, redis_port),
+        "moongate.yaml": moongate_conf(mg_port, up_port, fn_port, redis_port),
     }
     for name, text in files.items():
         with open(os.path.join(RUN, name), "w") as f:
@@ -380,6 +459,8 @@ def setup():
     mg_bin = os.path.join(ROOT, "target/release/moongate")
     fn_bin = os.path.join(ROOT, "target/release/examples/function_sample")
     procs = {
+        "redis": start("redis", ["redis-server", "--bind", "127.0.0.1", "--port", str(redis_port),
+                                 "--save", "", "--appendonly", "no"], f"{RUN}/redis.stderr"),
         "upstream": start("upstream", ["nginx", "-p", RUN, "-c", f"{RUN}/upstream.conf"], f"{RUN}/upstream.stderr"),
         "function": start("function", [fn_bin, "--listen", f"127.0.0.1:{fn_port}"], f"{RUN}/function.stderr"),
         "nginx": start("nginx", ["nginx", "-p", RUN, "-c", f"{RUN}/nginx.conf"], f"{RUN}/nginx.stderr"),
@@ -392,6 +473,7 @@ def setup():
         "moongate": f"http://127.0.0.1:{mg_port}",
     }
     # Up, and doing what the table says: the Lua rows really set the header.
+    wait_redis(redis_port)
     wait_http(base["upstream"] + "/", "hello")
     wait_http(base["function"] + "/default/function-sample/x", "Hello, x!")
     wait_http(base["nginx"] + "/", "hello")
@@ -399,6 +481,12 @@ def setup():
     wait_http(base["nginx"] + "/lua/check", "x-gw=1")
     wait_http(base["moongate"] + "/lua/check", "x-gw=1")
     wait_http(base["nginx"] + "/fn/test", "Hello, test!")
+    # The Redis rows really count (each check is one more INCR), the http row really calls.
+    for gw in ("nginx", "moongate"):
+        body = wait_http(base[gw] + "/redis/check", "x-hits=")
+        if not re.fullmatch(r"x-hits=\d+", body):
+            raise RuntimeError(f"{gw} /redis/check: {body!r}")
+    wait_http(base["moongate"] + "/http/check", "x-got=200")
     wait_http(base["moongate"] + "/fn/test", "Hello, test!")
     time.sleep(0.5)
     idle_rss = {k: status_kb(p.pid, "VmRSS") for k, p in procs.items()}
@@ -427,6 +515,7 @@ def main():
 
     if not args.no_install:
         ensure_tools()
+    ensure_lua_redis()
     if not args.no_build:
         build()
     procs, base, idle_rss = setup()
@@ -439,7 +528,7 @@ def main():
         "nginx": subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip(),
         "moongate_commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip(),
         "reps": args.reps, "duration_s": args.duration, "warmup_s": args.warmup, "conns": args.conns,
-        "placement": "wrk -t1 on CPU0; upstream, function server, nginx (1 worker), moongate (1 worker) on CPU1",
+        "placement": "wrk -t1 on CPU0; upstream, function server, redis-server, nginx (1 worker), moongate (1 worker) on CPU1",
         "idle_rss_kb": idle_rss,
         "load_before_reps": [],
     }
