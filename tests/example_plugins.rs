@@ -66,7 +66,8 @@ fn introspection_server(basic: Option<&'static str>) -> (Upstream, Arc<Mutex<Vec
             let authorization = header("authorization");
             let content_type = header("content-type");
             let body = req.into_body().collect().await.expect("body").to_bytes();
-            let form: HashMap<String, String> = form_urlencoded::parse(&body).into_owned().collect();
+            let form: HashMap<String, String> =
+                form_urlencoded::parse(&body).into_owned().collect();
             let token = form.get("token").cloned().unwrap_or_default();
             seen.lock().unwrap().push(Call {
                 authorization: authorization.clone(),
@@ -179,7 +180,11 @@ routes:
     let r = bearer(&gw, "/api/b", "good");
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["headers"]["x-token-sub"], "alice");
-    assert_eq!(calls_made(), 1, "the second request was not served from the cache");
+    assert_eq!(
+        calls_made(),
+        1,
+        "the second request was not served from the cache"
+    );
 
     // Another token is another entry; a token without a scope sends no scope header even
     // when the client sets one.
@@ -439,8 +444,14 @@ routes:
     poll("the dropped entries to be counted", || {
         dropped(&gw.logs()) == 30
     });
-    assert!(gw.logs().contains("log entries to http://127.0.0.1:"), "{}", gw.logs());
-    assert!(gw.logs().contains("attempts: connection refused; keeping them for the next try"));
+    assert!(
+        gw.logs().contains("log entries to http://127.0.0.1:"),
+        "{}",
+        gw.logs()
+    );
+    assert!(gw
+        .logs()
+        .contains("attempts: connection refused; keeping them for the next try"));
 
     // The collector comes up on that port: the 20 newest entries arrive, in order.
     let (_col, batches) = collector_on(TcpListener::bind(("127.0.0.1", port)).expect("rebind"));
