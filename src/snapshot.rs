@@ -25,6 +25,7 @@ use crate::plugin::metadata::{MetadataEntry, PluginMetadata};
 use crate::plugin::{ConfScope, Plugin, PluginConf};
 use crate::proxy::client::{host_port, Target};
 use crate::router::{RouteSpec, Router};
+use crate::tls::{Alpn, CertTable, ClientIdentity, Keyring};
 
 /// The plugins available to a snapshot, by name.
 #[derive(Clone, Default)]
@@ -151,11 +152,29 @@ pub struct NodeTarget {
 
 impl UpstreamEntry {
     /// `key`: the owning resource in APISIX's layout (`/apisix/upstreams/1`, or the route or
-    /// service of an inline upstream), which keys its health and load state.
-    pub fn new(id: Option<String>, config: Upstream, key: &str) -> Self {
-        let health = crate::health::registry().state_for(key, &config);
+    /// service of an inline upstream), which keys its health and load state. `client_cert`:
+    /// what its `tls` resolved to ([`crate::tls::upstream_identity`]), presented by https and
+    /// grpcs connections to its nodes and by its https health checks.
+    pub fn new(
+        id: Option<String>,
+        config: Upstream,
+        key: &str,
+        client_cert: Option<Arc<ClientIdentity>>,
+    ) -> Self {
+        let health = crate::health::registry().state_for(key, &config, client_cert.as_ref());
         let tls = config.scheme.is_tls();
-        let verify = config.tls.map(|t| t.verify).unwrap_or(false);
+        let verify = config.tls.as_ref().is_some_and(|t| t.verify);
+        // Only TLS connections present it (APISIX ignores it for http and grpc).
+        let client_cert = client_cert.filter(|_| tls);
+        if let Some(c) = &client_cert {
+            // Made now, off the request path, rather than by the first connection.
+            let alpn = if config.scheme.is_http2() {
+                Alpn::Http2
+            } else {
+                Alpn::Http1
+            };
+            c.config(verify, alpn);
+        }
         let targets: Vec<NodeTarget> = config
             .nodes
             .0
@@ -168,6 +187,7 @@ impl UpstreamEntry {
                         host: n.host.as_str().into(),
                         port,
                         verify,
+                        client_cert: client_cert.clone(),
                     },
                     addr: host_port(&n.host, port).into(),
                 }
@@ -203,6 +223,38 @@ impl UpstreamEntry {
         } else {
             (retries + 1).min(live)
         }
+    }
+}
+
+/// What an upstream's `tls.client_cert_id` and inline `tls.client_key` are resolved with: the
+/// snapshot's certificates and the node's keyring.
+pub struct UpstreamCerts<'a> {
+    pub table: &'a CertTable,
+    pub keyring: &'a Keyring,
+}
+
+impl UpstreamCerts<'_> {
+    /// The upstream at `path` ready to serve, its client certificate resolved. A bad
+    /// certificate (or a `client_cert_id` naming no client certificate) is an error at its
+    /// field; the entry is still made (without one), so what refers to the upstream does not
+    /// report it missing as well.
+    pub fn entry(
+        &self,
+        path: &str,
+        id: Option<String>,
+        u: &Upstream,
+        key: &str,
+        errors: &mut Vec<ConfigError>,
+    ) -> Arc<UpstreamEntry> {
+        let client_cert =
+            match crate::tls::upstream_identity(path, u.tls.as_ref(), self.table, self.keyring) {
+                Ok(c) => c,
+                Err(e) => {
+                    errors.push(e);
+                    None
+                }
+            };
+        Arc::new(UpstreamEntry::new(id, u.clone(), key, client_cert))
     }
 }
 
@@ -338,6 +390,19 @@ pub fn build(
     let mut errors = Vec::new();
     let conf_version: Arc<str> = generation.to_string().into();
 
+    // Certificates first: upstreams present `type: client` ones (`tls.client_cert_id`).
+    let keyring = doc.node.keyring();
+    let tls = Arc::new(crate::tls::CertTable::build(
+        &doc.ssls,
+        doc.node.ssl.as_ref(),
+        &keyring,
+        &mut errors,
+    ));
+    let certs = UpstreamCerts {
+        table: &tls,
+        keyring: &keyring,
+    };
+
     // Upstreams by id.
     let mut upstreams: HashMap<String, Arc<UpstreamEntry>> = HashMap::new();
     for (i, u) in doc.upstreams.iter().enumerate() {
@@ -353,11 +418,13 @@ pub fn build(
         if upstreams
             .insert(
                 id.0.clone(),
-                Arc::new(UpstreamEntry::new(
+                certs.entry(
+                    &path,
                     Some(id.0.clone()),
-                    u.clone(),
+                    u,
                     &format!("/apisix/upstreams/{id}"),
-                )),
+                    &mut errors,
+                ),
             )
             .is_some()
         {
@@ -386,6 +453,7 @@ pub fn build(
             continue;
         };
         let upstream = resolve_upstream(
+            &certs,
             &path,
             &format!("/apisix/services/{id}"),
             s.upstream.as_ref(),
@@ -473,12 +541,6 @@ pub fn build(
 
     let consumers = Arc::new(build_consumers(&doc, &registry, generation, &mut errors));
     let plugin_metadata = Arc::new(build_plugin_metadata(&doc, &registry, &mut errors));
-    let tls = Arc::new(crate::tls::CertTable::build(
-        &doc.ssls,
-        doc.node.ssl.as_ref(),
-        &doc.node.keyring(),
-        &mut errors,
-    ));
 
     // Routes.
     let mut routes = Vec::new();
@@ -543,6 +605,7 @@ pub fn build(
             None => None,
         };
         let mut upstream = resolve_upstream(
+            &certs,
             &path,
             &format!("/apisix/routes/{id}"),
             r.upstream.as_ref(),
@@ -959,6 +1022,7 @@ fn build_plugin_metadata(
 }
 
 fn resolve_upstream(
+    certs: &UpstreamCerts<'_>,
     path: &str,
     key: &str,
     inline: Option<&Upstream>,
@@ -975,7 +1039,7 @@ fn resolve_upstream(
             None
         }
         (Some(u), None) => match check_upstream(&format!("{path}.upstream"), u) {
-            Ok(()) => Some(Arc::new(UpstreamEntry::new(None, u.clone(), key))),
+            Ok(()) => Some(certs.entry(&format!("{path}.upstream"), None, u, key, errors)),
             Err(e) => {
                 errors.push(e);
                 None
@@ -1004,6 +1068,9 @@ pub fn check_upstream(path: &str, u: &Upstream) -> Result<(), ConfigError> {
         return Err(whole(
             "pass_host \"rewrite\" needs \"upstream_host\"".into(),
         ));
+    }
+    if let Some(t) = &u.tls {
+        crate::tls::check_upstream_tls(path, t)?;
     }
     if let Some(h) = &u.upstream_host {
         wire::check_field(h).map_err(|e| ConfigError::new(format!("{path}.upstream_host"), e))?;

@@ -540,8 +540,15 @@ impl Admin {
             _ => Vec::new(),
         };
         // APISIX stores `ssls` keys encrypted with the node's keyring, if it has one.
+        // And an upstream's `tls.client_key` (APISIX's `encrypt_conf`), inline ones too.
         let new = match (kind, new) {
             (Kind::Ssls, Some(v)) => Some(encrypt_keys(v, &snap.doc.node.keyring())),
+            (Kind::Upstreams | Kind::Routes | Kind::Services, Some(mut v)) => {
+                if let Some(Value::String(k)) = client_key_mut(kind, &mut v) {
+                    *k = snap.doc.node.keyring().encrypt(k);
+                }
+                Some(v)
+            }
             (_, new) => new,
         };
         drop(snap);
@@ -712,7 +719,9 @@ fn edit_document(
     Ok(())
 }
 
-/// APISIX's refusal to delete an upstream or service still in use, naming every user.
+/// APISIX's refusal to delete an upstream or service still in use, naming every user; also an
+/// `type: client` ssl an upstream presents (`tls.client_cert_id`), which APISIX lets go (its
+/// requests then fail with 502).
 fn referrers(doc: &Document, kind: Kind, id: &str) -> Option<String> {
     let mut users: Vec<String> = Vec::new();
     let is = |v: &Option<crate::config::Id>| v.as_ref().is_some_and(|i| i.0 == id);
@@ -752,12 +761,34 @@ fn referrers(doc: &Document, kind: Kind, id: &str) -> Option<String> {
                 }
             }
         }
+        Kind::Ssls => {
+            let names =
+                |u: &crate::config::Upstream| u.tls.as_ref().is_some_and(|t| is(&t.client_cert_id));
+            let id_of =
+                |i: &Option<crate::config::Id>| i.as_ref().map(|i| i.0.clone()).unwrap_or_default();
+            for u in &doc.upstreams {
+                if names(u) {
+                    users.push(format!("upstream [{}]", id_of(&u.id)));
+                }
+            }
+            for r in &doc.routes {
+                if r.upstream.as_ref().is_some_and(names) {
+                    users.push(format!("route [{}]", id_of(&r.id)));
+                }
+            }
+            for s in &doc.services {
+                if s.upstream.as_ref().is_some_and(names) {
+                    users.push(format!("service [{}]", id_of(&s.id)));
+                }
+            }
+        }
         _ => return None,
     }
     let first = users.first()?;
     let what = match kind {
         Kind::Upstreams => "can not delete this upstream",
         Kind::ConsumerGroups => "can not delete this consumer group",
+        Kind::Ssls => "can not delete this ssl",
         _ => "can not delete this service directly",
     };
     let mut msg = format!("{what}, {first} is still using it now");
@@ -769,14 +800,39 @@ fn referrers(doc: &Document, kind: Kind, id: &str) -> Option<String> {
 
 /// A resource as the Admin API shows it: an `ssls` entry without its private keys (`key`,
 /// `keys`), which APISIX leaves out of reads too.
+///
+/// An upstream's `tls.client_key` (inline in a route or service too) is left out the same way
+/// (APISIX answers with it encrypted, or in clear text without a keyring).
 fn redact(kind: Kind, mut value: Value) -> Value {
-    if kind == Kind::Ssls {
-        if let Value::Object(m) = &mut value {
-            m.remove("key");
-            m.remove("keys");
+    match kind {
+        Kind::Ssls => {
+            if let Value::Object(m) = &mut value {
+                m.remove("key");
+                m.remove("keys");
+            }
         }
+        Kind::Upstreams | Kind::Routes | Kind::Services => {
+            let tls = match kind {
+                Kind::Upstreams => value.get_mut("tls"),
+                _ => value.get_mut("upstream").and_then(|u| u.get_mut("tls")),
+            };
+            if let Some(Value::Object(t)) = tls {
+                t.remove("client_key");
+            }
+        }
+        _ => {}
     }
     value
+}
+
+/// The upstream `tls.client_key` of a resource's value (`tls` of an upstream, `upstream.tls`
+/// of a route or service).
+fn client_key_mut(kind: Kind, value: &mut Value) -> Option<&mut Value> {
+    let upstream = match kind {
+        Kind::Upstreams => value,
+        _ => value.get_mut("upstream")?,
+    };
+    upstream.get_mut("tls")?.get_mut("client_key")
 }
 
 /// An `ssls` value with `key` and every `keys` item encrypted by `keyring` (PEM ones only; no

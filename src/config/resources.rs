@@ -451,13 +451,24 @@ impl Default for KeepalivePool {
     }
 }
 
-/// Upstream TLS settings.
-#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Default)]
+/// Upstream TLS settings (APISIX's upstream `tls`).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Default)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamTls {
     /// Verify the upstream's certificate (default false, as APISIX).
     #[serde(default)]
     pub verify: bool,
+    /// PEM certificate (and intermediates) presented to the upstream when it asks for one;
+    /// needs `client_key`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_cert: Option<String>,
+    /// PEM private key of `client_cert`, or the key encrypted with `data_encryption.keyring`
+    /// (as the Admin API stores it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_key: Option<String>,
+    /// The id of an `ssls` entry of `type: client` whose certificate is presented instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_cert_id: Option<Id>,
 }
 
 /// An upstream, as APISIX's `/apisix/admin/upstreams/{id}` body.

@@ -12,6 +12,7 @@ use tokio::time::Instant;
 use super::config::{Active, CheckType};
 use super::state::{NodeHealth, Observation, Source, UpstreamHealth};
 use crate::proxy::client::{connect_stream, Alpn, ClientError, Target};
+use crate::tls::ClientIdentity;
 
 /// The longest status line a probe reads before calling the answer malformed.
 const MAX_STATUS_LINE: usize = 1024;
@@ -47,7 +48,8 @@ pub async fn run(health: Arc<UpstreamHealth>) {
         let results: Vec<(usize, Option<Observation>)> = stream::iter(ready)
             .map(|i| {
                 let node = &health.nodes[i];
-                async move { (i, probe(active, node).await) }
+                let client_cert = health.client_cert.as_ref();
+                async move { (i, probe(active, node, client_cert).await) }
             })
             .buffer_unordered(concurrency)
             .collect()
@@ -69,13 +71,22 @@ pub async fn run(health: Arc<UpstreamHealth>) {
 
 /// One probe of one node. None: the node answered with a status neither list names, which
 /// counts as neither (as in lua-resty-healthcheck).
-pub async fn probe(active: &Active, node: &NodeHealth) -> Option<Observation> {
+///
+/// An https probe presents the upstream's client certificate (`tls.client_cert`, or
+/// `client_cert_id`'s) when the node asks for one, so a node that requires mTLS can be checked.
+pub async fn probe(
+    active: &Active,
+    node: &NodeHealth,
+    client_cert: Option<&Arc<ClientIdentity>>,
+) -> Option<Observation> {
     let timeout = Duration::from_secs_f64(active.timeout.clamp(0.001, 3600.0));
+    let tls = active.kind == CheckType::Https;
     let target = Target {
-        tls: active.kind == CheckType::Https,
+        tls,
         host: node.host.as_str().into(),
         port: active.port.unwrap_or(node.port),
         verify: active.https_verify_certificate,
+        client_cert: client_cert.filter(|_| tls).cloned(),
     };
     let mut stream = match connect_stream(&target, timeout, Alpn::Http1).await {
         Ok(s) => s,

@@ -25,6 +25,7 @@ pub use config::Checks;
 pub use state::{Observation, Source, UpstreamHealth};
 
 use crate::config::Upstream;
+use crate::tls::ClientIdentity;
 
 /// The process's health states and their checker tasks.
 pub struct Registry {
@@ -57,9 +58,16 @@ pub fn registry() -> &'static Registry {
 impl Registry {
     /// The health state a snapshot build gives the upstream owned by `key`: the published one
     /// when its nodes and checks are unchanged, else a fresh one. None without `checks`.
-    pub fn state_for(&self, key: &str, up: &Upstream) -> Option<Arc<UpstreamHealth>> {
+    /// `client_cert` is what https probes present; a changed one makes a fresh state (and a
+    /// checker that presents the new one).
+    pub fn state_for(
+        &self,
+        key: &str,
+        up: &Upstream,
+        client_cert: Option<&Arc<ClientIdentity>>,
+    ) -> Option<Arc<UpstreamHealth>> {
         let checks = up.checks.as_ref()?;
-        let fingerprint = fingerprint(up);
+        let fingerprint = fingerprint(up, client_cert.map(|c| c.fingerprint()));
         let published = self.published.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(p) = published.get(key) {
             if p.health.fingerprint == fingerprint {
@@ -74,12 +82,9 @@ impl Registry {
             .iter()
             .map(|n| (n.host.clone(), n.port.unwrap_or(port)))
             .collect();
-        Some(Arc::new(UpstreamHealth::new(
-            key.into(),
-            checks.clone(),
-            fingerprint,
-            nodes,
-        )))
+        let mut state = UpstreamHealth::new(key.into(), checks.clone(), fingerprint, nodes);
+        state.client_cert = client_cert.cloned();
+        Some(Arc::new(state))
     }
 
     /// Makes `states` (every health state of the snapshot being swapped in) the published set:
@@ -130,8 +135,8 @@ impl Registry {
 }
 
 /// What must be unchanged for a state to carry over a reload: the nodes (with weights and
-/// priorities: a changed node list starts fresh, as APISIX's checker does), the scheme and the
-/// checks.
-fn fingerprint(up: &Upstream) -> String {
-    serde_json::json!([up.nodes, up.scheme, up.checks]).to_string()
+/// priorities: a changed node list starts fresh, as APISIX's checker does), the scheme, the
+/// checks and the client certificate probes present.
+fn fingerprint(up: &Upstream, client_cert: Option<String>) -> String {
+    serde_json::json!([up.nodes, up.scheme, up.checks, client_cert]).to_string()
 }

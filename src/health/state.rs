@@ -116,6 +116,8 @@ pub struct UpstreamHealth {
     /// Equal fingerprints: same nodes and same checks, so the state carries over a reload.
     pub(super) fingerprint: String,
     pub nodes: Vec<NodeHealth>,
+    /// The upstream's client certificate, presented by https probes (upstream mTLS).
+    pub client_cert: Option<Arc<crate::tls::ClientIdentity>>,
     healthy_count: AtomicUsize,
     active: Thresholds,
     passive: Option<Thresholds>,
@@ -163,6 +165,7 @@ impl UpstreamHealth {
             key,
             checks,
             fingerprint,
+            client_cert: None,
             healthy_count: AtomicUsize::new(nodes.len()),
             nodes,
             active,

@@ -95,6 +95,7 @@ impl FunctionUri {
             host: self.host.clone(),
             port: self.port.unwrap_or(if tls { 443 } else { 80 }),
             verify,
+            client_cert: None,
         }
     }
 }

@@ -37,31 +37,40 @@ pub fn resolve(
             .get(id)
             .cloned()
             .ok_or_else(|| format!("failed to find upstream by id: {id}")),
-        UpstreamChoice::Conf { key, conf } => Ok(made(snap.generation, route_id, key, conf)),
+        UpstreamChoice::Conf { key, conf } => made(snap, route_id, key, conf),
     }
 }
 
+/// The made upstream for `key`, built on first use per snapshot; Err when its client
+/// certificate (`tls`) does not resolve (a bad PEM, an id naming no client certificate).
 fn made(
-    generation: u64,
+    snap: &Snapshot,
     route_id: &str,
     key: &str,
     conf: &crate::config::Upstream,
-) -> Arc<UpstreamEntry> {
+) -> Result<Arc<UpstreamEntry>, String> {
     MADE.with(|m| {
         let mut m = m.borrow_mut();
-        if m.0 != generation || m.1.len() >= MAX_MADE {
-            m.0 = generation;
+        if m.0 != snap.generation || m.1.len() >= MAX_MADE {
+            m.0 = snap.generation;
             m.1.clear();
         }
         if let Some(u) = m.1.get(key) {
-            return u.clone();
+            return Ok(u.clone());
         }
+        let client_cert = crate::tls::upstream_identity(
+            "",
+            conf.tls.as_ref(),
+            &snap.tls,
+            &snap.doc.node.keyring(),
+        )
+        .map_err(|e| format!("invalid upstream: {e}"))?;
         // Per-request upstreams get no health checker: `checks` would start one per key.
         let mut conf = conf.clone();
         conf.checks = None;
         let state_key = format!("/apisix/routes/{route_id}#{key}");
-        let u = Arc::new(UpstreamEntry::new(None, conf, &state_key));
+        let u = Arc::new(UpstreamEntry::new(None, conf, &state_key, client_cert));
         m.1.insert(key.to_string(), u.clone());
-        u
+        Ok(u)
     })
 }

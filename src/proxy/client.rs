@@ -14,7 +14,7 @@ use std::hash::{BuildHasherDefault, Hasher};
 use std::io;
 use std::pin::Pin;
 use std::rc::Rc;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -28,6 +28,8 @@ use crate::body::UpstreamRequestBody;
 use crate::dns;
 use crate::http1::client::{self as h1, Connection, NoEdit, Recycle, RequestHead, ResponseLines};
 use crate::http1::{arm_timer, poll_deadline, ConnTimer, RawHead};
+pub use crate::tls::Alpn;
+use crate::tls::ClientIdentity;
 
 /// Why an upstream call failed; the caller picks the status code and whether to retry.
 #[derive(Debug, thiserror::Error)]
@@ -87,6 +89,10 @@ pub struct Target {
     pub port: u16,
     /// Verify the server certificate (TLS only).
     pub verify: bool,
+    /// The client certificate presented when the server asks (upstream mTLS; TLS only). Part
+    /// of the pool key: a connection made with one certificate never serves a target that
+    /// presents another (or none).
+    pub client_cert: Option<Arc<ClientIdentity>>,
 }
 
 impl Target {
@@ -521,14 +527,6 @@ async fn connect(
     Ok((Connection::new(stream), pin))
 }
 
-/// The protocol a TLS connection offers by ALPN.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Alpn {
-    Http1,
-    /// `h2` only: a gRPC upstream must speak HTTP/2.
-    Http2,
-}
-
 /// A TCP (and when the target says so, TLS) connection to `target`, within `timeout`.
 pub async fn connect_stream(
     target: &Target,
@@ -578,7 +576,7 @@ pub async fn connect_pinned(
         if !target.tls {
             return Ok((Stream::Plain(stream), pin));
         }
-        let config = tls_config(target.verify, alpn);
+        let config = crate::tls::client_config(target.verify, alpn, target.client_cert.as_deref());
         let name = ServerName::try_from(target.host.to_string())
             .map_err(|e| ClientError::Tls(e.to_string()))?;
         let tls = tokio_rustls::TlsConnector::from(config)
@@ -602,87 +600,6 @@ fn connect_error_text(e: &io::Error) -> String {
     match e.kind() {
         io::ErrorKind::ConnectionRefused => "connection refused".to_string(),
         _ => e.to_string(),
-    }
-}
-
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
-/// The TLS client settings for a verifying or not (`ssl_verify: false`) connection offering
-/// `alpn`. Certificates are verified against the Mozilla roots (webpki-roots).
-fn tls_config(verify: bool, alpn: Alpn) -> Arc<rustls::ClientConfig> {
-    static CONFIGS: [OnceLock<Arc<rustls::ClientConfig>>; 4] = [const { OnceLock::new() }; 4];
-    let slot = usize::from(verify) * 2 + usize::from(alpn == Alpn::Http2);
-    CONFIGS[slot]
-        .get_or_init(|| {
-            let builder = rustls::ClientConfig::builder_with_provider(provider())
-                .with_safe_default_protocol_versions()
-                .expect("ring supports the default protocol versions");
-            let mut cfg = if verify {
-                let mut roots = rustls::RootCertStore::empty();
-                roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-                builder.with_root_certificates(roots).with_no_client_auth()
-            } else {
-                builder
-                    .dangerous()
-                    .with_custom_certificate_verifier(Arc::new(NoVerify(provider())))
-                    .with_no_client_auth()
-            };
-            cfg.alpn_protocols = match alpn {
-                Alpn::Http1 => vec![b"http/1.1".to_vec()],
-                Alpn::Http2 => vec![b"h2".to_vec()],
-            };
-            Arc::new(cfg)
-        })
-        .clone()
-}
-
-#[derive(Debug)]
-struct NoVerify(Arc<rustls::crypto::CryptoProvider>);
-
-impl rustls::client::danger::ServerCertVerifier for NoVerify {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &rustls::pki_types::CertificateDer<'_>,
-        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
     }
 }
 

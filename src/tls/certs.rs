@@ -36,7 +36,8 @@ use crate::config::ConfigError;
 /// about 4000 per MiB).
 const SESSION_CACHE_SIZE: usize = 20_000;
 
-fn provider() -> Arc<CryptoProvider> {
+/// The process's crypto provider (ring), for servers and clients alike.
+pub(crate) fn provider() -> Arc<CryptoProvider> {
     static P: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
     P.get_or_init(|| Arc::new(rustls::crypto::ring::default_provider()))
         .clone()
@@ -88,8 +89,11 @@ pub struct CertTable {
     wildcard: HashMap<String, Arc<Served>>,
     /// The entry `ssl.fallback_sni` names.
     fallback: Option<Arc<Served>>,
-    /// `type: client` entries by id (certificates presented to upstreams).
-    pub clients: HashMap<String, Arc<CertifiedKey>>,
+    /// `type: client` entries by id (certificates presented to upstreams, `tls.client_cert_id`).
+    pub clients: HashMap<String, Arc<super::client::ClientIdentity>>,
+    /// The type of every entry by id (also of those that failed to build), so an upstream's
+    /// `tls.client_cert_id` can be told "no such ssl" from "not a client certificate".
+    kinds: HashMap<String, SslType>,
     /// Warnings of the build (a certificate outside its validity period), by entry index:
     /// logged, and shown in the answer to the Admin API write that caused them.
     pub warnings: Vec<(usize, String)>,
@@ -110,6 +114,11 @@ pub fn normalize_name(name: &str) -> String {
 }
 
 impl CertTable {
+    /// The type of the entry with this id, if there is one.
+    pub fn kind_of(&self, id: &str) -> Option<SslType> {
+        self.kinds.get(id).copied()
+    }
+
     /// Whether no server certificate is configured.
     pub fn is_empty(&self) -> bool {
         self.exact.is_empty() && self.wildcard.is_empty()
@@ -156,6 +165,7 @@ impl CertTable {
                 ));
                 continue;
             }
+            table.kinds.insert(id.0.clone(), ssl.kind);
             let before = errors.len();
             let pairs = parse_pairs(ssl, &path, keyring, errors);
             for w in pairs.iter().filter_map(|p| validity_warning(&p.cert[0])) {
@@ -170,7 +180,10 @@ impl CertTable {
             }
             if ssl.kind == SslType::Client {
                 if let (Some(first), true) = (pairs.first(), errors.len() == before) {
-                    table.clients.insert(id.0.clone(), first.clone());
+                    table.clients.insert(
+                        id.0.clone(),
+                        Arc::new(super::client::ClientIdentity::new(first.clone())),
+                    );
                 }
                 continue;
             }

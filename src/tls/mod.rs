@@ -8,8 +8,12 @@
 //! prebuilt rustls config (its certificates, protocol versions, client CA, and ALPN `h2` when
 //! the listener has `enable_http2`). The whole exchange is bounded by
 //! `proxy.client_header_timeout`, as nginx bounds it.
+//!
+//! Toward upstreams, [`client`] holds the rustls client configs and the client certificates
+//! upstreams are shown (upstream mTLS: `tls.client_cert`/`client_key`, `tls.client_cert_id`).
 
 mod certs;
+mod client;
 mod config;
 mod info;
 mod keyring;
@@ -23,6 +27,7 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 
 pub use certs::{normalize_name, parse_certs, CertTable, Served};
+pub use client::{check_upstream_tls, client_config, upstream_identity, Alpn, ClientIdentity};
 pub use config::{Protocol, Protocols, SslListen, SslNodeConfig};
 pub use info::{plain_var, ClientCert, TlsInfo};
 pub use keyring::{DataEncryption, Keyring};
