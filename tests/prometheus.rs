@@ -334,7 +334,8 @@ fn a_bad_export_setting_stops_the_start_with_its_path() {
     );
 }
 
-/// Stops a call by spinning (`spin`) or by filling the VM past its cap (`hog`).
+/// Stops a call by spinning (`spin`) or by filling the VM past its cap (`hog`). The test's
+/// budget is a second: filling the VM near its cap takes over 100 ms on a loaded machine.
 const MISBEHAVE: &str = r#"
 local _M = { version = 0.1, priority = 100, name = "misbehave", schema = { type = "object" } }
 function _M.check_schema(conf) return true end
@@ -368,7 +369,7 @@ fn moongate_runtime_families_follow_what_happened() {
         format!("  - id: {id}\n    uri: /{id}\n    plugins:\n{plugins}    upstream:\n      nodes:\n        \"{node}\": 1\n")
     };
     let yaml = format!(
-        "workers: 1\nlua:\n  call_budget_ms: 100\n  memory_limit_mb: 32\nplugin_attr:\n  prometheus:\n    export_addr: {{ip: 127.0.0.1, port: 0}}\nroutes:\n{}{}{}{}{}{}",
+        "workers: 1\nlua:\n  call_budget_ms: 1000\n  memory_limit_mb: 32\nplugin_attr:\n  prometheus:\n    export_addr: {{ip: 127.0.0.1, port: 0}}\nroutes:\n{}{}{}{}{}{}",
         route("hello", "      misbehave: {}\n"),
         route("spin", "      misbehave: {spin: true}\n"),
         route("hog", "      misbehave: {hog: true}\n"),
