@@ -493,6 +493,312 @@ def setup():
     return procs, base, idle_rss
 
 
+# ---- --mode conns: memory per connection -------------------------------------------------
+
+# Each client process holds at most this many connections (the machine allows 20,000 open
+# files per process; the servers hold the other end of all of them).
+CONNS_PER_CLIENT = 4000
+# Seconds a client process may take to open and serve its connections.
+CLIENT_TIME = 120
+
+
+def raise_nofile():
+    """Soft RLIMIT_NOFILE up to the hard limit; returns it."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+def read_response(s):
+    """Reads one response with a Content-Length body from `s`; returns its status line."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = s.recv(4096)
+        if not chunk:
+            raise ConnectionError("closed before the response head")
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    m = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+    want = int(m.group(1)) if m else 0
+    while len(body) < want:
+        chunk = s.recv(4096)
+        if not chunk:
+            raise ConnectionError("closed before the end of the body")
+        body += chunk
+    return head.split(b"\r\n", 1)[0]
+
+
+def conns_client(port, n, pipe):
+    """One client process: opens `n` keep-alive connections to 127.0.0.1:`port`, sends one
+    request on each and reads its response, keeps them all open, tells the parent how many are
+    held, and closes them when the parent says so (or after CLIENT_TIME)."""
+    raise_nofile()
+    socks, failed = [], 0
+    req = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n"
+    deadline = time.monotonic() + CLIENT_TIME
+    for _ in range(n):
+        if time.monotonic() > deadline:
+            break
+        try:
+            s = socket.create_connection(("127.0.0.1", port), timeout=10)
+            s.sendall(req)
+            if b" 200 " not in read_response(s) + b" ":
+                failed += 1
+            socks.append(s)
+        except OSError:
+            failed += 1
+    pipe.send((len(socks), failed))
+    if pipe.poll(CLIENT_TIME):
+        pipe.recv()
+    for s in socks:
+        s.close()
+    pipe.send("closed")
+
+
+def open_conns(port, n):
+    """Opens `n` held connections from client processes on CPU0. Returns (clients, held,
+    failed); close_conns(clients) closes them."""
+    import multiprocessing
+    ctx = multiprocessing.get_context("fork")
+    clients = []
+    left = n
+    while left > 0:
+        k = min(left, CONNS_PER_CLIENT)
+        left -= k
+        ours, theirs = ctx.Pipe()
+        p = ctx.Process(target=conns_client, args=(port, k, theirs), daemon=True)
+        p.start()
+        os.sched_setaffinity(p.pid, {0})
+        clients.append((p, ours))
+    held = failed = 0
+    for p, pipe in clients:
+        if not pipe.poll(CLIENT_TIME + 10):
+            raise RuntimeError("a connection client did not report")
+        h, f = pipe.recv()
+        held += h
+        failed += f
+    return clients, held, failed
+
+
+def close_conns(clients):
+    for p, pipe in clients:
+        try:
+            pipe.send("close")
+        except OSError:
+            pass
+    for p, pipe in clients:
+        pipe.poll(30)
+        p.join(30)
+        if p.is_alive():
+            p.kill()
+            p.join()
+
+
+def mem_kb(pid):
+    """(VmRSS, Pss) in KiB summed over the process tree (nginx: master and worker; moongate:
+    supervisor and serving process)."""
+    rss = pss = 0
+    for p in tree(pid):
+        try:
+            with open(f"/proc/{p}/status") as f:
+                rss += next(int(l.split()[1]) for l in f if l.startswith("VmRSS:"))
+            with open(f"/proc/{p}/smaps_rollup") as f:
+                pss += next(int(l.split()[1]) for l in f if l.startswith("Pss:"))
+        except (OSError, StopIteration):
+            pass
+    return rss, pss
+
+
+def settled_mem(pid, tries=20):
+    """mem_kb once two readings 0.1 s apart agree (the server has finished with the last
+    connection), at most `tries` readings."""
+    last = mem_kb(pid)
+    for _ in range(tries):
+        time.sleep(0.1)
+        now = mem_kb(pid)
+        if now == last:
+            return now
+        last = now
+    return last
+
+
+def nginx_conns_conf(port, up_port, worker_connections):
+    """nginx for the conns mode: the load test's plain proxy (no Lua module), with room for
+    the connections."""
+    return f"""
+worker_processes 1;
+worker_rlimit_nofile {worker_connections + 1024};
+daemon off;
+pid {RUN}/nginx.pid;
+error_log {RUN}/nginx.err warn;
+events {{ worker_connections {worker_connections}; }}
+http {{
+    access_log off;
+    keepalive_requests 1000000;
+    upstream backend {{
+        server 127.0.0.1:{up_port};
+        keepalive 128;
+        keepalive_requests 1000000;
+    }}
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+        location / {{
+            proxy_pass http://backend;
+        }}
+    }}
+}}
+"""
+
+
+def start_conn_servers(worker_connections):
+    """The upstream and moongate of the load test (same configs) and nginx's plain proxy,
+    started fresh. Returns (procs, ports)."""
+    os.makedirs(RUN, exist_ok=True)
+    up_port, ngx_port, mg_port, fn_port, redis_port = free_ports(5)
+    files = {
+        "upstream.conf": upstream_conf(up_port),
+        "nginx.conf": nginx_conns_conf(ngx_port, up_port, worker_connections),
+        "moongate.yaml": moongate_conf(mg_port, up_port, fn_port, redis_port),
+    }
+    for name, text in files.items():
+        with open(os.path.join(RUN, name), "w") as f:
+            f.write(text)
+    mg_bin = os.path.join(ROOT, "target/release/moongate")
+    procs = {
+        "upstream": start("upstream", ["nginx", "-p", RUN, "-c", f"{RUN}/upstream.conf"], f"{RUN}/upstream.stderr"),
+        "nginx": start("nginx", ["nginx", "-p", RUN, "-c", f"{RUN}/nginx.conf"], f"{RUN}/nginx.stderr"),
+        "moongate": start("moongate", [mg_bin, "run", "-c", f"{RUN}/moongate.yaml"], f"{RUN}/moongate.stderr"),
+    }
+    ports = {"nginx": ngx_port, "moongate": mg_port}
+    wait_http(f"http://127.0.0.1:{up_port}/", "hello")
+    for gw in ports:
+        wait_http(f"http://127.0.0.1:{ports[gw]}/", "hello")
+    return procs, ports
+
+
+def warm(port, n=8):
+    """A few connections with one request each, closed: what the first requests set up once
+    (the upstream's keep-alive connection, lazily made state) is in the baseline."""
+    clients, held, failed = open_conns(port, n)
+    close_conns(clients)
+    if failed or held != n:
+        raise RuntimeError(f"warm-up on port {port}: {held} held, {failed} failed")
+
+
+def measure_idle(pid, port, n):
+    warm(port)
+    before = settled_mem(pid)
+    t0 = time.monotonic()
+    clients, held, failed = open_conns(port, n)
+    took = time.monotonic() - t0
+    after = settled_mem(pid)
+    close_conns(clients)
+    return {
+        "conns": n, "held": held, "failed": failed, "open_s": took,
+        "rss_before_kb": before[0], "rss_after_kb": after[0],
+        "rss_kb_per_conn": (after[0] - before[0]) / max(held, 1),
+        "pss_kb_per_conn": (after[1] - before[1]) / max(held, 1),
+    }
+
+
+def measure_active(pid, port, conns, seconds):
+    """RSS growth while wrk holds `conns` busy connections: the highest reading over the run,
+    less the baseline, per connection."""
+    warm(port)
+    before = settled_mem(pid)
+    cmd = ["taskset", "-c", "0", "wrk", "-t1", f"-c{conns}", f"-d{seconds}s", f"http://127.0.0.1:{port}/"]
+    w = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    peak = before
+    deadline = time.monotonic() + seconds + 30
+    while w.poll() is None and time.monotonic() < deadline:
+        now = mem_kb(pid)
+        peak = (max(peak[0], now[0]), max(peak[1], now[1]))
+        time.sleep(0.1)
+    if w.poll() is None:
+        w.kill()
+    r = parse_wrk(w.communicate()[0])
+    return {
+        "conns": conns, "rps": r["rps"], "errors": r["non2xx"], "socket_errors": r["socket_errors"],
+        "rss_before_kb": before[0], "rss_peak_kb": peak[0],
+        "rss_kb_per_conn": (peak[0] - before[0]) / conns,
+        "pss_kb_per_conn": (peak[1] - before[1]) / conns,
+    }
+
+
+def conns_mode(args):
+    """Memory per connection: for each count (and the active load), fresh servers, then
+    nginx and moongate measured one after the other (the order flips every repetition)."""
+    raise_nofile()
+    counts = [int(c) for c in args.counts.split(",") if c]
+    worker_connections = max(counts + [args.active, 1000]) + 1000
+    steps = [("idle", n) for n in counts] + ([("active", args.active)] if args.active else [])
+    meta = {
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "nproc": os.cpu_count(),
+        "kernel": os.uname().release,
+        "nginx": subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip(),
+        "moongate_commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip(),
+        "reps": args.reps, "counts": counts, "active": args.active, "duration_s": args.duration,
+        "placement": "client processes and wrk on CPU0; upstream, nginx (1 worker), moongate (1 worker) on CPU1",
+    }
+    runs = {}
+    for rep in range(args.reps):
+        for kind, n in steps:
+            procs, ports = start_conn_servers(worker_connections)
+            try:
+                order = ["nginx", "moongate"] if rep % 2 == 0 else ["moongate", "nginx"]
+                for gw in order:
+                    if kind == "idle":
+                        r = measure_idle(procs[gw].pid, ports[gw], n)
+                        log(f"rep {rep} idle {n:6} {gw:9} {r['rss_kb_per_conn']:6.2f} KiB/conn RSS "
+                            f"({r['pss_kb_per_conn']:.2f} Pss)  held {r['held']} failed {r['failed']} in {r['open_s']:.1f} s")
+                    else:
+                        r = measure_active(procs[gw].pid, ports[gw], n, args.duration)
+                        log(f"rep {rep} active {n:4} {gw:9} {r['rss_kb_per_conn']:6.2f} KiB/conn RSS "
+                            f"({r['pss_kb_per_conn']:.2f} Pss)  {r['rps']:.0f} rps errors {r['errors']} {r['socket_errors']}")
+                    r["rep"] = rep
+                    runs.setdefault(f"{kind} {n}", {}).setdefault(gw, []).append(r)
+                for name, p in procs.items():
+                    if p.poll() is not None:
+                        raise RuntimeError(f"{name} exited with {p.returncode}; see {RUN}/{name}.stderr")
+            finally:
+                stop_all()
+
+    table = {}
+    for step, by_gw in runs.items():
+        row = {gw: {"rss_kb_per_conn": summary([r["rss_kb_per_conn"] for r in rs]),
+                    "pss_kb_per_conn": summary([r["pss_kb_per_conn"] for r in rs])}
+               for gw, rs in by_gw.items()}
+        ng = {r["rep"]: r["rss_kb_per_conn"] for r in by_gw.get("nginx", [])}
+        row["ratio"] = summary([r["rss_kb_per_conn"] / ng[r["rep"]] for r in by_gw.get("moongate", [])
+                                if ng.get(r["rep"], 0) > 0])
+        table[step] = row
+    out = args.out if args.out != os.path.join(OUT, "results.json") else os.path.join(OUT, "conns.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump({"meta": meta, "table": table, "runs": runs}, f, indent=1)
+
+    md = [f"{meta['date']}, commit {meta['moongate_commit']}, {args.reps} reps; RSS growth per connection "
+          "(KiB, median (min-max)); ratio: per-rep moongate/nginx", "",
+          "| connections | nginx | moongate | moongate/nginx | nginx Pss | moongate Pss |", "|---|---|---|---|---|---|"]
+    for step, row in table.items():
+        n, m, r = row.get("nginx"), row.get("moongate"), row["ratio"]
+        def cell(x, key):
+            v = x and x[key]
+            return "-" if not v else f"{v['median']:.2f} ({v['min']:.2f}-{v['max']:.2f})"
+        ratio = "-" if not r else f"{r['median']:.2f} ({r['min']:.2f}-{r['max']:.2f})"
+        md.append(f"| {step} | {cell(n, 'rss_kb_per_conn')} | {cell(m, 'rss_kb_per_conn')} | {ratio} | "
+                  f"{cell(n, 'pss_kb_per_conn')} | {cell(m, 'pss_kb_per_conn')} |")
+    with open(os.path.splitext(out)[0] + ".md", "w") as f:
+        f.write("\n".join(md) + "\n")
+    print("\n" + "\n".join(md))
+    print(f"json: {os.path.relpath(out, ROOT)} (markdown table beside it)")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="2 reps x 2 s")
@@ -504,9 +810,22 @@ def main():
     ap.add_argument("--no-build", action="store_true")
     ap.add_argument("--no-install", action="store_true")
     ap.add_argument("--out", default=os.path.join(OUT, "results.json"))
+    ap.add_argument("--mode", choices=["load", "conns"], default="load",
+                    help="load: the load test; conns: memory per idle and per active connection")
+    ap.add_argument("--counts", default="1000,5000,15000", help="conns mode: idle connection counts")
+    ap.add_argument("--active", type=int, default=1000,
+                    help="conns mode: connections of the active load (0: none)")
     args = ap.parse_args()
     if args.quick:
         args.reps, args.duration = 2, 2
+
+    if args.mode == "conns":
+        if not args.no_install:
+            ensure_tools()
+        if not args.no_build:
+            sh(["cargo", "build", "--release"], cwd=ROOT)
+        conns_mode(args)
+        return
 
     targets = TARGETS
     if args.only:
