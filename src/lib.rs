@@ -25,6 +25,7 @@ pub mod http1;
 pub mod http2;
 pub mod local_api;
 pub mod metrics;
+pub mod otel;
 pub mod plugin;
 pub mod plugins;
 pub mod proxy;

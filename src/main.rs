@@ -305,6 +305,8 @@ fn serve(path: &std::path::Path, mut inherited: supervisor::Inherited) -> ExitCo
     if let Ok(s) = moongate::metrics::Settings::from_node(&node) {
         moongate::metrics::init(s);
     }
+    // Checked by the start-up already (`startup::node_problems`).
+    let _ = moongate::otel::set_node_attr(node.plugin_attr.get("opentelemetry"));
     let routes = snap.routes.len();
     let snap_node = snap.doc.node.clone();
     let gw = Arc::new(Gateway::new(snap));

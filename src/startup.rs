@@ -116,6 +116,11 @@ pub fn node_problems(node: &NodeConfig) -> Vec<ConfigError> {
     if let Err(e) = crate::metrics::Settings::from_node(node) {
         errors.push(e);
     }
+    if let Some(v) = node.plugin_attr.get("opentelemetry") {
+        if let Err(e) = crate::otel::Settings::from_value(v, "plugin_attr.opentelemetry") {
+            errors.push(e);
+        }
+    }
     errors
 }
 

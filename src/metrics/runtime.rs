@@ -1,6 +1,6 @@
 //! moongate's runtime figures for the scrape: each worker's Lua VM memory and upstream
 //! connections, Lua calls stopped by the time budget or the memory cap, upstream connections
-//! made, and openfunction calls by outcome.
+//! made, openfunction calls by outcome, and opentelemetry spans by outcome.
 //!
 //! Workers publish into relaxed atomics: a counter where the event happens (one add, no lock),
 //! the gauges once a second from a small task on each worker (the VM and the pool are the
@@ -149,5 +149,20 @@ impl Source for RuntimeSource {
             );
         }
         out.push(calls);
+        let mut spans = Family::new(
+            "moongate_otel_spans_total",
+            "opentelemetry spans: accepted by the collector, dropped on a full queue, or in a failed export",
+            Kind::Counter,
+            &["outcome"],
+        );
+        use crate::otel::export::{SPANS_DROPPED, SPANS_EXPORTED, SPANS_FAILED};
+        for (name, n) in [
+            ("exported", &SPANS_EXPORTED),
+            ("dropped", &SPANS_DROPPED),
+            ("failed", &SPANS_FAILED),
+        ] {
+            spans.push(vec![name.into()], Value::Int(n.load(Relaxed)));
+        }
+        out.push(spans);
     }
 }
