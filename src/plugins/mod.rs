@@ -1,6 +1,7 @@
 //! Native (Rust) plugins shipped with moongate.
 
 pub mod openfunction;
+pub mod opentelemetry;
 pub mod prometheus;
 pub mod request_id;
 pub mod response_headers;
@@ -16,5 +17,6 @@ pub fn native() -> Vec<Arc<dyn Plugin>> {
         Arc::new(openfunction::OpenFunction),
         Arc::new(prometheus::Prometheus),
         Arc::new(request_id::RequestId),
+        Arc::new(opentelemetry::OpenTelemetry),
     ]
 }
