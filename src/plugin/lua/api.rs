@@ -222,6 +222,7 @@ fn constants(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
     super::shared_dict::install(lua, ngx)?;
     super::timer::install(lua, ngx)?;
     super::cosocket::install(lua, ngx)?;
+    super::thread::install(lua, ngx)?;
     Ok(())
 }
 

@@ -27,6 +27,7 @@ mod resources;
 pub mod runtime;
 mod semaphore;
 pub mod shared_dict;
+mod thread;
 pub mod timer;
 mod upstream;
 mod watchdog;

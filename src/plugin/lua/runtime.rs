@@ -29,6 +29,7 @@ use http::{HeaderValue, StatusCode};
 use mlua::{Function, LightUserData, Lua, LuaOptions, MultiValue, StdLib, Table, Thread, Value};
 
 use super::convert::{self, Unsupported};
+use super::thread;
 use super::watchdog::Budget;
 use super::{api, LuaConf, LuaPlugin, Settings};
 use crate::body::{ClientBodyFault, ResponseBody};
@@ -1010,31 +1011,6 @@ pub(crate) enum Stop {
     Wait(Pending),
 }
 
-/// Awaits a waiting function's future with the request's frame in place on each poll (the
-/// future may touch the request when it completes, e.g. `ngx.req.read_body` puts the body
-/// back), without the time budget: waiting is not running.
-struct Framed<'a> {
-    fut: Pending,
-    ctx: &'a mut Ctx,
-    phase: Phase,
-    plugin: &'a str,
-}
-
-impl Future for Framed<'_> {
-    type Output = mlua::Result<MultiValue>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.get_mut();
-        let _g = FrameGuard::set(Frame {
-            ctx: &mut *this.ctx as *mut Ctx,
-            phase: Some(this.phase),
-            plugin: this.plugin as *const str,
-            ..Frame::NONE
-        });
-        this.fut.as_mut().poll(cx)
-    }
-}
-
 impl LuaRuntime {
     /// An idle runner thread, or a new one parked at its first yield.
     fn runner(&self) -> mlua::Result<Thread> {
@@ -1093,6 +1069,73 @@ impl LuaRuntime {
             // A bare coroutine.yield in the phase function itself: there is no coroutine of
             // the plugin's to yield to.
             Ok(_) => Err(mlua::Error::runtime(
+                "attempt to yield from outside a coroutine",
+            )),
+        }
+    }
+}
+
+/// Where a light thread's resume stopped (see `thread.rs`).
+pub(crate) enum LightStop {
+    /// Its function returned or failed: `true, results...` or `false, err, traceback`.
+    Done(MultiValue),
+    /// A waiting API function yielded; the future it handed over decides what comes next.
+    Wait(Pending),
+}
+
+impl LuaRuntime {
+    /// Resumes a light thread until it yields, with the frame set; `armed`: under a budget
+    /// stretch of its own (false when `spawn` runs it inside its caller's stretch: a nested
+    /// stretch would end the caller's).
+    pub(crate) fn resume_light(
+        &self,
+        thread: &Thread,
+        frame: Frame,
+        input: MultiValue,
+        armed: bool,
+    ) -> mlua::Result<LightStop> {
+        let r = {
+            let _g = FrameGuard::set(frame);
+            let _r = RunnerGuard::set(thread.state());
+            if armed {
+                self.budget.start();
+            }
+            let r = thread.resume::<MultiValue>(input);
+            if armed {
+                self.budget.stop();
+            }
+            r
+        };
+        let pending = PENDING.with(|p| p.borrow_mut().take());
+        let mut values = match r {
+            Err(e) => {
+                self.after_error(&e);
+                return Err(e);
+            }
+            Ok(v) => v,
+        };
+        match values.pop_front() {
+            Some(Value::LightUserData(t))
+                if t == tag(&DONE_TAG) && thread.status() == mlua::ThreadStatus::Finished =>
+            {
+                // The thread's body catches its errors (`false, err`): a memory stop counts
+                // and gives the memory back here, as `after_error` does for other calls.
+                if let (Some(Value::Boolean(false)), Some(Value::String(err))) =
+                    (values.front(), values.get(1))
+                {
+                    if err.as_bytes() == b"not enough memory" {
+                        self.after_error(&mlua::Error::MemoryError(String::new()));
+                    }
+                }
+                Ok(LightStop::Done(values))
+            }
+            Some(Value::LightUserData(t)) if t == tag(&WAIT_TAG) => match pending {
+                Some(fut) => Ok(LightStop::Wait(fut)),
+                None => Err(mlua::Error::runtime(
+                    "a waiting function yielded without handing over what it waits for",
+                )),
+            },
+            _ => Err(mlua::Error::runtime(
                 "attempt to yield from outside a coroutine",
             )),
         }
@@ -1247,10 +1290,11 @@ pub(crate) async fn request_phase(
 /// rewrite / access / before_proxy.
 ///
 /// The phase function runs in a runner thread resumed synchronously: a call that does not wait
-/// finishes here, with no future at all. A waiting API function yields [`WAIT_TAG`] after
-/// handing its future over ([`create_waiting_function`]); only then is a future boxed, which
-/// awaits what the function waits for (frame set, budget not armed) and resumes the runner
-/// with the result, until the phase function returns.
+/// (and spawns no light thread that waits) finishes here, with no future at all. A waiting API
+/// function yields [`WAIT_TAG`] after handing its future over ([`create_waiting_function`]);
+/// only then is a future boxed, which awaits what the function waits for (frame set, budget
+/// not armed) and resumes the runner with the result, until the phase function returns and
+/// its light threads (`thread.rs`) have ended.
 pub(crate) fn start_request_phase<'a>(
     p: &'a LuaPlugin,
     phase: Phase,
@@ -1263,19 +1307,33 @@ pub(crate) fn start_request_phase<'a>(
             return Ok(None);
         };
         let runner = rt.runner()?;
-        let stop = rt.resume(&runner, request_frame(p, phase, ctx), Resume::Call(args))?;
-        Ok(Some((rt, runner, stop)))
+        let scope = thread::enter(None);
+        let stop = rt.resume(&runner, request_frame(p, phase, ctx), Resume::Call(args));
+        let threads = scope.leave();
+        Ok(Some((rt, runner, stop?, threads)))
     })();
     match first {
         Err(e) => PhaseCall::Ready(Err(plugin_error(p, phase, &e))),
         Ok(None) => PhaseCall::Ready(Ok(Flow::Continue)),
-        Ok(Some((rt, runner, Stop::Done(code, body)))) => {
+        Ok(Some((rt, runner, Stop::Done(code, body), threads))) => {
             rt.recycle(runner);
-            PhaseCall::Ready(finish_request_phase(p, phase, &rt, ctx, code, body))
+            if ends_request(&code, &body) || !thread::live(&threads) {
+                // Light threads still running when the request ends are aborted (dropped).
+                return PhaseCall::Ready(finish_request_phase(p, phase, &rt, ctx, code, body));
+            }
+            let entry = Entry::Done(code, body);
+            PhaseCall::Wait(Box::pin(wait_request_phase(
+                p, phase, ctx, rt, entry, threads,
+            )))
         }
-        Ok(Some((rt, runner, Stop::Wait(fut)))) => match take_exit(ctx) {
+        Ok(Some((rt, runner, Stop::Wait(fut), threads))) => match take_exit(ctx) {
             Some(flow) => PhaseCall::Ready(Ok(flow)),
-            None => PhaseCall::Wait(Box::pin(wait_request_phase(p, phase, ctx, rt, runner, fut))),
+            None => {
+                let entry = Entry::Waiting(runner, fut);
+                PhaseCall::Wait(Box::pin(wait_request_phase(
+                    p, phase, ctx, rt, entry, threads,
+                )))
+            }
         },
     }
 }
@@ -1295,6 +1353,12 @@ fn request_frame(p: &LuaPlugin, phase: Phase, ctx: &mut Ctx) -> Frame {
 fn take_exit(ctx: &mut Ctx) -> Option<Flow> {
     let status = ctx.data_mut::<LuaRequest>().and_then(|r| r.exit.take())?;
     Some(exit_flow(ctx, status))
+}
+
+/// A phase function's `return code, body` that ends the request (APISIX's
+/// `core.response.exit`, which in OpenResty aborts the light threads too).
+fn ends_request(code: &Value, body: &Value) -> bool {
+    matches!(code, Value::Integer(_) | Value::Number(_)) || *body != Value::Nil
 }
 
 /// What a waiting call's result hands back to the coroutine that yielded for it:
@@ -1318,24 +1382,67 @@ pub(crate) fn wake_values(lua: &Lua, woke: mlua::Result<MultiValue>) -> mlua::Re
     }
 }
 
-/// The rest of a request phase whose function waits: await, resume, until it returns.
+/// A request phase's entry thread: waiting, or returned (with its first two values) while
+/// light threads still run.
+enum Entry {
+    Waiting(Thread, Pending),
+    Done(Value, Value),
+}
+
+/// What ended a wait of a run: the entry thread's future or a light thread's.
+pub(crate) enum Event {
+    Entry(mlua::Result<MultiValue>),
+    Light(u64, mlua::Result<MultiValue>),
+}
+
+/// Polls the entry thread's future (if it waits) and the light threads' (if any), the entry's
+/// first; with `frame` in place on each poll (a future may touch the request when it
+/// completes, e.g. `ngx.req.read_body` puts the body back), without the time budget: waiting
+/// is not running.
+pub(crate) fn poll_round(
+    cx: &mut Context<'_>,
+    frame: Frame,
+    entry: Option<&mut Pending>,
+    threads: Option<&thread::Threads>,
+) -> Poll<Event> {
+    let _g = FrameGuard::set(frame);
+    if let Some(f) = entry {
+        if let Poll::Ready(r) = f.as_mut().poll(cx) {
+            return Poll::Ready(Event::Entry(r));
+        }
+    }
+    match threads {
+        Some(t) => t.poll_next(cx).map(|(id, r)| Event::Light(id, r)),
+        None => Poll::Pending,
+    }
+}
+
+/// The rest of a request phase that waits: await, resume the thread whose wait ended, until
+/// the phase function has returned and every light thread has ended (or one ended the
+/// request).
 async fn wait_request_phase(
     p: &LuaPlugin,
     phase: Phase,
     ctx: &mut Ctx,
     rt: Rc<LuaRuntime>,
-    runner: Thread,
-    mut fut: Pending,
+    mut entry: Entry,
+    mut threads: Option<Rc<thread::Threads>>,
 ) -> PhaseResult {
-    let name: &str = &p.name;
     loop {
-        let woke = Framed {
-            fut,
-            ctx: &mut *ctx,
-            phase,
-            plugin: name,
+        if !thread::live(&threads) {
+            if let Entry::Done(code, body) = entry {
+                return finish_request_phase(p, phase, &rt, ctx, code, body);
+            }
         }
-        .await;
+        let event = {
+            let frame = request_frame(p, phase, ctx);
+            let mut fut = match &mut entry {
+                Entry::Waiting(_, f) => Some(f),
+                Entry::Done(..) => None,
+            };
+            let ts = threads.as_deref();
+            std::future::poll_fn(|cx| poll_round(cx, frame, fut.as_deref_mut(), ts)).await
+        };
         if let Some(fault) = ctx
             .data_mut::<LuaRequest>()
             .and_then(|r| r.body_fault.take())
@@ -1345,22 +1452,50 @@ async fn wait_request_phase(
             let text = format!("{} {text}", fault.status().as_u16());
             return Ok(Flow::respond(LocalResponse::error(fault.status(), &text)));
         }
-        let values = wake_values(&rt.lua, woke).map_err(|e| plugin_error(p, phase, &e))?;
-        // On an error the runner is dead (or stuck in a yield it cannot leave): dropped.
-        match rt
-            .resume(&runner, request_frame(p, phase, ctx), Resume::Wake(values))
-            .map_err(|e| plugin_error(p, phase, &e))?
-        {
-            Stop::Done(code, body) => {
-                rt.recycle(runner);
-                return finish_request_phase(p, phase, &rt, ctx, code, body);
+        match event {
+            Event::Entry(woke) => {
+                let values = wake_values(&rt.lua, woke).map_err(|e| plugin_error(p, phase, &e))?;
+                let Entry::Waiting(runner, _) =
+                    std::mem::replace(&mut entry, Entry::Done(Value::Nil, Value::Nil))
+                else {
+                    unreachable!("only a waiting entry thread has a future")
+                };
+                let scope = thread::enter(threads.take());
+                let stop = rt.resume(&runner, request_frame(p, phase, ctx), Resume::Wake(values));
+                threads = scope.leave();
+                // On an error the runner is dead (or stuck in a yield it cannot leave): dropped,
+                // and the light threads with it.
+                match stop.map_err(|e| plugin_error(p, phase, &e))? {
+                    Stop::Done(code, body) => {
+                        rt.recycle(runner);
+                        if ends_request(&code, &body) {
+                            return finish_request_phase(p, phase, &rt, ctx, code, body);
+                        }
+                        entry = Entry::Done(code, body);
+                    }
+                    Stop::Wait(next) => {
+                        if let Some(flow) = take_exit(ctx) {
+                            return Ok(flow);
+                        }
+                        entry = Entry::Waiting(runner, next);
+                    }
+                }
             }
-            Stop::Wait(next) => {
+            Event::Light(id, woke) => {
+                let values = wake_values(&rt.lua, woke).map_err(|e| plugin_error(p, phase, &e))?;
+                let Some(ts) = threads.clone() else {
+                    continue;
+                };
+                let scope = thread::enter(threads.take());
+                ts.resume(&rt, id, request_frame(p, phase, ctx), values, true);
+                threads = scope.leave();
                 if let Some(flow) = take_exit(ctx) {
                     return Ok(flow);
                 }
-                fut = next;
             }
+        }
+        if let Some(ts) = &threads {
+            ts.compact(&rt.lua);
         }
     }
 }

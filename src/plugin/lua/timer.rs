@@ -20,6 +20,7 @@ use mlua::{Function, Lua, MultiValue, Table, Value};
 use tokio::sync::{watch, Notify};
 
 use super::runtime::{self, Frame, Resume, Stop};
+use super::thread;
 
 /// OpenResty's default `lua_max_pending_timers`.
 const MAX_PENDING: usize = 1024;
@@ -162,7 +163,8 @@ fn schedule(
     Ok(MultiValue::from_iter([Value::Boolean(true)]))
 }
 
-/// Runs one call of a timer's callback in a fresh Lua thread, through its waits.
+/// Runs one call of a timer's callback in a fresh Lua thread, through its waits, until it and
+/// the light threads it spawned have ended (an error in the callback aborts them).
 async fn run(
     rt: &runtime::LuaRuntime,
     body: &Function,
@@ -181,31 +183,82 @@ async fn run(
     first.push_back(Value::Function(callback.clone()));
     first.push_back(Value::Boolean(premature));
     first.extend(args.iter().cloned());
-    let mut input = Resume::Wake(first);
-    // The sockets this run makes, closed when it ends.
+    // The sockets this run makes (its light threads' too), closed when it ends.
     let mut sockets = super::cosocket::Owned::default();
+    let mut threads: Option<Rc<thread::Threads>> = None;
+    // The callback's thread: what it waits for, None once it returned.
+    let mut entry: Option<runtime::Pending> = None;
+    let mut input = Some(first);
     loop {
-        IN_TIMER.with(|c| c.set(true));
-        let stop = {
-            let _owned = super::cosocket::TimerOwnedGuard::set(&mut sockets);
-            rt.resume(&thread, Frame::NONE, input)
-        };
-        IN_TIMER.with(|c| c.set(false));
-        match stop {
-            Ok(Stop::Done(..)) => return,
-            Ok(Stop::Wait(fut)) => match runtime::wake_values(rt.lua(), fut.await) {
-                Ok(values) => input = Resume::Wake(values),
-                Err(_) => return,
-            },
-            Err(e) => {
-                tracing::error!(
-                    target: "moongate::lua",
-                    "lua timer callback failed: {}",
-                    runtime::one_line(&e.to_string())
-                );
-                return;
+        if let Some(values) = input.take() {
+            let stop = {
+                let _in = InTimer::set();
+                let _owned = super::cosocket::TimerOwnedGuard::set(&mut sockets);
+                let scope = thread::enter(threads.take());
+                let stop = rt.resume(&thread, Frame::NONE, Resume::Wake(values));
+                threads = scope.leave();
+                stop
+            };
+            match stop {
+                Ok(Stop::Done(..)) => entry = None,
+                Ok(Stop::Wait(fut)) => entry = Some(fut),
+                Err(e) => {
+                    tracing::error!(
+                        target: "moongate::lua",
+                        "lua timer callback failed: {}",
+                        runtime::one_line(&e.to_string())
+                    );
+                    return;
+                }
             }
         }
+        if entry.is_none() && !thread::live(&threads) {
+            return;
+        }
+        let event = {
+            let ts = threads.as_deref();
+            std::future::poll_fn(|cx| runtime::poll_round(cx, Frame::NONE, entry.as_mut(), ts))
+                .await
+        };
+        match event {
+            runtime::Event::Entry(woke) => match runtime::wake_values(rt.lua(), woke) {
+                Ok(values) => {
+                    entry = None;
+                    input = Some(values);
+                }
+                Err(_) => return,
+            },
+            runtime::Event::Light(id, woke) => {
+                let Ok(values) = runtime::wake_values(rt.lua(), woke) else {
+                    return;
+                };
+                let Some(ts) = threads.clone() else {
+                    continue;
+                };
+                let _in = InTimer::set();
+                let _owned = super::cosocket::TimerOwnedGuard::set(&mut sockets);
+                let scope = thread::enter(threads.take());
+                ts.resume(rt, id, Frame::NONE, values, true);
+                threads = scope.leave();
+                ts.compact(rt.lua());
+            }
+        }
+    }
+}
+
+/// Marks a timer's Lua code running (`ngx.get_phase()` says "timer") for a scope.
+struct InTimer;
+
+impl InTimer {
+    fn set() -> InTimer {
+        IN_TIMER.with(|c| c.set(true));
+        InTimer
+    }
+}
+
+impl Drop for InTimer {
+    fn drop(&mut self) {
+        IN_TIMER.with(|c| c.set(false));
     }
 }
 
