@@ -301,10 +301,7 @@ fn serve(path: &std::path::Path, mut inherited: supervisor::Inherited) -> ExitCo
         _ => {}
     }
     let node: Arc<NodeConfig> = Arc::new(served);
-    // Checked by the start-up already (`startup::node_problems`).
-    if let Ok(s) = moongate::metrics::Settings::from_node(&node) {
-        moongate::metrics::init(s);
-    }
+    // The metrics settings were set by the start-up (`startup::build`).
     // Checked by the start-up already (`startup::node_problems`).
     let _ = moongate::otel::set_node_attr(node.plugin_attr.get("opentelemetry"));
     let routes = snap.routes.len();

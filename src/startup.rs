@@ -45,6 +45,11 @@ pub fn build(partial: Partial) -> Result<Snapshot, ConfigErrors> {
     if partial.unparsed_node.iter().any(|k| k == "plugin_dirs") {
         return Err(found.into_errors(&partial));
     }
+    // Plugins ask at load whether metrics are served (`exporter.get_prometheus()`), in
+    // `check` as in `run`.
+    if let Ok(s) = crate::metrics::Settings::from_node(&partial.doc.node) {
+        crate::metrics::init(s);
+    }
     let mut registry = Registry::new();
     for p in crate::plugins::native() {
         registry.insert(p);

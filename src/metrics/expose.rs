@@ -45,6 +45,9 @@ pub struct Family {
     pub kind: Kind,
     pub label_names: Vec<String>,
     pub samples: Vec<(Vec<String>, Value)>,
+    /// A histogram's bucket bounds when they are not the latency buckets
+    /// (`plugin_attr.prometheus.default_buckets`).
+    pub bounds: Option<Vec<f64>>,
 }
 
 impl Family {
@@ -55,6 +58,7 @@ impl Family {
             kind,
             label_names: label_names.iter().map(|s| s.to_string()).collect(),
             samples: Vec::new(),
+            bounds: None,
         }
     }
 
@@ -248,8 +252,11 @@ pub fn gather(sources: &[Arc<dyn Source>]) -> Vec<Family> {
     for s in sources {
         s.collect(&mut out);
     }
+    super::custom::families(&settings().prefix, &mut out);
     out.retain(|f| !f.samples.is_empty() || f.kind != Kind::Histogram);
+    // Stable: of two families with one name, the gateway's own (pushed first) stays.
     out.sort_by(|a, b| a.name.cmp(&b.name));
+    out.dedup_by(|later, first| later.name == first.name);
     out
 }
 
@@ -276,10 +283,11 @@ impl Collector for Families {
                     .zip(values.iter().map(String::as_str))
                     .collect();
                 // A family without labels encodes its one sample with no `{}`.
+                let bounds = f.bounds.as_deref().unwrap_or(&settings().buckets);
                 if labels.is_empty() {
-                    encode_value(&mut metric, value, ty)?;
+                    encode_value(&mut metric, value, ty, bounds)?;
                 } else {
-                    encode_value(&mut metric.encode_family(&labels)?, value, ty)?;
+                    encode_value(&mut metric.encode_family(&labels)?, value, ty, bounds)?;
                 }
             }
         }
@@ -291,6 +299,7 @@ fn encode_value(
     m: &mut MetricEncoder,
     value: &Value,
     ty: MetricType,
+    bounds: &[f64],
 ) -> Result<(), std::fmt::Error> {
     match (value, ty) {
         (Value::Int(v), MetricType::Counter) => m.encode_counter::<NoLabelSet, _, u64>(v, None),
@@ -298,7 +307,6 @@ fn encode_value(
         (Value::Float(v), MetricType::Counter) => m.encode_counter::<NoLabelSet, _, u64>(v, None),
         (Value::Float(v), _) => m.encode_gauge(v),
         (Value::Hist(counts, sum), _) => {
-            let bounds = &settings().buckets;
             let buckets: Vec<(f64, u64)> = counts
                 .iter()
                 .enumerate()

@@ -10,6 +10,7 @@
 //! The node settings are APISIX's `plugin_attr.prometheus` ([`Settings`]); they are read at
 //! start-up.
 
+pub mod custom;
 pub mod expose;
 pub mod http;
 pub mod runtime;

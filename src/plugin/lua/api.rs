@@ -164,6 +164,7 @@ pub fn install(lua: &Lua, settings: &Settings) -> mlua::Result<()> {
     install_consumers(lua, &mg)?;
     super::upstream::install(lua, &mg)?;
     super::resources::install(lua, &mg)?;
+    super::metrics::install(lua, &mg)?;
     install_plugin_metadata(lua, &mg)?;
     install_local_conf(lua, &mg)?;
     install_require(lua, settings)?;
