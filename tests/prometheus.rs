@@ -457,3 +457,134 @@ fn moongate_runtime_families_follow_what_happened() {
         created
     );
 }
+
+/// A Lua plugin's own metrics, registered as APISIX plugins do (`exporter.get_prometheus()`,
+/// then nginx-lua-prometheus' `counter`/`gauge`/`histogram`). `VERSION` is what the plugin
+/// adds to its counter per request, and answers in `x-metrics-version`.
+const CUSTOM_METRICS: &str = r#"
+local exporter = require("apisix.plugins.prometheus.exporter")
+local prometheus = exporter.get_prometheus()
+local hits = prometheus:counter("plugin_hits_total", "Requests the plugin saw", {"route", "tier"})
+local level = prometheus:gauge("plugin_level", "The last level asked for", {"route"})
+local sizes = prometheus:histogram("plugin_value", "Values asked for", {"route"}, {1, 5, 10})
+-- The same name with other labels: refused and logged, nil.
+local clash = prometheus:gauge("plugin_hits_total", "x", {"route"})
+local VERSION = 1
+
+local _M = {version = 0.1, priority = 10, name = "custom-metrics",
+            schema = {type = "object", properties = {tier = {type = "string"}}}}
+
+function _M.header_filter(conf, ctx)
+    ngx.header["x-metrics-version"] = tostring(VERSION)
+    ngx.header["x-clash-is-nil"] = tostring(clash == nil)
+end
+
+function _M.log(conf, ctx)
+    local route = ctx.var.route_id
+    hits:inc(VERSION, {route, conf.tier or "none"})
+    level:set(tonumber(ctx.var.arg_level) or 0, {route})
+    sizes:observe(tonumber(ctx.var.arg_v) or 0, {route})
+    -- One label for a two-label metric: an error, logged and counted, nothing recorded.
+    hits:inc(1, {route})
+end
+
+return _M
+"#;
+
+#[test]
+fn lua_plugins_register_their_own_metrics_and_keep_them_across_a_reload() {
+    let up = Upstream::echo();
+    let yaml = format!(
+        "workers: 2\n\
+plugin_attr:\n  prometheus:\n    export_addr: {{ip: 127.0.0.1, port: 0}}\n\
+routes:\n\
+\x20 - id: r1\n    uri: /m\n    plugins:\n      custom-metrics: {{tier: gold}}\n    upstream:\n      nodes:\n        \"{node}\": 1\n\
+\x20 - id: r2\n    uri: /poll\n    plugins:\n      custom-metrics: {{}}\n    upstream:\n      nodes:\n        \"{node}\": 1\n",
+        node = up.node()
+    );
+    let gw = Gateway::start_with_plugins(&[("custom-metrics", CUSTOM_METRICS)], &yaml);
+    let url = metrics_url(&gw);
+
+    for (v, level) in [("0.5", "7"), ("3", "2"), ("20", "4")] {
+        let r = get(&gw.url(&format!("/m?v={v}&level={level}")));
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("x-clash-is-nil").as_deref(), Some("true"));
+    }
+    let hits = |s: &[Sample], route: &str, tier: &str| {
+        value(
+            s,
+            "apisix_plugin_hits_total",
+            &[("route", route), ("tier", tier)],
+        )
+    };
+    // The log phase runs after the response: scrape until the three are in (bounded).
+    let scrape_until = |want: &dyn Fn(&[Sample]) -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let got = scrape(&url, None);
+            if want(&got.1) || Instant::now() > deadline {
+                return got;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let (_, s, text) =
+        scrape_until(&|s| value(s, "apisix_plugin_value_count", &[("route", "r1")]) >= 3.0);
+    assert!(
+        text.contains("# TYPE apisix_plugin_hits counter\n")
+            || text.contains("# TYPE apisix_plugin_hits_total counter\n"),
+        "{text}"
+    );
+    // Both workers count into one series.
+    assert_eq!(hits(&s, "r1", "gold"), 3.0, "{text}");
+    assert_eq!(value(&s, "apisix_plugin_level", &[("route", "r1")]), 4.0);
+    let bucket = |le: &str| {
+        value(
+            &s,
+            "apisix_plugin_value_bucket",
+            &[("route", "r1"), ("le", le)],
+        )
+    };
+    assert_eq!(
+        [bucket("1.0"), bucket("5.0"), bucket("10.0"), bucket("+Inf")],
+        [1.0, 2.0, 2.0, 3.0],
+        "{text}"
+    );
+    assert_eq!(
+        value(&s, "apisix_plugin_value_sum", &[("route", "r1")]),
+        23.5
+    );
+    // Every wrong call was counted (3 label mistakes, and the clash in each VM that loaded
+    // the plugin) and logged with nginx-lua-prometheus' words.
+    assert!(
+        value(&s, "apisix_nginx_metric_errors_total", &[]) >= 4.0,
+        "{text}"
+    );
+    assert!(gw.wait_for_log(
+        "inconsistent labels count, expected 2, got 1",
+        Duration::from_secs(5)
+    ));
+    assert!(gw.logs().contains("Duplicate metric plugin_hits_total"));
+
+    // A new version of the plugin registers the same metrics again: they keep their values.
+    let file = gw.config_dir().join("plugins/custom-metrics.lua");
+    std::fs::write(
+        &file,
+        CUSTOM_METRICS.replace("local VERSION = 1", "local VERSION = 100"),
+    )
+    .unwrap();
+    assert!(
+        common::health::poll_until(Duration::from_secs(20), || {
+            get(&gw.url("/poll")).header("x-metrics-version").as_deref() == Some("100")
+        }),
+        "the new plugin file does not serve; log:\n{}",
+        gw.logs()
+    );
+    assert_eq!(get(&gw.url("/m?v=1&level=1")).status, 200);
+    let (_, s, text) = scrape_until(&|s| hits(s, "r1", "gold") >= 103.0);
+    assert_eq!(hits(&s, "r1", "gold"), 103.0, "{text}");
+    assert_eq!(
+        value(&s, "apisix_plugin_value_count", &[("route", "r1")]),
+        4.0
+    );
+}
