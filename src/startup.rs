@@ -112,6 +112,11 @@ pub fn node_problems(node: &NodeConfig) -> Vec<ConfigError> {
             }
         }
     }
+    if let Some(path) = node.ssl.as_ref().and_then(|s| s.trusted_file()) {
+        if let Err(e) = crate::tls::load_trusted(path) {
+            errors.push(ConfigError::new("ssl.ssl_trusted_certificate", e));
+        }
+    }
     if let Err(e) = crate::accesslog::Mode::from_node(node) {
         errors.push(e);
     }

@@ -697,6 +697,15 @@ fn resolve_paths(node: &mut NodeConfig, base: &Path) {
             *ca = base.join(&*ca);
         }
     }
+    if let Some(ca) = node
+        .ssl
+        .as_mut()
+        .and_then(|s| s.ssl_trusted_certificate.as_mut())
+    {
+        if ca != "system" && Path::new(ca.as_str()).is_relative() {
+            *ca = base.join(&*ca).to_string_lossy().into_owned();
+        }
+    }
     crate::accesslog::resolve_path(&mut node.nginx_config.http, base);
     crate::errorlog::resolve_path(&mut node.nginx_config.error_log, base);
     if let Some(d) = &mut node.data_dir {

@@ -124,6 +124,9 @@ pub fn table(node: &NodeConfig, bound: Option<&[BoundListener]>) -> Value {
         if let Some(f) = &s.fallback_sni {
             ssl.insert("fallback_sni".into(), json!(f));
         }
+        if let Some(ca) = &s.ssl_trusted_certificate {
+            ssl.insert("ssl_trusted_certificate".into(), json!(ca));
+        }
     }
     let mut apisix = Map::new();
     apisix.insert("node_listen".into(), Value::Array(plain));

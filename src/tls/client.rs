@@ -159,33 +159,199 @@ pub fn client_config(
         .clone()
 }
 
-/// Certificates are verified against the Mozilla roots (webpki-roots).
+/// The CA set `ssl.ssl_trusted_certificate` names, once set (see [`set_trusted`]).
+static TRUSTED: OnceLock<Arc<rustls::RootCertStore>> = OnceLock::new();
+
+/// Reads a PEM file of CA certificates (`ssl.ssl_trusted_certificate`); the error says why
+/// in the words a user acts on.
+pub fn load_trusted(path: &str) -> Result<rustls::RootCertStore, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            format!("certificate path {path} doesn't exist")
+        } else {
+            format!("cannot read {path}: {e}")
+        }
+    })?;
+    let certs = super::parse_certs(&text).map_err(|e| format!("{path}: {e}"))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in certs {
+        roots
+            .add(c)
+            .map_err(|e| format!("{path}: not a usable CA certificate: {e}"))?;
+    }
+    Ok(roots)
+}
+
+/// Makes `roots` the CA set every outgoing TLS connection verifies against, instead of the
+/// built-in Mozilla roots. Called once at start-up, before the first connection (configs are
+/// made on first use and kept); a second call changes nothing.
+pub fn set_trusted(roots: rustls::RootCertStore) {
+    let _ = TRUSTED.set(Arc::new(roots));
+}
+
+/// The CA set verified against: `ssl.ssl_trusted_certificate`'s, or the Mozilla roots
+/// (webpki-roots).
+fn trusted_roots() -> Arc<rustls::RootCertStore> {
+    if let Some(r) = TRUSTED.get() {
+        return r.clone();
+    }
+    static SYSTEM: OnceLock<Arc<rustls::RootCertStore>> = OnceLock::new();
+    SYSTEM
+        .get_or_init(|| {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+            Arc::new(roots)
+        })
+        .clone()
+}
+
+/// Certificates are verified against [`trusted_roots`].
 fn make_config(
     verify: bool,
     alpn: Alpn,
     client: Option<Arc<dyn ResolvesClientCert>>,
 ) -> Arc<ClientConfig> {
-    let builder = ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .expect("ring supports the default protocol versions");
-    let builder = if verify {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-        builder.with_root_certificates(roots)
-    } else {
-        builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(NoVerify(provider())))
-    };
-    let mut cfg = match client {
-        Some(resolver) => builder.with_client_cert_resolver(resolver),
-        None => builder.with_no_client_auth(),
-    };
+    let mut cfg = base_config(verify, client);
     cfg.alpn_protocols = match alpn {
         Alpn::Http1 => vec![b"http/1.1".to_vec()],
         Alpn::Http2 => vec![b"h2".to_vec()],
     };
     Arc::new(cfg)
+}
+
+fn base_config(verify: bool, client: Option<Arc<dyn ResolvesClientCert>>) -> ClientConfig {
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default protocol versions");
+    let builder = if verify {
+        builder.with_root_certificates(trusted_roots())
+    } else {
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(NoVerify(provider())))
+    };
+    match client {
+        Some(resolver) => builder.with_client_cert_resolver(resolver),
+        None => builder.with_no_client_auth(),
+    }
+}
+
+/// How a Lua cosocket's `sslhandshake` checks the server's certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CosocketVerify {
+    /// `ssl_verify` false or nil (OpenResty's default): no check.
+    Off,
+    /// The chain against the trusted CAs and the name against `server_name`.
+    Full,
+    /// `ssl_verify` without a `server_name`: the chain only, as nginx checks no host then.
+    ChainOnly,
+}
+
+/// What the cosocket verifier says of a self-signed server certificate (OpenSSL's verify
+/// result 18, which OpenResty hands to Lua); other failures keep rustls's error.
+pub const SELF_SIGNED: &str = "18: self-signed certificate";
+
+/// The TLS client settings of a Lua cosocket's `sslhandshake` (no ALPN, as OpenResty's), made
+/// once per process per kind of check; each has its own session cache, so a second handshake
+/// to the same server name resumes.
+pub fn cosocket_config(verify: CosocketVerify) -> Arc<ClientConfig> {
+    static CONFIGS: [OnceLock<Arc<ClientConfig>>; 3] = [const { OnceLock::new() }; 3];
+    let slot = match verify {
+        CosocketVerify::Off => 0,
+        CosocketVerify::Full => 1,
+        CosocketVerify::ChainOnly => 2,
+    };
+    CONFIGS[slot]
+        .get_or_init(|| {
+            if verify == CosocketVerify::Off {
+                return Arc::new(base_config(false, None));
+            }
+            let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
+                trusted_roots(),
+                provider(),
+            )
+            .build()
+            .expect("a root set with the built-in or configured CAs");
+            let checker = CosocketVerifier {
+                inner,
+                check_name: verify == CosocketVerify::Full,
+            };
+            let cfg = ClientConfig::builder_with_provider(provider())
+                .with_safe_default_protocol_versions()
+                .expect("ring supports the default protocol versions")
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(checker))
+                .with_no_client_auth();
+            Arc::new(cfg)
+        })
+        .clone()
+}
+
+/// The web PKI check against the trusted CAs, the name only when `check_name`, and a
+/// self-signed certificate told apart from one of an unknown issuer ([`SELF_SIGNED`]).
+#[derive(Debug)]
+struct CosocketVerifier {
+    inner: Arc<rustls::client::WebPkiServerVerifier>,
+    check_name: bool,
+}
+
+impl ServerCertVerifier for CosocketVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        use rustls::CertificateError as C;
+        match self.inner.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        ) {
+            Err(rustls::Error::InvalidCertificate(
+                C::NotValidForName | C::NotValidForNameContext { .. },
+            )) if !self.check_name => Ok(ServerCertVerified::assertion()),
+            Err(rustls::Error::InvalidCertificate(C::UnknownIssuer))
+                if intermediates.is_empty() && self_signed(end_entity) =>
+            {
+                Err(rustls::Error::General(SELF_SIGNED.to_string()))
+            }
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// Whether a certificate names itself as its issuer.
+fn self_signed(cert: &CertificateDer<'_>) -> bool {
+    x509_parser::parse_x509_certificate(cert)
+        .map(|(_, c)| c.subject().as_raw() == c.issuer().as_raw())
+        .unwrap_or(false)
 }
 
 /// The client certificate an upstream's `tls` names, checked: the inline pair parsed (its key

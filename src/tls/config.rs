@@ -26,6 +26,11 @@ pub struct SslNodeConfig {
     /// entry matches.
     #[serde(default)]
     pub fallback_sni: Option<String>,
+    /// The CA certificates outgoing TLS connections trust when they verify the server
+    /// (upstreams, health checks, openfunction, Lua cosockets): `system` (the default: the
+    /// Mozilla root set built in) or a PEM file, relative to the config file.
+    #[serde(default)]
+    pub ssl_trusted_certificate: Option<String>,
 }
 
 fn yes() -> bool {
@@ -47,11 +52,19 @@ impl Default for SslNodeConfig {
             ssl_protocols: Protocols::default(),
             ssl_session_tickets: false,
             fallback_sni: None,
+            ssl_trusted_certificate: None,
         }
     }
 }
 
 impl SslNodeConfig {
+    /// The PEM file `ssl_trusted_certificate` names (None for `system` or when unset).
+    pub fn trusted_file(&self) -> Option<&str> {
+        self.ssl_trusted_certificate
+            .as_deref()
+            .filter(|p| *p != "system")
+    }
+
     /// The TLS listeners to bind (none when `enable` is false).
     pub fn listeners(&self) -> &[ListenAddr] {
         if self.enable {

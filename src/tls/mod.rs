@@ -27,7 +27,10 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 
 pub use certs::{normalize_name, parse_certs, CertTable, Served};
-pub use client::{check_upstream_tls, client_config, upstream_identity, Alpn, ClientIdentity};
+pub use client::{
+    check_upstream_tls, client_config, cosocket_config, load_trusted, set_trusted,
+    upstream_identity, Alpn, ClientIdentity, CosocketVerify, SELF_SIGNED,
+};
 pub use config::{Protocol, Protocols, SslListen, SslNodeConfig};
 pub use info::{plain_var, ClientCert, TlsInfo};
 pub use keyring::{DataEncryption, Keyring};
