@@ -1,6 +1,6 @@
 -- `require("resty.http")`: lua-resty-http's client API over moongate's cosockets
 -- (ngx.socket.tcp), so its connections are kept alive in the worker's cosocket pool.
--- HTTP/1.1 (and 1.0) over TCP; `https` needs sslhandshake, which moongate does not have yet.
+-- HTTP/1.1 (and 1.0) over TCP, and over TLS (`https`, the cosocket's sslhandshake).
 local ngx = ngx
 local tcp = ngx.socket.tcp
 local str_lower, str_upper, str_find, str_sub, str_format, str_gsub =
@@ -74,6 +74,11 @@ function _M.get_reused_times(self)
     return self.sock:getreusedtimes()
 end
 
+--- The cosocket's sslhandshake on this client's connection (lua-resty-http's old API).
+function _M.ssl_handshake(self, ...)
+    return self.sock:sslhandshake(...)
+end
+
 function _M.close(self)
     return self.sock:close()
 end
@@ -95,16 +100,26 @@ function _M.connect(self, host_or_opts, port, sock_opts)
     if type(host) ~= "string" or host == "" then
         return nil, "no host specified"
     end
-    if scheme == "https" then
-        return nil, "https is not supported by moongate's resty.http yet (no sslhandshake)"
-    elseif scheme ~= "http" then
+    if scheme ~= "http" and scheme ~= "https" then
         return nil, "unsupported scheme: " .. scheme
     end
+    local ssl = scheme == "https"
+    -- As lua-resty-http: the server's certificate is checked unless ssl_verify is false, and
+    -- its name is the host's unless ssl_server_name says another.
+    local ssl_verify = opts.ssl_verify ~= false
+    local ssl_server_name = opts.ssl_server_name
     local unix = str_sub(host, 1, 5) == "unix:"
-    port = tonumber(opts.port) or 80
+    if ssl and not ssl_server_name and not unix then
+        ssl_server_name = host
+    end
+    port = tonumber(opts.port) or (ssl and 443 or 80)
     local pool = opts.pool
-    if not pool and not unix then
-        pool = host .. ":" .. port
+    if not pool then
+        -- TLS connections (per name and check) never mix with plain ones in the pool.
+        pool = (unix and host or (host .. ":" .. port))
+        if ssl then
+            pool = pool .. ":ssl:" .. (ssl_server_name or "") .. ":" .. tostring(ssl_verify)
+        end
     end
     local copts = { pool = pool, pool_size = opts.pool_size, backlog = opts.backlog }
     local ok, err
@@ -115,6 +130,14 @@ function _M.connect(self, host_or_opts, port, sock_opts)
     end
     if not ok then
         return nil, err
+    end
+    if ssl and self.sock:getreusedtimes() == 0 then
+        ok, err = self.sock:sslhandshake(false, ssl_server_name, ssl_verify,
+            opts.ssl_send_status_req)
+        if not ok then
+            self.sock:close()
+            return nil, err
+        end
     end
     self.host, self.port, self.scheme, self.unix = host, port, scheme, unix
     self.keepalive = true
@@ -170,7 +193,8 @@ local function format_request(self, params, headers, body_len, chunked)
     end
     if not has["host"] then
         local h = self.host or ""
-        if not self.unix and self.port ~= 80 then
+        local default_port = self.scheme == "https" and 443 or 80
+        if not self.unix and self.port ~= default_port then
             h = h .. ":" .. self.port
         end
         out[#out + 1] = "Host: " .. h .. "\r\n"

@@ -59,6 +59,8 @@ struct Conn {
     peer: Option<SocketAddr>,
     /// The unix socket's path.
     path: Option<String>,
+    /// TLS runs over it (`sslhandshake` succeeded).
+    tls: bool,
 }
 
 /// A socket object's state.
@@ -111,6 +113,18 @@ struct Until {
 
 struct UntilIter(Rc<Until>);
 impl UserData for UntilIter {}
+
+/// What `sslhandshake` returns for `reused_session`. rustls keeps and resumes sessions by
+/// server name itself (per process), so the object only stands for the session.
+struct SslSession;
+
+impl UserData for SslSession {
+    fn add_methods<M: mlua::UserDataMethods<Self>>(methods: &mut M) {
+        methods.add_meta_method("__tostring", |_, s, ()| {
+            Ok(format!("ssl session: {:p}", s as *const SslSession))
+        });
+    }
+}
 
 /// Sockets a request or timer run made, closed when it ends.
 #[derive(Default)]
@@ -273,6 +287,10 @@ enum Reply {
     Fail(String, Option<BytesMut>),
     /// `nil, nil`: a sized `receiveuntil` iterator reached the pattern.
     End,
+    /// `true` (`sslhandshake` asked not to return a session).
+    True,
+    /// An `sslhandshake` session object.
+    Session,
 }
 
 impl Reply {
@@ -296,6 +314,10 @@ impl IntoLuaMulti for Reply {
                 v
             }
             Reply::End => MultiValue::from_iter([Value::Nil, Value::Nil]),
+            Reply::True => MultiValue::from_iter([Value::Boolean(true)]),
+            Reply::Session => {
+                MultiValue::from_iter([Value::UserData(lua.create_userdata(SslSession)?)])
+            }
         })
     }
 }
@@ -676,6 +698,7 @@ async fn connect(sock: Sock, args: ConnectArgs) -> Reply {
                 key: args.key,
                 peer,
                 path,
+                tls: false,
             });
             Reply::One
         }
@@ -704,6 +727,169 @@ async fn send(sock: Sock, data: Vec<u8>) -> Reply {
         // Any send error closes the connection (the lease drops it).
         Err(_) => Reply::fail("timeout"),
         Ok(Err(e)) => Reply::fail(SockErr::from_io(&e).text()),
+    }
+}
+
+/// What `sslhandshake` was asked.
+struct HandshakeArgs {
+    /// False when `reused_session` is `false`: the call returns `true`, not a session.
+    want_session: bool,
+    server_name: Option<String>,
+    verify: bool,
+}
+
+fn handshake_args(
+    reused: &Value,
+    server_name: &Value,
+    verify: &Value,
+) -> mlua::Result<HandshakeArgs> {
+    let server_name = match server_name {
+        Value::Nil => None,
+        Value::String(s) => Some(s.to_str()?.to_string()),
+        other => {
+            // Lua's `type()` words: integers are numbers.
+            let got = match other {
+                Value::Integer(_) => "number",
+                v => v.type_name(),
+            };
+            return Err(mlua::Error::runtime(format!(
+                "bad server_name arg: string expected, got {got}"
+            )));
+        }
+    };
+    Ok(HandshakeArgs {
+        want_session: !matches!(reused, Value::Boolean(false)),
+        server_name,
+        verify: !matches!(verify, Value::Nil | Value::Boolean(false)),
+    })
+}
+
+/// OpenResty's words for a failed handshake: OpenSSL's verify result (`"20: unable to get
+/// local issuer certificate"`), `"certificate host mismatch"`, or `"handshake failed"`.
+fn handshake_error(e: &io::Error) -> String {
+    use rustls::CertificateError as C;
+    let Some(tls) = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) else {
+        return "handshake failed".into();
+    };
+    let rustls::Error::InvalidCertificate(c) = tls else {
+        if let rustls::Error::General(msg) = tls {
+            if msg == crate::tls::SELF_SIGNED {
+                return msg.clone();
+            }
+        }
+        return "handshake failed".into();
+    };
+    match c {
+        C::NotValidForName | C::NotValidForNameContext { .. } => "certificate host mismatch",
+        C::UnknownIssuer => "20: unable to get local issuer certificate",
+        C::Expired | C::ExpiredContext { .. } => "10: certificate has expired",
+        C::NotValidYet | C::NotValidYetContext { .. } => "9: certificate is not yet valid",
+        C::Revoked => "23: certificate revoked",
+        C::BadSignature => "7: certificate signature failure",
+        _ => "handshake failed",
+    }
+    .into()
+}
+
+async fn sslhandshake(sock: Sock, args: HandshakeArgs) -> Reply {
+    let done = if args.want_session {
+        Reply::Session
+    } else {
+        Reply::True
+    };
+    let mut lease = match Lease::take(&sock) {
+        Ok(l) => l,
+        Err(r) => return r,
+    };
+    if lease.conn().tls {
+        // A kept-alive connection made secure before: nothing to do again.
+        lease.give_back();
+        return done;
+    }
+    use rustls::pki_types::ServerName;
+    let (name, verify) = match &args.server_name {
+        Some(n) => match ServerName::try_from(n.clone()) {
+            Ok(name) => (name, crate::tls::CosocketVerify::Full),
+            Err(_) => {
+                lease.give_back();
+                return Reply::fail(format!("bad server name: {n}"));
+            }
+        },
+        // No SNI: an address as the name (rustls sends none for it); the chain is still
+        // checked when asked, the name not, as nginx does without a name.
+        None => {
+            let ip = lease
+                .conn()
+                .peer
+                .map(|a| a.ip())
+                .unwrap_or(std::net::Ipv4Addr::LOCALHOST.into());
+            (
+                ServerName::IpAddress(ip.into()),
+                crate::tls::CosocketVerify::ChainOnly,
+            )
+        }
+    };
+    let timeout = sock.borrow().connect_timeout;
+    let Some(mut conn) = lease.conn.take() else {
+        return Reply::fail("closed");
+    };
+    let verify = if args.verify {
+        verify
+    } else {
+        crate::tls::CosocketVerify::Off
+    };
+    let connector = tokio_rustls::TlsConnector::from(crate::tls::cosocket_config(verify));
+    let io = std::mem::replace(&mut conn.io, Box::new(Closed));
+    match tokio::time::timeout(timeout, connector.connect(name, io)).await {
+        Err(_) => Reply::fail("timeout"),
+        Ok(Err(e)) => {
+            let msg = handshake_error(&e);
+            if msg == "handshake failed" {
+                tracing::debug!(target: "moongate::lua", "cosocket: TLS handshake failed: {e}");
+            } else {
+                // OpenResty logs a failed verification at error level too.
+                tracing::error!(target: "moongate::lua", "lua ssl certificate verify error: ({msg})");
+            }
+            Reply::fail(msg)
+        }
+        Ok(Ok(tls)) => {
+            conn.io = Box::new(tls);
+            conn.tls = true;
+            lease.conn = Some(conn);
+            lease.give_back();
+            done
+        }
+    }
+}
+
+/// Stands in for a stream moved out for a moment; never read or written.
+struct Closed;
+
+impl AsyncRead for Closed {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        _buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for Closed {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        _buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Poll::Ready(Err(io::ErrorKind::NotConnected.into()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -801,6 +987,20 @@ pub(crate) fn install(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
                 .await)
             }
         })?,
+    )?;
+    m.set(
+        "sslhandshake",
+        runtime::create_waiting_function(
+            lua,
+            |_, (ud, reused, name, verify, _status_req): (AnyUserData, Value, Value, Value, Value)| {
+                let args =
+                    sock_of(&ud).and_then(|s| Ok((s, handshake_args(&reused, &name, &verify)?)));
+                async move {
+                    let (sock, args) = args?;
+                    Ok(sslhandshake(sock, args).await)
+                }
+            },
+        )?,
     )?;
     m.set(
         "receiveany",
