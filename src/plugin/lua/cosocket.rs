@@ -33,7 +33,7 @@ use super::runtime;
 use crate::plugin::Phase;
 
 /// nginx's `lua_socket_connect_timeout`, `_send_timeout` and `_read_timeout` defaults.
-const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+pub(super) const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 /// `lua_socket_pool_size`.
 const DEFAULT_POOL_SIZE: usize = 30;
 /// `lua_socket_keepalive_timeout`.
@@ -126,17 +126,30 @@ impl UserData for SslSession {
     }
 }
 
-/// Sockets a request or timer run made, closed when it ends.
+/// A socket a request or timer run owns: closed when it ends.
+pub(super) trait OwnedSocket {
+    fn close_owned(&self);
+}
+
+impl OwnedSocket for RefCell<SockState> {
+    fn close_owned(&self) {
+        if let Ok(mut s) = self.try_borrow_mut() {
+            s.conn = None;
+        }
+    }
+}
+
+/// Sockets a request or timer run made (TCP and UDP), closed when it ends.
 #[derive(Default)]
-pub(crate) struct Owned(Vec<Weak<RefCell<SockState>>>);
+pub(crate) struct Owned(Vec<Weak<dyn OwnedSocket>>);
 
 impl Owned {
-    fn push(&mut self, s: &Sock) {
+    fn push(&mut self, s: Weak<dyn OwnedSocket>) {
         // Drop entries of sockets already collected, so a long timer loop does not grow this.
         if self.0.len() >= 16 {
             self.0.retain(|w| w.strong_count() > 0);
         }
-        self.0.push(Rc::downgrade(s));
+        self.0.push(s);
     }
 }
 
@@ -144,9 +157,7 @@ impl Drop for Owned {
     fn drop(&mut self) {
         for w in self.0.drain(..) {
             if let Some(s) = w.upgrade() {
-                if let Ok(mut s) = s.try_borrow_mut() {
-                    s.conn = None;
-                }
+                s.close_owned();
             }
         }
     }
@@ -256,7 +267,7 @@ impl SockErr {
 }
 
 /// nginx's wording: the system's error text, lower case, without Rust's "(os error N)".
-fn io_text(e: &io::Error) -> String {
+pub(super) fn io_text(e: &io::Error) -> String {
     match e.kind() {
         io::ErrorKind::ConnectionRefused => return "connection refused".into(),
         io::ErrorKind::ConnectionReset => return "connection reset by peer".into(),
@@ -505,7 +516,7 @@ fn number_text(n: f64) -> String {
 }
 
 /// `send`'s data: a string, a number or an array table of them (nested), concatenated.
-fn flatten(v: &Value, out: &mut Vec<u8>, depth: usize) -> mlua::Result<()> {
+pub(super) fn flatten(v: &Value, out: &mut Vec<u8>, depth: usize) -> mlua::Result<()> {
     match v {
         Value::String(s) => out.extend_from_slice(&s.as_bytes()),
         Value::Integer(i) => out.extend_from_slice(i.to_string().as_bytes()),
@@ -526,7 +537,7 @@ fn flatten(v: &Value, out: &mut Vec<u8>, depth: usize) -> mlua::Result<()> {
     Ok(())
 }
 
-fn timeout_arg(v: &Value) -> Duration {
+pub(super) fn timeout_arg(v: &Value) -> Duration {
     let ms = match v {
         Value::Integer(i) => *i as f64,
         Value::Number(n) => *n,
@@ -893,28 +904,44 @@ impl AsyncWrite for Closed {
     }
 }
 
-/// Makes a socket object and records it with the request or timer run making it.
-fn new_socket(lua: &Lua) -> mlua::Result<AnyUserData> {
+/// Whether sockets may be made here (a timer, or rewrite / access / before_proxy); OpenResty's
+/// error otherwise.
+pub(super) fn check_context() -> mlua::Result<()> {
     let fr = runtime::frame();
-    let timer = TIMER_OWNED.with(|c| c.get());
-    let usable = timer.is_null()
-        && matches!(
+    let in_timer = TIMER_OWNED.with(|c| !c.get().is_null());
+    let usable = in_timer
+        || matches!(
             fr.phase,
             Some(Phase::Rewrite | Phase::Access | Phase::BeforeProxy)
         );
-    if !usable && timer.is_null() {
-        return Err(mlua::Error::runtime(format!(
+    if usable {
+        Ok(())
+    } else {
+        Err(mlua::Error::runtime(format!(
             "API disabled in the context of {}",
             context_name(fr.phase)
-        )));
+        )))
     }
-    let sock: Sock = Rc::new(RefCell::new(SockState::default()));
+}
+
+/// Records a socket with the request or timer run making it (after [`check_context`]).
+pub(super) fn own(sock: Weak<dyn OwnedSocket>) -> mlua::Result<()> {
+    let timer = TIMER_OWNED.with(|c| c.get());
     if !timer.is_null() {
         // SAFETY: set by the timer run that is being resumed, which outlives the resume.
-        unsafe { (*timer).push(&sock) };
+        unsafe { (*timer).push(sock) };
+        Ok(())
     } else {
-        runtime::with_ctx(|ctx| runtime::lua_request(ctx).sockets.push(&sock))?;
+        runtime::with_ctx(|ctx| runtime::lua_request(ctx).sockets.push(sock))
     }
+}
+
+/// Makes a socket object and records it with the request or timer run making it.
+fn new_socket(lua: &Lua) -> mlua::Result<AnyUserData> {
+    check_context()?;
+    let sock: Sock = Rc::new(RefCell::new(SockState::default()));
+    let weak: Weak<RefCell<SockState>> = Rc::downgrade(&sock);
+    own(weak)?;
     lua.create_userdata(TcpSock(sock))
 }
 
@@ -1214,6 +1241,7 @@ pub(crate) fn install(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
         .set_name("=moongate.socket_connect")
         .call(tcp)?;
     socket.set("connect", connect)?;
+    super::udp::install(lua, &socket)?;
     ngx.set("socket", socket)?;
     Ok(())
 }

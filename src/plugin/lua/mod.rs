@@ -30,6 +30,7 @@ mod semaphore;
 pub mod shared_dict;
 mod thread;
 pub mod timer;
+mod udp;
 mod upstream;
 mod watchdog;
 mod xml;
