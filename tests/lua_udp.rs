@@ -246,3 +246,116 @@ fn udp_cosockets() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// A server process, killed when the test ends.
+struct Server(std::process::Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+const DNS_PROBE: &str = r##"
+local resolver = require("resty.dns.resolver")
+local _M = { version = 0.1, priority = 100, name = "dns-probe", schema = { type = "object" } }
+
+local function first(answers, field)
+    for _, a in ipairs(answers) do
+        if a[field] then return a[field] end
+    end
+end
+
+function _M.access(conf, ctx)
+    local r, err = resolver:new{ nameservers = { { "127.0.0.1", conf.port } },
+                                 retrans = 2, timeout = 2000 }
+    if not r then return 500, { err = err } end
+    local out = {}
+    local a, err = r:query("svc.test", { qtype = r.TYPE_A })
+    out.a = a and first(a, "address") or err
+    local cname = r:query("alias.test", { qtype = r.TYPE_A })
+    out.cname = cname and first(cname, "cname")
+    out.cname_address = cname and first(cname, "address")
+    local txt = r:query("txt.test", { qtype = r.TYPE_TXT })
+    out.txt = txt and first(txt, "txt")
+    local srv = r:query("_http._tcp.svc.test", { qtype = r.TYPE_SRV })
+    out.srv = srv and (first(srv, "target") .. ":" .. first(srv, "port"))
+    local nx = r:query("nope.test")
+    out.nx = nx and (tostring(nx.errcode) .. " " .. tostring(nx.errstr))
+    -- The same query over TCP (the resolver's cosocket path for truncated answers).
+    local tcp, err = r:tcp_query("svc.test", { qtype = r.TYPE_A })
+    out.tcp = tcp and first(tcp, "address") or err
+    return 200, out
+end
+
+return _M
+"##;
+
+/// The real lua-resty-dns (Debian's lua-nginx-dns, unmodified) over UDP and TCP cosockets,
+/// against dnsmasq on loopback.
+#[test]
+fn real_dns_resolver_against_dnsmasq() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let libs = dir.path().join("libs");
+    common::lua_libs::install_as_resty("lua-nginx-dns", "dns/resolver.lua", &libs);
+    // A port free for UDP and TCP (dnsmasq listens on both).
+    let port = {
+        let s = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        s.local_addr().expect("addr").port()
+    };
+    let pid_file = dir.path().join("dnsmasq.pid");
+    let child = std::process::Command::new("dnsmasq")
+        .args([
+            "-k",
+            "-C",
+            "/dev/null",
+            "--no-resolv",
+            "--no-hosts",
+            "--user=root",
+        ])
+        .arg(format!("--port={port}"))
+        .args([
+            "--listen-address=127.0.0.1",
+            "--bind-interfaces",
+            "--local=/test/",
+        ])
+        .arg(format!("--pid-file={}", pid_file.display()))
+        .args([
+            "--host-record=svc.test,10.1.2.3",
+            "--cname=alias.test,svc.test",
+            "--txt-record=txt.test,hello dns",
+            "--srv-host=_http._tcp.svc.test,svc.test,8080",
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start dnsmasq");
+    let _dnsmasq = Server(child);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "dnsmasq did not listen on {port}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let plugins = dir.path().join("plugins");
+    std::fs::create_dir_all(&plugins).expect("plugins dir");
+    std::fs::write(plugins.join("dns-probe.lua"), DNS_PROBE).expect("write plugin");
+    let yaml = format!(
+        "plugin_dirs:\n  - plugins\nworkers: 1\nlua:\n  package_path:\n    - libs/?.lua\nroutes:\n  - id: d\n    uri: /d\n    plugins:\n      dns-probe: {{port: {port}}}\n    upstream:\n      nodes:\n        \"127.0.0.1:1\": 1\n"
+    );
+    let gw = Gateway::start_in(dir.path(), &yaml);
+    let r = get(&gw.url("/d"));
+    assert_eq!(r.status, 200, "{}\n{}", r.text(), gw.logs());
+    let j = r.json();
+    assert_eq!(j["a"], "10.1.2.3", "{j}");
+    assert_eq!(j["cname"], "svc.test", "{j}");
+    assert_eq!(j["cname_address"], "10.1.2.3", "{j}");
+    assert_eq!(j["txt"], "hello dns", "{j}");
+    assert_eq!(j["srv"], "svc.test:8080", "{j}");
+    assert_eq!(j["nx"], "3 name error", "{j}");
+    assert_eq!(j["tcp"], "10.1.2.3", "{j}");
+}

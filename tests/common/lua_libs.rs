@@ -46,15 +46,21 @@ pub fn debian_lua_file(package: &str, file: &str) -> PathBuf {
     let unpacked = root.join("usr/share/lua/5.1/nginx").join(file);
     assert!(unpacked.is_file(), "{package} has no nginx/{file}");
     // A rename is atomic: test binaries racing here each end with the whole file.
+    if let Some(parent) = cached.parent() {
+        std::fs::create_dir_all(parent).expect("lua libs cache dir");
+    }
     std::fs::rename(&unpacked, &cached).expect("move the library into the cache");
     cached
 }
 
-/// Copies Debian's `nginx/FILE` to `DIR/resty/FILE`, so `require("resty.NAME")` finds it
-/// through a `DIR/?.lua` pattern in `lua.package_path`.
+/// Copies Debian's `nginx/FILE` to `DIR/resty/FILE` (FILE may have folders:
+/// `dns/resolver.lua`), so `require("resty.NAME")` finds it through a `DIR/?.lua` pattern in
+/// `lua.package_path`.
 pub fn install_as_resty(package: &str, file: &str, dir: &Path) {
     let src = debian_lua_file(package, file);
-    let dst = dir.join("resty");
-    std::fs::create_dir_all(&dst).expect("resty dir");
-    std::fs::copy(&src, dst.join(file)).expect("copy the library");
+    let dst = dir.join("resty").join(file);
+    if let Some(parent) = dst.parent() {
+        std::fs::create_dir_all(parent).expect("resty dir");
+    }
+    std::fs::copy(&src, dst).expect("copy the library");
 }
