@@ -860,3 +860,92 @@ fn semaphores_and_process() {
     assert_eq!(j["type"], "worker");
     assert_eq!(j["master"], gw.pid());
 }
+
+const WS_PROBE: &str = r##"
+local client = require("nginx.websocket.client")
+local _M = { version = 0.1, priority = 100, name = "ws-client", schema = { type = "object" } }
+
+local function frame(ws)
+    local data, typ, err = ws:recv_frame()
+    return tostring(typ) .. ":" .. tostring(data) .. (err and (":" .. tostring(err)) or "")
+end
+
+function _M.access(conf, ctx)
+    local out = {}
+    local ws, err = client:new({ timeout = 5000, max_payload_len = 1024 * 1024 })
+    local ok, err = ws:connect("ws://127.0.0.1:" .. conf.port .. "/echo")
+    if not ok then return 500, { err = err } end
+    assert(ws:send_text("hello"))
+    out.text = frame(ws)
+    assert(ws:send_binary("\0\1\2"))
+    local data, typ = ws:recv_frame()
+    out.binary = typ .. ":" .. #data
+    assert(ws:send_text(string.rep("x", 100000)))
+    local big, typ = ws:recv_frame()
+    out.big = typ .. ":" .. #big
+    assert(ws:send_ping("are you there"))
+    out.pong = frame(ws)
+    out.close = tostring(ws:send_close(1000, "done"))
+    -- The server says goodbye itself on /bye: a text frame, then a close frame.
+    local bye = client:new({ timeout = 5000 })
+    assert(bye:connect("ws://127.0.0.1:" .. conf.port .. "/bye"))
+    out.bye = frame(bye)
+    out.bye_close = frame(bye)
+    if conf.wss_port then
+        -- wss: the client's sslhandshake, verified against the node's trusted CAs.
+        local tls = client:new({ timeout = 5000 })
+        ok, err = tls:connect("wss://127.0.0.1:" .. conf.wss_port .. "/secure",
+            { ssl_verify = true })
+        out.wss_connect = ok and "ok" or err
+        if ok then
+            assert(tls:send_text("over tls"))
+            out.wss = frame(tls)
+            tls:send_close()
+        end
+    end
+    return 200, out
+end
+
+return _M
+"##;
+
+/// The real lua-resty-websocket client (Debian's lua-nginx-websocket, unmodified) over
+/// cosockets, against the `websockets` echo server.
+#[test]
+fn real_websocket_client() {
+    let server = common::websocket::WsServer::start();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pki = common::tls::Pki::new("websocket test CA");
+    let pair = pki.server(&["127.0.0.1"], "ws");
+    let (cert, key) = (dir.path().join("ws.pem"), dir.path().join("ws.key"));
+    std::fs::write(&cert, &pair.cert).expect("write cert");
+    std::fs::write(&key, &pair.key).expect("write key");
+    std::fs::write(dir.path().join("ca.pem"), &pki.ca_pem).expect("write CA");
+    let secure = common::websocket::WsServer::start_tls(&cert, &key);
+    let wss_port = secure.node().rsplit(':').next().unwrap_or("").to_string();
+    let libs = dir.path().join("libs");
+    for file in ["websocket/client.lua", "websocket/protocol.lua"] {
+        common::lua_libs::install_as_debian("lua-nginx-websocket", file, &libs);
+    }
+    let plugins = dir.path().join("plugins");
+    std::fs::create_dir_all(&plugins).expect("plugins dir");
+    std::fs::write(plugins.join("ws-client.lua"), WS_PROBE).expect("write plugin");
+    let port = server.node().rsplit(':').next().unwrap_or("").to_string();
+    let yaml = format!(
+        "plugin_dirs:\n  - plugins\nworkers: 1\nssl:\n  enable: false\n  ssl_trusted_certificate: ca.pem\nlua:\n  package_path:\n    - libs/?.lua\nroutes:\n  - id: w\n    uri: /w\n    plugins:\n      ws-client: {{port: {port}, wss_port: {wss_port}}}\n    upstream:\n      nodes:\n        \"127.0.0.1:1\": 1\n"
+    );
+    let gw = Gateway::start_in(dir.path(), &yaml);
+    let r = get(&gw.url("/w"));
+    assert_eq!(r.status, 200, "{}\n{}", r.text(), gw.logs());
+    let j = r.json();
+    assert_eq!(j["text"], "text:hello", "{j}");
+    assert_eq!(j["binary"], "binary:3", "{j}");
+    assert_eq!(j["big"], "text:100000", "{j}");
+    assert_eq!(j["pong"], "pong:are you there", "{j}");
+    assert_eq!(j["bye"], "text:bye", "{j}");
+    assert_eq!(j["bye_close"], "close:done:1000", "{j}");
+    assert_eq!(j["wss_connect"], "ok", "{j}");
+    assert_eq!(j["wss"], "text:over tls", "{j}");
+    assert_eq!(server.closed("/echo").as_deref(), Some("1000"));
+    assert!(secure.closed("/secure").is_some());
+}

@@ -64,3 +64,15 @@ pub fn install_as_resty(package: &str, file: &str, dir: &Path) {
     }
     std::fs::copy(&src, dst).expect("copy the library");
 }
+
+/// Copies Debian's `nginx/FILE` to `DIR/nginx/FILE`, Debian's own layout: its modules require
+/// each other as `nginx.NAME` (lua-nginx-websocket's client requires
+/// `nginx.websocket.protocol`), so a `DIR/?.lua` pattern finds them as Debian installs them.
+pub fn install_as_debian(package: &str, file: &str, dir: &Path) {
+    let src = debian_lua_file(package, file);
+    let dst = dir.join("nginx").join(file);
+    if let Some(parent) = dst.parent() {
+        std::fs::create_dir_all(parent).expect("nginx dir");
+    }
+    std::fs::copy(&src, dst).expect("copy the library");
+}

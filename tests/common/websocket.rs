@@ -37,7 +37,12 @@ async def handler(ws):
         print("closed", path, ws.close_code, flush=True)
 
 async def main():
-    async with serve(handler, "127.0.0.1", 0, max_size=None, ping_interval=None) as server:
+    tls = None
+    if len(sys.argv) == 3:  # CERT KEY: serve wss
+        import ssl
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.load_cert_chain(sys.argv[1], sys.argv[2])
+    async with serve(handler, "127.0.0.1", 0, max_size=None, ping_interval=None, ssl=tls) as server:
         print("port", server.sockets[0].getsockname()[1], flush=True)
         await asyncio.Future()
 
@@ -53,8 +58,18 @@ pub struct WsServer {
 
 impl WsServer {
     pub fn start() -> WsServer {
+        WsServer::start_with(&[])
+    }
+
+    /// The same server over TLS (`wss`), with the certificate and key in these PEM files.
+    pub fn start_tls(cert: &std::path::Path, key: &std::path::Path) -> WsServer {
+        WsServer::start_with(&[cert.as_os_str(), key.as_os_str()])
+    }
+
+    fn start_with(args: &[&std::ffi::OsStr]) -> WsServer {
         let mut child = super::tool("python3")
             .args(["-u", "-c", SERVER])
+            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
