@@ -2875,6 +2875,138 @@ fn real_http_logger_sends_batches_to_a_collector() {
     assert_eq!(second[0]["request"]["uri"], "/log/c");
 }
 
+/// An HTTPS log collector on loopback with `pair`'s certificate: each request's target and
+/// body go to the channel; every answer is `200 ok` on a kept-alive connection.
+fn tls_log_collector(
+    pair: &common::tls::Pair,
+) -> (u16, std::sync::mpsc::Receiver<(String, String)>) {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use std::io::{BufRead, BufReader, Read, Write};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(pair.cert.as_bytes())
+        .map(|c| c.expect("cert PEM"))
+        .collect();
+    let key = PrivateKeyDer::from_pem_slice(pair.key.as_bytes()).expect("key PEM");
+    let config = std::sync::Arc::new(
+        rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .expect("server cert"),
+    );
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for c in l.incoming().flatten() {
+            let Ok(conn) = rustls::ServerConnection::new(config.clone()) else {
+                continue;
+            };
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                let mut r = BufReader::new(rustls::StreamOwned::new(conn, c));
+                loop {
+                    let mut line = String::new();
+                    if !matches!(r.read_line(&mut line), Ok(n) if n > 0) {
+                        return;
+                    }
+                    let target = line.split(' ').nth(1).unwrap_or("").to_string();
+                    let mut len = 0usize;
+                    loop {
+                        let mut h = String::new();
+                        if !matches!(r.read_line(&mut h), Ok(n) if n > 0) {
+                            return;
+                        }
+                        if h == "\r\n" {
+                            break;
+                        }
+                        if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+                            len = v.trim().parse().unwrap_or(0);
+                        }
+                    }
+                    let mut body = vec![0u8; len];
+                    if r.read_exact(&mut body).is_err() {
+                        return;
+                    }
+                    let _ = tx.send((target, String::from_utf8_lossy(&body).into_owned()));
+                    let w = r.get_mut();
+                    let answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+                    if w.write_all(answer).and_then(|_| w.flush()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (port, rx)
+}
+
+/// APISIX's own http-logger (APISIX_SRC) to an `https` collector with `ssl_verify: true`: its
+/// `connect` + `ssl_handshake` path over moongate's resty.http and cosocket TLS, the
+/// certificate checked against the node's `ssl.ssl_trusted_certificate`; a collector whose CA is
+/// not trusted gets nothing and the plugin logs the handshake's error.
+#[test]
+fn real_http_logger_sends_to_an_https_collector() {
+    let Some(src) = std::env::var_os("APISIX_SRC") else {
+        eprintln!("APISIX_SRC is not set: skipping APISIX's http-logger over https");
+        return;
+    };
+    let (tmp, dir) = stage_plugin(&PathBuf::from(src), "http-logger");
+    let pki = common::tls::Pki::new("collector CA");
+    let (port, rx) = tls_log_collector(&pki.server(&["127.0.0.1"], "collector"));
+    let rogue = common::tls::Pki::new("untrusted CA");
+    let (rogue_port, rogue_rx) = tls_log_collector(&rogue.server(&["127.0.0.1"], "rogue"));
+    std::fs::write(tmp.path().join("ca.pem"), &pki.ca_pem).expect("write CA");
+    let up = Upstream::echo();
+    let route = |id: &str, port: u16| {
+        format!(
+            "  - id: {id}\n    uri: /{id}/*\n    plugins:\n      http-logger:\n        uri: \"https://127.0.0.1:{port}/ingest?src=tls\"\n        ssl_verify: true\n        batch_max_size: 1\n{}",
+            upstream_yaml(&up)
+        )
+    };
+    let yaml = format!(
+        "workers: 1\nssl:\n  enable: false\n  ssl_trusted_certificate: ca.pem\nplugin_dirs:\n  - \"{}\"\nroutes:\n{}{}",
+        dir.display(),
+        route("trusted", port),
+        route("rogue", rogue_port),
+    );
+    let gw = Gateway::start_in(tmp.path(), &yaml);
+    for path in ["/trusted/a", "/trusted/b"] {
+        assert_eq!(Req::get(&gw.url(path)).send().status, 200, "{}", gw.logs());
+        let (target, body) = rx
+            .recv_timeout(Duration::from_secs(10))
+            .unwrap_or_else(|_| panic!("no entry reached the collector\n{}", gw.logs()));
+        assert_eq!(target, "/ingest?src=tls");
+        let entry: serde_json::Value = serde_json::from_str(&body).expect("a JSON entry");
+        assert_eq!(entry["request"]["uri"], path, "{entry}");
+        assert_eq!(entry["route_id"], "trusted");
+    }
+    assert_eq!(Req::get(&gw.url("/rogue/x")).send().status, 200);
+    assert!(
+        gw.wait_for_log(
+            "20: unable to get local issuer certificate",
+            Duration::from_secs(10)
+        ),
+        "{}",
+        gw.logs()
+    );
+    assert!(
+        gw.wait_for_log(
+            "failed to perform SSL with host[127.0.0.1]",
+            Duration::from_secs(10)
+        ),
+        "{}",
+        gw.logs()
+    );
+    assert!(
+        rogue_rx.try_recv().is_err(),
+        "the untrusted collector got an entry"
+    );
+}
+
 /// APISIX's own body-transformer (APISIX_SRC) with resty.template, xml2lua's parser and
 /// xmlhandler.tree: a JSON request becomes a SOAP call upstream and the SOAP answer (or its
 /// fault) becomes JSON for the client (docs/en/latest/plugins/body-transformer.md's use case).

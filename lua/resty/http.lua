@@ -74,9 +74,14 @@ function _M.get_reused_times(self)
     return self.sock:getreusedtimes()
 end
 
---- The cosocket's sslhandshake on this client's connection (lua-resty-http's old API).
+--- The cosocket's sslhandshake on this client's connection (lua-resty-http's old API, which
+-- APISIX's http-logger and clickhouse-logger use after connect(host, port)).
 function _M.ssl_handshake(self, ...)
-    return self.sock:sslhandshake(...)
+    local ok, err = self.sock:sslhandshake(...)
+    if ok then
+        self.scheme = "https"
+    end
+    return ok, err
 end
 
 function _M.close(self)
