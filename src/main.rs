@@ -282,13 +282,6 @@ fn serve(path: &std::path::Path, mut inherited: supervisor::Inherited) -> ExitCo
     if !init_logging(Some(&partial.doc.node)) {
         return ExitCode::FAILURE;
     }
-    // Before the first build and the first outgoing TLS connection: the CAs they trust
-    // (a file that does not load is refused by the build below).
-    if let Some(path) = partial.doc.node.ssl.as_ref().and_then(|s| s.trusted_file()) {
-        if let Ok(roots) = moongate::tls::load_trusted(path) {
-            moongate::tls::set_trusted(roots);
-        }
-    }
     // Before the first build: its upstream nodes' names are looked up from here on.
     moongate::dns::start(moongate::dns::Settings::from_node(&partial.doc.node));
     let snap = match startup::build(partial) {

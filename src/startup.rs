@@ -34,6 +34,9 @@ pub fn read(path: &Path) -> Result<Partial, ConfigErrors> {
 /// Checks and builds what [`read`] gave: the first snapshot, or every problem found (those of
 /// the parse among them), in file order.
 pub fn build(partial: Partial) -> Result<Snapshot, ConfigErrors> {
+    // First: every TLS client config made from here on (etcd's, upstreams', plugins') takes
+    // its roots from it. A bad setting is reported by `node_problems`.
+    let _ = crate::tls::trust::init(&partial.doc.node);
     let mut found = Found::default();
     for e in &partial.errors {
         found.config(e.clone());
@@ -112,10 +115,8 @@ pub fn node_problems(node: &NodeConfig) -> Vec<ConfigError> {
             }
         }
     }
-    if let Some(path) = node.ssl.as_ref().and_then(|s| s.trusted_file()) {
-        if let Err(e) = crate::tls::load_trusted(path) {
-            errors.push(ConfigError::new("ssl.ssl_trusted_certificate", e));
-        }
+    if let Err(e) = crate::tls::trust::check(node) {
+        errors.push(e);
     }
     if let Err(e) = crate::accesslog::Mode::from_node(node) {
         errors.push(e);

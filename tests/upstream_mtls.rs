@@ -183,6 +183,8 @@ fn common_name(der: &CertificateDer<'_>) -> String {
 /// two clients that CA signed and one signed by another CA.
 struct Certs {
     server: Pair,
+    /// The CA that signed `server`.
+    server_ca: String,
     client_ca: String,
     alice: Pair,
     bob: Pair,
@@ -195,6 +197,7 @@ fn certs() -> Certs {
     let rogue = Pki::new("rogue CA");
     Certs {
         server: upstream_ca.server(&["127.0.0.1", "localhost"], "upstream"),
+        server_ca: upstream_ca.ca_pem.clone(),
         client_ca: clients.ca_pem.clone(),
         alice: clients.client("alice"),
         bob: clients.client("bob"),
@@ -242,7 +245,12 @@ fn client_certificates_reach_an_upstream_that_requires_one() {
 
     let r = get(&gw.url("/none"));
     assert_eq!(r.status, 502, "no client certificate: {}", r.text());
-    assert!(gw.logs().contains("CertificateRequired"), "{}", gw.logs());
+    // The error line is written as the 502 goes out: wait for it rather than read once.
+    assert!(
+        gw.wait_for_log("CertificateRequired", Duration::from_secs(5)),
+        "{}",
+        gw.logs()
+    );
     let r = get(&gw.url("/verify-only"));
     assert_eq!(r.status, 502, "tls.verify alone presents nothing");
 
@@ -605,5 +613,63 @@ fn a_client_certificate_changed_in_the_file_is_presented_after_the_reload() {
             gw.logs()
         );
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `ssl.ssl_trusted_certificate` (APISIX's `apisix.ssl.ssl_trusted_certificate`): an upstream
+/// whose certificate a private CA signed fails `tls.verify: true` with the system roots alone
+/// and passes once the CA's file is in the list; a file that is not a CA bundle is refused
+/// with the field's path.
+#[test]
+fn a_private_ca_in_ssl_trusted_certificate_verifies_the_upstream() {
+    let c = certs();
+    let up = MtlsUpstream::start(&c.server, &c.client_ca);
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("private-ca.pem");
+    std::fs::write(&ca, &c.server_ca).unwrap();
+    let mut tls = inline(&c.alice);
+    tls["verify"] = json!(true);
+    let routes = json!([
+        {"id": "verified", "uri": "/verified", "upstream": https_upstream(&up.node(), Some(tls))},
+    ]);
+
+    let system_only = Gateway::start(&yaml_key("routes", routes.clone()));
+    let r = get(&system_only.url("/verified"));
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert!(
+        system_only.wait_for_log("UnknownIssuer", Duration::from_secs(5)),
+        "{}",
+        system_only.logs()
+    );
+
+    let ssl = json!({"enable": false,
+                     "ssl_trusted_certificate": format!("system, {}", ca.display())});
+    let gw = Gateway::start(&(yaml_key("ssl", ssl) + &yaml_key("routes", routes)));
+    let r = get(&gw.url("/verified"));
+    assert_eq!(r.status, 200, "{}\n{}", r.text(), gw.logs());
+    assert_eq!(body(&r)["subject"], "alice");
+
+    let junk = dir.path().join("junk.pem");
+    std::fs::write(&junk, "not a certificate").unwrap();
+    for (setting, want) in [
+        (
+            junk.display().to_string(),
+            format!(
+                "ssl.ssl_trusted_certificate: {}: failed to parse cert",
+                junk.display()
+            ),
+        ),
+        (
+            "system,/nonexistent/ca.pem".to_string(),
+            "ssl.ssl_trusted_certificate: certificate path /nonexistent/ca.pem doesn't exist"
+                .to_string(),
+        ),
+    ] {
+        let (code, out) = check(&yaml_key(
+            "ssl",
+            json!({"enable": false, "ssl_trusted_certificate": setting}),
+        ));
+        assert_ne!(code, 0, "{out}");
+        assert!(out.contains(&want), "want {want:?} in:\n{out}");
     }
 }

@@ -697,14 +697,24 @@ fn resolve_paths(node: &mut NodeConfig, base: &Path) {
             *ca = base.join(&*ca);
         }
     }
-    if let Some(ca) = node
+    if let Some(list) = node
         .ssl
         .as_mut()
         .and_then(|s| s.ssl_trusted_certificate.as_mut())
     {
-        if ca != "system" && Path::new(ca.as_str()).is_relative() {
-            *ca = base.join(&*ca).to_string_lossy().into_owned();
-        }
+        // `system, ca.pem`: each file item relative to the config file.
+        let items: Vec<String> = list
+            .split(',')
+            .map(|item| {
+                let item = item.trim();
+                if item == "system" || item.is_empty() || Path::new(item).is_absolute() {
+                    item.to_string()
+                } else {
+                    base.join(item).to_string_lossy().into_owned()
+                }
+            })
+            .collect();
+        *list = items.join(", ");
     }
     crate::accesslog::resolve_path(&mut node.nginx_config.http, base);
     crate::errorlog::resolve_path(&mut node.nginx_config.error_log, base);

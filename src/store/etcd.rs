@@ -308,8 +308,9 @@ pub fn check_conf(conf: &EtcdConfig) -> Result<(), StoreError> {
 fn tls_config(conf: &EtcdConfig) -> Result<rustls::ClientConfig, StoreError> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::CertificateDer;
-    let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    // The node's trusted CAs (`ssl.ssl_trusted_certificate`, as APISIX trusts for etcd),
+    // plus `etcd.tls.ca_file`.
+    let mut roots = (*crate::tls::trust::roots()).clone();
     if let Some(ca) = conf.tls.as_ref().and_then(|t| t.ca_file.as_ref()) {
         let certs = CertificateDer::pem_file_iter(ca)
             .map_err(|e| StoreError(format!("etcd.tls.ca_file {}: {e}", ca.display())))?;

@@ -159,53 +159,7 @@ pub fn client_config(
         .clone()
 }
 
-/// The CA set `ssl.ssl_trusted_certificate` names, once set (see [`set_trusted`]).
-static TRUSTED: OnceLock<Arc<rustls::RootCertStore>> = OnceLock::new();
-
-/// Reads a PEM file of CA certificates (`ssl.ssl_trusted_certificate`); the error says why
-/// in the words a user acts on.
-pub fn load_trusted(path: &str) -> Result<rustls::RootCertStore, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::NotFound {
-            format!("certificate path {path} doesn't exist")
-        } else {
-            format!("cannot read {path}: {e}")
-        }
-    })?;
-    let certs = super::parse_certs(&text).map_err(|e| format!("{path}: {e}"))?;
-    let mut roots = rustls::RootCertStore::empty();
-    for c in certs {
-        roots
-            .add(c)
-            .map_err(|e| format!("{path}: not a usable CA certificate: {e}"))?;
-    }
-    Ok(roots)
-}
-
-/// Makes `roots` the CA set every outgoing TLS connection verifies against, instead of the
-/// built-in Mozilla roots. Called once at start-up, before the first connection (configs are
-/// made on first use and kept); a second call changes nothing.
-pub fn set_trusted(roots: rustls::RootCertStore) {
-    let _ = TRUSTED.set(Arc::new(roots));
-}
-
-/// The CA set verified against: `ssl.ssl_trusted_certificate`'s, or the Mozilla roots
-/// (webpki-roots).
-fn trusted_roots() -> Arc<rustls::RootCertStore> {
-    if let Some(r) = TRUSTED.get() {
-        return r.clone();
-    }
-    static SYSTEM: OnceLock<Arc<rustls::RootCertStore>> = OnceLock::new();
-    SYSTEM
-        .get_or_init(|| {
-            let mut roots = rustls::RootCertStore::empty();
-            roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-            Arc::new(roots)
-        })
-        .clone()
-}
-
-/// Certificates are verified against [`trusted_roots`].
+/// Certificates are verified against the node's trusted CAs ([`super::trust`]).
 fn make_config(
     verify: bool,
     alpn: Alpn,
@@ -224,7 +178,7 @@ fn base_config(verify: bool, client: Option<Arc<dyn ResolvesClientCert>>) -> Cli
         .with_safe_default_protocol_versions()
         .expect("ring supports the default protocol versions");
     let builder = if verify {
-        builder.with_root_certificates(trusted_roots())
+        builder.with_root_certificates(super::trust::roots())
     } else {
         builder
             .dangerous()
@@ -267,7 +221,7 @@ pub fn cosocket_config(verify: CosocketVerify) -> Arc<ClientConfig> {
                 return Arc::new(base_config(false, None));
             }
             let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
-                trusted_roots(),
+                super::trust::roots(),
                 provider(),
             )
             .build()

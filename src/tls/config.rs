@@ -27,8 +27,9 @@ pub struct SslNodeConfig {
     #[serde(default)]
     pub fallback_sni: Option<String>,
     /// The CA certificates outgoing TLS connections trust when they verify the server
-    /// (upstreams, health checks, openfunction, Lua cosockets): `system` (the default: the
-    /// Mozilla root set built in) or a PEM file, relative to the config file.
+    /// (upstreams, health checks, openfunction, Lua cosockets, etcd): a comma-separated list
+    /// of `system` (the default: the operating system's CA bundle) and PEM files, relative to
+    /// the config file. See [`super::trust`].
     #[serde(default)]
     pub ssl_trusted_certificate: Option<String>,
 }
@@ -58,13 +59,6 @@ impl Default for SslNodeConfig {
 }
 
 impl SslNodeConfig {
-    /// The PEM file `ssl_trusted_certificate` names (None for `system` or when unset).
-    pub fn trusted_file(&self) -> Option<&str> {
-        self.ssl_trusted_certificate
-            .as_deref()
-            .filter(|p| *p != "system")
-    }
-
     /// The TLS listeners to bind (none when `enable` is false).
     pub fn listeners(&self) -> &[ListenAddr] {
         if self.enable {

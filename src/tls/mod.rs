@@ -10,7 +10,8 @@
 //! `proxy.client_header_timeout`, as nginx bounds it.
 //!
 //! Toward upstreams, [`client`] holds the rustls client configs and the client certificates
-//! upstreams are shown (upstream mTLS: `tls.client_cert`/`client_key`, `tls.client_cert_id`).
+//! upstreams are shown (upstream mTLS: `tls.client_cert`/`client_key`, `tls.client_cert_id`),
+//! and [`trust`] the CA certificates they verify peers with (`ssl.ssl_trusted_certificate`).
 
 mod certs;
 mod client;
@@ -19,6 +20,7 @@ mod info;
 mod keyring;
 mod resource;
 pub mod stream;
+pub mod trust;
 
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -28,8 +30,8 @@ use tokio::net::TcpStream;
 
 pub use certs::{normalize_name, parse_certs, CertTable, Served};
 pub use client::{
-    check_upstream_tls, client_config, cosocket_config, load_trusted, set_trusted,
-    upstream_identity, Alpn, ClientIdentity, CosocketVerify, SELF_SIGNED,
+    check_upstream_tls, client_config, cosocket_config, upstream_identity, Alpn, ClientIdentity,
+    CosocketVerify, SELF_SIGNED,
 };
 pub use config::{Protocol, Protocols, SslListen, SslNodeConfig};
 pub use info::{plain_var, ClientCert, TlsInfo};
