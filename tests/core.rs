@@ -399,7 +399,11 @@ fn refused_upstream_is_502_with_a_log_line() {
         "{}",
         gw.logs()
     );
-    assert!(gw.logs().contains("r502"), "{}", gw.logs());
+    assert!(
+        gw.wait_for_log("r502", Duration::from_secs(5)),
+        "{}",
+        gw.logs()
+    );
 }
 
 #[test]

@@ -148,7 +148,7 @@ fn a_name_that_stops_resolving_is_left_out_and_logged_once() {
     let r = get(&url);
     assert_eq!(r.status, 503, "{}", r.text());
     assert!(
-        gw.logs().contains("no valid upstream node"),
+        gw.wait_for_log("no valid upstream node", Duration::from_secs(5)),
         "{}",
         gw.logs()
     );

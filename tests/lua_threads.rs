@@ -416,7 +416,11 @@ fn light_threads() {
             || holds_closed() > before,
         );
     }
-    assert!(gw.logs().contains("entry fails"), "{}", gw.logs());
+    assert!(
+        gw.wait_for_log("entry fails", Duration::from_secs(5)),
+        "{}",
+        gw.logs()
+    );
     poll("no HOLD connection left open", || {
         seen.holds_open.load(Ordering::SeqCst) == 0
     });

@@ -492,7 +492,12 @@ fn ssls_through_the_admin_api() {
     assert!(warning.contains("expired on"), "{v}");
     let id = v["value"]["id"].as_str().expect("generated id").to_string();
     assert_eq!(id.len(), 20, "{id}");
-    assert!(gw.logs().contains("the certificate for"), "{}", gw.logs());
+    // The warning line is written as the answer goes out: wait for it rather than read once.
+    assert!(
+        gw.wait_for_log("the certificate for", Duration::from_secs(5)),
+        "{}",
+        gw.logs()
+    );
     let out = s_client(addr, &["-servername", "old.test"]);
     assert!(out.contains("CN = old"), "{out}");
 
