@@ -246,6 +246,49 @@ function ops.timer(conf)
     return { ok = ok }
 end
 
+local function s(...)
+    local t = {}
+    for i = 1, select('#', ...) do t[i] = tostring((select(i, ...))) end
+    return table.concat(t, "|")
+end
+
+-- opts.backlog: at most pool_size connections of the pool open; more connects wait in a queue
+-- of `backlog`, for a connection to be parked or closed.
+function ops.backlog(conf)
+    local opts = { pool = "limited", pool_size = 1, backlog = 1 }
+    local r = {}
+    local function open(timeout)
+        local sock = ngx.socket.tcp()
+        sock:settimeout(timeout or 5000)
+        return sock, sock:connect("127.0.0.1", conf.port, opts)
+    end
+    local a = select(1, open())
+    local waiter = ngx.thread.spawn(function()
+        local b, ok, err = open()
+        if not ok then return "b: " .. err end
+        local reused = b:getreusedtimes()
+        b:send("PING\n")
+        local line = b:receive()
+        b:close()
+        return "b got a's connection: reused " .. reused .. ", " .. line
+    end)
+    -- b waits in the backlog: a third connect has no room.
+    r.third = s(select(2, open()))
+    a:setkeepalive()
+    r.waiter = select(2, ngx.thread.wait(waiter))
+    -- b closed it: the pool has room again.
+    local h, ok = open()
+    r.held = s(ok)
+    r.queued_timeout = s(select(2, open(100)))
+    h:close()
+    local n, ok = open()
+    r.after_close = s(ok)
+    n:close()
+    r.bad = s(pcall(ngx.socket.tcp().connect, ngx.socket.tcp(), "127.0.0.1", conf.port,
+        { backlog = -1 }))
+    return r
+end
+
 function ops.lib(conf)
     -- From lua.package_path (relative to the config file's folder).
     local greet = require("probe.greet")
@@ -393,6 +436,24 @@ fn tcp_cosockets() {
     assert_eq!(call("pool").json()["reused"], 0);
     assert_eq!(call("pool").json()["reused"], 1);
     assert_eq!(seen.accepted.load(Ordering::SeqCst), before + 1);
+
+    // backlog: a+b share one connection (b waited for a's), h and n make one each, and the
+    // connect that timed out in the queue made none.
+    let before = seen.accepted.load(Ordering::SeqCst);
+    let j = call("backlog").json();
+    assert_eq!(j["third"], "nil|too many waiting connect operations", "{j}");
+    assert_eq!(j["waiter"], "b got a's connection: reused 1, +PONG", "{j}");
+    assert_eq!(j["held"], "1", "{j}");
+    assert_eq!(j["queued_timeout"], "nil|timeout", "{j}");
+    assert_eq!(j["after_close"], "1", "{j}");
+    assert!(
+        j["bad"]
+            .as_str()
+            .unwrap_or("")
+            .contains("bad \"backlog\" option value: -1"),
+        "{j}"
+    );
+    assert_eq!(seen.accepted.load(Ordering::SeqCst), before + 3);
 
     // A socket the request left open is closed when the request ends.
     let closed = seen.closed.load(Ordering::SeqCst);

@@ -61,6 +61,8 @@ struct Conn {
     path: Option<String>,
     /// TLS runs over it (`sslhandshake` succeeded).
     tls: bool,
+    /// Its place among its pool's open connections, when the pool limits them (`backlog`).
+    _slot: Option<Slot>,
 }
 
 /// A socket object's state.
@@ -195,6 +197,72 @@ struct Pool {
     size: usize,
     /// Most recently parked first.
     idle: VecDeque<Idle>,
+    /// Made by a `connect` with `backlog`: the pool then limits its open connections.
+    limit: Option<Rc<Limit>>,
+}
+
+/// OpenResty's `backlog`: at most `size` connections of a pool are open (in use or idle in
+/// it); a `connect` beyond waits in a queue of at most `backlog`, for a connection to close
+/// or to be parked, at most its connect timeout.
+struct Limit {
+    size: usize,
+    backlog: usize,
+    open: Cell<usize>,
+    waiting: Cell<usize>,
+    /// Wakes the longest waiting `connect` (tokio's `notify_one` is first come, first served).
+    freed: tokio::sync::Notify,
+}
+
+/// One open connection of a limited pool; dropping it (the connection closed) lets a waiting
+/// `connect` go on.
+struct Slot(Rc<Limit>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.open.set(self.0.open.get().saturating_sub(1));
+        self.0.freed.notify_one();
+    }
+}
+
+/// A `connect` waiting in a pool's backlog (counted until it stops waiting, also when its
+/// request ends or its thread is killed meanwhile).
+struct Waiting(Rc<Limit>);
+
+impl Waiting {
+    fn new(l: &Rc<Limit>) -> Waiting {
+        l.waiting.set(l.waiting.get() + 1);
+        Waiting(l.clone())
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.waiting.set(self.0.waiting.get().saturating_sub(1));
+    }
+}
+
+/// The limit of pool `key`, made (with the pool, if need be) by the first `connect` that asks
+/// for one; later connects keep the sizes it was made with, as OpenResty's pools do.
+fn pool_limit(key: &Rc<str>, size: usize, backlog: usize) -> Rc<Limit> {
+    POOLS.with(|p| {
+        let mut pools = p.borrow_mut();
+        let pool = pools.entry(key.clone()).or_insert_with(|| Pool {
+            size,
+            idle: VecDeque::new(),
+            limit: None,
+        });
+        pool.limit
+            .get_or_insert_with(|| {
+                Rc::new(Limit {
+                    size: size.max(1),
+                    backlog,
+                    open: Cell::new(0),
+                    waiting: Cell::new(0),
+                    freed: tokio::sync::Notify::new(),
+                })
+            })
+            .clone()
+    })
 }
 
 /// Whether an idle connection can still be used: no EOF, no error and no unexpected data
@@ -228,6 +296,7 @@ fn pool_put(conn: Conn, max_idle: Option<Duration>, size: usize) {
         let pool = pools.entry(conn.key.clone()).or_insert_with(|| Pool {
             size,
             idle: VecDeque::new(),
+            limit: None,
         });
         let now = Instant::now();
         pool.idle.retain(|i| i.expires.is_none_or(|e| e > now));
@@ -238,6 +307,10 @@ fn pool_put(conn: Conn, max_idle: Option<Duration>, size: usize) {
             conn,
             expires: max_idle.map(|d| now + d),
         });
+        // A connect waiting in the backlog can take it now.
+        if let Some(l) = &pool.limit {
+            l.freed.notify_one();
+        }
     });
 }
 
@@ -574,6 +647,8 @@ enum Addr {
 struct ConnectArgs {
     addr: Addr,
     key: Rc<str>,
+    pool_size: Option<usize>,
+    backlog: Option<usize>,
 }
 
 fn connect_args(host: mlua::String, rest: &MultiValue) -> mlua::Result<ConnectArgs> {
@@ -604,6 +679,7 @@ fn connect_args(host: mlua::String, rest: &MultiValue) -> mlua::Result<ConnectAr
         (Addr::Tcp(host.clone(), port), rest.get(1).cloned())
     };
     let mut key: Option<String> = None;
+    let (mut pool_size, mut backlog) = (None, None);
     if let Some(Value::Table(t)) = opts {
         match t.get::<Value>("pool")? {
             Value::Nil => {}
@@ -615,17 +691,32 @@ fn connect_args(host: mlua::String, rest: &MultiValue) -> mlua::Result<ConnectAr
                 )))
             }
         }
-        match t.get::<Value>("pool_size")? {
-            Value::Nil => {}
-            Value::Integer(n) if n > 0 => {}
-            Value::Number(n) if n >= 1.0 => {}
+        pool_size = match t.get::<Value>("pool_size")? {
+            Value::Nil => None,
+            Value::Integer(n) if n > 0 => Some(n as usize),
+            Value::Number(n) if n >= 1.0 => Some(n as usize),
             other => {
                 return Err(bad(&format!(
                     "bad \"pool_size\" option value: {}",
                     other.to_string().unwrap_or_default()
                 )))
             }
-        }
+        };
+        backlog = match t.get::<Value>("backlog")? {
+            Value::Nil => None,
+            Value::Integer(n) if n >= 0 => Some(n as usize),
+            Value::Number(n) if n >= 0.0 => Some(n as usize),
+            Value::Integer(n) => return Err(bad(&format!("bad \"backlog\" option value: {n}"))),
+            Value::Number(n) => {
+                return Err(bad(&format!("bad \"backlog\" option value: {}", n as i64)))
+            }
+            other => {
+                return Err(bad(&format!(
+                    "bad \"backlog\" option type: {}",
+                    other.type_name()
+                )))
+            }
+        };
     }
     let key = key.unwrap_or_else(|| match &addr {
         Addr::Tcp(h, p) => format!("{h}:{p}"),
@@ -634,6 +725,8 @@ fn connect_args(host: mlua::String, rest: &MultiValue) -> mlua::Result<ConnectAr
     Ok(ConnectArgs {
         addr,
         key: key.into(),
+        pool_size,
+        backlog,
     })
 }
 
@@ -672,27 +765,83 @@ async fn open(addr: &Addr) -> Result<(Box<dyn Stream>, Option<SocketAddr>), Stri
     }
 }
 
-async fn connect(sock: Sock, args: ConnectArgs) -> Reply {
-    // Closes what it was connected to, as OpenResty does.
+/// How a `connect` goes on after its call: decided when it is called (as OpenResty decides),
+/// so connects made one after another in light threads queue in the order they were made.
+enum ConnectStart {
+    /// Answered already (a pooled connection, "socket busy", a full backlog).
+    Done(Reply),
+    /// Connect now, into this place of a limited pool (or none).
+    Open(Lease, Option<Slot>),
+    /// Wait in the pool's backlog first.
+    Queue(Lease, Waiting),
+}
+
+/// `connect`'s part that runs at the call: closes what the socket was connected to (as
+/// OpenResty does), takes a pooled connection or a place in a limited pool, or joins its queue.
+fn connect_start(sock: &Sock, args: &ConnectArgs) -> ConnectStart {
     {
         let mut s = sock.borrow_mut();
         if s.busy {
-            return Reply::fail("socket busy");
+            return ConnectStart::Done(Reply::fail("socket busy"));
         }
         s.conn = None;
-    }
-    if let Some(conn) = pool_take(&args.key) {
-        sock.borrow_mut().conn = Some(conn);
-        return Reply::One;
-    }
-    let timeout = {
-        let mut s = sock.borrow_mut();
         s.busy = true;
-        s.connect_timeout
-    };
+    }
+    // Busy until the connect ends (another coroutine's call on it says "socket busy").
     let lease = Lease {
         sock: sock.clone(),
         conn: None,
+    };
+    if let Some(conn) = pool_take(&args.key) {
+        sock.borrow_mut().conn = Some(conn);
+        return ConnectStart::Done(Reply::One);
+    }
+    let Some(backlog) = args.backlog else {
+        return ConnectStart::Open(lease, None);
+    };
+    let l = pool_limit(
+        &args.key,
+        args.pool_size.unwrap_or(DEFAULT_POOL_SIZE),
+        backlog,
+    );
+    if l.open.get() < l.size {
+        l.open.set(l.open.get() + 1);
+        return ConnectStart::Open(lease, Some(Slot(l)));
+    }
+    if l.waiting.get() >= l.backlog {
+        return ConnectStart::Done(Reply::fail("too many waiting connect operations"));
+    }
+    ConnectStart::Queue(lease, Waiting::new(&l))
+}
+
+async fn connect(sock: Sock, args: ConnectArgs, start: ConnectStart) -> Reply {
+    let timeout = sock.borrow().connect_timeout;
+    let (lease, slot) = match start {
+        ConnectStart::Done(r) => return r,
+        ConnectStart::Open(lease, slot) => (lease, slot),
+        ConnectStart::Queue(lease, waiting) => {
+            // Woken when a connection of the pool is parked or closed; a connect made
+            // meanwhile may have taken it, so look again each time.
+            let until = tokio::time::Instant::now() + timeout;
+            let l = waiting.0.clone();
+            loop {
+                if tokio::time::timeout_at(until, l.freed.notified())
+                    .await
+                    .is_err()
+                {
+                    return Reply::fail("timeout");
+                }
+                if let Some(conn) = pool_take(&args.key) {
+                    sock.borrow_mut().conn = Some(conn);
+                    return Reply::One;
+                }
+                if l.open.get() < l.size {
+                    l.open.set(l.open.get() + 1);
+                    drop(waiting);
+                    break (lease, Some(Slot(l)));
+                }
+            }
+        }
     };
     let r = match tokio::time::timeout(timeout, open(&args.addr)).await {
         Err(_) => Reply::fail("timeout"),
@@ -710,6 +859,7 @@ async fn connect(sock: Sock, args: ConnectArgs) -> Reply {
                 peer,
                 path,
                 tls: false,
+                _slot: slot,
             });
             Reply::One
         }
@@ -980,10 +1130,14 @@ pub(crate) fn install(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
         runtime::create_waiting_function(
             lua,
             |_, (ud, host, rest): (AnyUserData, mlua::String, MultiValue)| {
-                let args = sock_of(&ud).and_then(|s| Ok((s, connect_args(host, &rest)?)));
+                let args = sock_of(&ud).and_then(|s| {
+                    let args = connect_args(host, &rest)?;
+                    let start = connect_start(&s, &args);
+                    Ok((s, args, start))
+                });
                 async move {
-                    let (sock, args) = args?;
-                    Ok(connect(sock, args).await)
+                    let (sock, args, start) = args?;
+                    Ok(connect(sock, args, start).await)
                 }
             },
         )?,
