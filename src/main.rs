@@ -391,7 +391,7 @@ fn serve(path: &std::path::Path, mut inherited: supervisor::Inherited) -> ExitCo
                 &node,
                 reloader.clone(),
                 rt.handle(),
-                etcd_store,
+                etcd_store.clone(),
                 admin_listeners,
             ) {
                 Ok(a) => Some(a),
@@ -426,11 +426,17 @@ fn serve(path: &std::path::Path, mut inherited: supervisor::Inherited) -> ExitCo
         let _rt = rt.enter();
         Signals::install()
     };
-    let metric_sources: Vec<Arc<dyn moongate::metrics::expose::Source>> = vec![
+    let mut metric_sources: Vec<Arc<dyn moongate::metrics::expose::Source>> = vec![
         Arc::new(moongate::metrics::sources::ConfigSource(reloader.clone())),
         Arc::new(moongate::accesslog::DroppedSource),
         Arc::new(moongate::metrics::runtime::RuntimeSource),
+        Arc::new(moongate::metrics::sources::UpstreamStatusSource(gw.clone())),
     ];
+    if let Some(store) = &etcd_store {
+        metric_sources.push(Arc::new(moongate::metrics::sources::EtcdSource(
+            store.clone(),
+        )));
+    }
     if let Err(e) = moongate::metrics::start_export(rt.handle(), metric_sources) {
         tracing::error!("{e}");
         return ExitCode::FAILURE;

@@ -807,8 +807,33 @@ impl ResourceStore for EtcdStore {
                 .iter()
                 .map(|(key, (rev, why))| json!({ "key": key, "revision": rev, "error": why })),
         );
+        // APISIX's `apisix_etcd_modify_indexes`: per kind the newest modification of an item
+        // this node holds (0 with none), their maximum, and the revision the copy is at.
+        let mut indexes = serde_json::Map::new();
+        let mut max = 0i64;
+        for kind in [
+            Kind::Routes,
+            Kind::Services,
+            Kind::Ssls,
+            Kind::Consumers,
+            Kind::GlobalRules,
+            Kind::Upstreams,
+        ] {
+            let newest = st
+                .entries
+                .iter()
+                .filter(|((k, _), e)| *k == kind && e.value.is_some())
+                .map(|(_, e)| e.mod_rev)
+                .max()
+                .unwrap_or(0);
+            max = max.max(newest);
+            indexes.insert(kind.as_str().into(), json!(newest));
+        }
+        indexes.insert("max_modify_index".into(), json!(max));
+        indexes.insert("x_etcd_index".into(), json!(st.revision));
         Some(json!({
             "provider": "etcd",
+            "modify_indexes": indexes,
             "endpoints": self.shared.endpoints,
             "prefix": self.shared.prefix,
             "connected": st.connected,
