@@ -686,15 +686,44 @@ fn plugin_metadata_in_apisix_key_layout() {
 }
 
 /// `/status/ready` answers 503 with the reason while etcd is down and 200 once the watch is
-/// back; `/status` stays 200 throughout.
+/// back; `/status` stays 200 throughout. APISIX's `apisix_etcd_reachable` follows the same
+/// state, and `apisix_etcd_modify_indexes` gives each kind's newest modification.
 #[test]
-fn readiness_follows_the_etcd_watch() {
+fn readiness_and_etcd_metrics_follow_the_etcd_watch() {
     let mut etcd = Etcd::start();
+    let up = Upstream::echo();
+    etcd.put("/apisix/routes/1", &route("/m", &up).to_string());
+    etcd.put(
+        "/apisix/upstreams/u1",
+        &json!({"nodes": {up.node(): 1}}).to_string(),
+    );
+    let mod_rev = |key: &str| {
+        let v = etcd.call("/v3/kv/range", json!({"key": B64.encode(key)}));
+        v["kvs"][0]["mod_revision"]
+            .as_str()
+            .and_then(|r| r.parse::<f64>().ok())
+            .expect("mod_revision")
+    };
+    let (route_rev, upstream_rev) = (mod_rev("/apisix/routes/1"), mod_rev("/apisix/upstreams/u1"));
     let gw = Gateway::start(&format!(
-        "{}status: {{ip: 127.0.0.1, port: 0}}\n",
+        "{}status: {{ip: 127.0.0.1, port: 0}}
+plugin_attr:
+  prometheus:
+    export_addr: {{ip: 127.0.0.1, port: 0}}
+",
         node_yaml(&etcd)
     ));
     let addr = common::observability::status_addr(&gw);
+    let metrics = common::observability::metrics_url(&gw);
+    let gauge = |name: &str, labels: &[(&str, &str)]| {
+        let (_, samples, _) = common::observability::scrape(&metrics, None);
+        common::observability::value(&samples, name, labels)
+    };
+    let reachable = |want: f64| {
+        poll(Duration::from_secs(30), || {
+            gauge("apisix_etcd_reachable", &[]) == want
+        })
+    };
     let ready = format!("http://{addr}/status/ready");
     // A reconnect publishes a generation that the workers take up a moment later, so each
     // state is polled for as a whole answer, never read once after another poll.
@@ -713,6 +742,13 @@ fn readiness_follows_the_etcd_watch() {
         })
     };
     assert!(answers(200, ""), "not ready; log:\n{}", gw.logs());
+    assert!(reachable(1.0), "{}", gw.logs());
+    let index = |key: &str| gauge("apisix_etcd_modify_indexes", &[("key", key)]);
+    assert_eq!(index("routes"), route_rev);
+    assert_eq!(index("upstreams"), upstream_rev);
+    assert_eq!(index("services"), 0.0);
+    assert_eq!(index("max_modify_index"), route_rev.max(upstream_rev));
+    assert!(index("x_etcd_index") >= route_rev.max(upstream_rev));
 
     etcd.stop();
     assert!(
@@ -721,6 +757,7 @@ fn readiness_follows_the_etcd_watch() {
         get(&ready).text(),
         gw.logs()
     );
+    assert!(reachable(0.0), "{}", gw.logs());
     assert_eq!(get(&format!("http://{addr}/status")).status, 200);
 
     etcd.restart();
@@ -729,6 +766,7 @@ fn readiness_follows_the_etcd_watch() {
         "not ready after etcd came back; log:\n{}",
         gw.logs()
     );
+    assert!(reachable(1.0), "{}", gw.logs());
 }
 
 /// `openssl enc` with APISIX's key encryption (AES-128-CBC, the keyring entry as key and IV,

@@ -299,9 +299,25 @@ fn the_control_api_shows_node_health_in_apisix_s_shapes() {
             b.node()
         ),
     );
-    let yaml = format!("control: {{ip: 127.0.0.1, port: 0}}\n{yaml}");
+    let yaml = format!(
+        "control: {{ip: 127.0.0.1, port: 0}}\nplugin_attr:\n  prometheus:\n    export_addr: {{ip: 127.0.0.1, port: 0}}\n{yaml}"
+    );
     let gw = Gateway::start(&yaml);
     let control = gw.control_addr();
+    // APISIX's `apisix_upstream_status{name, ip, port}`: 1 healthy, 0 not.
+    let metrics = common::observability::metrics_url(&gw);
+    let status_metric = |name: &str, port: u16| {
+        let (_, samples, _) = common::observability::scrape(&metrics, None);
+        common::observability::value(
+            &samples,
+            "apisix_upstream_status",
+            &[
+                ("name", name),
+                ("ip", "127.0.0.1"),
+                ("port", &port.to_string()),
+            ],
+        )
+    };
     let url = |p: &str| format!("http://{control}{p}");
     assert!(
         poll_until(WAIT, || marked_down(&gw, &a) == 1),
@@ -344,6 +360,9 @@ fn the_control_api_shows_node_health_in_apisix_s_shapes() {
         assert!(down["counter"][k].is_u64(), "{down}");
     }
     assert_eq!(node(b.port())["status"], "healthy");
+    assert_eq!(status_metric("/apisix/upstreams/u1", a.port()), 0.0);
+    assert_eq!(status_metric("/apisix/upstreams/u1", b.port()), 1.0);
+    assert_eq!(status_metric("/apisix/routes/r2", b.port()), 1.0);
 
     // Recovery shows too.
     a.set_failing(false);
@@ -352,6 +371,7 @@ fn the_control_api_shows_node_health_in_apisix_s_shapes() {
             .as_array()
             .is_some_and(|ns| ns.iter().all(|n| n["status"] == "healthy"))
     }));
+    assert_eq!(status_metric("/apisix/upstreams/u1", a.port()), 1.0);
 
     // APISIX's errors.
     let r = get(&url("/v1/healthcheck/upstreams/nope"));
