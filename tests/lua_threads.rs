@@ -258,6 +258,21 @@ function ops.memory(conf)
     return 200, { ok = ok, err = tostring(err) }
 end
 
+-- A coroutine the plugin made does network I/O (OpenResty's coroutines); its plain yields
+-- still reach the code that resumed it. In a light thread too.
+function ops.coroutine(conf)
+    local gen = coroutine.wrap(function()
+        for i = 1, 2 do coroutine.yield((line(conf, "CO " .. i))) end
+    end)
+    local a, b = gen(), gen()
+    local t = spawn(function()
+        local co = coroutine.create(function() return line(conf, "CO thread") end)
+        return select(2, coroutine.resume(co))
+    end)
+    local _, c = wait(t)
+    return 200, { a = a, b = b, c = c }
+end
+
 -- The timer's callback returns at once; its run goes on until its threads end.
 function ops.timer(conf)
     local ok, err = ngx.timer.at(0, function(premature, port)
@@ -268,6 +283,7 @@ function ops.timer(conf)
                 line(c, "FROM-TIMER-THREAD " .. i)
             end)
         end
+        coroutine.wrap(function() line(c, "FROM-TIMER-COROUTINE") end)()
     end, conf.port)
     return 200, { ok = ok, err = err }
 end
@@ -448,10 +464,24 @@ fn light_threads() {
         "{j}"
     );
 
+    let j = call("coroutine", 200).json();
+    assert_eq!(
+        (&j["a"], &j["b"], &j["c"]),
+        (&"ok".into(), &"ok".into(), &"ok".into()),
+        "{j}"
+    );
+    {
+        let c = seen.commands.lock().unwrap();
+        let co: Vec<&String> = c.iter().filter(|c| c.starts_with("CO ")).collect();
+        assert_eq!(co, ["CO 1", "CO 2", "CO thread"], "{c:?}");
+    }
+
     let j = call("timer", 200).json();
     assert_eq!(j["ok"], true, "{j}");
     poll("both timer threads to pass the barrier", || {
         let c = seen.commands.lock().unwrap();
-        c.iter().any(|c| c == "FROM-TIMER-THREAD 1") && c.iter().any(|c| c == "FROM-TIMER-THREAD 2")
+        c.iter().any(|c| c == "FROM-TIMER-THREAD 1")
+            && c.iter().any(|c| c == "FROM-TIMER-THREAD 2")
+            && c.iter().any(|c| c == "FROM-TIMER-COROUTINE")
     });
 }

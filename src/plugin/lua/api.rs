@@ -224,6 +224,7 @@ fn constants(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
     super::timer::install(lua, ngx)?;
     super::cosocket::install(lua, ngx)?;
     super::thread::install(lua, ngx)?;
+    super::runtime::install_coroutines(lua)?;
     Ok(())
 }
 

@@ -176,6 +176,55 @@ return function(...)
 end
 "#;
 
+/// `coroutine.resume` and `coroutine.wrap` as OpenResty has them: a coroutine the plugin made
+/// may call a waiting function (a cosocket, `ngx.sleep`). Its yield for the wait reaches the
+/// wrapper, which yields the thread that resumed it for the same wait (up to the phase's
+/// runner, or a light thread, which the runtime resumes when the wait ends) and hands the
+/// result back down. Any other yield returns to the resumer as in plain Lua.
+const COROUTINE_SRC: &str = r#"
+local WAIT, raw_create, raw_resume, raw_yield, raw_status, error = ...
+local function resumed(co, ok, first, ...)
+    if ok and first == WAIT and raw_status(co) == "suspended" then
+        return resumed(co, raw_resume(co, raw_yield(WAIT)))
+    end
+    return ok, first, ...
+end
+local function resume(co, ...)
+    return resumed(co, raw_resume(co, ...))
+end
+local function unwrap(ok, ...)
+    if ok then return ... end
+    error((...), 0)
+end
+local function wrap(f)
+    local co = raw_create(f)
+    return function(...)
+        return unwrap(resume(co, ...))
+    end
+end
+return resume, wrap
+"#;
+
+/// Replaces `coroutine.resume` and `coroutine.wrap` with [`COROUTINE_SRC`]'s (after the
+/// runtime took the raw ones it needs).
+pub(crate) fn install_coroutines(lua: &Lua) -> mlua::Result<()> {
+    let co: Table = lua.globals().get("coroutine")?;
+    let (resume, wrap): (Function, Function) = lua
+        .load(COROUTINE_SRC)
+        .set_name("=moongate.coroutine")
+        .call((
+            tag(&WAIT_TAG),
+            co.get::<Function>("create")?,
+            co.get::<Function>("resume")?,
+            co.get::<Function>("yield")?,
+            co.get::<Function>("status")?,
+            lua.globals().get::<Function>("error")?,
+        ))?;
+    co.set("resume", resume)?;
+    co.set("wrap", wrap)?;
+    Ok(())
+}
+
 /// Sets the runner for a resume; the previous one comes back on drop.
 struct RunnerGuard(*mut mlua::ffi::lua_State);
 
@@ -196,8 +245,8 @@ impl Drop for RunnerGuard {
 /// for; the runner thread yields, [`request_phase`] awaits the future outside the time budget
 /// and resumes the thread with its output (or raises its error in Lua).
 ///
-/// Only the rewrite, access and before_proxy phase functions can wait, and only from their
-/// own thread (not from a coroutine the plugin made): elsewhere this raises an error.
+/// Only the rewrite, access and before_proxy phase functions (their light threads and the
+/// coroutines they make) and timers can wait: elsewhere this raises an error.
 pub(crate) fn create_waiting_function<A, F, FR, R>(lua: &Lua, func: F) -> mlua::Result<Function>
 where
     A: mlua::FromLuaMulti,
@@ -213,11 +262,8 @@ where
                 super::cosocket::context_name(frame().phase)
             )));
         }
-        if lua.current_thread().state() != runner {
-            return Err(mlua::Error::runtime(
-                "cannot wait inside a coroutine: call it from the phase function itself",
-            ));
-        }
+        // A coroutine the plugin made may wait too: `coroutine.resume` passes the wait up
+        // (`COROUTINE_SRC`).
         let weak = lua.weak();
         let fut = func(lua.clone(), args);
         let pending: Pending = Box::pin(async move {
@@ -1925,15 +1971,26 @@ mod tests {
     }
 
     #[test]
-    fn waiting_outside_the_phase_thread_is_an_error() {
+    fn coroutines_the_plugin_makes_may_wait() {
         let (p, conf) = plugin(
-            "local ok, err = pcall(coroutine.wrap(function() ngx.sleep(0) end))\n\
-             return 200, err",
+            "local co = coroutine.create(function(a)\n\
+                 local b = coroutine.yield(a + 1)\n\
+                 ngx.sleep(0)\n\
+                 return 'slept ' .. b\n\
+             end)\n\
+             local _, first = coroutine.resume(co, 1)\n\
+             local ok, second = coroutine.resume(co, 5)\n\
+             local w = coroutine.wrap(function()\n\
+                 ngx.sleep(0) coroutine.yield('w1') return 'w2'\n\
+             end)\n\
+             local _, err = pcall(coroutine.wrap(function() error('inner', 0) end))\n\
+             return 200, table.concat({ first, second, tostring(ok), w(), w(), err,\n\
+                 coroutine.status(co) }, ' ')",
         );
         let mut c = ctx();
         let (status, body) = response(access(&p, &conf, &mut c));
         assert_eq!(status, 200);
-        assert!(body.contains("cannot wait inside a coroutine"), "{body}");
+        assert_eq!(body, "2 slept 5 true w1 w2 inner dead");
 
         let mut c = ctx();
         let mut head = crate::plugin::ResponseHead {
