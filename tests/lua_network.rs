@@ -292,7 +292,11 @@ end
 function ops.lib(conf)
     -- From lua.package_path (relative to the config file's folder).
     local greet = require("probe.greet")
-    return { hello = greet.hello(), where = package.path:match("^[^;]*") }
+    -- A library on the path wins over moongate's stand-in; without one the stand-in loads.
+    local connector = require("resty.redis.connector")
+    local _, cluster_err = require("resty.rediscluster").new()
+    return { hello = greet.hello(), where = package.path:match("^[^;]*"),
+             connector = connector.from, cluster = cluster_err }
 end
 
 function _M.access(conf, ctx)
@@ -337,6 +341,13 @@ fn tcp_cosockets() {
         "return { hello = function() return 'hi from libs' end }\n",
     )
     .expect("write lib");
+    let connector = dir.path().join("libs/resty/redis");
+    std::fs::create_dir_all(&connector).expect("libs dir");
+    std::fs::write(
+        connector.join("connector.lua"),
+        "return { from = 'libs' }\n",
+    )
+    .expect("write lib");
     let yaml = format!(
         "plugin_dirs:\n  - plugins\nworkers: 1\nlua:\n  call_budget_ms: 100\n  package_path:\n    - libs/?.lua\nroutes:\n  - id: s\n    uri: /s\n    plugins:\n      sock-probe: {{port: {port}, closed_port: {}, path: \"{}\"}}\n    upstream:\n      nodes:\n        \"127.0.0.1:1\": 1\n",
         closed_port(),
@@ -375,6 +386,12 @@ fn tcp_cosockets() {
     let j = call("lib").json();
     assert_eq!(j["hello"], "hi from libs");
     assert_eq!(j["where"], format!("{}/libs/?.lua", dir.path().display()));
+    assert_eq!(j["connector"], "libs", "{j}");
+    assert_eq!(
+        j["cluster"],
+        "resty.rediscluster is not installed (moongate has only a stand-in): put the library on lua.package_path",
+        "{j}"
+    );
 
     let j = call("until").json();
     assert_eq!(j["a"], "first");

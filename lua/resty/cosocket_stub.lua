@@ -1,12 +1,13 @@
--- Shared by the client modules not provided yet (resty.rediscluster, resty.redis.connector), so
--- these modules load (plugins that only reference them work) and every call on a client
--- returns nil and an error naming what is missing.
+-- Shared by the stand-ins for client libraries moongate does not ship (resty.rediscluster,
+-- resty.redis.connector): they are found only when the real library is not on package.path,
+-- so plugins that only reference them load, and every call on a client returns nil and an
+-- error naming what to install.
 local setmetatable = setmetatable
 
 local _M = {}
 
 function _M.client(module)
-    local msg = module .. ": network clients (cosockets) are not supported by moongate"
+    local msg = module .. " is not installed (moongate has only a stand-in): put the library on lua.package_path"
     local fail = function()
         return nil, msg
     end

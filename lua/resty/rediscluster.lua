@@ -1,5 +1,5 @@
--- `require("resty.rediscluster")`: loads, but moongate has no cosockets: `new()` returns nil
--- and an error saying so.
+-- `require("resty.rediscluster")` when lua-resty-rediscluster is not on package.path: loads,
+-- and `new()` returns nil and an error saying what to install.
 local stub = require("resty.cosocket_stub")
 
 local _M = { _VERSION = "1.2" }

@@ -1,5 +1,5 @@
--- `require("resty.redis.connector")`: loads, but moongate has no cosockets: a connector's
--- connect() returns nil and an error saying so.
+-- `require("resty.redis.connector")` when lua-resty-redis-connector is not on package.path:
+-- loads, and a connector's connect() returns nil and an error saying what to install.
 local stub = require("resty.cosocket_stub")
 
 local _M = { _VERSION = "0.11" }

@@ -1582,6 +1582,7 @@ fn package_path(node: &[String], builtin: &str) -> String {
 fn install_require(lua: &Lua, settings: &Settings) -> mlua::Result<()> {
     let package: Table = lua.globals().get("package")?;
     let preload: Table = package.get("preload")?;
+    let stand_ins = lua.create_table()?;
     for (name, src) in embedded::MODULES {
         let chunk = format!("@lua/{}.lua", name.replace('.', "/"));
         let src: &'static str = src;
@@ -1590,7 +1591,11 @@ fn install_require(lua: &Lua, settings: &Settings) -> mlua::Result<()> {
                 .set_name(chunk.as_str())
                 .call::<MultiValue>(args)
         })?;
-        preload.set(*name, loader)?;
+        if embedded::STAND_INS.contains(name) {
+            stand_ins.set(*name, loader)?;
+        } else {
+            preload.set(*name, loader)?;
+        }
     }
     super::crypto::install(lua, &preload)?;
     super::compress::install(lua, &preload)?;
@@ -1638,6 +1643,13 @@ fn install_require(lua: &Lua, settings: &Settings) -> mlua::Result<()> {
     // LuaJIT keeps searchers in package.loaders; ours goes right after preload.
     let loaders: Table = package.get("loaders")?;
     loaders.raw_insert(2, searcher)?;
+    // The stand-ins come last, after package.path and cpath.
+    let last = lua.create_function(move |_, name: String| {
+        Ok(stand_ins
+            .get::<Option<Function>>(name.as_str())?
+            .map_or(Value::Nil, Value::Function))
+    })?;
+    loaders.raw_push(last)?;
     Ok(())
 }
 

@@ -5,11 +5,15 @@
 /// `apisix.plugin`, `apisix.schema_def`, and the OpenResty libraries plugins expect
 /// (`cjson`, `cjson.safe`, `table.nkeys`/`isarray`/`isempty`/`clone`, `tablepool`,
 /// `resty.lrucache`, `resty.ipmatcher`, `resty.limit.count`/`req`/`conn`, `resty.lock`,
-/// `resty.string`, `resty.jit-uuid`, `pl.stringx`, and cosocket clients that load but refuse to
-/// connect: `resty.rediscluster`, `resty.redis.connector`), `resty.http` over cosockets. `resty.redis` is the
+/// `resty.string`, `resty.jit-uuid`, `pl.stringx`, and stand-ins that load but refuse to connect
+/// when the real library is not on `package.path`, [`STAND_INS`]), `resty.http` over cosockets. `resty.redis` is the
 /// real lua-resty-redis, found on `package.path` (see `lua.package_path`). `table.new` and `table.clear` are LuaJIT built-ins.
 /// Modules backed by Rust (digests, ciphers, zlib, brotli) are registered by `crypto.rs` and
 /// `compress.rs`.
+/// Modules of [`MODULES`] served only when `package.path` has no such module: the real library,
+/// when installed, wins.
+pub const STAND_INS: &[&str] = &["resty.rediscluster", "resty.redis.connector"];
+
 pub const MODULES: &[(&str, &str)] = &[
     ("apisix.core", include_str!("../../../lua/apisix/core.lua")),
     (
