@@ -258,6 +258,23 @@ function ops.memory(conf)
     return 200, { ok = ok, err = tostring(err) }
 end
 
+-- Threads spawn threads: a child waits for and kills its own children; a wait on several
+-- skips one already waited for.
+function ops.nested(conf)
+    local t = spawn(function()
+        local inner = spawn(function() ngx.sleep(0.01) return "grandchild" end)
+        local _, v = wait(inner)
+        local held = spawn_hold(conf)
+        return v, kill(held)
+    end)
+    local ok, v, killed = wait(t)
+    local done = spawn(function() return "x" end)
+    wait(done)
+    local slow = spawn(function() ngx.sleep(0.01) return "slow" end)
+    local ok2, r2 = wait(done, slow)
+    return 200, { ok = ok, v = v, killed = killed, multi = tostring(ok2) .. "|" .. tostring(r2) }
+end
+
 -- A coroutine the plugin made does network I/O (OpenResty's coroutines); its plain yields
 -- still reach the code that resumed it. In a light thread too.
 function ops.coroutine(conf)
@@ -286,6 +303,23 @@ function ops.timer(conf)
         coroutine.wrap(function() line(c, "FROM-TIMER-COROUTINE") end)()
     end, conf.port)
     return 200, { ok = ok, err = err }
+end
+
+-- Threads in rewrite and before_proxy too (access passes).
+function ops.phases(conf) end
+
+function _M.rewrite(conf, ctx)
+    if ngx.var.arg_op ~= "phases" then return end
+    spawn(function()
+        ngx.sleep(0.01)
+        ngx.req.set_header("X-Rewrite-Thread", (line(conf, "REWRITE")))
+    end)
+end
+
+function _M.before_proxy(conf, ctx)
+    if ngx.var.arg_op ~= "phases" then return end
+    local _, l = wait(spawn(line, conf, "BEFORE-PROXY"))
+    ngx.req.set_header("X-Before-Proxy-Thread", l)
 end
 
 function _M.access(conf, ctx)
@@ -463,6 +497,20 @@ fn light_threads() {
             .contains("not enough memory"),
         "{j}"
     );
+
+    let j = call("phases", 200).json();
+    assert_eq!(j["headers"]["x-rewrite-thread"], "ok", "{j}");
+    assert_eq!(j["headers"]["x-before-proxy-thread"], "ok", "{j}");
+
+    let before = holds_closed();
+    let j = call("nested", 200).json();
+    assert_eq!(j["ok"], true, "{j}");
+    assert_eq!(j["v"], "grandchild", "{j}");
+    assert_eq!(j["killed"], 1, "{j}");
+    assert_eq!(j["multi"], "true|slow", "{j}");
+    poll("the grandchild's connection to close", || {
+        holds_closed() > before
+    });
 
     let j = call("coroutine", 200).json();
     assert_eq!(
