@@ -3368,3 +3368,126 @@ fn real_gzip() {
     assert_eq!(vary.join(", "), "upstream, Accept-Encoding");
     assert_eq!(gunzip(&r.body), page);
 }
+
+/// A log folder reader in the shape of APISIX's log-rotate and its core modules: `lfs` lists
+/// and stats files, `pl.path` builds and cleans the paths (loggly's `join`, aws-lambda's
+/// `normpath`).
+const FS_PROBE: &str = r#"
+local core = require("apisix.core")
+local lfs = require("lfs")
+local path = require("pl.path")
+
+local _M = { version = 0.1, priority = 7, name = "fs-probe",
+             schema = { type = "object", properties = { dir = { type = "string" } } } }
+
+function _M.access(conf, ctx)
+    local out = {}
+    local names = {}
+    for name in lfs.dir(conf.dir) do
+        if name ~= "." and name ~= ".." then
+            local full = path.join(conf.dir, name)
+            names[#names + 1] = name .. ":" .. lfs.attributes(full, "mode") .. ":"
+                .. tostring(path.getsize(full))
+        end
+    end
+    table.sort(names)
+    out.files = table.concat(names, ",")
+    out.made = lfs.mkdir(path.join(conf.dir, "rotated"))
+    local _, again = path.mkdir(path.join(conf.dir, "rotated"))
+    out.again = again
+    out.isdir = path.isdir(path.join(conf.dir, "rotated"))
+    local _, missing = lfs.attributes(path.join(conf.dir, "nope"))
+    out.missing = missing
+    out.norm = path.normpath("/v1/./functions/../functions//f/invocations")
+    out.bulk = path.join("127.0.0.1:1", "bulk", "tok", "tag", "bulk")
+    out.base, out.ext = path.splitext(path.basename(path.join(conf.dir, "access.log")))
+    return 200, out
+end
+
+return _M
+"#;
+
+/// `lfs` and `pl.path` from a plugin on a real gateway: a folder listed, files stat'ed, a
+/// folder made, and the messages LuaFileSystem and Penlight give for a failure.
+#[test]
+fn file_system_modules_work_as_in_apisix() {
+    let logs = tempfile::tempdir().expect("log dir");
+    std::fs::write(logs.path().join("access.log"), "12345").expect("write");
+    std::fs::write(logs.path().join("error.log"), "").expect("write");
+    let d = logs.path().display().to_string();
+    let (_tmp, gw) = gateway_with(
+        &[("fs-probe", FS_PROBE)],
+        &format!("  - id: fs\n    uri: /fs\n    plugins:\n      fs-probe:\n        dir: \"{d}\"\n"),
+    );
+    let r = Req::get(&gw.url("/fs")).send();
+    assert_eq!(r.status, 200, "{}\n{}", r.text(), gw.logs());
+    let j = r.json();
+    assert_eq!(j["files"], "access.log:file:5,error.log:file:0");
+    assert_eq!(j["made"], true);
+    assert_eq!(
+        j["again"],
+        format!("mkdir failed for '{d}/rotated': File exists (code 17)")
+    );
+    assert_eq!(j["isdir"], true);
+    assert!(logs.path().join("rotated").is_dir());
+    assert_eq!(
+        j["missing"],
+        format!("cannot obtain information from file '{d}/nope': No such file or directory")
+    );
+    assert_eq!(j["norm"], "/v1/functions/f/invocations");
+    assert_eq!(j["bulk"], "127.0.0.1:1/bulk/tok/tag/bulk");
+    assert_eq!(j["base"], "access");
+    assert_eq!(j["ext"], ".log");
+}
+
+/// APISIX's own loggly (APISIX_SRC), which builds its bulk endpoint with `pl.path.join`: with
+/// `protocol: http` in its metadata, each entry is POSTed to `HOST/bulk/TOKEN/tag/bulk` with
+/// the tags in `X-LOGGLY-TAG` (docs/en/latest/plugins/loggly.md).
+#[test]
+fn real_loggly_posts_bulk_entries_over_http() {
+    let Some(src) = std::env::var_os("APISIX_SRC") else {
+        eprintln!("APISIX_SRC is not set: skipping APISIX's loggly");
+        return;
+    };
+    let (tmp, dir) = stage_plugin(&PathBuf::from(src), "loggly");
+    let (tx, rx) = std::sync::mpsc::channel::<(String, String, String)>();
+    let collector = Upstream::start(move |req| {
+        let tx = tx.clone();
+        async move {
+            use http_body_util::BodyExt;
+            let target = req.uri().to_string();
+            let tag = req
+                .headers()
+                .get("x-loggly-tag")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string();
+            let body = req.into_body().collect().await.expect("body").to_bytes();
+            let _ = tx.send((target, tag, String::from_utf8_lossy(&body).into_owned()));
+            hyper::Response::new(full("ok"))
+        }
+    });
+    let up = Upstream::echo();
+    let yaml = format!(
+        "workers: 1\nplugin_dirs:\n  - \"{}\"\nplugin_metadata:\n  - id: loggly\n    host: \"{}\"\n    protocol: http\nroutes:\n  - id: lg\n    uri: /lg\n    plugins:\n      loggly:\n        customer_token: tok-123\n        tags: [\"web\"]\n        batch_max_size: 1\n{}",
+        dir.display(),
+        collector.addr(),
+        upstream_yaml(&up)
+    );
+    let gw = Gateway::start_in(tmp.path(), &yaml);
+    assert_eq!(
+        Req::get(&gw.url("/lg?x=1")).send().status,
+        200,
+        "{}",
+        gw.logs()
+    );
+    let (target, tag, body) = rx
+        .recv_timeout(Duration::from_secs(10))
+        .unwrap_or_else(|_| panic!("no entry reached the collector\n{}", gw.logs()));
+    assert_eq!(target, "/bulk/tok-123/tag/bulk");
+    assert_eq!(tag, "web");
+    let entry: serde_json::Value = serde_json::from_str(body.lines().next().unwrap_or(""))
+        .unwrap_or_else(|e| panic!("{e}: {body}"));
+    assert_eq!(entry["request"]["uri"], "/lg?x=1", "{body}");
+    assert_eq!(entry["route_id"], "lg");
+}

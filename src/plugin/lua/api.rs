@@ -1602,6 +1602,7 @@ fn install_require(lua: &Lua, settings: &Settings) -> mlua::Result<()> {
     super::pkey::install(lua, &preload)?;
     super::semaphore::install(lua, &preload)?;
     super::xml::install(lua, &preload)?;
+    super::lfs::install(lua, &preload)?;
     super::apisix_runtime::install(lua, &preload)?;
     package.set(
         "path",

@@ -5,7 +5,7 @@
 /// `apisix.plugin`, `apisix.schema_def`, and the OpenResty libraries plugins expect
 /// (`cjson`, `cjson.safe`, `table.nkeys`/`isarray`/`isempty`/`clone`, `tablepool`,
 /// `resty.lrucache`, `resty.ipmatcher`, `resty.limit.count`/`req`/`conn`, `resty.lock`,
-/// `resty.string`, `resty.jit-uuid`, `pl.stringx`, and stand-ins that load but refuse to connect
+/// `resty.string`, `resty.jit-uuid`, `pl.stringx`, `pl.path` (over the native `lfs`), and stand-ins that load but refuse to connect
 /// when the real library is not on `package.path`, [`STAND_INS`]), `resty.http` over cosockets. `resty.redis` is the
 /// real lua-resty-redis, found on `package.path` (see `lua.package_path`). `table.new` and `table.clear` are LuaJIT built-ins.
 /// Modules backed by Rust (digests, ciphers, zlib, brotli) are registered by `crypto.rs` and
@@ -120,6 +120,7 @@ pub const MODULES: &[(&str, &str)] = &[
         include_str!("../../../lua/resty/expr/v1.lua"),
     ),
     ("pl.stringx", include_str!("../../../lua/pl/stringx.lua")),
+    ("pl.path", include_str!("../../../lua/pl/path.lua")),
     (
         "resty.cosocket_stub",
         include_str!("../../../lua/resty/cosocket_stub.lua"),

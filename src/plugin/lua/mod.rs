@@ -20,6 +20,7 @@ mod cosocket;
 mod crypto;
 pub mod embedded;
 mod fast;
+mod lfs;
 mod metrics;
 mod pkey;
 mod prelude;
