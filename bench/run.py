@@ -654,26 +654,33 @@ http {{
 """
 
 
-def start_conn_servers(worker_connections):
+def start_conn_servers(worker_connections, bases=(), mg_bin=None):
     """The upstream and moongate of the load test (same configs) and nginx's plain proxy,
-    started fresh. Returns (procs, ports)."""
+    started fresh; for each (name, binary) of `bases` another moongate from that binary
+    (gateway "moongate-NAME", the same config on its own port). Returns (procs, ports)."""
     os.makedirs(RUN, exist_ok=True)
-    up_port, ngx_port, mg_port, fn_port, redis_port = free_ports(5)
+    up_port, ngx_port, mg_port, fn_port, redis_port, *base_ports = free_ports(5 + len(bases))
     files = {
         "upstream.conf": upstream_conf(up_port),
         "nginx.conf": nginx_conns_conf(ngx_port, up_port, worker_connections),
         "moongate.yaml": moongate_conf(mg_port, up_port, fn_port, redis_port),
     }
+    for (name, _), port in zip(bases, base_ports):
+        files[f"moongate-{name}.yaml"] = moongate_conf(port, up_port, fn_port, redis_port)
     for name, text in files.items():
         with open(os.path.join(RUN, name), "w") as f:
             f.write(text)
-    mg_bin = os.path.join(ROOT, "target/release/moongate")
+    mg_bin = mg_bin or os.path.join(ROOT, "target/release/moongate")
     procs = {
         "upstream": start("upstream", ["nginx", "-p", RUN, "-c", f"{RUN}/upstream.conf"], f"{RUN}/upstream.stderr"),
         "nginx": start("nginx", ["nginx", "-p", RUN, "-c", f"{RUN}/nginx.conf"], f"{RUN}/nginx.stderr"),
         "moongate": start("moongate", [mg_bin, "run", "-c", f"{RUN}/moongate.yaml"], f"{RUN}/moongate.stderr"),
     }
     ports = {"nginx": ngx_port, "moongate": mg_port}
+    for (name, path), port in zip(bases, base_ports):
+        gw = f"moongate-{name}"
+        procs[gw] = start(gw, [path, "run", "-c", f"{RUN}/{gw}.yaml"], f"{RUN}/{gw}.stderr")
+        ports[gw] = port
     wait_http(f"http://127.0.0.1:{up_port}/", "hello")
     for gw in ports:
         wait_http(f"http://127.0.0.1:{ports[gw]}/", "hello")
@@ -745,12 +752,26 @@ def conns_mode(args):
         "reps": args.reps, "counts": counts, "active": args.active, "duration_s": args.duration,
         "placement": "client processes and wrk on CPU0; upstream, nginx (1 worker), moongate (1 worker) on CPU1",
     }
+    bases = []
+    for b in args.base or []:
+        name, sep, path = b.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"--base {b}: NAME=BINARY expected")
+        bases.append((name, os.path.abspath(path)))
+    mg_bin = args.bin and os.path.abspath(args.bin)
+    if mg_bin:
+        meta["bin"] = mg_bin
+    if bases:
+        meta["bases"] = dict(bases)
+    gws = ["nginx"] + [f"moongate-{name}" for name, _ in bases] + ["moongate"]
     runs = {}
     for rep in range(args.reps):
         for kind, n in steps:
-            procs, ports = start_conn_servers(worker_connections)
+            procs, ports = start_conn_servers(worker_connections, bases, mg_bin)
             try:
-                order = ["nginx", "moongate"] if rep % 2 == 0 else ["moongate", "nginx"]
+                order = [gw for gw in gws if gw in ports]
+                if rep % 2:
+                    order.reverse()
                 for gw in order:
                     if kind == "idle":
                         r = measure_idle(procs[gw].pid, ports[gw], n)
@@ -768,13 +789,16 @@ def conns_mode(args):
             finally:
                 stop_all()
 
+    mgs = [gw for gw in gws if gw != "nginx"]
     table = {}
     for step, by_gw in runs.items():
         row = {gw: {"rss_kb_per_conn": summary([r["rss_kb_per_conn"] for r in rs]),
                     "pss_kb_per_conn": summary([r["pss_kb_per_conn"] for r in rs])}
                for gw, rs in by_gw.items()}
         ng = {r["rep"]: r["rss_kb_per_conn"] for r in by_gw.get("nginx", [])}
-        row["ratio"] = summary([r["rss_kb_per_conn"] / ng[r["rep"]] for r in by_gw.get("moongate", [])
+        for gw in mgs:
+            key = "ratio" if gw == "moongate" else f"ratio {gw}"
+            row[key] = summary([r["rss_kb_per_conn"] / ng[r["rep"]] for r in by_gw.get(gw, [])
                                 if ng.get(r["rep"], 0) > 0])
         table[step] = row
     out = args.out if args.out != os.path.join(OUT, "results.json") else os.path.join(OUT, "conns.json")
@@ -782,17 +806,21 @@ def conns_mode(args):
     with open(out, "w") as f:
         json.dump({"meta": meta, "table": table, "runs": runs}, f, indent=1)
 
-    md = [f"{meta['date']}, commit {meta['moongate_commit']}, {args.reps} reps; RSS growth per connection "
+    def cell(x, key):
+        v = x and x.get(key)
+        return "-" if not v else f"{v['median']:.2f} ({v['min']:.2f}-{v['max']:.2f})"
+    md = [f"{meta['date']}, commit {meta['moongate_commit']}"
+          + "".join(f", moongate-{name}: {path}" for name, path in bases)
+          + f", {args.reps} reps; RSS growth per connection "
           "(KiB, median (min-max)); ratio: per-rep moongate/nginx", "",
-          "| connections | nginx | moongate | moongate/nginx | nginx Pss | moongate Pss |", "|---|---|---|---|---|---|"]
+          "| connections | " + " | ".join(gws) + " | " + " | ".join(f"{gw}/nginx" for gw in mgs)
+          + " | " + " | ".join(f"{gw} Pss" for gw in gws) + " |",
+          "|---" * (1 + 2 * len(gws) + len(mgs)) + "|"]
     for step, row in table.items():
-        n, m, r = row.get("nginx"), row.get("moongate"), row["ratio"]
-        def cell(x, key):
-            v = x and x[key]
-            return "-" if not v else f"{v['median']:.2f} ({v['min']:.2f}-{v['max']:.2f})"
-        ratio = "-" if not r else f"{r['median']:.2f} ({r['min']:.2f}-{r['max']:.2f})"
-        md.append(f"| {step} | {cell(n, 'rss_kb_per_conn')} | {cell(m, 'rss_kb_per_conn')} | {ratio} | "
-                  f"{cell(n, 'pss_kb_per_conn')} | {cell(m, 'pss_kb_per_conn')} |")
+        ratios = [cell(row, "ratio" if gw == "moongate" else f"ratio {gw}") for gw in mgs]
+        md.append(f"| {step} | " + " | ".join(cell(row.get(gw), "rss_kb_per_conn") for gw in gws) + " | "
+                  + " | ".join(ratios) + " | "
+                  + " | ".join(cell(row.get(gw), "pss_kb_per_conn") for gw in gws) + " |")
     with open(os.path.splitext(out)[0] + ".md", "w") as f:
         f.write("\n".join(md) + "\n")
     print("\n" + "\n".join(md))
@@ -815,6 +843,10 @@ def main():
     ap.add_argument("--counts", default="1000,5000,15000", help="conns mode: idle connection counts")
     ap.add_argument("--active", type=int, default=1000,
                     help="conns mode: connections of the active load (0: none)")
+    ap.add_argument("--bin", help="conns mode: the moongate binary (default: target/release/moongate)")
+    ap.add_argument("--base", action="append", metavar="NAME=BINARY",
+                    help="conns mode: another moongate binary (e.g. built from the commit before a "
+                    "change) measured in the same run as gateway moongate-NAME; repeatable")
     args = ap.parse_args()
     if args.quick:
         args.reps, args.duration = 2, 2
