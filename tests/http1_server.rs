@@ -216,6 +216,54 @@ fn pipelined_requests_are_answered_in_order() {
     assert_eq!(up.requests(), 5);
 }
 
+/// Heads longer than the first read buffer (1 KiB) and than a read chunk (8 KiB), on a
+/// connection that waited idle between requests (its buffer is given back while it waits):
+/// sent whole, in pieces across the buffer sizes, and pipelined behind one another.
+#[test]
+fn long_heads_after_keep_alive_waits_are_read_whole() {
+    let up = Upstream::echo();
+    let gw = Gateway::start(&format!("routes:\n{}", route("1", "/l", &up.node())));
+    let mut w = Wire::open(gw.addr());
+    let head = |n: usize, len: usize| {
+        format!(
+            "GET /l?n={n} HTTP/1.1\r\nHost: t\r\nX-Long: {}\r\nX-After: {n}\r\n\r\n",
+            "v".repeat(len)
+        )
+    };
+    let check = |w: &mut Wire, n: usize, len: usize| {
+        let r = w.response(false).expect("response");
+        assert_eq!(r.status, 200, "request {n}: {}", r.head);
+        let v: serde_json::Value = serde_json::from_slice(&r.body).expect("json");
+        assert_eq!(v["uri"], format!("/l?n={n}"));
+        assert_eq!(
+            v["headers"]["x-long"].as_str().map(str::len),
+            Some(len),
+            "request {n}"
+        );
+        assert_eq!(v["headers"]["x-after"], n.to_string());
+    };
+    // Whole, then idle.
+    w.send(head(1, 3000).as_bytes());
+    check(&mut w, 1, 3000);
+    // In pieces that cross 1 KiB and 8 KiB, with pauses (each piece may find the buffer
+    // empty or partly filled).
+    let req = head(2, 12_000);
+    for piece in req.as_bytes().chunks(900) {
+        w.send(piece);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    check(&mut w, 2, 12_000);
+    // Pipelined: a short head, a long one and a short one in one write.
+    let mut all = head(3, 10);
+    all.push_str(&head(4, 20_000));
+    all.push_str(&head(5, 10));
+    w.send(all.as_bytes());
+    for (n, len) in [(3, 10), (4, 20_000), (5, 10)] {
+        check(&mut w, n, len);
+    }
+    assert_eq!(up.requests(), 5);
+}
+
 #[test]
 fn chunked_request_body_with_extensions_and_trailers() {
     let up = body_echo();

@@ -47,8 +47,14 @@ pub const MAX_HEADERS: usize = 100;
 const DRAIN_LIMIT: u64 = 64 * 1024 * 1024;
 const DRAIN_TIME: Duration = Duration::from_secs(5);
 
-/// How much a read asks for at least.
+/// The buffer a request head is first read into (nginx's `client_header_buffer_size` default):
+/// taken when the head's first bytes arrive, grown by [`READ_CHUNK`] only for a longer head.
+const HEAD_FIRST: usize = 1024;
+/// How much a read asks for at least once the first buffer is full.
 const READ_CHUNK: usize = 8 * 1024;
+/// A response head's buffer, taken per response (a connection waiting for its next request
+/// holds none).
+const WBUF_FIRST: usize = 1024;
 /// How much a body read asks for at most.
 const BODY_CHUNK: usize = 64 * 1024;
 /// Data frames up to this size are copied next to their chunk head; larger ones are written
@@ -597,14 +603,14 @@ enum HeadRead {
     Refuse(StatusCode),
 }
 
-/// Connection-level state the loop keeps between requests.
+/// Connection-level state the loop keeps between requests: all a connection waiting on
+/// keep-alive holds, with the socket, the (then empty) read buffer and the timer.
 struct Loop<'a> {
     conn: Rc<Conn>,
     cfg: &'a Config,
     shutdown: watch::Receiver<bool>,
     stopping: bool,
     timer: Option<ConnTimer>,
-    wbuf: Vec<u8>,
 }
 
 impl Loop<'_> {
@@ -629,8 +635,14 @@ impl Loop<'_> {
                     return HeadRead::Close;
                 }
                 let st = &mut *st;
-                if st.rbuf.capacity() - st.rbuf.len() < READ_CHUNK {
-                    st.rbuf.reserve(READ_CHUNK);
+                // Small first, as nginx does: most heads fit in HEAD_FIRST.
+                if st.rbuf.capacity() == st.rbuf.len() {
+                    let want = if st.rbuf.capacity() == 0 {
+                        HEAD_FIRST
+                    } else {
+                        READ_CHUNK
+                    };
+                    st.rbuf.reserve(want);
                 }
                 match self.conn.read_into(&mut st.rbuf) {
                     Ok(0) => {
@@ -638,7 +650,15 @@ impl Loop<'_> {
                         return HeadRead::Close;
                     }
                     Ok(_) => continue,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        // Waiting with nothing read (keep-alive): the buffer goes back to the
+                        // allocator, and the next bytes get a new one (nginx frees its header
+                        // buffer the same way). Under load this is one small allocation per
+                        // request; idle, it is the connection's largest piece.
+                        if st.rbuf.is_empty() && st.rbuf.capacity() > 0 {
+                            st.rbuf = BytesMut::new();
+                        }
+                    }
                     Err(_) => return HeadRead::Close,
                 }
             }
@@ -682,7 +702,8 @@ pub async fn serve<H, F, B>(
         conn: Rc::new(Conn {
             io,
             st: RefCell::new(State {
-                rbuf: BytesMut::with_capacity(READ_CHUNK),
+                // Taken when the first bytes arrive (see `read_head`).
+                rbuf: BytesMut::new(),
                 body: BodyState::Done,
                 gen: 0,
                 cont: Continue::No,
@@ -696,26 +717,21 @@ pub async fn serve<H, F, B>(
         shutdown,
         stopping,
         timer: None,
-        wbuf: Vec::with_capacity(1024),
     };
     loop {
         let head = match lp.read_head().await {
             HeadRead::Head(h) => h,
             HeadRead::Close => return,
             HeadRead::Refuse(status) => {
-                refuse(&lp.conn, cfg, status, &mut lp.wbuf).await;
+                Box::pin(refuse(&lp.conn, cfg, status)).await;
                 return;
             }
         };
-        let Head { req, keep_alive } = head;
-        let head_request = req.method() == Method::HEAD;
-        let version = req.version();
-        let res = handler(req).await;
-        if !lp.stopping && lp.shutdown.has_changed().unwrap_or(true) {
-            lp.stopping = true;
-        }
-        let mut keep_alive = keep_alive && !lp.stopping;
-        match write_response(&mut lp, res, head_request, version, &mut keep_alive).await {
+        // Boxed: the handler's future is by far the largest state of a connection (a proxied
+        // request's is KiBs), and held inline it would be part of the connection's task for its
+        // whole life, keep-alive waits included. One allocation per request instead.
+        let (written, keep_alive) = Box::pin(request_turn(&mut lp, &mut handler, head)).await;
+        match written {
             Ok(Written::Done) => {}
             Ok(Written::Upgrade(on_upgrade)) => {
                 // What the client sent past the request head belongs to the new protocol.
@@ -737,7 +753,7 @@ pub async fn serve<H, F, B>(
                 // The response's body (and its log) is done with; the client gets this
                 // instead, and the connection closes.
                 lp.conn.st.borrow_mut().gen += 1;
-                refuse(&lp.conn, cfg, status, &mut lp.wbuf).await;
+                Box::pin(refuse(&lp.conn, cfg, status)).await;
                 return;
             }
             Err(e) => {
@@ -755,14 +771,39 @@ pub async fn serve<H, F, B>(
         };
         if !keep_alive {
             if unread {
-                linger(&lp.conn).await;
+                Box::pin(linger(&lp.conn)).await;
             }
             return;
         }
-        if unread && !drain(&lp.conn).await {
+        if unread && !Box::pin(drain(&lp.conn)).await {
             return;
         }
     }
+}
+
+/// One request: the handler's response, written. Returns how the writing ended and whether
+/// the connection stays open.
+async fn request_turn<H, F, B>(
+    lp: &mut Loop<'_>,
+    handler: &mut H,
+    head: Head,
+) -> (io::Result<Written>, bool)
+where
+    H: FnMut(Request<RecvBody>) -> F,
+    F: Future<Output = Response<B>>,
+    B: Body<Data = Bytes> + HeadLines,
+    B::Error: fmt::Display,
+{
+    let Head { req, keep_alive } = head;
+    let head_request = req.method() == Method::HEAD;
+    let version = req.version();
+    let res = handler(req).await;
+    if !lp.stopping && lp.shutdown.has_changed().unwrap_or(true) {
+        lp.stopping = true;
+    }
+    let mut keep_alive = keep_alive && !lp.stopping;
+    let written = write_response(lp, res, head_request, version, &mut keep_alive).await;
+    (written, keep_alive)
 }
 
 /// Reads and drops the rest of the request body. True when it ended in bounds.
@@ -792,7 +833,8 @@ async fn drain(conn: &Rc<Conn>) -> bool {
 async fn linger(conn: &Rc<Conn>) {
     conn.io.shutdown_write();
     let read = async {
-        let mut buf = [0u8; 16 * 1024];
+        // On the heap: inline, it would make every connection's future 16 KiB larger.
+        let mut buf = vec![0u8; 16 * 1024];
         let mut seen = 0usize;
         loop {
             match conn.io.try_read(&mut buf) {
@@ -816,13 +858,13 @@ async fn linger(conn: &Rc<Conn>) {
 }
 
 /// Answers a request that could not be framed, and closes.
-async fn refuse(conn: &Rc<Conn>, cfg: &Config, status: StatusCode, wbuf: &mut Vec<u8>) {
+async fn refuse(conn: &Rc<Conn>, cfg: &Config, status: StatusCode) {
     let reason = status.canonical_reason().unwrap_or("");
     let body = format!(
         "<html>\r\n<head><title>{code} {reason}</title></head>\r\n<body>\r\n<center><h1>{code} {reason}</h1></center>\r\n<hr><center>moongate</center>\r\n</body>\r\n</html>\r\n",
         code = status.as_u16()
     );
-    wbuf.clear();
+    let wbuf = &mut Vec::with_capacity(WBUF_FIRST + body.len());
     push_status(wbuf, status);
     wbuf.extend_from_slice(b"server: ");
     wbuf.extend_from_slice(cfg.server.as_bytes());
@@ -938,8 +980,7 @@ where
         c
     };
 
-    let wbuf = &mut lp.wbuf;
-    wbuf.clear();
+    let wbuf = &mut Vec::with_capacity(WBUF_FIRST);
     if let Continue::Pending(done) = cont {
         if done > 0 {
             wbuf.extend_from_slice(&CONTINUE[done..]);
