@@ -301,38 +301,31 @@ async fn serve_connection(
     _guard: ActiveGuard,
 ) {
     let _counted = crate::metrics::store::ConnectionGuard::new();
-    let proxy = &env.node.proxy;
-    let header_timeout = Duration::from_secs_f64(proxy.client_header_timeout.max(0.001));
+    // The task's future is as large as its largest state, for the connection's whole life:
+    // the TLS handshake's and HTTP/2's states are many KiB, a plain HTTP/1.1 connection's
+    // about one. Those two go on the heap (one allocation per connection that takes them),
+    // so an HTTP/1.1 connection does not carry their size.
     if spec.tls {
-        let gw = env.gw.clone();
-        let Some((tls, info)) = crate::tls::accept(
-            stream,
-            move || gw.load().tls.clone(),
-            spec.http2,
-            header_timeout,
-            remote,
-        )
-        .await
-        else {
-            return;
-        };
-        let h2 = info.alpn.as_deref() == Some("h2");
-        let conn_values =
-            Rc::new(headers::ConnValues::new(remote.ip(), local.port(), "https").with_tls(info));
-        if h2 {
-            serve_http2(tls, env, remote, local, conn_values, shutdown).await;
-        } else {
-            serve_http1(tls, env, remote, local, conn_values, shutdown).await;
-        }
+        Box::pin(serve_tls(stream, spec, remote, local, env, shutdown)).await;
         return;
     }
     // The client address and port as the forwarding headers carry them: formatted once per
     // connection.
     let conn_values = Rc::new(headers::ConnValues::new(remote.ip(), local.port(), "http"));
     if spec.http2 {
+        let header_timeout =
+            Duration::from_secs_f64(env.node.proxy.client_header_timeout.max(0.001));
         match sniff_preface(&stream, header_timeout).await {
             Some(true) => {
-                serve_http2(stream, env, remote, local, conn_values, shutdown).await;
+                Box::pin(serve_http2(
+                    stream,
+                    env,
+                    remote,
+                    local,
+                    conn_values,
+                    shutdown,
+                ))
+                .await;
                 return;
             }
             Some(false) => {}
@@ -340,6 +333,39 @@ async fn serve_connection(
         }
     }
     serve_http1(stream, env, remote, local, conn_values, shutdown).await;
+}
+
+/// Serves a connection of a TLS listener: the handshake, then HTTP/2 when ALPN chose `h2`,
+/// else HTTP/1.1.
+async fn serve_tls(
+    stream: tokio::net::TcpStream,
+    spec: ListenerSpec,
+    remote: SocketAddr,
+    local: SocketAddr,
+    env: Rc<WorkerEnv>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let header_timeout = Duration::from_secs_f64(env.node.proxy.client_header_timeout.max(0.001));
+    let gw = env.gw.clone();
+    let Some((tls, info)) = crate::tls::accept(
+        stream,
+        move || gw.load().tls.clone(),
+        spec.http2,
+        header_timeout,
+        remote,
+    )
+    .await
+    else {
+        return;
+    };
+    let h2 = info.alpn.as_deref() == Some("h2");
+    let conn_values =
+        Rc::new(headers::ConnValues::new(remote.ip(), local.port(), "https").with_tls(info));
+    if h2 {
+        serve_http2(tls, env, remote, local, conn_values, shutdown).await;
+    } else {
+        serve_http1(tls, env, remote, local, conn_values, shutdown).await;
+    }
 }
 
 /// Serves an HTTP/1.1 connection over a plain or TLS transport.
