@@ -3491,3 +3491,241 @@ fn real_loggly_posts_bulk_entries_over_http() {
     assert_eq!(entry["request"]["uri"], "/lg?x=1", "{body}");
     assert_eq!(entry["route_id"], "lg");
 }
+
+/// A sign-in plugin in the shape of APISIX's dingtalk-auth and authz-casdoor on
+/// `resty.session`: `/login?user=NAME` starts a session and saves the user, any other path
+/// reads it back (or says why there is none), `/logout` destroys it. `secret` and
+/// `secret_fallbacks` come from the conf, as those plugins pass them.
+const SESSION_PROBE: &str = r#"
+local core = require("apisix.core")
+local session = require("resty.session")
+
+local _M = { version = 0.1, priority = 7, name = "session-probe",
+             schema = { type = "object" } }
+
+function _M.access(conf, ctx)
+    local opts = { secret = conf.secret, secret_fallbacks = conf.secret_fallbacks,
+                   cookie_name = "probe_session", absolute_timeout = conf.absolute_timeout }
+    local args = core.request.get_uri_args(ctx)
+    if ctx.var.uri == "/s/login" then
+        local s, err, exists = session.start(opts)
+        s:set("user", args.user)
+        s:set("n", 1)
+        local ok, save_err = s:save()
+        return 200, { ok = ok, save_err = save_err, open_err = err, existed = exists,
+                      audience = s:get_audience() }
+    end
+    local s, err, exists = session.open(opts)
+    if ctx.var.uri == "/s/logout" then
+        return 200, { destroyed = s:destroy(), existed = exists }
+    end
+    if not exists then
+        return 401, { err = err }
+    end
+    s:set("n", s:get("n") + 1)
+    assert(s:save())
+    return 200, { user = s:get("user"), n = s:get("n"), id = #s:get_property("id") }
+end
+
+return _M
+"#;
+
+/// The `name=value` part of a Set-Cookie header.
+fn cookie_pair(set_cookie: &str) -> String {
+    set_cookie.split(';').next().unwrap_or("").to_string()
+}
+
+/// `resty.session` from a plugin on a real gateway: a session cookie with the library's
+/// attributes, read back and updated on the next requests, refused under another secret and
+/// accepted through `secret_fallbacks` after a key rotation, tampering refused, destroy
+/// expiring the cookie, and `absolute_timeout` ending the session.
+#[test]
+fn resty_session_keeps_a_sign_in_in_a_sealed_cookie() {
+    let route = |id: &str, conf: &str| {
+        format!("  - id: {id}\n    uri: /s/*\n    host: {id}.test\n    plugins:\n      session-probe: {conf}\n")
+    };
+    let routes = route("a", "{secret: first-secret-1}")
+        + &route("b", "{secret: second-secret}")
+        + &route(
+            "c",
+            "{secret: second-secret, secret_fallbacks: [first-secret-1]}",
+        )
+        + &route("t", "{secret: first-secret-1, absolute_timeout: 1}");
+    let (_tmp, gw) = gateway_with(&[("session-probe", SESSION_PROBE)], &routes);
+    let get = |host: &str, path: &str, cookie: Option<&str>| {
+        let mut r = Req::get(&gw.url(path)).header("host", host);
+        if let Some(c) = cookie {
+            r = r.header("cookie", c);
+        }
+        r.send()
+    };
+
+    let none = get("a.test", "/s/me", None);
+    assert_eq!(none.status, 401, "{}", gw.logs());
+    assert_eq!(none.json()["err"], "missing session cookie");
+
+    let login = get("a.test", "/s/login?user=alice", None);
+    assert_eq!(login.status, 200, "{}\n{}", login.text(), gw.logs());
+    assert_eq!(login.json()["ok"], true);
+    assert_eq!(login.json()["existed"], false);
+    assert_eq!(login.json()["open_err"], "missing session cookie");
+    assert_eq!(login.json()["audience"], "default");
+    let set = login.header("set-cookie").expect("a session cookie");
+    assert!(set.starts_with("probe_session="), "{set}");
+    assert!(set.ends_with("; Path=/; SameSite=Lax; HttpOnly"), "{set}");
+    let cookie = cookie_pair(&set);
+    assert!(!cookie.contains("alice"), "the data is sealed: {cookie}");
+
+    let me = get("a.test", "/s/me", Some(&cookie));
+    assert_eq!(me.status, 200, "{}", me.text());
+    assert_eq!(me.json()["user"], "alice");
+    assert_eq!(me.json()["n"], 2);
+    assert_eq!(me.json()["id"], 43, "a 32-byte id in base64url");
+    // Every save is a new session id and a new cookie; the new one carries the update.
+    let newer = cookie_pair(&me.header("set-cookie").expect("saved again"));
+    assert_ne!(newer, cookie);
+    assert_eq!(get("a.test", "/s/me", Some(&newer)).json()["n"], 3);
+
+    // Another secret cannot read it; the same secret as a fallback can.
+    let other = get("b.test", "/s/me", Some(&cookie));
+    assert_eq!(other.status, 401);
+    assert_eq!(other.json()["err"], "unable to decrypt session data");
+    let rotated = get("c.test", "/s/me", Some(&cookie));
+    assert_eq!(rotated.status, 200, "{}", rotated.text());
+    assert_eq!(rotated.json()["user"], "alice");
+
+    // A changed byte is refused.
+    let (name, value) = cookie.split_once('=').expect("name=value");
+    let mut bytes = value.as_bytes().to_vec();
+    let last = bytes.len() - 1;
+    bytes[last] = if bytes[last] == b'A' { b'B' } else { b'A' };
+    let forged = format!("{name}={}", String::from_utf8(bytes).expect("ascii"));
+    assert_eq!(get("a.test", "/s/me", Some(&forged)).status, 401);
+    assert_eq!(
+        get("a.test", "/s/me", Some("probe_session=garbage")).json()["err"],
+        "invalid session header"
+    );
+
+    let out = get("a.test", "/s/logout", Some(&cookie));
+    assert_eq!(out.json()["destroyed"], true);
+    let expired = out.header("set-cookie").expect("an expiring cookie");
+    assert!(
+        expired.starts_with("probe_session=; Expires=Thu, 01 Jan 1970 00:00:01 GMT; Max-Age=0"),
+        "{expired}"
+    );
+
+    // absolute_timeout: 1 ends the session once more than a second has passed.
+    let short = cookie_pair(
+        &get("t.test", "/s/login?user=bob", None)
+            .header("set-cookie")
+            .expect("cookie"),
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let err = loop {
+        let r = get("t.test", "/s/me", Some(&short));
+        if r.status == 401 {
+            break r.json()["err"].clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the session never timed out"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(err, "session absolute timeout exceeded");
+}
+
+/// APISIX's own dingtalk-auth (APISIX_SRC) against a DingTalk stand-in the test runs (the
+/// token and userinfo endpoints of its docs): no code redirects to `redirect_uri`; a code is
+/// exchanged for an access token and the user, who reaches the upstream in `X-Userinfo` and
+/// is kept in the `dingtalk_session` cookie, so the next request needs no code and no call to
+/// DingTalk; a code DingTalk refuses is 401 (t/plugin/dingtalk-auth.t).
+#[test]
+fn real_dingtalk_auth_signs_in_through_a_session_cookie() {
+    use base64::Engine;
+    let Some(src) = std::env::var_os("APISIX_SRC") else {
+        eprintln!("APISIX_SRC is not set: skipping APISIX's dingtalk-auth");
+        return;
+    };
+    let (tmp, dir) = stage_plugin(&PathBuf::from(src), "dingtalk-auth");
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = calls.clone();
+    let idp = Upstream::start(move |req| {
+        let seen = seen.clone();
+        async move {
+            use http_body_util::BodyExt;
+            seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let path = req.uri().path().to_string();
+            let query = req.uri().query().unwrap_or("").to_string();
+            let body = req.into_body().collect().await.expect("body").to_bytes();
+            let body: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+            let answer = match path.as_str() {
+                "/token" if body["appKey"] == "key-1" && body["appSecret"] == "secret-1" => {
+                    serde_json::json!({"accessToken": "at-1", "expireIn": 7200})
+                }
+                "/userinfo" if query == "access_token=at-1" && body["code"] == "good-code" => {
+                    serde_json::json!({"errcode": 0, "errmsg": "ok",
+                                       "result": {"userid": "u-42", "name": "Ann"}})
+                }
+                "/userinfo" => serde_json::json!({"errcode": 40078, "errmsg": "bad code"}),
+                _ => serde_json::json!({"error": "unexpected"}),
+            };
+            hyper::Response::new(full(answer.to_string()))
+        }
+    });
+    let up = Upstream::echo();
+    let yaml = format!(
+        "workers: 1\nplugin_dirs:\n  - \"{}\"\nroutes:\n  - id: dt\n    uri: /app/*\n    plugins:\n      dingtalk-auth:\n        app_key: key-1\n        app_secret: secret-1\n        secret: session-secret-1\n        redirect_uri: http://sso.example/login\n        access_token_url: http://{}/token\n        userinfo_url: http://{}/userinfo\n{}",
+        dir.display(),
+        idp.addr(),
+        idp.addr(),
+        upstream_yaml(&up)
+    );
+    let gw = Gateway::start_in(tmp.path(), &yaml);
+
+    let r = Req::get(&gw.url("/app/x")).send();
+    assert_eq!(r.status, 302, "{}", gw.logs());
+    assert_eq!(
+        r.header("location").as_deref(),
+        Some("http://sso.example/login")
+    );
+
+    let r = Req::get(&gw.url("/app/x"))
+        .header("x-dingtalk-code", "good-code")
+        .header("x-userinfo", "forged")
+        .send();
+    assert_eq!(r.status, 200, "{}\n{}", r.text(), gw.logs());
+    let userinfo = r.json()["headers"]["x-userinfo"]
+        .as_str()
+        .expect("X-Userinfo upstream")
+        .to_string();
+    let decode = |b64: &str| -> serde_json::Value {
+        serde_json::from_slice(
+            &base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .expect("base64"),
+        )
+        .expect("json")
+    };
+    let user = decode(&userinfo);
+    assert_eq!(user["userid"], "u-42");
+    assert_eq!(user["name"], "Ann");
+    let set = r.header("set-cookie").expect("a session cookie");
+    assert!(set.starts_with("dingtalk_session="), "{set}");
+    let cookie = cookie_pair(&set);
+    let before = calls.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(before, 2, "one token and one userinfo call");
+
+    let r = Req::get(&gw.url("/app/y")).header("cookie", &cookie).send();
+    assert_eq!(r.status, 200, "{}", gw.logs());
+    let again = r.json()["headers"]["x-userinfo"]
+        .as_str()
+        .map(decode)
+        .expect("X-Userinfo from the session");
+    assert_eq!(again, user);
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), before);
+
+    let r = Req::get(&gw.url("/app/x?code=bad-code")).send();
+    assert_eq!(r.status, 401, "{}", gw.logs());
+    assert_eq!(r.json()["message"], "Invalid authorization code");
+}

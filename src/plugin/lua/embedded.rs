@@ -173,6 +173,10 @@ pub const MODULES: &[(&str, &str)] = &[
     ),
     ("resty.jwt", include_str!("../../../lua/resty/jwt.lua")),
     (
+        "resty.session",
+        include_str!("../../../lua/resty/session.lua"),
+    ),
+    (
         "apisix.plugins.prometheus.exporter",
         include_str!("../../../lua/apisix/plugins/prometheus/exporter.lua"),
     ),
