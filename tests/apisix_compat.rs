@@ -3729,3 +3729,93 @@ fn real_dingtalk_auth_signs_in_through_a_session_cookie() {
     assert_eq!(r.status, 401, "{}", gw.logs());
     assert_eq!(r.json()["message"], "Invalid authorization code");
 }
+
+/// A plugin in the shape of APISIX's log-rotate: it runs commands with `resty.shell` (the
+/// request waits; the worker does not) and signals processes with `resty.signal`.
+const SHELL_PROBE: &str = r##"
+local shell = require("resty.shell")
+local signal = require("resty.signal")
+
+local _M = { version = 0.1, priority = 7, name = "shell-probe", schema = { type = "object" } }
+
+-- The first five results as text ("nil" for nil), so the JSON keeps every position.
+local function pack(...)
+    local out = {}
+    for i = 1, 5 do
+        out[i] = tostring((select(i, ...)))
+    end
+    return out
+end
+
+function _M.access(conf, ctx)
+    local out = {}
+    out.fail = pack(shell.run("printf out; printf err >&2; exit 3"))
+    out.cat = pack(shell.run({ "cat" }, "piped in", 5000))
+    out.slow = pack(shell.run("sleep 5", nil, 100))
+    out.big = pack(shell.run("head -c 100 /dev/zero", nil, nil, 10))
+    out.spawn = pack(shell.run({ "/nonexistent/tool" }))
+    out.killed = pack(shell.run("kill -KILL $$"))
+    local me = tonumber((select(2, shell.run("echo $PPID"))))
+    out.alive = pack(signal.kill(me, "NONE"))
+    out.unknown = pack(signal.kill(me, "NOPE"))
+    out.usr1 = signal.signum("USR1")
+    return 200, out
+end
+
+return _M
+"##;
+
+/// `resty.shell.run`'s five values (exit code, output, stdin, timeout, size limit, a spawn
+/// failure, a signal) and `resty.signal` on a real gateway.
+#[test]
+fn resty_shell_and_signal_run_commands_as_openresty() {
+    let (_tmp, gw) = gateway_with(
+        &[("shell-probe", SHELL_PROBE)],
+        "  - id: sh\n    uri: /sh\n    plugins:\n      shell-probe: {}\n",
+    );
+    let r = Req::get(&gw.url("/sh")).send();
+    assert_eq!(r.status, 200, "{}\n{}", r.text(), gw.logs());
+    let j = r.json();
+    let at = |k: &str, i: usize| j[k][i - 1].as_str().unwrap_or("?").to_string();
+    assert_eq!(at("fail", 1), "false");
+    assert_eq!(at("fail", 2), "out");
+    assert_eq!(at("fail", 3), "err");
+    assert_eq!(at("fail", 4), "exit");
+    assert_eq!(at("fail", 5), "3");
+    assert_eq!(at("cat", 1), "true");
+    assert_eq!(at("cat", 2), "piped in");
+    assert_eq!(at("cat", 4), "exit");
+    assert_eq!(at("cat", 5), "0");
+    assert_eq!(at("slow", 1), "nil");
+    assert!(
+        j["slow"]
+            .to_string()
+            .contains("failed to wait for process: timeout"),
+        "{}",
+        j["slow"]
+    );
+    assert!(
+        j["big"]
+            .to_string()
+            .contains("failed to read stdout: too much data"),
+        "{}",
+        j["big"]
+    );
+    assert!(
+        j["spawn"]
+            .to_string()
+            .contains("failed to spawn: No such file or directory"),
+        "{}",
+        j["spawn"]
+    );
+    assert_eq!(at("killed", 1), "false");
+    assert_eq!(at("killed", 4), "signal");
+    assert_eq!(at("killed", 5), "9");
+    assert_eq!(at("alive", 1), "true");
+    assert!(
+        j["unknown"].to_string().contains("unknown signal name"),
+        "{}",
+        j["unknown"]
+    );
+    assert_eq!(j["usr1"], 10);
+}

@@ -1603,6 +1603,7 @@ fn install_require(lua: &Lua, settings: &Settings) -> mlua::Result<()> {
     super::semaphore::install(lua, &preload)?;
     super::xml::install(lua, &preload)?;
     super::lfs::install(lua, &preload)?;
+    super::shell::install(lua, &preload)?;
     super::apisix_runtime::install(lua, &preload)?;
     package.set(
         "path",

@@ -29,6 +29,7 @@ mod resources;
 pub mod runtime;
 mod semaphore;
 pub mod shared_dict;
+mod shell;
 mod thread;
 pub mod timer;
 mod udp;
