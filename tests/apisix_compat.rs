@@ -3759,6 +3759,8 @@ function _M.access(conf, ctx)
     out.alive = pack(signal.kill(me, "NONE"))
     out.unknown = pack(signal.kill(me, "NOPE"))
     out.usr1 = signal.signum("USR1")
+    -- nginx's $pid is the process the shell's parent is: the gateway's serving process.
+    out.pid_is_ours = ctx.var.pid == tostring(me)
     return 200, out
 end
 
@@ -3818,4 +3820,144 @@ fn resty_shell_and_signal_run_commands_as_openresty() {
         j["unknown"]
     );
     assert_eq!(j["usr1"], 10);
+    assert_eq!(j["pid_is_ours"], true);
+}
+
+/// A TCP log server on loopback: everything each connection sends, as text, in order.
+fn tcp_log_server() -> (std::net::SocketAddr, std::sync::mpsc::Receiver<String>) {
+    use std::io::Read;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().take(16) {
+            let Ok(mut conn) = conn else { return };
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = conn.read(&mut buf) {
+                    if n == 0
+                        || tx
+                            .send(String::from_utf8_lossy(&buf[..n]).into_owned())
+                            .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, rx)
+}
+
+/// Waits for the server to have received text containing every one of `parts`.
+fn received_all(rx: &std::sync::mpsc::Receiver<String>, parts: &[&str], gw: &Gateway) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut got = String::new();
+    while !parts.iter().all(|p| got.contains(p)) {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(s) => got.push_str(&s),
+            Err(_) => panic!(
+                "the log server got {got:?}, not all of {parts:?}\n{}",
+                gw.logs()
+            ),
+        }
+    }
+    got
+}
+
+/// A logger plugin on `resty.logger.socket`, as APISIX's syslog uses it: one logger per
+/// conf, a message per request in the log phase, buffered up to `flush_limit`.
+const LOGGER_SOCKET_PROBE: &str = r#"
+local logger_socket = require("resty.logger.socket")
+
+local _M = { version = 0.1, priority = 7, name = "logsock-probe",
+             schema = { type = "object" } }
+
+local loggers = {}
+
+function _M.access(conf, ctx)
+    local _, bad = logger_socket:new({ flush_limit = 10, drop_limit = 5, host = "h", port = 1 })
+    local _, none = logger_socket:new({ flush_limit = 1 })
+    local _, port = logger_socket:new({ host = "127.0.0.1", port = 70000 })
+    return 200, { bad = bad, none = none, port = port }
+end
+
+function _M.log(conf, ctx)
+    local logger = loggers[conf.port]
+    if not logger then
+        logger = assert(logger_socket:new({ host = "127.0.0.1", port = conf.port,
+                                             flush_limit = conf.flush_limit,
+                                             sock_type = conf.sock_type }))
+        loggers[conf.port] = logger
+    end
+    assert(logger:initted())
+    local bytes, err = logger:log("line " .. ctx.var.uri .. "\n")
+    if not bytes then
+        ngx.log(ngx.ERR, "log failed: ", err)
+    end
+end
+
+return _M
+"#;
+
+/// `resty.logger.socket` on a real gateway: its option checks, and messages buffered until
+/// `flush_limit` and then sent in order to a TCP log server.
+#[test]
+fn resty_logger_socket_buffers_and_sends_to_a_log_server() {
+    let (addr, rx) = tcp_log_server();
+    let (_tmp, gw) = gateway_with(
+        &[("logsock-probe", LOGGER_SOCKET_PROBE)],
+        &format!(
+            "  - id: ls\n    uri: /ls/*\n    plugins:\n      logsock-probe:\n        port: {}\n        flush_limit: 20\n",
+            addr.port()
+        ),
+    );
+    let r = Req::get(&gw.url("/ls/check")).send();
+    assert_eq!(r.status, 200, "{}", gw.logs());
+    let j = r.json();
+    assert_eq!(j["bad"], "\"flush_limit\" should be < \"drop_limit\"");
+    assert_eq!(
+        j["none"],
+        "no logging server configured. \"host\"/\"port\" or \"path\" is required."
+    );
+    assert_eq!(j["port"], "\"port\" out of range 0~65535");
+    // "line /ls/check\n" (15 bytes) stays under flush_limit 20; the next one makes it flush.
+    assert_eq!(Req::get(&gw.url("/ls/a")).send().status, 200);
+    let got = received_all(&rx, &["line /ls/check\n", "line /ls/a\n"], &gw);
+    assert!(got.starts_with("line /ls/check\nline /ls/a\n"), "{got:?}");
+}
+
+/// APISIX's own syslog (APISIX_SRC) with its batch processor and rfc5424 encoder: each
+/// request's entry reaches a TCP syslog server the test runs as an RFC 5424 line carrying the
+/// JSON log entry (docs/en/latest/plugins/syslog.md).
+#[test]
+fn real_syslog_sends_rfc5424_lines_over_tcp() {
+    let Some(src) = std::env::var_os("APISIX_SRC") else {
+        eprintln!("APISIX_SRC is not set: skipping APISIX's syslog");
+        return;
+    };
+    let src = PathBuf::from(src);
+    let (tmp, dir) = stage_plugin(&src, "syslog");
+    copy_tree(&src.join("apisix/plugins/syslog"), &dir.join("syslog"));
+    let (addr, rx) = tcp_log_server();
+    let up = Upstream::echo();
+    let yaml = format!(
+        "workers: 1\nplugin_dirs:\n  - \"{}\"\nroutes:\n  - id: sl\n    uri: /sl\n    plugins:\n      syslog:\n        host: 127.0.0.1\n        port: {}\n        flush_limit: 1\n        batch_max_size: 1\n{}",
+        dir.display(),
+        addr.port(),
+        upstream_yaml(&up)
+    );
+    let gw = Gateway::start_in(tmp.path(), &yaml);
+    assert_eq!(
+        Req::get(&gw.url("/sl?k=v")).send().status,
+        200,
+        "{}",
+        gw.logs()
+    );
+    let got = received_all(&rx, &["\"route_id\":\"sl\"", "/sl?k=v"], &gw);
+    // <PRI>VERSION TIMESTAMP HOST APP PROCID MSGID - MSG; SYSLOG (5) * 8 + INFO (6) = 46.
+    assert!(got.starts_with("<46>1 "), "{got:?}");
+    assert!(got.contains(" apisix "), "{got:?}");
 }

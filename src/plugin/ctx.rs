@@ -354,6 +354,7 @@ impl Ctx {
             | "apisix_request_id"
             | "time_local"
             | "time_iso8601"
+            | "pid"
             | "upstream_host" => return self.log_var(name),
             "msec" => Cow::Owned(format!(
                 "{:.3}",
@@ -410,6 +411,7 @@ impl Ctx {
             "time_local",
             "time_iso8601",
             "msec",
+            "pid",
             "https",
         ];
         NAMES.contains(&name)
@@ -451,6 +453,8 @@ impl Ctx {
             "request_id" | "apisix_request_id" => Cow::Borrowed(self.request_id()),
             "time_local" => Cow::Owned(crate::accesslog::time::local()),
             "time_iso8601" => Cow::Owned(crate::accesslog::time::iso8601()),
+            // nginx's `$pid`: the worker's process, here the serving process.
+            "pid" => Cow::Owned(std::process::id().to_string()),
             _ => return None,
         };
         Some(v)

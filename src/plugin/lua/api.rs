@@ -977,7 +977,7 @@ fn set_var(c: &mut Ctx, k: &str, v: Option<String>) -> Result<(), String> {
         "uri" | "request_uri" | "host" | "scheme" | "remote_addr" | "remote_port"
         | "realip_remote_addr" | "realip_remote_port" | "server_addr" | "server_port"
         | "server_protocol" | "is_args" | "route_id" | "route_name" | "service_id"
-        | "upstream_addr" | "upstream_status" | "status" | "request_time" | "msec" => {
+        | "upstream_addr" | "upstream_status" | "status" | "request_time" | "msec" | "pid" => {
             return Err(format!("variable \"{k}\" not changeable"))
         }
         _ => match v {

@@ -173,6 +173,10 @@ pub const MODULES: &[(&str, &str)] = &[
     ),
     ("resty.jwt", include_str!("../../../lua/resty/jwt.lua")),
     (
+        "resty.logger.socket",
+        include_str!("../../../lua/resty/logger/socket.lua"),
+    ),
+    (
         "resty.session",
         include_str!("../../../lua/resty/session.lua"),
     ),
