@@ -85,6 +85,21 @@ fn start(p: &LuaPlugin, phase: Phase, conf: &PluginConf, cx: &mut Ctx) -> bool {
     }
 }
 
+/// Light threads: access spawns one that returns at once (the call stays synchronous: no
+/// thread is left running); rewrite spawns one and waits for it (the wait is a waiting
+/// function, so the call goes through the boxed future, ready at its first poll).
+const THREADS: &str = r#"
+local spawn, wait = ngx.thread.spawn, ngx.thread.wait
+local function one() return 1 end
+return {
+    version = 0.1,
+    priority = 1,
+    schema = { type = "object" },
+    access = function(conf, ctx) spawn(one) end,
+    rewrite = function(conf, ctx) wait(spawn(one)) end,
+}
+"#;
+
 fn plugin(src: &str) -> (LuaPlugin, PluginConf) {
     let settings = Arc::new(Settings::new(&LuaConfig::default(), &[]));
     let p = LuaPlugin::from_source("bench", Path::new("bench.lua"), src.into(), settings)
@@ -146,6 +161,16 @@ fn phases(c: &mut Criterion) {
     run(real.access(&real_conf, &mut cx)).expect("access");
     c.bench_function("lua access (ctx.var read + ngx.req.set_header)", |b| {
         b.iter(|| black_box(start(&real, Phase::Access, &real_conf, &mut cx)))
+    });
+
+    let (th, th_conf) = plugin(THREADS);
+    run(th.access(&th_conf, &mut cx)).expect("access");
+    c.bench_function(
+        "lua access spawning a light thread that ends at once",
+        |b| b.iter(|| black_box(start(&th, Phase::Access, &th_conf, &mut cx))),
+    );
+    c.bench_function("lua rewrite: ngx.thread.wait(ngx.thread.spawn(f))", |b| {
+        b.iter(|| black_box(run(th.rewrite(&th_conf, &mut cx)).is_ok()))
     });
 }
 
