@@ -2,11 +2,15 @@
 //! `access_log_format_escape`, one line per request written off the worker threads.
 //!
 //! A worker renders the request's line (the format is compiled once, when the node config
-//! is read) and hands it to a bounded queue; one writer thread takes lines from it into a
-//! buffered file (or stdout/stderr) and flushes whenever the queue runs empty. When the queue
-//! is full the line is counted as dropped (`moongate_access_log_dropped_total`) and the worker
-//! goes on: a slow disk never stalls requests. SIGUSR1 makes the writer reopen the file, for
-//! logrotate, as nginx's USR1 does.
+//! is read) into its own batch, as nginx's `access_log ... buffer=` does: a batch that reaches
+//! `access_log_buffer` bytes goes to a bounded queue in one piece, and the one writer thread
+//! writes it to the file (or stdout/stderr). The writer also takes every thread's partial
+//! batch once a second ([`FLUSH_EVERY`]), before a reopen, and at shutdown, so a quiet worker's
+//! lines wait at most that long. One hand-off per batch, not per line: the worker wakes the
+//! writer about once per 16 KiB of lines instead of once per request. When the queue is full
+//! the batch's lines are counted as dropped (`moongate_access_log_dropped_total`) and the
+//! worker goes on: a slow disk never stalls requests. SIGUSR1 makes the writer reopen the
+//! file, for logrotate, as nginx's USR1 does.
 
 pub mod format;
 pub mod time;
@@ -192,12 +196,23 @@ pub fn resolve_path(http: &mut HttpConfig, base: &Path) {
     }
 }
 
+/// How long a line may wait in a thread's partial batch before the writer takes it.
+pub const FLUSH_EVERY: Duration = Duration::from_secs(1);
+
 /// The running access log (the serving process has at most one).
 pub struct AccessLog {
     format: Format,
     escape: Escape,
+    /// A batch this large is handed to the writer (`access_log_buffer`).
+    buffer: usize,
     tx: mpsc::SyncSender<writer::Msg>,
     shared: Arc<writer::Shared>,
+}
+
+thread_local! {
+    /// This thread's batch, registered with the writer on the thread's first line.
+    static BATCH: std::cell::OnceCell<Arc<std::sync::Mutex<writer::Batch>>> =
+        const { std::cell::OnceCell::new() };
 }
 
 static LOG: OnceLock<AccessLog> = OnceLock::new();
@@ -224,6 +239,7 @@ pub fn start(settings: Settings) -> Result<(), String> {
     let log = AccessLog {
         format: settings.format,
         escape: settings.escape,
+        buffer: settings.buffer.max(1),
         tx,
         shared,
     };
@@ -232,14 +248,25 @@ pub fn start(settings: Settings) -> Result<(), String> {
 }
 
 impl AccessLog {
-    /// Renders the request's line and queues it; a full queue drops it (counted).
+    /// Renders the request's line into this thread's batch; a full batch is queued for the
+    /// writer, or dropped (its lines counted) when the queue is full.
     pub fn record(&self, ctx: &mut Ctx) {
-        let mut line = Vec::with_capacity(256);
-        self.format.render(ctx, self.escape, &mut line);
-        line.push(b'\n');
-        if self.tx.try_send(writer::Msg::Line(line)).is_err() {
-            self.shared.dropped.fetch_add(1, Ordering::Relaxed);
-        }
+        BATCH.with(|cell| {
+            let slot = cell.get_or_init(|| self.shared.register());
+            let mut b = writer::lock(slot);
+            self.format.render(ctx, self.escape, &mut b.buf);
+            b.buf.push(b'\n');
+            b.lines += 1;
+            if b.buf.len() < self.buffer {
+                return;
+            }
+            let full = std::mem::replace(&mut *b, writer::Batch::with_capacity(self.buffer));
+            drop(b);
+            let lines = full.lines;
+            if self.tx.try_send(writer::Msg::Batch(full)).is_err() {
+                self.shared.dropped.fetch_add(lines, Ordering::Relaxed);
+            }
+        });
     }
 
     /// Lines dropped since start because the queue was full.

@@ -1,17 +1,39 @@
-//! The writer thread: lines from the queue into a buffered file, flushed when the queue runs
-//! empty; reopened on request (SIGUSR1).
+//! The writer thread: the workers' batches from the queue, and once a second their partial
+//! ones, into a buffered file, flushed when the queue runs empty; reopened on request
+//! (SIGUSR1).
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufWriter, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::Destination;
 
+/// Lines a thread rendered and not yet handed over.
+#[derive(Default)]
+pub(super) struct Batch {
+    pub buf: Vec<u8>,
+    pub lines: u64,
+}
+
+impl Batch {
+    pub(super) fn with_capacity(bytes: usize) -> Batch {
+        Batch {
+            // Room for the line that crosses the size, so it needs no regrowth.
+            buf: Vec::with_capacity(bytes + 512),
+            lines: 0,
+        }
+    }
+}
+
+pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// What the queue carries.
 pub(super) enum Msg {
-    Line(Vec<u8>),
+    Batch(Batch),
     /// Look at the flags (a reopen was asked for).
     Wake,
     /// Write everything out, then answer.
@@ -23,6 +45,17 @@ pub(super) enum Msg {
 pub(super) struct Shared {
     pub dropped: AtomicU64,
     pub reopen: AtomicBool,
+    /// Every thread's batch, for the writer to take partial ones from.
+    batches: Mutex<Vec<Arc<Mutex<Batch>>>>,
+}
+
+impl Shared {
+    /// A batch for a thread that logs its first line.
+    pub(super) fn register(&self) -> Arc<Mutex<Batch>> {
+        let b = Arc::new(Mutex::new(Batch::default()));
+        lock(&self.batches).push(b.clone());
+        b
+    }
 }
 
 /// The open destination.
@@ -118,11 +151,14 @@ const DROP_REPORT: Duration = Duration::from_secs(10);
 
 impl Writer {
     fn run(mut self, rx: mpsc::Receiver<Msg>) {
+        let mut swept = Instant::now();
         loop {
-            let msg = match rx.recv_timeout(Duration::from_secs(1)) {
+            let wait = super::FLUSH_EVERY.saturating_sub(swept.elapsed());
+            let msg = match rx.recv_timeout(wait) {
                 Ok(m) => Some(m),
                 Err(mpsc::RecvTimeoutError::Timeout) => None,
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    self.sweep();
                     self.flush();
                     return;
                 }
@@ -134,22 +170,45 @@ impl Writer {
                     self.handle(m);
                 }
             }
+            let reopen = self.shared.reopen.swap(false, Ordering::AcqRel);
+            // Lines logged before the signal belong in the file being rotated away.
+            if reopen || swept.elapsed() >= super::FLUSH_EVERY {
+                self.sweep();
+                swept = Instant::now();
+            }
             self.flush();
-            if self.shared.reopen.swap(false, Ordering::AcqRel) {
+            if reopen {
                 self.reopen();
             }
             self.report_drops();
         }
     }
 
+    /// Writes every thread's partial batch.
+    fn sweep(&mut self) {
+        let batches: Vec<Arc<Mutex<Batch>>> = lock(&self.shared.batches).clone();
+        for b in batches {
+            let taken = {
+                let mut g = lock(&b);
+                if g.buf.is_empty() {
+                    continue;
+                }
+                std::mem::take(&mut *g)
+            };
+            let r = self.out.write_all(&taken.buf);
+            self.result(r);
+        }
+    }
+
     fn handle(&mut self, m: Msg) {
         match m {
-            Msg::Line(line) => {
-                let r = self.out.write_all(&line);
+            Msg::Batch(b) => {
+                let r = self.out.write_all(&b.buf);
                 self.result(r);
             }
             Msg::Wake => {}
             Msg::Flush(ack) => {
+                self.sweep();
                 self.flush();
                 let _ = ack.try_send(());
             }
