@@ -276,6 +276,40 @@ fn bodiless_responses_keep_the_connection() {
     assert_eq!(up.connections(), 1);
 }
 
+/// Response heads longer than the first read buffer (4 KiB) and than a read step (16 KiB),
+/// sent in pieces, on one kept-alive upstream connection that gives its buffers back between
+/// exchanges: each head and body arrives whole, and the connection is reused.
+#[test]
+fn long_response_heads_on_a_reused_connection() {
+    let up = RawUpstream::start(|s, head, _| {
+        let len: usize = head
+            .split(' ')
+            .nth(1)
+            .and_then(|p| p.trim_start_matches("/len/").parse().ok())
+            .unwrap_or(10);
+        let response = format!(
+            "HTTP/1.1 200 OK\r\nX-Long: {}\r\nContent-Length: 5\r\n\r\nhello",
+            "v".repeat(len)
+        );
+        for piece in response.as_bytes().chunks(1500) {
+            if s.write_all(piece).is_err() {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        true
+    });
+    let gw = gateway_for(&up);
+    for len in [10, 5000, 20_000, 10, 3000] {
+        let r = get(&gw.url(&format!("/len/{len}")));
+        assert_eq!(r.status, 200, "len {len}");
+        assert_eq!(r.header("x-long").map(|v| v.len()), Some(len), "len {len}");
+        assert_eq!(r.text(), "hello", "len {len}");
+    }
+    assert_eq!(up.requests(), 5);
+    assert_eq!(up.connections(), 1);
+}
+
 #[test]
 fn connection_close_and_both_framings_are_not_reused() {
     let up = RawUpstream::start(|s, head, _| {

@@ -29,11 +29,17 @@ const STACK_HEADERS: usize = 32;
 const MAX_HEADERS: usize = 4096;
 /// Bytes made free in the read buffer before each read.
 const READ_RESERVE: usize = 16 * 1024;
+/// The buffer a response head is first read into (one page, nginx's `proxy_buffer_size`
+/// default): taken when the response is awaited, grown by [`READ_RESERVE`] for a longer head
+/// or for the body.
+const HEAD_FIRST: usize = 4 * 1024;
 /// Body data up to this size is copied next to the head (or chunk framing) so one write
 /// carries both; larger data is written from its own buffer.
 const COALESCE: usize = 16 * 1024;
 /// A write buffer grown past this by a large body is not kept while the connection idles.
 const KEEP_WRITE_BUF: usize = 16 * 1024;
+/// The room a request head is first written into.
+const WRITE_FIRST: usize = 1024;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -251,6 +257,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             self.write_buf = BytesMut::new();
         }
         self.write_buf.clear();
+        // Room for a usual head at once, not grown line by line (an idle connection gave its
+        // buffer back).
+        self.write_buf.reserve(WRITE_FIRST);
         encode_head(head, framing, &mut self.write_buf);
         if framing == RequestFraming::None {
             return self.flush_write_buf().await;
@@ -346,7 +355,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     return Err(Error::HeadTooLarge);
                 }
             }
-            self.read_buf.reserve(READ_RESERVE);
+            let want = if self.read_buf.capacity() == 0 {
+                HEAD_FIRST
+            } else {
+                READ_RESERVE
+            };
+            self.read_buf.reserve(want);
             match self.io.read_buf(&mut self.read_buf).await {
                 Ok(0) if received => return Err(Error::UnexpectedEof),
                 Ok(0) => {
@@ -368,6 +382,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         // `read_buf`'s future holds nothing but the two borrows: polling a fresh one each time
         // loses no state.
         pin!(self.io.read_buf(&mut self.read_buf)).poll(cx)
+    }
+
+    /// Gives the buffers back while the connection idles (a kept-alive connection in a pool),
+    /// as nginx frees a request's buffers: the next exchange takes new ones. A buffer still
+    /// holding bytes is kept.
+    pub fn release_buffers(&mut self) {
+        if self.read_buf.is_empty() {
+            self.read_buf = BytesMut::new();
+        }
+        if self.write_buf.is_empty() {
+            self.write_buf = BytesMut::new();
+        }
     }
 
     /// Whether an idle connection can still carry a request: nothing arrived on it (no close,

@@ -282,11 +282,13 @@ pub struct PoolReturn {
 }
 
 impl Recycle<Stream> for PoolReturn {
-    fn recycle(self, conn: Connection<Stream>) {
+    fn recycle(self, mut conn: Connection<Stream>) {
         drop(self.active);
         if !self.reuse {
             return;
         }
+        // Waiting in the pool, the connection holds no buffers.
+        conn.release_buffers();
         self.client.put_idle(
             Idle {
                 conn,
