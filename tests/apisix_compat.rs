@@ -3961,3 +3961,96 @@ fn real_syslog_sends_rfc5424_lines_over_tcp() {
     assert!(got.starts_with("<46>1 "), "{got:?}");
     assert!(got.contains(" apisix "), "{got:?}");
 }
+
+/// A plugin for a breakpoint: line 6 (`local marker = ...`) is where the hooks file stops.
+const BREAKPOINT_PROBE: &str = r#"local core = require("apisix.core")
+local _M = { version = 0.1, priority = 7, name = "bp-probe", schema = { type = "object" } }
+
+function _M.access(conf, ctx)
+    local marker = "seen " .. ctx.var.uri
+    return 200, { marker = marker }
+end
+
+return _M
+"#;
+
+/// APISIX's own inspect plugin and its `apisix.inspect` debugger (APISIX_SRC), staged by
+/// `moongate plugins import`: the hooks file named in `plugin_attr.inspect` sets a one-shot
+/// breakpoint in a plugin's function, whose handler sees the function's locals; the hook is
+/// removed after it fired (docs/en/latest/plugins/inspect.md).
+#[test]
+fn real_inspect_sets_a_breakpoint_from_its_hooks_file() {
+    let Some(src) = std::env::var_os("APISIX_SRC") else {
+        eprintln!("APISIX_SRC is not set: skipping APISIX's inspect");
+        return;
+    };
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path().join("plugins");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_moongate"))
+        .arg("plugins")
+        .arg("import")
+        .arg(&src)
+        .arg("inspect")
+        .arg("--to")
+        .arg(&dir)
+        .output()
+        .expect("run moongate plugins import");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        dir.join("apisix/inspect/init.lua").is_file(),
+        "apisix.inspect staged"
+    );
+    assert!(
+        dir.join("apisix/inspect/dbg.lua").is_file(),
+        "apisix.inspect.dbg staged"
+    );
+    std::fs::write(dir.join("bp-probe.lua"), BREAKPOINT_PROBE).expect("write");
+    let hooks = tmp.path().join("hooks.lua");
+    std::fs::write(
+        &hooks,
+        r#"local dbg = require("apisix.inspect.dbg")
+dbg.set_hook("bp-probe.lua", 6, require("apisix.plugins.bp-probe").access, function(info)
+    ngx.log(ngx.WARN, "inspect hit: uri=", info.vals.ctx.var.uri)
+    return true
+end)
+"#,
+    )
+    .expect("write hooks");
+    let yaml = format!(
+        "workers: 1\nplugin_dirs:\n  - plugins\nplugins:\n  - inspect\n  - bp-probe\nplugin_attr:\n  inspect:\n    delay: 1\n    hooks_file: \"{}\"\nroutes:\n  - id: bp\n    uri: /bp/*\n    plugins:\n      bp-probe: {{}}\n",
+        hooks.display()
+    );
+    let gw = Gateway::start_in(tmp.path(), &yaml);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !gw.logs().contains(r#"hooks: ["bp-probe.lua#6"]"#) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "hooks never set\n{}",
+            gw.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let r = Req::get(&gw.url("/bp/one")).send();
+    assert_eq!(r.status, 200, "{}", gw.logs());
+    assert_eq!(r.json()["marker"], "seen /bp/one");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !gw.logs().contains("inspect hit: uri=/bp/one") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no breakpoint hit\n{}",
+            gw.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // One-shot: the second request runs without the breakpoint.
+    assert_eq!(Req::get(&gw.url("/bp/two")).send().status, 200);
+    assert!(
+        !gw.logs().contains("inspect hit: uri=/bp/two"),
+        "{}",
+        gw.logs()
+    );
+}

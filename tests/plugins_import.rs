@@ -84,6 +84,27 @@ return { version = 0.1, priority = 1, schema = {} }
 "#,
     );
     write(root, "apisix/plugins/openfunction.lua", "return {}");
+    // The inspect plugin's shape: its debugger lives in apisix/inspect/.
+    write(
+        root,
+        "apisix/plugins/peek.lua",
+        r#"local inspect = require("apisix.inspect")
+return { version = 0.1, priority = 1, name = "peek", schema = { type = "object" },
+         init = function() inspect.init() end }
+"#,
+    );
+    write(
+        root,
+        "apisix/inspect/init.lua",
+        r#"local dbg = require("apisix.inspect.dbg")
+return { init = function() return dbg.hooks() end }
+"#,
+    );
+    write(
+        root,
+        "apisix/inspect/dbg.lua",
+        "return { hooks = function() return {} end }",
+    );
 }
 
 #[test]
@@ -108,12 +129,16 @@ fn import_stages_plugins_with_what_they_require_and_says_what_is_missing() {
         out.contains("openfunction: skipped: native in moongate"),
         "{out}"
     );
+    assert!(out.contains("peek: 3 file(s)\n"), "{out}");
     for f in [
         "greet.lua",
         "greet/words.lua",
         "greet/styles/plain.lua",
         "apisix/utils/greeting.lua",
         "apisix/utils/inner.lua",
+        "peek.lua",
+        "apisix/inspect/init.lua",
+        "apisix/inspect/dbg.lua",
     ] {
         assert!(
             work.join("plugins").join(f).is_file(),

@@ -122,9 +122,13 @@ fn folder_modules(dir: &Path, prefix: &str, out: &mut Vec<String>) {
     }
 }
 
-/// Whether `module` is staged from the checkout: APISIX's plugin sub-modules and helpers.
+/// Whether `module` is staged from the checkout: APISIX's plugin sub-modules and helpers,
+/// and `apisix.inspect` (the inspect plugin's debugger, plain Lua over `lfs` and `debug`).
 fn stageable(module: &str) -> bool {
-    module.starts_with("apisix.plugins.") || module.starts_with("apisix.utils.")
+    module.starts_with("apisix.plugins.")
+        || module.starts_with("apisix.utils.")
+        || module == "apisix.inspect"
+        || module.starts_with("apisix.inspect.")
 }
 
 /// Imports `names` (all plugins when empty) from `apisix` into `dest`. `provided` answers
