@@ -6,10 +6,11 @@
 /// (`cjson`, `cjson.safe`, `table.nkeys`/`isarray`/`isempty`/`clone`, `tablepool`,
 /// `resty.lrucache`, `resty.ipmatcher`, `resty.limit.count`/`req`/`conn`, `resty.lock`,
 /// `resty.string`, `resty.jit-uuid`, `pl.stringx`, `pl.path` (over the native `lfs`), and stand-ins that load but refuse to connect
-/// when the real library is not on `package.path`, [`STAND_INS`]), `resty.http` over cosockets. `resty.redis` is the
+/// when the real library is not on `package.path`, [`STAND_INS`]), `resty.http`,
+/// `resty.logger.socket` over cosockets, `resty.session` (cookie storage). `resty.redis` is the
 /// real lua-resty-redis, found on `package.path` (see `lua.package_path`). `table.new` and `table.clear` are LuaJIT built-ins.
-/// Modules backed by Rust (digests, ciphers, zlib, brotli) are registered by `crypto.rs` and
-/// `compress.rs`.
+/// Modules backed by Rust (digests, ciphers, zlib, brotli, `lfs`, `resty.signal`, `resty.shell`)
+/// are registered by `crypto.rs`, `compress.rs`, `lfs.rs` and `shell.rs`.
 /// Modules of [`MODULES`] served only when `package.path` has no such module: the real library,
 /// when installed, wins.
 pub const STAND_INS: &[&str] = &["resty.rediscluster", "resty.redis.connector"];
