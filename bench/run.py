@@ -61,6 +61,12 @@ TARGETS = [
     # One resty.http GET to the upstream's /ping per request (bench/plugins/bench-http-get.lua),
     # then proxied: against "moongate", what the call adds. The upstream serves both requests.
     ("moongate_http", "moongate", "/http/", "moongate", "upstream"),
+    # The plain route on a second moongate with `prometheus` as a global rule (every request
+    # recorded, as an operator enables it): against "moongate", what the metrics cost.
+    ("moongate_prom", "moongate_prom", "/", "moongate_prom", "upstream"),
+    # The plain route on a third moongate writing APISIX's default access-log line per request
+    # to a file: against "moongate", what the access log costs.
+    ("moongate_log", "moongate_log", "/", "moongate_log", "upstream"),
 ]
 
 # (label, numerator, denominator): per-repetition ratios
@@ -72,6 +78,8 @@ PAIRS = [
     ("nginx_lua/nginx", "nginx_lua", "nginx"),
     ("moongate_redis/nginx_lua_redis", "moongate_redis", "nginx_lua_redis"),
     ("moongate_http/moongate", "moongate_http", "moongate"),
+    ("moongate_prom/moongate", "moongate_prom", "moongate"),
+    ("moongate_log/moongate", "moongate_log", "moongate"),
 ]
 
 started = []  # (name, Popen)
@@ -154,6 +162,17 @@ http {{
         location /ping {{ return 200 "pong"; }}
     }}
 }}
+"""
+
+
+def nginx_backend(up_port):
+    """The `upstream backend` block every nginx proxy config here uses: the upstream, with as
+    many kept-alive connections as moongate's pool."""
+    return f"""    upstream backend {{
+        server 127.0.0.1:{up_port};
+        keepalive 128;
+        keepalive_requests 1000000;
+    }}
 """
 
 
@@ -261,6 +280,29 @@ routes:
         authorization:
           service_token: "{FN_TOKEN}"
         keepalive_pool: 128
+"""
+
+
+def moongate_prom_conf(port, up_port, fn_port, redis_port, export_port):
+    """moongate's config with the `prometheus` plugin as a global rule and its export server."""
+    return moongate_conf(port, up_port, fn_port, redis_port) + f"""
+plugin_attr:
+  prometheus:
+    export_addr: {{ip: 127.0.0.1, port: {export_port}}}
+global_rules:
+  - id: prometheus
+    plugins:
+      prometheus: {{}}
+"""
+
+
+def moongate_log_conf(port, up_port, fn_port, redis_port):
+    """moongate's config with the access log on: APISIX's default format, to a file."""
+    text = moongate_conf(port, up_port, fn_port, redis_port).replace("access_log: false\n", "")
+    return text + f"""
+nginx_config:
+  http:
+    access_log: {RUN}/moongate-access.log
 """
 
 
@@ -446,15 +488,19 @@ def setup():
     """Writes the configs to bench/out/run/, starts every server on CPU1 and checks that each
     answers as the table says. Returns (processes, base URLs, idle RSS KiB), by server name."""
     os.makedirs(RUN, exist_ok=True)
-    up_port, ngx_port, mg_port, fn_port, redis_port = free_ports(5)
+    up_port, ngx_port, mg_port, fn_port, redis_port, prom_port, export_port, log_port = free_ports(8)
     files = {
         "upstream.conf": upstream_conf(up_port),
         "nginx.conf": nginx_conf(ngx_port, up_port, fn_port, redis_port),
         "moongate.yaml": moongate_conf(mg_port, up_port, fn_port, redis_port),
+        "moongate_prom.yaml": moongate_prom_conf(prom_port, up_port, fn_port, redis_port, export_port),
+        "moongate_log.yaml": moongate_log_conf(log_port, up_port, fn_port, redis_port),
     }
     for name, text in files.items():
         with open(os.path.join(RUN, name), "w") as f:
             f.write(text)
+    if os.path.exists(f"{RUN}/moongate-access.log"):
+        os.remove(f"{RUN}/moongate-access.log")
 
     mg_bin = os.path.join(ROOT, "target/release/moongate")
     fn_bin = os.path.join(ROOT, "target/release/examples/function_sample")
@@ -465,12 +511,18 @@ def setup():
         "function": start("function", [fn_bin, "--listen", f"127.0.0.1:{fn_port}"], f"{RUN}/function.stderr"),
         "nginx": start("nginx", ["nginx", "-p", RUN, "-c", f"{RUN}/nginx.conf"], f"{RUN}/nginx.stderr"),
         "moongate": start("moongate", [mg_bin, "run", "-c", f"{RUN}/moongate.yaml"], f"{RUN}/moongate.stderr"),
+        "moongate_prom": start("moongate_prom", [mg_bin, "run", "-c", f"{RUN}/moongate_prom.yaml"],
+                               f"{RUN}/moongate_prom.stderr"),
+        "moongate_log": start("moongate_log", [mg_bin, "run", "-c", f"{RUN}/moongate_log.yaml"],
+                              f"{RUN}/moongate_log.stderr"),
     }
     base = {
         "upstream": f"http://127.0.0.1:{up_port}",
         "function": f"http://127.0.0.1:{fn_port}",
         "nginx": f"http://127.0.0.1:{ngx_port}",
         "moongate": f"http://127.0.0.1:{mg_port}",
+        "moongate_prom": f"http://127.0.0.1:{prom_port}",
+        "moongate_log": f"http://127.0.0.1:{log_port}",
     }
     # Up, and doing what the table says: the Lua rows really set the header.
     wait_redis(redis_port)
@@ -488,6 +540,19 @@ def setup():
             raise RuntimeError(f"{gw} /redis/check: {body!r}")
     wait_http(base["moongate"] + "/http/check", "x-got=200")
     wait_http(base["moongate"] + "/fn/test", "Hello, test!")
+    # The prometheus row really records: the request just made is in the scrape.
+    wait_http(base["moongate_prom"] + "/", "hello")
+    wait_http(f"http://127.0.0.1:{export_port}/apisix/prometheus/metrics",
+              'apisix_http_status{code="200",route="plain"')
+    # The access-log row really writes: the request just made is in the file.
+    wait_http(base["moongate_log"] + "/", "hello")
+    log_file = f"{RUN}/moongate-access.log"
+    for _ in range(50):
+        if os.path.exists(log_file) and '"GET / HTTP/1.1" 200' in open(log_file).read():
+            break
+        time.sleep(0.1)
+    else:
+        raise RuntimeError(f"{log_file} has no line for the check request")
     time.sleep(0.5)
     idle_rss = {k: status_kb(p.pid, "VmRSS") for k, p in procs.items()}
     return procs, base, idle_rss
@@ -637,12 +702,7 @@ events {{ worker_connections {worker_connections}; }}
 http {{
     access_log off;
     keepalive_requests 1000000;
-    upstream backend {{
-        server 127.0.0.1:{up_port};
-        keepalive 128;
-        keepalive_requests 1000000;
-    }}
-    server {{
+{nginx_backend(up_port)}    server {{
         listen 127.0.0.1:{port} backlog=4096;
         proxy_http_version 1.1;
         proxy_set_header Connection "";
@@ -838,8 +898,9 @@ def main():
     ap.add_argument("--no-build", action="store_true")
     ap.add_argument("--no-install", action="store_true")
     ap.add_argument("--out", default=os.path.join(OUT, "results.json"))
-    ap.add_argument("--mode", choices=["load", "conns"], default="load",
-                    help="load: the load test; conns: memory per idle and per active connection")
+    ap.add_argument("--mode", choices=["load", "conns", "edge"], default="load",
+                    help="load: the load test; conns: memory per idle and per active connection; "
+                         "edge: TLS handshakes, HTTPS and HTTP/2 against nginx (bench/edge.py)")
     ap.add_argument("--counts", default="1000,5000,15000", help="conns mode: idle connection counts")
     ap.add_argument("--active", type=int, default=1000,
                     help="conns mode: connections of the active load (0: none)")
@@ -850,6 +911,11 @@ def main():
     args = ap.parse_args()
     if args.quick:
         args.reps, args.duration = 2, 2
+
+    if args.mode == "edge":
+        import edge
+        edge.edge_mode(args)
+        return
 
     if args.mode == "conns":
         if not args.no_install:
