@@ -12,7 +12,10 @@ on CPU0. Three loads, interleaved per repetition with the order flipped every ot
 - `h2`: HTTP/2 over TLS, `h2load -c8 -m8` (64 streams on 8 connections), proxied.
 
 Per load and server: rate, the gateway's CPU µs per handshake or request (user+system of the
-process tree), and per repetition the moongate/nginx ratios. Writes bench/out/edge.json.
+process tree), and per repetition the moongate/nginx ratios. Then memory per idle TLS
+connection: `--tls-counts` connections (default 1000 and 5000), each after a handshake and one
+request, held open; the growth of each server's RSS (settled) over the count. Writes
+bench/out/edge.json.
 """
 
 import json
@@ -45,7 +48,8 @@ worker_processes 1;
 daemon off;
 pid {r.RUN}/nginx-edge.pid;
 error_log {r.RUN}/nginx-edge.err warn;
-events {{ worker_connections 4096; }}
+worker_rlimit_nofile 20000;
+events {{ worker_connections 16384; }}
 http {{
     access_log off;
     keepalive_requests 1000000;
@@ -159,6 +163,7 @@ def edge_mode(args):
             r.sh(["apt-get", "install", "-y", pkg])
     if not args.no_build:
         r.sh(["cargo", "build", "--release"], cwd=r.ROOT)
+    r.raise_nofile()
     make_cert()
     up_port, ngx_port, mg_port, mg_tls = r.free_ports(4)
     files = {
@@ -228,6 +233,23 @@ def edge_mode(args):
             row["moongate/nginx"] = {"rate": r.summary(rate), "cpu": r.summary(cpu),
                                      "rate_per_rep": rate, "cpu_per_rep": cpu}
             table[kind] = row
+        # Memory per idle TLS connection, each server alone with its connections.
+        idle = {}
+        for n in [int(c) for c in args.tls_counts.split(",") if c]:
+            for server in ports:
+                pid = procs[server].pid
+                base = r.settled_mem(pid)
+                clients, held, failed = r.open_conns(ports[server], n, tls=True)
+                try:
+                    full = r.settled_mem(pid)
+                finally:
+                    r.close_conns(clients)
+                per = (full[0] - base[0]) / max(held, 1)
+                idle[f"{server}/{n}"] = {"held": held, "failed": failed, "rss_kib_per_conn": per,
+                                         "pss_kib_per_conn": (full[1] - base[1]) / max(held, 1)}
+                r.log(f"idle TLS {server:8} {n:6}: {per:.2f} KiB per connection "
+                      f"({held} held, {failed} failed)")
+                r.settled_mem(pid)
         meta = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "reps": args.reps,
                 "duration_s": args.duration, "load_before": r.loadavg(),
                 "moongate_commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=r.ROOT,
@@ -236,8 +258,8 @@ def edge_mode(args):
                                           text=True).stdout.strip()}
         out = os.path.join(r.OUT, "edge.json")
         with open(out, "w") as f:
-            json.dump({"meta": meta, "table": table, "runs": {f"{k}/{s}": v for (k, s), v in runs.items()}},
-                      f, indent=1)
+            json.dump({"meta": meta, "table": table, "idle_tls": idle,
+                       "runs": {f"{k}/{s}": v for (k, s), v in runs.items()}}, f, indent=1)
         print(f"| load | nginx rate | moongate rate | rate ratio median (min-max) | nginx CPU µs | "
               f"moongate CPU µs | CPU ratio median (min-max) | errors |")
         print("|---|---|---|---|---|---|---|---|")
@@ -250,6 +272,12 @@ def edge_mode(args):
             print(f"| {kind} | {n['rate']['median']:.0f} | {m['rate']['median']:.0f} | {span(q['rate'])} | "
                   f"{n['cpu_us']['median']:.1f} | {m['cpu_us']['median']:.1f} | {span(q['cpu'])} | "
                   f"{n['errors']}/{m['errors']} |")
+        for n in sorted({int(k.split("/")[1]) for k in idle}):
+            ng, mg = idle.get(f"nginx/{n}"), idle.get(f"moongate/{n}")
+            if ng and mg:
+                ratio = mg["rss_kib_per_conn"] / ng["rss_kib_per_conn"] if ng["rss_kib_per_conn"] else float("nan")
+                print(f"idle TLS connections {n}: nginx {ng['rss_kib_per_conn']:.2f} KiB, "
+                      f"moongate {mg['rss_kib_per_conn']:.2f} KiB per connection ({ratio:.2f}x)")
         r.log(f"wrote {out}")
     finally:
         r.stop_all()

@@ -595,11 +595,19 @@ def read_response(s):
     return head.split(b"\r\n", 1)[0]
 
 
-def conns_client(port, n, pipe):
-    """One client process: opens `n` keep-alive connections to 127.0.0.1:`port`, sends one
-    request on each and reads its response, keeps them all open, tells the parent how many are
-    held, and closes them when the parent says so (or after CLIENT_TIME)."""
+def conns_client(port, n, pipe, tls=False):
+    """One client process: opens `n` keep-alive connections to 127.0.0.1:`port` (over TLS 1.3,
+    unverified, with `tls`), sends one request on each and reads its response, keeps them all
+    open, tells the parent how many are held, and closes them when the parent says so (or
+    after CLIENT_TIME)."""
     raise_nofile()
+    wrap = None
+    if tls:
+        import ssl
+        wrap = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        wrap.check_hostname = False
+        wrap.verify_mode = ssl.CERT_NONE
+        wrap.minimum_version = ssl.TLSVersion.TLSv1_3
     socks, failed = [], 0
     req = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n"
     deadline = time.monotonic() + CLIENT_TIME
@@ -608,6 +616,8 @@ def conns_client(port, n, pipe):
             break
         try:
             s = socket.create_connection(("127.0.0.1", port), timeout=10)
+            if wrap:
+                s = wrap.wrap_socket(s)
             s.sendall(req)
             if b" 200 " not in read_response(s) + b" ":
                 failed += 1
@@ -622,9 +632,9 @@ def conns_client(port, n, pipe):
     pipe.send("closed")
 
 
-def open_conns(port, n):
-    """Opens `n` held connections from client processes on CPU0. Returns (clients, held,
-    failed); close_conns(clients) closes them."""
+def open_conns(port, n, tls=False):
+    """Opens `n` held connections (TLS ones with `tls`) from client processes on CPU0. Returns
+    (clients, held, failed); close_conns(clients) closes them."""
     import multiprocessing
     ctx = multiprocessing.get_context("fork")
     clients = []
@@ -633,7 +643,7 @@ def open_conns(port, n):
         k = min(left, CONNS_PER_CLIENT)
         left -= k
         ours, theirs = ctx.Pipe()
-        p = ctx.Process(target=conns_client, args=(port, k, theirs), daemon=True)
+        p = ctx.Process(target=conns_client, args=(port, k, theirs, tls), daemon=True)
         p.start()
         os.sched_setaffinity(p.pid, {0})
         clients.append((p, ours))
@@ -902,6 +912,8 @@ def main():
                     help="load: the load test; conns: memory per idle and per active connection; "
                          "edge: TLS handshakes, HTTPS and HTTP/2 against nginx (bench/edge.py)")
     ap.add_argument("--counts", default="1000,5000,15000", help="conns mode: idle connection counts")
+    ap.add_argument("--tls-counts", default="1000,5000",
+                    help="edge mode: idle TLS connection counts for the memory figure (empty: none)")
     ap.add_argument("--active", type=int, default=1000,
                     help="conns mode: connections of the active load (0: none)")
     ap.add_argument("--bin", help="conns mode: the moongate binary (default: target/release/moongate)")
