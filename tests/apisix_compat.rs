@@ -4054,3 +4054,60 @@ end)
         gw.logs()
     );
 }
+
+/// A plugin in the shape of APISIX's ai-proxy: it reads its endpoint with `socket.url`, calls
+/// the upstream itself, answers from access, and reports the call with
+/// `resty.apisix.upstream` so the request's upstream variables (access log, loggers) show it.
+const UPSTREAM_STATE_PROBE: &str = r#"
+local core = require("apisix.core")
+local url = require("socket.url")
+local http = require("resty.http")
+local apisix_upstream = require("resty.apisix.upstream")
+
+local _M = { version = 0.1, priority = 7, name = "upstate-probe",
+             schema = { type = "object", properties = { endpoint = { type = "string" } } } }
+
+function _M.access(conf, ctx)
+    local u = url.parse(conf.endpoint)
+    local addr = u.host .. ":" .. u.port
+    local t0 = ngx.now()
+    local res, err = http.new():request_uri(conf.endpoint, { method = "GET" })
+    if not res then
+        return 502, { err = err }
+    end
+    local _, bad = apisix_upstream.push_upstream_state({ addr = 1 })
+    assert(apisix_upstream.push_upstream_state({ addr = addr, status = res.status }))
+    assert(apisix_upstream.update_upstream_state({ response_time = 1250 }))
+    return 200, { path = u.path, query = u.query, bad = bad }
+end
+
+function _M.header_filter(conf, ctx)
+    core.response.set_header("X-Up", ngx.var.upstream_addr .. " " .. ngx.var.upstream_status
+                             .. " " .. ngx.var.upstream_response_time)
+end
+
+return _M
+"#;
+
+/// `socket.url` and `resty.apisix.upstream` on a real gateway: a plugin's own upstream call
+/// shows in `$upstream_addr`, `$upstream_status` and `$upstream_response_time`.
+#[test]
+fn a_plugins_own_upstream_call_shows_in_the_upstream_variables() {
+    let up = Upstream::echo();
+    let (_tmp, gw) = gateway_with(
+        &[("upstate-probe", UPSTREAM_STATE_PROBE)],
+        &format!(
+            "  - id: us\n    uri: /us\n    plugins:\n      upstate-probe:\n        endpoint: \"http://{}/v1/chat?model=m\"\n",
+            up.addr()
+        ),
+    );
+    let r = Req::get(&gw.url("/us")).send();
+    assert_eq!(r.status, 200, "{}\n{}", r.text(), gw.logs());
+    assert_eq!(r.json()["path"], "/v1/chat");
+    assert_eq!(r.json()["query"], "model=m");
+    assert_eq!(r.json()["bad"], "addr must be a string");
+    assert_eq!(
+        r.header("x-up").as_deref(),
+        Some(format!("{} 200 1.250", up.addr()).as_str())
+    );
+}

@@ -69,6 +69,9 @@ pub struct Ctx {
     /// When the proxy started on the upstream (its first connection attempt): the upstream
     /// latency and `$upstream_response_time` run from here.
     pub upstream_start: Option<Instant>,
+    /// `$upstream_response_time` (seconds) as a plugin that called the upstream itself
+    /// reported it (`resty.apisix.upstream.update_upstream_state`).
+    pub upstream_response_time: Option<f64>,
     /// Bytes of the response sent to the client so far: the head (estimated when it is
     /// written) and the body frames handed to the server (nginx's `$bytes_sent`).
     pub bytes_sent: u64,
@@ -219,6 +222,7 @@ impl Ctx {
             upstream_addr: None,
             upstream_status: None,
             upstream_start: None,
+            upstream_response_time: None,
             bytes_sent: 0,
             body_bytes_sent: 0,
             _in_flight: crate::metrics::store::InFlight::new(),
@@ -445,6 +449,9 @@ impl Ctx {
             ),
             "upstream_host" => return self.upstream_host_var(),
             "upstream_response_time" => {
+                if let Some(t) = self.upstream_response_time {
+                    return Some(Cow::Owned(format!("{t:.3}")));
+                }
                 self.upstream_status?;
                 let start = self.upstream_start?;
                 Cow::Owned(format!("{:.3}", start.elapsed().as_secs_f64()))

@@ -12,6 +12,16 @@
 //!   goes with a Content-Length) instead of streaming it.
 //! * `enable_mirror()`: request mirroring is not provided; it answers `nil, err`.
 //!
+//! `require("resty.apisix.upstream")`, for a plugin that calls the upstream itself (APISIX's
+//! `ai-proxy`), so the access log and loggers show that call:
+//!
+//! * `push_upstream_state({addr, status, connect_time, header_time})`: `$upstream_addr` and
+//!   `$upstream_status` from now on (the last call pushed; nginx would list every one).
+//! * `update_upstream_state({response_time, response_length})`: `$upstream_response_time` from
+//!   `response_time` (milliseconds). The connect and header times and the length are taken and
+//!   not shown (moongate has no `$upstream_connect_time`, `$upstream_header_time`,
+//!   `$upstream_response_length`). The SSL setters of APISIX-Runtime's module are not provided.
+//!
 //! And `require("resty.apisix.response")`, what APISIX's `gzip` calls:
 //!
 //! * `set_gzip({buffer_num, buffer_size, compress_level})`: compress this response with gzip at
@@ -33,7 +43,71 @@ pub(crate) fn install(lua: &Lua, preload: &Table) -> mlua::Result<()> {
     preload.set(
         "resty.apisix.response",
         lua.create_function(|lua, _: mlua::MultiValue| response_module(lua))?,
+    )?;
+    preload.set(
+        "resty.apisix.upstream",
+        lua.create_function(|lua, _: mlua::MultiValue| upstream_module(lua))?,
     )
+}
+
+/// A number option of an upstream state table: nil when absent.
+fn state_number(opts: &Table, key: &str) -> mlua::Result<Option<f64>> {
+    Ok(match opts.get::<Value>(key)? {
+        Value::Integer(n) => Some(n as f64),
+        Value::Number(n) if n.is_finite() => Some(n),
+        _ => None,
+    })
+}
+
+fn upstream_module(lua: &Lua) -> mlua::Result<Table> {
+    let m = lua.create_table()?;
+    m.set(
+        "push_upstream_state",
+        lua.create_function(|lua, opts: Value| {
+            let Value::Table(opts) = opts else {
+                return fail(lua, "opts must be a table");
+            };
+            let addr = match opts.get::<Value>("addr")? {
+                Value::Nil => None,
+                Value::String(s) => Some(s.to_str()?.to_string()),
+                _ => return fail(lua, "addr must be a string"),
+            };
+            let status = state_number(&opts, "status")?
+                .filter(|s| *s > 0.0 && *s < 1000.0)
+                .map(|s| s as u16);
+            let pushed = with_ctx(|c| {
+                if let Some(a) = addr {
+                    c.upstream_addr = Some(a.into());
+                }
+                if let Some(s) = status {
+                    c.upstream_status = Some(s);
+                }
+            });
+            if pushed.is_err() {
+                return fail(lua, "no request found");
+            }
+            Ok((Value::Boolean(true), Value::Nil))
+        })?,
+    )?;
+    m.set(
+        "update_upstream_state",
+        lua.create_function(|lua, opts: Value| {
+            let Value::Table(opts) = opts else {
+                return fail(lua, "opts must be a table");
+            };
+            let ms = state_number(&opts, "response_time")?.filter(|t| *t >= 0.0);
+            let updated = with_ctx(|c| {
+                if let Some(ms) = ms {
+                    c.upstream_response_time = Some(ms / 1000.0);
+                }
+            });
+            if updated.is_err() {
+                return fail(lua, "no request found");
+            }
+            Ok((Value::Boolean(true), Value::Nil))
+        })?,
+    )?;
+    Ok(m)
 }
 
 fn response_module(lua: &Lua) -> mlua::Result<Table> {

@@ -7,7 +7,7 @@
 /// `resty.lrucache`, `resty.ipmatcher`, `resty.limit.count`/`req`/`conn`, `resty.lock`,
 /// `resty.string`, `resty.jit-uuid`, `pl.stringx`, `pl.path` (over the native `lfs`), and stand-ins that load but refuse to connect
 /// when the real library is not on `package.path`, [`STAND_INS`]), `resty.http`,
-/// `resty.logger.socket` over cosockets, `resty.session` (cookie storage). `resty.redis` is the
+/// `resty.logger.socket` over cosockets, `resty.session` (cookie storage), LuaSocket's `socket.url`. `resty.redis` is the
 /// real lua-resty-redis, found on `package.path` (see `lua.package_path`). `table.new` and `table.clear` are LuaJIT built-ins.
 /// Modules backed by Rust (digests, ciphers, zlib, brotli, `lfs`, `resty.signal`, `resty.shell`)
 /// are registered by `crypto.rs`, `compress.rs`, `lfs.rs` and `shell.rs`.
@@ -187,6 +187,7 @@ pub const MODULES: &[(&str, &str)] = &[
     ),
     ("xml2lua", include_str!("../../../lua/xml2lua.lua")),
     ("net.url", include_str!("../../../lua/net/url.lua")),
+    ("socket.url", include_str!("../../../lua/socket/url.lua")),
     (
         "apisix.http.service",
         include_str!("../../../lua/apisix/http/service.lua"),
@@ -239,6 +240,37 @@ mod tests {
         if let Err(e) = lua.load(code).exec() {
             panic!("{e}");
         }
+    }
+
+    #[test]
+    fn socket_url_parses_and_builds_as_luasocket() {
+        check_pure_module(
+            "socket.url",
+            r##"
+            -- what APISIX's AI providers read from an endpoint
+            local u = M.parse("https://user:pw@api.example.com:8443/v1/chat;p=1?a=1&b=2#frag")
+            eq(u.scheme, "https"); eq(u.authority, "user:pw@api.example.com:8443")
+            eq(u.userinfo, "user:pw"); eq(u.user, "user"); eq(u.password, "pw")
+            eq(u.host, "api.example.com"); eq(u.port, "8443"); eq(u.path, "/v1/chat")
+            eq(u.params, "p=1"); eq(u.query, "a=1&b=2"); eq(u.fragment, "frag")
+            local h = M.parse("http://[::1]:80/x"); eq(h.host, "::1"); eq(h.port, "80")
+            local d = M.parse("/only/path", { scheme = "http", host = "d" })
+            eq(d.scheme, "http"); eq(d.host, "d"); eq(d.path, "/only/path")
+            local none, err = M.parse(""); eq(none, nil); eq(err, "invalid url")
+            eq(M.build(u), "https://user:pw@api.example.com:8443/v1/chat;p=1?a=1&b=2#frag")
+            eq(M.build({ scheme = "http", host = "::1", port = "8080", path = "/a b" }),
+               "http://[::1]:8080/a%20b")
+            eq(M.escape("a b/c"), "a%20b%2fc"); eq(M.unescape("a%20b%2Fc"), "a b/c")
+            local p = M.parse_path("/a/b%20c/")
+            eq(p[1], "a"); eq(p[2], "b c"); eq(p.is_absolute, 1); eq(p.is_directory, 1)
+            eq(M.build_path(p), "/a/b%20c/")
+            eq(M.absolute("http://a/b/c/d;p?q", "g"), "http://a/b/c/g")
+            eq(M.absolute("http://a/b/c/d;p?q", "../g"), "http://a/b/g")
+            eq(M.absolute("http://a/b/c/d;p?q", "/g"), "http://a/g")
+            eq(M.absolute("http://a/b/c/d;p?q", "//g"), "http://g")
+            eq(M.absolute("http://a/b/c/d;p?q", "https://x/y"), "https://x/y")
+            "##,
+        );
     }
 
     #[test]
