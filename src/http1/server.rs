@@ -605,15 +605,15 @@ enum HeadRead {
 
 /// Connection-level state the loop keeps between requests: all a connection waiting on
 /// keep-alive holds, with the socket, the (then empty) read buffer and the timer.
-struct Loop<'a> {
+struct Loop {
     conn: Rc<Conn>,
-    cfg: &'a Config,
+    cfg: Rc<Config>,
     shutdown: watch::Receiver<bool>,
     stopping: bool,
     timer: Option<ConnTimer>,
 }
 
-impl Loop<'_> {
+impl Loop {
     async fn read_head(&mut self) -> HeadRead {
         let mut deadline: Option<Instant> = None;
         loop {
@@ -686,7 +686,7 @@ impl Loop<'_> {
 /// timeout passes, or (after `shutdown` turns true) the request in flight is answered.
 pub async fn serve<H, F, B>(
     io: impl Into<ConnIo>,
-    cfg: &Config,
+    cfg: Rc<Config>,
     shutdown: watch::Receiver<bool>,
     mut handler: H,
 ) where
@@ -723,7 +723,7 @@ pub async fn serve<H, F, B>(
             HeadRead::Head(h) => h,
             HeadRead::Close => return,
             HeadRead::Refuse(status) => {
-                Box::pin(refuse(&lp.conn, cfg, status)).await;
+                Box::pin(refuse(&lp.conn, &lp.cfg, status)).await;
                 return;
             }
         };
@@ -753,7 +753,7 @@ pub async fn serve<H, F, B>(
                 // The response's body (and its log) is done with; the client gets this
                 // instead, and the connection closes.
                 lp.conn.st.borrow_mut().gen += 1;
-                Box::pin(refuse(&lp.conn, cfg, status)).await;
+                Box::pin(refuse(&lp.conn, &lp.cfg, status)).await;
                 return;
             }
             Err(e) => {
@@ -784,7 +784,7 @@ pub async fn serve<H, F, B>(
 /// One request: the handler's response, written. Returns how the writing ended and whether
 /// the connection stays open.
 async fn request_turn<H, F, B>(
-    lp: &mut Loop<'_>,
+    lp: &mut Loop,
     handler: &mut H,
     head: Head,
 ) -> (io::Result<Written>, bool)
@@ -891,7 +891,7 @@ enum Framing {
 }
 
 async fn write_response<B>(
-    lp: &mut Loop<'_>,
+    lp: &mut Loop,
     res: Response<B>,
     head_request: bool,
     version: Version,

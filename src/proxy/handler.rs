@@ -41,6 +41,8 @@ pub struct WorkerEnv {
     pub gw: Arc<Gateway>,
     pub node: Arc<NodeConfig>,
     pub worker_id: usize,
+    /// The limits of this worker's HTTP/1.1 connections (from `node`), shared by them.
+    pub http1: Rc<crate::http1::server::Config>,
 }
 
 /// Serves one request, whatever HTTP version it came in. Never fails: every problem becomes a

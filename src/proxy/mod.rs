@@ -158,10 +158,17 @@ fn worker_main(
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
         crate::plugin::lua::timer::enable();
+        let proxy = &node.proxy;
+        let http1 = Rc::new(server::Config {
+            header_timeout: Duration::from_secs_f64(proxy.client_header_timeout.max(0.001)),
+            max_header_size: proxy.client_header_buffer_size.min(u32::MAX as usize),
+            server: handler::SERVER.clone(),
+        });
         let env = Rc::new(WorkerEnv {
             gw,
             node: node.clone(),
             worker_id: id,
+            http1,
         });
         // Every plugin of each configuration is loaded on this worker as it arrives, as
         // APISIX's workers load theirs at start (Lua module bodies and `init()` run here).
@@ -369,32 +376,27 @@ async fn serve_tls(
 }
 
 /// Serves an HTTP/1.1 connection over a plain or TLS transport.
-async fn serve_http1(
+///
+/// Not an `async fn`: one would keep its arguments and the server's future side by side in the
+/// connection's task for its whole life; this hands them to the server's future.
+fn serve_http1(
     io: impl Into<crate::http1::io::ConnIo>,
     env: Rc<WorkerEnv>,
     remote: SocketAddr,
     local: SocketAddr,
     conn_values: Rc<headers::ConnValues>,
     shutdown: watch::Receiver<bool>,
-) {
-    let proxy = &env.node.proxy;
-    let header_timeout = Duration::from_secs_f64(proxy.client_header_timeout.max(0.001));
-    let cfg = server::Config {
-        header_timeout,
-        max_header_size: proxy.client_header_buffer_size.min(u32::MAX as usize),
-        server: handler::SERVER.clone(),
-    };
-    let h_env = env.clone();
-    server::serve(io, &cfg, shutdown, move |req| {
+) -> impl std::future::Future<Output = ()> {
+    let cfg = env.http1.clone();
+    server::serve(io, cfg, shutdown, move |req| {
         handle(
-            h_env.clone(),
+            env.clone(),
             req.map(ClientBody::Http1),
             remote,
             local,
             conn_values.clone(),
         )
     })
-    .await;
 }
 
 /// Serves an HTTP/2 connection over `io` (h2c here; a TLS stream whose ALPN chose `h2` takes
