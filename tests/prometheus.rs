@@ -465,7 +465,7 @@ const CUSTOM_METRICS: &str = r#"
 local exporter = require("apisix.plugins.prometheus.exporter")
 local prometheus = exporter.get_prometheus()
 local hits = prometheus:counter("plugin_hits_total", "Requests the plugin saw", {"route", "tier"})
-local level = prometheus:gauge("plugin_level", "The last level asked for", {"route"})
+local level = prometheus:gauge("plugin_level", "The level asked for, per value", {"route", "v"})
 local sizes = prometheus:histogram("plugin_value", "Values asked for", {"route"}, {1, 5, 10})
 -- The same name with other labels: refused and logged, nil.
 local clash = prometheus:gauge("plugin_hits_total", "x", {"route"})
@@ -481,11 +481,13 @@ end
 
 function _M.log(conf, ctx)
     local route = ctx.var.route_id
-    hits:inc(VERSION, {route, conf.tier or "none"})
-    level:set(tonumber(ctx.var.arg_level) or 0, {route})
-    sizes:observe(tonumber(ctx.var.arg_v) or 0, {route})
     -- One label for a two-label metric: an error, logged and counted, nothing recorded.
     hits:inc(1, {route})
+    hits:inc(VERSION, {route, conf.tier or "none"})
+    -- One series per request (two workers may run log phases out of request order).
+    level:set(tonumber(ctx.var.arg_level) or 0, {route, ctx.var.arg_v or ""})
+    -- Last: a scrape that sees this request's observation sees all of the above.
+    sizes:observe(tonumber(ctx.var.arg_v) or 0, {route})
 end
 
 return _M
@@ -537,7 +539,8 @@ routes:\n\
     );
     // Both workers count into one series.
     assert_eq!(hits(&s, "r1", "gold"), 3.0, "{text}");
-    assert_eq!(value(&s, "apisix_plugin_level", &[("route", "r1")]), 4.0);
+    let level = |v: &str| value(&s, "apisix_plugin_level", &[("route", "r1"), ("v", v)]);
+    assert_eq!([level("0.5"), level("3"), level("20")], [7.0, 2.0, 4.0]);
     let bucket = |le: &str| {
         value(
             &s,
@@ -573,18 +576,30 @@ routes:\n\
         CUSTOM_METRICS.replace("local VERSION = 1", "local VERSION = 100"),
     )
     .unwrap();
-    assert!(
-        common::health::poll_until(Duration::from_secs(20), || {
-            get(&gw.url("/poll")).header("x-metrics-version").as_deref() == Some("100")
-        }),
-        "the new plugin file does not serve; log:\n{}",
-        gw.logs()
-    );
-    assert_eq!(get(&gw.url("/m?v=1&level=1")).status, 200);
-    let (_, s, text) = scrape_until(&|s| hits(s, "r1", "gold") >= 103.0);
-    assert_eq!(hits(&s, "r1", "gold"), 103.0, "{text}");
+    // Each worker takes the new file up on its own: request r1 until one answers with it,
+    // counting what the old version added meanwhile.
+    let (mut old, mut sent) = (0.0, 0.0);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = get(&gw.url("/m?v=1&level=1"));
+        assert_eq!(r.status, 200);
+        sent += 1.0;
+        match r.header("x-metrics-version").as_deref() {
+            Some("100") => break,
+            _ => old += 1.0,
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the new plugin file does not serve; log:\n{}",
+            gw.logs()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (_, s, text) =
+        scrape_until(&|s| value(s, "apisix_plugin_value_count", &[("route", "r1")]) >= 3.0 + sent);
+    assert_eq!(hits(&s, "r1", "gold"), 3.0 + old + 100.0, "{text}");
     assert_eq!(
         value(&s, "apisix_plugin_value_count", &[("route", "r1")]),
-        4.0
+        3.0 + sent
     );
 }
