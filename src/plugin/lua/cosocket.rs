@@ -3,9 +3,10 @@
 //!
 //! A socket is a userdata holding its state behind an `Rc`; the methods that wait (connect,
 //! send, the receives, the `receiveuntil` iterator) are waiting functions
-//! ([`runtime::create_waiting_function`]): their Rust half takes the connection out of the
-//! socket into a future the request (or timer) awaits, outside the CPU budget, and puts it back
-//! when the operation ends (unless the error closed it, as OpenResty's do). Reads go through a
+//! ([`runtime::create_io_function`]): their Rust half takes the connection out of the
+//! socket into a future, polled once at the call (an operation that needs no wait returns at
+//! once, as in lua-nginx-module) and otherwise awaited by the request (or timer) outside the
+//! CPU budget, and puts it back when the operation ends (unless the error closed it, as OpenResty's do). Reads go through a
 //! per-connection buffer, so what one `receive` did not consume is there for the next.
 //!
 //! `setkeepalive` puts the connection into this worker's pool, keyed as OpenResty keys it
@@ -1127,7 +1128,7 @@ pub(crate) fn install(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
     let m = lua.create_table()?;
     m.set(
         "connect",
-        runtime::create_waiting_function(
+        runtime::create_io_function(
             lua,
             |_, (ud, host, rest): (AnyUserData, mlua::String, MultiValue)| {
                 let args = sock_of(&ud).and_then(|s| {
@@ -1144,7 +1145,7 @@ pub(crate) fn install(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
     )?;
     m.set(
         "send",
-        runtime::create_waiting_function(lua, |_, (ud, data): (AnyUserData, Value)| {
+        runtime::create_io_function(lua, |_, (ud, data): (AnyUserData, Value)| {
             let args = sock_of(&ud).and_then(|s| {
                 let mut out = Vec::new();
                 flatten(&data, &mut out, 0)?;
@@ -1158,7 +1159,7 @@ pub(crate) fn install(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
     )?;
     m.set(
         "receive",
-        runtime::create_waiting_function(lua, |_, (ud, pat): (AnyUserData, Option<Value>)| {
+        runtime::create_io_function(lua, |_, (ud, pat): (AnyUserData, Option<Value>)| {
             let args = sock_of(&ud).and_then(|s| Ok((s, pattern_arg(pat)?)));
             async move {
                 let (sock, pat) = args?;
@@ -1171,7 +1172,7 @@ pub(crate) fn install(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
     )?;
     m.set(
         "sslhandshake",
-        runtime::create_waiting_function(
+        runtime::create_io_function(
             lua,
             |_, (ud, reused, name, verify, _status_req): (AnyUserData, Value, Value, Value, Value)| {
                 let args =
@@ -1185,7 +1186,7 @@ pub(crate) fn install(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
     )?;
     m.set(
         "receiveany",
-        runtime::create_waiting_function(lua, |_, (ud, max): (AnyUserData, Value)| {
+        runtime::create_io_function(lua, |_, (ud, max): (AnyUserData, Value)| {
             let max = match max {
                 Value::Integer(n) if n > 0 => Ok(n as usize),
                 Value::Number(n) if n >= 1.0 => Ok(n as usize),
@@ -1200,36 +1201,35 @@ pub(crate) fn install(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
             }
         })?,
     )?;
-    let read_iter =
-        runtime::create_waiting_function(lua, |_, (it, size): (AnyUserData, Value)| {
-            let args = it
-                .borrow::<UntilIter>()
-                .map(|i| i.0.clone())
-                .and_then(|it| {
-                    let size = match size {
-                        Value::Nil => None,
-                        Value::Integer(n) if n > 0 => Some(n as usize),
-                        Value::Number(n) if n >= 1.0 => Some(n as usize),
-                        _ => {
-                            return Err(mlua::Error::runtime(
-                                "bad argument #1 to iterator (bad size argument)",
-                            ))
-                        }
-                    };
-                    Ok((it, size))
-                });
-            async move {
-                let (it, size) = args?;
-                if size.is_some() && it.done.replace(false) {
-                    return Ok(Reply::End);
-                }
-                let sock = it.sock.clone();
-                Ok(with_read(sock, async move |c: &mut Conn, t| {
-                    read_until(c, &it, size, t).await
-                })
-                .await)
+    let read_iter = runtime::create_io_function(lua, |_, (it, size): (AnyUserData, Value)| {
+        let args = it
+            .borrow::<UntilIter>()
+            .map(|i| i.0.clone())
+            .and_then(|it| {
+                let size = match size {
+                    Value::Nil => None,
+                    Value::Integer(n) if n > 0 => Some(n as usize),
+                    Value::Number(n) if n >= 1.0 => Some(n as usize),
+                    _ => {
+                        return Err(mlua::Error::runtime(
+                            "bad argument #1 to iterator (bad size argument)",
+                        ))
+                    }
+                };
+                Ok((it, size))
+            });
+        async move {
+            let (it, size) = args?;
+            if size.is_some() && it.done.replace(false) {
+                return Ok(Reply::End);
             }
-        })?;
+            let sock = it.sock.clone();
+            Ok(with_read(sock, async move |c: &mut Conn, t| {
+                read_until(c, &it, size, t).await
+            })
+            .await)
+        }
+    })?;
     let make_iter: Function = lua
         .load("local read = ... return function(it) return function(size) return read(it, size) end end")
         .set_name("=moongate.receiveuntil")

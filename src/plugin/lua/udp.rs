@@ -251,7 +251,7 @@ pub(crate) fn install(lua: &Lua, socket: &Table) -> mlua::Result<()> {
     let m = lua.create_table()?;
     m.set(
         "setpeername",
-        runtime::create_waiting_function(
+        runtime::create_io_function(
             lua,
             |_, (ud, host, port): (AnyUserData, mlua::String, Option<Value>)| {
                 let args = udp_of(&ud).and_then(|u| Ok((u, peer_args(host, port)?)));
@@ -264,7 +264,7 @@ pub(crate) fn install(lua: &Lua, socket: &Table) -> mlua::Result<()> {
     )?;
     m.set(
         "send",
-        runtime::create_waiting_function(lua, |_, (ud, data): (AnyUserData, Value)| {
+        runtime::create_io_function(lua, |_, (ud, data): (AnyUserData, Value)| {
             let args = udp_of(&ud).and_then(|u| {
                 let mut out = Vec::new();
                 cosocket::flatten(&data, &mut out, 0)?;
@@ -278,7 +278,7 @@ pub(crate) fn install(lua: &Lua, socket: &Table) -> mlua::Result<()> {
     )?;
     m.set(
         "receive",
-        runtime::create_waiting_function(lua, |_, (ud, size): (AnyUserData, Value)| {
+        runtime::create_io_function(lua, |_, (ud, size): (AnyUserData, Value)| {
             let args = udp_of(&ud).and_then(|u| Ok((u, size_arg(&size)?)));
             async move {
                 let (udp, size) = args?;
