@@ -7,7 +7,9 @@
 # Uses the configs bench/run.py wrote to bench/out/run/ (run it once first): starts the nginx
 # upstream from upstream.conf if it is not running, runs the gateway under callgrind with
 # moongate.yaml, warms up with wrk -c8 (CONNS=N: -cN) for 2 s, zeroes the counters, drives wrk for 4 s,
-# dumps, and prints the worker's instructions divided by the requests wrk completed.
+# dumps, and prints the worker's instructions divided by the requests wrk completed. The
+# gateway forks its worker process, so valgrind follows children and the counters zeroed and
+# dumped are the worker's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 path=${1:-/}
@@ -25,7 +27,7 @@ if ! pgrep -f "$PWD/$run/upstream.conf" >/dev/null; then
     started_upstream=1
     sleep 0.5
 fi
-valgrind --tool=callgrind --callgrind-out-file="$out/cg.%p" "$bin" run -c "$cfg" >"$out/log" 2>&1 &
+valgrind --tool=callgrind --trace-children=yes --callgrind-out-file="$out/cg.%p" "$bin" run -c "$cfg" >"$out/log" 2>&1 &
 vpid=$!
 cleanup() {
     kill -INT "$vpid" 2>/dev/null || true
@@ -40,12 +42,14 @@ for _ in $(seq 60); do
     sleep 0.5
 done
 wrk -t1 -c"$conns" -d2s "http://127.0.0.1:$port$path" >/dev/null
-callgrind_control -z "$vpid" >/dev/null 2>&1
+worker=$(pgrep -P "$vpid" | head -1)
+[ -n "$worker" ] || worker=$vpid
+callgrind_control -z "$worker" >/dev/null 2>&1
 n=$(wrk -t1 -c"$conns" -d4s "http://127.0.0.1:$port$path" | awk '/requests in/{print $1}')
-callgrind_control -d "$vpid" >/dev/null 2>&1
+callgrind_control -d "$worker" >/dev/null 2>&1
 sleep 0.5
 best=0 file=
-for f in "$out"/cg.*; do
+for f in "$out"/cg."$worker"*; do
     s=$(grep -m1 '^summary:' "$f" 2>/dev/null | awk '{print $2}' || true)
     if [ -n "$s" ] && [ "$s" -gt "$best" ]; then best=$s file=$f; fi
 done
