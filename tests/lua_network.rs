@@ -180,7 +180,8 @@ end
 
 function ops.all(conf)
     local s = connect(conf)
-    s:send("BYTES 20000\n")
+    -- a flat table with a number, as lua-resty-redis sends its commands
+    s:send({ "BYTES ", 20000, "\n" })
     local data, err = s:receive("*a")
     return { len = data and #data, err = err }
 end
