@@ -215,11 +215,15 @@ impl OpenTelemetry {
             span_id: otel::new_span_id(),
             sampled,
         };
-        let client_span = otel::new_span_id();
         // Unsampled, there is no client span: the upstream hears of the server span, as
-        // APISIX sends it, with the sampled flag clear.
+        // APISIX sends it, with the sampled flag clear (and no id is drawn for nothing).
+        let client_span = if sampled {
+            otel::new_span_id()
+        } else {
+            server.span_id
+        };
         let upstream = SpanContext {
-            span_id: if sampled { client_span } else { server.span_id },
+            span_id: client_span,
             ..server
         };
         if let Ok(v) = HeaderValue::from_str(&upstream.traceparent()) {
