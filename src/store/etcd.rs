@@ -819,10 +819,12 @@ impl ResourceStore for EtcdStore {
             Kind::GlobalRules,
             Kind::Upstreams,
         ] {
+            // Entries are ordered by kind first: read only this kind's.
             let newest = st
                 .entries
-                .iter()
-                .filter(|((k, _), e)| *k == kind && e.value.is_some())
+                .range((kind, String::new())..)
+                .take_while(|((k, _), _)| *k == kind)
+                .filter(|(_, e)| e.value.is_some())
                 .map(|(_, e)| e.mod_rev)
                 .max()
                 .unwrap_or(0);
