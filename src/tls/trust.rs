@@ -131,13 +131,10 @@ pub fn init(node: &NodeConfig) -> Result<(), ConfigError> {
 /// The trust set in force (`system` when [`init`] was not called).
 pub fn roots() -> Arc<RootCertStore> {
     ROOTS
-        .get_or_init(|| match load(None) {
-            Ok(t) => t.roots,
-            Err(_) => {
-                let mut r = RootCertStore::empty();
-                r.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-                Arc::new(r)
-            }
+        .get_or_init(|| {
+            let mut r = RootCertStore::empty();
+            system(&mut r);
+            Arc::new(r)
         })
         .clone()
 }
