@@ -28,6 +28,9 @@ pub const DEFAULT_BUCKETS: [f64; 19] = [
 /// The counter of errors in metric calls (nginx-lua-prometheus' own, exported with the prefix).
 pub const ERRORS_NAME: &str = "nginx_metric_errors_total";
 
+/// The suffixes of a histogram's sample names.
+const HISTOGRAM_SUFFIXES: [&str; 3] = ["_bucket", "_count", "_sum"];
+
 /// Families the gateway exports itself under the prefix: a plugin may not take their names.
 const BUILT_IN: [&str; 11] = [
     "bandwidth",
@@ -125,7 +128,7 @@ pub fn register(
         _ => Vec::new(),
     };
     // The names a histogram's samples take, or a counter's that ends like one.
-    let base = ["_bucket", "_count", "_sum"]
+    let base = HISTOGRAM_SUFFIXES
         .iter()
         .find_map(|s| name.strip_suffix(s))
         .unwrap_or(name);
@@ -143,7 +146,7 @@ pub fn register(
                 .get(base)
                 .is_some_and(|m| m.kind == Kind::Histogram))
         || (kind == Kind::Histogram
-            && ["_bucket", "_count", "_sum"]
+            && HISTOGRAM_SUFFIXES
                 .iter()
                 .any(|s| registry.contains_key(&format!("{name}{s}"))));
     if clash {
