@@ -66,29 +66,20 @@ fn mode_name(m: &Metadata) -> &'static str {
 
 /// `rwxr-xr-x`, as `attributes().permissions` has it (with setuid/setgid/sticky as `s`/`t`).
 fn permissions(mode: u32) -> String {
-    let bit = |m: u32, c: char| if mode & m != 0 { c } else { '-' };
     let mut s = String::with_capacity(9);
-    s.push(bit(0o400, 'r'));
-    s.push(bit(0o200, 'w'));
-    s.push(if mode & 0o4000 != 0 {
-        's'
-    } else {
-        bit(0o100, 'x')
-    });
-    s.push(bit(0o040, 'r'));
-    s.push(bit(0o020, 'w'));
-    s.push(if mode & 0o2000 != 0 {
-        's'
-    } else {
-        bit(0o010, 'x')
-    });
-    s.push(bit(0o004, 'r'));
-    s.push(bit(0o002, 'w'));
-    s.push(if mode & 0o1000 != 0 {
-        't'
-    } else {
-        bit(0o001, 'x')
-    });
+    // Owner, group, other: read, write, then execute or the class's special bit.
+    for (shift, special, mark) in [(6, 0o4000, 's'), (3, 0o2000, 's'), (0, 0o1000, 't')] {
+        let bits = mode >> shift;
+        s.push(if bits & 0o4 != 0 { 'r' } else { '-' });
+        s.push(if bits & 0o2 != 0 { 'w' } else { '-' });
+        s.push(if mode & special != 0 {
+            mark
+        } else if bits & 0o1 != 0 {
+            'x'
+        } else {
+            '-'
+        });
+    }
     s
 }
 
