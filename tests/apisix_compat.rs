@@ -2306,6 +2306,13 @@ function _M.access(conf, ctx)
         return 200, { verified = good.verified, sub = good.payload.sub, forged = bad.verified,
             expired = expired.verified, reason = expired.reason,
             garbage = jwt:load_jwt("a.b").reason }
+    elseif what == "jwk" then
+        local dump_jwk = require("resty.openssl.auxiliary.jwk").dump_jwk
+        local from_public = dump_jwk(assert(pkey.new(conf.public)))
+        local from_private = dump_jwk(assert(pkey.new(conf.private)), false)
+        local _, priv_err = dump_jwk(assert(pkey.new(conf.private)), true)
+        return 200, { jwk = core.json.decode(from_public), same = from_public == from_private,
+            priv_err = priv_err }
     end
     local _, err = pkey.new("not a key")
     return 200, { err = err }
@@ -2331,7 +2338,8 @@ fn openssl(dir: &Path, args: &[&str]) -> Vec<u8> {
 /// `resty.openssl.pkey` with keys of every supported kind made by the openssl command:
 /// signatures it makes verify with openssl, and signatures openssl makes verify with it, for
 /// RSA PKCS#1 v1.5 and PSS (PKCS#8 and PKCS#1 files), ECDSA P-256 (a SEC1 file) and Ed25519;
-/// `resty.jwt` signs and verifies tokens and refuses forged and expired ones.
+/// `resty.jwt` signs and verifies tokens and refuses forged and expired ones;
+/// `resty.openssl.auxiliary.jwk` writes each public key as the JWK of what openssl prints.
 #[test]
 fn pkey_and_jwt_interoperate_with_openssl() {
     let up = Upstream::echo();
@@ -2509,6 +2517,49 @@ fn pkey_and_jwt_interoperate_with_openssl() {
             "{v}"
         );
         assert_eq!(v["garbage"], "invalid jwt string", "{v}");
+        // The public half as a JWK, compared with what openssl prints of the same key.
+        let v = Req::get(&gw.url(&format!("/{route}?what=jwk")))
+            .send()
+            .json();
+        assert_eq!(v["same"], true, "{route}: {v}");
+        assert!(v["priv_err"].is_string(), "{route}: {v}");
+        let jwk = &v["jwk"];
+        let member = |m: &str| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(
+                    jwk[m]
+                        .as_str()
+                        .unwrap_or_else(|| panic!("{route}: {m} in {jwk}")),
+                )
+                .expect("base64url")
+        };
+        let pubf = format!("{key}.pub");
+        let spki = openssl(d, &["pkey", "-pubin", "-in", &pubf, "-outform", "DER"]);
+        match key {
+            "rsa" | "rsa1" => {
+                assert_eq!(jwk["kty"], "RSA", "{jwk}");
+                let out = openssl(d, &["rsa", "-pubin", "-in", &pubf, "-noout", "-modulus"]);
+                let hex = String::from_utf8_lossy(&out);
+                let hex = hex.trim().trim_start_matches("Modulus=");
+                let n: String = member("n").iter().map(|b| format!("{b:02X}")).collect();
+                assert_eq!(n, hex, "{route}");
+                assert_eq!(member("e"), vec![1, 0, 1], "{route}");
+            }
+            "ec" => {
+                assert_eq!(jwk["kty"], "EC", "{jwk}");
+                assert_eq!(jwk["crv"], "P-256", "{jwk}");
+                // The SPKI ends with the uncompressed point 04 || x || y.
+                let point = &spki[spki.len() - 65..];
+                assert_eq!(point[0], 4);
+                assert_eq!(member("x"), point[1..33].to_vec());
+                assert_eq!(member("y"), point[33..].to_vec());
+            }
+            _ => {
+                assert_eq!(jwk["kty"], "OKP", "{jwk}");
+                assert_eq!(jwk["crv"], "Ed25519", "{jwk}");
+                assert_eq!(member("x"), spki[spki.len() - 32..].to_vec());
+            }
+        }
     }
     let r = get(&gw.url("/bad"));
     assert!(

@@ -771,6 +771,44 @@ return _M
     assert_eq!(out["metadata"], 2);
 }
 
+/// `require("jsonschema")` (api7/jsonschema's entry point, as openid-connect's `claim_schema`
+/// check uses it): a schema that does not compile raises, a validator checks and fills defaults.
+#[test]
+fn jsonschema_generates_validators() {
+    let body = r#"
+    local jsonschema = require("jsonschema")
+    local ok, err = pcall(jsonschema.generate_validator, { type = "no-such-type" })
+    out.bad_ok = ok
+    out.bad_err = type(err) == "string" and #err > 0
+    local v = jsonschema.generate_validator({
+        type = "object",
+        properties = { iss = { type = "string" }, n = { type = "integer", default = 5 } },
+        required = { "iss" },
+    })
+    local claims = { iss = "me" }
+    out.good = v(claims)
+    out.filled = claims.n
+    out.missing_ok, out.missing_err = v({})
+    local skip = jsonschema.generate_validator({ type = "string" },
+        { skip_validation = function(x) return x == 42 end })
+    out.skipped = skip(42)
+    out.not_skipped = skip(41)
+"#;
+    let (_tmp, gw) = probe_gateway(
+        &[("probe-jsonschema", &probe("probe-jsonschema", body))],
+        &probe_route("/js", "probe-jsonschema"),
+    );
+    let out = get(&gw.url("/js")).json();
+    assert_eq!(out["bad_ok"], false);
+    assert_eq!(out["bad_err"], true);
+    assert_eq!(out["good"], true);
+    assert_eq!(out["filled"], 5);
+    assert_eq!(out["missing_ok"], false);
+    assert_eq!(out["missing_err"], "property \"iss\" is required");
+    assert_eq!(out["skipped"], true);
+    assert_eq!(out["not_skipped"], false);
+}
+
 #[test]
 fn core_utils_log_and_misc() {
     let src = probe(

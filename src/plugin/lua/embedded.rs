@@ -198,6 +198,7 @@ pub const MODULES: &[(&str, &str)] = &[
     ),
     ("multipart", include_str!("../../../lua/multipart.lua")),
     ("jsonpath", include_str!("../../../lua/jsonpath.lua")),
+    ("jsonschema", include_str!("../../../lua/jsonschema.lua")),
     (
         "resty.template",
         include_str!("../../../lua/resty/template.lua"),

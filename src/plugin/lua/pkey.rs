@@ -1,8 +1,9 @@
 //! lua-resty-openssl's `resty.openssl.pkey` on ring: keys read from PEM or DER (public keys as
 //! SubjectPublicKeyInfo or PKCS#1; private keys as PKCS#8, PKCS#1 or SEC1), signatures made and
 //! checked with RSA PKCS#1 v1.5 and PSS (SHA-256/384/512), ECDSA P-256 and P-384 (DER or raw
-//! `r||s` with `ecdsa_use_raw`) and Ed25519. This is what `jwt-auth` and other APISIX plugins
-//! call. Not provided: key generation, encryption, P-521, and signing a digest object (ring
+//! `r||s` with `ecdsa_use_raw`) and Ed25519, and the public half written as a JWK
+//! (`resty.openssl.auxiliary.jwk`'s `dump_jwk`, which openid-connect's DPoP check calls). This
+//! is what `jwt-auth` and other APISIX plugins call. Not provided: key generation, encryption, P-521, and signing a digest object (ring
 //! signs messages, not precomputed hashes): those answer `nil, err`.
 
 use base64::Engine;
@@ -317,6 +318,51 @@ impl Key {
         }
     }
 
+    /// The public half as a JWK (RFC 7517/7518/8037), members in lua-resty-openssl's order.
+    fn public_jwk(&self) -> Result<String, String> {
+        use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+        let rsa = |der: &[u8]| -> Result<String, String> {
+            let bad = || "invalid RSA public key".to_string();
+            let (_, seq, _) = tlv(der).ok_or_else(bad)?;
+            let (_, n, rest) = tlv(seq).ok_or_else(bad)?;
+            let (_, e, _) = tlv(rest).ok_or_else(bad)?;
+            let strip = |v: &[u8]| -> Vec<u8> {
+                let start = v.iter().position(|&b| b != 0).unwrap_or(v.len());
+                v[start..].to_vec()
+            };
+            Ok(format!(
+                r#"{{"kty":"RSA","n":"{}","e":"{}"}}"#,
+                B64.encode(strip(n)),
+                B64.encode(strip(e))
+            ))
+        };
+        let ec = |curve: Curve, point: &[u8]| -> Result<String, String> {
+            let size = if curve == Curve::P256 { 32 } else { 48 };
+            if point.len() != 1 + 2 * size || point[0] != 4 {
+                return Err("invalid EC public key".into());
+            }
+            let crv = if curve == Curve::P256 {
+                "P-256"
+            } else {
+                "P-384"
+            };
+            Ok(format!(
+                r#"{{"kty":"EC","crv":"{crv}","x":"{}","y":"{}"}}"#,
+                B64.encode(&point[1..1 + size]),
+                B64.encode(&point[1 + size..])
+            ))
+        };
+        let okp = |k: &[u8]| format!(r#"{{"kty":"OKP","crv":"Ed25519","x":"{}"}}"#, B64.encode(k));
+        match self {
+            Key::RsaPrivate(kp) => rsa(kp.public().as_ref()),
+            Key::RsaPublic(der) => rsa(der),
+            Key::EcPrivate { curve, public, .. } => ec(*curve, public),
+            Key::EcPublic { curve, point } => ec(*curve, point),
+            Key::Ed25519Private(kp) => Ok(okp(kp.public_key().as_ref())),
+            Key::Ed25519Public(k) => Ok(okp(k)),
+        }
+    }
+
     fn sign(&self, data: &[u8], m: &Mode) -> Result<Vec<u8>, String> {
         let rng = SystemRandom::new();
         match self {
@@ -421,6 +467,21 @@ impl UserData for PKey {
             },
         );
         m.add_method("is_private", |_, this, ()| Ok(this.0.is_private()));
+        m.add_method(
+            "tostring",
+            |lua, this, (which, fmt): (Option<String>, Option<String>)| {
+                // Only the JWK form of the public half is written (auxiliary.jwk's dump_jwk).
+                if which.as_deref().unwrap_or("public") != "public"
+                    || !fmt.as_deref().unwrap_or("JWK").eq_ignore_ascii_case("JWK")
+                {
+                    return fail(lua, "tostring", "only the public key as JWK is supported");
+                }
+                match this.0.public_jwk() {
+                    Ok(j) => Ok((Value::String(lua.create_string(j)?), Value::Nil)),
+                    Err(e) => fail(lua, "tostring", &e),
+                }
+            },
+        );
         m.add_method("get_key_type", |lua, this, ()| {
             let (sn, ln, id) = this.0.type_name();
             let t = lua.create_table()?;
@@ -462,6 +523,46 @@ fn pkey_module(lua: &Lua) -> mlua::Result<Table> {
     Ok(m)
 }
 
+/// `resty.openssl.auxiliary.jwk`: `dump_jwk(pkey, is_priv)` writes a key's public half as JWK
+/// JSON. Private members (`is_priv` true) and `load_jwk` are not provided: they answer
+/// `nil, err` (lua-resty-openssl raises nothing there either).
+fn jwk_module(lua: &Lua) -> mlua::Result<Table> {
+    let m = lua.create_table()?;
+    m.set(
+        "dump_jwk",
+        lua.create_function(|lua, (key, is_priv): (mlua::AnyUserData, Option<bool>)| {
+            if is_priv == Some(true) {
+                return Ok((
+                    Value::Nil,
+                    Value::String(
+                        lua.create_string(
+                            "jwk.dump_jwk: writing private members is not supported",
+                        )?,
+                    ),
+                ));
+            }
+            let key = key.borrow::<PKey>()?;
+            match key.0.public_jwk() {
+                Ok(j) => Ok((Value::String(lua.create_string(j)?), Value::Nil)),
+                Err(e) => Ok((
+                    Value::Nil,
+                    Value::String(lua.create_string(format!("jwk.dump_jwk: {e}"))?),
+                )),
+            }
+        })?,
+    )?;
+    m.set(
+        "load_jwk",
+        lua.create_function(|lua, _: MultiValue| {
+            Ok((
+                Value::Nil,
+                Value::String(lua.create_string("jwk.load_jwk: reading JWKs is not supported")?),
+            ))
+        })?,
+    )?;
+    Ok(m)
+}
+
 /// `ngx.base64`: the URL-safe codec of lua-resty-core (no padding on encode; decode accepts
 /// input with or without it and answers `nil, "invalid input"` otherwise).
 fn base64_module(lua: &Lua) -> mlua::Result<Table> {
@@ -498,6 +599,10 @@ pub(crate) fn install(lua: &Lua, preload: &Table) -> mlua::Result<()> {
     preload.set(
         "resty.openssl.pkey",
         lua.create_function(|lua, _: MultiValue| pkey_module(lua))?,
+    )?;
+    preload.set(
+        "resty.openssl.auxiliary.jwk",
+        lua.create_function(|lua, _: MultiValue| jwk_module(lua))?,
     )?;
     preload.set(
         "ngx.base64",
