@@ -34,6 +34,11 @@ import sys
 import time
 import urllib.request
 
+# The helper modules beside this file (peers, edge, ...) `import run`: let them get this module
+# when it runs as a script, so the servers they start are in the same `started` list.
+sys.modules.setdefault("run", sys.modules[__name__])
+import peers  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "bench")
 OUT = os.path.join(BENCH, "out")
@@ -49,6 +54,9 @@ TARGETS = [
     ("upstream", "upstream", "/", "upstream", None),
     ("nginx", "nginx", "/", "nginx", "upstream"),
     ("moongate", "moongate", "/", "moongate", "upstream"),
+    # The other peers on the plain route (bench/peers.py): HAProxy and a minimal Pingora proxy.
+    ("haproxy", "haproxy", "/", "haproxy", "upstream"),
+    ("pingora", "pingora", "/", "pingora", "upstream"),
     ("nginx_lua", "nginx", "/lua/", "nginx", "upstream"),
     ("moongate_lua", "moongate", "/lua/", "moongate", "upstream"),
     ("fn_direct", "function", "/default/function-sample/test", "function", None),
@@ -72,6 +80,8 @@ TARGETS = [
 # (label, numerator, denominator): per-repetition ratios
 PAIRS = [
     ("moongate/nginx", "moongate", "nginx"),
+    ("moongate/haproxy", "moongate", "haproxy"),
+    ("moongate/pingora", "moongate", "pingora"),
     ("moongate_lua/nginx_lua", "moongate_lua", "nginx_lua"),
     ("moongate_fn/nginx_fn", "moongate_fn", "nginx_fn"),
     ("moongate_lua/moongate", "moongate_lua", "moongate"),
@@ -96,6 +106,7 @@ def sh(cmd, **kw):
 
 def ensure_tools():
     have_lua = os.path.exists(os.path.join(NGINX_MODULES, "ngx_http_lua_module.so"))
+    peers.ensure_haproxy()
     if shutil.which("nginx") and shutil.which("wrk") and shutil.which("redis-server") and have_lua:
         return
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
@@ -127,6 +138,7 @@ def ensure_lua_redis():
 
 def build():
     sh(["cargo", "build", "--release"], cwd=ROOT)
+    peers.build_pingora()
     sh(["cargo", "build", "--release", "--example", "function_sample"], cwd=ROOT)
 
 
@@ -324,7 +336,9 @@ def stop_all():
             try:
                 # nginx: QUIT is a graceful stop; moongate treats TERM as one.
                 # redis-server: TERM (it saves nothing: --save "").
-                p.send_signal(signal.SIGQUIT if name in ("upstream", "nginx") else signal.SIGTERM)
+                # pingora: INT is its fast shutdown (TERM waits out a grace period).
+                p.send_signal(signal.SIGQUIT if name in ("upstream", "nginx") else
+                              signal.SIGINT if name == "pingora" else signal.SIGTERM)
                 p.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 p.kill()
@@ -488,7 +502,8 @@ def setup():
     """Writes the configs to bench/out/run/, starts every server on CPU1 and checks that each
     answers as the table says. Returns (processes, base URLs, idle RSS KiB), by server name."""
     os.makedirs(RUN, exist_ok=True)
-    up_port, ngx_port, mg_port, fn_port, redis_port, prom_port, export_port, log_port = free_ports(8)
+    (up_port, ngx_port, mg_port, fn_port, redis_port, prom_port, export_port, log_port,
+     ha_port, pg_port) = free_ports(10)
     files = {
         "upstream.conf": upstream_conf(up_port),
         "nginx.conf": nginx_conf(ngx_port, up_port, fn_port, redis_port),
@@ -515,6 +530,8 @@ def setup():
                                f"{RUN}/moongate_prom.stderr"),
         "moongate_log": start("moongate_log", [mg_bin, "run", "-c", f"{RUN}/moongate_log.yaml"],
                               f"{RUN}/moongate_log.stderr"),
+        "haproxy": peers.start_haproxy(ha_port, up_port),
+        "pingora": peers.start_pingora(pg_port, up_port),
     }
     base = {
         "upstream": f"http://127.0.0.1:{up_port}",
@@ -523,6 +540,8 @@ def setup():
         "moongate": f"http://127.0.0.1:{mg_port}",
         "moongate_prom": f"http://127.0.0.1:{prom_port}",
         "moongate_log": f"http://127.0.0.1:{log_port}",
+        "haproxy": f"http://127.0.0.1:{ha_port}",
+        "pingora": f"http://127.0.0.1:{pg_port}",
     }
     # Up, and doing what the table says: the Lua rows really set the header.
     wait_redis(redis_port)
@@ -530,6 +549,8 @@ def setup():
     wait_http(base["function"] + "/default/function-sample/x", "Hello, x!")
     wait_http(base["nginx"] + "/", "hello")
     wait_http(base["moongate"] + "/", "hello")
+    wait_http(base["haproxy"] + "/", "hello")
+    wait_http(base["pingora"] + "/", "hello")
     wait_http(base["nginx"] + "/lua/check", "x-gw=1")
     wait_http(base["moongate"] + "/lua/check", "x-gw=1")
     wait_http(base["nginx"] + "/fn/test", "Hello, test!")
@@ -747,6 +768,10 @@ def start_conn_servers(worker_connections, bases=(), mg_bin=None):
         "moongate": start("moongate", [mg_bin, "run", "-c", f"{RUN}/moongate.yaml"], f"{RUN}/moongate.stderr"),
     }
     ports = {"nginx": ngx_port, "moongate": mg_port}
+    ha_port, pg_port = free_ports(2)
+    procs["haproxy"] = peers.start_haproxy(ha_port, up_port, min(worker_connections, peers.HAPROXY_MAX_CONNS))
+    procs["pingora"] = peers.start_pingora(pg_port, up_port)
+    ports["haproxy"], ports["pingora"] = ha_port, pg_port
     for (name, path), port in zip(bases, base_ports):
         gw = f"moongate-{name}"
         procs[gw] = start(gw, [path, "run", "-c", f"{RUN}/{gw}.yaml"], f"{RUN}/{gw}.stderr")
@@ -833,7 +858,7 @@ def conns_mode(args):
         meta["bin"] = mg_bin
     if bases:
         meta["bases"] = dict(bases)
-    gws = ["nginx"] + [f"moongate-{name}" for name, _ in bases] + ["moongate"]
+    gws = ["nginx", "haproxy", "pingora"] + [f"moongate-{name}" for name, _ in bases] + ["moongate"]
     runs = {}
     for rep in range(args.reps):
         for kind, n in steps:
@@ -843,6 +868,10 @@ def conns_mode(args):
                 if rep % 2:
                     order.reverse()
                 for gw in order:
+                    if gw == "haproxy" and n > peers.HAPROXY_MAX_CONNS:
+                        # One HAProxy process budgets a server socket for every client
+                        # connection; under 20,000 files it refuses a maxconn above this.
+                        continue
                     if kind == "idle":
                         r = measure_idle(procs[gw].pid, ports[gw], n)
                         log(f"rep {rep} idle {n:6} {gw:9} {r['rss_kb_per_conn']:6.2f} KiB/conn RSS "
@@ -870,6 +899,10 @@ def conns_mode(args):
             key = "ratio" if gw == "moongate" else f"ratio {gw}"
             row[key] = summary([r["rss_kb_per_conn"] / ng[r["rep"]] for r in by_gw.get(gw, [])
                                 if ng.get(r["rep"], 0) > 0])
+        mg = {r["rep"]: r["rss_kb_per_conn"] for r in by_gw.get("moongate", [])}
+        for peer in ("haproxy", "pingora"):
+            row[f"ratio moongate/{peer}"] = summary([mg[r["rep"]] / r["rss_kb_per_conn"] for r in by_gw.get(peer, [])
+                                                     if r["rss_kb_per_conn"] > 0 and r["rep"] in mg])
         table[step] = row
     out = args.out if args.out != os.path.join(OUT, "results.json") else os.path.join(OUT, "conns.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
@@ -884,10 +917,11 @@ def conns_mode(args):
           + f", {args.reps} reps; RSS growth per connection "
           "(KiB, median (min-max)); ratio: per-rep moongate/nginx", "",
           "| connections | " + " | ".join(gws) + " | " + " | ".join(f"{gw}/nginx" for gw in mgs)
-          + " | " + " | ".join(f"{gw} Pss" for gw in gws) + " |",
-          "|---" * (1 + 2 * len(gws) + len(mgs)) + "|"]
+          + " | moongate/haproxy | moongate/pingora | " + " | ".join(f"{gw} Pss" for gw in gws) + " |",
+          "|---" * (3 + 2 * len(gws) + len(mgs)) + "|"]
     for step, row in table.items():
         ratios = [cell(row, "ratio" if gw == "moongate" else f"ratio {gw}") for gw in mgs]
+        ratios += [cell(row, "ratio moongate/haproxy"), cell(row, "ratio moongate/pingora")]
         md.append(f"| {step} | " + " | ".join(cell(row.get(gw), "rss_kb_per_conn") for gw in gws) + " | "
                   + " | ".join(ratios) + " | "
                   + " | ".join(cell(row.get(gw), "pss_kb_per_conn") for gw in gws) + " |")
@@ -908,15 +942,30 @@ def main():
     ap.add_argument("--no-build", action="store_true")
     ap.add_argument("--no-install", action="store_true")
     ap.add_argument("--out", default=os.path.join(OUT, "results.json"))
-    ap.add_argument("--mode", choices=["load", "conns", "edge"], default="load",
+    ap.add_argument("--mode", choices=["load", "conns", "edge", "concurrency", "reload", "routes"], default="load",
                     help="load: the load test; conns: memory per idle and per active connection; "
-                         "edge: TLS handshakes, HTTPS and HTTP/2 against nginx (bench/edge.py)")
+                         "edge: TLS handshakes, HTTPS and HTTP/2 against nginx (bench/edge.py); "
+                         "concurrency: 1,000 and 10,000 clients against nginx, HAProxy and Pingora "
+                         "(bench/concurrency.py); reload: a change a second under load against "
+                         "nginx -s reload (bench/reload_load.py); routes: 10,000 routes against one "
+                         "and against nginx locations, snapshot build and Admin PUT-to-serving "
+                         "(bench/routes.py)")
+    ap.add_argument("--routes", type=int, default=10000, help="routes mode: routes under load")
+    ap.add_argument("--snapshot-routes", default="10000,100000",
+                    help="routes mode: route counts for start-up, memory and PUT-to-serving (empty: none)")
+    ap.add_argument("--puts", type=int, default=10, help="routes mode: Admin PUTs timed per route count")
+    ap.add_argument("--reload-seconds", type=int, default=30,
+                    help="reload mode: seconds of each run (one change a second in the changes runs)")
+    ap.add_argument("--levels", default="1000,10000", help="concurrency mode: client counts")
+    ap.add_argument("--workers", default="1,2", help="concurrency mode: worker counts of every gateway")
+    ap.add_argument("--wrk-timeout", type=int, default=2,
+                    help="concurrency mode: wrk's --timeout in seconds (wrk's default: 2)")
     ap.add_argument("--counts", default="1000,5000,15000", help="conns mode: idle connection counts")
     ap.add_argument("--tls-counts", default="1000,5000",
                     help="edge mode: idle TLS connection counts for the memory figure (empty: none)")
     ap.add_argument("--active", type=int, default=1000,
                     help="conns mode: connections of the active load (0: none)")
-    ap.add_argument("--bin", help="conns mode: the moongate binary (default: target/release/moongate)")
+    ap.add_argument("--bin", help="conns and concurrency modes: the moongate binary (default: target/release/moongate)")
     ap.add_argument("--base", action="append", metavar="NAME=BINARY",
                     help="conns mode: another moongate binary (e.g. built from the commit before a "
                     "change) measured in the same run as gateway moongate-NAME; repeatable")
@@ -929,11 +978,40 @@ def main():
         edge.edge_mode(args)
         return
 
+    if args.mode == "concurrency":
+        if not args.no_install:
+            ensure_tools()
+        if not args.no_build:
+            sh(["cargo", "build", "--release"], cwd=ROOT)
+            peers.build_pingora()
+        import concurrency
+        concurrency.concurrency_mode(args)
+        return
+
+    if args.mode == "routes":
+        if not args.no_install:
+            ensure_tools()
+        if not args.no_build:
+            sh(["cargo", "build", "--release"], cwd=ROOT)
+        import routes
+        routes.routes_mode(args)
+        return
+
+    if args.mode == "reload":
+        if not args.no_install:
+            ensure_tools()
+        if not args.no_build:
+            sh(["cargo", "build", "--release"], cwd=ROOT)
+        import reload_load
+        reload_load.reload_mode(args)
+        return
+
     if args.mode == "conns":
         if not args.no_install:
             ensure_tools()
         if not args.no_build:
             sh(["cargo", "build", "--release"], cwd=ROOT)
+            peers.build_pingora()
         conns_mode(args)
         return
 
