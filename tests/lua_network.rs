@@ -300,6 +300,37 @@ function ops.lib(conf)
              connector = connector.from, cluster = cluster_err }
 end
 
+-- Errors raised by moongate's Rust functions reach Lua code as strings (OpenResty's are), with
+-- luaL_argerror's text for a bad argument.
+function ops.errors(conf)
+    local r = {}
+    local function probe(name, ok, err)
+        r[name] = { ok = ok, type = type(err), text = "prefix: " .. err,
+                    found = err:find("expected", 1, true) ~= nil,
+                    fmt = string.format("%s", err) }
+    end
+    probe("through_pcall", pcall(ngx.decode_base64, {}))
+    -- Not tail calls: the caller's frame names the function, as luaL_argerror reads it.
+    probe("direct", pcall(function() local v = ngx.decode_base64({}) return v end))
+    probe("method", pcall(function() local v = ngx.socket.tcp():connect(nil) return v end))
+    probe("runtime", pcall(function() return ngx.socket.tcp():receive("*x") end))
+    probe("xpcall", xpcall(function() local v = ngx.decode_base64({}) return v end,
+        function(e) return "handled: " .. e end))
+    local tb_ok, tb = xpcall(ngx.decode_base64, debug.traceback, {})
+    r.traceback = { type = type(tb), first = tb:match("^[^\n]*") }
+    local co = coroutine.create(function() local v = ngx.decode_base64(true) return v end)
+    probe("coroutine", coroutine.resume(co))
+    probe("wrap", pcall(coroutine.wrap(function() local v = ngx.decode_base64(true) return v end)))
+    local th = ngx.thread.spawn(function() local v = ngx.decode_base64({}) return v end)
+    probe("thread", ngx.thread.wait(th))
+    -- Lua's own error values are left as they are.
+    local t = {}
+    local _, same = pcall(error, t)
+    local _, str = pcall(error, "plain", 0)
+    r.lua = { same_table = same == t, str = str }
+    return r
+end
+
 function _M.access(conf, ctx)
     local op = ngx.var.arg_op
     return 200, ops[op](conf)
@@ -429,6 +460,55 @@ fn tcp_cosockets() {
         j["bad"].as_str().unwrap_or("").contains("bad max argument"),
         "{j}"
     );
+
+    // Errors from Rust-backed functions are strings a plugin can concatenate and search.
+    let j = call("errors").json();
+    let bad_table = "bad argument #1 to '?' (string expected, got table)";
+    let expect = [
+        ("through_pcall", bad_table.to_string()),
+        (
+            "direct",
+            "bad argument #1 to 'decode_base64' (string expected, got table)".into(),
+        ),
+        (
+            "method",
+            "bad argument #1 to 'connect' (string expected, got nil)".into(),
+        ),
+        (
+            "coroutine",
+            "bad argument #1 to 'decode_base64' (string expected, got boolean)".into(),
+        ),
+        (
+            "wrap",
+            "bad argument #1 to 'decode_base64' (string expected, got boolean)".into(),
+        ),
+        (
+            "thread",
+            "bad argument #1 to 'decode_base64' (string expected, got table)".into(),
+        ),
+    ];
+    for (name, text) in expect {
+        let p = &j[name];
+        assert_eq!(p["ok"], false, "{name}: {j}");
+        assert_eq!(p["type"], "string", "{name}: {j}");
+        assert_eq!(p["text"], format!("prefix: {text}"), "{name}: {j}");
+        assert_eq!(p["fmt"], text, "{name}: {j}");
+        assert_eq!(p["found"], true, "{name}: {j}");
+    }
+    assert_eq!(j["runtime"]["type"], "string", "{j}");
+    assert_eq!(
+        j["runtime"]["fmt"], "bad argument #1 to 'receive' (bad pattern argument)",
+        "{j}"
+    );
+    assert_eq!(
+        j["xpcall"]["fmt"],
+        "handled: bad argument #1 to 'decode_base64' (string expected, got table)",
+        "{j}"
+    );
+    assert_eq!(j["traceback"]["type"], "string", "{j}");
+    assert_eq!(j["traceback"]["first"], bad_table, "{j}");
+    assert_eq!(j["lua"]["same_table"], true, "{j}");
+    assert_eq!(j["lua"]["str"], "plain", "{j}");
 
     let j = call("refused").json();
     assert_eq!(j["err"], "connection refused");

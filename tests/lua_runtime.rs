@@ -118,6 +118,22 @@ return {
 "#,
     ),
     (
+        "spin-caught.lua",
+        r#"
+return {
+    version = 0.1,
+    priority = 50,
+    schema = { type = "object" },
+    access = function(conf, ctx)
+        -- The budget's stop is not an error a plugin can catch and go on from.
+        local ok, err = pcall(function() while true do end end)
+        local ok2, err2 = xpcall(function() while true do end end, debug.traceback)
+        return 200, "caught: " .. tostring(err) .. tostring(err2)
+    end,
+}
+"#,
+    ),
+    (
         "hog.lua",
         r#"
 return {
@@ -240,6 +256,7 @@ fn start(up: &Upstream, text_up: &Upstream) -> (tempfile::TempDir, Gateway) {
     );
     yaml += &route("boom", "/boom", "      boom: {}\n", &e);
     yaml += &route("spin", "/spin", "      spin: {}\n", &e);
+    yaml += &route("spin-caught", "/spin-caught", "      spin-caught: {}\n", &e);
     yaml += &route("hog", "/hog", "      hog: {}\n", &e);
     yaml += &route("sleep", "/sleep", "      sleeper: {}\n", &e);
     yaml += &route(
@@ -350,6 +367,11 @@ fn lua_faults_fail_only_their_request() {
     assert_eq!(get(&gw.url("/hdr2")).status, 200);
     let r = get(&gw.url("/spin"));
     assert_eq!(r.status, 500);
+    assert_eq!(get(&gw.url("/hdr2")).status, 200);
+    // Nor can pcall or xpcall keep it running.
+    let r = get(&gw.url("/spin-caught"));
+    assert_eq!(r.status, 500, "{}", r.text());
+    assert!(!r.text().contains("caught"), "{}", r.text());
     assert_eq!(get(&gw.url("/hdr2")).status, 200);
 
     // A memory hog hits the VM cap: 500, and the process lives on.

@@ -128,6 +128,8 @@ fn max_log_level() -> i64 {
 
 /// Installs `ngx`, `__moongate`, the require hooks and the prelude into `lua`.
 pub fn install(lua: &Lua, settings: &Settings) -> mlua::Result<()> {
+    // First: every Lua source loaded after this captures the string-raising `pcall`.
+    super::errors::install(lua)?;
     let g = lua.globals();
     let ngx = lua.create_table()?;
     let mg = lua.create_table()?;

@@ -1130,8 +1130,8 @@ fn pattern_arg(v: Option<Value>) -> mlua::Result<Pattern> {
 /// Redis command. Nested tables and bad items go to [`flatten`] as before (and its errors).
 /// Tail calls, so an error's position is still the caller's.
 const SEND_SRC: &str = r#"
-local send, concat = ...
-local pcall, type = pcall, type
+local send, concat, pcall = ...
+local type = type
 return function(sock, data)
     if type(data) == "table" then
         local ok, s = pcall(concat, data)
@@ -1172,10 +1172,11 @@ pub(crate) fn install(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
         }
     })?;
     let table: Table = lua.globals().get("table")?;
-    let send_fn: Function = lua
-        .load(SEND_SRC)
-        .set_name("=moongate.send")
-        .call((send_fn, table.get::<Function>("concat")?))?;
+    let send_fn: Function = lua.load(SEND_SRC).set_name("=moongate.send").call((
+        send_fn,
+        table.get::<Function>("concat")?,
+        lua.named_registry_value::<Function>(super::errors::RAW_PCALL)?,
+    ))?;
     m.set("send", send_fn)?;
     m.set(
         "receive",

@@ -19,6 +19,7 @@ mod convert;
 mod cosocket;
 mod crypto;
 pub mod embedded;
+mod errors;
 mod fast;
 mod lfs;
 mod metrics;

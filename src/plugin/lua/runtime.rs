@@ -163,12 +163,13 @@ return call, runner, release
 "#;
 
 /// Wraps a waiting function's Rust half: call it, yield to the runtime, return what it sends
-/// back or raise its error at the caller's line.
+/// back or raise its error (its message alone, with no position: OpenResty's C functions raise
+/// theirs so).
 const WAITING_SRC: &str = r#"
 local start, yield, WAIT, error = ...
 local function resumed(ok, ...)
     if ok then return ... end
-    error((...), 2)
+    error((...), 0)
 end
 return function(...)
     start(...)
@@ -183,7 +184,7 @@ const IO_SRC: &str = r#"
 local start, yield, WAIT, error = ...
 local function resumed(ok, ...)
     if ok then return ... end
-    error((...), 2)
+    error((...), 0)
 end
 local function now(first, ...)
     if first == WAIT then return yield(WAIT) end
@@ -200,9 +201,10 @@ end
 /// runner, or a light thread, which the runtime resumes when the wait ends) and hands the
 /// result back down. Any other yield returns to the resumer as in plain Lua.
 const COROUTINE_SRC: &str = r#"
-local WAIT, raw_create, raw_resume, raw_yield, raw_status, error = ...
+local WAIT, raw_create, raw_resume, raw_yield, raw_status, error, message = ...
 local function resumed(co, ok, first, ...)
-    if ok and first == WAIT and raw_status(co) == "suspended" then
+    if not ok then return false, message(first, 0, co) end
+    if first == WAIT and raw_status(co) == "suspended" then
         return resumed(co, raw_resume(co, raw_yield(WAIT)))
     end
     return ok, first, ...
@@ -237,6 +239,7 @@ pub(crate) fn install_coroutines(lua: &Lua) -> mlua::Result<()> {
             co.get::<Function>("yield")?,
             co.get::<Function>("status")?,
             lua.globals().get::<Function>("error")?,
+            lua.named_registry_value::<Function>(super::errors::MESSAGE)?,
         ))?;
     co.set("resume", resume)?;
     co.set("wrap", wrap)?;
@@ -1486,10 +1489,7 @@ pub(crate) fn wake_values(lua: &Lua, woke: mlua::Result<MultiValue>) -> mlua::Re
             Ok(values)
         }
         Err(e) => {
-            let msg = match &e {
-                mlua::Error::RuntimeError(m) => m.clone(),
-                other => other.to_string(),
-            };
+            let msg = super::errors::text(&e, None);
             let mut values = MultiValue::new();
             values.push_back(Value::Boolean(false));
             values.push_back(Value::String(lua.create_string(&msg)?));

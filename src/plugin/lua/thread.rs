@@ -39,10 +39,11 @@ const DEAD: &str = "moongate.dead_threads";
 /// value (what `wait` returns) and its traceback (what the log says), and returns the
 /// runtime's done tag followed by `true, results...` or `false, err, traceback`.
 const BODY_SRC: &str = r#"
-local DONE, xpcall, traceback, tostring = ...
+local DONE, xpcall, traceback, tostring, message = ...
 return function(f, ...)
     local trace
     local function handler(e)
+        e = message(e, 2)
         trace = traceback(tostring(e), 2)
         return e
     end
@@ -213,7 +214,8 @@ impl Threads {
             Ok(LightStop::Done(mut values)) => {
                 if matches!(values.front(), Some(Value::Boolean(false))) {
                     // false, err, traceback: the traceback is for the log only.
-                    let trace = values.get(2).cloned();
+                    // No traceback (nil) for a memory error: the handler does not run for it.
+                    let trace = values.get(2).filter(|v| !v.is_nil()).cloned();
                     values.truncate(2);
                     let text = match trace.as_ref().or(values.get(1)) {
                         Some(Value::String(s)) => s.to_string_lossy(),
@@ -229,7 +231,7 @@ impl Threads {
                 log_failure(&text);
                 let msg = match &e {
                     mlua::Error::RuntimeError(m) => m.lines().next().unwrap_or("").to_string(),
-                    other => other.to_string(),
+                    other => super::errors::text(other, None),
                 };
                 let mut values = MultiValue::new();
                 values.push_back(Value::Boolean(false));
@@ -499,9 +501,10 @@ pub(crate) fn install(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
     let debug: Table = g.get("debug")?;
     let body: Function = lua.load(BODY_SRC).set_name("=moongate.thread").call((
         Value::LightUserData(runtime::done_tag()),
-        g.get::<Function>("xpcall")?,
+        lua.named_registry_value::<Function>(super::errors::RAW_XPCALL)?,
         debug.get::<Function>("traceback")?,
         g.get::<Function>("tostring")?,
+        lua.named_registry_value::<Function>(super::errors::MESSAGE)?,
     ))?;
     lua.set_named_registry_value(BODY, body)?;
     let dead = lua.create_table()?;
