@@ -51,6 +51,10 @@ pub enum ClientError {
     /// An HTTP/2 (gRPC) exchange failed.
     #[error("HTTP/2: {0}")]
     Http2(#[from] h2::Error),
+    /// The HTTP/2 upstream did not process the stream (`REFUSED_STREAM`, or above a graceful
+    /// GOAWAY's last stream): the call may go to another node.
+    #[error("HTTP/2 stream refused: {0}")]
+    Http2Refused(h2::Error),
 }
 
 impl ClientError {

@@ -14,13 +14,14 @@ use http::header::{self, HeaderValue};
 use http::{HeaderMap, Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 
+use crate::balancer::Selection;
 use crate::body::{
     BoxError, ClientBody, ClientBodyFault, FaultCell, IdleTimeout, KeptBody, RequestBody,
     ResponseBody, UpstreamRequestBody,
 };
 use crate::compress;
 use crate::config::{Node, NodeConfig, PassHost, Timeout, Upstream};
-use crate::health::{Observation, Source};
+use crate::health::{Observation, Source, UpstreamHealth};
 use crate::http1::client::{RequestHead, ResponseLines};
 use crate::http1::server::{HeadLines, OnUpgrade};
 use crate::http1::RawHead;
@@ -264,16 +265,7 @@ async fn proxy(
         },
     };
     ctx.upstream_start = Some(Instant::now());
-    let attempts = upstream.attempts();
     if cfg.scheme.is_http2() {
-        let mut nodes = Vec::with_capacity(attempts);
-        nodes.push(first);
-        while nodes.len() < attempts {
-            match upstream.balancer.next(&mut sel, health) {
-                Some(i) => nodes.push(i),
-                None => break,
-            }
-        }
         return super::grpc::proxy(
             env,
             snap,
@@ -281,11 +273,13 @@ async fn proxy(
             ctx,
             conn_values,
             &upstream,
-            nodes,
+            sel,
+            first,
             timeout,
         )
         .await;
     }
+    let attempts = upstream.attempts();
     let client = worker_client();
 
     // A path a plugin set is checked as a request target (it goes into the request line); the
@@ -335,11 +329,7 @@ async fn proxy(
     // nginx's `proxy_next_upstream error timeout` (APISIX's): a request a node may have seen
     // goes to the next one only if its method is idempotent and its body can be sent again.
     let resendable = !matches!(ctx.method.as_str(), "POST" | "LOCK" | "PATCH");
-    // `retry_timeout`: no retry starts after this (APISIX's `proxy_retry_deadline`).
-    let retry_deadline = cfg
-        .retry_timeout
-        .filter(|t| *t > 0.0)
-        .map(|t| Instant::now() + secs(t));
+    let retry_deadline = retry_deadline(cfg);
     let client_host = ctx.headers.contains_key(header::HOST);
     // The client address a plugin set (real-ip) goes upstream instead of the connection's.
     let realip = ctx.client.realip_from.map(|_| ctx.remote_addr.ip());
@@ -424,19 +414,20 @@ async fn proxy(
         } else {
             StatusCode::BAD_GATEWAY
         };
-        if body.is_none() || tries >= attempts {
+        if body.is_none() {
             break Err(status);
         }
-        if retry_deadline.is_some_and(|d| Instant::now() >= d) {
-            tracing::error!(route = %route.id, "proxy retry timeout, retry count: {}", tries - 1);
-            break Err(StatusCode::BAD_GATEWAY);
-        }
-        // The only node is retried itself (APISIX: "with a single node the retry has to land
-        // on it again").
-        let next = match upstream.balancer.next(&mut sel, health) {
-            Some(n) => n,
-            None if upstream.balancer.live() == 1 => node_idx,
-            None => break Err(status),
+        let next = match next_try(
+            &upstream,
+            &mut sel,
+            health,
+            node_idx,
+            tries,
+            retry_deadline,
+            &route,
+        ) {
+            Ok(n) => n,
+            Err(over) => break Err(over.unwrap_or(status)),
         };
         node_idx = next;
         tries += 1;
@@ -527,6 +518,41 @@ pub(super) fn upstream_host(
             .upstream_host
             .as_deref()
             .and_then(|h| HeaderValue::from_str(h).ok()),
+    }
+}
+
+/// When retries must stop: `retry_timeout` after now (APISIX's `proxy_retry_deadline`).
+pub(super) fn retry_deadline(cfg: &Upstream) -> Option<Instant> {
+    cfg.retry_timeout
+        .filter(|t| *t > 0.0)
+        .map(|t| Instant::now() + secs(t))
+}
+
+/// The node for the next try after try number `tries` on node `idx` failed in a way that may
+/// be retried. `Err(None)`: no try is left (the failure's own status answers);
+/// `Err(Some(502))`: `retry_timeout` has passed.
+pub(super) fn next_try(
+    upstream: &UpstreamEntry,
+    sel: &mut Selection,
+    health: Option<&UpstreamHealth>,
+    idx: usize,
+    tries: usize,
+    deadline: Option<Instant>,
+    route: &RouteEntry,
+) -> Result<usize, Option<StatusCode>> {
+    if tries >= upstream.attempts() {
+        return Err(None);
+    }
+    if deadline.is_some_and(|d| Instant::now() >= d) {
+        tracing::error!(route = %route.id, "proxy retry timeout, retry count: {}", tries - 1);
+        return Err(Some(StatusCode::BAD_GATEWAY));
+    }
+    // The only node is retried itself (APISIX: "with a single node the retry has to land on
+    // it again").
+    match upstream.balancer.next(sel, health) {
+        Some(n) => Ok(n),
+        None if upstream.balancer.live() == 1 => Ok(idx),
+        None => Err(None),
     }
 }
 

@@ -1,4 +1,6 @@
-"""A gRPC server for the tests: `python3 server.py STUB_DIR`, prints `PORT n` when serving."""
+"""A gRPC server for the tests: `python3 server.py STUB_DIR [PORT]` (a free port without
+one), prints `PORT n` when serving. Unary calls name the port that served them in the
+`x-server` trailer."""
 import sys
 import time
 from concurrent import futures
@@ -12,7 +14,9 @@ import echo_pb2_grpc  # noqa: E402
 class Echo(echo_pb2_grpc.EchoServicer):
     def Unary(self, request, context):
         md = dict(context.invocation_metadata())
-        context.set_trailing_metadata((("x-trailer", "t-" + request.text),))
+        context.set_trailing_metadata(
+            (("x-trailer", "t-" + request.text), ("x-server", str(PORT)))
+        )
         seen = "|".join(
             f"{k}={md.get(k, '')}" for k in ("x-forwarded-for", "x-client")
         )
@@ -39,12 +43,19 @@ class Echo(echo_pb2_grpc.EchoServicer):
             yield echo_pb2.Msg(text=m.text[::-1], n=m.n * 2)
 
 
+PORT = 0
+
+
 def main():
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    global PORT
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=8), options=(("grpc.so_reuseport", 0),)
+    )
     echo_pb2_grpc.add_EchoServicer_to_server(Echo(), server)
-    port = server.add_insecure_port("127.0.0.1:0")
+    want = sys.argv[2] if len(sys.argv) > 2 else "0"
+    PORT = server.add_insecure_port("127.0.0.1:" + want)
     server.start()
-    print(f"PORT {port}", flush=True)
+    print(f"PORT {PORT}", flush=True)
     server.wait_for_termination()
 
 
