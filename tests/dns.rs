@@ -201,6 +201,15 @@ const PROBE: &str = r#"
 local _M = { version = 0.1, priority = 100, name = "dns-probe", schema = { type = "object" } }
 
 function _M.access(conf, ctx)
+    if ngx.var.arg_http then
+        -- lua-resty-http, over the same cosockets.
+        local httpc = require("resty.http").new()
+        local res, err = httpc:request_uri("http://" .. ngx.var.arg_host .. ":" .. conf.port .. "/")
+        if not res then
+            return 502, { err = err }
+        end
+        return 200, { body = res.body }
+    end
     local s = ngx.socket.tcp()
     local ok, err = s:connect(ngx.var.arg_host, conf.port)
     if not ok then
@@ -227,7 +236,14 @@ fn lua_cosockets_connect_by_name_through_the_same_resolver() {
         ),
     );
     let probe = |host: &str| get(&gw.url(&format!("/p?host={host}"))).json();
+    let http_probe = |host: &str| get(&gw.url(&format!("/p?http=1&host={host}"))).json();
     assert_eq!(probe("svc.moongate.test")["body"], "a", "{}", gw.logs());
+    assert_eq!(
+        http_probe("svc.moongate.test")["body"],
+        "a",
+        "{}",
+        gw.logs()
+    );
 
     dns.set("127.0.0.3 svc.moongate.test\n");
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -235,6 +251,12 @@ fn lua_cosockets_connect_by_name_through_the_same_resolver() {
         assert!(Instant::now() < deadline, "{}", gw.logs());
         std::thread::sleep(Duration::from_millis(50));
     }
+    assert_eq!(
+        http_probe("svc.moongate.test")["body"],
+        "b",
+        "{}",
+        gw.logs()
+    );
 
     // nginx's wording for a name that does not resolve.
     assert_eq!(
@@ -243,6 +265,21 @@ fn lua_cosockets_connect_by_name_through_the_same_resolver() {
         "{}",
         gw.logs()
     );
+}
+
+#[test]
+fn openfunction_s_function_uri_follows_its_record_through_the_same_resolver() {
+    let (_a, _b, port) = pair();
+    let mut dns = Dnsmasq::start("127.0.0.2 fn.moongate.test\n");
+    let gw = Gateway::start(&format!(
+        "dns_resolver:\n  - {}\nroutes:\n  - id: f\n    uri: /f\n    plugins:\n      openfunction: {{function_uri: \"http://fn.moongate.test:{port}/\"}}\n    upstream:\n      nodes:\n        \"127.0.0.1:1\": 1\n",
+        dns.server()
+    ));
+    let url = gw.url("/f");
+    until_body(&url, "a", || gw.logs());
+    // The record changes: the function's next connections go to the new address, no reload.
+    dns.set("127.0.0.3 fn.moongate.test\n");
+    until_body(&url, "b", || gw.logs());
 }
 
 #[test]
