@@ -124,9 +124,23 @@ fn passive_checks_take_a_failing_node_out_and_active_checks_bring_it_back() {
 
 #[test]
 fn a_killed_node_is_taken_out_by_active_checks_and_few_requests_fail() {
+    let checks = "      active:\n        type: http\n        timeout: 1\n        http_path: /health\n        healthy: {interval: 1, successes: 2}\n        unhealthy: {interval: 1, tcp_failures: 2}\n";
+    kill_under_load(checks, "active check");
+}
+
+#[test]
+fn a_killed_node_is_taken_out_by_passive_checks_and_few_requests_fail() {
+    // Healthy nodes are probed once a minute: the traffic's connect failures are what notices.
+    let checks = "      active:\n        http_path: /health\n        healthy: {interval: 60, successes: 2}\n        unhealthy: {interval: 1}\n      passive:\n        unhealthy: {tcp_failures: 2}\n";
+    kill_under_load(checks, "passive check");
+}
+
+/// Kills one of two nodes under the load of four clients and checks what the clients see: at
+/// most the requests in flight on the node when it died fail, the node is marked down once
+/// (by `by`), then gets no traffic and no request fails; brought back, it serves again.
+fn kill_under_load(checks: &str, by: &str) {
     let a = Node::start();
     let b = Node::start();
-    let checks = "      active:\n        type: http\n        timeout: 1\n        http_path: /health\n        healthy: {interval: 1, successes: 2}\n        unhealthy: {interval: 1, tcp_failures: 2}\n";
     let gw = Gateway::start(&route(&[&a, &b], checks));
     let addr = gw.addr();
 
@@ -165,6 +179,16 @@ fn a_killed_node_is_taken_out_by_active_checks_and_few_requests_fail() {
     );
     let took = killed.elapsed();
     let failed_during_kill = failed.load(Ordering::SeqCst);
+    let line = gw
+        .logs()
+        .lines()
+        .find(|l| l.contains("upstream node marked unhealthy"))
+        .map(str::to_string)
+        .unwrap_or_default();
+    assert!(
+        line.contains(&format!("TCP failures in a row ({by}; last: ")),
+        "{line}"
+    );
     // Let each client finish the request it had in flight when the node was marked down.
     let at_mark: Vec<u64> = done.iter().map(|d| d.load(Ordering::SeqCst)).collect();
     assert!(poll_until(WAIT, || done
@@ -186,7 +210,7 @@ fn a_killed_node_is_taken_out_by_active_checks_and_few_requests_fail() {
     assert_eq!(connect_failures(), tried_after_mark);
     assert_eq!(failed.load(Ordering::SeqCst), failed_at_mark);
     println!(
-        "node killed: marked down after {took:?} (interval 1 s x tcp_failures 2); \
+        "node killed: marked down by the {by} after {took:?}; \
          client requests failed meanwhile: {failed_during_kill} of {}; \
          connect attempts to the dead node: {tried_after_mark}",
         total(&done)
@@ -212,6 +236,66 @@ fn a_killed_node_is_taken_out_by_active_checks_and_few_requests_fail() {
         t.join().expect("client thread");
     }
     assert_eq!(failed.load(Ordering::SeqCst), failed_at_mark);
+}
+
+#[test]
+fn probes_go_to_the_configured_port_with_host_and_headers_and_all_nodes_down_still_serve() {
+    let a = Node::start();
+    let b = Node::start();
+    // The nodes' health is served on another port (here: another node's).
+    let h = Node::start();
+    let checks = format!(
+        "      active:\n        http_path: /status\n        host: health.example\n        port: {}\n        req_headers: [\"X-Probe: yes\", \"X-Zone: a\"]\n        healthy: {{interval: 1, successes: 1}}\n        unhealthy: {{interval: 1, http_failures: 1}}\n",
+        h.port()
+    );
+    let gw = Gateway::start(&route(&[&a, &b], &checks));
+    assert!(poll_until(WAIT, || h.probes() >= 2), "{}", gw.logs());
+    assert_eq!((a.probes(), b.probes()), (0, 0));
+    let (path, headers) = h.last_probe().expect("a probe");
+    assert_eq!(path, "/status");
+    let header = |n: &str| {
+        headers
+            .get(n)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    assert_eq!(header("host").as_deref(), Some("health.example"));
+    assert_eq!(header("x-probe").as_deref(), Some("yes"));
+    assert_eq!(header("x-zone").as_deref(), Some("a"));
+
+    // The health port fails: both nodes are marked down though they serve. With every node
+    // down the balancer uses all of them (APISIX's behaviour) and says so once.
+    h.set_failing(true);
+    assert!(
+        poll_until(WAIT, || marked_down(&gw, &a) == 1
+            && marked_down(&gw, &b) == 1),
+        "{}",
+        gw.logs()
+    );
+    let all_down = "every node of the upstream is unhealthy: traffic goes to all of them";
+    assert!(gw.wait_for_log(all_down, WAIT), "{}", gw.logs());
+    let mut client = LoadClient::new(gw.addr());
+    let (by, bad) = spread(&mut client, 40);
+    assert_eq!(bad, 0, "{}", gw.logs());
+    assert!(by.contains_key(&a.port().to_string()) && by.contains_key(&b.port().to_string()));
+    assert_eq!(gw.logs().matches(all_down).count(), 1, "{}", gw.logs());
+    let line = gw
+        .logs()
+        .lines()
+        .find(|l| l.contains(all_down))
+        .map(str::to_string)
+        .unwrap_or_default();
+    assert!(
+        line.contains("WARN") && line.contains("upstream=/apisix/upstreams/u1"),
+        "{line}"
+    );
+
+    h.set_failing(false);
+    assert!(
+        poll_until(WAIT, || marked_up(&gw, &a) == 1 && marked_up(&gw, &b) == 1),
+        "{}",
+        gw.logs()
+    );
 }
 
 #[test]
@@ -291,12 +375,13 @@ fn the_control_api_shows_node_health_in_apisix_s_shapes() {
     let b = Node::start();
     a.set_failing(true);
     let checks = "      active:\n        http_path: /health\n        unhealthy: {interval: 1, http_failures: 1}\n";
-    // u1 (a named upstream, used by r1) and r2's inline upstream.
+    // u1 (a named upstream, used by r1), r2's inline upstream and service s1's.
     let yaml = route(&[&a, &b], checks).replace(
         "upstreams:\n",
         &format!(
-            "  - id: r2\n    uri: /inline\n    upstream:\n      nodes: {{\"{}\": 1}}\n      checks:\n        active: {{type: tcp}}\nupstreams:\n",
-            b.node()
+            "  - id: r2\n    uri: /inline\n    upstream:\n      nodes: {{\"{b}\": 1}}\n      checks:\n        active: {{type: tcp}}\n  - id: r3\n    uri: /service\n    service_id: s1\nservices:\n  - id: s1\n    upstream:\n      nodes: {{\"{a}\": 1}}\n      checks:\n        active: {{http_path: /health, unhealthy: {{interval: 1, http_failures: 1}}}}\nupstreams:\n",
+            b = b.node(),
+            a = a.node(),
         ),
     );
     let yaml = format!(
@@ -319,8 +404,9 @@ fn the_control_api_shows_node_health_in_apisix_s_shapes() {
         )
     };
     let url = |p: &str| format!("http://{control}{p}");
+    // Down in u1 and in s1.
     assert!(
-        poll_until(WAIT, || marked_down(&gw, &a) == 1),
+        poll_until(WAIT, || marked_down(&gw, &a) == 2),
         "{}",
         gw.logs()
     );
@@ -334,8 +420,19 @@ fn the_control_api_shows_node_health_in_apisix_s_shapes() {
         .iter()
         .filter_map(|c| c["name"].as_str())
         .collect();
-    assert_eq!(names, ["/apisix/routes/r2", "/apisix/upstreams/u1"]);
+    assert_eq!(
+        names,
+        [
+            "/apisix/routes/r2",
+            "/apisix/services/s1",
+            "/apisix/upstreams/u1"
+        ]
+    );
     assert_eq!(all[0]["type"], "tcp");
+    // The service's checker took its node out too.
+    let svc = get(&url("/v1/healthcheck/services/s1")).json();
+    assert_eq!(svc["name"], "/apisix/services/s1", "{svc}");
+    assert_eq!(svc["nodes"][0]["status"], "unhealthy", "{svc}");
 
     let one = get(&url("/v1/healthcheck/upstreams/u1"));
     assert_eq!(one.status, 200);

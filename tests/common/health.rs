@@ -27,6 +27,8 @@ struct NodeState {
     failing: AtomicBool,
     traffic: AtomicU64,
     probes: AtomicU64,
+    /// The last probe's path and headers.
+    last_probe: Mutex<Option<(String, http::HeaderMap)>>,
     /// Connection tasks, aborted by `kill`.
     conns: Mutex<Vec<tokio::task::AbortHandle>>,
 }
@@ -78,6 +80,10 @@ impl Node {
                             .headers()
                             .get(http::header::USER_AGENT)
                             .is_some_and(|v| v.as_bytes() == b"moongate-healthcheck");
+                        if probe {
+                            *st.last_probe.lock().unwrap_or_else(|e| e.into_inner()) =
+                                Some((req.uri().path().to_string(), req.headers().clone()));
+                        }
                         let counter = if probe { &st.probes } else { &st.traffic };
                         counter.fetch_add(1, Ordering::SeqCst);
                         let status = if st.failing.load(Ordering::SeqCst) {
@@ -151,6 +157,15 @@ impl Node {
     /// Health probes received.
     pub fn probes(&self) -> u64 {
         self.state.probes.load(Ordering::SeqCst)
+    }
+
+    /// The last health probe's path and headers.
+    pub fn last_probe(&self) -> Option<(String, http::HeaderMap)> {
+        self.state
+            .last_probe
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 
