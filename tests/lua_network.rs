@@ -589,6 +589,14 @@ fn package_path_patterns_are_checked() {
     assert!(out.contains("one pattern per list item"), "{out}");
     let (code, out) = check("lua:\n  package_path:\n    - /opt/lua/?.lua\n");
     assert_eq!(code, 0, "{out}");
+    let (code, out) = check("lua:\n  package_cpath:\n    - /opt/lua/x.so\n");
+    assert_ne!(code, 0, "{out}");
+    assert!(
+        out.contains("lua.package_cpath") && out.contains("has no \"?\""),
+        "{out}"
+    );
+    let (code, out) = check("lua:\n  package_cpath:\n    - /opt/lua/?.so\n");
+    assert_eq!(code, 0, "{out}");
 }
 
 /// A server process this test started; killed when dropped.

@@ -470,3 +470,67 @@ fn check_reports_lua_schema_errors_with_route_path() {
         "{out}"
     );
 }
+
+/// A Lua C module through `lua.package_cpath`: Debian's LPeg (`lua-lpeg`, the C library
+/// APISIX's graphql and LDAP plugins parse with) loads into the worker's VM, finding the Lua C
+/// API the binary exports, and matches; the configured folder is searched before the system's.
+#[test]
+fn c_modules_load_from_package_cpath() {
+    let system = format!(
+        "/usr/lib/{}-linux-gnu/lua/5.1/lpeg.so",
+        std::env::consts::ARCH
+    );
+    assert!(
+        Path::new(&system).is_file(),
+        "{system} missing: apt-get install lua-lpeg (.ci/run does)"
+    );
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let clibs = tmp.path().join("clibs");
+    std::fs::create_dir_all(&clibs).expect("clibs");
+    std::fs::copy(&system, clibs.join("lpeg.so")).expect("copy lpeg.so");
+    let plugins = tmp.path().join("plugins");
+    std::fs::create_dir_all(&plugins).expect("plugins");
+    std::fs::write(
+        plugins.join("lpeg-probe.lua"),
+        r#"
+local lpeg = require("lpeg")
+local core = require("apisix.core")
+local number = lpeg.C(lpeg.R("09") ^ 1) / tonumber
+local list = lpeg.Ct(number * ("," * number) ^ 0) * -1
+return {
+    version = 0.1, priority = 1, name = "lpeg-probe", schema = { type = "object" },
+    access = function(conf, ctx)
+        local parsed = list:match(ngx.var.arg_list or "")
+        local sum = 0
+        for _, n in ipairs(parsed or {}) do sum = sum + n end
+        return 200, { version = lpeg.version(), found = package.searchpath("lpeg", package.cpath),
+            parsed = parsed ~= nil, count = parsed and #parsed or 0, sum = sum }
+    end,
+}
+"#,
+    )
+    .expect("write plugin");
+    let gw = Gateway::start_in(
+        tmp.path(),
+        "workers: 1\nplugin_dirs: [plugins]\nlua:\n  package_cpath: [clibs/?.so]\nroutes:\n  - id: p\n    uri: /p\n    plugins:\n      lpeg-probe: {}\n    upstream:\n      nodes:\n        \"127.0.0.1:1\": 1\n",
+    );
+    let r = get(&gw.url("/p?list=10,20,12"));
+    assert_eq!(r.status, 200, "{}\n{}", r.text(), gw.logs());
+    let v = r.json();
+    assert_eq!(v["parsed"], true, "{v}");
+    assert_eq!(v["count"], 3, "{v}");
+    assert_eq!(v["sum"], 42, "{v}");
+    assert!(
+        v["version"]
+            .as_str()
+            .is_some_and(|s| s.starts_with(|c: char| c.is_ascii_digit())),
+        "{v}"
+    );
+    assert_eq!(
+        v["found"].as_str(),
+        Some(clibs.join("lpeg.so").to_str().expect("utf-8 path")),
+        "{v}"
+    );
+    let v = get(&gw.url("/p?list=10,x")).json();
+    assert_eq!(v["parsed"], false, "{v}");
+}

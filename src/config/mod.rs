@@ -322,6 +322,11 @@ pub struct LuaConfig {
     /// config file's folder.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub package_path: Vec<LuaPathPattern>,
+    /// C module search patterns (`/opt/lua/?.so`) searched before the system's, like nginx's
+    /// `lua_package_cpath` and APISIX's `extra_lua_cpath`. Relative ones are relative to the
+    /// config file's folder.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub package_cpath: Vec<LuaPathPattern>,
 }
 
 /// One `package.path` pattern: a path with `?` where the module name (dots made slashes) goes.
@@ -427,6 +432,7 @@ impl Default for LuaConfig {
             memory_limit_mb: default_lua_memory(),
             shared_dicts: Default::default(),
             package_path: Vec::new(),
+            package_cpath: Vec::new(),
         }
     }
 }
@@ -677,7 +683,12 @@ pub fn load_partial(path: &Path) -> Result<Partial, ConfigErrors> {
 
 /// Makes the file's relative paths relative to the folder the file is in.
 fn resolve_paths(node: &mut NodeConfig, base: &Path) {
-    for pat in &mut node.lua.package_path {
+    for pat in node
+        .lua
+        .package_path
+        .iter_mut()
+        .chain(node.lua.package_cpath.iter_mut())
+    {
         if Path::new(&pat.0).is_relative() {
             pat.0 = base.join(&pat.0).to_string_lossy().into_owned();
         }

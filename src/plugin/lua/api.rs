@@ -1566,13 +1566,23 @@ const SYSTEM_LUA_PATH: &[&str] = &[
     "/usr/share/lua/5.1/?/init.lua",
 ];
 
-/// `package.path`: the node's patterns, the system's, then what LuaJIT started with (its
-/// built-in path, or `LUA_PATH`), each pattern once.
-fn package_path(node: &[String], builtin: &str) -> String {
+/// Where luarocks and Debian install Lua 5.1 C modules (Debian's under the multiarch folder),
+/// searched after `lua.package_cpath` and before LuaJIT's built-in cpath.
+fn system_lua_cpath() -> [String; 3] {
+    [
+        "/usr/local/lib/lua/5.1/?.so".to_string(),
+        format!("/usr/lib/{}-linux-gnu/lua/5.1/?.so", std::env::consts::ARCH),
+        "/usr/lib/lua/5.1/?.so".to_string(),
+    ]
+}
+
+/// `package.path` (or `cpath`): the node's patterns, the system's, then what LuaJIT started
+/// with (its built-in path, or `LUA_PATH`), each pattern once.
+fn package_path<S: AsRef<str>>(node: &[String], system: &[S], builtin: &str) -> String {
     let mut seen = std::collections::HashSet::new();
     node.iter()
         .map(String::as_str)
-        .chain(SYSTEM_LUA_PATH.iter().copied())
+        .chain(system.iter().map(AsRef::as_ref))
         .chain(builtin.split(';'))
         .filter(|p| !p.is_empty() && seen.insert(*p))
         .collect::<Vec<_>>()
@@ -1609,7 +1619,21 @@ fn install_require(lua: &Lua, settings: &Settings) -> mlua::Result<()> {
     super::apisix_runtime::install(lua, &preload)?;
     package.set(
         "path",
-        package_path(&settings.package_path, &package.get::<String>("path")?),
+        package_path(
+            &settings.package_path,
+            SYSTEM_LUA_PATH,
+            &package.get::<String>("path")?,
+        ),
+    )?;
+    // C modules (lpeg, lua-protobuf, ...) find the Lua C API in the binary, which exports it
+    // (build.rs), as OpenResty's nginx does.
+    package.set(
+        "cpath",
+        package_path(
+            &settings.package_cpath,
+            &system_lua_cpath(),
+            &package.get::<String>("cpath")?,
+        ),
     )?;
     // The plugin folders are not on `package.path`: a plugin file named like a library
     // (`brotli.lua`, `prometheus.lua`) would be found by its own `require("brotli")`. Our

@@ -79,6 +79,8 @@ pub struct Settings {
     pub workflow_plugins: Arc<std::sync::Mutex<Vec<std::sync::Weak<LuaPlugin>>>>,
     /// `lua.package_path`: searched before the system's patterns.
     pub package_path: Vec<String>,
+    /// `lua.package_cpath`: searched before the system's C module patterns.
+    pub package_cpath: Vec<String>,
 }
 
 impl Settings {
@@ -92,6 +94,7 @@ impl Settings {
             plugin_dirs: plugin_dirs.to_vec(),
             workflow_plugins: Arc::default(),
             package_path: cfg.package_path.iter().map(|p| p.0.clone()).collect(),
+            package_cpath: cfg.package_cpath.iter().map(|p| p.0.clone()).collect(),
         }
     }
 }
