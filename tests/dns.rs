@@ -168,6 +168,45 @@ fn a_name_that_stops_resolving_is_left_out_and_logged_once() {
 }
 
 #[test]
+fn the_control_api_shows_a_named_node_by_its_address() {
+    let (_a, _b, port) = pair();
+    let dns = Dnsmasq::start("127.0.0.2 svc.moongate.test\n");
+    let gw = gateway(
+        &dns,
+        &[format!("svc.moongate.test:{port}")],
+        "control: {ip: 127.0.0.1, port: 0}\n",
+    );
+    // The route's upstream gets a checker (the helper's config has none): add one.
+    let file = std::fs::read_to_string(gw.config_path()).expect("read config");
+    std::fs::write(
+        gw.config_path(),
+        format!("{file}      checks:\n        active: {{type: tcp}}\n"),
+    )
+    .expect("write config");
+    assert!(gw.wait_for_log(
+        "new configuration generation is serving",
+        Duration::from_secs(10)
+    ));
+    let url = format!("http://{}/v1/healthcheck/routes/r", gw.control_addr());
+    // As APISIX's checker holds a node: by the address its name resolved to.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let one = get(&url).json();
+        let n = &one["nodes"][0];
+        if n["ip"] == "127.0.0.2" {
+            assert_eq!(
+                (n["port"].as_u64(), n["hostname"].as_str()),
+                (Some(u64::from(port)), Some("127.0.0.2")),
+                "{one}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "{one}\n{}", gw.logs());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
 fn a_silent_dns_server_leaves_the_last_answer_serving() {
     let (_a, _b, port) = pair();
     let mut dns = Dnsmasq::start("127.0.0.2 svc.moongate.test\n");

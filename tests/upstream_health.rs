@@ -248,9 +248,32 @@ fn probes_go_to_the_configured_port_with_host_and_headers_and_all_nodes_down_sti
         "      active:\n        http_path: /status\n        host: health.example\n        port: {}\n        req_headers: [\"X-Probe: yes\", \"X-Zone: a\"]\n        healthy: {{interval: 1, successes: 1}}\n        unhealthy: {{interval: 1, http_failures: 1}}\n",
         h.port()
     );
-    let gw = Gateway::start(&route(&[&a, &b], &checks));
+    let gw = Gateway::start(&format!(
+        "control: {{ip: 127.0.0.1, port: 0}}\n{}",
+        route(&[&a, &b], &checks)
+    ));
     assert!(poll_until(WAIT, || h.probes() >= 2), "{}", gw.logs());
     assert_eq!((a.probes(), b.probes()), (0, 0));
+    // The control API shows the targets as APISIX's checker holds them: the probed port, the
+    // probe's host name.
+    let one = get(&format!(
+        "http://{}/v1/healthcheck/upstreams/u1",
+        gw.control_addr()
+    ))
+    .json();
+    let nodes = one["nodes"].as_array().expect("nodes");
+    assert_eq!(nodes.len(), 2, "{one}");
+    for n in nodes {
+        assert_eq!(
+            (n["ip"].as_str(), n["port"].as_u64(), n["hostname"].as_str()),
+            (
+                Some("127.0.0.1"),
+                Some(u64::from(h.port())),
+                Some("health.example")
+            ),
+            "{one}"
+        );
+    }
     let (path, headers) = h.last_probe().expect("a probe");
     assert_eq!(path, "/status");
     let header = |n: &str| {

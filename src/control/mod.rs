@@ -101,17 +101,24 @@ fn one_checker(snap: &Snapshot, kind: &str, id: &str) -> (StatusCode, Value) {
 }
 
 /// One checker as APISIX shows it: `name` (the resource key), `type`, and per node its
-/// address, status and counters.
+/// target as lua-resty-healthcheck holds it (`ip`: the address, a named node's current one;
+/// `port`: the probed port; `hostname`: `checks.active.host`, else the ip), its status and
+/// counters.
 fn checker_info(h: &UpstreamHealth) -> Value {
+    let active = &h.checks.active;
     let nodes: Vec<Value> = h
         .nodes
         .iter()
         .map(|n| {
             let c = n.counters();
+            let ip = crate::dns::current_addr(&n.host)
+                .map(|a| a.to_string())
+                .unwrap_or_else(|| n.host.clone());
+            let hostname = active.host.clone().unwrap_or_else(|| ip.clone());
             json!({
-                "ip": n.host,
-                "port": n.port,
-                "hostname": n.host,
+                "ip": ip,
+                "port": active.port.unwrap_or(n.port),
+                "hostname": hostname,
                 "status": n.status(),
                 "counter": {
                     "success": c.success,

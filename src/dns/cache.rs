@@ -195,6 +195,19 @@ fn entry(host: &str) -> Arc<Name> {
     name
 }
 
+/// The first address of `host`'s current answer, without a lookup: None when the name is not
+/// cached, not looked up yet or down.
+pub(super) fn current_addr(host: &str) -> Option<IpAddr> {
+    let key = host.trim_end_matches('.').to_ascii_lowercase();
+    let names = cache().names.lock().unwrap_or_else(|e| e.into_inner());
+    let name = names.get(key.as_str())?;
+    let state = name.state.borrow();
+    match &*state {
+        State::Up(addrs) => addrs.first().copied(),
+        _ => None,
+    }
+}
+
 pub(super) fn node_name(host: &str, upstream: &str, node: &str) -> NodeName {
     let name = entry(host);
     let u = Arc::new(NodeUse {

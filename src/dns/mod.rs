@@ -94,6 +94,15 @@ pub async fn resolve(host: &str) -> Result<Resolved, String> {
     cache::resolve(host).await
 }
 
+/// The address `host` stands for now, without waiting: a literal's own, a name's first
+/// cached address (None while it has none), for showing a node as APISIX does (by its IP).
+pub fn current_addr(host: &str) -> Option<IpAddr> {
+    match literal(host) {
+        Some(addrs) => addrs.first().copied(),
+        None => cache::current_addr(host),
+    }
+}
+
 /// The handle an upstream node keeps on its host name (None for a literal): it registers the
 /// name as in use (so it is refreshed) and says whether it is down. `upstream` and `node` name
 /// the node in the log lines about it.
