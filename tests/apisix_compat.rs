@@ -1982,7 +1982,151 @@ fn real_limit_count_takes_header_names_from_its_metadata() {
     assert_eq!(r.header("x-quota-left").as_deref(), Some("0"));
 }
 
+/// redis-server on a free loopback port, killed when dropped.
+struct RedisServer(std::process::Child, u16);
+
+impl RedisServer {
+    fn start() -> RedisServer {
+        let port = closed_port();
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start redis-server: {e}"));
+        let server = RedisServer(child, port);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "redis-server did not listen"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        server
+    }
+
+    /// One command in Redis's inline form; the reply's first line, or a bulk reply's body.
+    fn command(&self, line: &str) -> String {
+        use std::io::{BufRead, Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.1)).expect("connect");
+        s.write_all(format!("{line}\r\n").as_bytes()).expect("send");
+        let mut r = std::io::BufReader::new(s);
+        let mut head = String::new();
+        r.read_line(&mut head).expect("read");
+        let head = head.trim_end();
+        let Some(len) = head.strip_prefix('$').and_then(|n| n.parse::<usize>().ok()) else {
+            return head.to_string();
+        };
+        let mut body = vec![0u8; len];
+        r.read_exact(&mut body).expect("read the bulk reply");
+        String::from_utf8_lossy(&body).into_owned()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// APISIX's own limit-count with `policy: redis` (APISIX_SRC) on the real lua-resty-redis from
+/// a checkout (LUA_RESTY_REDIS_SRC: APISIX calls `set_timeouts`, which Debian's 0.27 lacks):
+/// two gateway nodes share one redis-server and count together, as two APISIX nodes do.
+#[test]
+fn real_limit_count_redis_policy_counts_across_two_nodes() {
+    let (Some(src), Some(redis_src)) = (
+        std::env::var_os("APISIX_SRC"),
+        std::env::var_os("LUA_RESTY_REDIS_SRC"),
+    ) else {
+        eprintln!(
+            "APISIX_SRC or LUA_RESTY_REDIS_SRC is not set: skipping limit-count with policy redis"
+        );
+        return;
+    };
+    let redis = RedisServer::start();
+    let up = Upstream::echo();
+    let node = |name: &str| {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let dir = tmp.path().join("plugins");
+        std::fs::create_dir_all(&dir).expect("plugins dir");
+        copy_targets(&PathBuf::from(&src), &dir);
+        std::fs::copy(
+            PathBuf::from(&redis_src).join("lib/resty/redis.lua"),
+            dir.join("resty/redis.lua"),
+        )
+        .expect("copy lua-resty-redis");
+        let yaml = format!(
+            "workers: 2\nplugin_dirs:\n  - \"{}\"\nroutes:\n  - id: rc\n    uri: /rc\n    plugins:\n      limit-count:\n        count: 3\n        time_window: 60\n        policy: redis\n        redis_host: 127.0.0.1\n        redis_port: {}\n        redis_timeout: 1000\n{}",
+            dir.display(),
+            redis.1,
+            upstream_yaml(&up)
+        );
+        eprintln!("node {name}");
+        let gw = Gateway::start_in(tmp.path(), &yaml);
+        (tmp, gw)
+    };
+    let (_a_dir, a) = node("a");
+    let (_b_dir, b) = node("b");
+    let send = |gw: &Gateway| {
+        let r = Req::get(&gw.url("/rc")).send();
+        (
+            r.status,
+            r.header("x-ratelimit-limit"),
+            r.header("x-ratelimit-remaining"),
+            r.header("x-ratelimit-reset").is_some(),
+        )
+    };
+    let logs = || format!("{}\n---\n{}", a.logs(), b.logs());
+    let three = Some("3".to_string());
+    // One count of 3 between the nodes: a, b, a pass with 2, 1, 0 left, then both refuse.
+    assert_eq!(
+        send(&a),
+        (200, three.clone(), Some("2".into()), true),
+        "{}",
+        logs()
+    );
+    assert_eq!(
+        send(&b),
+        (200, three.clone(), Some("1".into()), true),
+        "{}",
+        logs()
+    );
+    assert_eq!(
+        send(&a),
+        (200, three.clone(), Some("0".into()), true),
+        "{}",
+        logs()
+    );
+    assert_eq!(
+        send(&b),
+        (503, three.clone(), Some("0".into()), true),
+        "{}",
+        logs()
+    );
+    assert_eq!(send(&a), (503, three, Some("0".into()), true), "{}", logs());
+    // The counter is Redis's: one key, with the window's expiry.
+    let keys = redis.command("DBSIZE");
+    assert_eq!(keys, ":1", "{}", logs());
+    // The nodes keep their connections alive in their workers' pools (APISIX sets keepalive
+    // after each count): some are still connected now, at most one per worker, last used for
+    // APISIX's counting script. CLIENT LIST counts this connection too.
+    let clients = redis.command("CLIENT LIST");
+    let gateway_clients = clients.lines().count() - 1;
+    assert!((1..=4).contains(&gateway_clients), "{clients}");
+    assert!(
+        clients
+            .lines()
+            .any(|l| l.contains("cmd=evalsha") || l.contains("cmd=eval")),
+        "{clients}"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
+// Libraries APISIX's plugins require over C in OpenResty// ---------------------------------------------------------------------------------------------
 // Libraries APISIX's plugins require over C in OpenResty: digests, HMAC, AES, random bytes,
 // zlib, brotli; and how plugin folders are searched
 // ---------------------------------------------------------------------------------------------
