@@ -546,6 +546,60 @@ fn https_health_checks_present_the_client_certificate() {
 }
 
 #[test]
+fn https_health_checks_verify_the_node_certificate_unless_told_not_to() {
+    let c = certs();
+    // The node's certificate is signed by a CA the gateway does not trust.
+    let up = MtlsUpstream::start(&c.server, &c.client_ca);
+    let upstream = |id: &str, verify: bool| {
+        json!({
+            "id": id, "scheme": "https", "nodes": {up.node(): 1}, "tls": inline(&c.alice),
+            "checks": {"active": {"type": "https", "http_path": format!("/{id}"),
+                                   "https_verify_certificate": verify,
+                                   "healthy": {"interval": 1},
+                                   "unhealthy": {"interval": 1, "tcp_failures": 1}}}
+        })
+    };
+    let upstreams = json!([upstream("verified", true), upstream("unverified", false)]);
+    let routes = json!([
+        {"id": "a", "uri": "/a", "upstream_id": "verified"},
+        {"id": "b", "uri": "/b", "upstream_id": "unverified"}
+    ]);
+    let gw = Gateway::start(&(yaml_key("upstreams", upstreams) + &yaml_key("routes", routes)));
+    assert!(
+        gw.wait_for_log("upstream node marked unhealthy", Duration::from_secs(15)),
+        "{}",
+        gw.logs()
+    );
+    let marked: Vec<String> = gw
+        .logs()
+        .lines()
+        .filter(|l| l.contains("upstream node marked unhealthy"))
+        .map(str::to_string)
+        .collect();
+    assert!(
+        marked[0].contains("upstream=/apisix/upstreams/verified")
+            && marked[0].contains("TLS handshake failed"),
+        "{marked:?}"
+    );
+    // Without verification the probes get through (and the node stays healthy).
+    assert_eq!(
+        up.wait_for_path("/unverified", Duration::from_secs(15))
+            .as_deref(),
+        Some("alice")
+    );
+    assert!(
+        !gw.logs()
+            .lines()
+            .any(|l| l.contains("marked unhealthy") && l.contains("/apisix/upstreams/unverified")),
+        "{}",
+        gw.logs()
+    );
+    assert!(up
+        .wait_for_path("/verified", Duration::from_millis(1))
+        .is_none());
+}
+
+#[test]
 fn grpcs_upstreams_present_the_client_certificate() {
     let c = certs();
     let up = MtlsUpstream::start_with(&c.server, &c.client_ca, true);

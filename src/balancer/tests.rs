@@ -222,6 +222,49 @@ fn chash_keeps_keys_of_healthy_nodes_when_one_goes_down() {
     }
 }
 
+/// The remap fraction when a node leaves the configuration (a new balancer without it, as a
+/// reload builds): only the removed node's keys move, about 1/N of them.
+#[test]
+fn chash_removing_one_of_n_nodes_moves_only_its_keys_about_one_nth() {
+    const KEYS: usize = 10_000;
+    for n in [4usize, 10, 30] {
+        let nodes = |without: Option<usize>| {
+            let m: serde_json::Map<String, serde_json::Value> = (0..n)
+                .filter(|&i| Some(i) != without)
+                .map(|i| (format!("10.0.0.{i}:80"), json!(1)))
+                .collect();
+            json!({"type": "chash", "key": "arg_k", "nodes": m})
+        };
+        let (u_all, all) = balancer(nodes(None));
+        let (u_less, less) = balancer(nodes(Some(n - 1)));
+        let removed = format!("10.0.0.{}", n - 1);
+        let owner = |u: &Upstream, b: &Balancer, c: &Ctx| {
+            let mut sel = b.begin(c);
+            let i = b.next(&mut sel, None).expect("a node");
+            u.nodes.0[i].host.clone()
+        };
+        let mut moved = 0;
+        for k in 0..KEYS {
+            let c = ctx(&format!("k={k}"), &[]);
+            let (before, after) = (owner(&u_all, &all, &c), owner(&u_less, &less, &c));
+            if before != after {
+                assert_eq!(before, removed, "key {k} of a node that stayed moved");
+                moved += 1;
+            }
+        }
+        let fraction = moved as f64 / KEYS as f64;
+        println!(
+            "chash, {n} nodes, one removed: {fraction:.4} of {KEYS} keys moved (1/N = {:.4})",
+            1.0 / n as f64
+        );
+        let expected = 1.0 / n as f64;
+        assert!(
+            (fraction - expected).abs() < expected / 2.0,
+            "{n} nodes: moved {fraction}"
+        );
+    }
+}
+
 #[test]
 fn least_conn_prefers_fewer_in_flight_per_weight_and_rotates_ties() {
     let (_, b) = balancer(json!({"type": "least_conn",
