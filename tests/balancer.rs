@@ -212,6 +212,12 @@ fn a_timeout_before_the_response_is_retried_for_idempotent_requests_only() {
     assert_eq!(r.status, 504);
     assert_eq!(stall.requests(), 2);
     assert_eq!(alive.traffic(), 1);
+    // An idempotent method, but its body streamed from the client went to the node and is
+    // not kept: not sent again either.
+    let r = Req::new("PUT", &gw.url("/x")).body("payload").send();
+    assert_eq!(r.status, 504);
+    assert_eq!(stall.requests(), 3);
+    assert_eq!(alive.traffic(), 1);
 }
 
 #[test]
