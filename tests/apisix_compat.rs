@@ -4306,3 +4306,194 @@ fn a_plugins_own_upstream_call_shows_in_the_upstream_variables() {
         Some(format!("{} 200 1.250", up.addr()).as_str())
     );
 }
+
+/// The staged third-party Lua libraries (`MOONGATE_LUA_LIBS`: a folder made by
+/// `scripts/stage-lua-libs` or a luarocks tree's `share/lua/5.1`), as `lua.package_path` YAML.
+fn third_party_lua_path() -> Option<String> {
+    let dir = std::env::var_os("MOONGATE_LUA_LIBS")?;
+    let dir = PathBuf::from(dir);
+    Some(format!(
+        "lua:\n  package_path:\n    - \"{0}/?.lua\"\n    - \"{0}/?/init.lua\"\n",
+        dir.display()
+    ))
+}
+
+/// An OpenLDAP server (Debian's slapd) on a loopback port with `dc=example,dc=org`: users
+/// `user01`/`password1` and `user02`/`password2` under `ou=users`. Killed when dropped.
+struct Slapd {
+    child: std::process::Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Slapd {
+    fn start() -> Option<Slapd> {
+        if !Path::new("/usr/sbin/slapd").is_file() {
+            return None;
+        }
+        let dir = tempfile::tempdir().expect("temp dir");
+        let d = dir.path();
+        std::fs::create_dir_all(d.join("db")).expect("db dir");
+        std::fs::write(
+            d.join("slapd.conf"),
+            format!(
+                "include /etc/ldap/schema/core.schema\ninclude /etc/ldap/schema/cosine.schema\n\
+                 include /etc/ldap/schema/inetorgperson.schema\npidfile {0}/slapd.pid\n\
+                 modulepath /usr/lib/ldap\nmoduleload back_mdb\ndatabase mdb\n\
+                 suffix \"dc=example,dc=org\"\nrootdn \"cn=admin,dc=example,dc=org\"\n\
+                 rootpw secret\ndirectory {0}/db\n",
+                d.display()
+            ),
+        )
+        .expect("slapd.conf");
+        let mut ldif = String::from(
+            "dn: dc=example,dc=org\nobjectClass: dcObject\nobjectClass: organization\no: example\n\
+             dc: example\n\ndn: ou=users,dc=example,dc=org\nobjectClass: organizationalUnit\n\
+             ou: users\n",
+        );
+        for (user, pw) in [("user01", "password1"), ("user02", "password2")] {
+            ldif.push_str(&format!(
+                "\ndn: cn={user},ou=users,dc=example,dc=org\nobjectClass: inetOrgPerson\n\
+                 cn: {user}\nsn: {user}\nuid: {user}\nuserPassword: {pw}\n"
+            ));
+        }
+        std::fs::write(d.join("data.ldif"), ldif).expect("ldif");
+        let st = std::process::Command::new("/usr/sbin/slapadd")
+            .arg("-f")
+            .arg(d.join("slapd.conf"))
+            .arg("-l")
+            .arg(d.join("data.ldif"))
+            .output()
+            .expect("run slapadd");
+        assert!(
+            st.status.success(),
+            "slapadd: {}",
+            String::from_utf8_lossy(&st.stderr)
+        );
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("free port")
+            .local_addr()
+            .expect("addr")
+            .port();
+        // -d keeps it in the foreground, so the child is the server.
+        let child = std::process::Command::new("/usr/sbin/slapd")
+            .args(["-d", "0", "-f"])
+            .arg(d.join("slapd.conf"))
+            .args(["-h", &format!("ldap://127.0.0.1:{port}/")])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start slapd");
+        let s = Slapd {
+            child,
+            port,
+            _dir: dir,
+        };
+        assert!(
+            common::health::poll_until(Duration::from_secs(10), || {
+                std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+            }),
+            "slapd did not listen on {port}"
+        );
+        Some(s)
+    }
+}
+
+impl Drop for Slapd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// APISIX's own ldap-auth (APISIX_SRC) with lua-resty-ldap (MOONGATE_LUA_LIBS), Debian's LPeg
+/// and moongate's `lua_pack` against a real OpenLDAP server: a consumer's user binds with its
+/// password and reaches the upstream; a wrong password, a directory user with no consumer, no
+/// credentials and an undecodable header are 401 with the plugin's messages and its
+/// `WWW-Authenticate` realm; `hide_credentials` keeps the password from the upstream
+/// (t/plugin/ldap-auth.t, restated).
+#[test]
+fn real_ldap_auth_binds_against_openldap() {
+    let Some(src) = std::env::var_os("APISIX_SRC") else {
+        eprintln!("APISIX_SRC is not set: skipping APISIX's ldap-auth");
+        return;
+    };
+    let Some(lua) = third_party_lua_path() else {
+        eprintln!(
+            "MOONGATE_LUA_LIBS is not set: skipping APISIX's ldap-auth (needs lua-resty-ldap)"
+        );
+        return;
+    };
+    let Some(ldap) = Slapd::start() else {
+        eprintln!("no /usr/sbin/slapd (Debian package slapd): skipping APISIX's ldap-auth");
+        return;
+    };
+    let (tmp, dir) = stage_plugin(&PathBuf::from(src), "ldap-auth");
+    let up = Upstream::echo();
+    let u = upstream_yaml(&up);
+    let conf = |hide: bool| {
+        format!(
+            "      ldap-auth:\n        base_dn: \"ou=users,dc=example,dc=org\"\n        ldap_uri: \"127.0.0.1:{}\"\n        uid: cn\n        hide_credentials: {hide}\n",
+            ldap.port
+        )
+    };
+    let yaml = format!(
+        "workers: 1\nplugin_dirs:\n  - \"{}\"\n{lua}consumers:\n  - username: user01\n    plugins:\n      ldap-auth:\n        user_dn: \"cn=user01,ou=users,dc=example,dc=org\"\nroutes:\n  - id: ldap\n    uri: /hello\n    plugins:\n{}{u}  - id: hidden\n    uri: /hidden\n    plugins:\n{}{u}",
+        dir.display(),
+        conf(false),
+        conf(true),
+    );
+    let gw = Gateway::start_in(tmp.path(), &yaml);
+    use base64::Engine;
+    let basic = |user: &str, pw: &str| {
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pw}"))
+        )
+    };
+
+    let r = Req::get(&gw.url("/hello"))
+        .header("Authorization", &basic("user01", "password1"))
+        .send();
+    assert_eq!(r.status, 200, "{}\n{}", r.text(), gw.logs());
+    assert_eq!(
+        r.json()["headers"]["authorization"],
+        basic("user01", "password1")
+    );
+
+    let r = Req::get(&gw.url("/hidden"))
+        .header("Authorization", &basic("user01", "password1"))
+        .send();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(
+        r.json()["headers"].get("authorization").is_none(),
+        "{}",
+        r.text()
+    );
+
+    let denied = |auth: Option<&str>, message: &str| {
+        let mut req = Req::get(&gw.url("/hello"));
+        if let Some(a) = auth {
+            req = req.header("Authorization", a);
+        }
+        let r = req.send();
+        assert_eq!(r.status, 401, "{auth:?}: {}", r.text());
+        assert_eq!(r.json()["message"], message, "{auth:?}");
+        assert_eq!(
+            r.header("www-authenticate").as_deref(),
+            Some("Basic realm=\"ldap\""),
+            "{auth:?}"
+        );
+    };
+    denied(None, "Missing authorization in request");
+    denied(
+        Some(&basic("user01", "wrong")),
+        "Invalid user authorization",
+    );
+    // In the directory, but no consumer has that user_dn.
+    denied(
+        Some(&basic("user02", "password2")),
+        "Invalid user authorization",
+    );
+    denied(Some("Basic !!!"), "Invalid authorization in request");
+}

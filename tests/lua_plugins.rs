@@ -809,6 +809,58 @@ fn jsonschema_generates_validators() {
     assert_eq!(out["not_skipped"], false);
 }
 
+/// `resty.core.base`, lua-resty-core's shared helpers as libraries built on it use them
+/// (lua-resty-ldap takes `new_tab`): scratch buffers, `ref_in_table`, the FFI codes, and
+/// `get_request` answering during a request and not in a timer.
+#[test]
+fn resty_core_base_helpers() {
+    let body = r#"
+    local base = require("resty.core.base")
+    local ffi = require("ffi")
+    local t = base.new_tab(4, 4)
+    t[1] = "x"; base.clear_tab(t)
+    out.cleared = next(t) == nil
+    local buf = base.get_string_buf(16)
+    ffi.copy(buf, "hello", 5)
+    out.buf = ffi.string(base.get_string_buf(16), 5)
+    out.big = ffi.sizeof(base.get_string_buf(100000)) >= 100000
+    local holder = {}
+    local inner = base.ref_in_table(holder, "k")
+    inner.v = 1
+    out.ref = holder.k.v == 1 and base.ref_in_table(holder, "k") == inner
+    out.ok_code = base.FFI_OK
+    out.declined = base.FFI_DECLINED
+    out.http = base.allows_subsystem("stream", "http")
+    out.stream_only = base.allows_subsystem("stream")
+    out.in_request = base.get_request() ~= nil
+    local shared = ngx.shared["internal-status"]
+    out.timer = shared:get("base-timer")
+    ngx.timer.at(0, function()
+        shared:set("base-timer", base.get_request() == nil and "nil" or "request")
+    end)
+"#;
+    let (_tmp, gw) = probe_gateway(
+        &[("probe-base", &probe("probe-base", body))],
+        &probe_route("/base", "probe-base"),
+    );
+    let out = get(&gw.url("/base")).json();
+    assert_eq!(out["cleared"], true, "{out}");
+    assert_eq!(out["buf"], "hello", "{out}");
+    assert_eq!(out["big"], true, "{out}");
+    assert_eq!(out["ref"], true, "{out}");
+    assert_eq!(out["ok_code"], 0, "{out}");
+    assert_eq!(out["declined"], -5, "{out}");
+    assert_eq!(out["http"], true, "{out}");
+    assert_eq!(out["stream_only"], false, "{out}");
+    assert_eq!(out["in_request"], true, "{out}");
+    assert!(
+        common::health::poll_until(std::time::Duration::from_secs(10), || {
+            get(&gw.url("/base")).json()["timer"] == "nil"
+        }),
+        "a timer's get_request() is not nil"
+    );
+}
+
 #[test]
 fn core_utils_log_and_misc() {
     let src = probe(

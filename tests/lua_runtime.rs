@@ -534,3 +534,37 @@ return {
     let v = get(&gw.url("/p?list=10,x")).json();
     assert_eq!(v["parsed"], false, "{v}");
 }
+
+/// `lua.ffi_global_libraries` (by default OpenSSL's libcrypto, which nginx links): `ffi.C`
+/// finds its functions, as lua-resty-ldap's ASN.1 coder and lua-resty-openssl call them inside
+/// OpenResty; with the list empty, it does not.
+#[test]
+fn ffi_global_libraries_put_their_symbols_in_ffi_c() {
+    let probe = r#"
+local ffi = require("ffi")
+pcall(ffi.cdef, "unsigned long OpenSSL_version_num(void);")
+return {
+    version = 0.1, priority = 1, name = "ffi-probe", schema = { type = "object" },
+    access = function(conf, ctx)
+        local ok, v = pcall(function() return tonumber(ffi.C.OpenSSL_version_num()) end)
+        return 200, { ok = ok, major = ok and math.floor(v / 0x10000000) or nil }
+    end,
+}
+"#;
+    for (libs, want) in [("", true), ("lua:\n  ffi_global_libraries: []\n", false)] {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let plugins = tmp.path().join("plugins");
+        std::fs::create_dir_all(&plugins).expect("plugins");
+        std::fs::write(plugins.join("ffi-probe.lua"), probe).expect("write plugin");
+        let gw = Gateway::start_in(
+            tmp.path(),
+            &format!("workers: 1\nplugin_dirs: [plugins]\n{libs}routes:\n  - id: p\n    uri: /p\n    plugins:\n      ffi-probe: {{}}\n    upstream:\n      nodes:\n        \"127.0.0.1:1\": 1\n"),
+        );
+        let v = get(&gw.url("/p")).json();
+        assert_eq!(v["ok"], want, "{libs:?}: {v}\n{}", gw.logs());
+        if want {
+            // OpenSSL 3's version number: 0x3...
+            assert_eq!(v["major"], 3, "{v}");
+        }
+    }
+}

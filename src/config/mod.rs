@@ -327,6 +327,16 @@ pub struct LuaConfig {
     /// config file's folder.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub package_cpath: Vec<LuaPathPattern>,
+    /// Shared libraries loaded into each VM's FFI global namespace (`ffi.load(name, true)`)
+    /// before plugins load, so `ffi.C.NAME` finds their functions as it finds OpenSSL's inside
+    /// OpenResty's nginx (lua-resty-ldap's ASN.1 coder, lua-resty-openssl). One that does not
+    /// load is skipped with a warning.
+    #[serde(default = "default_ffi_global_libraries")]
+    pub ffi_global_libraries: Vec<String>,
+}
+
+fn default_ffi_global_libraries() -> Vec<String> {
+    vec!["libcrypto.so.3".to_string()]
 }
 
 /// One `package.path` pattern: a path with `?` where the module name (dots made slashes) goes.
@@ -433,6 +443,7 @@ impl Default for LuaConfig {
             shared_dicts: Default::default(),
             package_path: Vec::new(),
             package_cpath: Vec::new(),
+            ffi_global_libraries: default_ffi_global_libraries(),
         }
     }
 }

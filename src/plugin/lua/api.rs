@@ -1589,6 +1589,26 @@ fn package_path<S: AsRef<str>>(node: &[String], system: &[S], builtin: &str) -> 
         .join(";")
 }
 
+/// `ffi.load(name, true)` for each of `lua.ffi_global_libraries`; the library objects are
+/// kept in the registry (a collected one would be unloaded under the code that uses it).
+fn load_ffi_global_libraries(lua: &Lua, names: &[String]) -> mlua::Result<()> {
+    if names.is_empty() {
+        return Ok(());
+    }
+    let load: Function = lua
+        .load("local ffi = require('ffi'); return function(name) return ffi.load(name, true) end")
+        .set_name("=moongate.ffi_load")
+        .eval()?;
+    let kept = lua.create_table()?;
+    for name in names {
+        match load.call::<Value>(name.as_str()) {
+            Ok(lib) => kept.set(name.as_str(), lib)?,
+            Err(e) => tracing::warn!("lua.ffi_global_libraries: {name} not loaded: {e}"),
+        }
+    }
+    lua.set_named_registry_value("moongate.ffi_global_libraries", kept)
+}
+
 /// `require` for the embedded `lua/` tree (package.preload) and for `apisix.plugins.NAME`
 /// (searched in `plugin_dirs`).
 fn install_require(lua: &Lua, settings: &Settings) -> mlua::Result<()> {
@@ -1615,6 +1635,7 @@ fn install_require(lua: &Lua, settings: &Settings) -> mlua::Result<()> {
     super::semaphore::install(lua, &preload)?;
     super::xml::install(lua, &preload)?;
     super::lfs::install(lua, &preload)?;
+    super::pack::install(lua, &preload)?;
     super::shell::install(lua, &preload)?;
     super::apisix_runtime::install(lua, &preload)?;
     package.set(
@@ -1635,6 +1656,7 @@ fn install_require(lua: &Lua, settings: &Settings) -> mlua::Result<()> {
             &package.get::<String>("cpath")?,
         ),
     )?;
+    load_ffi_global_libraries(lua, &settings.ffi_global_libraries)?;
     // The plugin folders are not on `package.path`: a plugin file named like a library
     // (`brotli.lua`, `prometheus.lua`) would be found by its own `require("brotli")`. Our
     // searcher serves `apisix.plugins.NAME[.SUB]` from `NAME.lua`/`NAME/SUB.lua` (or

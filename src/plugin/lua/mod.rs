@@ -23,6 +23,7 @@ mod errors;
 mod fast;
 mod lfs;
 mod metrics;
+mod pack;
 mod pkey;
 mod prelude;
 mod re;
@@ -81,6 +82,8 @@ pub struct Settings {
     pub package_path: Vec<String>,
     /// `lua.package_cpath`: searched before the system's C module patterns.
     pub package_cpath: Vec<String>,
+    /// `lua.ffi_global_libraries`: loaded into the FFI global namespace of each VM.
+    pub ffi_global_libraries: Vec<String>,
 }
 
 impl Settings {
@@ -95,6 +98,7 @@ impl Settings {
             workflow_plugins: Arc::default(),
             package_path: cfg.package_path.iter().map(|p| p.0.clone()).collect(),
             package_cpath: cfg.package_cpath.iter().map(|p| p.0.clone()).collect(),
+            ffi_global_libraries: cfg.ffi_global_libraries.clone(),
         }
     }
 }
