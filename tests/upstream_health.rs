@@ -322,6 +322,57 @@ fn probes_go_to_the_configured_port_with_host_and_headers_and_all_nodes_down_sti
 }
 
 #[test]
+fn a_node_that_stops_answering_is_marked_down_by_timeouts() {
+    // Each accepts, reads the request and answers nothing for 30 s.
+    let probed = RawUpstream::start(vec![(Duration::from_secs(30), b"")]);
+    let proxied = RawUpstream::start(vec![(Duration::from_secs(30), b"")]);
+    let good = Node::start();
+    let gw = Gateway::start(&format!(
+        "workers: 2\nroutes:\n  - id: ra\n    uri: /a\n    upstream_id: ua\n  - id: rp\n    uri: /x\n    upstream_id: up\nupstreams:\n  - id: ua\n    nodes:\n      \"{probed}\": 1\n    checks:\n      active:\n        timeout: 0.2\n        healthy: {{interval: 1}}\n        unhealthy: {{interval: 1, timeouts: 2}}\n  - id: up\n    timeout: {{connect: 1, send: 0.3, read: 0.3}}\n    nodes:\n      \"{proxied}\": 1\n      \"{good}\": 1\n    checks:\n      active:\n        healthy: {{interval: 60}}\n        unhealthy: {{interval: 60}}\n      passive:\n        unhealthy: {{timeouts: 2}}\n",
+        probed = probed.node(),
+        proxied = proxied.node(),
+        good = good.node(),
+    ));
+    let down = |upstream: &str| {
+        gw.logs()
+            .lines()
+            .filter(|l| {
+                l.contains("upstream node marked unhealthy")
+                    && l.contains(&format!("upstream=/apisix/upstreams/{upstream} "))
+            })
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    // Active probes time out (0.2 s each, every second): two in a row take the node out.
+    assert!(poll_until(WAIT, || down("ua").len() == 1), "{}", gw.logs());
+    assert!(
+        down("ua")[0].contains("2 timeouts in a row (active check; last: timeout)"),
+        "{:?}",
+        down("ua")
+    );
+
+    // Proxied requests time out on it (read 0.3 s) and are retried on the other node; the
+    // passive checks count the timeouts and take it out.
+    let mut client = LoadClient::new(gw.addr());
+    for _ in 0..20 {
+        assert_eq!(client.get("/x"), Ok((200, good.port().to_string())));
+        if down("up").len() == 1 {
+            break;
+        }
+    }
+    assert_eq!(down("up").len(), 1, "{}", gw.logs());
+    assert!(
+        down("up")[0].contains("timeouts in a row (passive check; last: timeout)"),
+        "{:?}",
+        down("up")
+    );
+    let reached = proxied.requests();
+    let (by, bad) = spread(&mut client, 20);
+    assert_eq!((bad, by.get(&good.port().to_string())), (0, Some(&20)));
+    assert_eq!(proxied.requests(), reached);
+}
+
+#[test]
 fn a_reload_that_leaves_the_upstream_alone_keeps_its_health() {
     let a = Node::start();
     let b = Node::start();
