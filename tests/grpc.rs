@@ -217,7 +217,16 @@ impl Calls {
     /// Makes `n` calls one after the other: per call the port that served it, or the status
     /// code it failed with.
     fn run(&mut self, n: usize) -> Vec<String> {
-        writeln!(self.stdin, "{n}").expect("ask for calls");
+        self.start_run(n, 1);
+        self.results()
+    }
+
+    /// Starts `n` calls from `threads` threads at once; [`Calls::results`] waits for them.
+    fn start_run(&mut self, n: usize, threads: usize) {
+        writeln!(self.stdin, "{n} {threads}").expect("ask for calls");
+    }
+
+    fn results(&mut self) -> Vec<String> {
         let line = self
             .lines
             .recv_timeout(Duration::from_secs(60))
@@ -329,6 +338,58 @@ fn grpc_passive_checks_take_a_killed_node_out_and_active_checks_bring_it_back() 
         served.contains(&pa) && served.iter().all(|r| *r == pa || *r == pb),
         "{served:?}"
     );
+}
+
+#[test]
+fn grpc_calls_in_flight_on_a_killed_node_are_the_most_that_fail() {
+    let stubs = tempfile::tempdir().expect("temp dir");
+    generate_stubs(stubs.path());
+    let mut a = start_server(stubs.path());
+    let b = start_server(stubs.path());
+    let (pa, pb) = (a.port.to_string(), b.port.to_string());
+    let gw = grpc_gateway(
+        &format!("      - {{host: 127.0.0.1, port: {pa}, weight: 1}}\n      - {{host: 127.0.0.1, port: {pb}, weight: 1}}\n"),
+        "    checks:\n      active: {type: tcp, healthy: {interval: 60}, unhealthy: {interval: 60}}\n      passive: {unhealthy: {tcp_failures: 2}}\n",
+    );
+    let mut calls = Calls::start(stubs.path(), &gw);
+    // Four calls at a time; the node dies once some have been served.
+    const THREADS: usize = 4;
+    calls.start_run(1500, THREADS);
+    let served = || {
+        gw.logs()
+            .matches("POST /moongate.test.Echo/Unary 200")
+            .count()
+    };
+    assert!(
+        poll_until(Duration::from_secs(20), || served() >= 100),
+        "{}",
+        gw.logs()
+    );
+    a.kill();
+    let results = calls.results();
+    let failed = results.iter().filter(|r| **r != pa && **r != pb).count();
+    let down = || {
+        log_count(
+            &gw,
+            "upstream node marked unhealthy",
+            &format!("node=127.0.0.1:{pa}"),
+        )
+    };
+    // The load went on past the kill: the dead node was tried and taken out.
+    assert!(
+        poll_until(Duration::from_secs(5), || down() == 1),
+        "{}",
+        gw.logs()
+    );
+    println!(
+        "gRPC node killed under {THREADS} concurrent callers: {failed} of {} calls failed",
+        results.len()
+    );
+    // At most the calls in flight on it when it died, and one per worker started on its
+    // connection before the worker read the close.
+    assert!(failed <= THREADS + 2, "{failed} failed: {results:?}");
+    let after = calls.run(40);
+    assert!(after.iter().all(|r| *r == pb), "{after:?}");
 }
 
 /// An HTTP/2 server that answers every stream with `RST_STREAM(reason)`: at once for

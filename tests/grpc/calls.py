@@ -1,9 +1,11 @@
 """Unary calls on request, for load and failover tests: `python3 calls.py STUB_DIR HOST:PORT`
-reads lines `N` from stdin and, for each, makes N unary calls one after the other on one
-channel and prints one JSON line: per call the port of the server that answered (its
-`x-server` trailer), or the status code name it failed with."""
+reads lines `N [T]` from stdin and, for each, makes N unary calls on one channel (from T
+threads at once, each making its calls one after the other; T is 1 without it) and prints one
+JSON line: per call the port of the server that answered (its `x-server` trailer), or the
+status code name it failed with."""
 import json
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, sys.argv[1])
 import grpc  # noqa: E402
@@ -24,8 +26,14 @@ def main():
         stub = echo_pb2_grpc.EchoStub(channel)
         print("READY", flush=True)
         for line in sys.stdin:
-            n = int(line)
-            print(json.dumps([call(stub) for _ in range(n)]), flush=True)
+            words = line.split()
+            n, threads = int(words[0]), int(words[1]) if len(words) > 1 else 1
+            if threads == 1:
+                out = [call(stub) for _ in range(n)]
+            else:
+                with ThreadPoolExecutor(max_workers=threads) as pool:
+                    out = list(pool.map(lambda _: call(stub), range(n)))
+            print(json.dumps(out), flush=True)
 
 
 if __name__ == "__main__":
