@@ -4497,3 +4497,80 @@ fn real_ldap_auth_binds_against_openldap() {
     );
     denied(Some("Basic !!!"), "Invalid authorization in request");
 }
+
+/// APISIX's own zipkin (APISIX_SRC) with the opentracing library it uses (opentracing-openresty,
+/// MOONGATE_LUA_LIBS): the upstream gets B3 headers continuing the client's trace, and a
+/// collector the test runs receives the request's spans as Zipkin v2 JSON (the request span
+/// with its method, URL and status, the proxy and response spans as its children, all in the
+/// client's trace), sent by the plugin's batch processor (t/plugin/zipkin.t, restated).
+#[test]
+fn real_zipkin_reports_spans_to_a_collector() {
+    let Some(src) = std::env::var_os("APISIX_SRC") else {
+        eprintln!("APISIX_SRC is not set: skipping APISIX's zipkin");
+        return;
+    };
+    let Some(lua) = third_party_lua_path() else {
+        eprintln!("MOONGATE_LUA_LIBS is not set: skipping APISIX's zipkin (needs opentracing)");
+        return;
+    };
+    let src = PathBuf::from(src);
+    let (tmp, dir) = stage_plugin(&src, "zipkin");
+    copy_tree(&src.join("apisix/plugins/zipkin"), &dir.join("zipkin"));
+    let (collector, rx) = log_collector();
+    let up = Upstream::echo();
+    let yaml = format!(
+        "workers: 1\nplugin_dirs:\n  - \"{}\"\n{lua}routes:\n  - id: z\n    uri: /traced\n    plugins:\n      zipkin:\n        endpoint: \"http://{}/api/v2/spans\"\n        sample_ratio: 1\n        service_name: gateway-under-test\n{}",
+        dir.display(),
+        collector.addr(),
+        upstream_yaml(&up)
+    );
+    let gw = Gateway::start_in(tmp.path(), &yaml);
+    let trace = "80f198ee56343ba864fe8b2a57d3eff7";
+    let parent = "e457b5a2e4d86bd1";
+    let r = Req::get(&gw.url("/traced?q=1"))
+        .header("x-b3-traceid", trace)
+        .header("x-b3-spanid", parent)
+        .header("x-b3-sampled", "1")
+        .send();
+    assert_eq!(r.status, 200, "{}\n{}", r.text(), gw.logs());
+    let h = &r.json()["headers"];
+    assert_eq!(h["x-b3-traceid"], trace, "{h}");
+    assert_eq!(h["x-b3-sampled"], "1", "{h}");
+    let sent_span = h["x-b3-spanid"].as_str().unwrap_or_default().to_string();
+    assert_eq!(sent_span.len(), 16, "{h}");
+    assert_ne!(sent_span, parent, "{h}");
+
+    // The batch goes when it has been idle for the processor's inactive_timeout (5 s).
+    let (target, ctype, body) = rx
+        .recv_timeout(Duration::from_secs(20))
+        .unwrap_or_else(|_| panic!("no spans reached the collector\n{}", gw.logs()));
+    assert_eq!(target, "/api/v2/spans");
+    assert_eq!(ctype, "application/json");
+    let spans: Vec<serde_json::Value> = match serde_json::from_str(&body).expect("JSON spans") {
+        serde_json::Value::Array(a) => a,
+        one => vec![one],
+    };
+    let named = |name: &str| {
+        spans
+            .iter()
+            .find(|s| s["name"] == name)
+            .unwrap_or_else(|| panic!("no {name} span in {body}"))
+    };
+    let request = named("apisix.request");
+    assert_eq!(request["traceId"], trace, "{request}");
+    assert_eq!(request["parentId"], parent, "{request}");
+    assert_eq!(request["kind"], "SERVER", "{request}");
+    assert_eq!(request["localEndpoint"]["serviceName"], "gateway-under-test");
+    assert_eq!(request["tags"]["http.method"], "GET", "{request}");
+    assert_eq!(request["tags"]["http.url"], "/traced?q=1", "{request}");
+    assert_eq!(request["tags"]["http.status_code"], "200", "{request}");
+    assert_eq!(request["remoteEndpoint"]["ipv4"], "127.0.0.1", "{request}");
+    assert!(request["duration"].as_u64().is_some(), "{request}");
+    for child in ["apisix.proxy", "apisix.response_span"] {
+        let s = named(child);
+        assert_eq!(s["traceId"], trace, "{s}");
+        assert_eq!(s["parentId"], request["id"], "{s}");
+    }
+    // The upstream was told the proxy span's id.
+    assert_eq!(named("apisix.proxy")["id"], sent_span.as_str());
+}
