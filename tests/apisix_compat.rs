@@ -4560,7 +4560,10 @@ fn real_zipkin_reports_spans_to_a_collector() {
     assert_eq!(request["traceId"], trace, "{request}");
     assert_eq!(request["parentId"], parent, "{request}");
     assert_eq!(request["kind"], "SERVER", "{request}");
-    assert_eq!(request["localEndpoint"]["serviceName"], "gateway-under-test");
+    assert_eq!(
+        request["localEndpoint"]["serviceName"],
+        "gateway-under-test"
+    );
     assert_eq!(request["tags"]["http.method"], "GET", "{request}");
     assert_eq!(request["tags"]["http.url"], "/traced?q=1", "{request}");
     assert_eq!(request["tags"]["http.status_code"], "200", "{request}");

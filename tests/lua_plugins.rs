@@ -861,6 +861,49 @@ fn resty_core_base_helpers() {
     );
 }
 
+/// APISIX's `delayed_body_filter` (skywalking finishes its spans there): per chunk, after
+/// every plugin's `body_filter`, also those of lower priority, with `ngx.arg` and
+/// `ngx.get_phase()` as in the body filter phase.
+#[test]
+fn delayed_body_filter_runs_after_every_body_filter() {
+    let early = r#"
+local _M = { version = 0.1, priority = 9000, name = "delayed-probe", schema = { type = "object" } }
+function _M.body_filter(conf, ctx)
+    ctx.order = (ctx.order or "") .. "body:"
+end
+function _M.delayed_body_filter(conf, ctx)
+    ctx.order = ctx.order .. "delayed:"
+    ngx.arg[1] = ngx.arg[1] .. "[" .. ngx.get_phase() .. "]"
+    if ngx.arg[2] then
+        ngx.arg[1] = ngx.arg[1] .. ctx.order
+    end
+end
+return _M
+"#;
+    let late = r#"
+local _M = { version = 0.1, priority = 1, name = "late-body", schema = { type = "object" } }
+function _M.body_filter(conf, ctx)
+    ctx.order = (ctx.order or "") .. "late:"
+    ngx.arg[1] = string.upper(ngx.arg[1])
+end
+return _M
+"#;
+    let up = Upstream::text("abc");
+    let (_tmp, gw) = probe_gateway(
+        &[("delayed-probe", early), ("late-body", late)],
+        &format!(
+            "  - id: d\n    uri: /d\n    plugins:\n      delayed-probe: {{}}\n      late-body: {{}}\n{}",
+            upstream_yaml(&up)
+        ),
+    );
+    let r = get(&gw.url("/d"));
+    assert_eq!(r.status, 200, "{}\n{}", r.text(), gw.logs());
+    let body = r.text();
+    // The late body_filter upper-cased the chunk before the delayed filter appended to it.
+    assert!(body.starts_with("ABC[body_filter]"), "{body}");
+    assert!(body.ends_with("body:late:delayed:"), "{body}");
+}
+
 #[test]
 fn core_utils_log_and_misc() {
     let src = probe(

@@ -111,7 +111,15 @@ impl Chain {
 }
 
 /// The phases that see a response's headers.
-pub const RESPONSE_PHASES: &[Phase] = &[Phase::HeaderFilter, Phase::BodyFilter, Phase::Log];
+pub const RESPONSE_PHASES: &[Phase] = &[
+    Phase::HeaderFilter,
+    Phase::BodyFilter,
+    Phase::DelayedBodyFilter,
+    Phase::Log,
+];
+
+/// The phases that see the response body.
+pub const BODY_PHASES: &[Phase] = &[Phase::BodyFilter, Phase::DelayedBodyFilter];
 
 /// Whether any of `chains` has a plugin in any of `phases` (a phase none has can be skipped
 /// without making its future).
@@ -205,19 +213,26 @@ pub fn run_header_filter(
     Ok(())
 }
 
-/// Runs `body_filter` over each chain for one chunk.
+/// Runs `body_filter` over each chain for one chunk, then `delayed_body_filter` over each
+/// chain, as APISIX's body filter phase does.
 pub fn run_body_filter(
     chains: &[&Chain],
     ctx: &mut Ctx,
     chunk: &mut BodyChunk,
 ) -> Result<(), PluginError> {
-    for chain in chains {
-        if !chain.has(Phase::BodyFilter) {
-            continue;
-        }
-        for e in &chain.entries {
-            if e.plugin.phases().contains(Phase::BodyFilter) && e.runs(ctx) {
-                e.plugin.body_filter(&e.conf, ctx, chunk)?;
+    for phase in [Phase::BodyFilter, Phase::DelayedBodyFilter] {
+        for chain in chains {
+            if !chain.has(phase) {
+                continue;
+            }
+            for e in &chain.entries {
+                if e.plugin.phases().contains(phase) && e.runs(ctx) {
+                    if phase == Phase::BodyFilter {
+                        e.plugin.body_filter(&e.conf, ctx, chunk)?;
+                    } else {
+                        e.plugin.delayed_body_filter(&e.conf, ctx, chunk)?;
+                    }
+                }
             }
         }
     }

@@ -40,16 +40,20 @@ pub enum Phase {
     BeforeProxy,
     HeaderFilter,
     BodyFilter,
+    /// APISIX's `delayed_body_filter`: per chunk, after every plugin's `body_filter` (tracers
+    /// finish their spans there, once the body filters have run).
+    DelayedBodyFilter,
     Log,
 }
 
 impl Phase {
-    pub const ALL: [Phase; 6] = [
+    pub const ALL: [Phase; 7] = [
         Phase::Rewrite,
         Phase::Access,
         Phase::BeforeProxy,
         Phase::HeaderFilter,
         Phase::BodyFilter,
+        Phase::DelayedBodyFilter,
         Phase::Log,
     ];
 
@@ -61,6 +65,7 @@ impl Phase {
             Phase::BeforeProxy => "before_proxy",
             Phase::HeaderFilter => "header_filter",
             Phase::BodyFilter => "body_filter",
+            Phase::DelayedBodyFilter => "delayed_body_filter",
             Phase::Log => "log",
         }
     }
@@ -419,6 +424,18 @@ pub trait Plugin: Send + Sync + 'static {
 
     /// APISIX's `body_filter`: called once per body chunk, and once with `eof` set.
     fn body_filter(
+        &self,
+        conf: &PluginConf,
+        ctx: &mut Ctx,
+        chunk: &mut BodyChunk,
+    ) -> Result<(), PluginError> {
+        let _ = (conf, ctx, chunk);
+        Ok(())
+    }
+
+    /// APISIX's `delayed_body_filter`: called per chunk like `body_filter`, after every
+    /// plugin's `body_filter` has run on it.
+    fn delayed_body_filter(
         &self,
         conf: &PluginConf,
         ctx: &mut Ctx,

@@ -624,7 +624,7 @@ pub(super) fn respond(
             body = ResponseBody::Empty;
             raw = None;
         }
-        filter_body = chain::any_has(&chains, &[Phase::BodyFilter]);
+        filter_body = chain::any_has(&chains, chain::BODY_PHASES);
     }
     ctx.status = head.status.as_u16();
     // A plugin asked for gzip (APISIX's `gzip`, in header_filter): where nginx would compress.

@@ -106,7 +106,11 @@ fn err(msg: impl Into<String>) -> mlua::Error {
 }
 
 fn phase_name(p: Option<Phase>) -> &'static str {
-    p.map(Phase::as_str).unwrap_or("init")
+    match p {
+        // OpenResty has one body filter phase; APISIX's delayed one runs inside it.
+        Some(Phase::DelayedBodyFilter) => "body_filter",
+        p => p.map(Phase::as_str).unwrap_or("init"),
+    }
 }
 
 fn is_request_phase(p: Option<Phase>) -> bool {
@@ -647,7 +651,10 @@ fn set_response_header(name: HeaderName, values: Vec<HeaderValue>, add: bool) ->
         return Ok(());
     }
     let fr = frame();
-    if matches!(fr.phase, Some(Phase::BodyFilter | Phase::Log)) {
+    if matches!(
+        fr.phase,
+        Some(Phase::BodyFilter | Phase::DelayedBodyFilter | Phase::Log)
+    ) {
         tracing::warn!(
             target: "moongate::lua",
             plugin = %runtime::current_plugin(),
@@ -827,7 +834,7 @@ fn install_internal(lua: &Lua, mg: &Table) -> mlua::Result<()> {
         lua.create_function(|_, ()| {
             Ok(matches!(
                 frame().phase,
-                Some(Phase::BodyFilter | Phase::Log)
+                Some(Phase::BodyFilter | Phase::DelayedBodyFilter | Phase::Log)
             ))
         })?,
     )?;

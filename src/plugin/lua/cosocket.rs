@@ -632,7 +632,7 @@ pub(crate) fn context_name(phase: Option<Phase>) -> &'static str {
         Some(Phase::Access) => "access_by_lua*",
         Some(Phase::BeforeProxy) => "balancer_by_lua*",
         Some(Phase::HeaderFilter) => "header_filter_by_lua*",
-        Some(Phase::BodyFilter) => "body_filter_by_lua*",
+        Some(Phase::BodyFilter | Phase::DelayedBodyFilter) => "body_filter_by_lua*",
         Some(Phase::Log) => "log_by_lua*",
         None => "init_by_lua*",
     }

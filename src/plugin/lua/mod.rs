@@ -494,6 +494,15 @@ impl Plugin for LuaPlugin {
         runtime::body_filter(self, conf, ctx, chunk)
     }
 
+    fn delayed_body_filter(
+        &self,
+        conf: &PluginConf,
+        ctx: &mut Ctx,
+        chunk: &mut BodyChunk,
+    ) -> Result<(), PluginError> {
+        runtime::delayed_body_filter(self, conf, ctx, chunk)
+    }
+
     fn log(&self, conf: &PluginConf, ctx: &mut Ctx) {
         runtime::log(self, conf, ctx)
     }

@@ -493,7 +493,7 @@ type IdMap<V> = HashMap<u64, V, BuildHasherDefault<IdHasher>>;
 struct Module {
     live: Weak<()>,
     table: Table,
-    funcs: [Option<Function>; 6],
+    funcs: [Option<Function>; PHASES],
     check_schema: Option<Function>,
     name: String,
     /// `name` as a Lua string, pushed on every call without re-interning.
@@ -816,7 +816,7 @@ impl LuaRuntime {
             }
             Ok(t)
         })?;
-        let mut funcs: [Option<Function>; 6] = Default::default();
+        let mut funcs: [Option<Function>; PHASES] = Default::default();
         for (i, phase) in Phase::ALL.iter().enumerate() {
             funcs[i] = table.get::<Option<Function>>(phase.as_str()).ok().flatten();
         }
@@ -1754,6 +1754,22 @@ pub(crate) fn body_filter(
     sync_phase(
         p,
         Phase::BodyFilter,
+        conf,
+        ctx,
+        std::ptr::null_mut(),
+        chunk as *mut _,
+    )
+}
+
+pub(crate) fn delayed_body_filter(
+    p: &LuaPlugin,
+    conf: &PluginConf,
+    ctx: &mut Ctx,
+    chunk: &mut BodyChunk,
+) -> Result<(), PluginError> {
+    sync_phase(
+        p,
+        Phase::DelayedBodyFilter,
         conf,
         ctx,
         std::ptr::null_mut(),

@@ -45,6 +45,8 @@ pub const DEFAULT_DICTS: &[(&str, usize)] = &[
     ("introspection", 10 << 20),
     ("access-tokens", 1 << 20),
     ("ext-plugin", 1 << 20),
+    // skywalking's segment queue and service names.
+    ("tracing_buffer", 32 << 20),
 ];
 
 /// What one entry costs against the budget besides its key and value (OpenResty's node and
