@@ -4577,3 +4577,79 @@ fn real_zipkin_reports_spans_to_a_collector() {
     // The upstream was told the proxy span's id.
     assert_eq!(named("apisix.proxy")["id"], sent_span.as_str());
 }
+
+/// APISIX's own skywalking (APISIX_SRC) with skywalking-nginx-lua (MOONGATE_LUA_LIBS) against
+/// an OAP stand-in the test runs (it answers 200 to the agent's HTTP reports): the upstream
+/// gets an `sw8` header for the trace, and the collector receives the instance's properties
+/// with the service and instance names from `plugin_attr`, then the request's segment (an entry
+/// span for the URI and an exit span to the upstream with its status, both with APISIX's
+/// component id 6002, set in `delayed_body_filter`) (t/plugin/skywalking.t, restated).
+#[test]
+fn real_skywalking_reports_segments_to_a_collector() {
+    let Some(src) = std::env::var_os("APISIX_SRC") else {
+        eprintln!("APISIX_SRC is not set: skipping APISIX's skywalking");
+        return;
+    };
+    let Some(lua) = third_party_lua_path() else {
+        eprintln!("MOONGATE_LUA_LIBS is not set: skipping APISIX's skywalking (needs skywalking-nginx-lua)");
+        return;
+    };
+    let (tmp, dir) = stage_plugin(&PathBuf::from(src), "skywalking");
+    let (collector, rx) = log_collector();
+    let up = Upstream::echo();
+    let yaml = format!(
+        "workers: 1\nplugin_dirs:\n  - \"{}\"\n{lua}plugin_attr:\n  skywalking:\n    service_name: gw-under-test\n    service_instance_name: instance-1\n    endpoint_addr: \"http://{}\"\n    report_interval: 1\nroutes:\n  - id: sw\n    uri: /sky\n    plugins:\n      skywalking:\n        sample_ratio: 1\n{}",
+        dir.display(),
+        collector.addr(),
+        upstream_yaml(&up)
+    );
+    let gw = Gateway::start_in(tmp.path(), &yaml);
+    let r = Req::get(&gw.url("/sky")).send();
+    assert_eq!(r.status, 200, "{}\n{}", r.text(), gw.logs());
+    let sw8 = r.json()["headers"]["sw8"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no sw8 header upstream: {}", r.text()))
+        .to_string();
+    // sw8: sample-traceId-segmentId-spanId-service-instance-endpoint-target, base64 parts.
+    assert!(sw8.starts_with("1-"), "{sw8}");
+    assert_eq!(sw8.split('-').count(), 8, "{sw8}");
+
+    let mut properties = None;
+    let mut segments = None;
+    let end = std::time::Instant::now() + Duration::from_secs(20);
+    while (properties.is_none() || segments.is_none()) && std::time::Instant::now() < end {
+        let Ok((target, _ctype, body)) = rx.recv_timeout(Duration::from_secs(1)) else {
+            continue;
+        };
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        match target.as_str() {
+            "/v3/management/reportProperties" => properties = Some(v),
+            "/v3/segments" => segments = Some(v),
+            _ => {}
+        }
+    }
+    let properties =
+        properties.unwrap_or_else(|| panic!("no instance properties reported\n{}", gw.logs()));
+    assert_eq!(properties["service"], "gw-under-test", "{properties}");
+    assert_eq!(properties["serviceInstance"], "instance-1", "{properties}");
+    let segments = segments.unwrap_or_else(|| panic!("no segments reported\n{}", gw.logs()));
+    let segment = &segments[0];
+    assert_eq!(segment["service"], "gw-under-test", "{segment}");
+    assert_eq!(segment["serviceInstance"], "instance-1", "{segment}");
+    let spans = segment["spans"].as_array().expect("spans");
+    let entry = spans
+        .iter()
+        .find(|s| s["spanType"] == "Entry")
+        .unwrap_or_else(|| panic!("no entry span: {segment}"));
+    assert_eq!(entry["operationName"], "/sky", "{entry}");
+    assert_eq!(entry["componentId"], 6002, "{entry}");
+    let exit = spans
+        .iter()
+        .find(|s| s["spanType"] == "Exit")
+        .unwrap_or_else(|| panic!("no exit span: {segment}"));
+    assert_eq!(exit["componentId"], 6002, "{exit}");
+    // APISIX starts the tracer with this peer name, not the node's address.
+    assert_eq!(exit["peer"], "upstream service", "{exit}");
+    assert_eq!(exit["tags"][0]["key"], "http.status_code", "{exit}");
+    assert_eq!(exit["tags"][0]["value"], 200, "{exit}");
+}
