@@ -4653,3 +4653,155 @@ fn real_skywalking_reports_segments_to_a_collector() {
     assert_eq!(exit["tags"][0]["key"], "http.status_code", "{exit}");
     assert_eq!(exit["tags"][0]["value"], 200, "{exit}");
 }
+
+/// An OpenID provider the test runs: a discovery document naming its own endpoints (by the
+/// `Host` it is asked with) and an RFC 7662 introspection endpoint for which `good` is an active
+/// token (`sub` jack, `scope` "read write") and any other is not. Each introspection's
+/// Authorization header and form body go to the channel.
+fn oidc_provider() -> (Upstream, std::sync::mpsc::Receiver<(String, String)>) {
+    let (tx, rx) = std::sync::mpsc::channel::<(String, String)>();
+    let provider = Upstream::start(move |req| {
+        let tx = tx.clone();
+        async move {
+            use http_body_util::BodyExt;
+            let host = req
+                .headers()
+                .get("host")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string();
+            let auth = req
+                .headers()
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string();
+            let path = req.uri().path().to_string();
+            let body = req.into_body().collect().await.expect("body").to_bytes();
+            let body = String::from_utf8_lossy(&body).into_owned();
+            let json = match path.as_str() {
+                "/.well-known/openid-configuration" => serde_json::json!({
+                    "issuer": format!("http://{host}"),
+                    "authorization_endpoint": format!("http://{host}/authorize"),
+                    "token_endpoint": format!("http://{host}/token"),
+                    "introspection_endpoint": format!("http://{host}/introspect"),
+                    "jwks_uri": format!("http://{host}/jwks"),
+                }),
+                "/introspect" => {
+                    let active = body.split('&').any(|kv| kv == "token=good");
+                    let _ = tx.send((auth, body));
+                    if active {
+                        serde_json::json!({"active": true, "sub": "jack", "scope": "read write",
+                                           "client_id": "gw-client"})
+                    } else {
+                        serde_json::json!({"active": false})
+                    }
+                }
+                _ => {
+                    let mut r = hyper::Response::new(full("not found"));
+                    *r.status_mut() = hyper::StatusCode::NOT_FOUND;
+                    return r;
+                }
+            };
+            let mut r = hyper::Response::new(full(json.to_string()));
+            r.headers_mut().insert(
+                "content-type",
+                hyper::header::HeaderValue::from_static("application/json"),
+            );
+            r
+        }
+    });
+    (provider, rx)
+}
+
+/// APISIX's own openid-connect (APISIX_SRC) with lua-resty-openidc (MOONGATE_LUA_LIBS) and
+/// moongate's resty.http, resty.session and resty.jwt, as a bearer-only resource server
+/// against an OpenID provider the test runs: the discovery document is read, a bearer token is
+/// introspected with the client's credentials (client_secret_basic), an active one reaches the
+/// upstream with `X-Access-Token` and `X-Userinfo`, an inactive one and a missing one are 401
+/// with a `Bearer` challenge, and a token without the route's required scope is 403
+/// (t/plugin/openid-connect*.t, restated).
+#[test]
+fn real_openid_connect_introspects_bearer_tokens() {
+    let Some(src) = std::env::var_os("APISIX_SRC") else {
+        eprintln!("APISIX_SRC is not set: skipping APISIX's openid-connect");
+        return;
+    };
+    let Some(lua) = third_party_lua_path() else {
+        eprintln!("MOONGATE_LUA_LIBS is not set: skipping APISIX's openid-connect (needs lua-resty-openidc)");
+        return;
+    };
+    let (tmp, dir) = stage_plugin(&PathBuf::from(src), "openid-connect");
+    let (idp, seen) = oidc_provider();
+    let up = Upstream::echo();
+    let u = upstream_yaml(&up);
+    let conf = |extra: &str| {
+        format!(
+            "      openid-connect:\n        client_id: gw-client\n        client_secret: gw-secret\n        discovery: \"http://{0}/.well-known/openid-configuration\"\n        introspection_endpoint: \"http://{0}/introspect\"\n        bearer_only: true\n{extra}",
+            idp.addr()
+        )
+    };
+    let yaml = format!(
+        "workers: 1\nplugin_dirs:\n  - \"{}\"\n{lua}routes:\n  - id: oidc\n    uri: /api\n    plugins:\n{}{u}  - id: admin\n    uri: /admin\n    plugins:\n{}{u}",
+        dir.display(),
+        conf(""),
+        conf("        required_scopes: [admin]\n"),
+    );
+    let gw = Gateway::start_in(tmp.path(), &yaml);
+
+    let r = Req::get(&gw.url("/api"))
+        .header("Authorization", "Bearer good")
+        .send();
+    assert_eq!(r.status, 200, "{}\n{}", r.text(), gw.logs());
+    let h = &r.json()["headers"];
+    assert_eq!(h["x-access-token"], "good", "{h}");
+    use base64::Engine;
+    let userinfo = base64::engine::general_purpose::STANDARD
+        .decode(
+            h["x-userinfo"]
+                .as_str()
+                .unwrap_or_else(|| panic!("no X-Userinfo: {h}")),
+        )
+        .expect("base64 userinfo");
+    let userinfo: serde_json::Value = serde_json::from_slice(&userinfo).expect("JSON userinfo");
+    assert_eq!(userinfo["sub"], "jack", "{userinfo}");
+    let (auth, body) = seen
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the provider was asked to introspect");
+    assert_eq!(
+        auth,
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode("gw-client:gw-secret")
+        )
+    );
+    assert!(body.split('&').any(|kv| kv == "token=good"), "{body}");
+
+    let r = Req::get(&gw.url("/api"))
+        .header("Authorization", "Bearer revoked")
+        .send();
+    assert_eq!(r.status, 401, "{}", r.text());
+    let challenge = r.header("www-authenticate").unwrap_or_default();
+    assert!(
+        challenge.starts_with("Bearer realm=\"apisix\"") && challenge.contains("invalid_token"),
+        "{challenge}"
+    );
+
+    let r = Req::get(&gw.url("/api")).send();
+    assert_eq!(r.status, 401, "{}", r.text());
+    assert_eq!(
+        r.header("www-authenticate").as_deref(),
+        Some("Bearer realm=\"apisix\"")
+    );
+
+    let r = Req::get(&gw.url("/admin"))
+        .header("Authorization", "Bearer good")
+        .send();
+    assert_eq!(r.status, 403, "{}", r.text());
+    assert_eq!(
+        r.json()["error"],
+        "required scopes admin not present",
+        "{}",
+        r.text()
+    );
+}
