@@ -4805,3 +4805,121 @@ fn real_openid_connect_introspects_bearer_tokens() {
         r.text()
     );
 }
+
+/// APISIX's own degraphql (APISIX_SRC) with graphql-lua (MOONGATE_LUA_LIBS), whose parser runs
+/// on Debian's LPeg through `package.cpath`: a query that does not parse and two operations
+/// without `operation_name` are refused by `moongate check`; a POST's JSON variables and a
+/// GET's query arguments become the GraphQL request the upstream receives
+/// (t/plugin/degraphql.t, restated).
+#[test]
+fn real_degraphql_turns_requests_into_graphql() {
+    let Some(src) = std::env::var_os("APISIX_SRC") else {
+        eprintln!("APISIX_SRC is not set: skipping APISIX's degraphql");
+        return;
+    };
+    let Some(lua) = third_party_lua_path() else {
+        eprintln!("MOONGATE_LUA_LIBS is not set: skipping APISIX's degraphql (needs graphql-lua)");
+        return;
+    };
+    let (tmp, dir) = stage_plugin(&PathBuf::from(src), "degraphql");
+    // The upstream answers with what it was sent.
+    let up = Upstream::start(|req| async move {
+        use http_body_util::BodyExt;
+        let uri = req.uri().to_string();
+        let method = req.method().to_string();
+        let ctype = req
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        let body = req.into_body().collect().await.expect("body").to_bytes();
+        hyper::Response::new(full(
+            serde_json::json!({"uri": uri, "method": method, "ctype": ctype,
+                               "body": String::from_utf8_lossy(&body)})
+            .to_string(),
+        ))
+    });
+    let query = "query ($name: String!) { persons(filter: {name: $name}) { id name } }";
+    let route = |id: &str, q: &str, extra: &str| {
+        format!(
+            "  - id: {id}\n    uri: /{id}\n    plugins:\n      degraphql:\n        query: {}\n{extra}{}",
+            serde_json::to_string(q).expect("json"),
+            upstream_yaml(&up)
+        )
+    };
+    let head = format!("workers: 1\nplugin_dirs:\n  - \"{}\"\n{lua}", dir.display());
+    for (q, want) in [
+        ("{ persons { id ", "failed to parse query"),
+        (
+            "query a { x } query b { y }",
+            "operation_name is required if multiple operations are present in the query",
+        ),
+    ] {
+        let (code, out) = common::check(&format!("{head}routes:\n{}", route("bad", q, "")));
+        assert_eq!(code, 1, "{q}: {out}");
+        assert!(out.contains(want), "{q}: {out}");
+    }
+    let yaml = format!(
+        "{head}routes:\n{}",
+        route("graphql", query, "        variables: [name]\n")
+    );
+    let gw = Gateway::start_in(tmp.path(), &yaml);
+
+    let r = Req::post(&gw.url("/graphql"))
+        .header("Content-Type", "application/json")
+        .body(br#"{"name": "jack", "ignored": 1}"#.to_vec())
+        .send();
+    assert_eq!(r.status, 200, "{}\n{}", r.text(), gw.logs());
+    let v = r.json();
+    assert_eq!(v["method"], "POST", "{v}");
+    assert_eq!(v["ctype"], "application/json", "{v}");
+    let sent: serde_json::Value =
+        serde_json::from_str(v["body"].as_str().unwrap_or("")).expect("a JSON GraphQL request");
+    assert_eq!(sent["query"], query, "{sent}");
+    assert_eq!(
+        sent["variables"],
+        serde_json::json!({"name": "jack"}),
+        "{sent}"
+    );
+
+    let r = Req::get(&gw.url("/graphql?name=rose")).send();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let uri = r.json()["uri"].as_str().unwrap_or("").to_string();
+    let args: std::collections::HashMap<String, String> =
+        url_args(uri.split_once('?').map(|(_, q)| q).unwrap_or(""));
+    assert_eq!(args.get("query").map(String::as_str), Some(query), "{uri}");
+    let vars: serde_json::Value =
+        serde_json::from_str(args.get("variables").map(String::as_str).unwrap_or(""))
+            .expect("variables");
+    assert_eq!(vars, serde_json::json!({"name": "rose"}), "{uri}");
+
+    let r = Req::new("PUT", &gw.url("/graphql")).send();
+    assert_eq!(r.status, 405, "{}", r.text());
+}
+
+/// A query string's arguments, percent-decoded (`+` as a space).
+fn url_args(q: &str) -> std::collections::HashMap<String, String> {
+    fn decode(s: &str) -> String {
+        let b = s.replace('+', " ");
+        let b = b.as_bytes();
+        let mut out = Vec::with_capacity(b.len());
+        let mut i = 0;
+        while i < b.len() {
+            if b[i] == b'%' && i + 2 < b.len() {
+                if let Ok(v) = u8::from_str_radix(&String::from_utf8_lossy(&b[i + 1..i + 3]), 16) {
+                    out.push(v);
+                    i += 3;
+                    continue;
+                }
+            }
+            out.push(b[i]);
+            i += 1;
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+    q.split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (decode(k), decode(v)))
+        .collect()
+}
