@@ -12,9 +12,10 @@ runs of `wrk -t1 -c64 --latency` for `--reload-seconds` (default 30):
   Admin API (`PUT /apisix/admin/routes/1` with a new plugin conf); nginx: `nginx -s reload`
   (a new worker, the old one finishes its requests and closes its keep-alive connections).
 
-Per run: rps, p50/p99, errors (non-2xx plus wrk's socket errors). Per repetition: rps during
-changes / quiet and the p99 rise (changes minus quiet) of each, and moongate's rise over
-nginx's. After each changes run the script checks that the last change is what serves (the
+Per run: rps, p50/p99, errors (non-2xx plus wrk's socket errors), the gateway's CPU µs per
+request (its process tree, with the nginx workers a reload retired). Per repetition: rps and CPU
+per request during changes / quiet and the p99 rise (changes minus quiet) of each, and
+moongate's rise over nginx's. After each changes run the script checks that the last change is what serves (the
 response carries the version of the plugin file and of the route conf). Writes
 bench/out/reload.json and reload.md.
 """
@@ -134,8 +135,23 @@ def run_wrk(port, seconds, conns):
     return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
 
 
-def measure(gw, port, seconds, conns, with_changes, state, ctx):
+def cpu_ticks(pid):
+    """utime+stime of the process tree, plus the children it has waited for (cutime+cstime):
+    an nginx worker that a reload retires takes its CPU time to the master's counters when it
+    exits."""
+    total = sum(r.cpu_ticks(pid))
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += int(fields[13]) + int(fields[14])
+    except OSError:
+        pass
+    return total
+
+
+def measure(gw, port, seconds, conns, with_changes, state, ctx, pid):
     stop = threading.Event()
+    c0 = cpu_ticks(pid)
     t = None
     if with_changes:
         t = threading.Thread(target=changer, args=(gw, seconds, state, ctx, stop), daemon=True)
@@ -146,12 +162,14 @@ def measure(gw, port, seconds, conns, with_changes, state, ctx):
         stop.set()
         if t:
             t.join(30)
+    c1 = cpu_ticks(pid)
     w = r.parse_wrk(out)
     errs = 0
     if w["socket_errors"]:
         errs = sum(int(x.split()[-1]) for x in w["socket_errors"].split(","))
     return {"rps": w["rps"], "requests": w["requests"], "p50_ms": w["p50_ms"], "p99_ms": w["p99_ms"],
-            "non2xx": w["non2xx"], "socket_errors": w["socket_errors"], "errors": w["non2xx"] + errs}
+            "non2xx": w["non2xx"], "socket_errors": w["socket_errors"], "errors": w["non2xx"] + errs,
+            "cpu_us_per_req": (c1 - c0) * 1e6 / r.CLK_TCK / max(w["requests"], 1)}
 
 
 def check_serving(port, state):
@@ -214,7 +232,7 @@ def reload_mode(args):
                 if args.warmup > 0:
                     run_wrk(ports[gw], args.warmup, args.conns)
                 before = state["changes"]
-                x = measure(gw, ports[gw], seconds, args.conns, ch, state, ctx)
+                x = measure(gw, ports[gw], seconds, args.conns, ch, state, ctx, procs[gw].pid)
                 x["changes"] = state["changes"] - before
                 if ch and gw == "moongate":
                     check_serving(mg_port, state)
@@ -223,7 +241,7 @@ def reload_mode(args):
                 runs.setdefault(key, []).append(x)
                 r.log(f"rep {rep} {key:17} {x['rps']:8.0f} rps  p50 {r.fmt(x['p50_ms'], 2)}  "
                       f"p99 {r.fmt(x['p99_ms'], 2)} ms  errors {x['errors']} {x['socket_errors']}  "
-                      f"changes {x['changes']}")
+                      f"cpu {x['cpu_us_per_req']:.1f} us/req  changes {x['changes']}")
             for name, p in procs.items():
                 if p.poll() is not None:
                     raise RuntimeError(f"{name} exited with {p.returncode}; see {r.RUN}")
@@ -232,6 +250,7 @@ def reload_mode(args):
         r.stop_all()
 
     table = {k: {"rps": r.summary([x["rps"] for x in xs]), "p50_ms": r.summary([x["p50_ms"] for x in xs]),
+                 "cpu_us_per_req": r.summary([x["cpu_us_per_req"] for x in xs]),
                  "p99_ms": r.summary([x["p99_ms"] for x in xs]), "errors": sum(x["errors"] for x in xs),
                  "changes": sum(x["changes"] for x in xs)} for k, xs in runs.items()}
     per_rep = []
@@ -242,6 +261,7 @@ def reload_mode(args):
             c = next(x for x in runs[f"{gw} changes"] if x["rep"] == rep)
             row[f"{gw} rps ratio"] = c["rps"] / q["rps"] if q["rps"] else None
             row[f"{gw} p99 rise ms"] = c["p99_ms"] - q["p99_ms"]
+            row[f"{gw} CPU/req ratio"] = c["cpu_us_per_req"] / q["cpu_us_per_req"] if q["cpu_us_per_req"] else None
         nr = row["nginx p99 rise ms"]
         row["moongate rise / nginx rise"] = row["moongate p99 rise ms"] / nr if nr > 0 else None
         per_rep.append(row)
@@ -254,11 +274,11 @@ def reload_mode(args):
         return "-" if not s else f"{s['median']:.{nd}f} ({s['min']:.{nd}f}-{s['max']:.{nd}f})"
     md = [f"{meta['date']}, commit {meta['moongate_commit']}, {args.reps} reps x {seconds} s, c={args.conns}, "
           "load (1 min) before each rep: " + " ".join(str(l[0]) for l in meta["load_before"]), "",
-          "| run | rps median (min-max) | p50 / p99 ms | errors (all reps) | changes (all reps) |",
-          "|---|---|---|---|---|"]
+          "| run | rps median (min-max) | p50 / p99 ms | CPU µs/req | errors (all reps) | changes (all reps) |",
+          "|---|---|---|---|---|---|"]
     for k, t in table.items():
         md.append(f"| {k} | {span(t['rps'], 0)} | {r.fmt(t['p50_ms']['median'], 2)} / {r.fmt(t['p99_ms']['median'], 2)} | "
-                  f"{t['errors']} | {t['changes']} |")
+                  f"{t['cpu_us_per_req']['median']:.1f} | {t['errors']} | {t['changes']} |")
     md += ["", "| per-rep figure | median (min-max) |", "|---|---|"]
     for k, s in ratios.items():
         md.append(f"| {k} | {span(s)} |")

@@ -512,6 +512,51 @@ fn config_file_resources_are_read_only_and_ids_never_collide() {
     assert_eq!(get(&gw.url("/from-file")).status, 404);
 }
 
+/// Admin API writes keep the config file's parsed text between builds: a write made right after
+/// the file was edited builds from the edited file, not from the one parsed for the write
+/// before.
+#[test]
+fn a_write_after_a_config_file_edit_builds_from_the_edited_file() {
+    let up = Upstream::echo();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let route = |id: &str, uri: &str| {
+        format!(
+            "  - id: {id}\n    uri: {uri}\n    upstream:\n      nodes:\n        \"{}\": 1\n",
+            up.node()
+        )
+    };
+    let gw = Gateway::start_in(
+        dir.path(),
+        &admin_yaml(&format!("routes:\n{}", route("f1", "/file"))),
+    );
+    let admin = AdminClient::new(&gw);
+    let body = |uri: &str| json!({"uri": uri, "upstream": {"nodes": {up.node(): 1}}});
+    assert_eq!(admin.put("/routes/a1", body("/a1")).status, 201);
+    assert_eq!(get(&gw.url("/a1")).status, 200);
+
+    std::fs::write(
+        gw.config_path(),
+        format!(
+            "listen: 127.0.0.1:0\n{}",
+            admin_yaml(&format!(
+                "routes:\n{}{}",
+                route("f1", "/file"),
+                route("f2", "/file2")
+            ))
+        ),
+    )
+    .expect("rewrite config");
+    // Answered once the write serves: the file's new route serves with it.
+    assert_eq!(admin.put("/routes/a2", body("/a2")).status, 201);
+    for path in ["/file", "/file2", "/a1", "/a2"] {
+        assert_eq!(get(&gw.url(path)).status, 200, "{path}");
+    }
+    let g = admin.get("/routes/f2");
+    assert_eq!(g.status, 200, "{}", g.text());
+    assert_eq!(g.json()["source"], "config_file");
+    assert_eq!(admin.total("routes"), 4);
+}
+
 #[test]
 fn writes_survive_a_restart() {
     let up = Upstream::echo();

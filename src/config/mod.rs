@@ -673,14 +673,28 @@ pub fn load_file(path: &Path) -> Result<Document, ConfigErrors> {
 /// Reads a config file and parses as much of it as parses ([`Partial`]). Only a file that
 /// cannot be read, or text that is not YAML/JSON (`FILE:LINE:COLUMN: message`), is an `Err`.
 pub fn load_partial(path: &Path) -> Result<Partial, ConfigErrors> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
+    let text = read_text(path)?;
+    partial_from_text(path, &text)
+}
+
+/// A config file's text, for [`document_from_text`].
+pub fn read_text(path: &Path) -> Result<String, ConfigErrors> {
+    std::fs::read_to_string(path).map_err(|e| {
         ConfigErrors(vec![ConfigError::new(
             "",
             format!("cannot read {}: {e}", path.display()),
         )])
-    })?;
-    let mut partial = parse_partial(&text, Some(path))?;
-    partial.doc.source_hash = text_hash(&text);
+    })
+}
+
+/// [`load_file`] on text already read from `path`.
+pub fn document_from_text(path: &Path, text: &str) -> Result<Document, ConfigErrors> {
+    partial_from_text(path, text)?.into_document()
+}
+
+fn partial_from_text(path: &Path, text: &str) -> Result<Partial, ConfigErrors> {
+    let mut partial = parse_partial(text, Some(path))?;
+    partial.doc.source_hash = text_hash(text);
     let base = path.parent().unwrap_or(Path::new("."));
     let base = if base.as_os_str().is_empty() {
         Path::new(".")

@@ -107,6 +107,13 @@ pub struct Reloader {
     started_node: NodeConfig,
     overlay: Mutex<Option<Arc<dyn ResourceOverlay>>>,
     state: Mutex<State>,
+    /// The config file's text and the document parsed from it, kept once a
+    /// [`Reloader::try_build`] (an Admin API or etcd write) has run: each such write builds
+    /// twice (to validate, then to publish) while the file stays as it was, and with
+    /// thousands of routes in the file parsing its YAML was most of a write's time. A node
+    /// whose only source is its config file never keeps it, so it does not hold the file's
+    /// resources twice in memory.
+    parsed: Mutex<Option<(String, Document)>>,
 }
 
 struct State {
@@ -136,6 +143,7 @@ impl Reloader {
             config_path,
             started_node,
             overlay: Mutex::new(None),
+            parsed: Mutex::new(None),
             state: Mutex::new(State {
                 status: ReloadStatus {
                     generation: snap.generation,
@@ -177,13 +185,15 @@ impl Reloader {
         &self,
         edit: impl FnOnce(&mut Document) -> Result<(), ConfigErrors>,
     ) -> Result<Snapshot, ConfigErrors> {
-        let mut doc = self.read_document()?;
+        let mut doc = self.read_document(true)?;
         edit(&mut doc)?;
         build_from_document(doc, 0)
     }
 
-    fn read_document(&self) -> Result<Document, ConfigErrors> {
-        let mut doc = config::load_file(&self.config_path)?;
+    /// The files' document with the overlay applied; `keep` keeps the parsed file for the
+    /// next builds.
+    fn read_document(&self, keep: bool) -> Result<Document, ConfigErrors> {
+        let mut doc = self.file_document(keep)?;
         let overlay = self
             .overlay
             .lock()
@@ -195,11 +205,28 @@ impl Reloader {
         Ok(doc)
     }
 
+    /// The config file's document: a copy of the kept one when the file's text is the same,
+    /// else parsed (and kept with `keep`, or when one was kept before).
+    fn file_document(&self, keep: bool) -> Result<Document, ConfigErrors> {
+        let text = config::read_text(&self.config_path)?;
+        let mut parsed = self.parsed.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((seen, doc)) = parsed.as_ref() {
+            if *seen == text {
+                return Ok(doc.clone());
+            }
+        }
+        let doc = config::document_from_text(&self.config_path, &text)?;
+        if keep || parsed.is_some() {
+            *parsed = Some((text, doc.clone()));
+        }
+        Ok(doc)
+    }
+
     /// Rebuilds from the files (and overlay) and publishes the result. `force` rebuilds even
     /// when no input file changed (the reload API, Admin API writes).
     pub fn rebuild(&self, trigger: &str, force: bool) -> Result<Rebuilt, ConfigErrors> {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let result = self.read_document().and_then(|doc| {
+        let result = self.read_document(false).and_then(|doc| {
             self.warn_unreloadable(&doc.node);
             let registry = build_registry(&doc.node)?;
             let files = input_files(&self.config_path, &doc.node, &registry);
