@@ -1,12 +1,15 @@
 --- resty.jwt: the part of lua-resty-jwt's API that APISIX's plugins call, for JWS tokens
 -- (compact serialization): `load_jwt`, `sign`, `verify`, `verify_jwt_obj`. Signatures use
 -- `resty.openssl.mac` (HS*) and `resty.openssl.pkey` (RS*, PS*, ES256/ES384, EdDSA). Not
--- provided: JWE, x5u/x5c retrieval, claim validators beyond `exp`/`nbf`.
+-- provided: JWE, x5u/x5c retrieval. Claim specs take `resty.jwt-validators`' validators.
 local cjson = require("cjson.safe")
 local base64 = require("ngx.base64")
 local mac = require("resty.openssl.mac")
 local pkey = require("resty.openssl.pkey")
 local type = type
+local pairs = pairs
+local select = select
+local tostring = tostring
 local pcall = pcall
 local setmetatable = setmetatable
 local str_find = string.find
@@ -113,9 +116,41 @@ local function check_time_claims(payload, leeway)
     end
 end
 
---- Checks a loaded token's signature (and `exp`/`nbf` when present); sets `verified` and
--- `reason` on it and returns it.
-function _M.verify_jwt_obj(_, key, obj, opts)
+local validators = require("resty.jwt-validators")
+
+--- Runs one claim spec's validators (`claim = function(value, claim, obj)`; `__jwt` gets the
+-- whole object) and its legacy options (`lifetime_grace_period`, `valid_issuers`), as
+-- lua-resty-jwt does. Returns the failure's reason, or nil.
+local function check_spec(spec, obj)
+    local payload = obj.payload
+    if spec.lifetime_grace_period ~= nil then
+        local reason = check_time_claims(payload, spec.lifetime_grace_period)
+        if reason then return reason end
+    end
+    if spec.valid_issuers ~= nil then
+        local ok, res = pcall(validators.equals_any_of(spec.valid_issuers), payload.iss, "iss", obj)
+        if not ok then return tostring(res) end
+        if not res then
+            return "Claim 'iss' ('" .. tostring(payload.iss) .. "') returned failure"
+        end
+    end
+    for claim, check in pairs(spec) do
+        if type(check) == "function" then
+            local value = claim == "__jwt" and obj or payload[claim]
+            local ok, res = pcall(check, value, claim, obj)
+            if not ok then return tostring(res) end
+            if not res then
+                return "Claim '" .. tostring(claim) .. "' ('" .. tostring(value)
+                    .. "') returned failure"
+            end
+        end
+    end
+end
+
+--- Checks a loaded token's signature, then its claims: with no claim specs, `exp`/`nbf`
+-- when present (allowing `jwt-validators`' system leeway); else each spec in turn. Sets
+-- `verified` and `reason` on it and returns it.
+function _M.verify_jwt_obj(_, key, obj, ...)
     if not obj.valid then
         obj.verified = false
         return obj
@@ -148,16 +183,28 @@ function _M.verify_jwt_obj(_, key, obj, opts)
         obj.reason = err or "signature mismatch: " .. tostring(obj.signature)
         return obj
     end
-    local reason = check_time_claims(obj.payload, opts and opts.lifetime_grace_period)
+    local reason
+    local n = select("#", ...)
+    if n == 0 then
+        reason = check_time_claims(obj.payload, validators.get_system_leeway())
+    else
+        for i = 1, n do
+            local spec = select(i, ...)
+            if type(spec) == "table" then
+                reason = check_spec(spec, obj)
+                if reason then break end
+            end
+        end
+    end
     obj.verified = reason == nil
     obj.reason = reason
     return obj
 end
 
---- `jwt:verify(key, token, opts)` = `load_jwt` then `verify_jwt_obj`.
-function _M.verify(self, key, token, opts)
+--- `jwt:verify(key, token, spec, ...)` = `load_jwt` then `verify_jwt_obj`.
+function _M.verify(self, key, token, ...)
     local obj = type(token) == "table" and token or _M.load_jwt(self, token)
-    return _M.verify_jwt_obj(self, key, obj, opts)
+    return _M.verify_jwt_obj(self, key, obj, ...)
 end
 
 return setmetatable(_M, mt)

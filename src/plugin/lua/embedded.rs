@@ -200,6 +200,10 @@ pub const MODULES: &[(&str, &str)] = &[
     ("jsonpath", include_str!("../../../lua/jsonpath.lua")),
     ("jsonschema", include_str!("../../../lua/jsonschema.lua")),
     (
+        "resty.jwt-validators",
+        include_str!("../../../lua/resty/jwt-validators.lua"),
+    ),
+    (
         "resty.core.base",
         include_str!("../../../lua/resty/core/base.lua"),
     ),
