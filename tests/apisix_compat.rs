@@ -5046,3 +5046,82 @@ fn real_openid_connect_verifies_jwts_with_the_providers_jwks() {
         );
     }
 }
+
+/// APISIX's own authz-casbin (APISIX_SRC) with lua-casbin (MOONGATE_LUA_LIBS) on Debian's
+/// lrexlib-pcre2 and luaposix, C modules found on `package.cpath`, and lualogging: the RBAC
+/// model and policy of the plugin's docs, inline and from files; anonymous users may GET `/`
+/// only, `alice` (an admin) anything, others get 403 `Access Denied`
+/// (t/plugin/authz-casbin.t, restated).
+#[test]
+fn real_authz_casbin_enforces_an_rbac_policy() {
+    let Some(src) = std::env::var_os("APISIX_SRC") else {
+        eprintln!("APISIX_SRC is not set: skipping APISIX's authz-casbin");
+        return;
+    };
+    let Some(lua) = third_party_lua_path() else {
+        eprintln!(
+            "MOONGATE_LUA_LIBS is not set: skipping APISIX's authz-casbin (needs lua-casbin)"
+        );
+        return;
+    };
+    let rex = format!(
+        "/usr/lib/{}-linux-gnu/lua/5.1/rex_pcre2.so",
+        std::env::consts::ARCH
+    );
+    if !Path::new(&rex).is_file() {
+        eprintln!(
+            "{rex} missing (Debian lua-rex-pcre2, lua-posix, lua-logging): skipping authz-casbin"
+        );
+        return;
+    }
+    let model = "[request_definition]\nr = sub, obj, act\n\n[policy_definition]\np = sub, obj, act\n\n[role_definition]\ng = _, _\n\n[policy_effect]\ne = some(where (p.eft == allow))\n\n[matchers]\nm = (g(r.sub, p.sub) || keyMatch(r.sub, p.sub)) && keyMatch(r.obj, p.obj) && keyMatch(r.act, p.act)\n";
+    let policy = "p, *, /, GET\np, admin, *, *\ng, alice, admin\n";
+    let (tmp, dir) = stage_plugin(&PathBuf::from(src), "authz-casbin");
+    std::fs::write(tmp.path().join("model.conf"), model).expect("model");
+    std::fs::write(tmp.path().join("policy.csv"), policy).expect("policy");
+    let up = Upstream::echo();
+    let u = upstream_yaml(&up);
+    let yaml = format!(
+        "workers: 1\nplugin_dirs:\n  - \"{}\"\n{lua}routes:\n  - id: inline\n    uris: [\"/\", \"/res\"]\n    plugins:\n      authz-casbin:\n        model: {}\n        policy: {}\n        username: user\n{u}  - id: files\n    uri: /files/*\n    plugins:\n      authz-casbin:\n        model_path: \"{}\"\n        policy_path: \"{}\"\n        username: user\n{u}",
+        dir.display(),
+        serde_json::to_string(model).expect("json"),
+        serde_json::to_string(policy).expect("json"),
+        tmp.path().join("model.conf").display(),
+        tmp.path().join("policy.csv").display(),
+    );
+    let gw = Gateway::start_in(tmp.path(), &yaml);
+    let call = |method: &str, path: &str, user: Option<&str>| {
+        let mut r = Req::new(method, &gw.url(path));
+        if let Some(u) = user {
+            r = r.header("user", u);
+        }
+        r.send()
+    };
+    for (method, path, user, status) in [
+        ("GET", "/", None, 200),
+        ("GET", "/res", None, 403),
+        ("POST", "/", None, 403),
+        ("GET", "/res", Some("alice"), 200),
+        ("POST", "/", Some("alice"), 200),
+        ("GET", "/", Some("bob"), 200),
+        ("GET", "/res", Some("bob"), 403),
+        ("GET", "/files/a", None, 403),
+        ("GET", "/files/a", Some("alice"), 200),
+    ] {
+        let r = call(method, path, user);
+        assert_eq!(
+            r.status,
+            status,
+            "{method} {path} as {user:?}: {}\n{}",
+            r.text(),
+            gw.logs()
+        );
+        if status == 403 {
+            assert_eq!(
+                r.json()["message"],
+                "Access Denied",
+                "{method} {path} as {user:?}"
+            );
+        }
+    }
+}

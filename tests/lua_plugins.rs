@@ -904,6 +904,23 @@ return _M
     assert!(body.ends_with("body:late:delayed:"), "{body}");
 }
 
+/// `ctx.var.method` is the request method, as APISIX's ctx.var defines it (authz-casbin reads
+/// it); nginx has no `$method`, so `ngx.var.method` stays nil.
+#[test]
+fn ctx_var_method_is_the_request_method() {
+    let body = r#"
+    out.ctx_method = ctx.var.method
+    out.ngx_method = ngx.var.method == nil and "nil" or ngx.var.method
+"#;
+    let (_tmp, gw) = probe_gateway(
+        &[("probe-method", &probe("probe-method", body))],
+        &probe_route("/m", "probe-method"),
+    );
+    let out = Req::new("DELETE", &gw.url("/m")).send().json();
+    assert_eq!(out["ctx_method"], "DELETE", "{out}");
+    assert_eq!(out["ngx_method"], "nil", "{out}");
+}
+
 #[test]
 fn core_utils_log_and_misc() {
     let src = probe(

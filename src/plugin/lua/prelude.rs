@@ -21,6 +21,10 @@ local VAR_MT = {
             local v = c[k]
             if v ~= nil then return v end
         end
+        -- APISIX's ctx.var has `method` (the request method) beside nginx's variables.
+        if k == "method" then
+            return var_get("request_method")
+        end
         return var_get(k)
     end,
     __newindex = function(t, k, v)
