@@ -5125,3 +5125,132 @@ fn real_authz_casbin_enforces_an_rbac_policy() {
         }
     }
 }
+
+/// A SafeLine detector stand-in speaking lua-resty-t1k's protocol on loopback: it reads the
+/// request's packets (tag byte, little-endian length, payload) up to the last one and answers
+/// "reject with 403, event `e0123`" when the request head mentions `/attack`, "pass" otherwise.
+/// Each request head it saw goes to the channel. Serves connections until the test ends.
+fn t1k_detector() -> (u16, std::sync::mpsc::Receiver<String>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind detector");
+    let port = listener.local_addr().expect("addr").port();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut s) = conn else { return };
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                let packet = |s: &mut std::net::TcpStream, tag: u8, body: &[u8]| {
+                    let mut out = vec![tag];
+                    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+                    out.extend_from_slice(body);
+                    s.write_all(&out)
+                };
+                // One request per round, on a kept-alive connection; bounded.
+                for _ in 0..1000 {
+                    let mut head = String::new();
+                    loop {
+                        let mut h = [0u8; 5];
+                        if s.read_exact(&mut h).is_err() {
+                            return;
+                        }
+                        let len = u32::from_le_bytes([h[1], h[2], h[3], h[4]]) as usize;
+                        let mut body = vec![0u8; len];
+                        if s.read_exact(&mut body).is_err() {
+                            return;
+                        }
+                        if h[0] & 0x3f == 0x01 {
+                            head = String::from_utf8_lossy(&body).into_owned();
+                        }
+                        if h[0] & 0x80 != 0 {
+                            break;
+                        }
+                    }
+                    let attack = head.contains("/attack");
+                    let _ = tx.send(head);
+                    let sent = if attack {
+                        packet(&mut s, 0x41, b"?")
+                            .and_then(|_| packet(&mut s, 0x02, b"403"))
+                            .and_then(|_| packet(&mut s, 0xa4, b"<!-- event_id: e0123 -->"))
+                    } else {
+                        packet(&mut s, 0xc1, b".")
+                    };
+                    if sent.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (port, rx)
+}
+
+/// APISIX's own chaitin-waf (APISIX_SRC) with lua-resty-t1k (MOONGATE_LUA_LIBS) against a
+/// detector speaking the T1K protocol on loopback: in block mode a request the detector rejects
+/// gets its status and the plugin's JSON with the event id, a clean one reaches the upstream,
+/// both with the `X-APISIX-CHAITIN-WAF*` headers; in monitor mode the rejected request passes
+/// (docs/en/latest/plugins/chaitin-waf.md, restated).
+#[test]
+fn real_chaitin_waf_asks_a_t1k_detector() {
+    let Some(src) = std::env::var_os("APISIX_SRC") else {
+        eprintln!("APISIX_SRC is not set: skipping APISIX's chaitin-waf");
+        return;
+    };
+    let Some(lua) = third_party_lua_path() else {
+        eprintln!(
+            "MOONGATE_LUA_LIBS is not set: skipping APISIX's chaitin-waf (needs lua-resty-t1k)"
+        );
+        return;
+    };
+    let (port, heads) = t1k_detector();
+    let (tmp, dir) = stage_plugin(&PathBuf::from(src), "chaitin-waf");
+    let up = Upstream::echo();
+    let u = upstream_yaml(&up);
+    let yaml = format!(
+        "workers: 1\nplugin_dirs:\n  - \"{}\"\n{lua}plugin_metadata:\n  - id: chaitin-waf\n    nodes:\n      - host: 127.0.0.1\n        port: {port}\nroutes:\n  - id: block\n    uri: /b/*\n    plugins:\n      chaitin-waf:\n        mode: block\n{u}  - id: monitor\n    uri: /m/*\n    plugins:\n      chaitin-waf:\n        mode: monitor\n{u}",
+        dir.display()
+    );
+    let gw = Gateway::start_in(tmp.path(), &yaml);
+
+    let r = get(&gw.url("/b/attack?x=1"));
+    assert_eq!(r.status, 403, "{}\n{}", r.text(), gw.logs());
+    let v = r.json();
+    assert_eq!(v["code"], 403, "{v}");
+    assert_eq!(v["success"], false, "{v}");
+    assert_eq!(v["event_id"], "e0123", "{v}");
+    assert_eq!(
+        v["message"],
+        "blocked by Chaitin SafeLine Web Application Firewall"
+    );
+    assert_eq!(r.header("x-apisix-chaitin-waf").as_deref(), Some("yes"));
+    assert_eq!(
+        r.header("x-apisix-chaitin-waf-action").as_deref(),
+        Some("reject")
+    );
+    assert_eq!(
+        r.header("x-apisix-chaitin-waf-status").as_deref(),
+        Some("403")
+    );
+    let head = heads
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the detector saw it");
+    assert!(
+        head.starts_with("GET /b/attack?x=1 HTTP/1.1\r\n"),
+        "{head:?}"
+    );
+
+    let r = get(&gw.url("/b/clean"));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["uri"], "/b/clean");
+    assert_eq!(
+        r.header("x-apisix-chaitin-waf-action").as_deref(),
+        Some("pass")
+    );
+
+    let r = get(&gw.url("/m/attack"));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        r.header("x-apisix-chaitin-waf-action").as_deref(),
+        Some("reject")
+    );
+}

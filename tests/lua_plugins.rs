@@ -905,12 +905,15 @@ return _M
 }
 
 /// `ctx.var.method` is the request method, as APISIX's ctx.var defines it (authz-casbin reads
-/// it); nginx has no `$method`, so `ngx.var.method` stays nil.
+/// it); nginx has no `$method`, so `ngx.var.method` stays nil. `$server_name` and `$hostname`
+/// (lua-resty-t1k sends both to the WAF).
 #[test]
 fn ctx_var_method_is_the_request_method() {
     let body = r#"
     out.ctx_method = ctx.var.method
     out.ngx_method = ngx.var.method == nil and "nil" or ngx.var.method
+    out.server_name = ngx.var.server_name
+    out.hostname = ngx.var.hostname
 "#;
     let (_tmp, gw) = probe_gateway(
         &[("probe-method", &probe("probe-method", body))],
@@ -919,6 +922,13 @@ fn ctx_var_method_is_the_request_method() {
     let out = Req::new("DELETE", &gw.url("/m")).send().json();
     assert_eq!(out["ctx_method"], "DELETE", "{out}");
     assert_eq!(out["ngx_method"], "nil", "{out}");
+    // nginx's $server_name (APISIX's server block is `server_name _`) and $hostname.
+    assert_eq!(out["server_name"], "_", "{out}");
+    let host = std::process::Command::new("hostname")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    assert_eq!(out["hostname"], host.as_str(), "{out}");
 }
 
 #[test]

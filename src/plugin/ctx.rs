@@ -336,6 +336,9 @@ impl Ctx {
             )),
             "server_addr" => Cow::Owned(self.local_addr.ip().to_string()),
             "server_port" => Cow::Owned(self.local_addr.port().to_string()),
+            // APISIX's proxy server block is `server_name _;`.
+            "server_name" => Cow::Borrowed("_"),
+            "hostname" => Cow::Borrowed(host_name()),
             "route_id" => Cow::Borrowed(self.route.as_ref()?.id.as_str()),
             "service_id" => Cow::Borrowed(self.route.as_ref()?.service_id.as_deref()?),
             "upstream_uri" => Cow::Borrowed(self.effective_upstream_uri()),
@@ -391,6 +394,8 @@ impl Ctx {
             "realip_remote_port",
             "server_addr",
             "server_port",
+            "server_name",
+            "hostname",
             "route_id",
             "route_name",
             "service_id",
@@ -663,6 +668,12 @@ fn is_plain_path(b: &[u8]) -> bool {
         }
     }
     true
+}
+
+/// nginx's `$hostname`: the machine's host name, read once.
+fn host_name() -> &'static str {
+    static NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    NAME.get_or_init(crate::metrics::expose::hostname)
 }
 
 #[cfg(test)]
