@@ -5254,3 +5254,90 @@ fn real_chaitin_waf_asks_a_t1k_detector() {
         Some("reject")
     );
 }
+
+/// APISIX's own oas-validator (APISIX_SRC) with lua-resty-openapi-validator
+/// (MOONGATE_LUA_LIBS), which routes with moongate's resty.radixtree and checks with its
+/// jsonschema: requests that fit the OpenAPI document's path parameters, query and JSON body
+/// reach the upstream; a wrong parameter type, a missing required query argument, a body
+/// missing a required property and an unknown path are 400 `failed to validate request.`
+/// (t/plugin/oas-validator*.t, restated).
+#[test]
+fn real_oas_validator_checks_requests_against_the_spec() {
+    let Some(src) = std::env::var_os("APISIX_SRC") else {
+        eprintln!("APISIX_SRC is not set: skipping APISIX's oas-validator");
+        return;
+    };
+    let Some(lua) = third_party_lua_path() else {
+        eprintln!("MOONGATE_LUA_LIBS is not set: skipping APISIX's oas-validator (needs lua-resty-openapi-validator)");
+        return;
+    };
+    let spec = serde_json::json!({
+        "openapi": "3.0.0",
+        "info": {"title": "pets", "version": "1"},
+        "paths": {
+            "/pets/{id}": {"get": {
+                "parameters": [
+                    {"name": "id", "in": "path", "required": true, "schema": {"type": "integer"}},
+                    {"name": "verbose", "in": "query", "required": true,
+                     "schema": {"type": "boolean"}}
+                ],
+                "responses": {"200": {"description": "ok"}}
+            }},
+            "/pets": {"post": {
+                "requestBody": {"required": true, "content": {"application/json": {"schema": {
+                    "type": "object", "required": ["name"],
+                    "properties": {"name": {"type": "string"}, "age": {"type": "integer"}}
+                }}}},
+                "responses": {"201": {"description": "created"}}
+            }}
+        }
+    });
+    let (tmp, dir) = stage_plugin(&PathBuf::from(src), "oas-validator");
+    let up = Upstream::echo();
+    let yaml = format!(
+        "workers: 1\nplugin_dirs:\n  - \"{}\"\n{lua}routes:\n  - id: oas\n    uri: /*\n    plugins:\n      oas-validator:\n        spec: {}\n        verbose_errors: true\n{}",
+        dir.display(),
+        serde_json::to_string(&spec.to_string()).expect("json"),
+        upstream_yaml(&up)
+    );
+    let gw = Gateway::start_in(tmp.path(), &yaml);
+    let post = |body: &str| {
+        Req::post(&gw.url("/pets"))
+            .header("Content-Type", "application/json")
+            .body(body.as_bytes().to_vec())
+            .send()
+    };
+    let r = get(&gw.url("/pets/12?verbose=true"));
+    assert_eq!(r.status, 200, "{}\n{}", r.text(), gw.logs());
+    assert_eq!(r.json()["uri"], "/pets/12?verbose=true");
+    let r = post(r#"{"name": "rex", "age": 3}"#);
+    assert_eq!(r.status, 200, "{}\n{}", r.text(), gw.logs());
+
+    for (r, why) in [
+        (
+            get(&gw.url("/pets/rex?verbose=true")),
+            "path parameter 'id': wrong type: expected integer, got string",
+        ),
+        (
+            get(&gw.url("/pets/12")),
+            "query parameter 'verbose': required parameter is missing",
+        ),
+        (post(r#"{"age": 3}"#), "body: property \"name\" is required"),
+        (
+            post(r#"{"name": "rex", "age": "old"}"#),
+            "body: property \"age\" validation failed: wrong type: expected integer, got string",
+        ),
+        (
+            get(&gw.url("/owners/1")),
+            "no matching operation found for GET /owners/1",
+        ),
+    ] {
+        assert_eq!(r.status, 400, "{why}: {}\n{}", r.text(), gw.logs());
+        assert_eq!(
+            r.json()["message"],
+            format!("failed to validate request. {why}"),
+            "{}",
+            r.text()
+        );
+    }
+}

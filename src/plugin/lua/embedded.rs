@@ -200,6 +200,10 @@ pub const MODULES: &[(&str, &str)] = &[
     ("jsonpath", include_str!("../../../lua/jsonpath.lua")),
     ("jsonschema", include_str!("../../../lua/jsonschema.lua")),
     (
+        "resty.radixtree",
+        include_str!("../../../lua/resty/radixtree.lua"),
+    ),
+    (
         "resty.jwt-validators",
         include_str!("../../../lua/resty/jwt-validators.lua"),
     ),
@@ -358,6 +362,57 @@ mod tests {
             local ok, err = pcall(t.compile, "{% if %}")
             eq(ok, false)
             assert(tostring(err):find("expected", 1, true) or tostring(err):find("unexpected", 1, true), err)
+            "##,
+        );
+    }
+
+    #[test]
+    fn radixtree_matches_as_lua_resty_radixtree() {
+        check_pure_module(
+            "resty.radixtree",
+            r##"
+            local rx = M.new({
+                { paths = { "/users/:id" }, methods = { "GET" }, metadata = "user" },
+                { paths = { "/users/:id/posts/:post" }, metadata = "post" },
+                { paths = { "/users/me" }, metadata = "me" },
+                { paths = { "/static/*" }, metadata = "static" },
+                { paths = { "/files/*rest" }, metadata = "files" },
+                { paths = { "/api/v1*" }, metadata = "v1" },
+                { paths = { "/h" }, hosts = { "*.example.com" }, metadata = "host" },
+                { paths = { "/p" }, priority = 1, metadata = "low" },
+                { paths = { "/p" }, priority = 5, metadata = "high" },
+                { paths = { "/f" }, metadata = "filtered",
+                  filter_fun = function(vars) return vars.ok == "1" end },
+            })
+            local m = {}
+            eq(rx:match("/users/42", { method = "GET", matched = m }), "user")
+            eq(m.id, "42"); eq(m._path, "/users/:id"); eq(m._method, "GET")
+            eq(rx:match("/users/42", { method = "POST" }), nil)
+            -- an exact path wins over a parameter
+            eq(rx:match("/users/me", { method = "GET" }), "me")
+            m = {}
+            eq(rx:match("/users/7/posts/9", { matched = m }), "post")
+            eq(m.id, "7"); eq(m.post, "9")
+            eq(rx:match("/users/7/posts", {}), nil)
+            eq(rx:match("/users/", { method = "GET" }), nil)
+            eq(rx:match("/static/css/a.css", {}), "static")
+            eq(rx:match("/static", {}), nil)
+            m = {}
+            eq(rx:match("/files/a/b.txt", { matched = m }), "files"); eq(m.rest, "a/b.txt")
+            eq(rx:match("/api/v1/users", {}), "v1"); eq(rx:match("/api/v10", {}), "v1")
+            eq(rx:match("/h", { host = "a.example.com" }), "host")
+            eq(rx:match("/h", { host = "example.org" }), nil)
+            eq(rx:match("/p", {}), "high")
+            eq(rx:match("/f", { vars = { ok = "1" } }), "filtered")
+            eq(rx:match("/f", { vars = {} }), nil)
+            local called
+            local d = M.new({ { paths = { "/d/:x" }, handler = function(a) called = a end } })
+            local dm = {}
+            eq(d:dispatch("/d/1", { matched = dm }, "arg"), true)
+            eq(called, "arg"); eq(dm.x, "1")
+            eq(d:dispatch("/nope", {}), false)
+            local ok = pcall(M.new, { { paths = { "no-slash" } } })
+            eq(ok, false)
             "##,
         );
     }
