@@ -333,8 +333,8 @@ function _M.access(conf, ctx)
                  show(pack(cn:incoming("k", true))), tostring(cn:is_committed()),
                  show(pack(cn:leaving("k", 0.1))), show(pack(cn:leaving("k"))) }
 
-    local l1 = lock.new("probe-dict", { timeout = 0.05 })
-    local l2 = lock.new("probe-dict", { timeout = 0.05 })
+    local l1 = lock:new("probe-dict", { timeout = 0.05 })
+    local l2 = lock:new("probe-dict", { timeout = 0.05 })
     local e1 = l1:lock("res")
     local _, e2 = l2:lock("res")
     l1:unlock()

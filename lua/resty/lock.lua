@@ -1,6 +1,7 @@
 -- `require("resty.lock")`: a non-reentrant lock kept in an `ngx.shared` dict, shared by every
 -- worker, with the API of lua-resty-lock:
---   new(dict_name, opts?) -> lock | nil, err
+--   lock:new(dict_name, opts?) -> lock | nil, err  (a method call, as lua-resty-lock's
+--   `new(_, dict_name, opts)`: APISIX calls `resty_lock:new(name)`)
 --     opts: exptime (30 s, the lock's expiry), timeout (5 s, how long lock() waits),
 --           step (0.001 s, first wait), ratio (2, growth of the wait), max_step (0.5 s)
 --   lock:lock(key) -> elapsed | nil, "timeout" | nil, "locked" | nil, err
@@ -15,7 +16,7 @@ local ngx_sleep = ngx.sleep
 local _M = { _VERSION = "0.09" }
 local mt = { __index = _M }
 
-function _M.new(dict_name, opts)
+function _M.new(_, dict_name, opts)
     local dict = ngx_shared[dict_name]
     if not dict then
         return nil, "dictionary not found"
