@@ -2975,6 +2975,75 @@ fn balancer_and_timer_modules_work_as_in_apisix() {
     );
 }
 
+/// APISIX's ext-plugin-pre-req, -post-req and -post-resp (APISIX_SRC) against a plugin runner
+/// on a unix socket (`ext-plugin.path_for_test`), written with Google's FlatBuffers: a Stop
+/// answers for the upstream with the runner's status, headers and body (the runner saw the
+/// path, args, source address, method and headers); a Rewrite, after the runner asked for a
+/// variable, changes the upstream path, a header and the args and adds a response header; the
+/// response call lets the runner replace the upstream's status, headers and body. APISIX's
+/// `t/plugin/ext-plugin/*.t` behaviour, restated.
+#[test]
+fn real_ext_plugins_talk_to_a_runner() {
+    let Some(src) = std::env::var_os("APISIX_SRC") else {
+        eprintln!("APISIX_SRC is not set: skipping APISIX's ext-plugin-*");
+        return;
+    };
+    let src = PathBuf::from(src);
+    let (tmp, dir) = stage_plugin(&src, "ext-plugin-pre-req");
+    for f in ["ext-plugin-post-req.lua", "ext-plugin-post-resp.lua"] {
+        std::fs::copy(src.join("apisix/plugins").join(f), dir.join(f)).expect("copy plugin");
+    }
+    copy_tree(
+        &src.join("apisix/plugins/ext-plugin"),
+        &dir.join("ext-plugin"),
+    );
+    let runner = common::ext_runner::ExtRunner::start();
+    let up = Upstream::echo();
+    let conf = |name: &str| format!("{{conf: [{{name: {name}, value: \"{{}}\"}}]}}");
+    let yaml = format!(
+        "workers: 1\nplugin_dirs:\n  - \"{}\"\next-plugin:\n  path_for_test: \"{}\"\nroutes:\n\
+         \x20 - id: stop\n    uri: /stop\n    plugins:\n      ext-plugin-pre-req: {}\n{u}\
+         \x20 - id: rw\n    uri: /rw\n    plugins:\n      ext-plugin-post-req: {}\n{u}\
+         \x20 - id: resp\n    uri: /resp\n    plugins:\n      ext-plugin-post-resp: {}\n{u}",
+        dir.display(),
+        runner.socket().display(),
+        conf("stop"),
+        conf("rewrite"),
+        conf("any"),
+        u = upstream_yaml(&up)
+    );
+    let gw = Gateway::start_in(tmp.path(), &yaml);
+
+    let r = Req::get(&gw.url("/stop?k=v"))
+        .header("X-Probe", "p1")
+        .send();
+    assert_eq!(r.status, 403, "{} {}", r.text(), gw.logs());
+    assert_eq!(r.text(), "stopped: /stop args=k=v ip=127.0.0.1 hdr=p1");
+    assert_eq!(r.header("x-runner-path").as_deref(), Some("/stop"));
+    assert_eq!(r.header("x-runner-method").as_deref(), Some("GET"));
+    assert_eq!(up.requests(), 0);
+
+    let r = Req::get(&gw.url("/rw?a=1&c=3"))
+        .header("X-Drop", "gone")
+        .send();
+    assert_eq!(r.status, 200, "{} {}", r.text(), gw.logs());
+    let j = r.json();
+    assert_eq!(j["uri"], "/rewritten?b=2&c=3", "{j}");
+    assert_eq!(j["headers"]["x-runner-var"], "127.0.0.1");
+    assert!(j["headers"].get("x-drop").is_none(), "{j}");
+    assert_eq!(r.header("x-runner-resp").as_deref(), Some("yes"));
+
+    let r = Req::get(&gw.url("/resp")).send();
+    assert_eq!(r.status, 201, "{} {}", r.text(), gw.logs());
+    assert_eq!(r.text(), "changed: 200");
+    assert_eq!(r.header("x-runner-status").as_deref(), Some("200"));
+    assert_eq!(
+        up.requests(),
+        2,
+        "the rewrite's request and post-resp's own"
+    );
+}
+
 /// A temp folder with `plugins/NAME.lua` from the checkout and APISIX's helper modules
 /// (`apisix/utils/`) beside it, as a user stages them; returns the folder and `plugins/`.
 fn stage_plugin(src: &Path, name: &str) -> (tempfile::TempDir, PathBuf) {

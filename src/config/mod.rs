@@ -541,6 +541,14 @@ pub struct NodeConfig {
     /// Per-plugin node attributes, APISIX's `plugin_attr`.
     #[serde(default)]
     pub plugin_attr: Map<String, Value>,
+    /// APISIX's top-level `ext-plugin` settings, handed to Lua's `local_conf()` as written
+    /// (`path_for_test`: the unix socket of a plugin runner started beside the gateway).
+    #[serde(
+        default,
+        rename = "ext-plugin",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub ext_plugin: Option<Map<String, Value>>,
     /// Serve APISIX's control API (`/v1/healthcheck`) on `control` (default true, as APISIX).
     #[serde(default = "yes")]
     pub enable_control: bool,

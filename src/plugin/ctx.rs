@@ -292,6 +292,15 @@ impl Ctx {
         self.upstream_uri.as_deref().unwrap_or(&self.request_uri)
     }
 
+    /// nginx's `$binary_remote_addr`: the client address as 4 (IPv4) or 16 (IPv6) bytes. Not
+    /// text, so [`Ctx::var`] does not give it; the Lua `var` readers ask for it by name.
+    pub fn binary_remote_addr(&self) -> Vec<u8> {
+        match self.remote_addr.ip() {
+            std::net::IpAddr::V4(a) => a.octets().to_vec(),
+            std::net::IpAddr::V6(a) => a.octets().to_vec(),
+        }
+    }
+
     /// APISIX's `ctx.var.NAME`. Returns None for an unknown or unset variable.
     pub fn var(&self, name: &str) -> Option<Cow<'_, str>> {
         if let Some(v) = self.vars.get(name) {
@@ -318,7 +327,8 @@ impl Ctx {
             "args" | "query_string" => Cow::Borrowed(self.args.as_deref()?),
             "is_args" => Cow::Borrowed(if self.args.is_some() { "?" } else { "" }),
             "host" => Cow::Borrowed(&self.host),
-            "request_method" => Cow::Borrowed(self.method.as_str()),
+            // `method` is APISIX's own `ctx.var` name for it (core/ctx.lua's `var_methods`).
+            "request_method" | "method" => Cow::Borrowed(self.method.as_str()),
             "scheme" => Cow::Borrowed(self.scheme),
             "server_protocol" => Cow::Borrowed(version_str(self.version)),
             "remote_addr" => Cow::Owned(self.remote_addr.ip().to_string()),
@@ -386,9 +396,11 @@ impl Ctx {
             "is_args",
             "host",
             "request_method",
+            "method",
             "scheme",
             "server_protocol",
             "remote_addr",
+            "binary_remote_addr",
             "remote_port",
             "realip_remote_addr",
             "realip_remote_port",

@@ -146,6 +146,9 @@ pub fn table(node: &NodeConfig, bound: Option<&[BoundListener]>) -> Value {
         "plugin_attr".into(),
         Value::Object(node.plugin_attr.clone()),
     );
+    if let Some(e) = &node.ext_plugin {
+        top.insert("ext-plugin".into(), Value::Object(e.clone()));
+    }
     top.insert(
         "deployment".into(),
         json!({ "config_provider": match node.config_provider {

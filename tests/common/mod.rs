@@ -22,6 +22,7 @@
 #![allow(dead_code)]
 
 pub mod dns;
+pub mod ext_runner;
 pub mod health;
 pub mod lua_libs;
 pub mod lua_plugins;

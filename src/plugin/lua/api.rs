@@ -765,6 +765,10 @@ fn install_internal(lua: &Lua, mg: &Table) -> mlua::Result<()> {
             lua,
             lua.create_function(|lua, k: mlua::String| {
                 let k = k.to_str()?;
+                if &*k == "binary_remote_addr" {
+                    let b = with_ctx(|c| c.binary_remote_addr())?;
+                    return Ok(Value::String(lua.create_string(b)?));
+                }
                 let v = with_ctx(|c| c.var(&k).map(Cow::into_owned))?;
                 match v {
                     Some(v) => Ok(Value::String(lua.create_string(v)?)),
@@ -1026,6 +1030,7 @@ fn ctx_field(lua: &Lua, k: &str) -> mlua::Result<Value> {
         Route(Option<(String, Option<String>, Option<String>)>),
         Matched(Option<Matched>),
         NgxCtx,
+        Picked(Option<String>),
     }
     let f = with_ctx(|c| match k {
         "route_id" => F::Str(c.route.as_ref().map(|r| r.id.clone())),
@@ -1045,6 +1050,9 @@ fn ctx_field(lua: &Lua, k: &str) -> mlua::Result<Value> {
                 .map(|m| (m.uri.to_string(), m.ext.clone(), m.params.clone())),
         ),
         "ngx_ctx" => F::NgxCtx,
+        // APISIX's `ctx.picked_server`: the node the balancer chose for this try.
+        "picked_server" => F::Picked(c.upstream_addr.as_deref().map(str::to_string)),
+        "upstream_scheme" => F::Str(c.var("upstream_scheme").map(Cow::into_owned)),
         _ => F::Str(None),
     })?;
     Ok(match f {
@@ -1074,6 +1082,17 @@ fn ctx_field(lua: &Lua, k: &str) -> mlua::Result<Value> {
             Value::Table(t)
         }
         F::NgxCtx => Value::Table(ngx_ctx(lua)?),
+        F::Picked(None) => Value::Nil,
+        F::Picked(Some(addr)) => {
+            let (host, port) = match addr.rsplit_once(':') {
+                Some((h, p)) => (h.trim_start_matches('[').trim_end_matches(']'), p),
+                None => (addr.as_str(), ""),
+            };
+            let t = lua.create_table()?;
+            t.set("host", host)?;
+            t.set("port", port.parse::<u16>().ok())?;
+            Value::Table(t)
+        }
     })
 }
 
@@ -1644,6 +1663,7 @@ fn install_require(lua: &Lua, settings: &Settings) -> mlua::Result<()> {
     super::lfs::install(lua, &preload)?;
     super::pack::install(lua, &preload)?;
     super::shell::install(lua, &preload)?;
+    super::pipe::install(lua, &preload)?;
     super::apisix_runtime::install(lua, &preload)?;
     package.set(
         "path",

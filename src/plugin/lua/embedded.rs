@@ -212,6 +212,95 @@ pub const MODULES: &[(&str, &str)] = &[
         include_str!("../../../lua/resty/core/base.lua"),
     ),
     (
+        "apisix.events",
+        include_str!("../../../lua/apisix/events.lua"),
+    ),
+    ("flatbuffers", include_str!("../../../lua/flatbuffers.lua")),
+    (
+        "A6.ext_plugin",
+        include_str!("../../../lua/A6/ext_plugin.lua"),
+    ),
+    (
+        "A6.TextEntry",
+        "return require(\"A6.ext_plugin\")[\"A6.TextEntry\"]",
+    ),
+    (
+        "A6.DataEntry",
+        "return require(\"A6.ext_plugin\")[\"A6.DataEntry\"]",
+    ),
+    (
+        "A6.Method",
+        "return require(\"A6.ext_plugin\")[\"A6.Method\"]",
+    ),
+    (
+        "A6.Err.Code",
+        "return require(\"A6.ext_plugin\")[\"A6.Err.Code\"]",
+    ),
+    (
+        "A6.Err.Resp",
+        "return require(\"A6.ext_plugin\")[\"A6.Err.Resp\"]",
+    ),
+    (
+        "A6.PrepareConf.Req",
+        "return require(\"A6.ext_plugin\")[\"A6.PrepareConf.Req\"]",
+    ),
+    (
+        "A6.PrepareConf.Resp",
+        "return require(\"A6.ext_plugin\")[\"A6.PrepareConf.Resp\"]",
+    ),
+    (
+        "A6.HTTPReqCall.Req",
+        "return require(\"A6.ext_plugin\")[\"A6.HTTPReqCall.Req\"]",
+    ),
+    (
+        "A6.HTTPReqCall.Stop",
+        "return require(\"A6.ext_plugin\")[\"A6.HTTPReqCall.Stop\"]",
+    ),
+    (
+        "A6.HTTPReqCall.Rewrite",
+        "return require(\"A6.ext_plugin\")[\"A6.HTTPReqCall.Rewrite\"]",
+    ),
+    (
+        "A6.HTTPReqCall.Action",
+        "return require(\"A6.ext_plugin\")[\"A6.HTTPReqCall.Action\"]",
+    ),
+    (
+        "A6.HTTPReqCall.Resp",
+        "return require(\"A6.ext_plugin\")[\"A6.HTTPReqCall.Resp\"]",
+    ),
+    (
+        "A6.ExtraInfo.Var",
+        "return require(\"A6.ext_plugin\")[\"A6.ExtraInfo.Var\"]",
+    ),
+    (
+        "A6.ExtraInfo.ReqBody",
+        "return require(\"A6.ext_plugin\")[\"A6.ExtraInfo.ReqBody\"]",
+    ),
+    (
+        "A6.ExtraInfo.RespBody",
+        "return require(\"A6.ext_plugin\")[\"A6.ExtraInfo.RespBody\"]",
+    ),
+    (
+        "A6.ExtraInfo.Info",
+        "return require(\"A6.ext_plugin\")[\"A6.ExtraInfo.Info\"]",
+    ),
+    (
+        "A6.ExtraInfo.Req",
+        "return require(\"A6.ext_plugin\")[\"A6.ExtraInfo.Req\"]",
+    ),
+    (
+        "A6.ExtraInfo.Resp",
+        "return require(\"A6.ext_plugin\")[\"A6.ExtraInfo.Resp\"]",
+    ),
+    (
+        "A6.HTTPRespCall.Req",
+        "return require(\"A6.ext_plugin\")[\"A6.HTTPRespCall.Req\"]",
+    ),
+    (
+        "A6.HTTPRespCall.Resp",
+        "return require(\"A6.ext_plugin\")[\"A6.HTTPRespCall.Resp\"]",
+    ),
+    (
         "resty.template",
         include_str!("../../../lua/resty/template.lua"),
     ),

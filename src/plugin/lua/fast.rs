@@ -223,6 +223,10 @@ pub(crate) unsafe extern "C-unwind" fn var_get(l: *mut lua_State) -> c_int {
                 buf.extend_from_slice(v.as_bytes());
                 true
             }
+            None if name == "binary_remote_addr" => {
+                buf.extend_from_slice(&c.binary_remote_addr());
+                true
+            }
             None => false,
         })
     })

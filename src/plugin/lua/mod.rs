@@ -24,6 +24,7 @@ mod fast;
 mod lfs;
 mod metrics;
 mod pack;
+mod pipe;
 mod pkey;
 mod prelude;
 mod re;

@@ -74,8 +74,11 @@ local LAZY = {
     route_id = true, route_name = true, service_id = true, service_name = true,
     conf_type = true, conf_id = true, conf_version = true, matched_route = true,
     curr_req_matched = true, matched_params = true, ngx_ctx = true,
+    picked_server = true, upstream_scheme = true,
 }
-local CONF_FIELD = { conf_type = true, conf_id = true, conf_version = true }
+-- Never cached: conf_* change with a consumer merge, the picked node with a retry.
+local CONF_FIELD = { conf_type = true, conf_id = true, conf_version = true,
+                     picked_server = true }
 local upstream_id_get, upstream_id_set = mg.upstream_id_get, mg.upstream_id_set
 mg.CTX_MT = {
     -- `ctx.upstream_id` is the gateway's: a plugin that sets it picks the request's upstream.
