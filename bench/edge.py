@@ -174,7 +174,7 @@ def edge_mode(args):
     for name, text in files.items():
         with open(os.path.join(r.RUN, name), "w") as f:
             f.write(text)
-    mg_bin = os.path.join(r.ROOT, "target/release/moongate")
+    mg_bin = os.path.abspath(args.bin) if args.bin else os.path.join(r.ROOT, "target/release/moongate")
     procs = {
         "upstream": r.start("upstream", ["nginx", "-p", r.RUN, "-c", f"{r.RUN}/upstream.conf"],
                             f"{r.RUN}/upstream.stderr"),
@@ -241,6 +241,7 @@ def edge_mode(args):
                 base = r.settled_mem(pid)
                 clients, held, failed = r.open_conns(ports[server], n, tls=True)
                 try:
+                    time.sleep(args.idle_wait)
                     full = r.settled_mem(pid)
                 finally:
                     r.close_conns(clients)
@@ -263,7 +264,7 @@ def edge_mode(args):
         print(f"| load | nginx rate | moongate rate | rate ratio median (min-max) | nginx CPU µs | "
               f"moongate CPU µs | CPU ratio median (min-max) | errors |")
         print("|---|---|---|---|---|---|---|---|")
-        for kind in kinds:
+        for kind in kinds if args.reps else []:
             row = table[kind]
             n, m, q = row["nginx"], row["moongate"], row["moongate/nginx"]
 

@@ -791,12 +791,15 @@ def warm(port, n=8):
         raise RuntimeError(f"warm-up on port {port}: {held} held, {failed} failed")
 
 
-def measure_idle(pid, port, n):
+def measure_idle(pid, port, n, idle_wait):
     warm(port)
     before = settled_mem(pid)
     t0 = time.monotonic()
     clients, held, failed = open_conns(port, n)
     took = time.monotonic() - t0
+    # Idle means idle for a while: moongate parks a connection that has waited 1 s for its
+    # next request (nginx has nothing that changes with time).
+    time.sleep(idle_wait)
     after = settled_mem(pid)
     close_conns(clients)
     return {
@@ -845,6 +848,7 @@ def conns_mode(args):
         "nginx": subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip(),
         "moongate_commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip(),
         "reps": args.reps, "counts": counts, "active": args.active, "duration_s": args.duration,
+        "idle_wait_s": args.idle_wait,
         "placement": "client processes and wrk on CPU0; upstream, nginx (1 worker), moongate (1 worker) on CPU1",
     }
     bases = []
@@ -873,7 +877,7 @@ def conns_mode(args):
                         # connection; under 20,000 files it refuses a maxconn above this.
                         continue
                     if kind == "idle":
-                        r = measure_idle(procs[gw].pid, ports[gw], n)
+                        r = measure_idle(procs[gw].pid, ports[gw], n, args.idle_wait)
                         log(f"rep {rep} idle {n:6} {gw:9} {r['rss_kb_per_conn']:6.2f} KiB/conn RSS "
                             f"({r['pss_kb_per_conn']:.2f} Pss)  held {r['held']} failed {r['failed']} in {r['open_s']:.1f} s")
                     else:
@@ -963,9 +967,13 @@ def main():
     ap.add_argument("--counts", default="1000,5000,15000", help="conns mode: idle connection counts")
     ap.add_argument("--tls-counts", default="1000,5000",
                     help="edge mode: idle TLS connection counts for the memory figure (empty: none)")
+    ap.add_argument("--idle-wait", type=float, default=3.0,
+                    help="conns and edge modes: seconds the idle connections are held (after the "
+                    "last one's response) before the reading")
     ap.add_argument("--active", type=int, default=1000,
                     help="conns mode: connections of the active load (0: none)")
-    ap.add_argument("--bin", help="conns and concurrency modes: the moongate binary (default: target/release/moongate)")
+    ap.add_argument("--bin", help="conns, concurrency and edge modes: the moongate binary (default: "
+                    "target/release/moongate); edge with --reps 0 measures only idle TLS memory")
     ap.add_argument("--base", action="append", metavar="NAME=BINARY",
                     help="conns mode: another moongate binary (e.g. built from the commit before a "
                     "change) measured in the same run as gateway moongate-NAME; repeatable")

@@ -22,6 +22,19 @@ const DEFAULT_CONFIG: &str = "conf/config.yaml";
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+// mimalloc's own API (libmimalloc-sys links it; its `extended` feature would declare the same).
+extern "C" {
+    fn mi_collect(force: bool);
+}
+
+/// Has mimalloc return the memory this thread's heap holds free to the OS now, empty pages it
+/// would keep for reuse included (it returns memory only when called, and a worker whose
+/// connections are all parked does not call it).
+fn release_free_memory() {
+    // SAFETY: mi_collect takes no pointers and may be called from any thread at any time.
+    unsafe { mi_collect(true) }
+}
+
 #[derive(Parser)]
 #[command(
     name = "moongate",
@@ -282,6 +295,7 @@ fn serve(path: &std::path::Path, mut inherited: supervisor::Inherited) -> ExitCo
     if !init_logging(Some(&partial.doc.node)) {
         return ExitCode::FAILURE;
     }
+    proxy::set_allocator_release(release_free_memory);
     // Before the first build: its upstream nodes' names are looked up from here on.
     moongate::dns::start(moongate::dns::Settings::from_node(&partial.doc.node));
     let snap = match startup::build(partial) {

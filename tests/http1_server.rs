@@ -623,3 +623,113 @@ fn absolute_form_request_target_names_the_host() {
     w.send(b"GET /abs HTTP/1.1\r\nHost: other.test\r\n\r\n");
     assert_eq!(w.response(false).expect("response").status, 404);
 }
+
+/// How long the gateway lets a connection wait for its next request before it parks it
+/// (`proxy::park::PARK_AFTER`, 1 s), with some margin: a test idles a connection this long to
+/// have it parked.
+const PARKED: Duration = Duration::from_millis(1600);
+
+/// A keep-alive connection idle long enough to be parked is served again as before: the next
+/// request whole, one in pieces, two pipelined; the reads that wake it are not lost, and the
+/// header timeout still runs from when the wait began.
+#[test]
+fn connections_idle_long_enough_to_be_parked_are_served_again() {
+    let up = Upstream::echo();
+    let gw = Gateway::start(&format!(
+        "proxy:\n  client_header_timeout: 4\nroutes:\n{}",
+        route("1", "/k", &up.node())
+    ));
+    let mut w = Wire::open(gw.addr());
+    let get = |n: usize| format!("GET /k?n={n} HTTP/1.1\r\nHost: t\r\n\r\n");
+    let check = |w: &mut Wire, n: usize| {
+        let r = w.response(false).expect("response");
+        assert_eq!(r.status, 200, "request {n}: {}", r.head);
+        let v: serde_json::Value = serde_json::from_slice(&r.body).expect("json");
+        assert_eq!(v["uri"], format!("/k?n={n}"));
+    };
+    w.send(get(1).as_bytes());
+    check(&mut w, 1);
+    std::thread::sleep(PARKED);
+    w.send(get(2).as_bytes());
+    check(&mut w, 2);
+    std::thread::sleep(PARKED);
+    // In pieces: the first wakes the parked connection, the rest reach the new task.
+    for piece in get(3).as_bytes().chunks(7) {
+        w.send(piece);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    check(&mut w, 3);
+    std::thread::sleep(PARKED);
+    let mut two = get(4);
+    two.push_str(&get(5));
+    w.send(two.as_bytes());
+    check(&mut w, 4);
+    check(&mut w, 5);
+    // Idle again: parked, then closed at the header timeout, not at the park.
+    let start = Instant::now();
+    assert!(w.closed_within(Duration::from_secs(15)), "still open");
+    let waited = start.elapsed();
+    assert!(waited >= Duration::from_secs(3), "closed after {waited:?}");
+    assert_eq!(up.requests(), 5);
+}
+
+/// Many parked connections at once, some closed by their clients while parked: every one
+/// still open is served again, and the ones that closed cost nothing.
+#[test]
+fn many_parked_connections_are_each_served_again() {
+    let up = Upstream::echo();
+    let gw = Gateway::start(&format!("routes:\n{}", route("1", "/m", &up.node())));
+    let mut conns: Vec<Wire> = (0..40).map(|_| Wire::open(gw.addr())).collect();
+    for (i, w) in conns.iter_mut().enumerate() {
+        w.send(format!("GET /m?c={i} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes());
+        assert_eq!(w.response(false).expect("response").status, 200);
+    }
+    std::thread::sleep(PARKED);
+    // Every third client leaves while parked.
+    let mut kept = Vec::new();
+    for (i, w) in conns.into_iter().enumerate() {
+        if i % 3 == 0 {
+            drop(w);
+        } else {
+            kept.push((i, w));
+        }
+    }
+    std::thread::sleep(PARKED);
+    for round in 0..2 {
+        for (i, w) in kept.iter_mut() {
+            w.send(format!("GET /m?c={i}&r={round} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes());
+        }
+        for (i, w) in kept.iter_mut() {
+            let r = w.response(false).expect("response");
+            assert_eq!(r.status, 200, "connection {i}: {}", r.head);
+            let v: serde_json::Value = serde_json::from_slice(&r.body).expect("json");
+            assert_eq!(v["uri"], format!("/m?c={i}&r={round}"));
+        }
+        std::thread::sleep(PARKED);
+    }
+    assert_eq!(up.requests(), 40 + 2 * kept.len() as u64);
+}
+
+/// A graceful shutdown closes parked connections as it closes idle ones, at once: the
+/// gateway does not wait its `graceful_shutdown_timeout` for them.
+#[test]
+fn graceful_shutdown_closes_parked_connections() {
+    let up = Upstream::text("hello");
+    let mut gw = Gateway::start(&format!(
+        "proxy:\n  graceful_shutdown_timeout: 60\nroutes:\n{}",
+        route("1", "/s", &up.node())
+    ));
+    let mut w = Wire::open(gw.addr());
+    w.send(b"GET /s HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert_eq!(w.response(false).expect("response").status, 200);
+    std::thread::sleep(PARKED);
+    gw.terminate();
+    assert!(
+        w.closed_within(Duration::from_secs(20)),
+        "parked connection still open"
+    );
+    assert!(
+        gw.wait_exit(Duration::from_secs(20)).is_some(),
+        "gateway still running with a parked connection"
+    );
+}

@@ -582,3 +582,39 @@ fn lua_plugins_see_the_node_config_with_bound_ports() {
     assert_eq!(v["node_port"], gw.addr().port());
     assert_eq!(v["attr"]["answer"], 42);
 }
+
+/// A TLS keep-alive connection idle long enough to be parked (the gateway's `PARK_AFTER`,
+/// 1 s, with margin) keeps its TLS session: the next requests on it are served, see the same
+/// TLS variables and are forwarded as https; a client that closes while parked is let go.
+#[test]
+fn idle_tls_connections_are_served_again_with_their_session() {
+    const PARKED: Duration = Duration::from_millis(1600);
+    let s = Setup::new();
+    let gw = start(&s.yaml(&s.a, None));
+    let addrs = https_addrs(&gw);
+    let ca = s.pki.ca_pem.as_str();
+    for &addr in &addrs {
+        let mut c = tls_connect(addr, &ClientOpts::new(ca, "a.test")).expect("connect");
+        let first = json(&tls_get(&mut c, "a.test", "/vars").expect("GET /vars").body);
+        assert_eq!(first["sni"], "a.test", "{first}");
+        for round in 0..2 {
+            std::thread::sleep(PARKED);
+            let v = json(&tls_get(&mut c, "a.test", "/vars").expect("GET /vars").body);
+            assert_eq!(v, first, "round {round}");
+            std::thread::sleep(PARKED);
+            let r = tls_get(&mut c, "a.test", "/echo").expect("GET /echo");
+            assert_eq!(r.status, 200, "{}", r.body);
+            assert_eq!(json(&r.body)["headers"]["x-forwarded-proto"], "https");
+        }
+        std::thread::sleep(PARKED);
+        drop(c);
+    }
+    // The gateway still serves new connections after those closed while parked.
+    let mut c = tls_connect(addrs[0], &ClientOpts::new(ca, "a.test")).expect("connect");
+    assert_eq!(
+        tls_get(&mut c, "a.test", "/echo")
+            .expect("GET /echo")
+            .status,
+        200
+    );
+}

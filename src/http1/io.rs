@@ -78,6 +78,15 @@ impl ConnIo {
         matches!(self, ConnIo::Tcp(_))
     }
 
+    /// Whether the transport holds nothing of its own (see [`TlsStream::is_quiet`]): then the
+    /// socket waiting to turn readable is all there is to wait for.
+    pub fn is_quiet(&self) -> bool {
+        match self {
+            ConnIo::Tcp(_) => true,
+            ConnIo::Tls(t) => t.is_quiet(),
+        }
+    }
+
     pub fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self {
             ConnIo::Tcp(s) => s.poll_read_ready(cx),

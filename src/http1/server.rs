@@ -167,6 +167,21 @@ pub struct Config {
     pub max_header_size: usize,
     /// The `Server` header of refusals.
     pub server: HeaderValue,
+    /// How long a connection waits for its next request with nothing buffered before
+    /// [`serve`] hands its transport back as [`Ended::Idle`]. None: never.
+    pub park_after: Option<Duration>,
+}
+
+/// How serving a connection ended.
+pub enum Ended {
+    /// The connection is closed (or handed over after a `101`).
+    Closed,
+    /// Idle for [`Config::park_after`] between requests, with nothing buffered and nothing
+    /// else holding the connection: the transport (a TLS one with nothing pending in it), and
+    /// the deadline of the wait for the next request head (the header timeout from when that
+    /// wait began). Serving it again with [`serve`] and that deadline goes on as if it had
+    /// never stopped.
+    Idle(ConnIo, Instant),
 }
 
 /// Why a request body could not be read.
@@ -599,6 +614,8 @@ enum HeadRead {
     Head(Head),
     /// Close quietly: end of stream, timeout, idle at shutdown, a read error.
     Close,
+    /// Idle for `park_after`: hand the socket back (see [`Ended::Idle`]).
+    Park(Instant),
     /// Refuse with this status, then close.
     Refuse(StatusCode),
 }
@@ -611,11 +628,25 @@ struct Loop {
     shutdown: watch::Receiver<bool>,
     stopping: bool,
     timer: Option<ConnTimer>,
+    /// The deadline of the first head's wait, for a connection served again after
+    /// [`Ended::Idle`].
+    resumed: Option<Instant>,
 }
 
 impl Loop {
+    /// Whether the connection may be handed back while it waits: parking configured, nothing
+    /// pending in the transport, and nothing else (a request body of an earlier request)
+    /// holding the connection.
+    fn parkable(&self) -> Option<Duration> {
+        let after = self.cfg.park_after?;
+        (Rc::strong_count(&self.conn) == 1 && self.conn.io.is_quiet()).then_some(after)
+    }
+
     async fn read_head(&mut self) -> HeadRead {
-        let mut deadline: Option<Instant> = None;
+        let mut deadline: Option<Instant> = self.resumed.take();
+        // When this call first waited: parking counts from there (so a resumed connection
+        // reads the bytes that woke it first).
+        let mut began: Option<Instant> = None;
         loop {
             {
                 let mut st = self.conn.st.borrow_mut();
@@ -663,8 +694,18 @@ impl Loop {
                 }
             }
             // Nothing to read now: wait, for at most the header timeout.
-            let at = *deadline.get_or_insert_with(|| Instant::now() + self.cfg.header_timeout);
-            let timer = arm_timer(&mut self.timer, at);
+            let began = *began.get_or_insert_with(Instant::now);
+            let at = *deadline.get_or_insert(began + self.cfg.header_timeout);
+            // With nothing buffered, for at most `park_after` before handing the socket back.
+            let park = match self.parkable() {
+                Some(after) if !self.stopping && self.conn.st.borrow().rbuf.is_empty() => {
+                    Some(began + after)
+                }
+                _ => None,
+            }
+            .filter(|&p| p < at);
+            let until = park.unwrap_or(at);
+            let timer = arm_timer(&mut self.timer, until);
             let stopping = self.stopping;
             tokio::select! {
                 biased;
@@ -673,7 +714,9 @@ impl Loop {
                         return HeadRead::Close;
                     }
                 }
-                _ = poll_fn(|cx| poll_deadline(timer, at, cx)) => return HeadRead::Close,
+                _ = poll_fn(|cx| poll_deadline(timer, until, cx)) => {
+                    return if park.is_some() { HeadRead::Park(at) } else { HeadRead::Close };
+                }
                 _ = self.shutdown.changed(), if !stopping => {
                     self.stopping = true;
                 }
@@ -683,13 +726,17 @@ impl Loop {
 }
 
 /// Serves one client connection until it closes, a request cannot be framed, the header
-/// timeout passes, or (after `shutdown` turns true) the request in flight is answered.
+/// timeout passes, (after `shutdown` turns true) the request in flight is answered, or it has
+/// been idle for `cfg.park_after` ([`Ended::Idle`]). `resumed`: the deadline of the first
+/// head's wait, for a connection that ended as [`Ended::Idle`] before.
 pub async fn serve<H, F, B>(
     io: impl Into<ConnIo>,
     cfg: Rc<Config>,
     shutdown: watch::Receiver<bool>,
+    resumed: Option<Instant>,
     mut handler: H,
-) where
+) -> Ended
+where
     H: FnMut(Request<RecvBody>) -> F,
     F: Future<Output = Response<B>>,
     B: Body<Data = Bytes> + HeadLines,
@@ -717,14 +764,23 @@ pub async fn serve<H, F, B>(
         shutdown,
         stopping,
         timer: None,
+        resumed,
     };
     loop {
         let head = match lp.read_head().await {
             HeadRead::Head(h) => h,
-            HeadRead::Close => return,
+            HeadRead::Close => return Ended::Closed,
+            HeadRead::Park(deadline) => {
+                let Loop { conn, .. } = lp;
+                // `parkable` saw no other holder; a failure here would only mean closing.
+                return match Rc::try_unwrap(conn) {
+                    Ok(conn) => Ended::Idle(conn.io, deadline),
+                    Err(_) => Ended::Closed,
+                };
+            }
             HeadRead::Refuse(status) => {
                 Box::pin(refuse(&lp.conn, &lp.cfg, status)).await;
-                return;
+                return Ended::Closed;
             }
         };
         // Boxed: the handler's future is by far the largest state of a connection (a proxied
@@ -747,19 +803,19 @@ pub async fn serve<H, F, B>(
                     pending,
                 )
                 .await;
-                return;
+                return Ended::Closed;
             }
             Ok(Written::Replace(status)) => {
                 // The response's body (and its log) is done with; the client gets this
                 // instead, and the connection closes.
                 lp.conn.st.borrow_mut().gen += 1;
                 Box::pin(refuse(&lp.conn, &lp.cfg, status)).await;
-                return;
+                return Ended::Closed;
             }
             Err(e) => {
                 tracing::debug!("writing a response failed: {e}");
                 lp.conn.st.borrow_mut().gen += 1;
-                return;
+                return Ended::Closed;
             }
         }
         // The request is over: its body (wherever it is) reads nothing more.
@@ -773,10 +829,10 @@ pub async fn serve<H, F, B>(
             if unread {
                 Box::pin(linger(&lp.conn)).await;
             }
-            return;
+            return Ended::Closed;
         }
         if unread && !Box::pin(drain(&lp.conn)).await {
-            return;
+            return Ended::Closed;
         }
     }
 }

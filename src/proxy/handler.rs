@@ -44,6 +44,9 @@ pub struct WorkerEnv {
     pub worker_id: usize,
     /// The limits of this worker's HTTP/1.1 connections (from `node`), shared by them.
     pub http1: Rc<crate::http1::server::Config>,
+    /// This worker's parked idle connections (None: parking is off, its epoll set could not
+    /// be made).
+    pub park: Option<Rc<super::park::Park>>,
 }
 
 /// Serves one request, whatever HTTP version it came in. Never fails: every problem becomes a

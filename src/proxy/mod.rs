@@ -11,6 +11,8 @@ mod consumer;
 mod grpc;
 pub mod handler;
 pub mod headers;
+mod park;
+pub use park::set_release as set_allocator_release;
 mod request_body;
 mod tunnel;
 
@@ -159,17 +161,32 @@ fn worker_main(
     local.block_on(&rt, async move {
         crate::plugin::lua::timer::enable();
         let proxy = &node.proxy;
+        let park = match park::Park::new() {
+            Ok(p) => Some(p),
+            Err(e) => {
+                tracing::warn!(worker = id, "idle connections stay with their tasks: {e}");
+                None
+            }
+        };
         let http1 = Rc::new(server::Config {
             header_timeout: Duration::from_secs_f64(proxy.client_header_timeout.max(0.001)),
             max_header_size: proxy.client_header_buffer_size.min(u32::MAX as usize),
             server: handler::SERVER.clone(),
+            park_after: park.as_ref().map(|_| park::PARK_AFTER),
         });
         let env = Rc::new(WorkerEnv {
             gw,
             node: node.clone(),
             worker_id: id,
             http1,
+            park,
         });
+        if let Some(p) = &env.park {
+            let (r_env, r_shutdown) = (env.clone(), shutdown.clone());
+            let resume: park::Resume =
+                Box::new(move |p| resume_http1(p, r_env.clone(), r_shutdown.clone()));
+            tokio::task::spawn_local(p.clone().watch(shutdown.clone(), resume));
+        }
         // Every plugin of each configuration is loaded on this worker as it arrives, as
         // APISIX's workers load theirs at start (Lua module bodies and `init()` run here).
         tokio::task::spawn_local(start_plugins(env.gw.clone()));
@@ -281,7 +298,7 @@ async fn accept_loop(
 }
 
 /// Counts a connection as active until dropped.
-struct ActiveGuard {
+pub struct ActiveGuard {
     active: Rc<Cell<usize>>,
     idle: Rc<Notify>,
 }
@@ -305,15 +322,20 @@ async fn serve_connection(
     local: SocketAddr,
     env: Rc<WorkerEnv>,
     shutdown: watch::Receiver<bool>,
-    _guard: ActiveGuard,
+    guard: ActiveGuard,
 ) {
-    let _counted = crate::metrics::store::ConnectionGuard::new();
+    let counted = crate::metrics::store::ConnectionGuard::new();
     // The task's future is as large as its largest state, for the connection's whole life:
     // the TLS handshake's and HTTP/2's states are many KiB, a plain HTTP/1.1 connection's
-    // about one. Those two go on the heap (one allocation per connection that takes them),
-    // so an HTTP/1.1 connection does not carry their size.
+    // about one. Those two go on the heap (one allocation per connection that takes them,
+    // the handshake's given back when it is done), so an HTTP/1.1 connection does not carry
+    // their size.
     if spec.tls {
-        Box::pin(serve_tls(stream, spec, remote, local, env, shutdown)).await;
+        if let Some((ended, info)) =
+            serve_tls(stream, spec, remote, local, env.clone(), shutdown).await
+        {
+            park_idle(&env, ended, remote, local, Some(info), (guard, counted));
+        }
         return;
     }
     // The client address and port as the forwarding headers carry them: formatted once per
@@ -339,11 +361,76 @@ async fn serve_connection(
             None => return,
         }
     }
-    serve_http1(stream, env, remote, local, conn_values, shutdown).await;
+    let io = crate::http1::io::ConnIo::from(stream);
+    let ended = serve_http1(io, env.clone(), remote, local, conn_values, shutdown, None).await;
+    park_idle(&env, ended, remote, local, None, (guard, counted));
+}
+
+/// Parks a connection that ended idle ([`server::Ended::Idle`]).
+fn park_idle(
+    env: &WorkerEnv,
+    ended: server::Ended,
+    remote: SocketAddr,
+    local: SocketAddr,
+    tls_info: Option<Rc<crate::tls::TlsInfo>>,
+    guards: (ActiveGuard, crate::metrics::store::ConnectionGuard),
+) {
+    if let (server::Ended::Idle(io, deadline), Some(park)) = (ended, &env.park) {
+        park.put(
+            io,
+            park::ParkedInfo {
+                remote,
+                local,
+                deadline,
+                guards,
+                tls_info,
+            },
+        );
+    }
+}
+
+/// Serves a parked connection that turned readable again: a new task goes on with HTTP/1.1
+/// where the one that parked it stopped (the same head deadline, the same counts).
+fn resume_http1(p: park::Parked, env: Rc<WorkerEnv>, shutdown: watch::Receiver<bool>) {
+    let Ok(tcp) = tokio::net::TcpStream::from_std(p.tcp) else {
+        return;
+    };
+    let park::ParkedInfo {
+        remote,
+        local,
+        deadline,
+        guards,
+        tls_info,
+    } = p.info;
+    let (io, conn_values) = match (p.tls, &tls_info) {
+        (Some(tls), Some(info)) => (
+            crate::http1::io::ConnIo::from(crate::tls::TlsStream::from_parts(tcp, *tls)),
+            headers::ConnValues::new(remote.ip(), local.port(), "https").with_tls(info.clone()),
+        ),
+        (None, _) => (
+            crate::http1::io::ConnIo::from(tcp),
+            headers::ConnValues::new(remote.ip(), local.port(), "http"),
+        ),
+        (Some(_), None) => return,
+    };
+    let conn_values = Rc::new(conn_values);
+    tokio::task::spawn_local(async move {
+        let ended = serve_http1(
+            io,
+            env.clone(),
+            remote,
+            local,
+            conn_values,
+            shutdown,
+            Some(deadline),
+        )
+        .await;
+        park_idle(&env, ended, remote, local, tls_info, guards);
+    });
 }
 
 /// Serves a connection of a TLS listener: the handshake, then HTTP/2 when ALPN chose `h2`,
-/// else HTTP/1.1.
+/// else HTTP/1.1. Returns how an HTTP/1.1 connection ended, with its TLS parameters.
 async fn serve_tls(
     stream: tokio::net::TcpStream,
     spec: ListenerSpec,
@@ -351,27 +438,32 @@ async fn serve_tls(
     local: SocketAddr,
     env: Rc<WorkerEnv>,
     shutdown: watch::Receiver<bool>,
-) {
+) -> Option<(server::Ended, Rc<crate::tls::TlsInfo>)> {
     let header_timeout = Duration::from_secs_f64(env.node.proxy.client_header_timeout.max(0.001));
     let gw = env.gw.clone();
-    let Some((tls, info)) = crate::tls::accept(
+    // Boxed: the handshake's state (about 8 KiB) is freed when it is done instead of staying
+    // in the connection's future.
+    let (tls, info) = Box::pin(crate::tls::accept(
         stream,
         move || gw.load().tls.clone(),
         spec.http2,
         header_timeout,
         remote,
-    )
-    .await
-    else {
-        return;
-    };
+    ))
+    .await?;
     let h2 = info.alpn.as_deref() == Some("h2");
-    let conn_values =
-        Rc::new(headers::ConnValues::new(remote.ip(), local.port(), "https").with_tls(info));
+    let conn_values = Rc::new(
+        headers::ConnValues::new(remote.ip(), local.port(), "https").with_tls(info.clone()),
+    );
     if h2 {
-        serve_http2(tls, env, remote, local, conn_values, shutdown).await;
+        Box::pin(serve_http2(tls, env, remote, local, conn_values, shutdown)).await;
+        None
     } else {
-        serve_http1(tls, env, remote, local, conn_values, shutdown).await;
+        // Boxed first (`ConnIo`): a stream of its size held by value would widen the server's
+        // future.
+        let io = crate::http1::io::ConnIo::from(tls);
+        let ended = serve_http1(io, env, remote, local, conn_values, shutdown, None).await;
+        Some((ended, info))
     }
 }
 
@@ -386,9 +478,10 @@ fn serve_http1(
     local: SocketAddr,
     conn_values: Rc<headers::ConnValues>,
     shutdown: watch::Receiver<bool>,
-) -> impl std::future::Future<Output = ()> {
+    resumed: Option<tokio::time::Instant>,
+) -> impl std::future::Future<Output = server::Ended> {
     let cfg = env.http1.clone();
-    server::serve(io, cfg, shutdown, move |req| {
+    server::serve(io, cfg, shutdown, resumed, move |req| {
         handle(
             env.clone(),
             req.map(ClientBody::Http1),

@@ -172,6 +172,27 @@ impl TlsStream {
         &self.tcp
     }
 
+    /// Whether the TLS layer has nothing of its own to do before the peer sends more: no
+    /// decrypted bytes or end waiting to be read, nothing to send, no handshake under way.
+    pub fn is_quiet(&self) -> bool {
+        let tls = self.tls.borrow();
+        tls.wants_read() && !tls.wants_write() && !tls.is_handshaking()
+    }
+
+    /// The socket and the TLS state, taken apart (to be put together again with
+    /// [`TlsStream::from_parts`]).
+    pub fn into_parts(self) -> (TcpStream, ServerConnection) {
+        (self.tcp, self.tls.into_inner())
+    }
+
+    /// A stream from [`TlsStream::into_parts`]' pieces.
+    pub fn from_parts(tcp: TcpStream, tls: ServerConnection) -> TlsStream {
+        TlsStream {
+            tcp,
+            tls: RefCell::new(tls),
+        }
+    }
+
     /// Calls `f` with the rustls connection (for its negotiated parameters).
     pub fn with_conn<T>(&self, f: impl FnOnce(&ServerConnection) -> T) -> T {
         f(&self.tls.borrow())
