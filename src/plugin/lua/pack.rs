@@ -108,6 +108,10 @@ fn put_number(out: &mut Vec<u8>, code: u8, x: f64, order: Order) {
     }
 }
 
+/// The longest string `pack` builds (a repeat count such as `x99999999999` would otherwise
+/// grow it until the process runs out of memory).
+const MAX_PACKED: usize = 64 * 1024 * 1024;
+
 fn pack(lua: &Lua, (fmt, args): (mlua::String, MultiValue)) -> mlua::Result<mlua::String> {
     let fmt = fmt.as_bytes();
     let args: Vec<Value> = args.into_iter().collect();
@@ -127,6 +131,10 @@ fn pack(lua: &Lua, (fmt, args): (mlua::String, MultiValue)) -> mlua::Result<mlua
             b' ' | b',' => {}
             _ => {
                 for _ in 0..count.unwrap_or(1) {
+                    // Built outside Lua's allocator, so the memory cap cannot stop it.
+                    if out.len() > MAX_PACKED {
+                        return Err(mlua::Error::runtime("pack: result too large"));
+                    }
                     match c {
                         b'A' | b'z' => {
                             let (v, arg) = take(&mut next);
@@ -213,7 +221,8 @@ fn unpack(
     let s = s.as_bytes();
     let fmt = fmt.as_bytes();
     let len = s.len();
-    let mut i = (init.unwrap_or(1.0) - 1.0).max(0.0) as usize;
+    // Past the end nothing can be read: clamping keeps every `i + w` far from overflowing.
+    let mut i = (init.unwrap_or(1.0) - 1.0).clamp(0.0, len as f64) as usize;
     let mut order = NATIVE;
     let mut values = Vec::new();
     'codes: for (c, count) in codes(&fmt) {
@@ -226,7 +235,7 @@ fn unpack(
             b'A' | b'B' | b'X' | b'x' => {
                 let n = count.unwrap_or(1);
                 if c == b'x' {
-                    i = i.saturating_add(n);
+                    i = i.saturating_add(n).min(len);
                     continue;
                 }
                 if n == 0 {
@@ -341,6 +350,26 @@ mod tests {
         if let Err(e) = lua.load(code).exec() {
             panic!("{e}");
         }
+    }
+
+    #[test]
+    fn positions_and_counts_past_any_end_are_refused_not_panics() {
+        run(r#"
+            -- A start beyond the string (or beyond any address) reads nothing.
+            for _, init in ipairs({ math.huge, 2^70, 2^64, 4, 1e300 }) do
+                for _, f in ipairs({ "C", "p", "P", "a", "z", "A2", "L", "B2", "X1" }) do
+                    local pos, v = P.unpack("abc", f, init)
+                    eq(pos, 4); eq(v, nil)
+                end
+            end
+            -- A skip past the end stops at the end.
+            local pos, v = P.unpack("abc", "x99999999999999999999C")
+            eq(pos, 4); eq(v, nil)
+            -- A repeat count that would build gigabytes is an error, not an exhausted process.
+            local ok, err = pcall(P.pack, "x99999999999")
+            eq(ok, false); eq(tostring(err):find("result too large", 1, true) ~= nil, true)
+            eq(#P.pack("x1000"), 1000)
+        "#);
     }
 
     #[test]
