@@ -21,10 +21,6 @@ local VAR_MT = {
             local v = c[k]
             if v ~= nil then return v end
         end
-        -- APISIX's ctx.var has `method` (the request method) beside nginx's variables.
-        if k == "method" then
-            return var_get("request_method")
-        end
         return var_get(k)
     end,
     __newindex = function(t, k, v)
@@ -61,7 +57,12 @@ local VAR_MT = {
 }
 mg.VAR_MT = VAR_MT
 ngx.var = setmetatable({}, {
-    __index = function(_, k) return var_get(k) end,
+    -- `method` is APISIX's ctx.var name (the request variables know it); nginx has no
+    -- `$method`.
+    __index = function(_, k)
+        if k == "method" then return nil end
+        return var_get(k)
+    end,
     __newindex = function(_, k, v)
         if v ~= nil and type(v) ~= "string" then v = tostring(v) end
         var_set(k, v)
