@@ -461,16 +461,22 @@ fn a_refused_grpc_stream_goes_to_the_next_node_and_a_failed_call_does_not() {
         format!("      - {{host: 127.0.0.1, port: {bad}, weight: 1, priority: 1}}\n      - {{host: 127.0.0.1, port: {pg}, weight: 1}}\n")
     };
 
+    // With passive checks that take a node out at its first TCP failure: a refusal is not
+    // one (the node is busy or restarting), so the refusing node keeps being tried first.
     let refusing = ResettingNode::start(h2::Reason::REFUSED_STREAM);
-    let gw = grpc_gateway(&nodes(refusing.port), "");
+    let gw = grpc_gateway(
+        &nodes(refusing.port),
+        "    checks:\n      active: {type: tcp, healthy: {interval: 60}, unhealthy: {interval: 60}}\n      passive: {unhealthy: {tcp_failures: 1}}\n",
+    );
     let mut calls = Calls::start(stubs.path(), &gw);
     let served = calls.run(10);
     // The refusing node saw each call, refused it, and the call was answered by the other.
     assert!(served.iter().all(|r| *r == pg), "{served:?}\n{}", gw.logs());
-    assert_eq!(refusing.streams(), 10);
+    assert_eq!(refusing.streams(), 10, "{}", gw.logs());
     assert!(gw
         .logs()
         .contains("upstream request failed: HTTP/2 stream refused"));
+    assert!(!gw.logs().contains("marked unhealthy"), "{}", gw.logs());
     drop(calls);
     drop(gw);
 

@@ -103,7 +103,11 @@ pub(super) async fn proxy(
                 }
             }
         };
-        passive_failure(upstream, idx, &err);
+        // A refused stream (over the node's stream limit, or a graceful GOAWAY before a
+        // restart) says the node is busy or leaving, not that it failed the call.
+        if !matches!(err, ClientError::Http2Refused(_)) {
+            passive_failure(upstream, idx, &err);
+        }
         let status = if err.is_timeout() {
             StatusCode::GATEWAY_TIMEOUT
         } else {
