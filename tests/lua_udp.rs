@@ -299,48 +299,74 @@ fn real_dns_resolver_against_dnsmasq() {
     let dir = tempfile::tempdir().expect("temp dir");
     let libs = dir.path().join("libs");
     common::lua_libs::install_as_resty("lua-nginx-dns", "dns/resolver.lua", &libs);
-    // A port free for UDP and TCP (dnsmasq listens on both).
-    let port = {
-        let s = UdpSocket::bind("127.0.0.1:0").expect("bind");
-        s.local_addr().expect("addr").port()
-    };
+    // dnsmasq listens on UDP and TCP: a port free for UDP may be taken for TCP by the time it
+    // binds, and then it exits; such a start is tried again on another port.
     let pid_file = dir.path().join("dnsmasq.pid");
-    let child = std::process::Command::new("dnsmasq")
-        .args([
-            "-k",
-            "-C",
-            "/dev/null",
-            "--no-resolv",
-            "--no-hosts",
-            "--user=root",
-        ])
-        .arg(format!("--port={port}"))
-        .args([
-            "--listen-address=127.0.0.1",
-            "--bind-interfaces",
-            "--local=/test/",
-        ])
-        .arg(format!("--pid-file={}", pid_file.display()))
-        .args([
-            "--host-record=svc.test,10.1.2.3",
-            "--cname=alias.test,svc.test",
-            "--txt-record=txt.test,hello dns",
-            "--srv-host=_http._tcp.svc.test,svc.test,8080",
-        ])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("start dnsmasq");
-    let _dnsmasq = Server(child);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "dnsmasq did not listen on {port}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
+    let start = |port: u16| {
+        std::process::Command::new("dnsmasq")
+            .args([
+                "-k",
+                "-C",
+                "/dev/null",
+                "--no-resolv",
+                "--no-hosts",
+                "--user=root",
+            ])
+            .arg(format!("--port={port}"))
+            .args([
+                "--listen-address=127.0.0.1",
+                "--bind-interfaces",
+                "--local=/test/",
+            ])
+            .arg(format!("--pid-file={}", pid_file.display()))
+            .args([
+                "--host-record=svc.test,10.1.2.3",
+                "--cname=alias.test,svc.test",
+                "--txt-record=txt.test,hello dns",
+                "--srv-host=_http._tcp.svc.test,svc.test,8080",
+            ])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start dnsmasq")
+    };
+    let mut started = None;
+    let mut exits = Vec::new();
+    for _ in 0..5 {
+        let port = {
+            let s = UdpSocket::bind("127.0.0.1:0").expect("bind");
+            s.local_addr().expect("addr").port()
+        };
+        let mut server = Server(start(port));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                started = Some((port, server));
+                break;
+            }
+            if let Ok(Some(status)) = server.0.try_wait() {
+                let mut err = String::new();
+                if let Some(mut e) = server.0.stderr.take() {
+                    use std::io::Read;
+                    let _ = e.read_to_string(&mut err);
+                }
+                exits.push(format!("port {port}: {status}: {}", err.trim()));
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "dnsmasq did not listen on {port}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if started.is_some() {
+            break;
+        }
     }
+    let Some((port, _dnsmasq)) = started else {
+        panic!("dnsmasq did not start: {exits:?}");
+    };
     let plugins = dir.path().join("plugins");
     std::fs::create_dir_all(&plugins).expect("plugins dir");
     std::fs::write(plugins.join("dns-probe.lua"), DNS_PROBE).expect("write plugin");
