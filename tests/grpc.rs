@@ -242,14 +242,6 @@ impl Drop for Calls {
     }
 }
 
-/// Lines of the gateway's log that contain both `a` and `b`.
-fn log_count(gw: &Gateway, a: &str, b: &str) -> usize {
-    gw.logs()
-        .lines()
-        .filter(|l| l.contains(a) && l.contains(b))
-        .count()
-}
-
 fn grpc_gateway(nodes: &str, extra: &str) -> Gateway {
     Gateway::start(&format!(
         "workers: 2\nlisten:\n  - {{ip: 127.0.0.1, port: 0, enable_http2: true}}\nroutes:\n  - id: grpc\n    uri: /moongate.test.Echo/*\n    upstream_id: g1\nupstreams:\n  - id: g1\n    scheme: grpc\n    timeout: {{connect: 2, send: 5, read: 5}}\n    nodes:\n{nodes}{extra}"
@@ -279,11 +271,10 @@ fn grpc_passive_checks_take_a_killed_node_out_and_active_checks_bring_it_back() 
 
     a.kill();
     let down = || {
-        log_count(
-            &gw,
+        gw.log_count(&[
             "upstream node marked unhealthy",
             &format!("node=127.0.0.1:{pa}"),
-        )
+        ])
     };
     let mut failed = 0;
     for _ in 0..50 {
@@ -310,13 +301,7 @@ fn grpc_passive_checks_take_a_killed_node_out_and_active_checks_bring_it_back() 
     assert!(failed <= 2, "{failed} calls failed\n{}", gw.logs());
 
     // Marked down: not tried any more, every call served by the other node.
-    let tried = || {
-        log_count(
-            &gw,
-            "upstream connect failed",
-            &format!("node=127.0.0.1:{pa}"),
-        )
-    };
+    let tried = || gw.log_count(&["upstream connect failed", &format!("node=127.0.0.1:{pa}")]);
     let tried_at_mark = tried();
     let served = calls.run(40);
     assert!(served.iter().all(|r| *r == pb), "{served:?}");
@@ -325,11 +310,10 @@ fn grpc_passive_checks_take_a_killed_node_out_and_active_checks_bring_it_back() 
     // Back on the same port: the active checker's probes bring it back and it serves again.
     let _a = start_server_on(stubs.path(), a.port);
     assert!(
-        poll_until(Duration::from_secs(20), || log_count(
-            &gw,
+        poll_until(Duration::from_secs(20), || gw.log_count(&[
             "upstream node is healthy again",
             &format!("node=127.0.0.1:{pa}")
-        ) == 1),
+        ]) == 1),
         "{}",
         gw.logs()
     );
@@ -369,11 +353,10 @@ fn grpc_calls_in_flight_on_a_killed_node_are_the_most_that_fail() {
     let results = calls.results();
     let failed = results.iter().filter(|r| **r != pa && **r != pb).count();
     let down = || {
-        log_count(
-            &gw,
+        gw.log_count(&[
             "upstream node marked unhealthy",
             &format!("node=127.0.0.1:{pa}"),
-        )
+        ])
     };
     // The load went on past the kill: the dead node was tried and taken out.
     assert!(

@@ -25,28 +25,18 @@ fn route(nodes: &[&Node], checks: &str) -> String {
     )
 }
 
-/// How many log lines contain both `a` and `b`.
-fn log_count(gw: &Gateway, a: &str, b: &str) -> usize {
-    gw.logs()
-        .lines()
-        .filter(|l| l.contains(a) && l.contains(b))
-        .count()
-}
-
 fn marked_down(gw: &Gateway, node: &Node) -> usize {
-    log_count(
-        gw,
+    gw.log_count(&[
         "upstream node marked unhealthy",
         &format!("node={}", node.node()),
-    )
+    ])
 }
 
 fn marked_up(gw: &Gateway, node: &Node) -> usize {
-    log_count(
-        gw,
+    gw.log_count(&[
         "upstream node is healthy again",
         &format!("node={}", node.node()),
-    )
+    ])
 }
 
 /// Sends `n` requests; how many each node's port served, and the non-200 count.
@@ -195,13 +185,8 @@ fn kill_under_load(checks: &str, by: &str) {
         .iter()
         .zip(&at_mark)
         .all(|(d, m)| d.load(Ordering::SeqCst) >= m + 2)));
-    let connect_failures = || {
-        log_count(
-            &gw,
-            "upstream connect failed",
-            &format!("node={}", a.node()),
-        )
-    };
+    let connect_failures =
+        || gw.log_count(&["upstream connect failed", &format!("node={}", a.node())]);
     let tried_after_mark = connect_failures();
     let failed_at_mark = failed.load(Ordering::SeqCst);
     let start = total(&done);

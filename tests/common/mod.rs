@@ -320,6 +320,14 @@ impl Gateway {
         self.logs.text()
     }
 
+    /// How many of the log's lines contain every one of `needles`.
+    pub fn log_count(&self, needles: &[&str]) -> usize {
+        self.logs()
+            .lines()
+            .filter(|l| needles.iter().all(|n| l.contains(n)))
+            .count()
+    }
+
     /// Waits until a log line contains `needle`; false on timeout or when the process ended
     /// without writing it.
     pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> bool {
