@@ -281,14 +281,7 @@ where
         PENDING.with(|p| *p.borrow_mut() = Some(pending));
         Ok(())
     })?;
-    let co: Table = lua.globals().get("coroutine")?;
-    let error: Function = lua.globals().get("error")?;
-    lua.load(WAITING_SRC).set_name("=moongate.wait").call((
-        start,
-        co.get::<Function>("yield")?,
-        tag(&WAIT_TAG),
-        error,
-    ))
+    lua_half(lua, WAITING_SRC, "=moongate.wait", start)
 }
 
 /// A waiting function for socket I/O: like [`create_waiting_function`], but the future is
@@ -319,14 +312,17 @@ where
             }
         }
     })?;
+    lua_half(lua, IO_SRC, "=moongate.io", start)
+}
+
+/// The Lua half of a waiting function (`src`: [`WAITING_SRC`] or [`IO_SRC`]) around its Rust
+/// `start`.
+fn lua_half(lua: &Lua, src: &str, name: &str, start: Function) -> mlua::Result<Function> {
     let co: Table = lua.globals().get("coroutine")?;
     let error: Function = lua.globals().get("error")?;
-    lua.load(IO_SRC).set_name("=moongate.io").call((
-        start,
-        co.get::<Function>("yield")?,
-        tag(&WAIT_TAG),
-        error,
-    ))
+    lua.load(src)
+        .set_name(name)
+        .call((start, co.get::<Function>("yield")?, tag(&WAIT_TAG), error))
 }
 
 /// The Rust half of a waiting function: checks that the caller may wait and makes the future.
