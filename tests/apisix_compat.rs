@@ -3047,14 +3047,33 @@ fn real_ext_plugins_talk_to_a_runner() {
 /// A temp folder with `plugins/NAME.lua` from the checkout and APISIX's helper modules
 /// (`apisix/utils/`) beside it, as a user stages them; returns the folder and `plugins/`.
 fn stage_plugin(src: &Path, name: &str) -> (tempfile::TempDir, PathBuf) {
+    stage_plugins(src, &[name])
+}
+
+/// [`stage_plugin`] for several plugins in one folder.
+fn stage_plugins(src: &Path, names: &[&str]) -> (tempfile::TempDir, PathBuf) {
     let tmp = tempfile::tempdir().expect("temp dir");
     let dir = tmp.path().join("plugins");
     std::fs::create_dir_all(&dir).expect("plugins dir");
-    let file = format!("{name}.lua");
-    std::fs::copy(src.join("apisix/plugins").join(&file), dir.join(&file))
-        .unwrap_or_else(|e| panic!("cannot copy {file}: {e}"));
+    for name in names {
+        let file = format!("{name}.lua");
+        std::fs::copy(src.join("apisix/plugins").join(&file), dir.join(&file))
+            .unwrap_or_else(|e| panic!("cannot copy {file}: {e}"));
+    }
     copy_tree(&src.join("apisix/utils"), &dir.join("apisix/utils"));
     (tmp, dir)
+}
+
+/// The APISIX checkout the `real_` tests read (`APISIX_SRC`), or None after saying that
+/// `what` is skipped.
+fn apisix_src(what: &str) -> Option<PathBuf> {
+    match std::env::var_os("APISIX_SRC") {
+        Some(src) => Some(PathBuf::from(src)),
+        None => {
+            eprintln!("APISIX_SRC is not set: skipping {what}");
+            None
+        }
+    }
 }
 
 /// Copies a folder tree.
@@ -5409,4 +5428,180 @@ fn real_oas_validator_checks_requests_against_the_spec() {
             r.text()
         );
     }
+}
+
+/// A plugin declaring API endpoints with `api()`, as batch-requests and prometheus do: a JSON
+/// answer, a text answer, one ending the request itself, one listing the routes
+/// (`apisix.router.http_routes()`).
+const API_DECLARER: &str = r#"
+local core = require("apisix.core")
+local router = require("apisix.router")
+
+local _M = { version = 0.1, priority = 0, name = "api-declarer", schema = { type = "object" } }
+
+function _M.api()
+    return {
+        {
+            methods = { "GET" },
+            uri = "/apisix/plugin/api-declarer/hello",
+            handler = function(ctx)
+                return 200, { hello = ctx.var.arg_who or "world", uri = ctx.var.uri }
+            end,
+        },
+        {
+            methods = { "POST", "PUT" },
+            uri = { "/apisix/plugin/api-declarer/echo", "/api-declarer/echo" },
+            handler = function(ctx)
+                core.response.set_header("X-Echo", "1")
+                core.response.exit(201, core.request.get_body())
+            end,
+        },
+        {
+            methods = { "GET" },
+            uri = "/apisix/plugin/api-declarer/routes",
+            handler = function()
+                local routes = router.http_routes()
+                local ids = {}
+                for _, r in ipairs(routes) do
+                    ids[#ids + 1] = r.value.id .. "=" .. r.key
+                end
+                table.sort(ids)
+                return 200, table.concat(ids, " ")
+            end,
+        },
+    }
+end
+
+return _M
+"#;
+
+/// Exposes the plugins' API endpoints on its route as APISIX's public-api does: at the
+/// route's uri, or at `conf.uri`; 404 when no endpoint matches.
+const API_EXPOSER: &str = r#"
+local core = require("apisix.core")
+local router = require("apisix.router")
+
+local schema = { type = "object", properties = { uri = { type = "string" } } }
+local _M = { version = 0.1, priority = 501, name = "api-exposer", schema = schema }
+
+function _M.check_schema(conf)
+    return core.schema.check(schema, conf)
+end
+
+function _M.access(conf, ctx)
+    ctx.var.uri = conf.uri or ctx.var.uri
+    if router.api.match(ctx) then
+        return
+    end
+    return 404
+end
+
+return _M
+"#;
+
+/// Plugin `api()` endpoints are served through a route carrying the exposing plugin, at the
+/// route's uri or the one its conf names, by method; without such a route the path is an
+/// ordinary one (proxied), as in APISIX 3.
+#[test]
+fn plugin_api_endpoints_are_served_through_an_exposing_route() {
+    let up = Upstream::text("from upstream");
+    let routes = format!(
+        "  - id: direct\n    uris: [\"/apisix/plugin/api-declarer/hello\", \"/apisix/plugin/api-declarer/routes\", \"/apisix/plugin/api-declarer/echo\"]\n    plugins:\n      api-exposer: {{}}\n{up}  - id: renamed\n    uri: /hello\n    plugins:\n      api-exposer:\n        uri: /apisix/plugin/api-declarer/hello\n{up}  - id: missing\n    uri: /nothing\n    plugins:\n      api-exposer: {{}}\n{up}  - id: plain\n    uri: /apisix/plugin/api-declarer/*\n    priority: -1\n{up}",
+        up = upstream_yaml(&up)
+    );
+    let (_tmp, gw) = gateway_with(
+        &[("api-declarer", API_DECLARER), ("api-exposer", API_EXPOSER)],
+        &routes,
+    );
+
+    let r = Req::get(&gw.url("/apisix/plugin/api-declarer/hello?who=ann")).send();
+    assert_eq!(r.status, 200, "{}", gw.logs());
+    assert_eq!(
+        r.header("content-type").as_deref(),
+        Some("application/json")
+    );
+    assert_eq!(
+        r.json(),
+        serde_json::json!({"hello": "ann", "uri": "/apisix/plugin/api-declarer/hello"})
+    );
+
+    // At the route's own uri, the endpoint conf.uri names.
+    let r = Req::get(&gw.url("/hello")).send();
+    assert_eq!(r.status, 200, "{}", gw.logs());
+    assert_eq!(r.json()["hello"], "world");
+
+    // A handler ending the request itself; a method the endpoint does not take is a 404.
+    let r = Req::post(&gw.url("/apisix/plugin/api-declarer/echo"))
+        .body("ping")
+        .send();
+    assert_eq!(
+        (r.status, r.text().as_str()),
+        (201, "ping"),
+        "{}",
+        gw.logs()
+    );
+    assert_eq!(r.header("x-echo").as_deref(), Some("1"));
+    assert_eq!(
+        Req::get(&gw.url("/apisix/plugin/api-declarer/echo"))
+            .send()
+            .status,
+        404
+    );
+
+    // The route list handlers read through apisix.router.
+    let r = Req::get(&gw.url("/apisix/plugin/api-declarer/routes")).send();
+    assert_eq!(r.status, 200, "{}", gw.logs());
+    assert_eq!(
+        r.text(),
+        "direct=/apisix/routes/direct missing=/apisix/routes/missing plain=/apisix/routes/plain renamed=/apisix/routes/renamed"
+    );
+
+    // No endpoint at the route's uri: 404, not the upstream.
+    assert_eq!(Req::get(&gw.url("/nothing")).send().status, 404);
+    // Without the exposing plugin an API path is an ordinary path.
+    let r = Req::get(&gw.url("/apisix/plugin/api-declarer/other")).send();
+    assert_eq!((r.status, r.text().as_str()), (200, "from upstream"));
+}
+
+/// APISIX's own public-api (APISIX_SRC) exposing wolf-rbac's `user_info` endpoint, as
+/// t/plugin/public-api.t does: at the endpoint's own path, at another route's uri through
+/// `uri`, behind key-auth; an endpoint nobody declares is a 404.
+#[test]
+fn real_public_api_exposes_a_plugins_endpoints() {
+    let Some(src) = apisix_src("APISIX's public-api") else {
+        return;
+    };
+    let (tmp, dir) = stage_plugins(&src, &["public-api", "wolf-rbac", "key-auth"]);
+    let up = Upstream::text("from upstream");
+    let u = upstream_yaml(&up);
+    let yaml = format!(
+        "workers: 1\nplugin_dirs:\n  - \"{}\"\nconsumers:\n  - username: bob\n    plugins:\n      key-auth:\n        key: testkey\nroutes:\n  - id: direct-wolf-rbac-userinfo\n    uri: /apisix/plugin/wolf-rbac/user_info\n    plugins:\n      public-api: {{}}\n{u}  - id: wrong-public-api\n    uri: /wrong-public-api\n    plugins:\n      public-api:\n        uri: /apisix/plugin/balalbala\n{u}  - id: custom-user-info\n    uri: /get_user_info\n    plugins:\n      public-api:\n        uri: /apisix/plugin/wolf-rbac/user_info\n      key-auth: {{}}\n{u}",
+        dir.display()
+    );
+    let gw = Gateway::start_in(tmp.path(), &yaml);
+
+    // wolf-rbac's handler answers: no token in the request.
+    let r = Req::get(&gw.url("/apisix/plugin/wolf-rbac/user_info")).send();
+    assert_eq!(r.status, 401, "{}\n{}", r.text(), gw.logs());
+    assert_eq!(r.json()["message"], "Missing rbac token in request");
+    // The endpoint takes GET only.
+    let r = Req::post(&gw.url("/apisix/plugin/wolf-rbac/user_info")).send();
+    assert_eq!(r.status, 404, "{}", r.text());
+    // No plugin declares it; no route serves it.
+    assert_eq!(Req::get(&gw.url("/wrong-public-api")).send().status, 404);
+    assert_eq!(
+        Req::get(&gw.url("/apisix/plugin/balalbala")).send().status,
+        404
+    );
+
+    // Protected by key-auth: refused without the key, wolf-rbac's answer with it.
+    let r = Req::get(&gw.url("/get_user_info?key=user-key")).send();
+    assert_eq!(r.status, 401);
+    assert_eq!(r.json()["message"], "Missing API key in request");
+    let r = Req::get(&gw.url("/get_user_info?key=user-key"))
+        .header("apikey", "testkey")
+        .send();
+    assert_eq!(r.status, 401, "{}\n{}", r.text(), gw.logs());
+    assert_eq!(r.json()["message"], "Missing rbac token in request");
+    assert_eq!(up.requests(), 0, "no request reached the upstream");
 }

@@ -196,6 +196,14 @@ pub const MODULES: &[(&str, &str)] = &[
         "apisix.upstream",
         include_str!("../../../lua/apisix/upstream.lua"),
     ),
+    (
+        "apisix.router",
+        include_str!("../../../lua/apisix/router.lua"),
+    ),
+    (
+        "apisix.api_router",
+        include_str!("../../../lua/apisix/api_router.lua"),
+    ),
     ("multipart", include_str!("../../../lua/multipart.lua")),
     ("jsonpath", include_str!("../../../lua/jsonpath.lua")),
     ("jsonschema", include_str!("../../../lua/jsonschema.lua")),

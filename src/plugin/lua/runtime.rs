@@ -491,6 +491,8 @@ struct Module {
     table: Table,
     funcs: [Option<Function>; PHASES],
     check_schema: Option<Function>,
+    /// The module defines `api()` (endpoints APISIX's `public-api` serves).
+    api: bool,
     name: String,
     /// `name` as a Lua string, pushed on every call without re-interning.
     name_lua: mlua::String,
@@ -817,6 +819,7 @@ impl LuaRuntime {
             funcs[i] = table.get::<Option<Function>>(phase.as_str()).ok().flatten();
         }
         let check_schema = table.get::<Option<Function>>("check_schema").ok().flatten();
+        let api = matches!(table.get::<Value>("api"), Ok(Value::Function(_)));
         self.modules.borrow_mut().insert(
             p.version_id,
             Module {
@@ -824,6 +827,7 @@ impl LuaRuntime {
                 table,
                 funcs,
                 check_schema,
+                api,
                 name: p.name.clone(),
                 name_lua: self.lua.create_string(&p.name)?,
             },
@@ -850,6 +854,32 @@ impl LuaRuntime {
             self.module(&q)?;
         }
         Ok(())
+    }
+
+    /// The modules of this VM's live plugin versions that define `api()`, the newest version
+    /// of each name, by name; and a key that changes whenever that set changes (a plugin
+    /// added, removed or reloaded), for the caller's cache of the routes they declare.
+    /// Every plugin of a published configuration is loaded in each worker when it starts
+    /// serving there ([`warm`]), so these are the configuration's plugins with an API.
+    pub(crate) fn api_modules(&self) -> (Vec<Table>, String) {
+        let mods = self.modules.borrow();
+        let mut newest: std::collections::BTreeMap<&str, (u64, &Module)> = Default::default();
+        for (id, m) in mods.iter() {
+            if !m.api || m.live.strong_count() == 0 {
+                continue;
+            }
+            let e = newest.entry(m.name.as_str()).or_insert((*id, m));
+            if *id > e.0 {
+                *e = (*id, m);
+            }
+        }
+        let key = newest
+            .values()
+            .map(|(id, _)| id.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        let tables = newest.values().map(|(_, m)| m.table.clone()).collect();
+        (tables, key)
     }
 
     fn func(&self, p: &LuaPlugin, phase: Phase) -> mlua::Result<Option<Function>> {
