@@ -5605,3 +5605,83 @@ fn real_public_api_exposes_a_plugins_endpoints() {
     assert_eq!(r.json()["message"], "Missing rbac token in request");
     assert_eq!(up.requests(), 0, "no request reached the upstream");
 }
+
+/// APISIX's own graphql-proxy-cache (APISIX_SRC, graphql-lua from MOONGATE_LUA_LIBS) with
+/// proxy-cache's memory strategy: the second identical query is answered from the cache, a
+/// mutation bypasses it, and the purge endpoint (served through public-api) empties the entry
+/// (t/plugin/graphql-proxy-cache*.t).
+#[test]
+fn real_graphql_proxy_cache_caches_queries_in_memory() {
+    let Some(src) = apisix_src("APISIX's graphql-proxy-cache") else {
+        return;
+    };
+    let Some(lua) = third_party_lua_path() else {
+        eprintln!("MOONGATE_LUA_LIBS is not set: skipping APISIX's graphql-proxy-cache (needs graphql-lua)");
+        return;
+    };
+    let (tmp, dir) = stage_plugins(&src, &["graphql-proxy-cache", "public-api"]);
+    copy_tree(
+        &src.join("apisix/plugins/proxy-cache"),
+        &dir.join("proxy-cache"),
+    );
+    let up = Upstream::text(r#"{"data":{"persons":[{"id":1}]}}"#);
+    let yaml = format!(
+        "workers: 1\nplugin_dirs:\n  - \"{}\"\n{lua}  shared_dicts:\n    memory_cache: 1m\nroutes:\n  - id: gq\n    uri: /graphql\n    plugins:\n      graphql-proxy-cache:\n        cache_strategy: memory\n        cache_zone: memory_cache\n{}  - id: purge\n    uri: /apisix/plugin/graphql-proxy-cache/*\n    plugins:\n      public-api: {{}}\n{}",
+        dir.display(),
+        upstream_yaml(&up),
+        upstream_yaml(&up)
+    );
+    let gw = Gateway::start_in(tmp.path(), &yaml);
+    let query = |q: &str| {
+        Req::post(&gw.url("/graphql"))
+            .header("Content-Type", "application/json")
+            .body(serde_json::json!({ "query": q }).to_string())
+            .send()
+    };
+
+    let r = query("{ persons { id } }");
+    assert_eq!(r.status, 200, "{}\n{}", r.text(), gw.logs());
+    assert_eq!(r.header("apisix-cache-status").as_deref(), Some("MISS"));
+    let key = r.header("apisix-cache-key").expect("a cache key");
+    let r = query("{ persons { id } }");
+    assert_eq!(r.status, 200, "{}", gw.logs());
+    assert_eq!(r.header("apisix-cache-status").as_deref(), Some("HIT"));
+    assert_eq!(r.text(), r#"{"data":{"persons":[{"id":1}]}}"#);
+    assert_eq!(up.requests(), 1, "the second query came from the cache");
+
+    // A mutation always goes upstream.
+    let r = query("mutation { add(name: \"x\") { id } }");
+    assert_eq!(r.header("apisix-cache-status").as_deref(), Some("BYPASS"));
+    assert_eq!(up.requests(), 2);
+    // Not GraphQL: refused before the upstream.
+    let r = query("{ persons { id ");
+    assert_eq!(r.status, 400);
+    assert_eq!(
+        r.json()["message"],
+        "Invalid graphql request: failed to parse graphql query"
+    );
+
+    // The purge endpoint: a wrong strategy or route is refused; the right one empties it.
+    let purge = |path: &str| Req::new("PURGE", &gw.url(path)).send().status;
+    assert_eq!(
+        purge(&format!("/apisix/plugin/graphql-proxy-cache/disk/gq/{key}")),
+        400
+    );
+    assert_eq!(
+        purge(&format!(
+            "/apisix/plugin/graphql-proxy-cache/memory/nope/{key}"
+        )),
+        404
+    );
+    assert_eq!(
+        purge(&format!(
+            "/apisix/plugin/graphql-proxy-cache/memory/gq/{key}"
+        )),
+        200,
+        "{}",
+        gw.logs()
+    );
+    let r = query("{ persons { id } }");
+    assert_eq!(r.header("apisix-cache-status").as_deref(), Some("MISS"));
+    assert_eq!(up.requests(), 3, "{}", gw.logs());
+}

@@ -201,6 +201,10 @@ pub const MODULES: &[(&str, &str)] = &[
         include_str!("../../../lua/apisix/router.lua"),
     ),
     (
+        "apisix.plugin_config",
+        include_str!("../../../lua/apisix/plugin_config.lua"),
+    ),
+    (
         "apisix.api_router",
         include_str!("../../../lua/apisix/api_router.lua"),
     ),
