@@ -368,6 +368,45 @@ fn upstream_connections_are_reused() {
     );
 }
 
+/// A burst of concurrent requests needs more upstream connections than `keepalive_pool.size`:
+/// they are kept while the next burst reuses them, and once the load has passed the pool
+/// closes all but `size`.
+#[test]
+fn pool_keeps_a_burst_s_connections_and_settles_at_its_size() {
+    const BURST: usize = 8;
+    let up = Upstream::slow(Duration::from_millis(300));
+    let gw = Gateway::start(&format!(
+        "workers: 1\nroutes:\n  - id: b\n    uri: /b\n    upstream:\n      keepalive_pool: {{size: 2, idle_timeout: 60}}\n      nodes:\n        \"{}\": 1\n",
+        up.node()
+    ));
+    let burst = || {
+        let threads: Vec<_> = (0..BURST)
+            .map(|_| {
+                let url = gw.url("/b");
+                std::thread::spawn(move || get(&url).status)
+            })
+            .collect();
+        for t in threads {
+            assert_eq!(t.join().expect("request thread"), 200);
+        }
+    };
+    burst();
+    // Each request held its connection for the upstream's delay, all at once.
+    assert_eq!(up.connections(), BURST as u64);
+    burst();
+    assert_eq!(
+        up.connections(),
+        BURST as u64,
+        "the second burst reuses the first one's connections"
+    );
+    assert_eq!(up.requests(), 2 * BURST as u64);
+    assert!(
+        health::poll_until(Duration::from_secs(15), || up.open_connections() == 2),
+        "{} upstream connections open once idle, keepalive_pool.size is 2",
+        up.open_connections()
+    );
+}
+
 #[test]
 fn client_keep_alive() {
     let up = Upstream::echo();

@@ -147,6 +147,8 @@ struct Idle {
     conn: Connection<Stream>,
     /// Its pool key, handed to the next request that takes it (no copy of the host per request).
     target: Target,
+    /// When it came back to the pool.
+    returned: Instant,
     /// When the idle timeout closes it.
     deadline: Instant,
     requests: u64,
@@ -168,8 +170,42 @@ impl Idle {
 
 #[derive(Default)]
 struct PoolState {
-    idle: HashMap<Target, VecDeque<Idle>, BuildHasherDefault<PoolHasher>>,
+    idle: HashMap<Target, IdleList, BuildHasherDefault<PoolHasher>>,
     sweeper_running: bool,
+}
+
+/// How long a connection beyond the pool's `size` may wait unused before it is closed.
+///
+/// Under many concurrent clients the number of idle connections swings within one turn of
+/// the event loop: a batch of responses puts hundreds back, the clients' next requests take
+/// them out a moment later. Closing every connection over `size` the moment it comes back
+/// (nginx's `keepalive N`) closes connections the very next requests need, and they connect
+/// again: at 1,000 clients with 128 kept that was 0.4 upstream connects per request. A
+/// connection over `size` is closed only once it has waited this long unused, so `size` is
+/// what stays once the load that needed more has passed (HAProxy also purges its idle
+/// connections after a delay instead of at release).
+const SURPLUS_GRACE: Duration = Duration::from_secs(1);
+
+/// The idle connections to one target, in the order they came back (checkout takes the
+/// newest, so the oldest are the ones the load did not need).
+struct IdleList {
+    conns: VecDeque<Idle>,
+    /// `keepalive_pool.size` of the last connection put back.
+    size: usize,
+}
+
+impl IdleList {
+    /// Closes the connections over `size` that have waited [`SURPLUS_GRACE`] unused.
+    fn trim(&mut self, now: Instant) {
+        while self.conns.len() > self.size
+            && self
+                .conns
+                .front()
+                .is_some_and(|i| now.duration_since(i.returned) >= SURPLUS_GRACE)
+        {
+            self.conns.pop_front();
+        }
+    }
 }
 
 /// FNV-1a for the pool's keys: a target is a short host name and a few scalars, looked up twice
@@ -293,11 +329,13 @@ impl Recycle<Stream> for PoolReturn {
         }
         // Waiting in the pool, the connection holds no buffers.
         conn.release_buffers();
+        let now = Instant::now();
         self.client.put_idle(
             Idle {
                 conn,
                 target: self.target,
-                deadline: Instant::now() + self.pool.idle_timeout,
+                returned: now,
+                deadline: now + self.pool.idle_timeout,
                 requests: self.requests,
                 timer: self.timer,
                 dns: self.dns,
@@ -337,7 +375,7 @@ impl Client {
         let mut state = self.state.borrow_mut();
         let list = state.idle.get_mut(target)?;
         let now = Instant::now();
-        while let Some(mut idle) = list.pop_back() {
+        while let Some(mut idle) = list.conns.pop_back() {
             if !idle.usable(now) {
                 continue;
             }
@@ -362,7 +400,7 @@ impl Client {
             .borrow()
             .idle
             .values()
-            .map(|l| l.len() as u64)
+            .map(|l| l.conns.len() as u64)
             .sum();
         (idle, ACTIVE.with(Cell::get))
     }
@@ -373,7 +411,7 @@ impl Client {
             .borrow()
             .idle
             .get(target)
-            .map(|l| l.len())
+            .map(|l| l.conns.len())
             .unwrap_or(0)
     }
 
@@ -381,27 +419,33 @@ impl Client {
         let mut state = self.state.borrow_mut();
         // The idle connection keeps its target; the map gets a copy only for a new key.
         if let Some(list) = state.idle.get_mut(&idle.target) {
-            list.push_back(idle);
-            while list.len() > pool.max_idle {
-                list.pop_front();
-            }
+            let now = idle.returned;
+            list.size = pool.max_idle;
+            list.conns.push_back(idle);
+            list.trim(now);
         } else if pool.max_idle > 0 {
             let key = idle.target.clone();
-            state.idle.insert(key, VecDeque::from([idle]));
+            let list = IdleList {
+                conns: VecDeque::from([idle]),
+                size: pool.max_idle,
+            };
+            state.idle.insert(key, list);
         }
         if !state.sweeper_running {
             state.sweeper_running = true;
             let weak = Rc::downgrade(&self.state);
             tokio::task::spawn_local(async move {
                 // Closes idle connections past their idle timeout, so an upstream sees the
-                // close at about `idle_timeout` rather than at the next checkout.
+                // close at about `idle_timeout` rather than at the next checkout, and those
+                // over `size` that the load no longer needs.
                 loop {
                     tokio::time::sleep(Duration::from_millis(500)).await;
                     let Some(state) = weak.upgrade() else { return };
                     let now = Instant::now();
                     state.borrow_mut().idle.retain(|_, list| {
-                        list.retain_mut(|i| i.usable(now));
-                        !list.is_empty()
+                        list.conns.retain_mut(|i| i.usable(now));
+                        list.trim(now);
+                        !list.conns.is_empty()
                     });
                 }
             });

@@ -520,10 +520,11 @@ type Handler = Arc<
 >;
 
 /// An HTTP/1.1 server on 127.0.0.1 (a free port), answering with a handler closure. It counts
-/// accepted connections and requests; dropping it stops it.
+/// accepted connections (and those still open) and requests; dropping it stops it.
 pub struct Upstream {
     addr: SocketAddr,
     connections: Arc<AtomicU64>,
+    open: Arc<AtomicU64>,
     requests: Arc<AtomicU64>,
     rt: Option<tokio::runtime::Runtime>,
 }
@@ -556,9 +557,11 @@ impl Upstream {
         std_listener.set_nonblocking(true).expect("nonblocking");
         let addr = std_listener.local_addr().expect("local addr");
         let connections = Arc::new(AtomicU64::new(0));
+        let open = Arc::new(AtomicU64::new(0));
         let requests = Arc::new(AtomicU64::new(0));
         {
             let connections = connections.clone();
+            let open = open.clone();
             let requests = requests.clone();
             rt.spawn(async move {
                 let listener =
@@ -568,8 +571,10 @@ impl Upstream {
                         continue;
                     };
                     connections.fetch_add(1, Ordering::SeqCst);
+                    open.fetch_add(1, Ordering::SeqCst);
                     let handler = handler.clone();
                     let requests = requests.clone();
+                    let open = open.clone();
                     tokio::spawn(async move {
                         let svc = hyper::service::service_fn(move |req| {
                             requests.fetch_add(1, Ordering::SeqCst);
@@ -579,6 +584,7 @@ impl Upstream {
                         let _ = hyper::server::conn::http1::Builder::new()
                             .serve_connection(TokioIo::new(stream), svc)
                             .await;
+                        open.fetch_sub(1, Ordering::SeqCst);
                     });
                 }
             });
@@ -586,6 +592,7 @@ impl Upstream {
         Upstream {
             addr,
             connections,
+            open,
             requests,
             rt: Some(rt),
         }
@@ -632,6 +639,11 @@ impl Upstream {
     /// TCP connections accepted so far.
     pub fn connections(&self) -> u64 {
         self.connections.load(Ordering::SeqCst)
+    }
+
+    /// Connections open now (accepted and not yet closed by either side).
+    pub fn open_connections(&self) -> u64 {
+        self.open.load(Ordering::SeqCst)
     }
 
     /// Requests received so far.
