@@ -79,7 +79,7 @@ return { say = function(w, mark) return inner.cap(w) .. mark end }
         // A third-party library no moongate release provides (net.url, this test's first
         // choice, is embedded now).
         r#"local sdk = require("vendor.sdk")
-local up = require("apisix.router")
+local up = require("apisix.admin.utils")
 return { version = 0.1, priority = 1, schema = {} }
 "#,
     );
@@ -121,7 +121,7 @@ fn import_stages_plugins_with_what_they_require_and_says_what_is_missing() {
     assert!(out.contains("greet: 5 file(s)\n"), "{out}");
     assert!(
         out.contains(
-            "needy: 1 file(s); needs modules moongate does not provide: apisix.router, vendor.sdk"
+            "needy: 1 file(s); needs modules moongate does not provide: apisix.admin.utils, vendor.sdk"
         ),
         "{out}"
     );
